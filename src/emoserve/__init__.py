@@ -1,0 +1,36 @@
+"""emoserve: speech emotion recognition with emotion2vec+, ready the moment it starts.
+
+The heavy parts (torch) load on first use of a name below, so `import emoserve` and
+`emoserve --help` stay fast.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "load_model": "recognizer",
+    "Recognizer": "recognizer",
+    "Result": "recognizer",
+    "FrameResult": "recognizer",
+    "load_audio": "audio",
+    "Audio": "audio",
+    "AudioError": "audio",
+    "WeightsError": "weights",
+    "make_test_model": "weights",
+}
+__all__ = ["__version__", *_EXPORTS]
+
+if TYPE_CHECKING:
+    from .audio import Audio, AudioError, load_audio
+    from .recognizer import FrameResult, Recognizer, Result, load_model
+    from .weights import WeightsError, make_test_model
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module 'emoserve' has no attribute {name!r}")

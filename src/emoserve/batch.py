@@ -1,0 +1,169 @@
+"""Scoring many files: expanding paths, folders and globs, carrying on past bad files, and writing
+jsonl/csv/table output and `.npy` embeddings without ever leaving a half-written file."""
+
+from __future__ import annotations
+
+import csv
+import glob
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any, Literal
+
+import numpy as np
+
+from .audio import Audio, AudioError, load_audio
+from .recognizer import Granularity, Recognizer, Result
+
+Format = Literal["jsonl", "csv", "table"]
+# what a folder walk picks up; a file named explicitly is always tried
+AUDIO_EXTENSIONS = frozenset(
+    ".wav .flac .ogg .oga .mp3 .m4a .aac .opus .webm .mp4 .mkv .mov .wma .aif .aiff .aifc .au .caf .amr .3gp"
+    .split()
+)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    file: str
+    result: Result | None = None
+    error: str | None = None
+    embedding_path: str | None = None
+
+    def to_dict(self) -> dict[str, object]:
+        fields = self.result.to_dict() if self.result else {}
+        return {"file": self.file, **fields, "embedding": self.embedding_path, "error": self.error}
+
+
+def expand_inputs(inputs: Iterable[str]) -> list[str]:
+    """Files as given, folders walked recursively (audio extensions only), globs expanded; a name
+    that matches nothing is kept so that it is reported as an error rather than silently dropped."""
+    files: list[str] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            files += sorted(str(p) for p in path.rglob("*") if p.is_file() and p.suffix.lower() in AUDIO_EXTENSIONS)
+        elif not path.exists() and glob.has_magic(item):
+            matches = sorted(glob.glob(item, recursive=True))
+            files += [m for m in matches if Path(m).is_file()] or [item]
+        else:
+            files.append(item)
+    return list(dict.fromkeys(files))  # once each, first position kept
+
+
+def score_files(
+    recognizer: Recognizer,
+    files: Sequence[str],
+    *,
+    granularity: Granularity = "utterance",
+    embeddings_dir: Path | None = None,
+    batch_size: int = 8,
+) -> Iterator[Outcome]:
+    """Outcomes in input order; a file that fails yields its error and the rest go on."""
+    names = EmbeddingNames(embeddings_dir) if embeddings_dir else None
+    window = max(1, batch_size) * 4  # decode a few batches ahead so that length grouping has choice
+    for start in range(0, len(files), window):
+        chunk = files[start : start + window]
+        decoded: dict[int, Audio] = {}
+        errors: dict[int, str] = {}
+        for i, file in enumerate(chunk):
+            try:
+                decoded[i] = load_audio(file, max_seconds=recognizer.max_seconds)
+            except AudioError as err:
+                errors[i] = str(err)
+        order = list(decoded)
+        results = dict(zip(order, recognizer.predict_many([decoded[i] for i in order], granularity,
+                                                           embedding=names is not None, batch_size=batch_size),
+                           strict=True))
+        for i, file in enumerate(chunk):
+            if i in errors:
+                yield Outcome(file, error=errors[i])
+                continue
+            result = results[i]
+            path = names.save(file, result.embedding) if names and result.embedding is not None else None
+            yield Outcome(file, result, embedding_path=path)
+
+
+class EmbeddingNames:
+    """Writes `<stem>.npy` into one folder; a repeated stem gets `-2`, `-3`, ... rather than overwriting."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.used: set[str] = set()
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def save(self, file: str, embedding: np.ndarray) -> str:
+        stem = Path(file).stem
+        name, n = stem, 1
+        while name in self.used:
+            n += 1
+            name = f"{stem}-{n}"
+        self.used.add(name)
+        target = self.folder / f"{name}.npy"
+        with atomic_write(target, binary=True) as out:
+            np.save(out, embedding)
+        return str(target)
+
+
+@contextmanager
+def atomic_write(target: Path, *, binary: bool = False) -> Iterator[IO[Any]]:
+    """Write to a temporary file beside `target`; it replaces `target` only when the block succeeds."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb" if binary else "w", encoding=None if binary else "utf-8", newline="") as out:
+            yield out
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+# -- output formats ------------------------------------------------------------------------------
+
+CSV_FIELDS = ["file", "emotion", "label_zh", "emoji", "confidence", "duration_s", "granularity",
+              "model", "random_weights", "embedding", "error"]
+RANDOM_WARNING = "WARNING: this model has RANDOM weights (a test model): its predictions are meaningless."
+
+
+class OutcomeWriter:
+    """Streams outcomes as jsonl (one object per input), csv (one row, a column per score) or a table."""
+
+    def __init__(self, out: IO[str], fmt: Format, labels: Sequence[str], granularity: Granularity) -> None:
+        self.out, self.fmt = out, fmt
+        self.score_fields = [f"score_{label}" for label in labels]
+        if fmt == "csv":
+            extra = ["frames"] if granularity == "frame" else []
+            self.csv = csv.DictWriter(out, fieldnames=CSV_FIELDS + self.score_fields + extra)
+            self.csv.writeheader()
+
+    def write(self, outcome: Outcome) -> None:
+        if self.fmt == "jsonl":
+            self.out.write(json.dumps(outcome.to_dict(), ensure_ascii=False) + "\n")
+        elif self.fmt == "csv":
+            self.csv.writerow(csv_row(outcome))
+        else:
+            self.out.write(table_line(outcome) + "\n")
+        self.out.flush()
+
+
+def csv_row(outcome: Outcome) -> dict[str, object]:
+    row = {k: v for k, v in outcome.to_dict().items() if k in CSV_FIELDS}
+    if outcome.result:
+        row.update({f"score_{k}": round(v, 6) for k, v in outcome.result.scores.items()})
+        if outcome.result.frames is not None:  # the per-frame emotions, in order
+            row["frames"] = " ".join(f.emotion for f in outcome.result.frames)
+    return row
+
+
+def table_line(outcome: Outcome) -> str:
+    if outcome.result is None:
+        return f"{outcome.file}  ERROR  {outcome.error}"
+    r = outcome.result
+    runners_up = sorted(r.scores.items(), key=lambda kv: -kv[1])[1:3]
+    others = ", ".join(f"{k} {v:.2f}" for k, v in runners_up)
+    return f"{outcome.file}  {r.emoji} {r.emotion} ({r.label_zh}) {r.confidence:.3f}  {r.duration_s:.2f} s  [{others}]"

@@ -1,0 +1,152 @@
+"""`emoserve` command line. Thin: each command is one library call; torch is imported only by the
+commands that need it, so `emoserve --help` answers at once."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from contextlib import nullcontext
+from collections.abc import Sequence
+from pathlib import Path
+
+from . import __version__
+
+HUBS = ("auto", "hf", "ms")
+PRESETS = ("tiny", "seed", "base", "large")  # mirrors model.PRESETS without importing torch
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.run(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # expected failures carry a message that says what to do
+        if not _is_user_error(err):
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def _is_user_error(err: Exception) -> bool:
+    from .audio import AudioError
+
+    names = {"WeightsError", "HubError", "ConfigError"}
+    return isinstance(err, AudioError | ValueError | FileNotFoundError) or type(err).__name__ in names
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="emoserve", description="Speech emotion recognition with emotion2vec+.")
+    top.add_argument("--version", action="version", version=f"emoserve {__version__}")
+    top.add_argument("-v", "--verbose", action="store_true", help="log progress (loading, conversion)")
+    top.set_defaults(run=lambda _: top.print_help())
+    sub = top.add_subparsers(title="commands")
+
+    p = sub.add_parser("predict", help="score audio files, folders (recursively) and globs")
+    p.add_argument("paths", nargs="+", metavar="PATH")
+    add_model_options(p)
+    p.add_argument("--granularity", choices=("utterance", "frame"), default="utterance")
+    p.add_argument("--embeddings", type=Path, metavar="DIR", help="write each embedding as DIR/<stem>.npy")
+    p.add_argument("--output", "-o", type=Path, metavar="FILE", help="write results here (default: stdout)")
+    p.add_argument("--format", choices=("jsonl", "csv", "table"),
+                   help="output format (default: table on a terminal, else jsonl)")
+    p.add_argument("--batch-size", type=int, default=8, help="clips per forward pass (default 8)")
+    p.add_argument("--max-seconds", type=float, default=600.0, help="longest clip accepted (default 600)")
+    p.set_defaults(run=cmd_predict)
+
+    p = sub.add_parser("download", help="download a published model and convert it into the cache")
+    p.add_argument("name", nargs="?", default="emotion2vec_plus_large")
+    p.add_argument("--hub", choices=HUBS, default="auto")
+    p.set_defaults(run=cmd_download)
+
+    p = sub.add_parser("convert", help="convert a published model directory into a slim cache entry")
+    p.add_argument("model_dir", type=Path)
+    p.add_argument("--out", type=Path, help="where to write the entry (default: in the cache)")
+    p.set_defaults(run=cmd_convert)
+
+    p = sub.add_parser("info", help="config, parameter count, labels, files and sizes of a model")
+    p.add_argument("model", nargs="?", help="directory or name (default emotion2vec_plus_large)")
+    p.set_defaults(run=cmd_info)
+
+    p = sub.add_parser("make-test-model", help="write a RANDOM-weight model in the published layout")
+    p.add_argument("--preset", choices=PRESETS, default="tiny")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--training-state", action="store_true",
+                   help="pad model.pt with dummy optimizer state to the published size (for load benchmarks)")
+    p.set_defaults(run=cmd_make_test_model)
+    return top
+
+
+def add_model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", "-m", help="model directory or name (default: emotion2vec_plus_large, cached)")
+    p.add_argument("--hub", choices=HUBS, default="auto", help="where to download a missing model from")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
+    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32",
+                   help="float16/bfloat16 on GPU only")
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .batch import RANDOM_WARNING, OutcomeWriter, atomic_write, expand_inputs, score_files
+    from .recognizer import load_model
+
+    files = expand_inputs(args.paths)
+    if not files:
+        raise ValueError(f"no audio files found in {' '.join(args.paths)}")
+    recognizer = load_model(args.model, device=args.device, dtype=args.dtype, hub=args.hub,
+                            max_seconds=args.max_seconds)
+    if recognizer.random_weights:
+        print(RANDOM_WARNING, file=sys.stderr)
+    fmt = args.format or ("table" if args.output is None and sys.stdout.isatty() else "jsonl")
+    labels = [label.en for label in recognizer.labels]
+    failed = 0
+    with tqdm(total=len(files), unit="file", disable=None, file=sys.stderr) as bar, \
+            (atomic_write(args.output) if args.output else nullcontext(sys.stdout)) as out:
+        writer = OutcomeWriter(out, fmt, labels, args.granularity)
+        for outcome in score_files(recognizer, files, granularity=args.granularity,
+                                   embeddings_dir=args.embeddings, batch_size=args.batch_size):
+            writer.write(outcome)
+            if outcome.error:
+                failed += 1
+                bar.write(f"error: {outcome.error}", file=sys.stderr)
+            bar.update()
+    if failed:
+        print(f"{failed} of {len(files)} files failed", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def cmd_download(args: argparse.Namespace) -> None:
+    from .weights import home, resolve_name
+
+    print(resolve_name(args.name, hub_name=args.hub, cache=home(), progress=True))
+
+
+def cmd_convert(args: argparse.Namespace) -> None:
+    from .weights import convert, home, resolve_dir
+
+    print(convert(args.model_dir, args.out) if args.out else resolve_dir(args.model_dir, home()))
+
+
+def cmd_info(args: argparse.Namespace) -> None:
+    import json
+
+    from .weights import describe
+
+    print(json.dumps(describe(args.model), indent=2, ensure_ascii=False))
+
+
+def cmd_make_test_model(args: argparse.Namespace) -> None:
+    from .weights import make_test_model
+
+    out = make_test_model(args.out, preset=args.preset, seed=args.seed, training_state=args.training_state)
+    print(f"{out}  (RANDOM weights, preset {args.preset}, seed {args.seed})")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

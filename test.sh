@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Set up .venv with the test tools and run lint and the whole test suite (slow tests included).
+# Extra arguments go to pytest, e.g. ./test.sh -k weights
+set -euo pipefail
+cd "$(dirname "$0")"
+scripts/setup-venv.sh test
+.venv/bin/ruff check src tests benchmarks
+.venv/bin/python -m pytest "$@"
