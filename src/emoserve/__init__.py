@@ -22,7 +22,18 @@ _EXPORTS = {
     "WeightsError": "weights",
     "make_test_model": "weights",
 }
-__all__ = ["__version__", *_EXPORTS]
+__all__ = [  # noqa: RUF022 - grouped by module
+    "__version__",
+    "load_model",
+    "Recognizer",
+    "Result",
+    "FrameResult",
+    "load_audio",
+    "Audio",
+    "AudioError",
+    "WeightsError",
+    "make_test_model",
+]
 
 if TYPE_CHECKING:
     from .audio import Audio, AudioError, load_audio

@@ -21,10 +21,8 @@ from .recognizer import Granularity, Recognizer, Result
 
 Format = Literal["jsonl", "csv", "table"]
 # what a folder walk picks up; a file named explicitly is always tried
-AUDIO_EXTENSIONS = frozenset(
-    ".wav .flac .ogg .oga .mp3 .m4a .aac .opus .webm .mp4 .mkv .mov .wma .aif .aiff .aifc .au .caf .amr .3gp"
-    .split()
-)
+_EXTENSIONS = "wav flac ogg oga mp3 m4a aac opus webm mp4 mkv mov wma aif aiff aifc au caf amr 3gp"
+AUDIO_EXTENSIONS = frozenset(f".{ext}" for ext in _EXTENSIONS.split())
 
 
 @dataclass(frozen=True)
@@ -46,7 +44,9 @@ def expand_inputs(inputs: Iterable[str]) -> list[str]:
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            files += sorted(str(p) for p in path.rglob("*") if p.is_file() and p.suffix.lower() in AUDIO_EXTENSIONS)
+            files += sorted(
+                str(p) for p in path.rglob("*") if p.is_file() and p.suffix.lower() in AUDIO_EXTENSIONS
+            )
         elif not path.exists() and glob.has_magic(item):
             matches = sorted(glob.glob(item, recursive=True))
             files += [m for m in matches if Path(m).is_file()] or [item]
@@ -76,9 +76,18 @@ def score_files(
             except AudioError as err:
                 errors[i] = str(err)
         order = list(decoded)
-        results = dict(zip(order, recognizer.predict_many([decoded[i] for i in order], granularity,
-                                                           embedding=names is not None, batch_size=batch_size),
-                           strict=True))
+        results = dict(
+            zip(
+                order,
+                recognizer.predict_many(
+                    [decoded[i] for i in order],
+                    granularity,
+                    embedding=names is not None,
+                    batch_size=batch_size,
+                ),
+                strict=True,
+            )
+        )
         for i, file in enumerate(chunk):
             if i in errors:
                 yield Outcome(file, error=errors[i])
@@ -115,7 +124,8 @@ def atomic_write(target: Path, *, binary: bool = False) -> Iterator[IO[Any]]:
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
     try:
-        with os.fdopen(fd, "wb" if binary else "w", encoding=None if binary else "utf-8", newline="") as out:
+        text = {} if binary else {"encoding": "utf-8", "newline": ""}
+        with os.fdopen(fd, "wb" if binary else "w", **text) as out:
             yield out
         os.replace(tmp, target)
     finally:
@@ -125,8 +135,19 @@ def atomic_write(target: Path, *, binary: bool = False) -> Iterator[IO[Any]]:
 
 # -- output formats ------------------------------------------------------------------------------
 
-CSV_FIELDS = ["file", "emotion", "label_zh", "emoji", "confidence", "duration_s", "granularity",
-              "model", "random_weights", "embedding", "error"]
+CSV_FIELDS = [
+    "file",
+    "emotion",
+    "label_zh",
+    "emoji",
+    "confidence",
+    "duration_s",
+    "granularity",
+    "model",
+    "random_weights",
+    "embedding",
+    "error",
+]
 RANDOM_WARNING = "WARNING: this model has RANDOM weights (a test model): its predictions are meaningless."
 
 
@@ -166,4 +187,5 @@ def table_line(outcome: Outcome) -> str:
     r = outcome.result
     runners_up = sorted(r.scores.items(), key=lambda kv: -kv[1])[1:3]
     others = ", ".join(f"{k} {v:.2f}" for k, v in runners_up)
-    return f"{outcome.file}  {r.emoji} {r.emotion} ({r.label_zh}) {r.confidence:.3f}  {r.duration_s:.2f} s  [{others}]"
+    head = f"{r.emoji} {r.emotion} ({r.label_zh}) {r.confidence:.3f}"
+    return f"{outcome.file}  {head}  {r.duration_s:.2f} s  [{others}]"

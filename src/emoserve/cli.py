@@ -6,8 +6,8 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from contextlib import nullcontext
 from collections.abc import Sequence
+from contextlib import nullcontext
 from pathlib import Path
 
 from . import __version__
@@ -18,8 +18,10 @@ PRESETS = ("tiny", "seed", "base", "large")  # mirrors model.PRESETS without imp
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     try:
         return int(args.run(args) or 0)
     except KeyboardInterrupt:
@@ -40,7 +42,9 @@ def _is_user_error(err: Exception) -> bool:
 
 
 def parser() -> argparse.ArgumentParser:
-    top = argparse.ArgumentParser(prog="emoserve", description="Speech emotion recognition with emotion2vec+.")
+    top = argparse.ArgumentParser(
+        prog="emoserve", description="Speech emotion recognition with emotion2vec+."
+    )
     top.add_argument("--version", action="version", version=f"emoserve {__version__}")
     top.add_argument("-v", "--verbose", action="store_true", help="log progress (loading, conversion)")
     top.set_defaults(run=lambda _: top.print_help())
@@ -52,8 +56,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--granularity", choices=("utterance", "frame"), default="utterance")
     p.add_argument("--embeddings", type=Path, metavar="DIR", help="write each embedding as DIR/<stem>.npy")
     p.add_argument("--output", "-o", type=Path, metavar="FILE", help="write results here (default: stdout)")
-    p.add_argument("--format", choices=("jsonl", "csv", "table"),
-                   help="output format (default: table on a terminal, else jsonl)")
+    p.add_argument(
+        "--format",
+        choices=("jsonl", "csv", "table"),
+        help="output format (default: table on a terminal, else jsonl)",
+    )
     p.add_argument("--batch-size", type=int, default=8, help="clips per forward pass (default 8)")
     p.add_argument("--max-seconds", type=float, default=600.0, help="longest clip accepted (default 600)")
     p.set_defaults(run=cmd_predict)
@@ -76,8 +83,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", choices=PRESETS, default="tiny")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--training-state", action="store_true",
-                   help="pad model.pt with dummy optimizer state to the published size (for load benchmarks)")
+    p.add_argument(
+        "--training-state",
+        action="store_true",
+        help="pad model.pt with dummy optimizer state to the published size (for load benchmarks)",
+    )
     p.set_defaults(run=cmd_make_test_model)
     return top
 
@@ -86,8 +96,12 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", help="model directory or name (default: emotion2vec_plus_large, cached)")
     p.add_argument("--hub", choices=HUBS, default="auto", help="where to download a missing model from")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
-    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32",
-                   help="float16/bfloat16 on GPU only")
+    p.add_argument(
+        "--dtype",
+        choices=("float32", "float16", "bfloat16"),
+        default="float32",
+        help="float16/bfloat16 on GPU only",
+    )
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -99,18 +113,26 @@ def cmd_predict(args: argparse.Namespace) -> int:
     files = expand_inputs(args.paths)
     if not files:
         raise ValueError(f"no audio files found in {' '.join(args.paths)}")
-    recognizer = load_model(args.model, device=args.device, dtype=args.dtype, hub=args.hub,
-                            max_seconds=args.max_seconds)
+    recognizer = load_model(
+        args.model, device=args.device, dtype=args.dtype, hub=args.hub, max_seconds=args.max_seconds
+    )
     if recognizer.random_weights:
         print(RANDOM_WARNING, file=sys.stderr)
     fmt = args.format or ("table" if args.output is None and sys.stdout.isatty() else "jsonl")
     labels = [label.en for label in recognizer.labels]
     failed = 0
-    with tqdm(total=len(files), unit="file", disable=None, file=sys.stderr) as bar, \
-            (atomic_write(args.output) if args.output else nullcontext(sys.stdout)) as out:
+    with (
+        tqdm(total=len(files), unit="file", disable=None, file=sys.stderr) as bar,
+        atomic_write(args.output) if args.output else nullcontext(sys.stdout) as out,
+    ):
         writer = OutcomeWriter(out, fmt, labels, args.granularity)
-        for outcome in score_files(recognizer, files, granularity=args.granularity,
-                                   embeddings_dir=args.embeddings, batch_size=args.batch_size):
+        for outcome in score_files(
+            recognizer,
+            files,
+            granularity=args.granularity,
+            embeddings_dir=args.embeddings,
+            batch_size=args.batch_size,
+        ):
             writer.write(outcome)
             if outcome.error:
                 failed += 1

@@ -145,12 +145,17 @@ def _require_supported(conf: dict[str, Any], audio: dict[str, Any]) -> None:
         ("model_conf", "layer_norm_first"): (conf.get("layer_norm_first", False), False),
         ("audio", "conv_pos_pre_ln"): (audio.get("conv_pos_pre_ln", False), False),
         ("audio", "use_alibi_encoder"): (audio.get("use_alibi_encoder", True), True),
-        ("audio", "learned_alibi_scale_per_layer"): (audio.get("learned_alibi_scale_per_layer", False), False),
+        ("audio", "learned_alibi_scale_per_layer"): (
+            audio.get("learned_alibi_scale_per_layer", False),
+            False,
+        ),
         ("audio", "extractor_mode"): (audio.get("extractor_mode", "layer_norm"), "layer_norm"),
     }
     for (where, key), (got, want) in expected.items():
         if got != want:
-            raise ConfigError(f"config.yaml: {where}.{key} is {got!r}; only {want!r} (as published) is supported")
+            raise ConfigError(
+                f"config.yaml: {where}.{key} is {got!r}; only {want!r} (as published) is supported"
+            )
 
 
 def parse_conv_spec(spec: str) -> tuple[tuple[int, int, int], ...]:
@@ -178,7 +183,9 @@ def parse_conv_spec(spec: str) -> tuple[tuple[int, int, int], ...]:
         isinstance(layer, tuple) and len(layer) == 3 and all(isinstance(v, int) and v > 0 for v in layer)
         for layer in layers
     ):
-        raise ConfigError(f"feature_encoder_spec: expected a list of (channels, kernel, stride), got {spec!r}")
+        raise ConfigError(
+            f"feature_encoder_spec: expected a list of (channels, kernel, stride), got {spec!r}"
+        )
     return tuple(layers)
 
 
@@ -227,8 +234,13 @@ class ConvLayer(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:  # (batch, channels, time) -> (batch, channels, time')
         x = self.conv(x)
-        x = F.layer_norm(x.transpose(1, 2).float(), self.norm.normalized_shape, self.norm.weight.float(),
-                         self.norm.bias.float(), self.norm.eps).to(x.dtype)
+        x = F.layer_norm(
+            x.transpose(1, 2).float(),
+            self.norm.normalized_shape,
+            self.norm.weight.float(),
+            self.norm.bias.float(),
+            self.norm.eps,
+        ).to(x.dtype)
         return F.gelu(x.transpose(1, 2))
 
 
@@ -324,8 +336,10 @@ class Emotion2vec(nn.Module):
     def forward(self, waves: Tensor, lengths: Tensor) -> Features:
         """waves: (batch, samples) float32 16 kHz mono, zero-padded; lengths: (batch,) real samples."""
         if waves.dim() != 2 or lengths.shape != waves.shape[:1]:
-            raise ValueError(f"expected waves (batch, samples) and lengths (batch,), got "
-                             f"{tuple(waves.shape)} and {tuple(lengths.shape)}")
+            raise ValueError(
+                f"expected waves (batch, samples) and lengths (batch,), got "
+                f"{tuple(waves.shape)} and {tuple(lengths.shape)}"
+            )
         if self.config.normalize:
             waves = normalize_waveform(waves, lengths, self.config.norm_eps)
         x = self.encode_frames(waves.to(self.project.weight.dtype))  # (batch, channels, frames)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections.abc import Sequence
@@ -24,6 +25,9 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 # Padded batch cost bound for predict_many: 8 clips of 15 s. Attention memory grows with
 # batch x tokens^2, so long clips are batched fewer at a time.
 MAX_BATCH_SAMPLES = 8 * 15 * SAMPLE_RATE
+# On a CPU a batch saves little beyond per-call overhead, while padded samples cost real work
+# (quadratically in attention): clips join a batch only while padding stays under this fraction.
+MAX_PADDING = 0.25
 
 
 @dataclass(frozen=True)
@@ -60,7 +64,9 @@ class Result:
 class Recognizer:
     """One loaded model. Not thread-safe: share it between threads through an engine."""
 
-    def __init__(self, model: Emotion2vec, info: ModelInfo, *, max_seconds: float | None = DEFAULT_MAX_SECONDS):
+    def __init__(
+        self, model: Emotion2vec, info: ModelInfo, *, max_seconds: float | None = DEFAULT_MAX_SECONDS
+    ):
         self.model = model
         self.info = info
         self.max_seconds = max_seconds
@@ -104,17 +110,22 @@ class Recognizer:
         *,
         batch_size: int = 8,
         max_batch_samples: int = MAX_BATCH_SAMPLES,
+        max_padding: float | None = MAX_PADDING,
     ) -> list[Result]:
         """Results in input order; clips are batched by similar length to limit padding."""
         clips = [self.load(a) for a in audios]
         results: list[Result | None] = [None] * len(clips)
-        for batch in length_batches([len(c.samples) for c in clips], batch_size, max_batch_samples):
-            for i, result in zip(batch, self.predict_batch([clips[i] for i in batch], granularity, embedding),
-                                 strict=True):
+        lengths = [len(c.samples) for c in clips]
+        for batch in length_batches(lengths, batch_size, max_batch_samples, max_padding):
+            for i, result in zip(
+                batch, self.predict_batch([clips[i] for i in batch], granularity, embedding), strict=True
+            ):
                 results[i] = result
         return [r for r in results if r is not None]
 
-    def predict_batch(self, clips: Sequence[Audio], granularity: Granularity, embedding: bool) -> list[Result]:
+    def predict_batch(
+        self, clips: Sequence[Audio], granularity: Granularity, embedding: bool
+    ) -> list[Result]:
         """One padded forward pass over `clips`; each result equals the clip's one-at-a-time result."""
         if granularity not in GRANULARITIES:
             raise ValueError(f"granularity is {granularity!r}; choose 'utterance' or 'frame'")
@@ -127,7 +138,8 @@ class Recognizer:
             scores = self.model.scores(pooled, self._label_mask)[:, self._kept].cpu().numpy()
             frame_scores = (
                 self.model.scores(features.frames, self._label_mask)[..., self._kept].cpu().numpy()
-                if granularity == "frame" else None
+                if granularity == "frame"
+                else None
             )
             frames = features.frames.float().cpu().numpy() if embedding and granularity == "frame" else None
             pooled_np = pooled.float().cpu().numpy() if embedding else None
@@ -137,12 +149,25 @@ class Recognizer:
             emb = None
             if embedding:
                 emb = frames[i, :n] if frames is not None else pooled_np[i]  # type: ignore[index]
-            results.append(self._result(clip, granularity, scores[i],
-                                        frame_scores[i, :n] if frame_scores is not None else None, emb))
+            results.append(
+                self._result(
+                    clip,
+                    granularity,
+                    scores[i],
+                    frame_scores[i, :n] if frame_scores is not None else None,
+                    emb,
+                )
+            )
         return results
 
-    def _result(self, clip: Audio, granularity: Granularity, scores: np.ndarray,
-                frame_scores: np.ndarray | None, emb: np.ndarray | None) -> Result:
+    def _result(
+        self,
+        clip: Audio,
+        granularity: Granularity,
+        scores: np.ndarray,
+        frame_scores: np.ndarray | None,
+        emb: np.ndarray | None,
+    ) -> Result:
         best = int(scores.argmax())
         label = self.labels[best]
         return Result(
@@ -167,8 +192,15 @@ class Recognizer:
         out = []
         for i, row in enumerate(frame_scores):
             best = int(row.argmax())
-            out.append(FrameResult(round(i * hop_s, 6), round((i + 1) * hop_s, 6), self.labels[best].en,
-                                   float(row[best]), self._named(row)))
+            out.append(
+                FrameResult(
+                    round(i * hop_s, 6),
+                    round((i + 1) * hop_s, 6),
+                    self.labels[best].en,
+                    float(row[best]),
+                    self._named(row),
+                )
+            )
         return out
 
 
@@ -181,38 +213,51 @@ def pad(samples: Sequence[np.ndarray], device: torch.device) -> tuple[torch.Tens
     return waves.to(device), lengths.to(device)
 
 
-def length_batches(lengths: Sequence[int], batch_size: int, max_batch_samples: int) -> list[list[int]]:
-    """Indices grouped into batches of similar length: at most `batch_size` items and, once a batch
-    holds more than one item, at most `max_batch_samples` padded samples."""
+def length_batches(
+    lengths: Sequence[int], batch_size: int, max_batch_samples: int, max_padding: float | None = MAX_PADDING
+) -> list[list[int]]:
+    """Indices grouped into batches of similar length: at most `batch_size` items, at most
+    `max_batch_samples` padded samples once a batch holds more than one item, and padding at most
+    `max_padding` x the real samples (None: no bound)."""
     if batch_size < 1:
         raise ValueError(f"batch_size is {batch_size}; it must be at least 1")
     batches: list[list[int]] = []
+    real = 0
     for i in sorted(range(len(lengths)), key=lambda i: lengths[i]):
         current = batches[-1] if batches else None
         # sorted ascending, so lengths[i] is the longest so far: it sets the padded size
-        if current and len(current) < batch_size and (len(current) + 1) * lengths[i] <= max_batch_samples:
+        padded = (len(current) + 1) * lengths[i] if current else 0
+        if (
+            current
+            and len(current) < batch_size
+            and padded <= max_batch_samples
+            and (max_padding is None or padded <= (1 + max_padding) * (real + lengths[i]))
+        ):
             current.append(i)
+            real += lengths[i]
         else:
             batches.append([i])
+            real = lengths[i]
     return batches
 
 
+@functools.cache
 def physical_cores() -> int:
     """Physical cores available to this process (hyper-threads slow matrix work down, not up)."""
     logical = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores: set[tuple[str, str]] = set()
     try:
-        cores = set()
-        physical = core = ""
-        for line in open("/proc/cpuinfo", encoding="ascii", errors="replace"):
-            key, _, value = line.partition(":")
-            if key.strip() == "physical id":
-                physical = value.strip()
-            elif key.strip() == "core id":
-                core = value.strip()
-                cores.add((physical, core))
-        return max(1, min(logical, len(cores) or logical))
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as cpuinfo:
+            physical = ""
+            for line in cpuinfo:
+                key, _, value = line.partition(":")
+                if key.strip() == "physical id":
+                    physical = value.strip()
+                elif key.strip() == "core id":
+                    cores.add((physical, value.strip()))
     except OSError:
-        return max(1, logical)
+        pass
+    return max(1, min(logical, len(cores) or logical))
 
 
 def pick_device(device: str) -> torch.device:
@@ -255,4 +300,3 @@ def load_model(
     if info.random_weights:
         log.warning("%s has RANDOM weights: its predictions are meaningless", info.name)
     return Recognizer(net, info, max_seconds=max_seconds)
-

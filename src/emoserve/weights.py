@@ -14,10 +14,12 @@ import json
 import logging
 import math
 import os
+import pickle
 import re
 import shutil
 import tempfile
 import time
+import zipfile
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -39,9 +41,19 @@ WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 MANIFEST_FILE = "manifest.json"
 TOKENS_FILE = "tokens.txt"
-PUBLISHED_LABELS = ("生气/angry", "厌恶/disgusted", "恐惧/fearful", "开心/happy", "中立/neutral",
-                    "其他/other", "难过/sad", "吃惊/surprised", "<unk>")
+PUBLISHED_LABELS = (
+    "生气/angry",
+    "厌恶/disgusted",
+    "恐惧/fearful",
+    "开心/happy",
+    "中立/neutral",
+    "其他/other",
+    "难过/sad",
+    "吃惊/surprised",
+    "<unk>",
+)
 Hub = Literal["hf", "ms", "auto"]
+FALLBACK_PRESET = "large"  # the architecture of the default model
 
 
 class WeightsError(RuntimeError):
@@ -72,12 +84,21 @@ _AUDIO = "d2v_model.modality_encoders.AUDIO."
 _TO_PUBLISHED: list[tuple[re.Pattern[str], Callable[[re.Match[str]], str]]] = [
     (re.compile(p), f)
     for p, f in [
-        (r"feature_encoder\.(\d+)\.conv\.weight", lambda m: f"{_AUDIO}local_encoder.conv_layers.{m[1]}.0.weight"),
-        (r"feature_encoder\.(\d+)\.norm\.(\w+)", lambda m: f"{_AUDIO}local_encoder.conv_layers.{m[1]}.2.1.{m[2]}"),
+        (
+            r"feature_encoder\.(\d+)\.conv\.weight",
+            lambda m: f"{_AUDIO}local_encoder.conv_layers.{m[1]}.0.weight",
+        ),
+        (
+            r"feature_encoder\.(\d+)\.norm\.(\w+)",
+            lambda m: f"{_AUDIO}local_encoder.conv_layers.{m[1]}.2.1.{m[2]}",
+        ),
         (r"project_norm\.(\w+)", lambda m: f"{_AUDIO}project_features.1.{m[1]}"),
         (r"project\.(\w+)", lambda m: f"{_AUDIO}project_features.2.{m[1]}"),
         # upstream index 0 (and the last) of `relative_positional_encoder` are transposes
-        (r"pos_conv\.(\d+)\.(\w+)", lambda m: f"{_AUDIO}relative_positional_encoder.{int(m[1]) + 1}.0.{m[2]}"),
+        (
+            r"pos_conv\.(\d+)\.(\w+)",
+            lambda m: f"{_AUDIO}relative_positional_encoder.{int(m[1]) + 1}.0.{m[2]}",
+        ),
         (r"(extra_tokens|alibi_scale)", lambda m: f"{_AUDIO}{m[1]}"),
         (r"prenet_norm\.(\w+)", lambda m: f"{_AUDIO}context_encoder.norm.{m[1]}"),
         (r"prenet\.(.+)", lambda m: f"{_AUDIO}context_encoder.blocks.{m[1]}"),
@@ -86,7 +107,9 @@ _TO_PUBLISHED: list[tuple[re.Pattern[str], Callable[[re.Match[str]], str]]] = [
     ]
 ]
 # Pre-training machinery that may sit beside the weights; it never changes inference outputs.
-_TRAINING_ONLY = re.compile(r"^d2v_model\.(modality_encoders\.AUDIO\.decoder\.|shared_decoder\.|ema\.|recon_proj\.)")
+_TRAINING_ONLY = re.compile(
+    r"^d2v_model\.(modality_encoders\.AUDIO\.decoder\.|shared_decoder\.|ema\.|recon_proj\.)"
+)
 
 
 def published_name(name: str) -> str:
@@ -167,12 +190,7 @@ def read_published(model_dir: Path) -> tuple[ModelConfig, tuple[Label, ...], dic
     `model.pt` is memory-mapped, so the training state beside the weights is never read."""
     labels = read_labels(model_dir / "tokens.txt")
     config = read_config(model_dir, len(labels))
-    try:
-        checkpoint = torch.load(model_dir / "model.pt", map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:  # files in the legacy (non-zip) format cannot be memory-mapped
-        checkpoint = torch.load(model_dir / "model.pt", map_location="cpu", weights_only=True)
-    except (OSError, EOFError, ValueError) as err:
-        raise WeightsError(f"{model_dir / 'model.pt'}: cannot load: {err}") from None
+    checkpoint = load_checkpoint(model_dir / "model.pt")
     state = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else None
     if not isinstance(state, dict):
         raise WeightsError(f"{model_dir / 'model.pt'}: expected a dict with the weights under 'model'")
@@ -180,6 +198,19 @@ def read_published(model_dir: Path) -> tuple[ModelConfig, tuple[Label, ...], dic
         return config, labels, from_published(state, config)
     except WeightsError as err:
         raise WeightsError(f"{model_dir / 'model.pt'}: {err}") from None
+
+
+def load_checkpoint(path: Path) -> Any:
+    """`torch.load` with `weights_only=True` (no arbitrary pickles), memory-mapped when the file is
+    in the zip format (every torch.save since 1.6), so unread training state costs nothing."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except pickle.UnpicklingError as err:
+        raise WeightsError(
+            f"{path}: refused: not a weights-only checkpoint ({str(err).splitlines()[0]})"
+        ) from None
+    except (OSError, EOFError, RuntimeError, ValueError) as err:
+        raise WeightsError(f"{path}: cannot load: {err}") from None
 
 
 def is_published_dir(path: Path) -> bool:
@@ -256,7 +287,9 @@ def read_entry(entry: Path) -> ModelInfo:
     if manifest.get("format") != ENTRY_FORMAT:
         raise WeightsError(f"{entry}: cache entry format {manifest.get('format')}, expected {ENTRY_FORMAT}")
     labels = read_labels(entry / TOKENS_FILE)
-    return ModelInfo(manifest["name"], entry, config, labels, bool(manifest["random_weights"]), manifest["source"])
+    return ModelInfo(
+        manifest["name"], entry, config, labels, bool(manifest["random_weights"]), manifest["source"]
+    )
 
 
 def load_entry(
@@ -356,13 +389,17 @@ def random_fallback(cache: Path, reason: str) -> Path:
         "\n%s\n!! %s is not cached and could not be downloaded:\n!!   %s\n"
         "!! Using a RANDOM-WEIGHT model of the same (large) architecture instead.\n"
         "!! Its predictions are MEANINGLESS; pass --model to use real weights.\n%s",
-        "!" * 78, hub.DEFAULT_MODEL, reason, "!" * 78,
+        "!" * 78,
+        hub.DEFAULT_MODEL,
+        reason,
+        "!" * 78,
     )
     entry = cache / "models" / name
     if is_entry(entry):
         return entry
+    cache.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache) as tmp:
-        make_test_model(Path(tmp) / "published", preset="large", seed=0)
+        make_test_model(Path(tmp) / "published", preset=FALLBACK_PRESET, seed=0)
         return convert(Path(tmp) / "published", entry, name=name)
 
 
@@ -418,8 +455,10 @@ def make_test_model(out: Path, *, preset: str = "tiny", seed: int = 0, training_
     checkpoint: dict[str, Any] = {"model": state}
     if training_state:
         checkpoint["optimizer"] = {
-            "state": {i: {"exp_avg": torch.zeros_like(v), "exp_avg_sq": torch.zeros_like(v)}
-                      for i, v in enumerate(state.values())},
+            "state": {
+                i: {"exp_avg": torch.zeros_like(v), "exp_avg_sq": torch.zeros_like(v)}
+                for i, v in enumerate(state.values())
+            },
             "param_groups": [{"lr": 0.0, "params": list(range(len(state)))}],
         }
         checkpoint["num_updates"] = 0
@@ -427,14 +466,22 @@ def make_test_model(out: Path, *, preset: str = "tiny", seed: int = 0, training_
         torch.save(checkpoint, tmp / "model.pt")
         (tmp / "config.yaml").write_text(published_config_yaml(config, preset), encoding="utf-8")
         (tmp / "tokens.txt").write_text("\n".join(PUBLISHED_LABELS), encoding="utf-8")
-        (tmp / "configuration.json").write_text(json.dumps({
-            "framework": "pytorch",
-            "task": "emotion-recognition",
-            "model": {"type": "funasr"},
-            "file_path_metas": {"init_param": "model.pt", "config": "config.yaml",
-                                "tokenizer_conf": {"token_list": "tokens.txt"}},
-            "emoserve": {"random_weights": True, "preset": preset, "seed": seed},
-        }, indent=2))
+        (tmp / "configuration.json").write_text(
+            json.dumps(
+                {
+                    "framework": "pytorch",
+                    "task": "emotion-recognition",
+                    "model": {"type": "funasr"},
+                    "file_path_metas": {
+                        "init_param": "model.pt",
+                        "config": "config.yaml",
+                        "tokenizer_conf": {"token_list": "tokens.txt"},
+                    },
+                    "emoserve": {"random_weights": True, "preset": preset, "seed": seed},
+                },
+                indent=2,
+            )
+        )
     return Path(out)
 
 
@@ -449,19 +496,36 @@ def published_config_yaml(config: ModelConfig, preset: str) -> str:
     raw = {
         "model": "Emotion2vec",
         "model_conf": {
-            "loss_beta": 0.0, "depth": config.depth, "num_heads": config.num_heads,
-            "norm_eps": config.norm_eps, "embed_dim": config.embed_dim, "mlp_ratio": config.mlp_ratio,
-            "layer_norm_first": False, "ema_decay": 0.999, "normalize": config.normalize,
-            "modalities": {"audio": {
-                "type": "AUDIO", "prenet_depth": config.prenet_depth, "num_extra_tokens": config.num_extra_tokens,
-                "mask_prob": 0.5, "use_alibi_encoder": True, "learned_alibi_scale": True,
-                "learned_alibi_scale_per_head": True, "learned_alibi_scale_per_layer": False,
-                "num_alibi_heads": config.num_alibi_heads, "model_depth": config.depth,
-                "decoder": {"decoder_dim": 384, "decoder_layers": 4},
-                "extractor_mode": "layer_norm", "feature_encoder_spec": " + ".join(runs),
-                "conv_pos_width": config.conv_pos_width, "conv_pos_groups": config.conv_pos_groups,
-                "conv_pos_depth": config.conv_pos_depth, "conv_pos_pre_ln": False,
-            }},
+            "loss_beta": 0.0,
+            "depth": config.depth,
+            "num_heads": config.num_heads,
+            "norm_eps": config.norm_eps,
+            "embed_dim": config.embed_dim,
+            "mlp_ratio": config.mlp_ratio,
+            "layer_norm_first": False,
+            "ema_decay": 0.999,
+            "normalize": config.normalize,
+            "modalities": {
+                "audio": {
+                    "type": "AUDIO",
+                    "prenet_depth": config.prenet_depth,
+                    "num_extra_tokens": config.num_extra_tokens,
+                    "mask_prob": 0.5,
+                    "use_alibi_encoder": True,
+                    "learned_alibi_scale": True,
+                    "learned_alibi_scale_per_head": True,
+                    "learned_alibi_scale_per_layer": False,
+                    "num_alibi_heads": config.num_alibi_heads,
+                    "model_depth": config.depth,
+                    "decoder": {"decoder_dim": 384, "decoder_layers": 4},
+                    "extractor_mode": "layer_norm",
+                    "feature_encoder_spec": " + ".join(runs),
+                    "conv_pos_width": config.conv_pos_width,
+                    "conv_pos_groups": config.conv_pos_groups,
+                    "conv_pos_depth": config.conv_pos_depth,
+                    "conv_pos_pre_ln": False,
+                }
+            },
         },
         "tokenizer": "CharTokenizer",
         "scope_map": ["d2v_model.", "none"],

@@ -1,0 +1,44 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+FIXTURE = Path(__file__).parent / "fixtures" / "emotion2vec-tiny"
+CLIPS = sorted(p.name[: -len(".npz")] for p in (FIXTURE / "waves").glob("*.npz"))
+SCORE_TOL = 1e-5  # fixture README: what a correct float32 implementation meets
+EMBEDDING_TOL = 1e-4
+
+
+def wave(clip: str) -> np.ndarray:
+    return np.load(FIXTURE / "waves" / f"{clip}.npz")["wave"]
+
+
+def expected(clip: str, granularity: str) -> dict[str, np.ndarray]:
+    return dict(np.load(FIXTURE / "expected" / f"{clip}.{granularity}.npz"))
+
+
+def wave_meta(clip: str) -> dict[str, object]:
+    return json.loads(str(np.load(FIXTURE / "waves" / f"{clip}.npz")["meta"]))
+
+
+@pytest.fixture(autouse=True)
+def _cache_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Every test gets an empty model cache, never the user's."""
+    home = tmp_path_factory.mktemp("emoserve-home")
+    monkeypatch.setenv("EMOSERVE_HOME", str(home))
+    return home
+
+
+@pytest.fixture(scope="session")
+def tiny_recognizer(tmp_path_factory: pytest.TempPathFactory):
+    from emoserve.recognizer import load_model
+
+    mp = pytest.MonkeyPatch()
+    mp.setenv("EMOSERVE_HOME", str(tmp_path_factory.mktemp("tiny-home")))
+    try:
+        yield load_model(FIXTURE / "model", device="cpu", progress=False)
+    finally:
+        mp.undo()

@@ -1,0 +1,189 @@
+"""The `emoserve` command line, run in-process through `main` and once as a real process."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from emoserve.cli import main
+
+from .conftest import FIXTURE, SCORE_TOL, expected
+
+MODEL = str(FIXTURE / "model")
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture
+def folder(tmp_path: Path) -> Path:
+    """A folder tree with three good clips, one bad one and a non-audio file."""
+    root = tmp_path / "clips"
+    (root / "sub").mkdir(parents=True)
+    shutil.copy(FIXTURE / "audio" / "en_1s_16k.wav", root / "a.wav")
+    shutil.copy(FIXTURE / "audio" / "zh_1s_16k.ogg", root / "sub" / "b.ogg")
+    shutil.copy(FIXTURE / "audio" / "en_7s_16k.flac", root / "sub" / "c.flac")
+    (root / "sub" / "broken.wav").write_bytes(b"RIFF\x00\x00\x00\x00WAVEjunk")
+    (root / "notes.txt").write_text("not audio, not picked up by a folder walk")
+    return root
+
+
+def test_help_does_not_import_torch() -> None:
+    code = (
+        "import sys; from emoserve.cli import main\ntry: main(['--help'])\nexcept SystemExit: pass\n"
+        "assert 'torch' not in sys.modules, 'torch imported'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+
+
+def test_predict_folder_scores_all_but_the_bad_file(
+    capsys: pytest.CaptureFixture[str], folder: Path, tmp_path: Path
+) -> None:
+    code, out, err = run(
+        capsys,
+        "predict",
+        str(folder),
+        "--model",
+        MODEL,
+        "--format",
+        "jsonl",
+        "--embeddings",
+        str(tmp_path / "emb"),
+    )
+    assert code == 1, err  # one file failed
+    rows = {Path(r["file"]).name: r for r in map(json.loads, out.splitlines())}
+    assert set(rows) == {"a.wav", "b.ogg", "c.flac", "broken.wav"}
+    assert rows["broken.wav"]["error"] and "broken.wav" in rows["broken.wav"]["error"]
+    assert "broken.wav" in err and "1 of 4 files failed" in err
+    good = rows["a.wav"]
+    assert good["error"] is None and good["random_weights"] is False and good["granularity"] == "utterance"
+    assert set(good) >= {
+        "file",
+        "emotion",
+        "label_zh",
+        "emoji",
+        "confidence",
+        "scores",
+        "duration_s",
+        "frames",
+        "embedding",
+        "model",
+        "random_weights",
+        "error",
+    }
+    np.testing.assert_allclose(
+        list(good["scores"].values()), expected("en_1s_16k.wav", "utterance")["scores"], atol=SCORE_TOL
+    )
+    emb = np.load(good["embedding"])
+    np.testing.assert_allclose(emb, expected("en_1s_16k.wav", "utterance")["feats"], atol=1e-4)
+    assert sorted(p.name for p in (tmp_path / "emb").iterdir()) == ["a.npy", "b.npy", "c.npy"]
+
+
+def test_predict_glob_writes_csv(capsys: pytest.CaptureFixture[str], folder: Path, tmp_path: Path) -> None:
+    (folder / "sub" / "broken.wav").unlink()
+    target = tmp_path / "out.csv"
+    code, out, _ = run(
+        capsys,
+        "predict",
+        str(folder / "**" / "*.*"),
+        "--model",
+        MODEL,
+        "--output",
+        str(target),
+        "--format",
+        "csv",
+        "--granularity",
+        "frame",
+        "--batch-size",
+        "2",
+    )
+    assert code == 1 and out == ""  # notes.txt, named by the glob, is tried and fails
+    rows = list(csv.DictReader(target.read_text(encoding="utf-8").splitlines()))
+    assert sorted(Path(r["file"]).name for r in rows) == ["a.wav", "b.ogg", "c.flac", "notes.txt"]
+    by_name = {Path(r["file"]).name: r for r in rows}
+    assert by_name["notes.txt"]["error"]  # named by the glob, so tried and reported
+    assert by_name["a.wav"]["emotion"] and len(by_name["a.wav"]["frames"].split()) == 49
+    assert float(by_name["a.wav"]["score_happy"]) >= 0 and by_name["a.wav"]["error"] == ""
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.csv")]  # no temp file left
+
+
+def test_interrupted_output_leaves_no_half_written_file(
+    monkeypatch: pytest.MonkeyPatch, folder: Path, tmp_path: Path
+) -> None:
+    from emoserve import batch
+
+    def explode(*_args: object, **_kw: object):  # type: ignore[no-untyped-def]
+        yield batch.Outcome("x.wav", error="first")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(batch, "score_files", explode)
+    target = tmp_path / "out.jsonl"
+    assert main(["predict", str(folder), "--model", MODEL, "--output", str(target)]) == 130
+    assert list(tmp_path.iterdir()) == [folder]
+
+
+def test_missing_path_is_reported(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    code, out, _ = run(
+        capsys,
+        "predict",
+        str(tmp_path / "nope.wav"),
+        str(FIXTURE / "audio" / "en_1s_16k.wav"),
+        "--model",
+        MODEL,
+        "--format",
+        "jsonl",
+    )
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert code == 1 and rows[0]["error"] and "nope.wav" in rows[0]["error"] and rows[1]["error"] is None
+
+
+def test_random_weights_are_labelled(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    code, out, _ = run(capsys, "make-test-model", "--out", str(tmp_path / "m"), "--seed", "1")
+    assert code == 0 and "RANDOM" in out
+    code, out, err = run(
+        capsys,
+        "predict",
+        str(FIXTURE / "audio" / "en_1s_16k.wav"),
+        "--model",
+        str(tmp_path / "m"),
+        "--format",
+        "table",
+    )
+    assert code == 0 and "RANDOM weights" in err
+    code, out, err = run(
+        capsys,
+        "predict",
+        str(FIXTURE / "audio" / "en_1s_16k.wav"),
+        "--model",
+        str(tmp_path / "m"),
+        "--format",
+        "jsonl",
+    )
+    assert json.loads(out)["random_weights"] is True
+
+
+def test_info_and_convert(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    code, out, _ = run(capsys, "info", MODEL)
+    info = json.loads(out)
+    assert code == 0 and info["config"]["embed_dim"] == 64 and "model.pt" in info["files"]
+    code, out, _ = run(capsys, "convert", MODEL, "--out", str(tmp_path / "entry"))
+    assert code == 0 and (tmp_path / "entry" / "model.safetensors").is_file()
+    code, out, _ = run(capsys, "info", str(tmp_path / "entry"))
+    assert json.loads(out)["parameters"] == info["parameters"]
+
+
+def test_bad_model_is_a_clear_error(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    code, _, err = run(
+        capsys, "predict", str(FIXTURE / "audio" / "en_1s_16k.wav"), "--model", "no-such-model"
+    )
+    assert code == 2 and "neither a directory nor a known name" in err
