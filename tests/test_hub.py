@@ -204,13 +204,13 @@ def test_auto_reports_both_reasons(
     message = str(err.value)
     assert "Hugging Face (emotion2vec/emotion2vec_plus_large): ConnectionError: hf.co unreachable" in message
     assert "ModelScope (iic/emotion2vec_plus_large)" in message
-    assert "pip install 'emoserve[modelscope]'" in message
+    assert "pip install 'modelscope>=1.38'" in message
     assert "--model DIR" in message
     assert list(tmp_path.iterdir()) == []
 
 
 def test_missing_modelscope_gives_install_hint(tmp_path: Path, no_modelscope: None) -> None:
-    with pytest.raises(HubError, match=r"pip install 'emoserve\[modelscope\]'"):
+    with pytest.raises(HubError, match=r"pip install 'modelscope>=1.38'"):
         hub.download("emotion2vec_plus_large", tmp_path / "large", hub="ms", progress=False)
     assert list(tmp_path.iterdir()) == []
 

@@ -188,4 +188,5 @@ def table_line(outcome: Outcome) -> str:
     runners_up = sorted(r.scores.items(), key=lambda kv: -kv[1])[1:3]
     others = ", ".join(f"{k} {v:.2f}" for k, v in runners_up)
     head = f"{r.emoji} {r.emotion} ({r.label_zh}) {r.confidence:.3f}"
-    return f"{outcome.file}  {head}  {r.duration_s:.2f} s  [{others}]"
+    random = "  (RANDOM WEIGHTS)" if r.random_weights else ""
+    return f"{outcome.file}  {head}  {r.duration_s:.2f} s  [{others}]{random}"

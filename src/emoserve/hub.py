@@ -9,9 +9,7 @@ first use, so importing this module (and `emoserve --help`) stays cheap; modelsc
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
-import importlib
 import logging
 import shutil
 import tempfile
@@ -262,7 +260,7 @@ def _hf_progress_bars(enabled: bool) -> Iterator[None]:
         enable_progress_bars(group)
 
 
-# --- ModelScope (modelscope, optional; APIs checked against 1.20.0, 1.30.0 and 1.40.2) ----------------
+# --- ModelScope (modelscope >= 1.38; APIs checked against 1.40.2) ----------------
 
 
 def _ms_lookup(repo_id: str) -> _Remote:
@@ -290,7 +288,7 @@ def _ms_snapshot_download() -> Callable[..., str]:
         from modelscope.hub.snapshot_download import snapshot_download
     except ImportError as err:
         raise HubError(
-            f"ModelScope needs the optional modelscope package: pip install 'emoserve[modelscope]' ({err})"
+            f"ModelScope needs the modelscope package (>= 1.38): pip install 'modelscope>=1.38' ({err})"
         ) from err
     return snapshot_download
 
@@ -301,60 +299,17 @@ def _ms_sha256(repo_id: str) -> str | None:
 
 
 def _ms_file_list(repo_id: str) -> list[dict[str, Any]]:
-    try:
-        from modelscope_hub import HubApi
-    except ImportError:
-        return _ms_legacy_file_list(repo_id)
+    from modelscope_hub import HubApi
+
     # modelscope >= 1.38 delegates to modelscope_hub, whose legacy get_model_files drops Sha256
     files = HubApi().list_repo_files(repo_id, "model")
     return [{"path": f.path, "sha256": f.sha256} for f in files]
 
 
-def _ms_legacy_file_list(repo_id: str) -> list[dict[str, Any]]:
-    from modelscope.hub.api import HubApi
-
-    raw = HubApi().get_model_files(repo_id, recursive=True)  # the REST API's own entries: Path, Sha256, ...
-    return [{"path": e.get("Path"), "sha256": e.get("Sha256")} for e in raw]
-
-
 @contextlib.contextmanager
 def _ms_progress(enabled: bool) -> Iterator[dict[str, Any]]:
-    """The snapshot_download arguments that show or hide ModelScope's byte bars, for this call only."""
-    callback = _ms_hub_tqdm_callback()
-    if callback is not None:
-        # recent modelscope hands downloads to modelscope_hub, which draws a bar only for the
-        # progress_callbacks it is given
-        yield {"progress_callbacks": [callback]} if enabled else {}
-    elif enabled:
-        yield {}
-    else:
-        # older releases always draw bars with a module-level tqdm and offer no switch
-        with _silenced_tqdm(("modelscope.hub.file_download", "modelscope.hub.callback")):
-            yield {}
+    """The snapshot_download arguments that show or hide ModelScope's byte bars, for this call only:
+    modelscope hands downloads to modelscope_hub, which draws a bar only for the callbacks it is given."""
+    from modelscope.hub.callback import TqdmCallback
 
-
-def _ms_hub_tqdm_callback() -> type | None:
-    try:
-        from modelscope.hub.callback import TqdmCallback
-    except ImportError:  # before callbacks existed
-        return None
-    return TqdmCallback if TqdmCallback.__module__.startswith("modelscope_hub") else None
-
-
-@contextlib.contextmanager
-def _silenced_tqdm(module_names: tuple[str, ...]) -> Iterator[None]:
-    patched = []
-    for module_name in module_names:
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError:
-            continue
-        original = getattr(module, "tqdm", None)
-        if original is not None:
-            module.tqdm = functools.partial(original, disable=True)  # type: ignore[attr-defined]
-            patched.append((module, original))
-    try:
-        yield
-    finally:
-        for module, original in patched:
-            module.tqdm = original  # type: ignore[attr-defined]
+    yield {"progress_callbacks": [TqdmCallback]} if enabled else {}

@@ -24,13 +24,14 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
 from . import hub
+from .hub import Hub
 from .labels import Label, parse_tokens
 from .model import PRESETS, ConfigError, Emotion2vec, ModelConfig
 
@@ -52,7 +53,6 @@ PUBLISHED_LABELS = (
     "吃惊/surprised",
     "<unk>",
 )
-Hub = Literal["hf", "ms", "auto"]
 FALLBACK_PRESET = "large"  # the architecture of the default model
 
 
