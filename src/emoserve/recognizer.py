@@ -25,9 +25,11 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 # Padded batch cost bound for predict_many: 8 clips of 15 s. Attention memory grows with
 # batch x tokens^2, so long clips are batched fewer at a time.
 MAX_BATCH_SAMPLES = 8 * 15 * SAMPLE_RATE
-# On a CPU a batch saves little beyond per-call overhead, while padded samples cost real work
-# (quadratically in attention): clips join a batch only while padding stays under this fraction.
-MAX_PADDING = 0.25
+# On a CPU a batch saves little beyond per-call overhead (~6% for 4 equal 5 s clips of large on
+# 2 cores, benchmarks/batching.py), while padded samples cost real work, quadratically in attention:
+# clips join a batch only while padding stays under this fraction of the real samples. With 0.25,
+# 8 mixed 1-15 s clips ran 11% slower batched than one at a time.
+MAX_PADDING = 0.05
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,81 @@
+"""One fresh process of `cold_start.py` (not a benchmark itself): start -> ready one way, then report.
+
+    python benchmarks/_cold_start_child.py '{"mode": "torch" | "ours" | "baseline", "started": <time.time()
+        of the parent just before it spawned us>, "path": ..., "warmup_s": 1.0, "clip_s": 5.0, "steady": 10}'
+
+Prints one JSON line with offsets in seconds from `started` (so interpreter start counts) and the peak
+RSS at ready. Only `json`, `sys` and `time` are imported before `import torch`, so the torch floor is pure.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+
+def main() -> None:
+    job = json.loads(sys.argv[1])
+    started: float = job["started"]
+    anchor = time.perf_counter() - (time.time() - started)  # perf_counter value at `started`
+
+    def now() -> float:
+        return time.perf_counter() - anchor
+
+    import torch
+
+    out: dict[str, Any] = {"t_import_torch": now()}
+    if job["mode"] != "torch":
+        from common import peak_rss_mb, synthetic_clip
+
+        load = load_ours if job["mode"] == "ours" else load_baseline
+        recognizer = load(Path(job["path"]))
+        out["t_loaded"] = now()
+        recognizer.predict((synthetic_clip(job["warmup_s"], seed=1), 16_000))
+        out["t_ready"] = now()
+        out["peak_rss_mb"] = peak_rss_mb()
+        out["threads"] = torch.get_num_threads()
+        if job["mode"] == "ours" and job["steady"] > 0:
+            out |= first_and_steady(recognizer, synthetic_clip(job["clip_s"], seed=2), job["steady"])
+    print(json.dumps(out))
+
+
+def load_ours(entry: Path) -> Any:
+    import emoserve
+
+    return emoserve.load_model(entry, device="cpu")
+
+
+def load_baseline(published: Path) -> Any:
+    """The common path: random init on the CPU, torch.load of the whole model.pt (no mmap), rename,
+    load_state_dict. Wrapped in the same Recognizer so that the warm-up inference is identical."""
+    import torch
+
+    from emoserve.model import Emotion2vec
+    from emoserve.recognizer import Recognizer, physical_cores
+    from emoserve.weights import ModelInfo, from_published, read_config, read_labels
+
+    torch.set_num_threads(physical_cores())  # as load_model does, so both sides compute alike
+    labels = read_labels(published / "tokens.txt")
+    config = read_config(published, len(labels))
+    model = Emotion2vec(config)
+    checkpoint = torch.load(published / "model.pt", map_location="cpu", weights_only=True)
+    model.load_state_dict(from_published(checkpoint["model"], config))
+    del checkpoint
+    info = ModelInfo(published.name, published, config, labels, True, {})
+    return Recognizer(model.eval().requires_grad_(False), info)
+
+
+def first_and_steady(recognizer: Any, clip: Any, steady: int) -> dict[str, float]:
+    """The first call on a real-length clip after ready, then the median of `steady` more."""
+    from common import median, timed
+
+    first = timed(lambda: recognizer.predict((clip, 16_000)))
+    rest = [timed(lambda: recognizer.predict((clip, 16_000))) for _ in range(steady)]
+    return {"first_call_s": first, "steady_call_s": median(rest)}
+
+
+if __name__ == "__main__":
+    main()

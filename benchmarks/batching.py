@@ -1,0 +1,149 @@
+"""Batching: one `predict_many` call against the same clips one at a time, on the CPU.
+
+Eight clips of mixed length (uniform in 1-15 s, fixed seed, deterministic synthetic signals) are scored
+as one `Recognizer.predict_many(clips, batch_size=8)` call and, as the baseline in the same run, by 8
+`Recognizer.predict` calls in a row. After one untimed warm-up of each, the two alternate (which goes
+first swaps every run) and each figure is the median of N runs. Target: the batch is no slower than
+one at a time on this CPU (ratio <= 1.0).
+
+A padded batch computes on padding too: the waste is reported as padded / real samples (the conv
+encoder and linear layers, linear in length) and padded / real attention cells (quadratic in frames),
+from the forward passes `predict_many` really made. A control without padding (4 clips of exactly 5 s)
+shows what batching itself gains on this machine, with no target.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from common import (
+    SAMPLE_RATE,
+    bench_model,
+    header,
+    load_average,
+    load_recognizer,
+    median,
+    parser,
+    run_count,
+    synthetic_clip,
+    table,
+    timed,
+    torch_threads,
+    verdict,
+)
+
+BATCH_SIZE = 8
+MIXED_CLIPS, MIXED_SECONDS, SEED = 8, (1.0, 15.0), 0
+CONTROL_CLIPS, CONTROL_SECONDS = 4, 5.0
+TARGET = 1.0  # batch time / one-at-a-time time, mixed clips
+
+
+@dataclass(frozen=True)
+class Comparison:
+    lengths: list[int]  # samples per clip
+    batch_s: list[float]  # one predict_many call, per run
+    single_s: list[float]  # the predict calls in a row, per run
+    passes: list[list[int]]  # real lengths in each forward pass predict_many made
+    difference: float  # largest |batched - one at a time| score
+
+
+def main() -> None:
+    args = parser(__doc__, default_runs=5).parse_args()
+    runs = run_count(args)
+    header("Batching: predict_many vs one at a time", args, runs)
+    recognizer = load_recognizer(bench_model(args.preset).entry)
+    mixed = compare(recognizer, mixed_clips(), runs)
+    control = compare(recognizer, [(synthetic_clip(CONTROL_SECONDS, seed=i), SAMPLE_RATE)
+                                   for i in range(CONTROL_CLIPS)], runs)
+    config = recognizer.model.config
+    report(mixed, f"{MIXED_CLIPS} mixed clips", config)
+    report(control, f"control: {CONTROL_CLIPS} x {CONTROL_SECONDS:g} s, no padding", config)
+    table(["figure", "value", "target"], [
+        ["batch / one at a time, mixed clips", f"{ratio(mixed):.3f}", verdict(ratio(mixed), TARGET)],
+        ["batch / one at a time, control", f"{ratio(control):.3f}", "none (control)"],
+    ])
+    print(f"Torch threads: {torch_threads()}. {load_average()} at the end.")
+
+
+def ratio(c: Comparison) -> float:
+    return median(c.batch_s) / median(c.single_s)
+
+
+def mixed_clips() -> list[tuple[Any, int]]:
+    import numpy as np
+
+    seconds = np.random.default_rng(SEED).uniform(*MIXED_SECONDS, size=MIXED_CLIPS)
+    return [(synthetic_clip(float(s), seed=i), SAMPLE_RATE) for i, s in enumerate(seconds)]
+
+
+def compare(recognizer: Any, clips: list[tuple[Any, int]], runs: int) -> Comparison:
+    def batched() -> list[Any]:
+        return list(recognizer.predict_many(clips, batch_size=BATCH_SIZE))
+
+    def one_at_a_time() -> list[Any]:
+        return [recognizer.predict(clip) for clip in clips]
+
+    passes, batch_results = spy_forward_passes(recognizer, batched)  # also the warm-up of both
+    difference = max(
+        abs(a.scores[k] - b.scores[k])
+        for a, b in zip(batch_results, one_at_a_time(), strict=True)
+        for k in a.scores
+    )
+    times: dict[str, list[float]] = {"batch": [], "single": []}
+    for i in range(runs):
+        order = [("batch", batched), ("single", one_at_a_time)]
+        for name, fn in order if i % 2 == 0 else order[::-1]:
+            times[name].append(timed(fn))
+    return Comparison([len(c[0]) for c in clips], times["batch"], times["single"], passes, difference)
+
+
+def spy_forward_passes(recognizer: Any, call: Callable[[], list[Any]]) -> tuple[list[list[int]], list[Any]]:
+    """The real lengths (samples) of each forward pass `call` makes, seen by spying on
+    `Recognizer.predict_batch`, so the padding figures follow whatever grouping the product does."""
+    passes: list[list[int]] = []
+    original = recognizer.predict_batch
+
+    def spy(batch: list[Any], *args: Any, **kwargs: Any) -> Any:
+        passes.append([len(clip.samples) for clip in batch])
+        return original(batch, *args, **kwargs)
+
+    recognizer.predict_batch = spy
+    try:
+        results = call()
+    finally:
+        del recognizer.predict_batch
+    return passes, results
+
+
+def report(c: Comparison, title: str, config: Any) -> None:
+    audio_s = sum(c.lengths) / SAMPLE_RATE
+    print(f"## {title}\n")
+    print(f"Clips (s): {', '.join(f'{n / SAMPLE_RATE:.2f}' for n in c.lengths)}; {audio_s:.1f} s of audio.\n")
+    table(["", "median (s)", "min-max (s)", "audio s / s"], [
+        [f"predict_many(batch_size={BATCH_SIZE}), 1 call", *figures(c.batch_s, audio_s)],
+        [f"predict x {len(c.lengths)} (baseline)", *figures(c.single_s, audio_s)],
+    ])
+    sizes = ", ".join(str(len(p)) for p in c.passes)
+    print(f"predict_many made {len(c.passes)} forward pass(es), of {sizes} clips (length-sorted groups).")
+    print(f"Padding waste: padded / real samples = {padding(c.passes, lambda n: n):.2f}; padded / real "
+          f"attention cells (tokens^2) = {padding(c.passes, lambda n: tokens(config, n) ** 2):.2f}.")
+    print(f"Largest |batched - one at a time| score difference: {c.difference:.2e}.\n")
+
+
+def figures(times: list[float], audio_s: float) -> list[str]:
+    return [f"{median(times):.3f}", f"{min(times):.3f}-{max(times):.3f}", f"{audio_s / median(times):.1f}"]
+
+
+def padding(passes: list[list[int]], cost: Callable[[int], int]) -> float:
+    """Work on the padded batches / work on the real clips, for a per-item cost of its length."""
+    return sum(len(p) * cost(max(p)) for p in passes) / sum(cost(n) for p in passes for n in p)
+
+
+def tokens(config: Any, samples: int) -> int:
+    return int(config.num_frames(samples) + config.num_extra_tokens)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,148 @@
+"""Cold start: fresh process -> ready to answer, ours against the common path, on the CPU.
+
+Every measurement is a new Python process (benchmarks/_cold_start_child.py), timed from just before the
+parent spawns it, so interpreter start counts. Three kinds of child, interleaved run by run:
+
+- torch:    `import torch` alone, the floor no loader can go under.
+- ours:     `emoserve.load_model(<converted slim entry>, device="cpu")` (safetensors memory-mapped into a
+            model built on the meta device), then a 1 s warm-up inference through `Recognizer.predict`.
+            Then, already ready: the first call on a 5 s clip and the median of 10 more of the same clip.
+- baseline: `Emotion2vec(config)` with random init on the CPU, `torch.load` of the whole published
+            model.pt (weights_only=True, no mmap), `from_published` renames, `load_state_dict`, then the
+            same warm-up inference.
+
+Peak RSS is VmHWM from /proc/self/status at ready. The page cache cannot be dropped without root, so
+both files are read once before measuring: both sides start with a warm page cache. The one-time
+conversion (published model.pt -> slim entry, "convert once") happens before and outside the timing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from common import (
+    BENCH_HOME,
+    MB,
+    BenchModel,
+    bench_model,
+    header,
+    load_average,
+    median,
+    parser,
+    run_count,
+    table,
+    verdict,
+    warm_page_cache,
+)
+
+CHILD = Path(__file__).resolve().parent / "_cold_start_child.py"
+MODES = ("torch", "ours", "baseline")
+WARMUP_S = 1.0  # the warm-up inference both sides run before they count as ready
+CLIP_S = 5.0  # the "real" clip of the first-call check
+OVERHEAD_MB = 600  # allowed beyond the fp32 weights: interpreter, torch, activations
+TARGETS = {"beyond_import": 0.25, "start_to_ready": 0.5, "peak_rss": 0.5, "first_call": 1.2}
+
+
+def main() -> None:
+    args = parser(__doc__, default_runs=5).parse_args()
+    runs = run_count(args)
+    header("Cold start", args, runs)
+    model = bench_model(args.preset)
+    warm_page_cache(model.published / "model.pt", model.entry / "model.safetensors")
+    steady = 2 if args.quick else 10
+    results: dict[str, list[dict[str, Any]]] = {mode: [] for mode in MODES}
+    for i in range(runs):
+        for mode in MODES[i % 3:] + MODES[: i % 3]:  # rotate the order so drift hits every mode alike
+            results[mode].append(child(mode, model, steady))
+            print(f"run {i + 1}/{runs} {mode:8s} {summary(results[mode][-1])}", file=sys.stderr)
+    report(results, model)
+
+
+def child(mode: str, model: BenchModel, steady: int) -> dict[str, Any]:
+    job = {"mode": mode, "path": str(model.entry if mode == "ours" else model.published),
+           "warmup_s": WARMUP_S, "clip_s": CLIP_S, "steady": steady, "started": time.time()}
+    done = subprocess.run([sys.executable, str(CHILD), json.dumps(job)], capture_output=True, text=True,
+                          env=os.environ | {"EMOSERVE_HOME": str(BENCH_HOME)})
+    if done.returncode != 0:
+        sys.exit(f"the {mode} child failed ({done.returncode}):\n{done.stderr}")
+    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
+
+
+def summary(result: dict[str, Any]) -> str:
+    return " ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items())
+
+
+def report(results: dict[str, list[dict[str, Any]]], model: BenchModel) -> None:
+    def med(mode: str, key: str) -> float:
+        return median([r[key] for r in results[mode]])
+
+    def spread(mode: str, key: str, fmt: str = ".2f") -> str:
+        values = [r[key] for r in results[mode]]
+        return f"{median(values):{fmt}} ({min(values):{fmt}}-{max(values):{fmt}})"
+
+    for runs in results.values():
+        for r in runs:
+            if "t_ready" in r:
+                r["beyond_import"] = r["t_ready"] - r["t_import_torch"]
+    print("Medians over fresh processes (min-max in brackets); seconds from the parent's spawn.\n")
+    table(["", "ours", "baseline"], [
+        ["`import torch` alone (floor)", spread("torch", "t_import_torch"), "(same floor)"],
+        ["start -> torch imported", spread("ours", "t_import_torch"), spread("baseline", "t_import_torch")],
+        ["start -> weights loaded", spread("ours", "t_loaded"), spread("baseline", "t_loaded")],
+        ["start -> ready (after 1 s warm-up)", spread("ours", "t_ready"), spread("baseline", "t_ready")],
+        ["beyond import (ready - torch imported)", spread("ours", "beyond_import"),
+         spread("baseline", "beyond_import")],
+        ["peak RSS at ready (MB)", spread("ours", "peak_rss_mb", ".0f"),
+         spread("baseline", "peak_rss_mb", ".0f")],
+    ])
+    weights_mb = parameters(model.entry) * 4 / MB
+    rss_limit = weights_mb + OVERHEAD_MB
+    ratios = {
+        "beyond_import": med("ours", "beyond_import") / med("baseline", "beyond_import"),
+        "start_to_ready": med("ours", "t_ready") / med("baseline", "t_ready"),
+        "peak_rss": med("ours", "peak_rss_mb") / med("baseline", "peak_rss_mb"),
+        "first_call": med("ours", "first_call_s") / med("ours", "steady_call_s"),
+    }
+    table(["figure", "value", "target"], [
+        ["beyond import, ours / baseline", f"{ratios['beyond_import']:.3f}",
+         verdict(ratios["beyond_import"], TARGETS["beyond_import"])],
+        ["start -> ready, ours / baseline", f"{ratios['start_to_ready']:.3f}",
+         verdict(ratios["start_to_ready"], TARGETS["start_to_ready"])],
+        ["peak RSS, ours / baseline", f"{ratios['peak_rss']:.3f}",
+         verdict(ratios["peak_rss"], TARGETS["peak_rss"])],
+        [f"peak RSS ours vs fp32 weights ({weights_mb:.0f} MB) + {OVERHEAD_MB} MB",
+         f"{med('ours', 'peak_rss_mb'):.0f} MB",
+         verdict(round(med("ours", "peak_rss_mb")), round(rss_limit))],
+        [f"first {CLIP_S:g} s call after ready / steady median", f"{ratios['first_call']:.3f}",
+         verdict(ratios["first_call"], TARGETS["first_call"])],
+    ])
+    print(f"First {CLIP_S:g} s call after ready: {spread('ours', 'first_call_s', '.3f')} s; steady median of "
+          f"the following calls: {spread('ours', 'steady_call_s', '.3f')} s.")
+    print(f"Torch threads: {results['ours'][0]['threads']} (ours), "
+          f"{results['baseline'][0]['threads']} (baseline). {load_average()} at the end.")
+    print(f"Files: model.pt {size_mb(model.published / 'model.pt')} MB (weights + training state), "
+          f"model.safetensors {size_mb(model.entry / 'model.safetensors')} MB.")
+    print(f"One-time conversion, outside the timing (`emoserve convert`, whole command including interpreter "
+          f"start and import torch): {model.conversion_s:.1f} s, measured {model.converted_at}.")
+    print("Page cache: warm for both (each file read once before measuring; dropping it needs root).")
+
+
+def parameters(entry: Path) -> int:
+    tensors = json.loads((entry / "manifest.json").read_text())["tensors"]
+    return sum(math.prod(shape) for shape in tensors.values())
+
+
+def size_mb(path: Path) -> str:
+    return f"{path.stat().st_size / MB:,.0f}"
+
+
+if __name__ == "__main__":
+    main()

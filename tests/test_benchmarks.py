@@ -1,0 +1,21 @@
+"""The benchmarks keep running: each script once, quick, on a tiny model (figures are not checked
+here; they live in docs/benchmarks.md)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", ["cold_start.py", "latency.py", "batching.py"])
+def test_benchmark_runs(script: str) -> None:
+    done = subprocess.run([sys.executable, str(BENCHMARKS / script), "--quick", "--preset", "tiny"],
+                          capture_output=True, text=True, timeout=300, cwd=BENCHMARKS.parent)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "ratio" in done.stdout.lower()
