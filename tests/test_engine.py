@@ -1,0 +1,419 @@
+"""The batching engine: few model calls for a burst, one-at-a-time results, back-pressure, cancellation,
+failure isolation, draining, observer hooks and warm-up."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import threading
+import time
+from collections.abc import Callable, Coroutine, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+import numpy as np
+import pytest
+import torch
+
+from emoserve.audio import SAMPLE_RATE, Audio
+from emoserve.engine import (
+    Engine,
+    EngineConfig,
+    EngineObserver,
+    EngineStopped,
+    QueueFull,
+    WarmupError,
+    warm_up,
+)
+from emoserve.recognizer import Granularity, Recognizer, Result
+
+from .conftest import wave
+
+T = TypeVar("T")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread() -> Iterator[None]:
+    """The tiny model's ops take microseconds: on a shared 2-core runner a second intra-op thread
+    mostly waits for a core, which made these tests several times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def audio(samples: np.ndarray, source: str) -> Audio:
+    return Audio(
+        np.ascontiguousarray(samples, dtype=np.float32), source, SAMPLE_RATE, 1, "array", None, False
+    )
+
+
+def window(i: int, source: str | None = None) -> Audio:
+    """Speech from the 31 s fixture clip: 1.0 s + 20 ms x i, so any few of them batch together."""
+    start = i * SAMPLE_RATE
+    return audio(wave("en_31s_16k.wav")[start : start + SAMPLE_RATE + 320 * i], source or f"window{i}")
+
+
+def silence(seconds: float, source: str) -> Audio:
+    return audio(np.zeros(int(seconds * SAMPLE_RATE)), source)
+
+
+def assert_same(result: Result, reference: Result) -> None:
+    assert (result.emotion, result.granularity) == (reference.emotion, reference.granularity)
+    np.testing.assert_allclose(
+        list(result.scores.values()), list(reference.scores.values()), atol=1e-6, rtol=0
+    )
+    if reference.embedding is None:
+        assert result.embedding is None
+    else:
+        assert result.embedding is not None and result.embedding.shape == reference.embedding.shape
+        np.testing.assert_allclose(result.embedding, reference.embedding, atol=1e-5, rtol=0)
+    if reference.frames is None:
+        assert result.frames is None
+    else:
+        assert result.frames is not None and len(result.frames) == len(reference.frames)
+        for frame, ref in zip(result.frames, reference.frames, strict=True):
+            np.testing.assert_allclose(list(frame.scores.values()), list(ref.scores.values()), atol=1e-6)
+
+
+class FakeRecognizer:
+    """predict_batch without a model: records each call's sources, can hold every call until `gate` is
+    set, and fails any call that holds the clip named `bad`. A result's emotion is its clip's source."""
+
+    labels = ()
+    dtype = torch.float32
+
+    def __init__(self, gate: threading.Event | None = None, bad: str | None = None) -> None:
+        self.calls: list[list[str]] = []
+        self.gate = gate
+        self.bad = bad
+
+    def predict_batch(
+        self, clips: Sequence[Audio], granularity: Granularity, embedding: bool
+    ) -> list[Result]:
+        sources = [clip.source for clip in clips]
+        self.calls.append(sources)
+        if self.gate is not None and not self.gate.wait(10):
+            raise TimeoutError("the test never opened the gate")
+        if self.bad in sources:
+            raise ValueError(f"cannot take {self.bad}")
+        return [Result(c.source, "", "", 1.0, {}, c.duration_s, granularity, "fake", True) for c in clips]
+
+
+class Wrapped:
+    """The tiny model with `predict_batch` replaced; everything else passes through."""
+
+    def __init__(self, inner: Recognizer, predict_batch: Callable[..., list[Result]]) -> None:
+        self.inner = inner
+        self.predict_batch = predict_batch
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+@contextmanager
+def running(recognizer: Any, observer: EngineObserver | None = None, **config: Any) -> Iterator[Engine]:
+    engine = Engine(recognizer, EngineConfig(**config), observer)
+    engine.start()
+    try:
+        yield engine
+    finally:
+        gate = getattr(recognizer, "gate", None)
+        if gate is not None:
+            gate.set()
+        engine.stop(timeout_s=10)
+
+
+def run(job: Coroutine[Any, Any, T]) -> T:
+    """asyncio.run with a deadline, so that a request the engine loses fails the test, not hangs it."""
+    return asyncio.run(asyncio.wait_for(job, 30))
+
+
+async def wait_until(condition: Callable[[], bool], timeout_s: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting for the engine"
+        await asyncio.sleep(0.002)
+
+
+# ----------------------------------------------------------------------------------------------- batching
+
+
+def test_burst_takes_few_model_calls_and_matches_one_at_a_time(tiny_recognizer: Recognizer) -> None:
+    clips = [window(i) for i in range(8)]
+    references = [tiny_recognizer.predict(c, "utterance", embedding=True) for c in clips]
+
+    async def burst(engine: Engine) -> list[Any]:
+        return await asyncio.gather(*(engine.submit_timed(c, "utterance", embedding=True) for c in clips))
+
+    # a long max_wait_ms: the calls start because batches are full, not because the wait ran out
+    with running(tiny_recognizer, max_batch_size=4, max_wait_ms=5000) as engine:
+        outcomes = run(burst(engine))
+        assert engine.model_calls <= 2
+    for (result, timing), reference in zip(outcomes, references, strict=True):
+        assert_same(result, reference)
+        assert timing.batch_size == 4
+        assert timing.queue_s >= 0 and timing.inference_s > 0
+
+
+def test_mixed_granularities_in_one_burst_match_one_at_a_time(tiny_recognizer: Recognizer) -> None:
+    flags: list[tuple[Granularity, bool]] = [
+        ("utterance", True), ("frame", False), ("utterance", False),
+        ("frame", True), ("utterance", False), ("frame", False),
+    ]  # fmt: skip
+    clips = [window(i) for i in range(len(flags))]
+    references = [tiny_recognizer.predict(c, g, embedding=e) for c, (g, e) in zip(clips, flags, strict=True)]
+
+    async def burst(engine: Engine) -> list[Result]:
+        return await asyncio.gather(*(engine.submit(c, g, e) for c, (g, e) in zip(clips, flags, strict=True)))
+
+    with running(tiny_recognizer, max_batch_size=8, max_wait_ms=200) as engine:
+        results = run(burst(engine))
+        assert engine.model_calls <= len(set(flags))
+    for result, reference in zip(results, references, strict=True):
+        assert_same(result, reference)
+
+
+def test_a_lone_request_waits_max_wait_ms_not_for_a_full_batch() -> None:
+    with running(FakeRecognizer(), max_batch_size=8, max_wait_ms=50) as engine:
+        result, timing = run(engine.submit_timed(silence(1, "alone")))
+    assert result.emotion == "alone" and timing.batch_size == 1
+    assert 0.045 <= timing.queue_s < 1.0
+
+
+def test_requests_arriving_within_max_wait_ms_share_one_call() -> None:
+    fake = FakeRecognizer()
+
+    async def staggered(engine: Engine) -> list[Result]:
+        tasks = []
+        for name in ["a", "b", "c"]:
+            tasks.append(asyncio.create_task(engine.submit(silence(1, name))))
+            await asyncio.sleep(0.05)
+        return await asyncio.gather(*tasks)
+
+    with running(fake, max_batch_size=8, max_wait_ms=500) as engine:
+        results = run(staggered(engine))
+        assert engine.model_calls == 1
+    assert [r.emotion for r in results] == ["a", "b", "c"]
+    assert fake.calls == [["a", "b", "c"]]
+
+
+def test_batches_are_cut_by_length_and_by_padded_seconds() -> None:
+    fake = FakeRecognizer()
+    clips = [silence(1, f"short{i}") for i in range(4)] + [silence(10, "long")]
+
+    async def burst(engine: Engine) -> list[Result]:
+        return await asyncio.gather(*(engine.submit(c) for c in clips))
+
+    # 2.5 padded seconds: two 1 s clips per call; the 10 s clip is far too long to pad the others to
+    with running(fake, max_batch_size=5, max_wait_ms=200, max_batch_seconds=2.5) as engine:
+        results = run(burst(engine))
+    assert [r.emotion for r in results] == [c.source for c in clips]
+    assert sorted(fake.calls) == [["long"], ["short0", "short1"], ["short2", "short3"]]
+
+
+# ------------------------------------------------------------------------------------------ back-pressure
+
+
+def test_full_queue_raises_queue_full_and_the_engine_keeps_serving() -> None:
+    gate = threading.Event()
+
+    async def scenario(engine: Engine) -> None:
+        first = asyncio.create_task(engine.submit(silence(1, "a")))
+        await wait_until(lambda: engine.in_flight == 1)
+        queued = [asyncio.create_task(engine.submit(silence(1, name))) for name in ["b", "c"]]
+        await wait_until(lambda: engine.queue_depth == 2)
+        with pytest.raises(QueueFull) as full:
+            await engine.submit(silence(1, "d"))
+        assert full.value.retry_after_s >= 1
+        gate.set()
+        assert [r.emotion for r in await asyncio.gather(first, *queued)] == ["a", "b", "c"]
+        assert (await engine.submit(silence(1, "e"))).emotion == "e"
+
+    with running(FakeRecognizer(gate), max_batch_size=1, max_queue=2, max_wait_ms=0) as engine:
+        run(scenario(engine))
+
+
+def test_cancelling_a_queued_request_frees_its_place() -> None:
+    fake = FakeRecognizer(threading.Event())
+
+    async def scenario(engine: Engine) -> None:
+        first = asyncio.create_task(engine.submit(silence(1, "a")))
+        await wait_until(lambda: engine.in_flight == 1)
+        b, c, d = (asyncio.create_task(engine.submit(silence(1, name))) for name in "bcd")
+        await wait_until(lambda: engine.queue_depth == 3)
+        c.cancel()
+        await wait_until(lambda: engine.queue_depth == 2)
+        e = asyncio.create_task(engine.submit(silence(1, "e")))  # QueueFull if c still held its place
+        await wait_until(lambda: engine.queue_depth == 3)
+        first.cancel()  # already in a model call: it completes and its result is dropped
+        assert fake.gate is not None
+        fake.gate.set()
+        assert [r.emotion for r in await asyncio.gather(b, d, e)] == ["b", "d", "e"]
+        assert c.cancelled() and first.cancelled()
+
+    with running(fake, max_batch_size=1, max_queue=3, max_wait_ms=0) as engine:
+        run(scenario(engine))
+        assert engine.queue_depth == 0 and engine.in_flight == 0
+    assert fake.calls == [["a"], ["b"], ["d"], ["e"]]
+
+
+def test_submit_blocking_serves_threads() -> None:
+    with running(FakeRecognizer(), max_batch_size=4, max_wait_ms=5) as engine:
+        assert engine.submit_blocking(silence(1, "x"), timeout_s=5).emotion == "x"
+
+
+# ---------------------------------------------------------------------------------------------- failures
+
+
+def test_one_bad_request_fails_alone(tiny_recognizer: Recognizer) -> None:
+    clips = [window(0), window(1), window(2, source="bad"), window(3)]
+    references = [tiny_recognizer.predict(c, "frame", embedding=True) for c in clips]
+
+    def predict_batch(batch: Sequence[Audio], granularity: Granularity, embedding: bool) -> list[Result]:
+        if any(c.source == "bad" for c in batch):
+            raise ValueError("the model cannot take 'bad'")
+        return tiny_recognizer.predict_batch(batch, granularity, embedding)
+
+    async def burst(engine: Engine) -> list[Any]:
+        jobs = (engine.submit(c, "frame", embedding=True) for c in clips)
+        return await asyncio.gather(*jobs, return_exceptions=True)
+
+    with running(Wrapped(tiny_recognizer, predict_batch), max_batch_size=4, max_wait_ms=5000) as engine:
+        outcomes = run(burst(engine))
+        assert engine.model_calls == 1 + len(clips)  # the failed batch, then each alone
+        clips[2] = window(2)  # the same audio under a name the model takes: the engine still serves
+        again = run(burst(engine))
+        assert engine.model_calls == 2 + len(clips)
+    assert isinstance(outcomes[2], ValueError) and "bad" in str(outcomes[2])
+    for i in [0, 1, 3]:
+        assert_same(outcomes[i], references[i])
+    for result, reference in zip(again, references, strict=True):
+        assert_same(result, reference)
+
+
+class Recording(EngineObserver):
+    def __init__(self) -> None:
+        self.batches: list[tuple[int, float, float]] = []
+        self.depths: list[int] = []
+        self.requests = 0
+
+    def batch_done(self, size: int, audio_seconds: float, padded_seconds: float, seconds: float) -> None:
+        self.batches.append((size, audio_seconds, padded_seconds))
+
+    def queue_changed(self, depth: int) -> None:
+        self.depths.append(depth)
+
+    def request_done(self, queue_seconds: float, inference_seconds: float) -> None:
+        self.requests += 1
+
+
+class Broken(EngineObserver):
+    def batch_done(self, size: int, audio_seconds: float, padded_seconds: float, seconds: float) -> None:
+        raise RuntimeError("broken metrics")
+
+    def request_done(self, queue_seconds: float, inference_seconds: float) -> None:
+        raise RuntimeError("broken metrics")
+
+
+@pytest.mark.parametrize("observer", [Recording(), Broken()], ids=["recording", "broken"])
+def test_observer_sees_batches_and_a_broken_one_harms_nothing(observer: EngineObserver) -> None:
+    clips = [silence(1, "a"), silence(1.02, "b"), silence(1.01, "c")]
+
+    async def burst(engine: Engine) -> list[Result]:
+        return await asyncio.gather(*(engine.submit(c) for c in clips))
+
+    for _ in range(2):  # the second burst shows the worker survived the first
+        with running(FakeRecognizer(), observer, max_batch_size=3, max_wait_ms=1000) as engine:
+            assert [r.emotion for r in run(burst(engine))] == ["a", "b", "c"]
+    if isinstance(observer, Recording):
+        assert observer.batches == [(3, pytest.approx(3.03), pytest.approx(3.06))] * 2
+        assert observer.requests == 6
+        assert observer.depths[-1] == 0
+
+
+# ---------------------------------------------------------------------------------------------- stopping
+
+
+def test_stop_drains_queued_requests_then_refuses_new_ones() -> None:
+    gate = threading.Event()
+    fake: Any = FakeRecognizer(gate)
+    engine = Engine(fake, EngineConfig(max_batch_size=1, max_wait_ms=0))
+    with pytest.raises(EngineStopped):
+        engine.submit_blocking(silence(1, "early"))
+    engine.start()
+
+    async def scenario() -> None:
+        tasks = [asyncio.create_task(engine.submit(silence(1, name))) for name in "abc"]
+        await wait_until(lambda: engine.in_flight == 1 and engine.queue_depth == 2)
+        stopper = threading.Thread(target=engine.stop, args=(10,))
+        stopper.start()
+        await wait_until(lambda: not engine.accepting)
+        with pytest.raises(EngineStopped):
+            await engine.submit(silence(1, "late"))
+        gate.set()
+        assert [r.emotion for r in await asyncio.gather(*tasks)] == ["a", "b", "c"]
+        stopper.join(10)
+        assert not stopper.is_alive()
+
+    run(scenario())
+    engine.stop()  # idempotent
+    with pytest.raises(EngineStopped):
+        engine.submit_blocking(silence(1, "after"))
+
+
+def test_stop_timeout_fails_what_is_still_queued() -> None:
+    gate = threading.Event()
+    fake: Any = FakeRecognizer(gate)
+    engine = Engine(fake, EngineConfig(max_batch_size=1, max_wait_ms=0))
+    engine.start()
+
+    async def scenario() -> None:
+        tasks = [asyncio.create_task(engine.submit(silence(1, name))) for name in "ab"]
+        await wait_until(lambda: engine.in_flight == 1 and engine.queue_depth == 1)
+        engine.stop(timeout_s=0.05)
+        gate.set()
+        first, second = await asyncio.gather(*tasks, return_exceptions=True)
+        assert isinstance(first, Result) and isinstance(second, EngineStopped)
+
+    run(scenario())
+    engine.stop(timeout_s=10)
+
+
+# ----------------------------------------------------------------------------------------------- warm-up
+
+
+def test_warm_up_passes_on_the_tiny_model(tiny_recognizer: Recognizer) -> None:
+    # warm_up queues each batch at once, so the worker needs no wait to see all of it
+    with running(tiny_recognizer, max_batch_size=2, max_wait_ms=0) as engine:
+        report = warm_up(engine, [window(0), window(1)], [1, 2])
+    assert report.calls == 4  # two batch sizes x two granularities, one call each
+    assert {batch for batch, _ in report.shapes} == {1, 2}
+    assert report.seconds > 0
+
+
+def with_nan_scores(result: Result) -> Result:
+    return dataclasses.replace(result, scores=dict.fromkeys(result.scores, float("nan")))
+
+
+def with_shifted_utterance_embedding(result: Result) -> Result:
+    if result.granularity == "frame" or result.embedding is None:
+        return result
+    return dataclasses.replace(result, embedding=result.embedding + 1e-2)
+
+
+@pytest.mark.parametrize(
+    ("corrupt", "message"),
+    [(with_nan_scores, "non-finite scores"), (with_shifted_utterance_embedding, "mean of the frame")],
+)
+def test_warm_up_fails_on_a_broken_model(
+    tiny_recognizer: Recognizer, corrupt: Callable[[Result], Result], message: str
+) -> None:
+    def predict_batch(batch: Sequence[Audio], granularity: Granularity, embedding: bool) -> list[Result]:
+        return [corrupt(r) for r in tiny_recognizer.predict_batch(batch, granularity, embedding)]
+
+    with (
+        running(Wrapped(tiny_recognizer, predict_batch), max_batch_size=2) as engine,
+        pytest.raises(WarmupError, match=message),
+    ):
+        warm_up(engine, [window(0)], [1])
