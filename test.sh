@@ -5,4 +5,5 @@ set -euo pipefail
 cd "$(dirname "$0")"
 scripts/setup-venv.sh test
 .venv/bin/ruff check src tests benchmarks
+.venv/bin/mypy src/emoserve
 .venv/bin/python -m pytest "$@"

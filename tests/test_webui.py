@@ -1,0 +1,344 @@
+"""The web UI: its pieces directly, then the real page in a headless Chromium against a live server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+import numpy as np
+import pytest
+import soundfile as sf
+from fastapi import FastAPI
+
+from emoserve import webui
+from emoserve.engine import Engine, EngineConfig
+from emoserve.outputs import OutputStore
+from emoserve.recognizer import FrameResult, Recognizer, Result
+
+CHROMIUM = Path("/usr/bin/chromium")
+EXAMPLE = webui.EXAMPLES_DIR / "en_3s_44k.mp3"
+OTHER_EXAMPLE = webui.EXAMPLES_DIR / "zh_3s_16k.wav"
+# Long enough that two windows clicked one after the other share one model call (proof that the UI
+# lets them run at once), short enough to keep the test quick.
+BATCH_WAIT_MS = 1500.0
+PAGE_TIMEOUT_MS = 30_000
+
+# Gradio's queue statistics (gradio/queueing.py) use pandas options and keywords that pandas 3
+# deprecated; the warnings come from Gradio's server thread and are not ours to fix.
+pytestmark = pytest.mark.filterwarnings("ignore::pandas.errors.Pandas4Warning")
+
+
+@dataclass
+class FakeMetrics:
+    observed: list[dict[str, float]] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+    def observe_request(
+        self, route: str, *, decode_s: float, queue_s: float, inference_s: float, total_s: float
+    ) -> None:
+        self.observed.append({"decode_s": decode_s, "queue_s": queue_s, "total_s": total_s})
+
+    def count_error(self, kind: str) -> None:
+        self.errors.append(kind)
+
+
+@dataclass
+class FakeService:
+    """What the server's Service offers the UI (webui.UIService), around a real engine."""
+
+    engine: Engine | None
+    outputs: OutputStore | None
+    state: str = "ready"
+    model_name: str | None = "emotion2vec-tiny"
+    random_weights: bool | None = True
+    max_audio_s: float = 60.0
+    metrics: FakeMetrics | None = field(default_factory=FakeMetrics)
+
+
+def make_service(engine: Engine | None, outputs: OutputStore | None, **kwargs: Any) -> webui.UIService:
+    service: webui.UIService = FakeService(engine, outputs, **kwargs)  # mypy checks the protocol here
+    return service
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_recognizer: Recognizer) -> Iterator[Engine]:
+    engine = Engine(tiny_recognizer, EngineConfig(max_batch_size=2, max_wait_ms=BATCH_WAIT_MS))
+    engine.start()
+    yield engine
+    engine.stop(timeout_s=10)
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+def recognize(service: webui.UIService, path: str | None, granularity: str = "utterance", **kw: Any) -> Any:
+    downloads = webui._TemporaryDownloads()
+    try:
+        return run(webui.recognize(service, downloads, path, granularity, kw.get("embedding", False)))
+    finally:
+        downloads.close()
+
+
+# ---------------------------------------------------------------------------------------------- pieces
+
+
+@pytest.fixture
+def fast_engine(tiny_recognizer: Recognizer) -> Iterator[Engine]:
+    engine = Engine(tiny_recognizer, EngineConfig(max_wait_ms=0))
+    engine.start()
+    yield engine
+    engine.stop(timeout_s=10)
+
+
+def test_recognize_saves_a_folder_and_renders(fast_engine: Engine, tmp_path: Path) -> None:
+    service = make_service(fast_engine, OutputStore(tmp_path))
+    recognition = recognize(service, str(EXAMPLE), "frame", embedding=True)
+    assert recognition.result == fast_engine.recognizer.predict(EXAMPLE, "frame", True)
+
+    card, scores, timeline, log_text, files = webui.render(recognition)
+    assert recognition.result.emotion in card and recognition.result.label_zh in card
+    assert ("Random weights" in card) == recognition.result.random_weights
+    assert len(scores) == len(recognition.result.scores)
+    assert timeline.visible and set(timeline.value["columns"]) == {"time_s", "emotion", "probability"}
+    for expected in ("44100 Hz", "1 channel", "resampled 44100 Hz -> 16000 Hz", "inference", "saved to"):
+        assert expected in log_text
+    assert [Path(f).name for f in files] == ["result.json", "processed_audio.wav", "embedding.npy"]
+
+    (folder,) = tmp_path.iterdir()
+    data = json.loads((folder / "result.json").read_text(encoding="utf-8"))
+    assert data["input"]["original_sample_rate"] == 44_100 and data["granularity"] == "frame"
+    assert sf.info(str(folder / "processed_audio.wav")).samplerate == 16_000
+    assert len(service.metrics.observed) == 1  # type: ignore[union-attr]
+
+
+def test_saving_off_still_offers_downloads(fast_engine: Engine) -> None:
+    recognition = recognize(make_service(fast_engine, None), str(OTHER_EXAMPLE))
+    assert "saving is off" in webui.processing_log(recognition)
+    assert not webui.render(recognition)[2].visible  # no timeline for an utterance result
+
+
+def test_a_failed_save_still_shows_the_result(fast_engine: Engine, tmp_path: Path) -> None:
+    store = OutputStore(tmp_path / "outputs")
+    store.root.rmdir()  # saving now fails with FileNotFoundError
+    with pytest.warns(UserWarning, match="could not be saved"):  # outside a page, gr.Warning warns
+        recognition = recognize(make_service(fast_engine, store), str(EXAMPLE))
+    assert recognition.saved is None and recognition.result.emotion
+    assert webui.render(recognition)[4] is None
+    assert "not saved" in webui.processing_log(recognition)
+
+
+@pytest.mark.parametrize(
+    ("state", "engine_set", "message"),
+    [
+        ("loading", False, "still starting up"),
+        ("warming", False, "still starting up"),
+        ("failed: no such model", False, "could not be loaded"),
+        ("draining", True, "shutting down"),
+    ],
+)
+def test_not_ready_is_a_clear_error(fast_engine: Engine, state: str, engine_set: bool, message: str) -> None:
+    service = make_service(fast_engine if engine_set else None, None, state=state)
+    with pytest.raises(gr.Error, match=message):
+        recognize(service, str(EXAMPLE))
+    assert service.metrics.errors == ["unavailable"]  # type: ignore[union-attr]
+
+
+def test_bad_input_is_a_clear_error_and_the_ui_keeps_working(fast_engine: Engine, tmp_path: Path) -> None:
+    service = make_service(fast_engine, None, max_audio_s=5.0)
+    garbage = tmp_path / "notes.wav"
+    garbage.write_bytes(b"this is not audio" * 10)
+    with pytest.raises(gr.Error, match=r"notes\.wav: could not decode"):
+        recognize(service, str(garbage))
+    with pytest.raises(gr.Error, match="the limit is 5 s"):
+        recognize(service, str(webui.EXAMPLES_DIR / "en_7s_16k.flac"))
+    with pytest.raises(gr.Error, match="Upload a clip"):
+        recognize(service, None)
+    assert recognize(service, str(EXAMPLE)).result.emotion
+    assert service.metrics.errors == ["undecodable", "too_long"]  # type: ignore[union-attr]
+
+
+def test_banner_follows_the_state() -> None:
+    def banner(state: str, random_weights: bool | None) -> str:
+        return webui.banner_html(make_service(None, None, state=state, random_weights=random_weights))
+
+    assert 'data-state="loading"' in banner("loading", None) and "RANDOM" not in banner("loading", None)
+    assert "Warming up" in banner("warming", None)
+    assert "emotion2vec-tiny" in banner("ready", False) and "RANDOM" not in banner("ready", False)
+    assert "RANDOM WEIGHTS" in banner("ready", True)
+    assert "no such model" in banner("failed: no such model", False)
+    assert 'data-state="draining"' in banner("draining", False)
+    assert "&lt;b&gt;" in banner("failed: <b>", False)  # reasons are escaped
+
+
+def test_long_timelines_are_averaged() -> None:
+    labels = ("happy", "sad")
+    frames = [
+        FrameResult(i * 0.02, (i + 1) * 0.02, "happy", 1.0, {"happy": i % 2, "sad": 1 - i % 2})
+        for i in range(1000)
+    ]
+    result = Result(
+        "happy", "开心", "😊", 0.5, dict.fromkeys(labels, 0.5), 20.0, "frame", "tiny", False, frames
+    )
+    table = webui.timeline_frame(result, max_points=100)
+    assert table is not None
+    assert len(table) == 100 * len(labels)
+    np.testing.assert_allclose(table["probability"], 0.5)  # windows of 10 alternating frames
+    assert table["time_s"].iloc[-1] == pytest.approx(990 * 0.02)
+
+
+# --------------------------------------------------------------------------------------------- browser
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def live_ui(engine: Engine, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, FakeService]]:
+    """The UI mounted on a FastAPI app, served by uvicorn in a thread."""
+    import uvicorn
+
+    service = FakeService(engine, OutputStore(tmp_path_factory.mktemp("outputs")))
+    app = FastAPI()
+    webui.mount_ui(app, service, path="/")
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the UI server did not start"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}/", service
+    server.should_exit = True
+    thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    if not CHROMIUM.exists():
+        pytest.skip(f"{CHROMIUM} is missing: install Debian's chromium to drive the UI in a real browser")
+    from playwright.sync_api import sync_playwright
+
+    args = [
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+    ]
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=args)
+        yield browser
+        browser.close()
+
+
+def open_page(browser: Any, url: str) -> Any:
+    page = browser.new_page()
+    page.set_default_timeout(PAGE_TIMEOUT_MS)
+    page.goto(url)
+    page.locator('#status-state[data-state="ready"]').wait_for()
+    return page
+
+
+def upload(page: Any, clip: Path) -> None:
+    page.locator("#audio-input input[type=file]").set_input_files(str(clip))
+    # the value is set once the upload finished and the player shows the clip
+    page.locator("#audio-input audio, #audio-input [data-testid=waveform-controls]").first.wait_for(
+        state="attached"
+    )
+
+
+def result_text(page: Any) -> str:
+    page.locator("#result-emotion").wait_for()
+    return str(page.locator("#result-card").inner_text())
+
+
+def saved_folder(page: Any) -> str:
+    log_text = page.locator("#log textarea").input_value()
+    (line,) = [line for line in log_text.splitlines() if line.startswith("saved to: ")]
+    return line.removeprefix("saved to: ")
+
+
+def test_browser_recognises_the_example_clip(
+    browser: Any, live_ui: tuple[str, FakeService], tiny_recognizer: Recognizer
+) -> None:
+    url, service = live_ui
+    page = open_page(browser, url)
+    assert "RANDOM WEIGHTS" in page.locator("#random-weights-warning").inner_text()
+
+    upload(page, EXAMPLE)
+    page.locator("#start-button").click()
+    expected = tiny_recognizer.predict(EXAMPLE)
+    text = result_text(page)
+    assert expected.emotion in text and expected.label_zh in text
+    assert f"{expected.confidence:.1%}" in text
+    assert Path(saved_folder(page)).parent == service.outputs.root  # type: ignore[union-attr]
+    page.close()
+
+
+def test_two_windows_recognise_at_once_into_their_own_folders(
+    browser: Any, live_ui: tuple[str, FakeService]
+) -> None:
+    url, service = live_ui
+    assert service.outputs is not None
+    before = set(service.outputs.folders())
+    pages = [open_page(browser, url) for _ in range(2)]
+    for page, clip in zip(pages, (EXAMPLE, OTHER_EXAMPLE), strict=True):
+        upload(page, clip)
+    for page in pages:
+        page.locator("#start-button").click()
+    for page in pages:
+        result_text(page)
+    folders = {saved_folder(page) for page in pages}
+    assert len(folders) == 2
+    assert {str(f) for f in set(service.outputs.folders()) - before} == folders
+    # Both in one model call: Gradio let the two windows run at once and the engine batched them.
+    for page in pages:
+        assert "(batch of 2)" in page.locator("#log textarea").input_value()
+        page.close()
+
+
+def test_browser_follows_start_up_reports_bad_input_and_draws_the_timeline(
+    browser: Any, live_ui: tuple[str, FakeService], tmp_path: Path
+) -> None:
+    url, service = live_ui
+    service.state = "warming"
+    try:
+        page = browser.new_page()
+        page.set_default_timeout(PAGE_TIMEOUT_MS)
+        page.goto(url)
+        page.locator('#status-state[data-state="warming"]').wait_for()
+    finally:
+        service.state = "ready"
+    page.locator('#status-state[data-state="ready"]').wait_for()  # the timer refreshed the banner
+
+    garbage = tmp_path / "notes.wav"
+    garbage.write_bytes(b"this is not audio" * 50)
+    upload(page, garbage)
+    page.locator("#start-button").click()
+    assert "notes.wav: could not decode audio" in page.get_by_text("could not decode audio").inner_text()
+
+    page.locator("#audio-input").get_by_role("button", name="Clear").first.click()
+    upload(page, EXAMPLE)  # the page keeps working after the error
+    page.get_by_text("frame: a 20 ms timeline").click()
+    page.locator("#embedding input").check()
+    page.locator("#start-button").click()
+    result_text(page)
+    page.locator("#timeline").wait_for()
+    downloads = page.locator("#downloads").inner_text().replace("\n", "")  # name and extension are split
+    assert all(name in downloads for name in ("result.json", "processed_audio.wav", "embedding.npy"))
+    assert "frame, 151 frames" in page.locator("#log textarea").input_value()
+    page.close()
