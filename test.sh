@@ -4,6 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 scripts/setup-venv.sh test
+scripts/setup-system.sh
 .venv/bin/ruff check src tests benchmarks
 .venv/bin/mypy src/emoserve
 .venv/bin/python -m pytest "$@"

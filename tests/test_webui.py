@@ -23,6 +23,8 @@ from emoserve.engine import Engine, EngineConfig
 from emoserve.outputs import OutputStore
 from emoserve.recognizer import FrameResult, Recognizer, Result
 
+from .conftest import skip_or_fail
+
 CHROMIUM = Path("/usr/bin/chromium")
 EXAMPLE = webui.EXAMPLES_DIR / "en_3s_44k.mp3"
 OTHER_EXAMPLE = webui.EXAMPLES_DIR / "zh_3s_16k.wav"
@@ -228,7 +230,7 @@ def live_ui(engine: Engine, tmp_path_factory: pytest.TempPathFactory) -> Iterato
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
     if not CHROMIUM.exists():
-        pytest.skip(f"{CHROMIUM} is missing: install Debian's chromium to drive the UI in a real browser")
+        skip_or_fail(f"{CHROMIUM} is missing: install Debian's chromium to drive the UI in a real browser")
     from playwright.sync_api import sync_playwright
 
     args = [
