@@ -89,7 +89,33 @@ def parser() -> argparse.ArgumentParser:
         help="pad model.pt with dummy optimizer state to the published size (for load benchmarks)",
     )
     p.set_defaults(run=cmd_make_test_model)
+
+    p = sub.add_parser(
+        "serve",
+        help="run the HTTP API, web UI and metrics (one model shared through a batching engine)",
+        description="Every flag can also be set as an EMOSERVE_* environment variable "
+        "(e.g. EMOSERVE_MAX_BATCH_SIZE=16); flags win.",
+    )
+    add_setting_flags(p)
+    p.set_defaults(run=cmd_serve)
     return top
+
+
+def add_setting_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per Settings field. Values stay strings here: settings.load_settings parses them, so a bad
+    value fails with the flag's name just as a bad variable fails with the variable's."""
+    from .settings import describe
+
+    for s in describe():
+        # None: the help text says what happens when it is not set
+        default = "" if s.default is None else f"; default {s.default}"
+        help_text = f"{s.help} [{s.env}{default}]"
+        if s.is_bool:
+            p.add_argument(
+                s.flag, dest=s.name, action=argparse.BooleanOptionalAction, default=None, help=help_text
+            )
+        else:
+            p.add_argument(s.flag, dest=s.name, default=None, metavar=s.metavar, help=help_text)
 
 
 def add_model_options(p: argparse.ArgumentParser) -> None:
@@ -107,7 +133,7 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
 def cmd_predict(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from .batch import RANDOM_WARNING, OutcomeWriter, atomic_write, expand_inputs, score_files
+    from .batch import RANDOM_WARNING, Format, OutcomeWriter, atomic_write, expand_inputs, score_files
     from .recognizer import load_model
 
     files = expand_inputs(args.paths)
@@ -118,7 +144,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     )
     if recognizer.random_weights:
         print(RANDOM_WARNING, file=sys.stderr)
-    fmt = args.format or ("table" if args.output is None and sys.stdout.isatty() else "jsonl")
+    fmt: Format = args.format or ("table" if args.output is None and sys.stdout.isatty() else "jsonl")
     labels = [label.en for label in recognizer.labels]
     failed = 0
     with (
@@ -168,6 +194,16 @@ def cmd_make_test_model(args: argparse.Namespace) -> None:
 
     out = make_test_model(args.out, preset=args.preset, seed=args.seed, training_state=args.training_state)
     print(f"{out}  (RANDOM weights, preset {args.preset}, seed {args.seed})")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .lifecycle import serve  # light: fastapi, uvicorn; torch loads behind the running server
+    from .settings import load_settings
+
+    settings = load_settings(vars(args))
+    level = logging.DEBUG if args.verbose else getattr(logging, settings.log_level.upper())
+    logging.getLogger("emoserve").setLevel(level)
+    return serve(settings)
 
 
 if __name__ == "__main__":

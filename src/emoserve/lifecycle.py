@@ -1,0 +1,472 @@
+"""The service's life: starting -> loading -> warming -> ready | failed: <reason>; draining on shutdown.
+
+    serve(settings): uvicorn starts at once (so /healthz answers within 2 s of process start), and the
+    FastAPI lifespan calls Service.start(), whose thread imports torch, loads the model, starts the engine
+    and warms it up through the real path (decode the bundled clips -> engine -> model, at the batch sizes
+    traffic uses, outputs checked) before /readyz says 200. SIGTERM/Ctrl-C: state draining (/readyz 503,
+    new requests 503), uvicorn finishes the requests in flight, the lifespan stops the engine, exit 0.
+
+Nothing heavy is imported at module level: torch, numpy and the engine load in the start-up thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import io
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import FrameType
+from typing import TYPE_CHECKING, Any
+
+import uvicorn
+
+from .metrics import Metrics
+from .settings import Settings
+
+if TYPE_CHECKING:
+    from .audio import Audio
+    from .engine import Engine, RequestTiming
+    from .outputs import OutputStore
+    from .recognizer import Granularity, Recognizer, Result
+
+log = logging.getLogger(__name__)
+
+EXAMPLES_DIR = Path(__file__).parent / "examples"
+READY_POLL_S = 0.05  # how often a request waiting for ready looks again
+LOADING_RETRY_AFTER_S = 5.0  # Retry-After while loading or warming: a model loads in seconds
+DRAINING_RETRY_AFTER_S = 10.0  # another instance should take over; come back after the restart
+FAILED_RETRY_AFTER_S = 60.0  # an operator has to act
+KEEP_WARM_SECONDS = 1.0  # audio length of a keep-warm inference: enough to touch every layer
+UTTERANCE: Granularity = "utterance"
+
+
+def process_age_s() -> float:
+    """Seconds since this process started: from /proc on Linux (10 ms resolution), else since import."""
+    try:
+        with open("/proc/self/stat", encoding="ascii", errors="replace") as stat:
+            # fields after "(comm)" start at field 3; starttime is field 22, in clock ticks since boot
+            start_ticks = int(stat.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime", encoding="ascii") as uptime:
+            since_boot_s = float(uptime.read().split()[0])
+        return max(0.0, since_boot_s - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return time.monotonic() - _IMPORTED_AT
+
+
+_IMPORTED_AT = time.monotonic()
+PROCESS_STARTED_AT = time.monotonic() - process_age_s()  # on the time.monotonic() clock
+
+
+class ServiceUnavailable(Exception):
+    """Not ready (yet), draining or failed: HTTP 503 with Retry-After. `code` is not_ready, draining or
+    start_up_failed."""
+
+    def __init__(self, code: str, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.code = code
+        self.retry_after_s = retry_after_s
+
+
+def example_clips() -> tuple[Path, ...]:
+    return tuple(sorted(p for p in EXAMPLES_DIR.iterdir() if p.is_file() and not p.name.startswith(".")))
+
+
+class Service:
+    """One model served to the HTTP API and the web UI; both use this object, never the model directly.
+
+    Attributes (read them; the service changes them):
+        settings: Settings -- everything configurable (limits, UI output saving, ...), frozen.
+        metrics: Metrics -- the process's collectors; a UI recognition calls
+            `metrics.observe_request("ui", decode_s=..., queue_s=..., inference_s=..., total_s=...)`,
+            `metrics.count_error(code)` for a failure.
+        state: str -- "starting", "loading", "warming", "ready", "failed: <reason>" or "draining".
+        phase: str -- the state without the reason: "failed" rather than "failed: <reason>".
+        reason: str | None -- why start-up failed, else None.
+        ready: bool -- phase == "ready": recognitions are accepted.
+        engine: Engine | None -- set once ready (warm-up done); None before and after a failure.
+        model: dict | None -- what GET /v1/model answers (name, random_weights, labels [{en, zh, emoji}],
+            config, device, dtype, parameters, max_audio_s), set once the model is loaded.
+        model_name: str | None -- the loaded model's name; None until loaded.
+        random_weights: bool | None -- the model's predictions are meaningless (warn); None until loaded.
+        max_audio_s: float -- longest audio accepted (the setting, or the default for the device).
+        examples: tuple[Path, ...] -- the bundled example clips (src/emoserve/examples).
+        outputs: OutputStore | None -- where the UI saves each recognition (settings.save_outputs,
+            outputs_dir, outputs_max_count, outputs_max_age_h); None when saving is off. Made on
+            first use (it imports torch).
+        ui_error: str | None -- why the web UI could not be mounted, if it could not.
+
+    Methods:
+        timings() -> dict[str, float]: seconds so far: since_start_s, and once known model_load_s,
+            warmup_s, start_to_ready_s.
+        decode(data, name) -> Audio: blocking (run it in a thread); raises audio.AudioError, with
+            reason "too_long" beyond max_audio_s.
+        await recognize(audio, granularity, embedding) -> (Result, RequestTiming): through the shared
+            batching engine; raises ServiceUnavailable (503), engine.QueueFull (503 + Retry-After).
+            It also resets the keep-warm idle timer (calling engine.submit_timed directly does not).
+        recognize_blocking(audio, granularity, embedding, timeout_s) -> Result: the same from a thread.
+        await wait_ready(timeout_s): returns once ready; raises ServiceUnavailable after timeout_s or
+            at once when failed or draining.
+    """
+
+    def __init__(self, settings: Settings, metrics: Metrics | None = None) -> None:
+        self.settings = settings
+        self.metrics = metrics or Metrics(max_queue=settings.max_queue)
+        self.engine: Engine | None = None
+        self.model: dict[str, Any] | None = None
+        self.random_weights: bool | None = None
+        self.max_audio_s = settings.effective_max_audio_s("cpu")  # until the device is known
+        self.examples = example_clips()
+        self.ui_error: str | None = None
+        # What to do when start-up fails (unless settings.stay_up): serve() makes the server exit.
+        self.on_failure: Callable[[], None] | None = None
+        self._phase: tuple[str, str | None] = ("starting", None)  # replaced whole: readable from any thread
+        self._timings: dict[str, float] = {}
+        self._last_used = time.monotonic()
+        self._stopping = threading.Event()
+        self._settled = threading.Event()  # start-up is over: ready, failed or draining
+        self._keep_warm_clip: Audio | None = None
+        self._outputs: OutputStore | None = None
+        self.metrics.set_state("starting")
+
+    # ------------------------------------------------------------------------------------------ state
+
+    @property
+    def state(self) -> str:
+        phase, reason = self._phase
+        return f"{phase}: {reason}" if reason else phase
+
+    @property
+    def phase(self) -> str:
+        return self._phase[0]
+
+    @property
+    def reason(self) -> str | None:
+        return self._phase[1]
+
+    @property
+    def ready(self) -> bool:
+        return self.phase == "ready"
+
+    @property
+    def model_name(self) -> str | None:
+        return None if self.model is None else str(self.model["name"])
+
+    @property
+    def outputs(self) -> OutputStore | None:
+        s = self.settings
+        if self._outputs is None and s.save_outputs:
+            from .outputs import OutputStore
+
+            self._outputs = OutputStore(
+                s.outputs_dir,
+                keep=s.outputs_max_count or None,
+                max_age_s=s.outputs_max_age_h * 3600 or None,
+            )
+        return self._outputs
+
+    def timings(self) -> dict[str, float]:
+        return {"since_start_s": round(time.monotonic() - PROCESS_STARTED_AT, 3), **self._timings}
+
+    def _set_state(self, state: str, reason: str | None = None) -> bool:
+        """Move to `state`, unless draining already (nothing leaves draining). False if refused."""
+        if self.phase == "draining":
+            return False
+        self._phase = (state, reason)
+        self.metrics.set_state(state)
+        return True
+
+    def _time(self, name: str, seconds: float) -> None:
+        self._timings[name] = round(seconds, 3)
+
+    # ------------------------------------------------------------------------------------- start-up
+
+    def start(self) -> threading.Thread:
+        """Load, warm up and become ready in a background thread (called by the server's lifespan)."""
+        thread = threading.Thread(target=self._start_up, name="emoserve-start-up", daemon=True)
+        thread.start()
+        return thread
+
+    def wait_settled(self, timeout_s: float | None = None) -> bool:
+        """Block until start-up is over (ready, failed or draining); False on timeout."""
+        return self._settled.wait(timeout_s)
+
+    def _start_up(self) -> None:
+        engine: Engine | None = None
+        try:
+            recognizer = self._load()
+            engine = self._start_engine(recognizer)
+            self._warm_up(engine)
+        except Exception as error:
+            if engine is not None:
+                engine.stop(timeout_s=0)
+            self._fail(error)
+            self._settled.set()
+            if self.on_failure is not None and not self.settings.stay_up:
+                self.on_failure()
+            return
+        self._become_ready(engine)
+        self._settled.set()
+
+    def _load(self) -> Recognizer:
+        self._set_state("loading")
+        started = time.monotonic()
+        from .recognizer import load_model  # torch: the heavy import, behind the running server
+
+        s = self.settings
+        recognizer = load_model(
+            s.model,
+            device=s.device,
+            dtype=s.dtype,
+            hub=s.hub,  # type: ignore[arg-type]  # settings checked it is one of auto, hf, ms
+            threads=s.threads,
+            progress=False,
+        )
+        seconds = time.monotonic() - started
+        self._time("model_load_s", seconds)
+        self.metrics.model_load_seconds.set(seconds)
+        self.metrics.watch_device(recognizer.device)
+        self.max_audio_s = s.effective_max_audio_s(recognizer.device.type)
+        recognizer.max_seconds = self.max_audio_s
+        self.random_weights = recognizer.random_weights
+        self.model = model_summary(recognizer, self.max_audio_s)
+        log.info(
+            "model loaded in %.2f s: %s on %s (%s)%s",
+            seconds,
+            recognizer.info.name,
+            recognizer.device,
+            self.model["dtype"],
+            ", RANDOM weights" if recognizer.random_weights else "",
+        )
+        return recognizer
+
+    def _start_engine(self, recognizer: Recognizer) -> Engine:
+        from .engine import Engine, EngineConfig
+
+        s = self.settings
+        config = EngineConfig(
+            max_batch_size=s.max_batch_size,
+            max_wait_ms=s.max_wait_ms,
+            max_batch_seconds=s.max_batch_seconds,
+            max_queue=s.max_queue,
+        )
+        engine = Engine(recognizer, config, observer=self.metrics)
+        engine.start()
+        return engine
+
+    def _warm_up(self, engine: Engine) -> None:
+        """Decode the bundled clips as requests are decoded and run them through the engine: each length
+        alone, then the batch sizes (both granularities, outputs checked by engine.warm_up)."""
+        self._set_state("warming")
+        started = time.monotonic()
+        from .audio import SAMPLE_RATE, load_audio
+        from .engine import warm_up
+
+        if not self.examples:
+            raise RuntimeError(f"no example clips in {EXAMPLES_DIR} to warm up with; reinstall emoserve")
+        clips = [load_audio(path, max_seconds=None) for path in self.examples]
+        sizes = self.settings.effective_warmup_batch_sizes(engine.recognizer.device.type)
+        # Batches hold clips of similar length only (max_padding), as the engine groups requests: one
+        # clip of each length group alone, then the batch sizes on the largest group.
+        groups = length_groups(clips, engine.config.max_padding)
+        reports = [warm_up(engine, group[:1], [1]) for group in groups]
+        if batched := [size for size in sizes if size > 1]:
+            reports.append(warm_up(engine, max(groups, key=len), batched))
+        shortest = min(clips, key=lambda clip: len(clip.samples))
+        samples = shortest.samples[: int(KEEP_WARM_SECONDS * SAMPLE_RATE)].copy()
+        self._keep_warm_clip = dataclasses.replace(shortest, samples=samples)
+        seconds = time.monotonic() - started
+        self._time("warmup_s", seconds)
+        self.metrics.warmup_seconds.set(seconds)
+        log.info(
+            "warm-up finished in %.2f s: %d clips, %d model calls, (batch, samples) %s",
+            seconds,
+            len(clips),
+            sum(report.calls for report in reports),
+            sorted({shape for report in reports for shape in report.shapes}),
+        )
+
+    def _become_ready(self, engine: Engine) -> None:
+        self.engine = engine
+        if not self._set_state("ready"):  # SIGTERM came while loading: nothing to serve
+            self.engine = None
+            engine.stop(timeout_s=0)
+            return
+        seconds = time.monotonic() - PROCESS_STARTED_AT
+        self._time("start_to_ready_s", seconds)
+        self.metrics.start_to_ready_seconds.set(seconds)
+        self._last_used = time.monotonic()
+        log.info("ready %.2f s after process start", seconds)
+        if self.settings.keep_warm_s > 0:
+            threading.Thread(target=self._keep_warm, name="emoserve-keep-warm", daemon=True).start()
+
+    def _fail(self, error: Exception) -> None:
+        message = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        known = type(error).__name__ in {"WeightsError", "HubError", "ConfigError", "WarmupError"}
+        if known or isinstance(error, ValueError | OSError):
+            reason = message or type(error).__name__
+            log.error("start-up failed: %s", reason)
+        else:  # a bug somewhere below: the type helps, and so does the traceback
+            reason = f"{type(error).__name__}: {message}" if message else type(error).__name__
+            log.exception("start-up failed: %s", reason)
+        self._set_state("failed", reason)
+
+    def _keep_warm(self) -> None:
+        """After keep_warm_s without a recognition, one tiny inference, so that caches, the allocator and
+        the thread pool stay warm for the next real request."""
+        idle_limit_s = self.settings.keep_warm_s
+        while not self._stopping.wait(max(0.05, self._last_used + idle_limit_s - time.monotonic())):
+            engine, clip = self.engine, self._keep_warm_clip
+            if time.monotonic() - self._last_used < idle_limit_s or engine is None or clip is None:
+                continue
+            self._last_used = time.monotonic()
+            try:
+                engine.submit_blocking(clip, UTTERANCE, timeout_s=idle_limit_s)
+                self.metrics.keep_warm_total.inc()
+            except Exception as error:  # busy or stopping: the next idle period tries again
+                log.debug("keep-warm inference skipped: %s", error)
+
+    # ------------------------------------------------------------------------------------- shutdown
+
+    def begin_drain(self) -> None:
+        """Stop accepting: /readyz 503, new recognitions 503. Safe to call from a signal handler."""
+        if self.phase not in ("draining", "failed"):
+            self._phase = ("draining", None)
+            self._settled.set()
+            self.metrics.set_state("draining")
+            log.info("draining: finishing requests in flight, accepting no new ones")
+
+    def shutdown(self, timeout_s: float | None = None) -> None:
+        """Blocking: let queued and running recognitions finish (up to `timeout_s`), stop the engine."""
+        self.begin_drain()
+        self._stopping.set()
+        if self.engine is not None:
+            self.engine.stop(timeout_s)
+
+    # -------------------------------------------------------------------------------------- requests
+
+    def unavailable(self) -> ServiceUnavailable:
+        """The 503 that fits the current state."""
+        state = self.phase
+        if state == "draining":
+            return ServiceUnavailable(
+                "draining", "the service is shutting down and accepts no new requests", DRAINING_RETRY_AFTER_S
+            )
+        if state == "failed":
+            return ServiceUnavailable(
+                "start_up_failed", f"the model could not be loaded: {self.reason}", FAILED_RETRY_AFTER_S
+            )
+        return ServiceUnavailable(
+            "not_ready",
+            f"the model is not ready yet (state {state}, "
+            f"{self.timings()['since_start_s']:.1f} s after start)",
+            LOADING_RETRY_AFTER_S,
+        )
+
+    async def wait_ready(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not self.ready:
+            if self.phase in ("failed", "draining") or time.monotonic() >= deadline:
+                raise self.unavailable()
+            await asyncio.sleep(READY_POLL_S)
+
+    def decode(self, data: bytes, name: str = "<upload>") -> Audio:
+        """Blocking decode of an uploaded file's bytes, with the service's length limit."""
+        from .audio import load_audio
+
+        upload = io.BytesIO(data)
+        upload.name = name  # load_audio names the input by it in its errors
+        return load_audio(upload, max_seconds=self.max_audio_s)
+
+    def _engine(self) -> Engine:
+        engine = self.engine
+        if engine is None or not self.ready:
+            raise self.unavailable()
+        self._last_used = time.monotonic()
+        return engine
+
+    async def recognize(
+        self, audio: Audio, granularity: Granularity = "utterance", embedding: bool = False
+    ) -> tuple[Result, RequestTiming]:
+        return await self._engine().submit_timed(audio, granularity, embedding)
+
+    def recognize_blocking(
+        self,
+        audio: Audio,
+        granularity: Granularity = "utterance",
+        embedding: bool = False,
+        timeout_s: float | None = None,
+    ) -> Result:
+        return self._engine().submit_blocking(audio, granularity, embedding, timeout_s)
+
+
+def length_groups(clips: list[Audio], max_padding: float) -> list[list[Audio]]:
+    """Clips grouped as one padded batch may hold them (the engine's length rule), shortest first."""
+    from .recognizer import length_batches
+
+    lengths = [len(clip.samples) for clip in clips]
+    groups = length_batches(lengths, len(clips), max_batch_samples=sum(lengths), max_padding=max_padding)
+    return [[clips[i] for i in group] for group in groups]
+
+
+def model_summary(recognizer: Recognizer, max_audio_s: float) -> dict[str, Any]:
+    info = recognizer.info
+    return {
+        "name": info.name,
+        "random_weights": info.random_weights,
+        "labels": [{"en": label.en, "zh": label.zh, "emoji": label.emoji} for label in recognizer.labels],
+        "config": info.config.to_dict(),
+        "device": str(recognizer.device),
+        "dtype": str(recognizer.dtype).removeprefix("torch."),
+        "parameters": info.num_parameters,
+        "max_audio_s": max_audio_s,
+    }
+
+
+def serve(settings: Settings) -> int:
+    """Run the service until SIGTERM/Ctrl-C (exit status 0) or a failed start-up (1)."""
+    from .server import create_app
+
+    service = Service(settings)
+    config = uvicorn.Config(
+        create_app(settings, service),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        access_log=settings.access_log,
+        timeout_graceful_shutdown=max(1, round(settings.drain_timeout_s)),
+        lifespan="on",
+    )
+    server = DrainingServer(config, service)
+    service.on_failure = server.request_exit
+    server.run()
+    if service.phase == "failed":
+        log.error("exiting: %s", service.state)
+        return 1
+    return 0
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn.Server that marks the service draining the moment SIGTERM/SIGINT arrives, so that /readyz
+    says 503 while uvicorn finishes the requests in flight (the lifespan shutdown comes only after)."""
+
+    def __init__(self, config: uvicorn.Config, service: Service) -> None:
+        super().__init__(config)
+        self.service = service
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        """uvicorn's, except that the signal is not raised again after the shutdown: a drained service
+        exits 0 rather than dying of SIGTERM (143)."""
+        self.service.begin_drain()
+        if self.should_exit and sig == signal.SIGINT:
+            self.force_exit = True  # a second Ctrl-C: stop waiting for requests in flight
+        else:
+            self.should_exit = True
+
+    def request_exit(self) -> None:
+        self.should_exit = True

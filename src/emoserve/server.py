@@ -1,0 +1,597 @@
+"""HTTP routes over one `Service`: recognition, model info, probes, metrics, the web UI mount.
+
+    POST /v1/recognize  multipart `file` (or a raw audio body); granularity=utterance|frame, embedding=bool
+    GET  /v1/model      name, random_weights, labels, config, device, dtype, parameters
+    GET  /healthz       200 as soon as the process serves HTTP (liveness), whatever the state
+    GET  /readyz        200 once warmed up; otherwise 503 with the state and the timings so far
+    GET  /metrics       Prometheus text;  /docs  OpenAPI;  /  the Gradio UI, once Gradio is imported
+
+Every error is `{"error": {"code", "message"}}`; `api_error` is the one place that maps domain errors
+(audio, engine, lifecycle) to HTTP statuses. Nothing heavy at import: torch loads behind the running
+server, in the lifespan's start-up thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hmac
+import html
+import logging
+import math
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Coroutine
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
+
+from fastapi import APIRouter, Depends, FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.routing import APIRoute
+from pydantic import BaseModel
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import Headers, UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Mount
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from . import __version__
+from .lifecycle import DRAINING_RETRY_AFTER_S, Service, ServiceUnavailable
+from .metrics import Metrics
+from .settings import Settings
+
+if TYPE_CHECKING:
+    from .engine import RequestTiming
+    from .recognizer import Granularity, Result
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+RECOGNIZE = "/v1/recognize"
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})  # never behind the API key
+ROUTES = frozenset({RECOGNIZE, "/v1/model", *OPEN_PATHS, "/docs", "/openapi.json"})  # metric labels
+GRANULARITIES = ("utterance", "frame")
+UI_START_TIMEOUT_S = 60.0
+
+# ------------------------------------------------------------------------------------------------ errors
+
+
+class ApiError(Exception):
+    """An error response: HTTP status, a stable code for programs and a message for people."""
+
+    def __init__(self, status: int, code: str, message: str, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.retry_after_s = retry_after_s
+
+    def response(self) -> JSONResponse:
+        headers = None
+        if self.retry_after_s is not None:
+            headers = {"Retry-After": str(max(1, math.ceil(self.retry_after_s)))}
+        body = {"error": {"code": self.code, "message": self.message}}
+        return JSONResponse(body, status_code=self.status, headers=headers)
+
+
+# AudioError.reason -> (status, code). Not audio at all is 415; audio that is unusable is 400.
+AUDIO_ERRORS = {
+    "empty": (400, "empty_audio"),
+    "not_found": (400, "empty_audio"),
+    "undecodable": (415, "unsupported_audio"),
+    "non_finite": (400, "invalid_audio"),
+    "too_short": (400, "audio_too_short"),
+    "too_long": (413, "audio_too_long"),
+    "bad_argument": (422, "invalid_parameter"),
+}
+HTTP_CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed"}
+
+
+def api_error(error: BaseException) -> ApiError | None:
+    """The one map from domain errors to HTTP responses; None for anything else (a bug: 500).
+
+    The engine and audio modules are looked up, not imported: an error of theirs exists only once they
+    are loaded, and importing the engine here would pull torch into the server's start."""
+    if isinstance(error, ApiError):
+        return error
+    if isinstance(error, ServiceUnavailable):
+        return ApiError(503, error.code, str(error), error.retry_after_s)
+    audio = sys.modules.get("emoserve.audio")
+    if audio is not None and isinstance(error, audio.AudioError):
+        status, code = AUDIO_ERRORS.get(error.reason, (400, "invalid_audio"))
+        message = str(error)
+        if error.reason == "too_long":
+            message += " (this server's limit: max_audio_s, EMOSERVE_MAX_AUDIO_S)"
+        return ApiError(status, code, message)
+    engine = sys.modules.get("emoserve.engine")
+    if engine is not None and isinstance(error, engine.QueueFull):
+        return ApiError(503, "queue_full", str(error), error.retry_after_s)
+    if engine is not None and isinstance(error, engine.EngineStopped):
+        return ApiError(503, "draining", str(error), DRAINING_RETRY_AFTER_S)
+    return None
+
+
+def error_response(request: Request, error: ApiError) -> JSONResponse:
+    get_service(request).metrics.count_error(error.code)
+    return error.response()
+
+
+class MappedErrorsRoute(APIRoute):
+    """A route whose domain errors become their JSON responses (see `api_error`)."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def handle(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except Exception as error:
+                mapped = api_error(error)
+                if mapped is None:
+                    raise
+                return error_response(request, mapped)
+
+        return handle
+
+
+async def validation_error(request: Request, error: Exception) -> JSONResponse:
+    """FastAPI's own parameter validation, reshaped into our error format."""
+    assert isinstance(error, RequestValidationError)
+    problems = [
+        f"{'.'.join(str(part) for part in e.get('loc', ()))}: {e.get('msg')} (got {e.get('input')!r})"
+        for e in error.errors()
+    ]
+    return error_response(request, ApiError(422, "invalid_parameter", "; ".join(problems)))
+
+
+async def http_error(request: Request, error: Exception) -> Response:
+    assert isinstance(error, StarletteHTTPException)
+    svc = get_service(request)
+    if error.status_code == 404 and request.url.path == "/" and svc.settings.ui:
+        return ui_starting_page(svc)
+    mapped = ApiError(
+        error.status_code, HTTP_CODES.get(error.status_code, f"http_{error.status_code}"), error.detail
+    )
+    response = error_response(request, mapped)
+    response.headers.update(error.headers or {})
+    return response
+
+
+def ui_starting_page(svc: Service) -> HTMLResponse:
+    """What "/" shows until the web UI is mounted; it reloads itself."""
+    state = html.escape(svc.ui_error or f"The model is {svc.state}; the web UI starts once it is ready.")
+    page = (
+        '<!doctype html><html><head><meta charset="utf-8"><meta http-equiv="refresh" content="2">'
+        f"<title>emoserve: starting</title></head><body><h1>emoserve is starting</h1><p>{state}</p>"
+        '<p>The HTTP API is at <a href="/docs">/docs</a>.</p></body></html>'
+    )
+    return HTMLResponse(page, status_code=503, headers={"Retry-After": "2"})
+
+
+async def internal_error(request: Request, error: Exception) -> JSONResponse:
+    """A bug, not bad input: logged with its traceback (by uvicorn), answered in our format."""
+    message = f"internal error ({type(error).__name__}); the server log has the details"
+    return error_response(request, ApiError(500, "internal_error", message))
+
+
+# ---------------------------------------------------------------------------------------------- requests
+
+
+def get_service(request: Request) -> Service:
+    return request.app.state.service
+
+
+ServiceDep = Annotated[Service, Depends(get_service)]
+
+
+@dataclass(frozen=True)
+class Upload:
+    data: bytes
+    name: str  # the uploaded file's name, for error messages
+    fields: dict[str, str]  # the other multipart fields
+
+
+async def read_upload(request: Request, limit_bytes: int) -> Upload:
+    """The audio bytes of a multipart `file` field or of the raw body, at most `limit_bytes`."""
+    body = await read_body(request, limit_bytes)
+    if request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
+        return await parse_multipart(request.scope, body)
+    return Upload(body, "<request body>", {})
+
+
+async def read_body(request: Request, limit_bytes: int) -> bytes:
+    too_large = ApiError(
+        413,
+        "upload_too_large",
+        f"the request body is over {limit_bytes / 1e6:g} MB (max_upload_mb, EMOSERVE_MAX_UPLOAD_MB)",
+    )
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit_bytes:
+        raise too_large  # refused before reading it
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit_bytes:
+            raise too_large
+    return bytes(body)
+
+
+async def parse_multipart(scope: Scope, body: bytes) -> Upload:
+    async def replay() -> Message:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async with Request(scope, replay).form(max_files=1, max_fields=16) as form:
+        file = form.get("file")
+        if not isinstance(file, UploadFile):
+            raise ApiError(
+                422,
+                "missing_file",
+                "send the audio as the multipart field 'file' (or as the raw request body)",
+            )
+        data = await file.read()
+        fields = {key: value for key, value in form.items() if isinstance(value, str)}
+        return Upload(data, file.filename or "<file>", fields)
+
+
+@dataclass(frozen=True)
+class Options:
+    granularity: Granularity
+    embedding: bool
+
+
+def recognition_options(granularity: str | None, embedding: bool | None, fields: dict[str, str]) -> Options:
+    """Query parameters (validated by FastAPI) win over multipart form fields (validated here)."""
+    chosen = granularity if granularity is not None else fields.get("granularity", "utterance")
+    if chosen not in GRANULARITIES:
+        raise ApiError(422, "invalid_parameter", f"granularity is {chosen!r}; choose 'utterance' or 'frame'")
+    if embedding is None:
+        embedding = form_bool("embedding", fields.get("embedding", "false"))
+    return Options(chosen, embedding)  # type: ignore[arg-type]  # checked against GRANULARITIES
+
+
+def form_bool(name: str, raw: str) -> bool:
+    word = raw.strip().lower()
+    if word in {"true", "1", "yes", "on"}:
+        return True
+    if word in {"false", "0", "no", "off", ""}:
+        return False
+    raise ApiError(422, "invalid_parameter", f"{name} is {raw!r}; use true or false")
+
+
+async def until_disconnected(request: Request, work: Coroutine[Any, Any, T]) -> T:
+    """Run `work`, but cancel it if the client goes away first: that frees its place in the queue."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(disconnected(request.receive))
+    try:
+        done, _ = await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        task.cancel()  # a no-op once it is done
+    if task in done:
+        return task.result()
+    raise ApiError(499, "client_disconnected", "the client closed the connection before the result")
+
+
+async def disconnected(receive: Receive) -> None:
+    """Returns when the client disconnects (the body has been read: nothing else is left to receive)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+def recognition_body(result: Result, embedding: bool, timing: dict[str, float]) -> dict[str, Any]:
+    body = result.to_dict()
+    body["embedding"] = result.embedding.tolist() if embedding and result.embedding is not None else None
+    body["timing"] = timing
+    return body
+
+
+def stage_timing(decode_s: float, timing: RequestTiming, total_s: float) -> dict[str, float]:
+    return {
+        "decode_s": round(decode_s, 6),
+        "queue_s": round(timing.queue_s, 6),
+        "inference_s": round(timing.inference_s, 6),
+        "total_s": round(total_s, 6),
+    }
+
+
+# ----------------------------------------------------------------------------------- documented shapes
+
+
+class FrameOut(BaseModel):
+    start_s: float
+    end_s: float
+    emotion: str
+    confidence: float
+    scores: dict[str, float]
+
+
+class TimingOut(BaseModel):
+    decode_s: float
+    queue_s: float
+    inference_s: float
+    total_s: float
+
+
+class RecognitionOut(BaseModel):
+    emotion: str
+    label_zh: str
+    emoji: str
+    confidence: float
+    scores: dict[str, float]
+    duration_s: float
+    granularity: Literal["utterance", "frame"]
+    model: str
+    random_weights: bool
+    frames: list[FrameOut] | None
+    embedding: list[float] | list[list[float]] | None  # (dim,) utterance, (frames, dim) frame
+    timing: TimingOut
+
+
+class ErrorBody(BaseModel):
+    code: str
+    message: str
+
+
+class ErrorOut(BaseModel):
+    error: ErrorBody
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    return {status: {"model": ErrorOut} for status in statuses}
+
+
+AUDIO_BODY = {"schema": {"type": "string", "format": "binary"}}
+RECOGNIZE_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file"],
+                    "properties": {
+                        "file": {"type": "string", "format": "binary"},
+                        "granularity": {"type": "string", "enum": list(GRANULARITIES)},
+                        "embedding": {"type": "boolean"},
+                    },
+                }
+            },
+            "application/octet-stream": AUDIO_BODY,
+            "audio/*": AUDIO_BODY,
+        },
+    }
+}
+
+# -------------------------------------------------------------------------------------------------- routes
+
+router = APIRouter(route_class=MappedErrorsRoute)
+
+
+@router.post(
+    RECOGNIZE,
+    summary="Recognise the emotion in one clip",
+    description="Send the audio as the multipart field `file` or as the raw body (wav, flac, ogg, mp3, "
+    "m4a, opus, ...). A request that arrives before the model is ready waits up to ready_wait_s.",
+    responses={200: {"model": RecognitionOut}, **error_responses(400, 401, 413, 415, 422, 503)},
+    openapi_extra=RECOGNIZE_BODY,
+)
+async def recognize(
+    request: Request,
+    service: ServiceDep,
+    granularity: Annotated[
+        Literal["utterance", "frame"] | None,
+        Query(description="utterance (default) or frame (one per 20 ms)"),
+    ] = None,
+    embedding: Annotated[bool | None, Query(description="also return the embedding (default false)")] = None,
+) -> JSONResponse:
+    started = time.perf_counter()
+    upload = await read_upload(request, service.settings.max_upload_bytes)
+    options = recognition_options(granularity, embedding, upload.fields)
+    await service.wait_ready(service.settings.ready_wait_s)
+    decode_started = time.perf_counter()
+    audio = await run_in_threadpool(service.decode, upload.data, upload.name)
+    decode_s = time.perf_counter() - decode_started
+    result, timing = await until_disconnected(
+        request, service.recognize(audio, options.granularity, options.embedding)
+    )
+    total_s = time.perf_counter() - started
+    service.metrics.observe_request(
+        RECOGNIZE, decode_s=decode_s, queue_s=timing.queue_s, inference_s=timing.inference_s, total_s=total_s
+    )
+    return JSONResponse(recognition_body(result, options.embedding, stage_timing(decode_s, timing, total_s)))
+
+
+@router.get("/v1/model", summary="The loaded model", responses=error_responses(401, 503))
+async def model(service: ServiceDep) -> dict[str, Any]:
+    if service.model is None:
+        raise service.unavailable()
+    return service.model
+
+
+@router.get("/healthz", summary="Liveness: the process serves HTTP")
+async def healthz(service: ServiceDep) -> dict[str, str]:
+    return {"status": "ok", "state": service.state}
+
+
+@router.get("/readyz", summary="Readiness: 200 once the model is loaded and warmed up, else 503")
+async def readyz(service: ServiceDep) -> JSONResponse:
+    body = {"ready": service.ready, "state": service.state, "timings": service.timings()}
+    return JSONResponse(body, status_code=200 if service.ready else 503)
+
+
+@router.get("/metrics", summary="Prometheus metrics", response_class=Response)
+async def metrics_text(service: ServiceDep) -> Response:
+    content, content_type = service.metrics.render()
+    return Response(content, media_type=content_type)
+
+
+# ------------------------------------------------------------------------------------------- middleware
+
+
+def route_label(path: str) -> str:
+    """A bounded set of metric labels: our routes by path, everything else (the UI's) as "other"."""
+    return path if path in ROUTES else "other"
+
+
+class MetricsMiddleware:
+    """Counts every HTTP response by route and status, and recognitions in flight."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        route = route_label(scope["path"])
+        status = 500  # if the app fails before it starts a response
+
+        async def send_and_see(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            if route == RECOGNIZE:
+                with self.metrics.in_flight_requests.track_inprogress():
+                    await self.app(scope, receive, send_and_see)
+            else:
+                await self.app(scope, receive, send_and_see)
+        finally:
+            self.metrics.count_response(route, status)
+
+
+class ApiKeyMiddleware:
+    """Requires the API key everywhere except the probes and /metrics. Accepted as `Authorization: Bearer
+    KEY`, `X-API-Key: KEY`, or HTTP basic auth with KEY as the password (any user name), which is what a
+    browser sends after the login prompt that the UI's 401 asks for."""
+
+    def __init__(self, app: ASGIApp, api_key: str, metrics: Metrics) -> None:
+        self.app = app
+        self.key = api_key.encode()
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket") or scope["path"] in OPEN_PATHS:
+            await self.app(scope, receive, send)
+            return
+        if self.allowed(Headers(scope=scope)):
+            await self.app(scope, receive, send)
+            return
+        self.metrics.count_error("unauthorized")
+        if scope["type"] == "websocket":
+            await send({"type": "websocket.close", "code": 1008})  # policy violation
+            return
+        api = scope["path"].startswith("/v1/")
+        error = ApiError(
+            401,
+            "unauthorized",
+            "missing or wrong API key: send 'Authorization: Bearer KEY' or 'X-API-Key: KEY'",
+        )
+        response = error.response()
+        response.headers["WWW-Authenticate"] = 'Bearer realm="emoserve"' if api else 'Basic realm="emoserve"'
+        await response(scope, receive, send)
+
+    def allowed(self, headers: Headers) -> bool:
+        candidates = [headers.get("x-api-key")]
+        scheme, _, credentials = headers.get("authorization", "").partition(" ")
+        if scheme.lower() == "bearer":
+            candidates.append(credentials.strip())
+        elif scheme.lower() == "basic":
+            candidates.append(basic_password(credentials))
+        return any(c is not None and hmac.compare_digest(c.encode(), self.key) for c in candidates)
+
+
+def basic_password(credentials: str) -> str | None:
+    try:
+        decoded = base64.b64decode(credentials.strip(), validate=True).decode()
+    except (binascii.Error, UnicodeDecodeError):
+        return None
+    return decoded.partition(":")[2]
+
+
+# ------------------------------------------------------------------------------------ lifespan and the UI
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """Start-up: the model thread, and the UI thread (Gradio takes seconds to import). Shutdown: drain."""
+    svc: Service = app.state.service
+    svc.start()
+    async with AsyncExitStack() as ui_lifespan:
+        if svc.settings.ui:
+            loop = asyncio.get_running_loop()
+            threading.Thread(
+                target=mount_ui, args=(app, svc, loop, ui_lifespan), name="emoserve-ui", daemon=True
+            ).start()
+        yield
+        await asyncio.to_thread(svc.shutdown, svc.settings.drain_timeout_s)
+
+
+def mount_ui(
+    app: FastAPI, svc: Service, loop: asyncio.AbstractEventLoop, ui_lifespan: AsyncExitStack
+) -> None:
+    """In a thread: import Gradio, build the UI and mount it at "/" on the running app.
+
+    Only once start-up is over: on a small CPU, importing Gradio (seconds of Python) beside the model's
+    warm-up would slow the warm-up and the first requests through the GIL. Until then "/" answers a page
+    that says the UI is starting."""
+    svc.wait_settled()
+    if svc.phase == "draining":
+        return
+    started = time.monotonic()
+    try:
+        from . import webui
+
+        webui.mount_ui(app, svc, path="/", max_file_size=svc.settings.max_upload_bytes)
+        mount = app.router.routes[-1]
+        assert isinstance(mount, Mount), "mount_gradio_app appends its Mount"
+        asyncio.run_coroutine_threadsafe(start_gradio(mount.app, ui_lifespan), loop).result(
+            UI_START_TIMEOUT_S
+        )
+    except (ImportError, AttributeError) as error:
+        svc.ui_error = f"the web UI is not available: {error}"
+        log.warning("%s; the HTTP API works without it", svc.ui_error)
+        return
+    except Exception as error:
+        svc.ui_error = f"the web UI failed to start: {error}"
+        log.exception("%s; the HTTP API works without it", svc.ui_error)
+        return
+    log.info("web UI mounted at / in %.2f s", time.monotonic() - started)
+
+
+async def start_gradio(gradio_app: Any, ui_lifespan: AsyncExitStack) -> None:
+    """What mount_gradio_app's lifespan hook does at start-up, which this app has passed already."""
+    await ui_lifespan.enter_async_context(gradio_app.router.lifespan_context(gradio_app))
+    blocks = gradio_app.get_blocks()
+    blocks.run_startup_events()
+    await blocks.run_extra_startup_events()
+
+
+# ---------------------------------------------------------------------------------------------------- app
+
+
+def create_app(settings: Settings, svc: Service | None = None) -> FastAPI:
+    """The ASGI app. Its lifespan starts loading the model; serve it with uvicorn (lifecycle.serve)."""
+    svc = svc or Service(settings)
+    app = FastAPI(
+        title="emoserve",
+        version=__version__,
+        description="Speech emotion recognition with emotion2vec+",
+        lifespan=lifespan,
+    )
+    app.state.service = svc
+    app.include_router(router)
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(Exception, internal_error)
+    if settings.api_key:
+        app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key, metrics=svc.metrics)
+    app.add_middleware(MetricsMiddleware, metrics=svc.metrics)  # outermost: counts 401s too
+    return app
