@@ -297,6 +297,18 @@ def test_empty_file(tmp_path: Path) -> None:
         load_audio(path)
 
 
+def test_wav_cut_in_its_samples_is_truncated(tmp_path: Path) -> None:
+    whole = (AUDIO / "zh_3s_16k.wav").read_bytes()
+    path = tmp_path / "cut.wav"
+    path.write_bytes(whole[: len(whole) // 2])
+    with raises_audio_error("truncated", str(path)) as err:
+        load_audio(path)
+    assert f"declares {len(whole)} bytes" in str(err.value)
+    with raises_audio_error("truncated", "upload.wav"):
+        load_audio(io.BytesIO(whole[:-2]), name="upload.wav")
+    assert len(load_audio(whole).samples) == 48_000  # the whole file is fine
+
+
 def test_empty_array() -> None:
     with raises_audio_error("empty", "<array>"):
         load_audio(np.zeros(0, np.float32), sample_rate=SAMPLE_RATE)

@@ -73,6 +73,17 @@ def test_arbitrary_pickles_are_refused(tmp_path: Path) -> None:
         load_model(model_dir, device="cpu")
 
 
+@pytest.mark.parametrize("damage", ["garbage", "cut"])
+def test_a_damaged_checkpoint_names_the_file(tmp_path: Path, damage: str) -> None:
+    model_dir = copy_fixture(tmp_path)
+    whole = (model_dir / "model.pt").read_bytes()
+    (model_dir / "model.pt").write_bytes(
+        b"\x80\x02garbage" * 100 if damage == "garbage" else whole[: len(whole) // 2]
+    )
+    with pytest.raises(WeightsError, match=r"model\.pt: cannot load"):
+        load_model(model_dir, device="cpu")
+
+
 def test_unuse_labels_are_masked(tmp_path: Path, tiny_recognizer) -> None:  # type: ignore[no-untyped-def]
     model_dir = copy_fixture(tmp_path)
     tokens = (model_dir / "tokens.txt").read_text(encoding="utf-8").splitlines()

@@ -277,6 +277,8 @@ def _read_soundfile(file: str | io.BytesIO, display: str, max_seconds: float | N
         # libsndfile's frame count is exact for PCM, FLAC and Ogg but an estimate for MP3 (the en_3s_44k.mp3
         # fixture reports 133938 and decodes 133632), so the early refusal skips MP3; the bounded read
         # below still stops a long MP3 at the limit.
+        if f.format == "WAV":
+            _check_riff_complete(file, display)
         if f.format != "MP3":
             _check_not_too_long(f.frames, f.samplerate, max_seconds, display)
         frames = -1 if max_seconds is None else _limit_samples(max_seconds, f.samplerate) + 1
@@ -284,6 +286,30 @@ def _read_soundfile(file: str | io.BytesIO, display: str, max_seconds: float | N
         if max_seconds is not None and samples.shape[0] >= frames:
             _raise_too_long(display, max_seconds, f.frames / f.samplerate)
         return _Decoded(samples, f.samplerate, "soundfile", f.format)
+
+
+# RIFF sizes that streaming recorders write when the length is not known yet
+_RIFF_SIZE_UNKNOWN = (0, 0xFFFFFFFF)
+
+
+def _check_riff_complete(file: str | io.BytesIO, display: str) -> None:
+    """A WAV cut short (an interrupted upload or copy) still decodes - libsndfile quietly shortens it -
+    so compare the size its RIFF header declares with the bytes that are there."""
+    if isinstance(file, io.BytesIO):
+        head, size = file.getbuffer()[:8].tobytes(), file.getbuffer().nbytes
+    else:
+        with open(file, "rb") as raw:
+            head, size = raw.read(8), os.fstat(raw.fileno()).st_size
+    if len(head) < 8 or head[:4] != b"RIFF":
+        return  # RF64/W64 and friends carry their sizes elsewhere
+    declared = int.from_bytes(head[4:8], "little")
+    if declared not in _RIFF_SIZE_UNKNOWN and size < declared + 8:
+        raise AudioError(
+            f"{display} is truncated: its header declares {declared + 8} bytes but only {size} are there; "
+            "the file was cut short (an interrupted upload or copy?) - send the whole file",
+            source=display,
+            reason="truncated",
+        )
 
 
 def _read_pyav(file: str | io.BytesIO, display: str, max_seconds: float | None) -> _Decoded:

@@ -125,6 +125,8 @@ class Service:
         self.ui_error: str | None = None
         # What to do when start-up fails (unless settings.stay_up): serve() makes the server exit.
         self.on_failure: Callable[[], None] | None = None
+        # Run by the start-up thread after warm-up, before "ready" (the server mounts the web UI here).
+        self.before_ready: Callable[[], None] | None = None
         self._phase: tuple[str, str | None] = ("starting", None)  # replaced whole: readable from any thread
         self._timings: dict[str, float] = {}
         self._last_used = time.monotonic()
@@ -202,6 +204,8 @@ class Service:
             recognizer = self._load()
             engine = self._start_engine(recognizer)
             self._warm_up(engine)
+            if self.before_ready is not None:
+                self.before_ready()
         except Exception as error:
             if engine is not None:
                 engine.stop(timeout_s=0)

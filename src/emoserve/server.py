@@ -16,12 +16,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import functools
 import hmac
 import html
 import logging
 import math
 import sys
-import threading
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -84,6 +84,7 @@ AUDIO_ERRORS = {
     "not_found": (400, "empty_audio"),
     "undecodable": (415, "unsupported_audio"),
     "non_finite": (400, "invalid_audio"),
+    "truncated": (400, "truncated_audio"),
     "too_short": (400, "audio_too_short"),
     "too_long": (413, "audio_too_long"),
     "bad_argument": (422, "invalid_parameter"),
@@ -521,15 +522,12 @@ def basic_password(credentials: str) -> str | None:
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    """Start-up: the model thread, and the UI thread (Gradio takes seconds to import). Shutdown: drain."""
+    """Start-up: the model thread, which also mounts the UI before ready. Shutdown: drain."""
     svc: Service = app.state.service
-    svc.start()
     async with AsyncExitStack() as ui_lifespan:
         if svc.settings.ui:
-            loop = asyncio.get_running_loop()
-            threading.Thread(
-                target=mount_ui, args=(app, svc, loop, ui_lifespan), name="emoserve-ui", daemon=True
-            ).start()
+            svc.before_ready = functools.partial(mount_ui, app, svc, asyncio.get_running_loop(), ui_lifespan)
+        svc.start()
         yield
         await asyncio.to_thread(svc.shutdown, svc.settings.drain_timeout_s)
 
@@ -537,12 +535,12 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 def mount_ui(
     app: FastAPI, svc: Service, loop: asyncio.AbstractEventLoop, ui_lifespan: AsyncExitStack
 ) -> None:
-    """In a thread: import Gradio, build the UI and mount it at "/" on the running app.
+    """In the start-up thread, after warm-up and before ready: import Gradio, build the UI and mount it
+    at "/" on the running app, so that "ready" means the whole product is up.
 
-    Only once start-up is over: on a small CPU, importing Gradio (seconds of Python) beside the model's
-    warm-up would slow the warm-up and the first requests through the GIL. Until then "/" answers a page
-    that says the UI is starting."""
-    svc.wait_settled()
+    Not beside the warm-up: on a small CPU, importing Gradio (seconds of Python) would slow it through
+    the GIL; not after ready: it would slow the first requests. Until then "/" answers a page that says
+    the UI is starting. A UI that fails to mount leaves the HTTP API serving."""
     if svc.phase == "draining":
         return
     started = time.monotonic()

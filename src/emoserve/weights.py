@@ -206,11 +206,20 @@ def load_checkpoint(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as err:
+        if "Unsupported global" in str(err):  # an object other than tensors and plain containers
+            raise WeightsError(
+                f"{path}: refused: not a weights-only checkpoint ({_last_line(err)})"
+            ) from None
+        raise WeightsError(f"{path}: cannot load: not a torch checkpoint ({_last_line(err)})") from None
+    except Exception as err:  # a damaged file fails deep inside the unpickler with any error type
         raise WeightsError(
-            f"{path}: refused: not a weights-only checkpoint ({str(err).splitlines()[0]})"
+            f"{path}: cannot load ({type(err).__name__}: {err}); is the file complete?"
         ) from None
-    except (OSError, EOFError, RuntimeError, ValueError) as err:
-        raise WeightsError(f"{path}: cannot load: {err}") from None
+
+
+def _last_line(err: Exception) -> str:
+    lines = [line for line in str(err).splitlines() if line.strip() and not line.startswith("Check the")]
+    return lines[-1].strip() if lines else type(err).__name__
 
 
 def is_published_dir(path: Path) -> bool:
