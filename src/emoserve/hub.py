@@ -11,7 +11,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -265,6 +267,7 @@ def _hf_progress_bars(enabled: bool) -> Iterator[None]:
 
 def _ms_lookup(repo_id: str) -> _Remote:
     _ms_snapshot_download()  # fails early, with the install hint, when modelscope is missing
+    _ms_resolvable()
     # no revision: ModelScope downloads the default branch (master), the same one the file list reads
     return _Remote(revision=None, sha256=_ms_sha256(repo_id))
 
@@ -281,6 +284,17 @@ def _ms_fetch(repo_id: str, revision: str | None, into: Path, progress: bool) ->
             **progress_arg,
         )
     return Path(path)
+
+
+def _ms_resolvable() -> None:
+    """Offline, modelscope retries with back-off for ~7 s before it gives up; a failed name lookup
+    says the same at once."""
+    domain = os.environ.get("MODELSCOPE_DOMAIN", "modelscope.cn")
+    host = domain.split("://")[-1].split("/")[0].split(":")[0]
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError as err:
+        raise HubError(f"cannot resolve {host} ({err}); no network?") from None
 
 
 def _ms_snapshot_download() -> Callable[..., str]:
