@@ -392,6 +392,24 @@ def test_warm_up_passes_on_the_tiny_model(tiny_recognizer: Recognizer) -> None:
     assert report.seconds > 0
 
 
+def test_warm_up_in_one_granularity_runs_once_per_batch(tiny_recognizer: Recognizer) -> None:
+    with running(tiny_recognizer, max_batch_size=2, max_wait_ms=0) as engine:
+        report = warm_up(engine, [window(0)], [1], granularities=("frame",))
+        assert report.calls == 1
+    engine_calls: list[str] = []
+
+    def predict_batch(batch: Sequence[Audio], granularity: Granularity, embedding: bool) -> list[Result]:
+        engine_calls.append(granularity)
+        return [with_nan_scores(r) for r in tiny_recognizer.predict_batch(batch, granularity, embedding)]
+
+    with (
+        running(Wrapped(tiny_recognizer, predict_batch), max_batch_size=2) as engine,
+        pytest.raises(WarmupError, match="non-finite scores"),
+    ):
+        warm_up(engine, [window(0)], [1], granularities=("frame",))
+    assert engine_calls == ["frame"]
+
+
 def with_nan_scores(result: Result) -> Result:
     return dataclasses.replace(result, scores=dict.fromkeys(result.scores, float("nan")))
 

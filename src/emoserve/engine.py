@@ -411,10 +411,17 @@ class WarmupReport:
     shapes: tuple[tuple[int, int], ...]  # (batch, samples) padded inputs the model ran, sorted
 
 
-def warm_up(engine: Engine, clips: Sequence[Audio], batch_sizes: Sequence[int]) -> WarmupReport:
-    """Run the real path (engine -> model) at each batch size, cycling `clips`, in both granularities,
-    and check every output. Clips of similar length reach each batch size exactly; clips of different
-    lengths are split as requests would be (max_padding), and `shapes` says what ran."""
+def warm_up(
+    engine: Engine,
+    clips: Sequence[Audio],
+    batch_sizes: Sequence[int],
+    granularities: Sequence[Granularity] = GRANULARITIES,
+) -> WarmupReport:
+    """Run the real path (engine -> model) at each batch size, cycling `clips`, in `granularities`,
+    and check every output (with both granularities, also that the frame path agrees with the
+    utterance path; "frame" alone already runs the whole model and both heads). Clips of similar
+    length reach each batch size exactly; clips of different lengths are split as requests would be
+    (max_padding), and `shapes` says what ran."""
     _check_warm_up_args(engine, clips, batch_sizes)
     labels = [label.en for label in engine.recognizer.labels]
     calls_before = engine.model_calls
@@ -422,13 +429,16 @@ def warm_up(engine: Engine, clips: Sequence[Audio], batch_sizes: Sequence[int]) 
     shapes: set[tuple[int, int]] = set()
     for size in batch_sizes:
         batch = [clips[i % len(clips)] for i in range(size)]
-        runs = {g: _run_warm_up_batch(engine, batch, g, size) for g in GRANULARITIES}
-        for clip, utterance, frame in zip(batch, runs["utterance"], runs["frame"], strict=True):
+        runs = {g: _run_warm_up_batch(engine, batch, g, size) for g in granularities}
+        for i, clip in enumerate(batch):
             where = f"warm-up at batch size {size}, clip {clip.source!r}"
-            _check_result(utterance.result, labels, f"{where}, utterance")
-            _check_result(frame.result, labels, f"{where}, frame")
-            _check_frame_path(utterance.result, frame.result, engine.recognizer.dtype, where)
-            shapes |= {utterance.shape, frame.shape}
+            for granularity, results in runs.items():
+                _check_result(results[i].result, labels, f"{where}, {granularity}")
+                shapes.add(results[i].shape)
+            if len(runs) == len(GRANULARITIES):
+                _check_frame_path(
+                    runs["utterance"][i].result, runs["frame"][i].result, engine.recognizer.dtype, where
+                )
         if size not in {batch for batch, _ in shapes}:
             log.warning("warm-up: batch size %d not reached (clips of different lengths were split)", size)
     report = WarmupReport(
