@@ -19,6 +19,9 @@ BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
         ("cold_start.py", "ours / baseline"),
         ("latency.py", "real-time factor"),
         ("batching.py", "batch / one at a time"),
+        ("serve_start.py", "first request after ready / steady"),
+        ("serve_load.py", "only 200"),
+        ("serve_memory.py", "RSS after"),
     ],
 )
 def test_benchmark_runs(script: str, figure: str) -> None:

@@ -1,0 +1,181 @@
+"""Service start: fresh server processes -> /healthz, /readyz and the first recognition, against a
+baseline app that loads the model on its first request. CPU only.
+
+Every measurement is a new server process, timed from just before this script spawns it (interpreter
+start counts). Three kinds, interleaved run by run with the order rotating:
+
+- ours (UI):     `emoserve serve --model <slim entry> --device cpu`, the default, with the Gradio web UI
+                 (which the server mounts at / during start-up). Poll GET /healthz until 200, then GET
+                 /readyz until 200, then POST /v1/recognize with a 5 s clip (the first request after
+                 ready), then wait until / answers 200 (the UI is up: steady state), then the same
+                 request `--steady` more times. The UI's mount time is the server's own log line.
+- ours (no UI):  the same with `--no-ui`.
+- baseline:      benchmarks/_lazy_app.py, a minimal FastAPI + uvicorn app that loads the published
+                 model.pt the common way on its first request (random init, torch.load of the whole file,
+                 from_published, load_state_dict). Poll /healthz, then POST the same clip at once, then
+                 the steady requests.
+
+Polling: every 10 ms until /healthz answers, then every 10 ms on /readyz. Each request is a 5 s WAV sent
+as multipart `file` over one keep-alive connection. Peak RSS is VmHWM of the server process at the end.
+The model pages are read once before measuring, so every side starts with a warm page cache.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+from common import (
+    Client,
+    Server,
+    bench_model,
+    clip_wav,
+    free_port,
+    header,
+    load_average,
+    median,
+    parser,
+    run_count,
+    running_server,
+    serve_argv,
+    table,
+    verdict,
+    warm_page_cache,
+)
+
+LAZY_APP = Path(__file__).resolve().parent / "_lazy_app.py"
+KINDS = ("ours", "ours_no_ui", "baseline")
+NAMES = {"ours": "ours (UI)", "ours_no_ui": "ours (--no-ui)", "baseline": "baseline (lazy app)"}
+CLIP_S = 5.0
+UI_MOUNTED = re.compile(r"web UI mounted at / in ([0-9.]+) s")  # the server's log line
+TARGETS = {"healthz_s": 2.0, "first_vs_steady": 1.2, "first_result_vs_baseline": 0.4}
+
+
+def main() -> None:
+    p = parser(__doc__, default_runs=3)
+    p.add_argument("--steady", type=int, default=10, help="steady-state requests per process (default 10)")
+    args = p.parse_args()
+    runs = run_count(args)
+    steady = 2 if args.quick else args.steady
+    header("Service start", args, runs)
+    model = bench_model(args.preset)
+    warm_page_cache(model.published / "model.pt", model.entry / "model.safetensors")
+    wav = clip_wav(CLIP_S)
+    results: dict[str, list[dict[str, Any]]] = {kind: [] for kind in KINDS}
+    for i in range(runs):
+        for kind in KINDS[i % 3:] + KINDS[: i % 3]:  # rotate the order so drift hits every kind alike
+            path = model.published if kind == "baseline" else model.entry
+            results[kind].append(one_process(kind, path, wav, steady, f"start-{kind}-{i + 1}"))
+            print(f"run {i + 1}/{runs} {kind:10s} {summary(results[kind][-1])}", file=sys.stderr)
+    report(results, steady)
+
+
+def one_process(kind: str, model: Path, wav: bytes, steady: int, name: str) -> dict[str, Any]:
+    port = free_port()
+    if kind == "baseline":
+        argv = [sys.executable, str(LAZY_APP), "--model", str(model), "--port", str(port)]
+    else:
+        argv = serve_argv(model, port, *(["--no-ui"] if kind == "ours_no_ui" else []))
+    with running_server(name, argv, port) as server:
+        out: dict[str, Any] = {}
+        out["t_healthz"], _ = server.wait_for("/healthz")
+        if kind != "baseline":
+            out["t_ready"], ready = server.wait_for("/readyz")
+            out |= {f"server_{k}": v for k, v in ready.json()["timings"].items()}
+        client = Client(server.port)
+        try:
+            first = checked(client.recognize(wav), server)
+            out["first_s"] = first.seconds
+            out["t_first_result"] = server.since_start(first.finished)
+            out["scores"] = first.json()["scores"]
+            if kind == "ours":
+                out["t_ui"], _ = server.wait_for("/", interval_s=0.1)
+            out["steady_s"] = median([checked(client.recognize(wav), server).seconds for _ in range(steady)])
+        finally:
+            client.close()
+        out["peak_rss_mb"] = server.rss_bytes("VmHWM") / 1e6
+        if mounted := UI_MOUNTED.search(server.log_path.read_text(errors="replace")):
+            out["server_ui_mount_s"] = float(mounted.group(1))
+        return out
+
+
+def checked(reply: Any, server: Server) -> Any:
+    if reply.status != 200:
+        raise RuntimeError(f"{server.name}: HTTP {reply.status}: {reply.body[:500]!r}\n{server.log_tail()}")
+    return reply
+
+
+def summary(result: dict[str, Any]) -> str:
+    return " ".join(f"{k}={v:.3f}" for k, v in result.items() if isinstance(v, float))
+
+
+def report(results: dict[str, list[dict[str, Any]]], steady: int) -> None:
+    def values(kind: str, key: str) -> list[float]:
+        return [r[key] for r in results[kind] if key in r]
+
+    def med(kind: str, key: str) -> float:
+        return median(values(kind, key))
+
+    def spread(kind: str, key: str, fmt: str = ".2f") -> str:
+        v = values(kind, key)
+        return f"{median(v):{fmt}} ({min(v):{fmt}}-{max(v):{fmt}})" if v else "-"
+
+    for runs in results.values():
+        for r in runs:
+            r["first_vs_steady"] = r["first_s"] / r["steady_s"]
+    print("Medians over fresh processes (min-max in brackets); seconds from the spawn of the server "
+          "process.\n")
+    rows = [
+        ("start -> /healthz 200", "t_healthz", ".2f"),
+        ("start -> /readyz 200", "t_ready", ".2f"),
+        ("  of which model load (server's own timing)", "server_model_load_s", ".2f"),
+        ("  of which warm-up (server's own timing)", "server_warmup_s", ".2f"),
+        ("web UI mount (server's log)", "server_ui_mount_s", ".2f"),
+        (f"first {CLIP_S:g} s request (s)", "first_s", ".3f"),
+        ("start -> first result", "t_first_result", ".2f"),
+        ("start -> / answers 200 (polled after the first result)", "t_ui", ".2f"),
+        (f"steady latency, median of {steady} (s)", "steady_s", ".3f"),
+        ("first request / steady", "first_vs_steady", ".2f"),
+        ("peak RSS of the server (MB)", "peak_rss_mb", ".0f"),
+    ]
+    table(["", *(NAMES[k] for k in KINDS)], [[label, *(spread(k, key, fmt) for k in KINDS)]
+                                             for label, key, fmt in rows])
+    print("For the baseline the first request includes loading the model; ours' comes after /readyz.\n")
+    figures = []
+    for kind in ("ours", "ours_no_ui"):
+        name = NAMES[kind]
+        healthz = med(kind, "t_healthz")
+        first_ratio = med(kind, "first_s") / med(kind, "steady_s")
+        start_ratio = med(kind, "t_first_result") / med("baseline", "t_first_result")
+        figures += [
+            [f"{name}: start -> /healthz (s)", f"{healthz:.2f}", verdict(healthz, TARGETS["healthz_s"])],
+            [f"{name}: first request after ready / steady (ratio)", f"{first_ratio:.3f}",
+             verdict(first_ratio, TARGETS["first_vs_steady"])],
+            [f"{name}: start -> first result, ratio to baseline", f"{start_ratio:.3f}",
+             verdict(start_ratio, TARGETS["first_result_vs_baseline"])],
+        ]
+    table(["figure (ratios of medians)", "value", "target"], figures)
+    baseline_ratio = med("baseline", "first_s") / med("baseline", "steady_s")
+    print(f"Baseline first request / steady: {baseline_ratio:.1f}x (it loads the model).")
+    print(f"Same answer from every process: {same_scores(results)}.")
+    print(f"{load_average()} at the end. Server logs: .bench/serve/start-*.log")
+
+
+def same_scores(results: dict[str, list[dict[str, Any]]]) -> str:
+    """Ours and the baseline must agree: the largest score difference over all processes."""
+    reference = next(iter(results["baseline"] or results["ours"]))["scores"]
+    diff = max(abs(r["scores"][k] - v)
+               for runs in results.values() for r in runs for k, v in reference.items())
+    return f"largest score difference {diff:.1e} ({'ok' if diff < 1e-4 else 'DIFFERENT'})"
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except RuntimeError as error:
+        sys.exit(str(error))
+    except json.JSONDecodeError as error:
+        sys.exit(f"a server answered something that is not JSON: {error}")
