@@ -27,8 +27,16 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
         "${pip[@]}" "torch==${torch_version}"
     else
         echo "setup: installing torch ${torch_version} (CPU build, no GPU)" >&2
-        "${pip[@]}" --no-index "torch==${torch_version}" 2>/dev/null \
-            || "${pip[@]}" --index-url "$torch_cpu_index" "torch==${torch_version}"
+        # a CPU wheel that pip can already see (a --find-links folder, as on our CI machines) is taken
+        # as is; otherwise the PyTorch CPU index, which also serves torch's own dependencies
+        probe="$(mktemp -d)"
+        if .venv/bin/python -m pip download --quiet --no-deps --no-index -d "$probe" "torch==${torch_version}" \
+            >/dev/null 2>&1; then
+            "${pip[@]}" "torch==${torch_version}"
+        else
+            "${pip[@]}" --index-url "$torch_cpu_index" "torch==${torch_version}"
+        fi
+        rm -rf "$probe"
     fi
 fi
 
