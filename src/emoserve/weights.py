@@ -121,8 +121,16 @@ def published_name(name: str) -> str:
 
 def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Parameter names and shapes of a model of `config`, without allocating it."""
+    return state_shapes(meta_model(config))
+
+
+def meta_model(config: ModelConfig) -> Emotion2vec:
+    """A model whose parameters have shapes but no storage: nothing allocated or initialised."""
     with torch.device("meta"):
-        model = Emotion2vec(config)
+        return Emotion2vec(config)
+
+
+def state_shapes(model: Emotion2vec) -> dict[str, tuple[int, ...]]:
     return {name: tuple(t.shape) for name, t in model.state_dict().items()}
 
 
@@ -307,9 +315,8 @@ def load_entry(
     """Memory-map the entry's weights into a model whose parameters were never allocated."""
     info = read_entry(entry)
     state = load_file(str(entry / WEIGHTS_FILE), device="cpu")  # zero-copy mmap on the CPU
-    check_state(state, expected_shapes(info.config))
-    with torch.device("meta"):
-        model = Emotion2vec(info.config)
+    model = meta_model(info.config)
+    check_state(state, state_shapes(model))
     model.load_state_dict(state, strict=True, assign=True)
     model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
     return model, info
