@@ -150,25 +150,16 @@ def test_missing_path_is_reported(capsys: pytest.CaptureFixture[str], tmp_path: 
 def test_random_weights_are_labelled(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     code, out, _ = run(capsys, "make-test-model", "--out", str(tmp_path / "m"), "--seed", "1")
     assert code == 0 and "RANDOM" in out
-    code, out, err = run(
-        capsys,
+    predict = [
         "predict",
         str(FIXTURE / "audio" / "en_1s_16k.wav"),
         "--model",
         str(tmp_path / "m"),
         "--format",
-        "table",
-    )
-    assert code == 0 and "RANDOM weights" in err
-    code, out, err = run(
-        capsys,
-        "predict",
-        str(FIXTURE / "audio" / "en_1s_16k.wav"),
-        "--model",
-        str(tmp_path / "m"),
-        "--format",
-        "jsonl",
-    )
+    ]
+    code, out, err = run(capsys, *predict, "table")
+    assert code == 0 and "RANDOM weights" in err and "(RANDOM WEIGHTS)" in out
+    code, out, _ = run(capsys, *predict, "jsonl")
     assert json.loads(out)["random_weights"] is True
 
 
