@@ -45,7 +45,7 @@ def main() -> None:
 def load_ours(entry: Path) -> Any:
     import emoserve
 
-    return emoserve.load_model(entry, device="cpu")
+    return emoserve.load_model(entry, backend="torch", device="cpu")
 
 
 def load_baseline(published: Path) -> Any:
@@ -53,9 +53,11 @@ def load_baseline(published: Path) -> Any:
     load_state_dict. Wrapped in the same Recognizer so that the warm-up inference is identical."""
     import torch
 
+    from emoserve.entry import ModelInfo, read_labels
     from emoserve.model import Emotion2vec
     from emoserve.recognizer import Recognizer, physical_cores
-    from emoserve.weights import ModelInfo, from_published, read_config, read_labels
+    from emoserve.torch_backend import TorchBackend
+    from emoserve.weights import from_published, read_config
 
     torch.set_num_threads(physical_cores())  # as load_model does, so both sides compute alike
     labels = read_labels(published / "tokens.txt")
@@ -65,7 +67,7 @@ def load_baseline(published: Path) -> Any:
     model.load_state_dict(from_published(checkpoint["model"], config))
     del checkpoint
     info = ModelInfo(published.name, published, config, labels, True, {})
-    return Recognizer(model.eval().requires_grad_(False), info)
+    return Recognizer(TorchBackend(model.eval().requires_grad_(False)), info)
 
 
 def first_and_steady(recognizer: Any, clip: Any, steady: int) -> dict[str, float]:

@@ -57,7 +57,7 @@ def main() -> None:
     mixed = compare(recognizer, mixed_clips(), runs)
     control = compare(recognizer, [(synthetic_clip(CONTROL_SECONDS, seed=i), SAMPLE_RATE)
                                    for i in range(CONTROL_CLIPS)], runs)
-    config = recognizer.model.config
+    config = recognizer.info.config
     report(mixed, f"{MIXED_CLIPS} mixed clips", config)
     report(control, f"control: {CONTROL_CLIPS} x {CONTROL_SECONDS:g} s, no padding", config)
     table(["figure", "value", "target"], [

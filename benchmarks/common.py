@@ -93,12 +93,12 @@ def emoserve_cli(*argv: str) -> str:
     return done.stdout
 
 
-def load_recognizer(entry: Path) -> Any:
-    """`emoserve.load_model` on the CPU, as a user would call it."""
+def load_recognizer(entry: Path, backend: str = "torch", dtype: str = "float32") -> Any:
+    """`emoserve.load_model` on the CPU, as a user would call it, on the given backend."""
     import emoserve
 
     os.environ["EMOSERVE_HOME"] = str(BENCH_HOME)
-    return emoserve.load_model(str(entry), device="cpu")
+    return emoserve.load_model(str(entry), backend=backend, device="cpu", dtype=dtype)
 
 
 def warm_page_cache(*paths: Path) -> None:

@@ -27,9 +27,11 @@ def wave_meta(clip: str) -> dict[str, object]:
 
 @pytest.fixture(autouse=True)
 def _cache_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Every test gets an empty model cache, never the user's."""
+    """Every test gets an empty model cache, never the user's; conversions skip the ONNX export
+    (~20 s even for the tiny model) except where a test asks for it (test_onnx.py)."""
     home = tmp_path_factory.mktemp("emoserve-home")
     monkeypatch.setenv("EMOSERVE_HOME", str(home))
+    monkeypatch.setenv("EMOSERVE_EXPORT_ONNX", "0")
     return home
 
 
@@ -39,8 +41,9 @@ def tiny_recognizer(tmp_path_factory: pytest.TempPathFactory):
 
     mp = pytest.MonkeyPatch()
     mp.setenv("EMOSERVE_HOME", str(tmp_path_factory.mktemp("tiny-home")))
+    mp.setenv("EMOSERVE_EXPORT_ONNX", "0")
     try:
-        yield load_model(FIXTURE / "model", device="cpu", progress=False)
+        yield load_model(FIXTURE / "model", backend="torch", device="cpu", progress=False)
     finally:
         mp.undo()
 

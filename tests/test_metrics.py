@@ -6,7 +6,6 @@ import re
 import shutil
 import subprocess
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -97,11 +96,11 @@ def test_resident_memory_is_reported() -> None:
 def test_gpu_memory_gauges_only_on_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
     torch = pytest.importorskip("torch")
     metrics = Metrics(max_queue=8)
-    metrics.watch_device(torch.device("cpu"))
+    metrics.watch_device("cpu")
     assert "emoserve_gpu_memory_allocated_bytes" not in families(metrics)
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 123)
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 456)
-    metrics.watch_device(SimpleNamespace(type="cuda"))
+    metrics.watch_device("cuda:0")
     assert samples(metrics, "emoserve_gpu_memory_allocated_bytes") == {(): 123}
     assert samples(metrics, "emoserve_gpu_max_memory_allocated_bytes") == {(): 456}
 

@@ -7,15 +7,8 @@ import pytest
 import torch
 import yaml
 
-from emoserve.model import (
-    PRESETS,
-    ConfigError,
-    Emotion2vec,
-    ModelConfig,
-    alibi_slopes,
-    normalize_waveform,
-    parse_conv_spec,
-)
+from emoserve.config import PRESETS, ConfigError, ModelConfig, parse_conv_spec
+from emoserve.model import Emotion2vec, alibi_slopes, normalize_waveform
 from emoserve.weights import read_published
 
 from .conftest import FIXTURE, wave

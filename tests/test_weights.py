@@ -11,9 +11,10 @@ import pytest
 import torch
 from torch import nn
 
+from emoserve import entry as entries
 from emoserve import hub, weights
+from emoserve.entry import WeightsError
 from emoserve.recognizer import load_model
-from emoserve.weights import WeightsError
 
 from .conftest import FIXTURE, wave
 
@@ -135,13 +136,13 @@ def test_entry_loads_without_initialising_parameters(tmp_path: Path, monkeypatch
 def test_directory_is_converted_once_and_again_when_it_changes(tmp_path: Path) -> None:
     model_dir = copy_fixture(tmp_path)
     cache = tmp_path / "cache"
-    entry = weights.resolve(model_dir, cache=cache)
+    entry = entries.resolve(model_dir, cache=cache)
     first = (entry / "manifest.json").stat().st_mtime_ns
-    assert weights.resolve(model_dir, cache=cache) == entry
+    assert entries.resolve(model_dir, cache=cache) == entry
     assert (entry / "manifest.json").stat().st_mtime_ns == first
     stat = (model_dir / "model.pt").stat()
     os.utime(model_dir / "model.pt", ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
-    assert weights.resolve(model_dir, cache=cache) == entry
+    assert entries.resolve(model_dir, cache=cache) == entry
     assert (entry / "manifest.json").stat().st_mtime_ns != first
 
 
@@ -155,7 +156,7 @@ def test_a_cached_name_needs_no_network(tmp_path: Path, monkeypatch: pytest.Monk
 
     monkeypatch.setattr(hub, "download", offline)
     for name in ("emotion2vec_plus_base", "iic/emotion2vec_plus_base", "emotion2vec/emotion2vec_plus_base"):
-        assert weights.resolve(name, cache=tmp_path) == tmp_path / "models" / "emotion2vec_plus_base"
+        assert entries.resolve(name, cache=tmp_path) == tmp_path / "models" / "emotion2vec_plus_base"
 
 
 def test_download_is_converted_and_the_raw_file_dropped(
@@ -166,8 +167,8 @@ def test_download_is_converted_and_the_raw_file_dropped(
         return dest
 
     monkeypatch.setattr(hub, "download", fake_download)
-    entry = weights.resolve("emotion2vec_plus_seed", cache=tmp_path)
-    assert weights.is_entry(entry) and weights.read_entry(entry).name == "emotion2vec_plus_seed"
+    entry = entries.resolve("emotion2vec_plus_seed", cache=tmp_path)
+    assert entries.is_entry(entry) and entries.read_entry(entry).name == "emotion2vec_plus_seed"
     assert not (tmp_path / "downloads" / "emotion2vec_plus_seed").exists()
 
 
@@ -178,9 +179,9 @@ def failing_download(*_args: object, **_kw: object) -> None:
 def test_an_explicit_model_never_falls_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(hub, "download", failing_download)
     with pytest.raises(hub.HubError, match="no network"):
-        weights.resolve("emotion2vec_plus_large", cache=tmp_path)
+        entries.resolve("emotion2vec_plus_large", cache=tmp_path)
     with pytest.raises(WeightsError, match="neither a directory nor a known name"):
-        weights.resolve(tmp_path / "no-such-model", cache=tmp_path)
+        entries.resolve(tmp_path / "no-such-model", cache=tmp_path)
     assert not (tmp_path / "models").exists()
 
 
@@ -188,10 +189,10 @@ def test_the_default_falls_back_loudly_to_random_weights(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     monkeypatch.setattr(hub, "download", failing_download)
-    monkeypatch.setattr(weights, "FALLBACK_PRESET", "tiny")  # the large one takes ~10 s to generate
-    entry = weights.resolve(None, cache=tmp_path)
+    monkeypatch.setattr(entries, "FALLBACK_PRESET", "tiny")  # the large one takes ~10 s to generate
+    entry = entries.resolve(None, cache=tmp_path)
     assert "RANDOM-WEIGHT" in caplog.text and "no network" in caplog.text
-    assert weights.read_entry(entry).random_weights
+    assert entries.read_entry(entry).random_weights
 
 
 def test_make_test_model_is_published_layout_and_marked_random(tmp_path: Path) -> None:
@@ -220,10 +221,10 @@ def test_training_state_pads_the_file_like_the_published_one(tmp_path: Path) -> 
 
 
 def test_describe_reports_config_labels_files(tmp_path: Path) -> None:
-    info = weights.describe(str(FIXTURE / "model"))
+    info = entries.describe(str(FIXTURE / "model"))
     assert info["parameters"] == sum(
         v.numel() for v in torch.load(FIXTURE / "model" / "model.pt", weights_only=True)["model"].values()
     )
     assert info["config"]["embed_dim"] == 64 and len(info["labels"]) == 9
     assert info["files"]["model.pt"] == (FIXTURE / "model" / "model.pt").stat().st_size
-    assert weights.describe("emotion2vec_plus_large")["cached"] is False
+    assert entries.describe("emotion2vec_plus_large")["cached"] is False

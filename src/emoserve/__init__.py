@@ -19,7 +19,7 @@ _EXPORTS = {
     "load_audio": "audio",
     "Audio": "audio",
     "AudioError": "audio",
-    "WeightsError": "weights",
+    "WeightsError": "entry",
     "make_test_model": "weights",
 }
 __all__ = [  # noqa: RUF022 - grouped by module
@@ -37,8 +37,9 @@ __all__ = [  # noqa: RUF022 - grouped by module
 
 if TYPE_CHECKING:
     from .audio import Audio, AudioError, load_audio
+    from .entry import WeightsError
     from .recognizer import FrameResult, Recognizer, Result, load_model
-    from .weights import WeightsError, make_test_model
+    from .weights import make_test_model
 
 
 def __getattr__(name: str) -> Any:

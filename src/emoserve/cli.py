@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from contextlib import nullcontext
@@ -70,9 +71,15 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--hub", choices=HUBS, default="auto")
     p.set_defaults(run=cmd_download)
 
-    p = sub.add_parser("convert", help="convert a published model directory into a slim cache entry")
-    p.add_argument("model_dir", type=Path)
+    p = sub.add_parser(
+        "convert",
+        help="convert a published model directory into a slim cache entry with its ONNX graph "
+        "(an entry without the graph gets it added)",
+    )
+    p.add_argument("model_dir", type=Path, help="a published model directory or a converted entry")
     p.add_argument("--out", type=Path, help="where to write the entry (default: in the cache)")
+    p.add_argument("--int8", action="store_true", help="also the int8 (dynamically quantized) ONNX graph")
+    p.add_argument("--no-onnx", action="store_true", help="no ONNX graph (the torch backend only)")
     p.set_defaults(run=cmd_convert)
 
     p = sub.add_parser("info", help="config, parameter count, labels, files and sizes of a model")
@@ -121,12 +128,19 @@ def add_setting_flags(p: argparse.ArgumentParser) -> None:
 def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", help="model directory or name (default: emotion2vec_plus_large, cached)")
     p.add_argument("--hub", choices=HUBS, default="auto", help="where to download a missing model from")
+    p.add_argument(
+        "--backend",
+        choices=("auto", "torch", "onnx"),
+        default=os.environ.get("EMOSERVE_BACKEND", "auto"),
+        help="onnx (ONNX Runtime, CPU, no torch), torch, or auto: onnx on a CPU when the model has its "
+        "graph, else torch [EMOSERVE_BACKEND; default auto]",
+    )
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
     p.add_argument(
         "--dtype",
-        choices=("float32", "float16", "bfloat16"),
+        choices=("float32", "float16", "bfloat16", "int8"),
         default="float32",
-        help="float16/bfloat16 on GPU only",
+        help="float16/bfloat16 on a GPU only (torch); int8 on a CPU only (onnx)",
     )
 
 
@@ -140,7 +154,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if not files:
         raise ValueError(f"no audio files found in {' '.join(args.paths)}")
     recognizer = load_model(
-        args.model, device=args.device, dtype=args.dtype, hub=args.hub, max_seconds=args.max_seconds
+        args.model,
+        backend=args.backend,
+        device=args.device,
+        dtype=args.dtype,
+        hub=args.hub,
+        max_seconds=args.max_seconds,
     )
     if recognizer.random_weights:
         print(RANDOM_WARNING, file=sys.stderr)
@@ -170,21 +189,36 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_download(args: argparse.Namespace) -> None:
-    from .weights import home, resolve_name
+    from .entry import home, resolve_name
 
     print(resolve_name(args.name, hub_name=args.hub, cache=home(), progress=True))
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
-    from .weights import convert, home, resolve_dir
+    """Convert once into the cache (or --out); an entry without its ONNX graphs gets them added."""
+    from .entry import home, read_entry, resolve_dir
+    from .onnx_export import add_onnx
+    from .weights import convert
 
-    print(convert(args.model_dir, args.out) if args.out else resolve_dir(args.model_dir, home()))
+    onnx = not args.no_onnx
+    if args.out:
+        entry = convert(args.model_dir, args.out, onnx=onnx, int8=args.int8)
+    else:
+        entry = resolve_dir(args.model_dir, home())
+    dtypes = ("float32", "int8") if args.int8 else ("float32",)
+    info = read_entry(entry)
+    for dtype in dtypes if onnx else ():
+        if info.onnx_graph(dtype) is None:
+            info = add_onnx(entry, dtype)
+        if info.onnx_graph(dtype) is None:
+            raise ValueError(f"ONNX export ({dtype}) failed: {info.onnx[dtype].get('error')}")
+    print(entry)
 
 
 def cmd_info(args: argparse.Namespace) -> None:
     import json
 
-    from .weights import describe
+    from .entry import describe
 
     print(json.dumps(describe(args.model), indent=2, ensure_ascii=False))
 

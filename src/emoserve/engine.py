@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
-import torch
 
 from .audio import SAMPLE_RATE, Audio
 from .recognizer import GRANULARITIES, MAX_PADDING, Granularity, Recognizer, Result, length_batches
@@ -512,7 +511,7 @@ def _check_scores(scores: dict[str, float], labels: Sequence[str], where: str) -
         raise WarmupError(f"{where}: scores sum to {total:.6f}, not 1")
 
 
-def _check_frame_path(utterance: Result, frame: Result, dtype: torch.dtype, where: str) -> None:
+def _check_frame_path(utterance: Result, frame: Result, dtype: str, where: str) -> None:
     """Spec §4 step 9: the utterance embedding is the mean of the frame embeddings."""
     assert utterance.embedding is not None and frame.embedding is not None  # _check_result ran
     if frame.embedding.ndim != 2 or frame.embedding.shape[1:] != utterance.embedding.shape:
@@ -534,8 +533,13 @@ def _check_frame_path(utterance: Result, frame: Result, dtype: torch.dtype, wher
         )
 
 
-def _frame_mean_tolerance(dtype: torch.dtype, frames: np.ndarray) -> float:
-    if dtype == torch.float32:
+# machine epsilon of the dtypes whose rounding reaches the pooled mean (int8 quantizes weights and
+# activations inside the matmuls; the frames and their mean stay float32)
+_HALF_EPS = {"float16": 2.0**-10, "bfloat16": 2.0**-7}
+
+
+def _frame_mean_tolerance(dtype: str, frames: np.ndarray) -> float:
+    if dtype not in _HALF_EPS:
         return FRAME_MEAN_TOL
     # float16/bfloat16: the pooled mean is rounded to the dtype, so allow a few units of its precision
-    return max(FRAME_MEAN_TOL, 4 * torch.finfo(dtype).eps * float(np.abs(frames).max()))
+    return max(FRAME_MEAN_TOL, 4 * _HALF_EPS[dtype] * float(np.abs(frames).max()))

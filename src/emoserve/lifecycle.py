@@ -225,6 +225,7 @@ class Service:
         s = self.settings
         recognizer = load_model(
             s.model,
+            backend=s.backend,
             device=s.device,
             dtype=s.dtype,
             hub=s.hub,  # type: ignore[arg-type]  # settings checked it is one of auto, hf, ms
@@ -235,14 +236,15 @@ class Service:
         self._time("model_load_s", seconds)
         self.metrics.model_load_seconds.set(seconds)
         self.metrics.watch_device(recognizer.device)
-        self.max_audio_s = s.effective_max_audio_s(recognizer.device.type)
+        self.max_audio_s = s.effective_max_audio_s(recognizer.device_type)
         recognizer.max_seconds = self.max_audio_s
         self.random_weights = recognizer.random_weights
         self.model = model_summary(recognizer, self.max_audio_s)
         log.info(
-            "model loaded in %.2f s: %s on %s (%s)%s",
+            "model loaded in %.2f s: %s on the %s backend, %s (%s)%s",
             seconds,
             recognizer.info.name,
+            recognizer.backend.name,
             recognizer.device,
             self.model["dtype"],
             ", RANDOM weights" if recognizer.random_weights else "",
@@ -274,7 +276,7 @@ class Service:
         if not self.examples:
             raise RuntimeError(f"no example clips in {EXAMPLES_DIR} to warm up with; reinstall emoserve")
         clips = [load_audio(path, max_seconds=None) for path in self.examples]
-        sizes = self.settings.effective_warmup_batch_sizes(engine.recognizer.device.type)
+        sizes = self.settings.effective_warmup_batch_sizes(engine.recognizer.device_type)
         # Batches hold clips of similar length only (max_padding), as the engine groups requests: one
         # clip of each length group alone, then the batch sizes on the largest group.
         groups = length_groups(clips, engine.config.max_padding)
@@ -429,8 +431,9 @@ def model_summary(recognizer: Recognizer, max_audio_s: float) -> dict[str, Any]:
         "random_weights": info.random_weights,
         "labels": [{"en": label.en, "zh": label.zh, "emoji": label.emoji} for label in recognizer.labels],
         "config": info.config.to_dict(),
-        "device": str(recognizer.device),
-        "dtype": str(recognizer.dtype).removeprefix("torch."),
+        "backend": recognizer.backend.name,
+        "device": recognizer.device,
+        "dtype": recognizer.dtype,
         "parameters": info.num_parameters,
         "max_audio_s": max_audio_s,
     }

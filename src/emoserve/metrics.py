@@ -134,9 +134,9 @@ class Metrics:
         self.state.state(state)
         self.ready.set(1 if state == "ready" else 0)
 
-    def watch_device(self, device: object) -> None:
-        """Add GPU memory gauges when the model runs on CUDA (`device` is a torch.device)."""
-        if getattr(device, "type", None) == "cuda" and self._gpu_collector is None:
+    def watch_device(self, device: str) -> None:
+        """Add GPU memory gauges when the model runs on CUDA (`device` as "cuda:0")."""
+        if device.startswith("cuda") and self._gpu_collector is None:
             self._gpu_collector = _GpuMemoryCollector(device)
             self.registry.register(self._gpu_collector)
 
@@ -170,7 +170,7 @@ def resident_memory_bytes() -> int | None:
 
 
 class _GpuMemoryCollector(Collector):
-    def __init__(self, device: object) -> None:
+    def __init__(self, device: str) -> None:
         self.device = device
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
@@ -179,10 +179,10 @@ class _GpuMemoryCollector(Collector):
         yield GaugeMetricFamily(
             "emoserve_gpu_memory_allocated_bytes",
             "GPU memory held by tensors now (torch.cuda.memory_allocated)",
-            torch.cuda.memory_allocated(self.device),  # type: ignore[arg-type]
+            torch.cuda.memory_allocated(self.device),
         )
         yield GaugeMetricFamily(
             "emoserve_gpu_max_memory_allocated_bytes",
             "Peak GPU memory held by tensors (torch.cuda.max_memory_allocated)",
-            torch.cuda.max_memory_allocated(self.device),  # type: ignore[arg-type]
+            torch.cuda.max_memory_allocated(self.device),
         )

@@ -1,27 +1,33 @@
-"""The Python API: a loaded model that turns audio into emotion results, one clip or a batch."""
+"""The Python API: a loaded model that turns audio into emotion results, one clip or a batch.
+
+Torch-free: the network runs in a backend (`torch_backend.py`, or `onnx_backend.py` on ONNX Runtime),
+which returns the same float32 outputs; everything from there to a `Result` (label mask, softmax, frames,
+embeddings) is done here once for both.
+"""
 
 from __future__ import annotations
 
 import functools
+import importlib.util
 import logging
 import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from pathlib import Path
+from typing import Any, Literal, NamedTuple, Protocol
 
 import numpy as np
-import torch
 
 from .audio import DEFAULT_MAX_SECONDS, SAMPLE_RATE, Audio, AudioInput, load_audio
+from .entry import Hub, ModelInfo, read_entry, resolve
 from .labels import Label
-from .model import Emotion2vec
-from .weights import Hub, ModelInfo, load_entry, resolve
 
 log = logging.getLogger(__name__)
 
 Granularity = Literal["utterance", "frame"]
 GRANULARITIES: tuple[Granularity, ...] = ("utterance", "frame")
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+BACKENDS = ("auto", "torch", "onnx")
+DTYPES = ("float32", "float16", "bfloat16", "int8")  # half precision on GPUs (torch), int8 on CPUs (onnx)
 # Padded batch cost bound for predict_many: 8 clips of 15 s. Attention memory grows with
 # batch x tokens^2, so long clips are batched fewer at a time.
 MAX_BATCH_SAMPLES = 8 * 15 * SAMPLE_RATE
@@ -63,27 +69,51 @@ class Result:
         return out
 
 
+class Outputs(NamedTuple):
+    """A backend's answer for one padded batch, all numpy float32 but the lengths."""
+
+    logits: np.ndarray  # (batch, labels)
+    pooled: np.ndarray  # (batch, dim): utterance embeddings
+    frame_logits: np.ndarray | None  # (batch, frames, labels), when frames were asked for
+    frames: np.ndarray | None  # (batch, frames, dim), when frames were asked for
+    frame_lengths: np.ndarray  # (batch,) real frames per item
+
+
+class Backend(Protocol):
+    """Runs the network on a zero-padded batch: waves (batch, samples) float32, lengths (batch,) int64."""
+
+    @property
+    def name(self) -> str: ...  # "torch" | "onnx"
+    @property
+    def device(self) -> str: ...  # "cpu", "cuda:0", ...
+    @property
+    def dtype(self) -> str: ...  # "float32", "float16", "bfloat16", "int8"
+
+    def run(self, waves: np.ndarray, lengths: np.ndarray, frames: bool) -> Outputs: ...
+
+
 class Recognizer:
     """One loaded model. Not thread-safe: share it between threads through an engine."""
 
-    def __init__(
-        self, model: Emotion2vec, info: ModelInfo, *, max_seconds: float | None = DEFAULT_MAX_SECONDS
-    ):
-        self.model = model
+    def __init__(self, backend: Backend, info: ModelInfo, *, max_seconds: float | None = DEFAULT_MAX_SECONDS):
+        self.backend = backend
         self.info = info
         self.max_seconds = max_seconds
         self.labels: tuple[Label, ...] = tuple(label for label in info.labels if not label.masked)
-        mask = [not label.masked for label in info.labels]
-        self._label_mask = torch.tensor(mask, device=self.device) if not all(mask) else None
-        self._kept = torch.tensor([i for i, keep in enumerate(mask) if keep], device=self.device)
+        # labels named `unuse_*` get -inf logits: the same as a softmax over the others alone
+        self._kept = np.array([i for i, label in enumerate(info.labels) if not label.masked])
 
     @property
-    def device(self) -> torch.device:
-        return self.model.proj.weight.device
+    def device(self) -> str:
+        return self.backend.device
 
     @property
-    def dtype(self) -> torch.dtype:
-        return self.model.proj.weight.dtype
+    def device_type(self) -> str:
+        return self.backend.device.partition(":")[0]
+
+    @property
+    def dtype(self) -> str:
+        return self.backend.dtype
 
     @property
     def random_weights(self) -> bool:
@@ -133,24 +163,16 @@ class Recognizer:
             raise ValueError(f"granularity is {granularity!r}; choose 'utterance' or 'frame'")
         if not clips:
             return []
-        waves, lengths = pad([c.samples for c in clips], self.device)
-        with torch.inference_mode():
-            features = self.model(waves, lengths)
-            pooled = self.model.pool(features)
-            scores = self.model.scores(pooled, self._label_mask)[:, self._kept].cpu().numpy()
-            frame_scores = (
-                self.model.scores(features.frames, self._label_mask)[..., self._kept].cpu().numpy()
-                if granularity == "frame"
-                else None
-            )
-            frames = features.frames.float().cpu().numpy() if embedding and granularity == "frame" else None
-            pooled_np = pooled.float().cpu().numpy() if embedding else None
+        waves, lengths = pad([c.samples for c in clips])
+        out = self.backend.run(waves, lengths, frames=granularity == "frame")
+        scores = softmax(out.logits[:, self._kept])
+        frame_scores = softmax(out.frame_logits[..., self._kept]) if out.frame_logits is not None else None
         results = []
         for i, clip in enumerate(clips):
-            n = int(features.lengths[i])
+            n = int(out.frame_lengths[i])
             emb = None
             if embedding:
-                emb = frames[i, :n] if frames is not None else pooled_np[i]  # type: ignore[index]
+                emb = out.frames[i, :n] if out.frames is not None else out.pooled[i]
             results.append(
                 self._result(
                     clip,
@@ -190,7 +212,7 @@ class Recognizer:
         return {label.en: float(p) for label, p in zip(self.labels, scores, strict=True)}
 
     def _frames(self, frame_scores: np.ndarray) -> list[FrameResult]:
-        hop_s = self.model.config.frame_hop / SAMPLE_RATE
+        hop_s = self.info.config.frame_hop / SAMPLE_RATE
         out = []
         for i, row in enumerate(frame_scores):
             best = int(row.argmax())
@@ -206,13 +228,20 @@ class Recognizer:
         return out
 
 
-def pad(samples: Sequence[np.ndarray], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Zero-padded (batch, samples) float32 tensor and the (batch,) real lengths."""
-    lengths = torch.tensor([len(s) for s in samples])
-    waves = torch.zeros(len(samples), int(lengths.max()))
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Softmax over the last axis, computed in float64, returned as float32."""
+    x = logits.astype(np.float64)
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    return (e / e.sum(axis=-1, keepdims=True)).astype(np.float32)
+
+
+def pad(samples: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Zero-padded (batch, samples) float32 array and the (batch,) int64 real lengths."""
+    lengths = np.array([len(s) for s in samples], dtype=np.int64)
+    waves = np.zeros((len(samples), int(lengths.max())), dtype=np.float32)
     for i, s in enumerate(samples):
-        waves[i, : len(s)] = torch.from_numpy(s)
-    return waves.to(device), lengths.to(device)
+        waves[i, : len(s)] = s
+    return waves, lengths
 
 
 def length_batches(
@@ -262,29 +291,10 @@ def physical_cores() -> int:
     return max(1, min(logical, len(cores) or logical))
 
 
-def pick_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        chosen = torch.device(device)
-    except RuntimeError:
-        raise ValueError(f"device is {device!r}; use auto, cpu, cuda or cuda:N") from None
-    if chosen.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device is {device!r} but no CUDA GPU is available; use --device cpu")
-    return chosen
-
-
-def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype is {dtype!r}; choose from {', '.join(DTYPES)}")
-    if device.type == "cpu" and dtype != "float32":
-        raise ValueError(f"dtype {dtype} is for GPUs; on the CPU use float32")
-    return DTYPES[dtype]
-
-
 def load_model(
     model: str | os.PathLike[str] | None = None,
     *,
+    backend: str = "auto",
     device: str = "auto",
     dtype: str = "float32",
     hub: Hub = "auto",
@@ -292,13 +302,89 @@ def load_model(
     threads: int | None = None,
     progress: bool = True,
 ) -> Recognizer:
-    """Resolve `model` (directory or name; default emotion2vec_plus_large) and load it ready to use."""
-    chosen = pick_device(device)
-    torch_dtype = pick_dtype(dtype, chosen)
-    if chosen.type == "cpu":
-        torch.set_num_threads(threads or physical_cores())
+    """Resolve `model` (directory or name; default emotion2vec_plus_large) and load it ready to use.
+
+    `backend`: "onnx" (ONNX Runtime, CPU, no torch imported), "torch", or "auto": onnx on a CPU when
+    onnxruntime is installed and the entry has its graph, else torch (always torch on a GPU).
+    `dtype` "int8" (dynamically quantized matmuls) is onnx-only; float16/bfloat16 are torch on a GPU."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend is {backend!r}; choose from {', '.join(BACKENDS)}")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype is {dtype!r}; choose from {', '.join(DTYPES)}")
     entry = resolve(model, hub_name=hub, progress=progress)
-    net, info = load_entry(entry, chosen, torch_dtype)
+    info = read_entry(entry)
+    chosen = choose_backend(backend, device, dtype, info)
+    runner: Backend
+    if chosen == "onnx":
+        from .onnx_backend import OnnxBackend
+
+        runner = OnnxBackend(onnx_graph(info, dtype), dtype, threads or physical_cores())
+    else:
+        from .torch_backend import TorchBackend
+
+        runner = TorchBackend.load(entry, device=device, dtype=dtype, threads=threads or physical_cores())
+    log.info("%s runs on the %s backend (%s, %s)", info.name, runner.name, runner.device, runner.dtype)
     if info.random_weights:
         log.warning("%s has RANDOM weights: its predictions are meaningless", info.name)
-    return Recognizer(net, info, max_seconds=max_seconds)
+    return Recognizer(runner, info, max_seconds=max_seconds)
+
+
+def choose_backend(backend: str, device: str, dtype: str, info: ModelInfo) -> str:
+    """ "torch" or "onnx" for these options, or a ValueError saying which options do not go together."""
+    if backend == "onnx" or dtype == "int8":
+        if backend == "torch":
+            raise ValueError("dtype int8 runs on the onnx backend; use --backend onnx (or auto)")
+        if device not in ("auto", "cpu"):
+            raise ValueError(f"the onnx backend runs on the CPU, not {device!r}; use --backend torch")
+        if not onnxruntime_installed():
+            raise ValueError("the onnx backend needs onnxruntime: pip install onnxruntime")
+        return "onnx"
+    if (
+        backend == "torch"
+        or device not in ("auto", "cpu")
+        or dtype != "float32"
+        or (device == "auto" and gpu_present())
+    ):
+        return "torch"
+    if not onnxruntime_installed():
+        log.warning("onnxruntime is not installed: using the torch backend (pip install onnxruntime: faster)")
+        return "torch"
+    if info.onnx_graph("float32") is None:
+        why = info.onnx.get("float32", {}).get("error") or "converted without one, or by an older emoserve"
+        log.warning(
+            "%s has no ONNX graph (%s): using the torch backend; `emoserve convert %s` adds it",
+            info.name,
+            why,
+            info.path,
+        )
+        return "torch"
+    return "onnx"
+
+
+def onnx_graph(info: ModelInfo, dtype: str) -> Path:
+    """The entry's ONNX graph for `dtype`, exported (with torch, once) when the entry lacks it."""
+    graph = info.onnx_graph(dtype)
+    if graph is None:
+        from .onnx_export import add_onnx
+
+        log.info("%s has no %s ONNX graph yet: exporting it once (this needs torch)", info.name, dtype)
+        graph = add_onnx(info.path, dtype).onnx_graph(dtype)
+    if graph is None:
+        record = read_entry(info.path).onnx.get(dtype, {})
+        raise ValueError(
+            f"{info.name}: no usable {dtype} ONNX graph ({record.get('error', 'export failed')})"
+        )
+    return graph
+
+
+def onnxruntime_installed() -> bool:
+    return importlib.util.find_spec("onnxruntime") is not None
+
+
+def gpu_present() -> bool:
+    """Whether torch sees a GPU; torch is imported only when the machine has a GPU driver at all."""
+    if not any(Path(p).exists() for p in ("/proc/driver/nvidia/version", "/dev/nvidiactl", "/dev/kfd")):
+        return False
+    import torch
+
+    return bool(torch.cuda.is_available())

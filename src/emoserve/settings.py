@@ -144,12 +144,19 @@ class Settings:
         metavar="DIR|NAME",
     )
     hub: str = _setting("auto", _choice("auto", "hf", "ms"), "where to download a missing model from")
+    backend: str = _setting(
+        "auto",
+        _choice("auto", "torch", "onnx"),
+        "onnx (ONNX Runtime, CPU, no torch), torch, or auto: onnx on a CPU when the model has its graph",
+    )
     device: str = _setting("auto", _text, "auto (CUDA when present), cpu, cuda, cuda:N")
     dtype: str = _setting(
-        "float32", _choice("float32", "float16", "bfloat16"), "float16/bfloat16 on a GPU only"
+        "float32",
+        _choice("float32", "float16", "bfloat16", "int8"),
+        "float16/bfloat16 on a GPU only (torch); int8 on a CPU only (onnx)",
     )
     threads: int | None = _setting(
-        None, _optional(_integer, "auto"), "torch CPU threads (default: physical cores)", check=_at_least(1)
+        None, _optional(_integer, "auto"), "CPU threads (default: physical cores)", check=_at_least(1)
     )
     # Listening
     host: str = _setting("127.0.0.1", _text, "interface to listen on; 0.0.0.0 for all (only when asked)")

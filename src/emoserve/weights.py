@@ -1,28 +1,21 @@
-"""Find, download, convert and load emotion2vec+ weights.
+"""Read published emotion2vec+ checkpoints, convert them into cache entries, load entries into torch.
 
 A published model directory (`config.yaml`, `model.pt`, `tokens.txt`) is converted once into a
-slim cache entry: the weights alone as safetensors under our parameter names, the parsed config,
-the labels and a manifest. Loading an entry memory-maps the safetensors file into a model built
-on the meta device, so no parameter is ever allocated or randomly initialised before it is
-overwritten.
+slim cache entry (`entry.py`): the weights alone as safetensors under our parameter names, the parsed
+config, the labels, a manifest and the ONNX graphs (`onnx_export.py`). Loading an entry memory-maps
+the safetensors file into a model built on the meta device, so no parameter is ever allocated or
+randomly initialised before it is overwritten.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import math
-import os
 import pickle
 import re
-import shutil
-import tempfile
 import time
 import zipfile
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -31,17 +24,27 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from . import hub
-from .hub import Hub
-from .labels import Label, parse_tokens
-from .model import PRESETS, ConfigError, Emotion2vec, ModelConfig
+from .config import PRESETS, ConfigError, ModelConfig
+from .entry import (
+    CONFIG_FILE,
+    ENTRY_FORMAT,
+    MANIFEST_FILE,
+    TOKENS_FILE,
+    WEIGHTS_FILE,
+    ModelInfo,
+    WeightsError,
+    atomic_dir,
+    is_published_dir,
+    is_random_dir,
+    read_entry,
+    read_labels,
+    source_stamp,
+)
+from .labels import Label
+from .model import Emotion2vec
 
 log = logging.getLogger(__name__)
 
-ENTRY_FORMAT = 1
-WEIGHTS_FILE = "model.safetensors"
-CONFIG_FILE = "config.json"
-MANIFEST_FILE = "manifest.json"
-TOKENS_FILE = "tokens.txt"
 PUBLISHED_LABELS = (
     "生气/angry",
     "厌恶/disgusted",
@@ -53,28 +56,6 @@ PUBLISHED_LABELS = (
     "吃惊/surprised",
     "<unk>",
 )
-FALLBACK_PRESET = "large"  # the architecture of the default model
-
-
-class WeightsError(RuntimeError):
-    """A model that cannot be found, downloaded, converted or loaded; the message says what to do."""
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    name: str
-    path: Path  # the slim cache entry
-    config: ModelConfig
-    labels: tuple[Label, ...]
-    random_weights: bool
-    source: dict[str, Any]  # where the weights came from (path, size, sha256)
-
-    @property
-    def num_parameters(self) -> int:
-        return int(sum(math.prod(shape) for shape in self.tensor_shapes().values()))
-
-    def tensor_shapes(self) -> dict[str, list[int]]:
-        return dict(json.loads((self.path / MANIFEST_FILE).read_text())["tensors"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -182,16 +163,6 @@ def read_config(model_dir: Path, num_labels: int) -> ModelConfig:
         raise WeightsError(f"{model_dir}: {err}") from None
 
 
-def read_labels(path: Path) -> tuple[Label, ...]:
-    try:
-        labels = parse_tokens(path.read_text(encoding="utf-8"))
-    except OSError as err:
-        raise WeightsError(f"cannot read labels: {err}") from None
-    if not labels:
-        raise WeightsError(f"{path} lists no labels")
-    return labels
-
-
 def read_published(model_dir: Path) -> tuple[ModelConfig, tuple[Label, ...], dict[str, torch.Tensor]]:
     """Config, labels and (renamed, checked) weights of a published directory.
 
@@ -230,48 +201,19 @@ def _last_line(err: Exception) -> str:
     return lines[-1].strip() if lines else type(err).__name__
 
 
-def is_published_dir(path: Path) -> bool:
-    return all((path / f).is_file() for f in ("config.yaml", "model.pt", "tokens.txt"))
-
-
-def is_entry(path: Path) -> bool:
-    return all((path / f).is_file() for f in (MANIFEST_FILE, WEIGHTS_FILE, CONFIG_FILE, TOKENS_FILE))
-
-
-def is_random_dir(model_dir: Path) -> bool:
-    """`make-test-model` marks its directories in configuration.json."""
-    try:
-        meta = json.loads((model_dir / "configuration.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return bool(isinstance(meta, dict) and meta.get("emoserve", {}).get("random_weights"))
-
-
 # ---------------------------------------------------------------------------------------------
 # The slim cache entry
 
 
-@contextmanager
-def atomic_dir(dest: Path) -> Iterator[Path]:
-    """Yield a temporary directory beside `dest` that replaces `dest` only if the block succeeds."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-    try:
-        yield tmp
-        if dest.exists():
-            shutil.rmtree(dest)
-        tmp.rename(dest)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+def convert(
+    model_dir: Path, entry: Path, *, name: str | None = None, onnx: bool | None = None, int8: bool = False
+) -> Path:
+    """Convert a published directory into a slim cache entry at `entry` (atomically).
 
+    `onnx` (default: unless EMOSERVE_EXPORT_ONNX=0) also exports the float32 ONNX graph for the onnx
+    backend, `int8` the dynamically quantized one too."""
+    from .onnx_export import export_enabled, onnx_record
 
-def source_stamp(model_pt: Path) -> dict[str, Any]:
-    stat = model_pt.stat()
-    return {"path": str(model_pt.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
-
-
-def convert(model_dir: Path, entry: Path, *, name: str | None = None) -> Path:
-    """Convert a published directory into a slim cache entry at `entry` (atomically)."""
     model_dir = Path(model_dir)
     if not is_published_dir(model_dir):
         raise WeightsError(f"{model_dir} is not a model directory (config.yaml, model.pt, tokens.txt)")
@@ -290,23 +232,15 @@ def convert(model_dir: Path, entry: Path, *, name: str | None = None) -> Path:
         save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / WEIGHTS_FILE))
         (tmp / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2))
         (tmp / TOKENS_FILE).write_text("\n".join(label.token for label in labels), encoding="utf-8")
+        if export_enabled() if onnx is None else onnx:
+            model = meta_model(config)
+            model.load_state_dict(state, strict=True, assign=True)
+            model.eval().requires_grad_(False)
+            dtypes = ("float32", "int8") if int8 else ("float32",)
+            manifest["onnx"] = {dtype: onnx_record(model, tmp, dtype) for dtype in dtypes}
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, ensure_ascii=False))
     log.info("converted %s -> %s in %.1f s", model_dir, entry, time.perf_counter() - started)
     return Path(entry)
-
-
-def read_entry(entry: Path) -> ModelInfo:
-    try:
-        manifest = json.loads((entry / MANIFEST_FILE).read_text())
-        config = ModelConfig.from_dict(json.loads((entry / CONFIG_FILE).read_text()))
-    except (OSError, ValueError, TypeError, KeyError) as err:
-        raise WeightsError(f"{entry}: broken cache entry ({err}); delete it to convert again") from None
-    if manifest.get("format") != ENTRY_FORMAT:
-        raise WeightsError(f"{entry}: cache entry format {manifest.get('format')}, expected {ENTRY_FORMAT}")
-    labels = read_labels(entry / TOKENS_FILE)
-    return ModelInfo(
-        manifest["name"], entry, config, labels, bool(manifest["random_weights"]), manifest["source"]
-    )
 
 
 def load_entry(
@@ -320,134 +254,6 @@ def load_entry(
     model.load_state_dict(state, strict=True, assign=True)
     model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
     return model, info
-
-
-# ---------------------------------------------------------------------------------------------
-# Resolving --model
-
-
-def home() -> Path:
-    """The cache directory: $EMOSERVE_HOME, else the user's cache dir."""
-    if env := os.environ.get("EMOSERVE_HOME"):
-        return Path(env).expanduser()
-    from platformdirs import user_cache_dir
-
-    return Path(user_cache_dir("emoserve"))
-
-
-def resolve(
-    model: str | os.PathLike[str] | None = None,
-    *,
-    hub_name: Hub = "auto",
-    cache: Path | None = None,
-    progress: bool = True,
-) -> Path:
-    """The slim cache entry for `model`: a local directory or a known name (default: large).
-
-    Only when no model is given and the default can be neither found nor downloaded does this
-    fall back - loudly - to a generated random-weight model of the large architecture."""
-    cache = cache or home()
-    if model is None:
-        try:
-            return resolve_name(hub.DEFAULT_MODEL, hub_name=hub_name, cache=cache, progress=progress)
-        except (WeightsError, hub.HubError) as err:
-            return random_fallback(cache, reason=str(err))
-    path = Path(model).expanduser()
-    if path.is_dir():
-        return resolve_dir(path, cache)
-    if hub.canonical_name(str(model)) is not None:
-        return resolve_name(str(model), hub_name=hub_name, cache=cache, progress=progress)
-    raise WeightsError(
-        f"model {str(model)!r} is neither a directory nor a known name "
-        f"({', '.join(hub.KNOWN_MODELS)}, also as iic/... or emotion2vec/...)"
-    )
-
-
-def resolve_dir(path: Path, cache: Path) -> Path:
-    if is_entry(path):
-        return path
-    if not is_published_dir(path):
-        raise WeightsError(
-            f"{path} is not a model directory: expected config.yaml, model.pt and tokens.txt "
-            f"(the published layout) or a converted entry ({MANIFEST_FILE}, {WEIGHTS_FILE})"
-        )
-    # one entry per source directory, reused while model.pt is unchanged (checked by size and mtime,
-    # not by re-hashing 1.9 GB on every start)
-    digest = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:16]
-    entry = cache / "converted" / f"{path.resolve().name}-{digest}"
-    if is_entry(entry):
-        stamp = read_entry(entry).source
-        current = source_stamp(path / "model.pt")
-        if all(stamp.get(k) == current[k] for k in ("size", "mtime_ns")):
-            return entry
-        log.info("%s changed since it was converted; converting again", path / "model.pt")
-    return convert(path, entry)
-
-
-def resolve_name(name: str, *, hub_name: Hub, cache: Path, progress: bool) -> Path:
-    canonical = hub.canonical_name(name)
-    if canonical is None:
-        raise WeightsError(f"unknown model name {name!r}; known: {', '.join(hub.KNOWN_MODELS)}")
-    entry = cache / "models" / canonical
-    if is_entry(entry):
-        return entry  # no network at all when the cache has the model
-    download_dir = cache / "downloads" / canonical
-    hub.download(canonical, download_dir, hub=hub_name, progress=progress)
-    try:
-        return convert(download_dir, entry, name=canonical)
-    finally:
-        shutil.rmtree(download_dir, ignore_errors=True)  # the entry holds all inference needs
-
-
-def random_fallback(cache: Path, reason: str) -> Path:
-    name = f"{hub.DEFAULT_MODEL}-random"
-    log.warning(
-        "\n%s\n!! %s is not cached and could not be downloaded:\n!!   %s\n"
-        "!! Using a RANDOM-WEIGHT model of the same (large) architecture instead.\n"
-        "!! Its predictions are MEANINGLESS; pass --model to use real weights.\n%s",
-        "!" * 78,
-        hub.DEFAULT_MODEL,
-        reason,
-        "!" * 78,
-    )
-    entry = cache / "models" / name
-    if is_entry(entry):
-        return entry
-    cache.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=cache) as tmp:
-        make_test_model(Path(tmp) / "published", preset=FALLBACK_PRESET, seed=0)
-        return convert(Path(tmp) / "published", entry, name=name)
-
-
-def describe(model: str | os.PathLike[str] | None) -> dict[str, Any]:
-    """What `emoserve info` shows; never downloads or converts."""
-    path = Path(model).expanduser() if model is not None else None
-    if path is None or not path.is_dir():
-        name = hub.canonical_name(str(model or hub.DEFAULT_MODEL))
-        if name is None:
-            raise WeightsError(f"model {model!r} is neither a directory nor a known name")
-        path = home() / "models" / name
-        if not is_entry(path):
-            return {"name": name, "cached": False, "hint": f"run `emoserve download {name}`"}
-    if is_entry(path):
-        info = read_entry(path)
-        config, labels, params, random = info.config, info.labels, info.num_parameters, info.random_weights
-        extra: dict[str, Any] = {"source": info.source}
-    elif is_published_dir(path):
-        config, labels, state = read_published(path)
-        params, random, extra = sum(v.numel() for v in state.values()), is_random_dir(path), {}
-    else:
-        raise WeightsError(f"{path} is not a model directory (config.yaml, model.pt, tokens.txt)")
-    return {
-        "path": str(path),
-        "random_weights": random,
-        "parameters": params,
-        "weights_mb_fp32": round(params * 4 / 1e6, 1),
-        "labels": [{"en": lb.en, "zh": lb.zh, "masked": lb.masked} for lb in labels],
-        "config": config.to_dict(),
-        "files": {p.name: p.stat().st_size for p in sorted(path.iterdir()) if p.is_file()},
-        **extra,
-    }
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,279 @@
+"""The slim cache entry: its layout, reading it, and resolving `--model` to one. Torch-free.
+
+A published model directory (`config.yaml`, `model.pt`, `tokens.txt`) is converted once (by `weights.py`,
+which needs torch) into an entry: the weights alone as safetensors under our parameter names, the parsed
+config, the labels, a manifest, and the ONNX graphs of the same network (`onnx_export.py`). Reading an
+entry and finding one for `--model` need neither torch nor onnxruntime, so either backend starts from here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import hub
+from .config import ModelConfig
+from .hub import Hub
+from .labels import Label, parse_tokens
+
+log = logging.getLogger(__name__)
+
+ENTRY_FORMAT = 1
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+MANIFEST_FILE = "manifest.json"
+TOKENS_FILE = "tokens.txt"
+FALLBACK_PRESET = "large"  # the architecture of the default model
+
+
+class WeightsError(RuntimeError):
+    """A model that cannot be found, downloaded, converted or loaded; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    path: Path  # the slim cache entry
+    config: ModelConfig
+    labels: tuple[Label, ...]
+    random_weights: bool
+    source: dict[str, Any]  # where the weights came from (path, size, sha256)
+    onnx: dict[str, Any] = field(default_factory=dict)  # manifest "onnx": per dtype, its graph and checks
+
+    def onnx_graph(self, dtype: str = "float32") -> Path | None:
+        """The entry's ONNX graph for `dtype` ("float32" or "int8") when it was exported and checked."""
+        record = self.onnx.get(dtype)
+        if not isinstance(record, dict) or "file" not in record:
+            return None
+        path = self.path / record["file"]
+        return path if path.is_file() else None
+
+    @property
+    def num_parameters(self) -> int:
+        return int(sum(math.prod(shape) for shape in self.tensor_shapes().values()))
+
+    def tensor_shapes(self) -> dict[str, list[int]]:
+        return dict(json.loads((self.path / MANIFEST_FILE).read_text())["tensors"])
+
+
+def read_labels(path: Path) -> tuple[Label, ...]:
+    try:
+        labels = parse_tokens(path.read_text(encoding="utf-8"))
+    except OSError as err:
+        raise WeightsError(f"cannot read labels: {err}") from None
+    if not labels:
+        raise WeightsError(f"{path} lists no labels")
+    return labels
+
+
+def is_published_dir(path: Path) -> bool:
+    return all((path / f).is_file() for f in ("config.yaml", "model.pt", "tokens.txt"))
+
+
+def is_entry(path: Path) -> bool:
+    return all((path / f).is_file() for f in (MANIFEST_FILE, WEIGHTS_FILE, CONFIG_FILE, TOKENS_FILE))
+
+
+def is_random_dir(model_dir: Path) -> bool:
+    """`make-test-model` marks its directories in configuration.json."""
+    try:
+        meta = json.loads((model_dir / "configuration.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return bool(isinstance(meta, dict) and meta.get("emoserve", {}).get("random_weights"))
+
+
+@contextmanager
+def atomic_dir(dest: Path) -> Iterator[Path]:
+    """Yield a temporary directory beside `dest` that replaces `dest` only if the block succeeds."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    try:
+        yield tmp
+        if dest.exists():
+            shutil.rmtree(dest)
+        tmp.rename(dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def source_stamp(model_pt: Path) -> dict[str, Any]:
+    stat = model_pt.stat()
+    return {"path": str(model_pt.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def read_entry(entry: Path) -> ModelInfo:
+    try:
+        manifest = read_manifest(entry)
+        config = ModelConfig.from_dict(json.loads((entry / CONFIG_FILE).read_text()))
+    except (OSError, ValueError, TypeError, KeyError) as err:
+        raise WeightsError(f"{entry}: broken cache entry ({err}); delete it to convert again") from None
+    if manifest.get("format") != ENTRY_FORMAT:
+        raise WeightsError(f"{entry}: cache entry format {manifest.get('format')}, expected {ENTRY_FORMAT}")
+    labels = read_labels(entry / TOKENS_FILE)
+    return ModelInfo(
+        manifest["name"],
+        entry,
+        config,
+        labels,
+        bool(manifest["random_weights"]),
+        manifest["source"],
+        manifest.get("onnx") or {},
+    )
+
+
+def read_manifest(entry: Path) -> dict[str, Any]:
+    return dict(json.loads((entry / MANIFEST_FILE).read_text()))
+
+
+def write_manifest(entry: Path, manifest: dict[str, Any]) -> None:
+    """Replace the manifest atomically (a reader sees the old one or the new one, never half)."""
+    tmp = entry / f".{MANIFEST_FILE}.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps(manifest, indent=2, ensure_ascii=False))
+    os.replace(tmp, entry / MANIFEST_FILE)
+
+
+# ---------------------------------------------------------------------------------------------
+# Resolving --model
+
+
+def home() -> Path:
+    """The cache directory: $EMOSERVE_HOME, else the user's cache dir."""
+    if env := os.environ.get("EMOSERVE_HOME"):
+        return Path(env).expanduser()
+    from platformdirs import user_cache_dir
+
+    return Path(user_cache_dir("emoserve"))
+
+
+def resolve(
+    model: str | os.PathLike[str] | None = None,
+    *,
+    hub_name: Hub = "auto",
+    cache: Path | None = None,
+    progress: bool = True,
+) -> Path:
+    """The slim cache entry for `model`: a local directory or a known name (default: large).
+
+    Only when no model is given and the default can be neither found nor downloaded does this
+    fall back - loudly - to a generated random-weight model of the large architecture."""
+    cache = cache or home()
+    if model is None:
+        try:
+            return resolve_name(hub.DEFAULT_MODEL, hub_name=hub_name, cache=cache, progress=progress)
+        except (WeightsError, hub.HubError) as err:
+            return random_fallback(cache, reason=str(err))
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return resolve_dir(path, cache)
+    if hub.canonical_name(str(model)) is not None:
+        return resolve_name(str(model), hub_name=hub_name, cache=cache, progress=progress)
+    raise WeightsError(
+        f"model {str(model)!r} is neither a directory nor a known name "
+        f"({', '.join(hub.KNOWN_MODELS)}, also as iic/... or emotion2vec/...)"
+    )
+
+
+def resolve_dir(path: Path, cache: Path) -> Path:
+    if is_entry(path):
+        return path
+    if not is_published_dir(path):
+        raise WeightsError(
+            f"{path} is not a model directory: expected config.yaml, model.pt and tokens.txt "
+            f"(the published layout) or a converted entry ({MANIFEST_FILE}, {WEIGHTS_FILE})"
+        )
+    # one entry per source directory, reused while model.pt is unchanged (checked by size and mtime,
+    # not by re-hashing 1.9 GB on every start)
+    digest = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:16]
+    entry = cache / "converted" / f"{path.resolve().name}-{digest}"
+    if is_entry(entry):
+        stamp = read_entry(entry).source
+        current = source_stamp(path / "model.pt")
+        if all(stamp.get(k) == current[k] for k in ("size", "mtime_ns")):
+            return entry
+        log.info("%s changed since it was converted; converting again", path / "model.pt")
+    from .weights import convert  # torch: only when there is something to convert
+
+    return convert(path, entry)
+
+
+def resolve_name(name: str, *, hub_name: Hub, cache: Path, progress: bool) -> Path:
+    canonical = hub.canonical_name(name)
+    if canonical is None:
+        raise WeightsError(f"unknown model name {name!r}; known: {', '.join(hub.KNOWN_MODELS)}")
+    entry = cache / "models" / canonical
+    if is_entry(entry):
+        return entry  # no network at all when the cache has the model
+    download_dir = cache / "downloads" / canonical
+    hub.download(canonical, download_dir, hub=hub_name, progress=progress)
+    from .weights import convert
+
+    try:
+        return convert(download_dir, entry, name=canonical)
+    finally:
+        shutil.rmtree(download_dir, ignore_errors=True)  # the entry holds all inference needs
+
+
+def random_fallback(cache: Path, reason: str) -> Path:
+    name = f"{hub.DEFAULT_MODEL}-random"
+    log.warning(
+        "\n%s\n!! %s is not cached and could not be downloaded:\n!!   %s\n"
+        "!! Using a RANDOM-WEIGHT model of the same (large) architecture instead.\n"
+        "!! Its predictions are MEANINGLESS; pass --model to use real weights.\n%s",
+        "!" * 78,
+        hub.DEFAULT_MODEL,
+        reason,
+        "!" * 78,
+    )
+    entry = cache / "models" / name
+    if is_entry(entry):
+        return entry
+    from .weights import convert, make_test_model
+
+    cache.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache) as tmp:
+        make_test_model(Path(tmp) / "published", preset=FALLBACK_PRESET, seed=0)
+        return convert(Path(tmp) / "published", entry, name=name)
+
+
+def describe(model: str | os.PathLike[str] | None) -> dict[str, Any]:
+    """What `emoserve info` shows; never downloads or converts."""
+    path = Path(model).expanduser() if model is not None else None
+    if path is None or not path.is_dir():
+        name = hub.canonical_name(str(model or hub.DEFAULT_MODEL))
+        if name is None:
+            raise WeightsError(f"model {model!r} is neither a directory nor a known name")
+        path = home() / "models" / name
+        if not is_entry(path):
+            return {"name": name, "cached": False, "hint": f"run `emoserve download {name}`"}
+    if is_entry(path):
+        info = read_entry(path)
+        config, labels, params, random = info.config, info.labels, info.num_parameters, info.random_weights
+        extra: dict[str, Any] = {"source": info.source, "onnx": info.onnx}
+    elif is_published_dir(path):
+        from .weights import read_published
+
+        config, labels, state = read_published(path)
+        params, random, extra = sum(v.numel() for v in state.values()), is_random_dir(path), {}
+    else:
+        raise WeightsError(f"{path} is not a model directory (config.yaml, model.pt, tokens.txt)")
+    return {
+        "path": str(path),
+        "random_weights": random,
+        "parameters": params,
+        "weights_mb_fp32": round(params * 4 / 1e6, 1),
+        "labels": [{"en": lb.en, "zh": lb.zh, "masked": lb.masked} for lb in labels],
+        "config": config.to_dict(),
+        "files": {p.name: p.stat().st_size for p in sorted(path.iterdir()) if p.is_file()},
+        **extra,
+    }

@@ -1,0 +1,69 @@
+"""The ONNX Runtime backend: the same network as an ONNX graph, on the CPU, without torch.
+
+The graph was exported from our own model when the entry was converted (`onnx_export.py`), optimised
+then for ONNX Runtime's CPU provider and checked against the torch path, so a session loads it with
+graph optimisation off and its weights memory-mapped from the entry: import and session together take
+a small fraction of a second, and nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .recognizer import Outputs
+
+INPUTS = ("waves", "lengths")  # (batch, samples) float32 zero-padded, (batch,) int64
+OUTPUTS = Outputs._fields  # logits, pooled, frame_logits, frames, frame_lengths
+UTTERANCE_OUTPUTS = ("logits", "pooled", "frame_lengths")
+
+
+def session_options(threads: int, *, optimise: bool = False) -> Any:
+    """Options chosen by measurement (docs/benchmarks.md, "ONNX Runtime session options"):
+    - prepacking off: packed copies of the MatMul weights would double their memory and, unlike the
+      memory-mapped initializers, not be shared between processes; steady latency is within noise;
+    - one intra-op thread per physical core, and no inter-op parallelism (the graph is one chain)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.log_severity_level = 3  # errors only: ORT's warnings about unused initializers are noise
+    options.add_session_config_entry("session.disable_prepacking", "1")
+    options.graph_optimization_level = (
+        ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        if optimise
+        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    )
+    return options
+
+
+def open_session(graph: Path, threads: int, *, optimise: bool = False, options: Any = None) -> Any:
+    import onnxruntime as ort
+
+    return ort.InferenceSession(
+        str(graph), options or session_options(threads, optimise=optimise), providers=["CPUExecutionProvider"]
+    )
+
+
+class OnnxBackend:
+    name = "onnx"
+    device = "cpu"
+
+    def __init__(self, graph: Path, dtype: str, threads: int) -> None:
+        self.graph = graph
+        self.dtype = dtype
+        self.threads = threads
+        self.session = open_session(graph, threads)
+
+    def run(self, waves: np.ndarray, lengths: np.ndarray, frames: bool) -> Outputs:
+        names = OUTPUTS if frames else UTTERANCE_OUTPUTS
+        got = dict(
+            zip(names, self.session.run(list(names), {"waves": waves, "lengths": lengths}), strict=True)
+        )
+        return Outputs(
+            got["logits"], got["pooled"], got.get("frame_logits"), got.get("frames"), got["frame_lengths"]
+        )
