@@ -1,10 +1,12 @@
 """One fresh process of `cold_start.py` (not a benchmark itself): start -> ready one way, then report.
 
-    python benchmarks/_cold_start_child.py '{"mode": "torch" | "ours" | "baseline", "started": <time.time()
-        of the parent just before it spawned us>, "path": ..., "warmup_s": 1.0, "clip_s": 5.0, "steady": 10}'
+    python benchmarks/_cold_start_child.py '{"mode": "torch" | "ours" | "onnx" | "baseline",
+        "started": <time.time() of the parent just before it spawned us>, "path": ..., "warmup_s": 1.0,
+        "clip_s": 5.0, "steady": 10}'
 
 Prints one JSON line with offsets in seconds from `started` (so interpreter start counts) and the peak
 RSS at ready. Only `json`, `sys` and `time` are imported before `import torch`, so the torch floor is pure.
+"onnx" never imports torch (and reports whether anything did).
 """
 
 from __future__ import annotations
@@ -24,31 +26,34 @@ def main() -> None:
     def now() -> float:
         return time.perf_counter() - anchor
 
-    import torch
+    out: dict[str, Any] = {}
+    if job["mode"] != "onnx":
+        import torch
 
-    out: dict[str, Any] = {"t_import_torch": now()}
+        out["t_import_torch"] = now()
     if job["mode"] != "torch":
         from common import peak_rss_mb, synthetic_clip
 
-        load = load_ours if job["mode"] == "ours" else load_baseline
-        recognizer = load(Path(job["path"]))
+        load = load_baseline if job["mode"] == "baseline" else load_ours
+        recognizer = load(Path(job["path"]), job["mode"])
         out["t_loaded"] = now()
         recognizer.predict((synthetic_clip(job["warmup_s"], seed=1), 16_000))
         out["t_ready"] = now()
         out["peak_rss_mb"] = peak_rss_mb()
-        out["threads"] = torch.get_num_threads()
-        if job["mode"] == "ours" and job["steady"] > 0:
+        out["threads"] = recognizer.backend.threads if job["mode"] == "onnx" else torch.get_num_threads()
+        out["torch_imported"] = "torch" in sys.modules
+        if job["mode"] in ("ours", "onnx") and job["steady"] > 0:
             out |= first_and_steady(recognizer, synthetic_clip(job["clip_s"], seed=2), job["steady"])
     print(json.dumps(out))
 
 
-def load_ours(entry: Path) -> Any:
+def load_ours(entry: Path, mode: str) -> Any:
     import emoserve
 
-    return emoserve.load_model(entry, backend="torch", device="cpu")
+    return emoserve.load_model(entry, backend="onnx" if mode == "onnx" else "torch", device="cpu")
 
 
-def load_baseline(published: Path) -> Any:
+def load_baseline(published: Path, mode: str) -> Any:
     """The common path: random init on the CPU, torch.load of the whole model.pt (no mmap), rename,
     load_state_dict. Wrapped in the same Recognizer so that the warm-up inference is identical."""
     import torch

@@ -4,9 +4,12 @@ Every measurement is a new Python process (benchmarks/_cold_start_child.py), tim
 parent spawns it, so interpreter start counts. Three kinds of child, interleaved run by run:
 
 - torch:    `import torch` alone, the floor no loader can go under.
-- ours:     `emoserve.load_model(<converted slim entry>, device="cpu")` (safetensors memory-mapped into a
-            model built on the meta device), then a 1 s warm-up inference through `Recognizer.predict`.
-            Then, already ready: the first call on a 5 s clip and the median of 10 more of the same clip.
+- ours:     `emoserve.load_model(<converted slim entry>, backend="torch", device="cpu")` (safetensors
+            memory-mapped into a model built on the meta device), then a 1 s warm-up inference through
+            `Recognizer.predict`. Then, already ready: the first call on a 5 s clip and the median of 10
+            more of the same clip.
+- onnx:     the same with `backend="onnx"`: ONNX Runtime on the entry's pre-optimised graph, weights
+            memory-mapped, torch never imported.
 - baseline: `Emotion2vec(config)` with random init on the CPU, `torch.load` of the whole published
             model.pt (weights_only=True, no mmap), `from_published` renames, `load_state_dict`, then the
             same warm-up inference.
@@ -43,11 +46,12 @@ from common import (
 )
 
 CHILD = Path(__file__).resolve().parent / "_cold_start_child.py"
-MODES = ("torch", "ours", "baseline")
+MODES = ("torch", "ours", "onnx", "baseline")
 WARMUP_S = 1.0  # the warm-up inference both sides run before they count as ready
 CLIP_S = 5.0  # the "real" clip of the first-call check
 OVERHEAD_MB = 600  # allowed beyond the fp32 weights: interpreter, torch, activations
-TARGETS = {"beyond_import": 0.25, "start_to_ready": 0.5, "peak_rss": 0.5, "first_call": 1.2}
+TARGETS = {"beyond_import": 0.25, "start_to_ready": 0.5, "peak_rss": 0.5, "first_call": 1.2,
+           "onnx_first_result": 0.4, "onnx_peak_rss": 1.0}
 
 
 def main() -> None:
@@ -55,18 +59,19 @@ def main() -> None:
     runs = run_count(args)
     header("Cold start", args, runs)
     model = bench_model(args.preset)
-    warm_page_cache(model.published / "model.pt", model.entry / "model.safetensors")
+    warm_page_cache(model.published / "model.pt", *model.entry.glob("model.*"))
     steady = 2 if args.quick else 10
     results: dict[str, list[dict[str, Any]]] = {mode: [] for mode in MODES}
     for i in range(runs):
-        for mode in MODES[i % 3:] + MODES[: i % 3]:  # rotate the order so drift hits every mode alike
+        # rotate the order so drift hits every mode alike
+        for mode in MODES[i % len(MODES):] + MODES[: i % len(MODES)]:
             results[mode].append(child(mode, model, steady))
             print(f"run {i + 1}/{runs} {mode:8s} {summary(results[mode][-1])}", file=sys.stderr)
     report(results, model)
 
 
 def child(mode: str, model: BenchModel, steady: int) -> dict[str, Any]:
-    job = {"mode": mode, "path": str(model.entry if mode == "ours" else model.published),
+    job = {"mode": mode, "path": str(model.published if mode == "baseline" else model.entry),
            "warmup_s": WARMUP_S, "clip_s": CLIP_S, "steady": steady, "started": time.time()}
     done = subprocess.run([sys.executable, str(CHILD), json.dumps(job)], capture_output=True, text=True,
                           env=os.environ | {"EMOSERVE_HOME": str(BENCH_HOME)})
@@ -93,15 +98,22 @@ def report(results: dict[str, list[dict[str, Any]]], model: BenchModel) -> None:
             if "t_ready" in r:
                 r["beyond_import"] = r["t_ready"] - r["t_import_torch"]
     print("Medians over fresh processes (min-max in brackets); seconds from the parent's spawn.\n")
-    table(["", "ours", "baseline"], [
-        ["`import torch` alone (floor)", spread("torch", "t_import_torch"), "(same floor)"],
-        ["start -> torch imported", spread("ours", "t_import_torch"), spread("baseline", "t_import_torch")],
-        ["start -> weights loaded", spread("ours", "t_loaded"), spread("baseline", "t_loaded")],
-        ["start -> ready (after 1 s warm-up)", spread("ours", "t_ready"), spread("baseline", "t_ready")],
-        ["beyond import (ready - torch imported)", spread("ours", "beyond_import"),
+    table(["", "ours (torch backend)", "ours (onnx backend)", "baseline"], [
+        ["`import torch` alone (floor)", spread("torch", "t_import_torch"), "-", "(same floor)"],
+        ["start -> torch imported", spread("ours", "t_import_torch"), "never",
+         spread("baseline", "t_import_torch")],
+        ["start -> weights loaded", spread("ours", "t_loaded"), spread("onnx", "t_loaded"),
+         spread("baseline", "t_loaded")],
+        ["start -> ready = first result (1 s clip)", spread("ours", "t_ready"), spread("onnx", "t_ready"),
+         spread("baseline", "t_ready")],
+        ["beyond import (ready - torch imported)", spread("ours", "beyond_import"), "-",
          spread("baseline", "beyond_import")],
-        ["peak RSS at ready (MB)", spread("ours", "peak_rss_mb", ".0f"),
+        ["peak RSS at ready (MB)", spread("ours", "peak_rss_mb", ".0f"), spread("onnx", "peak_rss_mb", ".0f"),
          spread("baseline", "peak_rss_mb", ".0f")],
+        [f"first {CLIP_S:g} s call after ready (s)", spread("ours", "first_call_s", ".3f"),
+         spread("onnx", "first_call_s", ".3f"), "-"],
+        [f"steady {CLIP_S:g} s call, median (s)", spread("ours", "steady_call_s", ".3f"),
+         spread("onnx", "steady_call_s", ".3f"), "-"],
     ])
     weights_mb = parameters(model.entry) * 4 / MB
     rss_limit = weights_mb + OVERHEAD_MB
@@ -110,6 +122,9 @@ def report(results: dict[str, list[dict[str, Any]]], model: BenchModel) -> None:
         "start_to_ready": med("ours", "t_ready") / med("baseline", "t_ready"),
         "peak_rss": med("ours", "peak_rss_mb") / med("baseline", "peak_rss_mb"),
         "first_call": med("ours", "first_call_s") / med("ours", "steady_call_s"),
+        "onnx_first_result": med("onnx", "t_ready") / med("ours", "t_ready"),
+        "onnx_peak_rss": med("onnx", "peak_rss_mb") / med("ours", "peak_rss_mb"),
+        "onnx_first_call": med("onnx", "first_call_s") / med("onnx", "steady_call_s"),
     }
     table(["figure", "value", "target"], [
         ["beyond import, ours / baseline", f"{ratios['beyond_import']:.3f}",
@@ -123,15 +138,25 @@ def report(results: dict[str, list[dict[str, Any]]], model: BenchModel) -> None:
          verdict(round(med("ours", "peak_rss_mb")), round(rss_limit))],
         [f"first {CLIP_S:g} s call after ready / steady median", f"{ratios['first_call']:.3f}",
          verdict(ratios["first_call"], TARGETS["first_call"])],
+        ["spawn -> first result, onnx / torch backend", f"{ratios['onnx_first_result']:.3f}",
+         verdict(ratios["onnx_first_result"], TARGETS["onnx_first_result"])],
+        ["peak RSS, onnx / torch backend", f"{ratios['onnx_peak_rss']:.3f}",
+         verdict(ratios["onnx_peak_rss"], TARGETS["onnx_peak_rss"])],
+        [f"onnx: first {CLIP_S:g} s call after ready / steady median", f"{ratios['onnx_first_call']:.3f}",
+         verdict(ratios["onnx_first_call"], TARGETS["first_call"])],
     ])
+    print(f"The onnx child imported torch: {any(r['torch_imported'] for r in results['onnx'])}.")
     print(f"First {CLIP_S:g} s call after ready: {spread('ours', 'first_call_s', '.3f')} s; steady median of "
           f"the following calls: {spread('ours', 'steady_call_s', '.3f')} s.")
-    print(f"Torch threads: {results['ours'][0]['threads']} (ours), "
-          f"{results['baseline'][0]['threads']} (baseline). {load_average()} at the end.")
+    threads = {mode: results[mode][0]["threads"] for mode in ("ours", "onnx", "baseline")}
+    print(f"Threads: {threads['ours']} (torch backend), {threads['onnx']} (onnx), {threads['baseline']} "
+          f"(baseline). {load_average()} at the end.")
     print(f"Files: model.pt {size_mb(model.published / 'model.pt')} MB (weights + training state), "
-          f"model.safetensors {size_mb(model.entry / 'model.safetensors')} MB.")
+          f"model.safetensors {size_mb(model.entry / 'model.safetensors')} MB, "
+          f"model.onnx.data {size_mb(model.entry / 'model.onnx.data')} MB.")
     print(f"One-time conversion, outside the timing (`emoserve convert`, whole command including interpreter "
-          f"start and import torch): {model.conversion_s:.1f} s, measured {model.converted_at}.")
+          f"start, import torch and the ONNX export with its checks): {model.conversion_s:.1f} s, "
+          f"measured {model.converted_at}.")
     print("Page cache: warm for both (each file read once before measuring; dropping it needs root).")
 
 

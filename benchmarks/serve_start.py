@@ -2,14 +2,16 @@
 baseline app that loads the model on its first request. CPU only.
 
 Every measurement is a new server process, timed from just before this script spawns it (interpreter
-start counts). Three kinds, interleaved run by run with the order rotating:
+start counts). Four kinds, interleaved run by run with the order rotating:
 
-- ours (UI):     `emoserve serve --model <slim entry> --device cpu`, the default, with the Gradio web UI
-                 (which the server mounts at / during start-up). Poll GET /healthz until 200, then GET
-                 /readyz until 200, then POST /v1/recognize with a 5 s clip (the first request after
-                 ready), then wait until / answers 200 (the UI is up: steady state), then the same
-                 request `--steady` more times. The UI's mount time is the server's own log line.
+- ours (UI):     `emoserve serve --model <slim entry> --device cpu`, the default (backend auto: onnx on a
+                 CPU), with the Gradio web UI (which the server mounts at / during start-up). Poll GET
+                 /healthz until 200, then GET /readyz until 200, then POST /v1/recognize with a 5 s clip
+                 (the first request after ready), then wait until / answers 200 (the UI is up: steady
+                 state), then the same request `--steady` more times. The UI's mount time is the server's
+                 own log line.
 - ours (no UI):  the same with `--no-ui`.
+- torch (no UI): the same with `--no-ui --backend torch`: the PyTorch backend, for the ratio.
 - baseline:      benchmarks/_lazy_app.py, a minimal FastAPI + uvicorn app that loads the published
                  model.pt the common way on its first request (random init, torch.load of the whole file,
                  from_published, load_state_dict). Poll /healthz, then POST the same clip at once, then
@@ -47,8 +49,10 @@ from common import (
 )
 
 LAZY_APP = Path(__file__).resolve().parent / "_lazy_app.py"
-KINDS = ("ours", "ours_no_ui", "baseline")
-NAMES = {"ours": "ours (UI)", "ours_no_ui": "ours (--no-ui)", "baseline": "baseline (lazy app)"}
+KINDS = ("ours", "ours_no_ui", "torch_no_ui", "baseline")
+NAMES = {"ours": "ours (UI)", "ours_no_ui": "ours (--no-ui)", "torch_no_ui": "torch backend (--no-ui)",
+         "baseline": "baseline (lazy app)"}
+EXTRA_FLAGS = {"ours": (), "ours_no_ui": ("--no-ui",), "torch_no_ui": ("--no-ui", "--backend", "torch")}
 CLIP_S = 5.0
 UI_MOUNTED = re.compile(r"web UI mounted at / in ([0-9.]+) s")  # the server's log line
 TARGETS = {"healthz_s": 2.0, "first_vs_steady": 1.2, "first_result_vs_baseline": 0.4}
@@ -62,11 +66,12 @@ def main() -> None:
     steady = 2 if args.quick else args.steady
     header("Service start", args, runs)
     model = bench_model(args.preset)
-    warm_page_cache(model.published / "model.pt", model.entry / "model.safetensors")
+    warm_page_cache(model.published / "model.pt", *model.entry.glob("model.*"))
     wav = clip_wav(CLIP_S)
     results: dict[str, list[dict[str, Any]]] = {kind: [] for kind in KINDS}
     for i in range(runs):
-        for kind in KINDS[i % 3:] + KINDS[: i % 3]:  # rotate the order so drift hits every kind alike
+        # rotate the order so drift hits every kind alike
+        for kind in KINDS[i % len(KINDS):] + KINDS[: i % len(KINDS)]:
             path = model.published if kind == "baseline" else model.entry
             results[kind].append(one_process(kind, path, wav, steady, f"start-{kind}-{i + 1}"))
             print(f"run {i + 1}/{runs} {kind:10s} {summary(results[kind][-1])}", file=sys.stderr)
@@ -78,7 +83,7 @@ def one_process(kind: str, model: Path, wav: bytes, steady: int, name: str) -> d
     if kind == "baseline":
         argv = [sys.executable, str(LAZY_APP), "--model", str(model), "--port", str(port)]
     else:
-        argv = serve_argv(model, port, *(["--no-ui"] if kind == "ours_no_ui" else []))
+        argv = serve_argv(model, port, *EXTRA_FLAGS[kind])
     with running_server(name, argv, port) as server:
         out: dict[str, Any] = {}
         out["t_healthz"], _ = server.wait_for("/healthz")
@@ -94,6 +99,8 @@ def one_process(kind: str, model: Path, wav: bytes, steady: int, name: str) -> d
             if kind == "ours":
                 out["t_ui"], _ = server.wait_for("/", interval_s=0.1)
             out["steady_s"] = median([checked(client.recognize(wav), server).seconds for _ in range(steady)])
+            if kind != "baseline":
+                out["backend"] = client.get("/v1/model").json()["backend"]
         finally:
             client.close()
         out["peak_rss_mb"] = server.rss_bytes("VmHWM") / 1e6
@@ -145,7 +152,7 @@ def report(results: dict[str, list[dict[str, Any]]], steady: int) -> None:
                                              for label, key, fmt in rows])
     print("For the baseline the first request includes loading the model; ours' comes after /readyz.\n")
     figures = []
-    for kind in ("ours", "ours_no_ui"):
+    for kind in ("ours", "ours_no_ui", "torch_no_ui"):
         name = NAMES[kind]
         healthz = med(kind, "t_healthz")
         first_ratio = med(kind, "first_s") / med(kind, "steady_s")
@@ -157,7 +164,11 @@ def report(results: dict[str, list[dict[str, Any]]], steady: int) -> None:
             [f"{name}: start -> first result, ratio to baseline", f"{start_ratio:.3f}",
              verdict(start_ratio, TARGETS["first_result_vs_baseline"])],
         ]
+    onnx_vs_torch = med("ours_no_ui", "t_first_result") / med("torch_no_ui", "t_first_result")
+    figures.append(["start -> first result, onnx / torch backend (both --no-ui)", f"{onnx_vs_torch:.3f}",
+                    "(no target)"])
     table(["figure (ratios of medians)", "value", "target"], figures)
+    print("Backends: " + ", ".join(f"{NAMES[k]}: {results[k][0].get('backend')}" for k in KINDS[:3]) + ".")
     baseline_ratio = med("baseline", "first_s") / med("baseline", "steady_s")
     print(f"Baseline first request / steady: {baseline_ratio:.1f}x (it loads the model).")
     print(f"Same answer from every process: {same_scores(results)}.")

@@ -48,6 +48,21 @@ def tiny_recognizer(tmp_path_factory: pytest.TempPathFactory):
         mp.undo()
 
 
+@pytest.fixture(scope="session")
+def tiny_onnx_entry(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The fixture model converted once with its float32 and int8 ONNX graphs (~30 s)."""
+    from emoserve.weights import convert
+
+    return convert(FIXTURE / "model", tmp_path_factory.mktemp("onnx") / "entry", onnx=True, int8=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx(tiny_onnx_entry: Path):
+    from emoserve.recognizer import load_model
+
+    return load_model(tiny_onnx_entry, backend="onnx", threads=1, progress=False)
+
+
 def skip_or_fail(reason: str) -> None:
     """Skip a test whose outside tool is missing - except where EMOSERVE_REQUIRE_TOOLS is set (CI):
     there a missing tool must not quietly turn a promise's test into a skip."""

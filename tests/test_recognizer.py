@@ -22,21 +22,29 @@ def assert_matches_reference(result: Result, clip: str, granularity: str) -> Non
     np.testing.assert_allclose(result.embedding, ref["feats"], atol=EMBEDDING_TOL, rtol=0, err_msg=clip)
 
 
+@pytest.fixture(params=["torch", "onnx"])
+def backend(request: pytest.FixtureRequest) -> Recognizer:
+    """The fixture model on each backend: both are held to the reference's tolerances."""
+    recognizer: Recognizer = request.getfixturevalue(
+        "tiny_recognizer" if request.param == "torch" else "tiny_onnx"
+    )
+    assert recognizer.backend.name == request.param
+    return recognizer
+
+
 @pytest.mark.parametrize("granularity", ["utterance", "frame"])
 @pytest.mark.parametrize("clip", CLIPS)
-def test_one_clip_matches_reference(tiny_recognizer: Recognizer, clip: str, granularity: str) -> None:
+def test_one_clip_matches_reference(backend: Recognizer, clip: str, granularity: str) -> None:
     assert_matches_reference(
-        tiny_recognizer.predict((wave(clip), 16000), granularity, embedding=True), clip, granularity
+        backend.predict((wave(clip), 16000), granularity, embedding=True), clip, granularity
     )
 
 
 @pytest.mark.parametrize("granularity", ["utterance", "frame"])
-def test_one_padded_batch_of_all_clips_matches_reference(
-    tiny_recognizer: Recognizer, granularity: str
-) -> None:
+def test_one_padded_batch_of_all_clips_matches_reference(backend: Recognizer, granularity: str) -> None:
     lengths = [len(wave(c)) for c in CLIPS]
     assert min(lengths) < 16000 * 0.5 and max(lengths) > 16000 * 30  # 0.3 s next to 31 s
-    results = tiny_recognizer.predict_many(
+    results = backend.predict_many(
         [(wave(c), 16000) for c in CLIPS],
         granularity,
         embedding=True,
@@ -50,10 +58,8 @@ def test_one_padded_batch_of_all_clips_matches_reference(
 
 
 @pytest.mark.parametrize("clip", [c for c in CLIPS if not c.endswith(".mp3")])
-def test_decoded_from_file_matches_reference(tiny_recognizer: Recognizer, clip: str) -> None:
-    assert_matches_reference(
-        tiny_recognizer.predict(FIXTURE / "audio" / clip, embedding=True), clip, "utterance"
-    )
+def test_decoded_from_file_matches_reference(backend: Recognizer, clip: str) -> None:
+    assert_matches_reference(backend.predict(FIXTURE / "audio" / clip, embedding=True), clip, "utterance")
 
 
 def test_mp3_is_close_to_reference(tiny_recognizer: Recognizer) -> None:

@@ -320,7 +320,7 @@ def test_model_info(live: Live) -> None:
     assert info["random_weights"] is False and info["name"]
     assert [label["en"] for label in info["labels"]][:3] == ["angry", "disgusted", "fearful"]
     assert len(info["labels"]) == 9 and all(label["emoji"] for label in info["labels"])
-    assert (info["device"], info["dtype"]) == ("cpu", "float32")
+    assert (info["backend"], info["device"], info["dtype"]) == ("torch", "cpu", "float32")
     assert info["parameters"] > 0 and info["config"]["embed_dim"] > 0
     assert info["max_audio_s"] == 10.0
 
