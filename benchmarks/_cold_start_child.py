@@ -34,8 +34,8 @@ def main() -> None:
     if job["mode"] != "torch":
         from common import peak_rss_mb, synthetic_clip
 
-        load = load_baseline if job["mode"] == "baseline" else load_ours
-        recognizer = load(Path(job["path"]), job["mode"])
+        path = Path(job["path"])
+        recognizer = load_baseline(path) if job["mode"] == "baseline" else load_ours(path, job["mode"])
         out["t_loaded"] = now()
         recognizer.predict((synthetic_clip(job["warmup_s"], seed=1), 16_000))
         out["t_ready"] = now()
@@ -53,7 +53,7 @@ def load_ours(entry: Path, mode: str) -> Any:
     return emoserve.load_model(entry, backend="onnx" if mode == "onnx" else "torch", device="cpu")
 
 
-def load_baseline(published: Path, mode: str) -> Any:
+def load_baseline(published: Path) -> Any:
     """The common path: random init on the CPU, torch.load of the whole model.pt (no mmap), rename,
     load_state_dict. Wrapped in the same Recognizer so that the warm-up inference is identical."""
     import torch

@@ -95,7 +95,7 @@ def report(results: dict[str, list[dict[str, Any]]], model: BenchModel) -> None:
 
     for runs in results.values():
         for r in runs:
-            if "t_ready" in r:
+            if "t_ready" in r and "t_import_torch" in r:
                 r["beyond_import"] = r["t_ready"] - r["t_import_torch"]
     print("Medians over fresh processes (min-max in brackets); seconds from the parent's spawn.\n")
     table(["", "ours (torch backend)", "ours (onnx backend)", "baseline"], [

@@ -376,7 +376,8 @@ def header(title: str, args: argparse.Namespace, runs: int) -> None:
     facts = {
         "date": time.strftime("%Y-%m-%d %H:%M %Z"),
         "machine": f"{os.cpu_count()} CPUs, {cpu_model()}, {platform.machine()}",
-        "python / torch": f"{platform.python_version()} / torch {version('torch')}",
+        "python / torch / onnxruntime": f"{platform.python_version()} / torch {version('torch')} / "
+                                        f"onnxruntime {version('onnxruntime')}",
         "model": f"RANDOM weights, preset {args.preset}",
         "runs": f"{runs}{' (--quick)' if args.quick else ''}",
         "load": load_average(),

@@ -16,10 +16,11 @@ BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
 @pytest.mark.parametrize(
     ("script", "figure"),
     [
-        ("cold_start.py", "ours / baseline"),
-        ("latency.py", "real-time factor"),
+        ("cold_start.py", "spawn -> first result, onnx / torch backend"),
+        ("latency.py", "onnx / torch"),
+        ("onnx_options.py", "file-backed"),
         ("batching.py", "batch / one at a time"),
-        ("serve_start.py", "first request after ready / steady"),
+        ("serve_start.py", "start -> first result, onnx / torch backend"),
         ("serve_load.py", "only 200"),
         ("serve_memory.py", "RSS after"),
     ],

@@ -20,19 +20,22 @@ OUTPUTS = Outputs._fields  # logits, pooled, frame_logits, frames, frame_lengths
 UTTERANCE_OUTPUTS = ("logits", "pooled", "frame_lengths")
 
 
-def session_options(threads: int, *, optimise: bool = False) -> Any:
-    """Options chosen by measurement (docs/benchmarks.md, "ONNX Runtime session options"):
-    - prepacking off: packed copies of the MatMul weights would double their memory and, unlike the
-      memory-mapped initializers, not be shared between processes; steady latency is within noise;
+def session_options(
+    threads: int, *, optimise: bool = False, prepack: bool = False, arena: bool = True
+) -> Any:
+    """Options chosen by measurement (benchmarks/onnx_options.py, docs/benchmarks.md):
+    - prepacking off: packed copies of the MatMul weights would be private memory on top of the
+      memory-mapped weights (which processes share through the page cache);
     - one intra-op thread per physical core, and no inter-op parallelism (the graph is one chain)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
+    options.enable_cpu_mem_arena = arena
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.log_severity_level = 3  # errors only: ORT's warnings about unused initializers are noise
-    options.add_session_config_entry("session.disable_prepacking", "1")
+    options.add_session_config_entry("session.disable_prepacking", "0" if prepack else "1")
     options.graph_optimization_level = (
         ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
         if optimise
@@ -53,11 +56,12 @@ class OnnxBackend:
     name = "onnx"
     device = "cpu"
 
-    def __init__(self, graph: Path, dtype: str, threads: int) -> None:
+    def __init__(self, graph: Path, dtype: str, threads: int, **options: bool) -> None:
+        """`options`: `prepack`, `arena` of `session_options`, for measuring them."""
         self.graph = graph
         self.dtype = dtype
         self.threads = threads
-        self.session = open_session(graph, threads)
+        self.session = open_session(graph, threads, options=session_options(threads, **options))
 
     def run(self, waves: np.ndarray, lengths: np.ndarray, frames: bool) -> Outputs:
         names = OUTPUTS if frames else UTTERANCE_OUTPUTS
