@@ -163,16 +163,22 @@ def quantize(graph: Path, out: Path) -> Path:
     stripped = out.with_name("stripped.onnx")
     onnx.save(proto, str(stripped), save_as_external_data=True, location="stripped.onnx.data")
     del proto
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        quantize_dynamic(
-            str(stripped),
-            str(out),
-            op_types_to_quantize=["MatMul", "Gemm"],
-            nodes_to_quantize=nodes,
-            weight_type=QuantType.QInt8,
-            use_external_data_format=True,
-        )
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # the quantizer logs advice on the root logger (pre-processing)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            quantize_dynamic(
+                str(stripped),
+                str(out),
+                op_types_to_quantize=["MatMul", "Gemm"],
+                nodes_to_quantize=nodes,
+                weight_type=QuantType.QInt8,
+                use_external_data_format=True,
+            )
+    finally:
+        root.setLevel(level)
     return out
 
 
