@@ -17,7 +17,7 @@ from typing import IO, Any, Literal
 import numpy as np
 
 from .audio import Audio, AudioError, load_audio
-from .recognizer import Granularity, Recognizer, Result
+from .recognizer import Granularity, ModelOutputError, Recognizer, Result
 
 Format = Literal["jsonl", "csv", "table"]
 # what a folder walk picks up; a file named explicitly is always tried
@@ -75,19 +75,7 @@ def score_files(
                 decoded[i] = load_audio(file, max_seconds=recognizer.max_seconds)
             except AudioError as err:
                 errors[i] = str(err)
-        order = list(decoded)
-        results = dict(
-            zip(
-                order,
-                recognizer.predict_many(
-                    [decoded[i] for i in order],
-                    granularity,
-                    embedding=names is not None,
-                    batch_size=batch_size,
-                ),
-                strict=True,
-            )
-        )
+        results = _predict(recognizer, decoded, errors, granularity, names is not None, batch_size)
         for i, file in enumerate(chunk):
             if i in errors:
                 yield Outcome(file, error=errors[i])
@@ -95,6 +83,31 @@ def score_files(
             result = results[i]
             path = names.save(file, result.embedding) if names and result.embedding is not None else None
             yield Outcome(file, result, embedding_path=path)
+
+
+def _predict(
+    recognizer: Recognizer,
+    decoded: dict[int, Audio],
+    errors: dict[int, str],
+    granularity: Granularity,
+    embedding: bool,
+    batch_size: int,
+) -> dict[int, Result]:
+    """Batched results by index; when the model gives a non-finite output, each clip alone, so that only
+    the clips it happens for fail (into `errors`)."""
+    order = list(decoded)
+    clips = [decoded[i] for i in order]
+    try:
+        batched = recognizer.predict_many(clips, granularity, embedding=embedding, batch_size=batch_size)
+        return dict(zip(order, batched, strict=True))
+    except ModelOutputError:
+        results = {}
+        for i in order:
+            try:
+                results[i] = recognizer.predict_batch([decoded[i]], granularity, embedding)[0]
+            except ModelOutputError as err:
+                errors[i] = str(err)
+        return results
 
 
 class EmbeddingNames:

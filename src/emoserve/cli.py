@@ -84,7 +84,14 @@ def parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("info", help="config, parameter count, labels, files and sizes of a model")
     p.add_argument("model", nargs="?", help="directory or name (default emotion2vec_plus_large)")
+    p.add_argument("--verify", action="store_true", help="also check every file's content hash")
     p.set_defaults(run=cmd_info)
+
+    p = sub.add_parser(
+        "verify", help="check a converted model's files against the content hashes recorded at conversion"
+    )
+    p.add_argument("model", nargs="?", help="directory or name (default emotion2vec_plus_large)")
+    p.set_defaults(run=cmd_verify)
 
     p = sub.add_parser("make-test-model", help="write a RANDOM-weight model in the published layout")
     p.add_argument("--preset", choices=PRESETS, default="tiny")
@@ -215,12 +222,35 @@ def cmd_convert(args: argparse.Namespace) -> None:
     print(entry)
 
 
-def cmd_info(args: argparse.Namespace) -> None:
+def cmd_info(args: argparse.Namespace) -> int:
     import json
 
     from .entry import describe
 
-    print(json.dumps(describe(args.model), indent=2, ensure_ascii=False))
+    info = describe(args.model)
+    if args.verify:
+        info["verify"] = verify_problems(args.model)
+    print(json.dumps(info, indent=2, ensure_ascii=False))
+    return 1 if info.get("verify") else 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    problems = verify_problems(args.model)
+    for problem in problems:
+        print(f"DAMAGED: {problem}", file=sys.stderr)
+    if not problems:
+        print("ok: every file matches the hashes recorded at conversion")
+    return 1 if problems else 0
+
+
+def verify_problems(model: str | None) -> list[str]:
+    """The full check of the converted entry of `model` (nothing is downloaded or converted)."""
+    from .entry import check_entry, entry_of, read_manifest
+
+    entry = entry_of(model)
+    if not read_manifest(entry).get("files"):
+        return [f"{entry}: no content hashes recorded (converted by an older emoserve): convert it again"]
+    return [f"{entry}: {problem}" for problem in check_entry(entry, full=True)]
 
 
 def cmd_make_test_model(args: argparse.Namespace) -> None:

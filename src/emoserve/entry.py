@@ -144,6 +144,81 @@ def write_manifest(entry: Path, manifest: dict[str, Any]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# Verifying an entry: cheaply at every load, fully (content hashes) on demand and after a server is ready
+
+
+def record_files(entry: Path, names: list[str] | None = None) -> dict[str, dict[str, Any]]:
+    """Size and sha256 of the entry's files `names` (default: all but the manifest), once they are final."""
+    if names is None:
+        names = [p.name for p in entry.iterdir() if p.is_file() and p.name != MANIFEST_FILE]
+    files = sorted(entry / name for name in names if not name.startswith("."))
+    return {p.name: {"size": p.stat().st_size, "sha256": hub.sha256_file(p)} for p in files}
+
+
+def check_entry(entry: Path, *, full: bool = False) -> list[str]:
+    """What is wrong with the entry's files, one sentence each; [] when nothing is.
+
+    Cheap (every load): each recorded file is there with its recorded size, and the safetensors header
+    parses and lists the manifest's tensors and shapes. `full` also compares content hashes."""
+    try:
+        manifest = read_manifest(entry)
+    except (OSError, ValueError) as err:
+        return [f"{MANIFEST_FILE} cannot be read ({err})"]
+    problems = []
+    files: dict[str, dict[str, Any]] = manifest.get("files") or {}
+    for name, record in files.items():
+        path = entry / name
+        if not path.is_file():
+            problems.append(f"{name} is missing")
+        elif path.stat().st_size != record["size"]:
+            problems.append(f"{name} is {path.stat().st_size:,} bytes, the manifest says {record['size']:,}")
+        elif full and hub.sha256_file(path) != record["sha256"]:
+            problems.append(f"{name} has changed since it was converted (its sha256 differs)")
+    if WEIGHTS_FILE not in files or (entry / WEIGHTS_FILE).is_file():
+        problems += _check_safetensors_header(entry / WEIGHTS_FILE, manifest.get("tensors", {}))
+    return problems
+
+
+def _check_safetensors_header(path: Path, tensors: dict[str, list[int]]) -> list[str]:
+    """The header of a safetensors file (8-byte length, JSON) against the manifest, without torch."""
+    try:
+        with open(path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            if not 2 <= size <= min(100 << 20, path.stat().st_size - 8):
+                return [f"{path.name} has no valid safetensors header"]
+            header = json.loads(f.read(size))
+    except (OSError, ValueError) as err:
+        return [f"{path.name} cannot be read as safetensors ({err})"]
+    header.pop("__metadata__", None)
+    if {k: v.get("shape") for k, v in header.items()} != tensors:
+        return [f"{path.name} does not hold the tensors the manifest lists"]
+    end = max((v["data_offsets"][1] for v in header.values()), default=0)
+    if 8 + size + end != path.stat().st_size:
+        return [f"{path.name} is {path.stat().st_size:,} bytes, its header says {8 + size + end:,}"]
+    return []
+
+
+def ensure_intact(entry: Path) -> Path:
+    """The cheap check at load. A damaged entry is rebuilt from its source directory when that is still
+    there (with a warning), else refused with what to do."""
+    problems = check_entry(entry)
+    if not problems:
+        return entry
+    what = "; ".join(problems[:3]) + (f" (and {len(problems) - 3} more)" if len(problems) > 3 else "")
+    info = read_entry(entry)  # an unreadable manifest fails here, with what to do
+    source = Path(info.source["path"]).parent if info.source.get("path") else None
+    if source is not None and is_published_dir(source):
+        log.warning("%s is damaged (%s): converting it again from %s", entry, what, source)
+        from .weights import convert
+
+        return convert(source, entry, name=info.name)
+    raise WeightsError(
+        f"{entry}: the converted model is damaged ({what}) and its source is gone; delete this directory "
+        "and convert or download the model again (`emoserve convert DIR` / `emoserve download NAME`)"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
 # Resolving --model
 
 
@@ -194,8 +269,7 @@ def resolve_dir(path: Path, cache: Path) -> Path:
         )
     # one entry per source directory, reused while model.pt is unchanged (checked by size and mtime,
     # not by re-hashing 1.9 GB on every start)
-    digest = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:16]
-    entry = cache / "converted" / f"{path.resolve().name}-{digest}"
+    entry = _converted_dir(path, cache)
     if is_entry(entry):
         stamp = read_entry(entry).source
         current = source_stamp(path / "model.pt")
@@ -205,6 +279,11 @@ def resolve_dir(path: Path, cache: Path) -> Path:
     from .weights import convert  # torch: only when there is something to convert
 
     return convert(path, entry)
+
+
+def _converted_dir(path: Path, cache: Path) -> Path:
+    digest = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:16]
+    return cache / "converted" / f"{path.resolve().name}-{digest}"
 
 
 def resolve_name(name: str, *, hub_name: Hub, cache: Path, progress: bool) -> Path:
@@ -244,6 +323,28 @@ def random_fallback(cache: Path, reason: str) -> Path:
     with tempfile.TemporaryDirectory(dir=cache) as tmp:
         make_test_model(Path(tmp) / "published", preset=FALLBACK_PRESET, seed=0)
         return convert(Path(tmp) / "published", entry, name=name)
+
+
+def entry_of(model: str | os.PathLike[str] | None) -> Path:
+    """The converted entry of `model` as it is now (a converted directory, the cache entry of a published
+    directory or of a name); never downloads or converts."""
+    path = Path(model).expanduser() if model is not None else None
+    if path is not None and path.is_dir():
+        if is_entry(path):
+            return path
+        if is_published_dir(path):
+            entry = _converted_dir(path, home())
+            if is_entry(entry):
+                return entry
+            raise WeightsError(f"{path} has not been converted yet: run `emoserve convert {path}`")
+        raise WeightsError(f"{path} is not a model directory (config.yaml, model.pt, tokens.txt)")
+    name = hub.canonical_name(str(model or hub.DEFAULT_MODEL))
+    if name is None:
+        raise WeightsError(f"model {model!r} is neither a directory nor a known name")
+    entry = home() / "models" / name
+    if not is_entry(entry):
+        raise WeightsError(f"{name} is not in the cache: run `emoserve download {name}`")
+    return entry
 
 
 def describe(model: str | os.PathLike[str] | None) -> dict[str, Any]:

@@ -12,6 +12,7 @@ Nothing heavy is imported at module level: torch, numpy and the engine load in t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import io
 import logging
@@ -133,6 +134,7 @@ class Service:
         self._stopping = threading.Event()
         self._settled = threading.Event()  # start-up is over: ready, failed or draining
         self._keep_warm_clip: Audio | None = None
+        self._model_path: Path | None = None
         self._outputs: OutputStore | None = None
         self.metrics.set_state("starting")
 
@@ -239,6 +241,7 @@ class Service:
         self.max_audio_s = s.effective_max_audio_s(recognizer.device_type)
         recognizer.max_seconds = self.max_audio_s
         self.random_weights = recognizer.random_weights
+        self._model_path = recognizer.info.path
         self.model = model_summary(recognizer, self.max_audio_s)
         log.info(
             "model loaded in %.2f s: %s on the %s backend, %s (%s)%s",
@@ -314,6 +317,30 @@ class Service:
         log.info("ready %.2f s after process start", seconds)
         if self.settings.keep_warm_s > 0:
             threading.Thread(target=self._keep_warm, name="emoserve-keep-warm", daemon=True).start()
+        if self.settings.verify_model and self._model_path is not None:
+            threading.Thread(target=self._verify_model, name="emoserve-verify", daemon=True).start()
+
+    def _verify_model(self) -> None:
+        """Hash the model files (at the lowest CPU priority, beside the first requests); a file that has
+        changed since its conversion turns the service to failed: its numbers cannot be trusted."""
+        from .entry import check_entry, read_manifest
+
+        path = self._model_path
+        assert path is not None
+        if not read_manifest(path).get("files"):
+            log.warning("%s has no content hashes (converted by an older emoserve): not verified", path)
+            return
+        with contextlib.suppress(OSError, AttributeError):  # Linux: per-thread niceness
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+        started = time.monotonic()
+        problems = check_entry(path, full=True)
+        self._time("verify_s", time.monotonic() - started)
+        if problems:
+            reason = f"model files damaged: {problems[0]} ({path})"
+            log.error("%s; convert or download the model again", reason)
+            self._set_state("failed", reason)
+        else:
+            log.info("model files verified in %.1f s", time.monotonic() - started)
 
     def _fail(self, error: Exception) -> None:
         message = str(error).strip().splitlines()[0] if str(error).strip() else ""

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from .audio import SAMPLE_RATE
-from .entry import ModelInfo, read_entry, read_manifest, write_manifest
+from .entry import ModelInfo, read_entry, read_manifest, record_files, write_manifest
 from .model import Emotion2vec
 from .onnx_backend import INPUTS, OUTPUTS, open_session
 from .recognizer import physical_cores, softmax
@@ -68,6 +68,8 @@ def add_onnx(entry: Path, dtype: str = "float32") -> ModelInfo:
     record = onnx_record(model, entry, dtype)
     manifest = read_manifest(entry)
     manifest.setdefault("onnx", {})[dtype] = record
+    if "file" in record and "files" in manifest:
+        manifest["files"] |= record_files(entry, [record["file"], record["data"]])
     write_manifest(entry, manifest)
     return read_entry(entry)
 

@@ -19,7 +19,7 @@ from typing import Any, Literal, NamedTuple, Protocol
 import numpy as np
 
 from .audio import DEFAULT_MAX_SECONDS, SAMPLE_RATE, Audio, AudioInput, load_audio
-from .entry import Hub, ModelInfo, read_entry, resolve
+from .entry import Hub, ModelInfo, ensure_intact, read_entry, resolve
 from .labels import Label
 
 log = logging.getLogger(__name__)
@@ -67,6 +67,17 @@ class Result:
         out = asdict(self)
         out.pop("embedding")
         return out
+
+
+class ModelOutputError(RuntimeError):
+    """The model gave non-finite numbers (NaN or inf): never passed on as a result."""
+
+    def __init__(self, sources: Sequence[str]) -> None:
+        super().__init__(
+            f"the model gave non-finite outputs (NaN/inf) for {', '.join(sources)}: its weights are damaged "
+            "or the dtype overflowed; check the model with `emoserve verify`"
+        )
+        self.sources = list(sources)
 
 
 class Outputs(NamedTuple):
@@ -165,6 +176,8 @@ class Recognizer:
             return []
         waves, lengths = pad([c.samples for c in clips])
         out = self.backend.run(waves, lengths, frames=granularity == "frame")
+        if bad := [clip.source for i, clip in enumerate(clips) if not finite(out, i)]:
+            raise ModelOutputError(bad)
         scores = softmax(out.logits[:, self._kept])
         frame_scores = softmax(out.frame_logits[..., self._kept]) if out.frame_logits is not None else None
         results = []
@@ -226,6 +239,14 @@ class Recognizer:
                 )
             )
         return out
+
+
+def finite(out: Outputs, i: int) -> bool:
+    """Whether every output of item `i` (its real frames only) is a finite number."""
+    n = int(out.frame_lengths[i])
+    parts = [out.logits[i], out.pooled[i]]
+    parts += [a[i, :n] for a in (out.frame_logits, out.frames) if a is not None]
+    return all(bool(np.isfinite(part).all()) for part in parts)
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -311,7 +332,7 @@ def load_model(
         raise ValueError(f"backend is {backend!r}; choose from {', '.join(BACKENDS)}")
     if dtype not in DTYPES:
         raise ValueError(f"dtype is {dtype!r}; choose from {', '.join(DTYPES)}")
-    entry = resolve(model, hub_name=hub, progress=progress)
+    entry = ensure_intact(resolve(model, hub_name=hub, progress=progress))
     info = read_entry(entry)
     chosen = choose_backend(backend, device, dtype, info)
     runner: Backend

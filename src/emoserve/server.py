@@ -113,6 +113,9 @@ def api_error(error: BaseException) -> ApiError | None:
         return ApiError(503, "queue_full", str(error), error.retry_after_s)
     if engine is not None and isinstance(error, engine.EngineStopped):
         return ApiError(503, "draining", str(error), DRAINING_RETRY_AFTER_S)
+    recognizer = sys.modules.get("emoserve.recognizer")
+    if recognizer is not None and isinstance(error, recognizer.ModelOutputError):
+        return ApiError(500, "invalid_model_output", str(error))  # the model's fault: never a result
     return None
 
 

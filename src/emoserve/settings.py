@@ -206,6 +206,11 @@ class Settings:
     keep_warm_s: float = _setting(
         0.0, _number, "run a tiny inference after this many idle seconds (0: never)", check=_at_least(0)
     )
+    verify_model: bool = _setting(
+        True,
+        _boolean,
+        "after ready, check the model files' content hashes in the background (a mismatch: /readyz failed)",
+    )
     drain_timeout_s: float = _setting(
         30.0, _number, "on SIGTERM, how long to wait for in-flight requests", check=_at_least(0)
     )

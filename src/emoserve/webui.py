@@ -30,7 +30,7 @@ from .audio import SAMPLE_RATE, Audio, AudioError, load_audio
 from .engine import EngineStopped, QueueFull, RequestTiming
 from .labels import EMOJI
 from .outputs import OutputStore, SavedOutput
-from .recognizer import GRANULARITIES, Granularity, Result
+from .recognizer import GRANULARITIES, Granularity, ModelOutputError, Result
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -259,6 +259,8 @@ async def recognize(
         raise _failed(service, "queue_full", message, "Busy") from None
     except EngineStopped as error:
         raise _failed(service, "unavailable", str(error), "Not available") from None
+    except ModelOutputError as error:
+        raise _failed(service, "invalid_model_output", str(error), "No result") from None
     store, persistent = (service.outputs, True) if service.outputs is not None else (downloads.store(), False)
     saved = await _save(store, result, audio, file_name)
     recognition = Recognition(

@@ -38,6 +38,7 @@ from .entry import (
     is_random_dir,
     read_entry,
     read_labels,
+    record_files,
     source_stamp,
 )
 from .labels import Label
@@ -132,6 +133,8 @@ def check_state(
     unexpected: list[str] | None = None,
     name_of: Callable[[str], str] = str,
 ) -> None:
+    """Fail with a summary (counts and the first few) when `state` does not fit `shapes`; the full
+    list goes to the debug log."""
     missing = [name_of(k) for k in shapes if k not in state]
     unexpected = (unexpected or []) + [k for k in state if k not in shapes]
     misshaped = [
@@ -139,13 +142,19 @@ def check_state(
         for k, v in state.items()
         if k in shapes and tuple(v.shape) != shapes[k]
     ]
-    problems = [
-        f"{label}: {', '.join(keys)}"
-        for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshaped))
-        if keys
-    ]
-    if problems:
-        raise WeightsError("checkpoint does not match the model config; " + "; ".join(problems))
+    groups = [("missing", missing), ("unexpected", unexpected), ("wrong shape", misshaped)]
+    if not any(keys for _, keys in groups):
+        return
+    for label, keys in groups:
+        for key in keys:
+            log.debug("checkpoint tensor %s: %s", label, key)
+    counts = ", ".join(f"{len(keys)} {label}" for label, keys in groups if keys)
+    first = "; ".join(f"{label}: {keys[0]}" for label, keys in groups if keys)
+    total = sum(len(keys) for _, keys in groups)
+    raise WeightsError(
+        f"checkpoint does not match the model config: {total} tensors differ ({counts}), e.g. {first}; "
+        "is config.yaml the one published with this model.pt? (the full list: --verbose / debug log)"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -238,6 +247,7 @@ def convert(
             model.eval().requires_grad_(False)
             dtypes = ("float32", "int8") if int8 else ("float32",)
             manifest["onnx"] = {dtype: onnx_record(model, tmp, dtype) for dtype in dtypes}
+        manifest["files"] = record_files(tmp)  # content hashes: `emoserve verify`, the server's check
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, ensure_ascii=False))
     log.info("converted %s -> %s in %.1f s", model_dir, entry, time.perf_counter() - started)
     return Path(entry)
@@ -307,50 +317,38 @@ def make_test_model(out: Path, *, preset: str = "tiny", seed: int = 0, training_
     return Path(out)
 
 
+PUBLISHED_CONFIG = Path(__file__).with_name("published_config.yaml")
+
+
 def published_config_yaml(config: ModelConfig, preset: str) -> str:
-    """A `config.yaml` in the published shape (with a few training-only keys, as the real ones have)."""
+    """The complete published `config.yaml` (every key, training ones included, so FunASR loads it too)
+    with the architecture numbers of `config`."""
     runs: list[str] = []
     layers = list(config.conv_layers)
     while layers:
         count = next((i for i, layer in enumerate(layers) if layer != layers[0]), len(layers))
         runs.append(f"[{layers[0]}]" + (f" * {count}" if count > 1 else ""))
         layers = layers[count:]
-    raw = {
-        "model": "Emotion2vec",
-        "model_conf": {
-            "loss_beta": 0.0,
-            "depth": config.depth,
-            "num_heads": config.num_heads,
-            "norm_eps": config.norm_eps,
-            "embed_dim": config.embed_dim,
-            "mlp_ratio": config.mlp_ratio,
-            "layer_norm_first": False,
-            "ema_decay": 0.999,
-            "normalize": config.normalize,
-            "modalities": {
-                "audio": {
-                    "type": "AUDIO",
-                    "prenet_depth": config.prenet_depth,
-                    "num_extra_tokens": config.num_extra_tokens,
-                    "mask_prob": 0.5,
-                    "use_alibi_encoder": True,
-                    "learned_alibi_scale": True,
-                    "learned_alibi_scale_per_head": True,
-                    "learned_alibi_scale_per_layer": False,
-                    "num_alibi_heads": config.num_alibi_heads,
-                    "model_depth": config.depth,
-                    "decoder": {"decoder_dim": 384, "decoder_layers": 4},
-                    "extractor_mode": "layer_norm",
-                    "feature_encoder_spec": " + ".join(runs),
-                    "conv_pos_width": config.conv_pos_width,
-                    "conv_pos_groups": config.conv_pos_groups,
-                    "conv_pos_depth": config.conv_pos_depth,
-                    "conv_pos_pre_ln": False,
-                }
-            },
-        },
-        "tokenizer": "CharTokenizer",
-        "scope_map": ["d2v_model.", "none"],
+    raw = yaml.safe_load(PUBLISHED_CONFIG.read_text(encoding="utf-8"))
+    conf = raw["model_conf"]
+    audio = conf["modalities"]["audio"]
+    conf |= {
+        "depth": config.depth,
+        "num_heads": config.num_heads,
+        "norm_eps": config.norm_eps,
+        "embed_dim": config.embed_dim,
+        "mlp_ratio": config.mlp_ratio,
+        "normalize": config.normalize,
+    }
+    audio |= {
+        "prenet_depth": config.prenet_depth,
+        "num_extra_tokens": config.num_extra_tokens,
+        "num_alibi_heads": config.num_alibi_heads,
+        "model_depth": config.depth,
+        "feature_encoder_spec": " + ".join(runs),
+        "conv_pos_width": config.conv_pos_width,
+        "conv_pos_groups": config.conv_pos_groups,
+        "conv_pos_depth": config.conv_pos_depth,
     }
     header = f"# RANDOM-WEIGHT test model made by `emoserve make-test-model --preset {preset}`\n"
     return header + yaml.safe_dump(raw, sort_keys=False, allow_unicode=True)

@@ -1,0 +1,211 @@
+"""Never a wrong number: verified cache entries, damaged ones rebuilt or refused, non-finite outputs
+refused everywhere, summarised mismatches, and test models in the complete published layout."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import shutil
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import yaml
+
+from emoserve import weights
+from emoserve.batch import score_files
+from emoserve.cli import main
+from emoserve.config import PRESETS, ModelConfig
+from emoserve.entry import WeightsError, check_entry, read_manifest
+from emoserve.recognizer import ModelOutputError, Outputs, Recognizer, load_model
+
+from .conftest import FIXTURE, wave
+
+CLIP = FIXTURE / "audio" / "zh_3s_16k.wav"
+
+
+def published_copy(tmp_path: Path) -> Path:
+    model_dir = tmp_path / "published"
+    shutil.copytree(FIXTURE / "model", model_dir)
+    for f in model_dir.iterdir():
+        f.chmod(0o644)
+    return model_dir
+
+
+def flip_last_byte(path: Path) -> None:
+    """A change of the same size: the lowest mantissa bit of the last float (the head's last bias)."""
+    data = bytearray(path.read_bytes())
+    data[-4] ^= 1
+    path.write_bytes(bytes(data))
+
+
+# ---------------------------------------------------------------------------------------------- entries
+
+
+def test_conversion_records_content_hashes_and_verify_passes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    entry = weights.convert(FIXTURE / "model", tmp_path / "entry")
+    files = read_manifest(entry)["files"]
+    assert set(files) == {"model.safetensors", "config.json", "tokens.txt"}
+    assert check_entry(entry, full=True) == []
+    assert main(["verify", str(entry)]) == 0
+    assert "ok" in capsys.readouterr().out
+
+
+def test_verify_finds_a_changed_byte_that_the_cheap_check_cannot(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    entry = weights.convert(FIXTURE / "model", tmp_path / "entry")
+    flip_last_byte(entry / "model.safetensors")
+    assert check_entry(entry) == []  # same size, same header: only the hash tells
+    assert main(["verify", str(entry)]) == 1
+    assert "DAMAGED" in capsys.readouterr().err
+    assert main(["info", str(entry), "--verify"]) == 1
+    assert "model.safetensors has changed" in capsys.readouterr().out
+
+
+def test_a_damaged_entry_is_rebuilt_from_its_source(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, tiny_recognizer: Recognizer
+) -> None:
+    model_dir = published_copy(tmp_path)
+    entry = load_model(model_dir, backend="torch").info.path
+    with (entry / "model.safetensors").open("r+b") as f:
+        f.truncate(1000)  # a download or disk that stopped half-way
+    with caplog.at_level(logging.WARNING, "emoserve"):
+        rebuilt = load_model(model_dir, backend="torch")
+    warned = [r.getMessage() for r in caplog.records]
+    assert any("damaged" in m and "converting it again" in m for m in warned)
+    assert check_entry(rebuilt.info.path, full=True) == []
+    got, want = rebuilt.predict(CLIP), tiny_recognizer.predict(CLIP)
+    np.testing.assert_allclose(list(got.scores.values()), list(want.scores.values()), atol=1e-6)
+
+
+def test_a_damaged_entry_without_its_source_is_refused_in_one_sentence(tmp_path: Path) -> None:
+    model_dir = published_copy(tmp_path)
+    entry = load_model(model_dir, backend="torch").info.path
+    shutil.rmtree(model_dir)
+    (entry / "tokens.txt").write_text("garbage")
+    with pytest.raises(WeightsError) as caught:
+        load_model(entry, backend="torch")
+    message = str(caught.value)
+    assert "tokens.txt is 7 bytes" in message and "delete this directory" in message
+    assert "\n" not in message
+
+
+def test_a_mismatched_config_is_summarised(tmp_path: Path) -> None:
+    model_dir = published_copy(tmp_path)
+    raw = yaml.safe_load((model_dir / "config.yaml").read_text())
+    raw["model_conf"]["embed_dim"] = 96  # says 96, the checkpoint holds 64
+    (model_dir / "config.yaml").write_text(yaml.safe_dump(raw))
+    with pytest.raises(WeightsError) as caught:
+        weights.convert(model_dir, tmp_path / "entry")
+    message = str(caught.value)
+    assert "tensors differ" in message and "wrong shape" in message and "expected (" in message
+    assert len(message) < 700 and message.count("d2v_model") <= 3
+
+
+# ------------------------------------------------------------------------------- non-finite outputs
+
+
+class NanFor:
+    """A backend wrapper whose outputs are NaN for clips of one length."""
+
+    def __init__(self, backend: Any, samples: int) -> None:
+        self.backend, self.samples = backend, samples
+        self.name, self.device, self.dtype = backend.name, backend.device, backend.dtype
+
+    def run(self, waves: np.ndarray, lengths: np.ndarray, frames: bool) -> Outputs:
+        out = self.backend.run(waves, lengths, frames)
+        for i, n in enumerate(lengths):
+            if n == self.samples:
+                out.logits[i] = np.nan
+        return out
+
+
+def nan_recognizer(recognizer: Recognizer, samples: int) -> Recognizer:
+    return Recognizer(NanFor(recognizer.backend, samples), recognizer.info)  # type: ignore[arg-type]
+
+
+def test_non_finite_outputs_are_an_error_never_a_result(tiny_recognizer: Recognizer) -> None:
+    bad = wave("en_1s_16k.wav")
+    rec = nan_recognizer(tiny_recognizer, len(bad))
+    with pytest.raises(ModelOutputError, match=r"non-finite outputs.*bad\.wav"):
+        rec.predict(_audio(bad, "bad.wav"))
+    assert rec.predict((wave("zh_3s_16k.wav"), 16000)).emotion  # other clips are fine
+
+
+def test_the_cli_fails_only_the_file_with_non_finite_outputs(tiny_recognizer: Recognizer) -> None:
+    files = [str(FIXTURE / "audio" / name) for name in ("en_1s_16k.wav", "zh_3s_16k.wav")]
+    rec = nan_recognizer(tiny_recognizer, len(wave("en_1s_16k.wav")))
+    outcomes = list(score_files(rec, files, batch_size=2))
+    assert outcomes[0].result is None and "non-finite" in (outcomes[0].error or "")
+    assert outcomes[1].result is not None and outcomes[1].error is None
+
+
+def test_the_server_answers_500_with_a_code_for_non_finite_outputs(tmp_path: Path) -> None:
+    from .test_server import LIVE, assert_error, live_server
+
+    with live_server(LIVE, tmp_path / "home") as live:
+        engine = live.service.engine
+        assert engine is not None
+        good = engine.recognizer
+        engine.recognizer = nan_recognizer(good, len(wave("zh_3s_16k.wav")))
+        try:
+            response = live.client.post("/v1/recognize", content=CLIP.read_bytes())
+            assert_error(response, 500, "invalid_model_output")
+            ok = live.client.post("/v1/recognize", content=(FIXTURE / "audio" / "en_1s_16k.wav").read_bytes())
+            assert ok.status_code == 200
+        finally:
+            engine.recognizer = good
+
+
+def test_the_server_turns_failed_when_its_model_files_change(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from emoserve import entry as entries
+
+    from .test_server import LIVE, live_server, wait_for
+
+    entry = weights.convert(FIXTURE / "model", tmp_path / "entry")
+    settings = dataclasses.replace(LIVE, model=str(entry), verify_model=True)
+    flip_last_byte(entry / "model.safetensors")  # loads and warms up fine: only the hash tells
+    checked = threading.Event()  # the tiny model hashes in microseconds: hold it until ready is seen
+
+    def check_after_ready(path: Path, *, full: bool = False) -> list[str]:
+        checked.wait(30)
+        return check_entry(path, full=full)
+
+    monkeypatch.setattr(entries, "check_entry", check_after_ready)
+    with live_server(settings, tmp_path / "home") as live:
+        assert live.client.get("/readyz").status_code == 200
+        checked.set()
+        wait_for(lambda: live.service.phase == "failed", 30, "the background verification")
+        ready = live.client.get("/readyz")
+        assert ready.status_code == 503 and "model files damaged" in ready.text
+
+
+# ------------------------------------------------------------------------------- published layout
+
+
+def keys(tree: Any, prefix: str = "") -> set[str]:
+    if not isinstance(tree, dict):
+        return set()
+    return {f"{prefix}{k}" for k in tree} | {x for k, v in tree.items() for x in keys(v, f"{prefix}{k}.")}
+
+
+@pytest.mark.parametrize("preset", ["tiny", "base", "large"])
+def test_make_test_model_writes_the_complete_published_config(preset: str) -> None:
+    written = yaml.safe_load(weights.published_config_yaml(PRESETS[preset], preset))
+    published = yaml.safe_load((FIXTURE / "model" / "config.yaml").read_text())
+    assert keys(written) == keys(published)  # every key FunASR reads, training ones included
+    assert written["model_conf"]["start_drop_path_rate"] == 0.0
+    assert ModelConfig.from_yaml_dict(written) == PRESETS[preset]
+
+
+def _audio(samples: np.ndarray, source: str) -> Any:
+    from emoserve.audio import Audio
+
+    return Audio(samples, source, 16000, 1, "array", None, False)
