@@ -16,6 +16,7 @@ _EXPORTS = {
     "Recognizer": "recognizer",
     "Result": "recognizer",
     "FrameResult": "recognizer",
+    "ModelOutputError": "recognizer",
     "load_audio": "audio",
     "Audio": "audio",
     "AudioError": "audio",
@@ -28,6 +29,7 @@ __all__ = [  # noqa: RUF022 - grouped by module
     "Recognizer",
     "Result",
     "FrameResult",
+    "ModelOutputError",
     "load_audio",
     "Audio",
     "AudioError",
@@ -38,7 +40,7 @@ __all__ = [  # noqa: RUF022 - grouped by module
 if TYPE_CHECKING:
     from .audio import Audio, AudioError, load_audio
     from .entry import WeightsError
-    from .recognizer import FrameResult, Recognizer, Result, load_model
+    from .recognizer import FrameResult, ModelOutputError, Recognizer, Result, load_model
     from .weights import make_test_model
 
 
