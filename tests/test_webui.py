@@ -19,9 +19,11 @@ import soundfile as sf
 from fastapi import FastAPI
 
 from emoserve import webui
-from emoserve.engine import Engine, EngineConfig
+from emoserve.audio import Audio
+from emoserve.engine import Engine, EngineConfig, RequestTiming
+from emoserve.lifecycle import ServiceUnavailable
 from emoserve.outputs import OutputStore
-from emoserve.recognizer import FrameResult, Recognizer, Result
+from emoserve.recognizer import FrameResult, Granularity, Recognizer, Result
 
 from .conftest import skip_or_fail
 
@@ -63,6 +65,23 @@ class FakeService:
     random_weights: bool | None = True
     max_audio_s: float = 60.0
     metrics: FakeMetrics | None = field(default_factory=FakeMetrics)
+
+    def require_ready(self) -> None:
+        """As Service.require_ready: the 503 that fits the state."""
+        if self.state == "ready" and self.engine is not None:
+            return
+        if self.state.startswith("failed"):
+            code = "start_up_failed"
+        else:
+            code = "draining" if self.state == "draining" else "not_ready"
+        raise ServiceUnavailable(code, f"state {self.state}", 1.0)
+
+    async def recognize(
+        self, audio: Audio, granularity: Granularity = "utterance", embedding: bool = False
+    ) -> tuple[Result, RequestTiming]:
+        self.require_ready()
+        assert self.engine is not None
+        return await self.engine.submit_timed(audio, granularity, embedding)
 
 
 def make_service(engine: Engine | None, outputs: OutputStore | None, **kwargs: Any) -> webui.UIService:
@@ -139,19 +158,22 @@ def test_a_failed_save_still_shows_the_result(fast_engine: Engine, tmp_path: Pat
 
 
 @pytest.mark.parametrize(
-    ("state", "engine_set", "message"),
+    ("state", "engine_set", "message", "code"),
     [
-        ("loading", False, "still starting up"),
-        ("warming", False, "still starting up"),
-        ("failed: no such model", False, "could not be loaded"),
-        ("draining", True, "shutting down"),
+        ("loading", False, "still starting up", "not_ready"),
+        ("warming", False, "still starting up", "not_ready"),
+        ("failed: no such model", False, "could not be loaded", "start_up_failed"),
+        ("draining", True, "shutting down", "draining"),
     ],
 )
-def test_not_ready_is_a_clear_error(fast_engine: Engine, state: str, engine_set: bool, message: str) -> None:
+def test_not_ready_is_a_clear_error(
+    fast_engine: Engine, state: str, engine_set: bool, message: str, code: str
+) -> None:
+    """Counted under the API's codes for the same failures (one label per failure everywhere)."""
     service = make_service(fast_engine if engine_set else None, None, state=state)
     with pytest.raises(gr.Error, match=message):
         recognize(service, str(EXAMPLE))
-    assert service.metrics.errors == ["unavailable"]  # type: ignore[union-attr]
+    assert service.metrics.errors == [code]  # type: ignore[union-attr]
 
 
 def test_bad_input_is_a_clear_error_and_the_ui_keeps_working(fast_engine: Engine, tmp_path: Path) -> None:
@@ -165,7 +187,7 @@ def test_bad_input_is_a_clear_error_and_the_ui_keeps_working(fast_engine: Engine
     with pytest.raises(gr.Error, match="Upload a clip"):
         recognize(service, None)
     assert recognize(service, str(EXAMPLE)).result.emotion
-    assert service.metrics.errors == ["undecodable", "too_long"]  # type: ignore[union-attr]
+    assert service.metrics.errors == ["unsupported_audio", "audio_too_long"]  # type: ignore[union-attr]
 
 
 def test_banner_follows_the_state() -> None:

@@ -23,6 +23,8 @@ import numpy as np
 import soundfile as sf
 import soxr
 
+from .errors import EmoserveError
+
 if TYPE_CHECKING:
     import av.audio.frame
 
@@ -41,15 +43,28 @@ AudioInput: TypeAlias = (
 )
 
 
-class AudioError(ValueError):
+# AudioError.reason -> (code, HTTP status). Not audio at all is 415; audio that is unusable is 400.
+AUDIO_ERRORS = {
+    "empty": ("empty_audio", 400),
+    "not_found": ("empty_audio", 400),
+    "undecodable": ("unsupported_audio", 415),
+    "non_finite": ("invalid_audio", 400),
+    "truncated": ("truncated_audio", 400),
+    "too_short": ("audio_too_short", 400),
+    "too_long": ("audio_too_long", 413),
+    "bad_argument": ("invalid_parameter", 422),
+}
+
+
+class AudioError(EmoserveError, ValueError):
     """Bad audio input; the message names the input and says what to do.
 
-    ``reason`` is one of: "empty", "not_found", "undecodable", "non_finite", "too_short", "too_long",
-    "bad_argument".
+    ``reason`` is one of the keys of AUDIO_ERRORS, which gives its code and HTTP status.
     """
 
     def __init__(self, message: str, *, source: str, reason: str) -> None:
-        super().__init__(message)
+        code, status = AUDIO_ERRORS.get(reason, ("invalid_audio", 400))
+        super().__init__(message, code=code, status=status)
         self.source = source
         self.reason = reason
 

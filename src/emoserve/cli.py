@@ -36,10 +36,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _is_user_error(err: Exception) -> bool:
-    from .audio import AudioError
+    from .errors import EmoserveError
 
-    names = {"WeightsError", "HubError", "ConfigError"}
-    return isinstance(err, AudioError | ValueError | FileNotFoundError) or type(err).__name__ in names
+    return isinstance(err, EmoserveError | ValueError | FileNotFoundError)
 
 
 def parser() -> argparse.ArgumentParser:

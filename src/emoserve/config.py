@@ -10,8 +10,10 @@ import math
 from dataclasses import dataclass, replace
 from typing import Any
 
+from .errors import EmoserveError
 
-class ConfigError(ValueError):
+
+class ConfigError(EmoserveError, ValueError):
     """A `config.yaml` that does not describe a model this code can run."""
 
 

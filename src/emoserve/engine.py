@@ -25,6 +25,7 @@ from typing import Protocol
 import numpy as np
 
 from .audio import SAMPLE_RATE, Audio
+from .errors import DRAINING_RETRY_AFTER_S, EmoserveError
 from .recognizer import GRANULARITIES, MAX_PADDING, Granularity, Recognizer, Result, length_batches
 
 log = logging.getLogger(__name__)
@@ -63,16 +64,25 @@ class RequestTiming:
     batch_size: int  # clips in the model call that produced the result
 
 
-class QueueFull(Exception):
+class QueueFull(EmoserveError):
     """`max_queue` requests are already waiting; `retry_after_s` (>= 1) is when to try again."""
 
+    code = "queue_full"
+    status = 503
+
     def __init__(self, retry_after_s: float, message: str | None = None) -> None:
-        super().__init__(message or f"the request queue is full; retry in {math.ceil(retry_after_s)} s")
-        self.retry_after_s = retry_after_s
+        message = message or f"the request queue is full; retry in {math.ceil(retry_after_s)} s"
+        super().__init__(message, retry_after_s=retry_after_s)
 
 
-class EngineStopped(Exception):
+class EngineStopped(EmoserveError):
     """The engine is not started, or is stopping: it accepts no new requests."""
+
+    code = "draining"
+    status = 503
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, retry_after_s=DRAINING_RETRY_AFTER_S)
 
 
 class EngineObserver(Protocol):
@@ -399,8 +409,10 @@ class Engine:
 # ------------------------------------------------------------------------------------------------ warm-up
 
 
-class WarmupError(Exception):
+class WarmupError(EmoserveError):
     """The model produced output that cannot be right; the message names the check and where."""
+
+    code = "warmup_failed"
 
 
 @dataclass(frozen=True)

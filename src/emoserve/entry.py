@@ -23,6 +23,7 @@ from typing import Any
 
 from . import hub
 from .config import ModelConfig
+from .errors import EmoserveError
 from .hub import Hub
 from .labels import Label, parse_tokens
 
@@ -36,8 +37,10 @@ TOKENS_FILE = "tokens.txt"
 FALLBACK_PRESET = "large"  # the architecture of the default model
 
 
-class WeightsError(RuntimeError):
+class WeightsError(EmoserveError, RuntimeError):
     """A model that cannot be found, downloaded, converted or loaded; the message says what to do."""
+
+    code = "model_unavailable"
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from .errors import EmoserveError
+
 log = logging.getLogger(__name__)
 
 MODEL_FILES = ("config.yaml", "model.pt", "tokens.txt", "configuration.json")
@@ -46,8 +48,10 @@ KNOWN_MODELS: dict[str, HubIds] = {
 DEFAULT_MODEL = "emotion2vec_plus_large"
 
 
-class HubError(RuntimeError):
+class HubError(EmoserveError, RuntimeError):
     """A model could not be fetched; the message says what failed and what to do."""
+
+    code = "download_failed"
 
 
 def canonical_name(name: str) -> str | None:

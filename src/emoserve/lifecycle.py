@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import uvicorn
 
+from .errors import DRAINING_RETRY_AFTER_S, FAILED_RETRY_AFTER_S, LOADING_RETRY_AFTER_S, EmoserveError
 from .metrics import Metrics
 from .settings import Settings
 
@@ -40,9 +41,6 @@ log = logging.getLogger(__name__)
 
 EXAMPLES_DIR = Path(__file__).parent / "examples"
 READY_POLL_S = 0.05  # how often a request waiting for ready looks again
-LOADING_RETRY_AFTER_S = 5.0  # Retry-After while loading or warming: a model loads in seconds
-DRAINING_RETRY_AFTER_S = 10.0  # another instance should take over; come back after the restart
-FAILED_RETRY_AFTER_S = 60.0  # an operator has to act
 KEEP_WARM_SECONDS = 1.0  # audio length of a keep-warm inference: enough to touch every layer
 UTTERANCE: Granularity = "utterance"
 
@@ -64,14 +62,14 @@ _IMPORTED_AT = time.monotonic()
 PROCESS_STARTED_AT = time.monotonic() - process_age_s()  # on the time.monotonic() clock
 
 
-class ServiceUnavailable(Exception):
+class ServiceUnavailable(EmoserveError):
     """Not ready (yet), draining or failed: HTTP 503 with Retry-After. `code` is not_ready, draining or
     start_up_failed."""
 
+    status = 503
+
     def __init__(self, code: str, message: str, retry_after_s: float) -> None:
-        super().__init__(message)
-        self.code = code
-        self.retry_after_s = retry_after_s
+        super().__init__(message, code=code, retry_after_s=retry_after_s)
 
 
 def example_clips() -> tuple[Path, ...]:
@@ -344,8 +342,7 @@ class Service:
 
     def _fail(self, error: Exception) -> None:
         message = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        known = type(error).__name__ in {"WeightsError", "HubError", "ConfigError", "WarmupError"}
-        if known or isinstance(error, ValueError | OSError):
+        if isinstance(error, EmoserveError | ValueError | OSError):
             reason = message or type(error).__name__
             log.error("start-up failed: %s", reason)
         else:  # a bug somewhere below: the type helps, and so does the traceback
@@ -419,6 +416,11 @@ class Service:
         upload = io.BytesIO(data)
         upload.name = name  # load_audio names the input by it in its errors
         return load_audio(upload, max_seconds=self.max_audio_s)
+
+    def require_ready(self) -> None:
+        """Raise the 503 that fits the state unless the service is ready."""
+        if not self.ready:
+            raise self.unavailable()
 
     def _engine(self) -> Engine:
         engine = self.engine

@@ -28,6 +28,7 @@ import torch
 
 from .audio import SAMPLE_RATE
 from .entry import ModelInfo, read_entry, read_manifest, record_files, write_manifest
+from .errors import EmoserveError
 from .model import Emotion2vec
 from .onnx_backend import INPUTS, OUTPUTS, open_session
 from .recognizer import physical_cores, softmax
@@ -41,8 +42,8 @@ EMBEDDING_TOL = 1e-4  # times the largest embedding value when that is above 1
 FALSE_WORDS = ("0", "false", "no", "off")
 
 
-class ExportError(RuntimeError):
-    pass
+class ExportError(EmoserveError, RuntimeError):
+    code = "export_failed"
 
 
 def export_enabled() -> bool:

@@ -20,6 +20,7 @@ import numpy as np
 
 from .audio import DEFAULT_MAX_SECONDS, SAMPLE_RATE, Audio, AudioInput, load_audio
 from .entry import Hub, ModelInfo, ensure_intact, read_entry, resolve
+from .errors import EmoserveError
 from .labels import Label
 
 log = logging.getLogger(__name__)
@@ -69,8 +70,10 @@ class Result:
         return out
 
 
-class ModelOutputError(RuntimeError):
+class ModelOutputError(EmoserveError, RuntimeError):
     """The model gave non-finite numbers (NaN or inf): never passed on as a result."""
+
+    code = "invalid_model_output"
 
     def __init__(self, sources: Sequence[str]) -> None:
         super().__init__(

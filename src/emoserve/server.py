@@ -21,7 +21,6 @@ import hmac
 import html
 import logging
 import math
-import sys
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -40,7 +39,8 @@ from starlette.routing import Mount
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import __version__
-from .lifecycle import DRAINING_RETRY_AFTER_S, Service, ServiceUnavailable
+from .errors import EmoserveError
+from .lifecycle import Service
 from .metrics import Metrics
 from .settings import Settings
 
@@ -60,68 +60,38 @@ UI_START_TIMEOUT_S = 60.0
 # ------------------------------------------------------------------------------------------------ errors
 
 
-class ApiError(Exception):
-    """An error response: HTTP status, a stable code for programs and a message for people."""
+class ApiError(EmoserveError):
+    """An error of the HTTP layer itself (bad parameters, a body too large, no key): status first."""
 
     def __init__(self, status: int, code: str, message: str, retry_after_s: float | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-        self.retry_after_s = retry_after_s
-
-    def response(self) -> JSONResponse:
-        headers = None
-        if self.retry_after_s is not None:
-            headers = {"Retry-After": str(max(1, math.ceil(self.retry_after_s)))}
-        body = {"error": {"code": self.code, "message": self.message}}
-        return JSONResponse(body, status_code=self.status, headers=headers)
+        super().__init__(message, code=code, status=status, retry_after_s=retry_after_s)
 
 
-# AudioError.reason -> (status, code). Not audio at all is 415; audio that is unusable is 400.
-AUDIO_ERRORS = {
-    "empty": (400, "empty_audio"),
-    "not_found": (400, "empty_audio"),
-    "undecodable": (415, "unsupported_audio"),
-    "non_finite": (400, "invalid_audio"),
-    "truncated": (400, "truncated_audio"),
-    "too_short": (400, "audio_too_short"),
-    "too_long": (413, "audio_too_long"),
-    "bad_argument": (422, "invalid_parameter"),
-}
 HTTP_CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed"}
+TOO_LONG_HINT = " (this server's limit: max_audio_s, EMOSERVE_MAX_AUDIO_S)"
 
 
-def api_error(error: BaseException) -> ApiError | None:
-    """The one map from domain errors to HTTP responses; None for anything else (a bug: 500).
-
-    The engine and audio modules are looked up, not imported: an error of theirs exists only once they
-    are loaded, and importing the engine here would pull torch into the server's start."""
-    if isinstance(error, ApiError):
-        return error
-    if isinstance(error, ServiceUnavailable):
-        return ApiError(503, error.code, str(error), error.retry_after_s)
-    audio = sys.modules.get("emoserve.audio")
-    if audio is not None and isinstance(error, audio.AudioError):
-        status, code = AUDIO_ERRORS.get(error.reason, (400, "invalid_audio"))
-        message = str(error)
-        if error.reason == "too_long":
-            message += " (this server's limit: max_audio_s, EMOSERVE_MAX_AUDIO_S)"
-        return ApiError(status, code, message)
-    engine = sys.modules.get("emoserve.engine")
-    if engine is not None and isinstance(error, engine.QueueFull):
-        return ApiError(503, "queue_full", str(error), error.retry_after_s)
-    if engine is not None and isinstance(error, engine.EngineStopped):
-        return ApiError(503, "draining", str(error), DRAINING_RETRY_AFTER_S)
-    recognizer = sys.modules.get("emoserve.recognizer")
-    if recognizer is not None and isinstance(error, recognizer.ModelOutputError):
-        return ApiError(500, "invalid_model_output", str(error))  # the model's fault: never a result
-    return None
+def api_error(error: BaseException) -> EmoserveError | None:
+    """The one map from domain errors to HTTP responses, by their fields (`errors.EmoserveError`); None
+    for anything else (a bug: 500)."""
+    if not isinstance(error, EmoserveError):
+        return None
+    if error.code == "audio_too_long" and TOO_LONG_HINT not in str(error):
+        return ApiError(error.status, error.code, str(error) + TOO_LONG_HINT, error.retry_after_s)
+    return error
 
 
-def error_response(request: Request, error: ApiError) -> JSONResponse:
+def error_json(error: EmoserveError) -> JSONResponse:
+    headers = None
+    if error.retry_after_s is not None:
+        headers = {"Retry-After": str(max(1, math.ceil(error.retry_after_s)))}
+    body = {"error": {"code": error.code, "message": str(error)}}
+    return JSONResponse(body, status_code=error.status, headers=headers)
+
+
+def error_response(request: Request, error: EmoserveError) -> JSONResponse:
     get_service(request).metrics.count_error(error.code)
-    return error.response()
+    return error_json(error)
 
 
 class MappedErrorsRoute(APIRoute):
@@ -498,7 +468,7 @@ class ApiKeyMiddleware:
             "unauthorized",
             "missing or wrong API key: send 'Authorization: Bearer KEY' or 'X-API-Key: KEY'",
         )
-        response = error.response()
+        response = error_json(error)
         response.headers["WWW-Authenticate"] = 'Bearer realm="emoserve"' if api else 'Basic realm="emoserve"'
         await response(scope, receive, send)
 

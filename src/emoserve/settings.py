@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .errors import EmoserveError
+
 ENV_PREFIX = "EMOSERVE_"
 MB = 1_000_000  # bytes; upload limits are in decimal megabytes, as HTTP clients and proxies count them
 # Attention cost grows with the square of the length (spec section 6): on a CPU a 60 s clip of the large
@@ -32,8 +34,11 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 OUTPUTS_DIR = Path("outputs")  # relative to the working directory, as the original app saved them
 
 
-class SettingsError(ValueError):
+class SettingsError(EmoserveError, ValueError):
     """A setting with a bad value; the message starts with the flag or variable it came from."""
+
+    code = "invalid_setting"
+    status = 400
 
 
 # ------------------------------------------------------------------------------------------ value parsers

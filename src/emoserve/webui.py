@@ -26,16 +26,16 @@ import gradio as gr
 import numpy as np
 import pandas as pd
 
-from .audio import SAMPLE_RATE, Audio, AudioError, load_audio
-from .engine import EngineStopped, QueueFull, RequestTiming
+from .audio import SAMPLE_RATE, Audio, load_audio
+from .errors import EmoserveError
 from .labels import EMOJI
 from .outputs import OutputStore, SavedOutput
-from .recognizer import GRANULARITIES, Granularity, ModelOutputError, Result
+from .recognizer import GRANULARITIES, Granularity, Result
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
 
-    from .engine import Engine
+    from .engine import RequestTiming
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,9 @@ class UIService(Protocol):
 
     state: "loading" | "warming" | "ready" | "failed: <reason>" | "draining" ("starting" and a bare
         "failed" are understood too); recognitions are accepted only when "ready".
-    engine: the shared batching engine; None until ready.
+    recognize: the service's recognition (decoded audio -> the shared batching engine), as the API's;
+        it raises ServiceUnavailable when not ready.
+    require_ready: raises ServiceUnavailable (an EmoserveError) unless the service is ready.
     model_name: shown in the banner; None until the model is loaded.
     random_weights: the model's predictions are meaningless: the UI warns loudly. None until loaded.
     outputs: where each recognition is saved; None when saving is off (downloads then use a temporary
@@ -84,8 +86,11 @@ class UIService(Protocol):
 
     @property
     def state(self) -> str: ...
-    @property
-    def engine(self) -> Engine | None: ...
+    async def recognize(
+        self, audio: Audio, granularity: Granularity = "utterance", embedding: bool = False
+    ) -> tuple[Result, RequestTiming]: ...
+
+    def require_ready(self) -> None: ...
     @property
     def model_name(self) -> str | None: ...
     @property
@@ -244,23 +249,19 @@ async def recognize(
     """decode -> engine -> save; every failure becomes a gr.Error that the page shows."""
     started = time.perf_counter()
     granularity = _granularity(chosen)
-    engine = _ready_engine(service)
+    try:
+        service.require_ready()
+    except EmoserveError as error:
+        raise _failed(service, error) from None
     if not path:
         raise gr.Error(f"Upload a clip ({UPLOAD_FORMATS}) or record one first.", title="No audio")
     file_name = Path(path).name
     try:
         audio = await asyncio.to_thread(load_audio, path, max_seconds=service.max_audio_s, name=file_name)
         decode_s = time.perf_counter() - started
-        result, timing = await engine.submit_timed(audio, granularity, with_embedding)
-    except AudioError as error:
-        raise _failed(service, error.reason, str(error), "Cannot use this audio") from None
-    except QueueFull as error:
-        message = f"The service is busy; try again in {math.ceil(error.retry_after_s)} s."
-        raise _failed(service, "queue_full", message, "Busy") from None
-    except EngineStopped as error:
-        raise _failed(service, "unavailable", str(error), "Not available") from None
-    except ModelOutputError as error:
-        raise _failed(service, "invalid_model_output", str(error), "No result") from None
+        result, timing = await service.recognize(audio, granularity, with_embedding)
+    except EmoserveError as error:
+        raise _failed(service, error) from None
     store, persistent = (service.outputs, True) if service.outputs is not None else (downloads.store(), False)
     saved = await _save(store, result, audio, file_name)
     recognition = Recognition(
@@ -297,22 +298,29 @@ def _granularity(chosen: str) -> Granularity:
     raise gr.Error(f"granularity is {chosen!r}; choose utterance or frame", title="Bad option")
 
 
-def _ready_engine(service: UIService) -> Engine:
-    state, engine = service.state, service.engine
-    if state == "ready" and engine is not None:
-        return engine
-    if state.startswith("failed"):
-        message = f"The model could not be loaded ({state}); ask the operator to check the service log."
-    elif state == "draining":
-        message = "The service is shutting down; try again once it is back."
-    else:
-        message = f"The model is still starting up ({state}); try again in a few seconds."
-    raise _failed(service, "unavailable", message, "Not ready")
+# What the page says for the errors whose API message is written for programs (by their code)
+_UI_MESSAGES = {
+    "not_ready": "The model is still starting up; try again in a few seconds.",
+    "start_up_failed": "The model could not be loaded; ask the operator to check the service log.",
+    "draining": "The service is shutting down; try again once it is back.",
+    "queue_full": "The service is busy; try again in {retry} s.",
+}
 
 
-def _failed(service: UIService, kind: str, message: str, title: str) -> gr.Error:
+def _failed(service: UIService, error: EmoserveError) -> gr.Error:
+    """The page's error for a domain error; counted under its code, as the API counts it."""
     if service.metrics is not None:
-        service.metrics.count_error(kind)
+        service.metrics.count_error(error.code)
+    retry = math.ceil(error.retry_after_s or 1)
+    message = _UI_MESSAGES.get(error.code, "{error}").format(retry=retry, error=error)
+    if error.code in ("not_ready", "start_up_failed"):
+        message += f" ({service.state})"
+    if error.status == 503:
+        title = "Not available"
+    elif error.status < 500:
+        title = "Cannot use this audio"
+    else:
+        title = "No result"
     return gr.Error(html.escape(message), title=title, print_exception=False)
 
 
