@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
 from fractions import Fraction
@@ -495,3 +496,33 @@ def test_text_mode_file_object(tmp_path: Path) -> None:
 def test_unsupported_input_type() -> None:
     with raises_audio_error("bad_argument", "my list"):
         load_audio([0.0] * 1000, name="my list")  # type: ignore[arg-type]
+
+
+def wav_with_header(
+    fmt: int = 1, channels: int = 1, rate: int = 16000, bits: int = 16, block: int = 2
+) -> bytes:
+    """A WAV whose fmt chunk says what it is told to, in front of 1 s of valid 16-bit samples."""
+    data = (np.sin(np.arange(16000) / 10) * 10000).astype("<i2").tobytes()
+    fmt_chunk = struct.pack("<HHIIHH", fmt, channels, rate, (rate * block) & 0xFFFFFFFF, block, bits)
+    body = b"WAVEfmt " + struct.pack("<I", len(fmt_chunk)) + fmt_chunk + b"data"
+    body += struct.pack("<I", len(data)) + data
+    return b"RIFF" + struct.pack("<I", len(body)) + body
+
+
+@pytest.mark.parametrize(
+    ("header", "reason"),
+    [
+        ({"fmt": 0x1234}, "undecodable"),  # an unknown format code (PyAV failed on it with AttributeError)
+        ({"fmt": 3, "bits": 16}, "undecodable"),  # 16-bit float does not exist
+        ({"bits": 0, "block": 0}, "undecodable"),
+        ({"bits": 64, "block": 8}, "undecodable"),
+        ({"channels": 0, "block": 0}, "undecodable"),
+        ({"rate": 0}, "undecodable"),
+        ({"bits": 3, "block": 1}, "malformed"),  # libsndfile decoded this as 8-bit garbage: a "result"
+        ({"block": 7}, "malformed"),
+    ],
+)
+def test_malformed_wav_headers_are_audio_errors_never_a_result(header: dict[str, int], reason: str) -> None:
+    with pytest.raises(AudioError) as info:
+        load_audio(wav_with_header(**header))
+    assert info.value.reason == reason and info.value.status < 500, str(info.value)

@@ -23,12 +23,12 @@ import numpy as np
 import soundfile as sf
 import soxr
 
+from .constants import SAMPLE_RATE
 from .errors import EmoserveError
 
 if TYPE_CHECKING:
     import av.audio.frame
 
-SAMPLE_RATE = 16_000  # Hz, what the model takes
 MIN_SAMPLES = 400  # one model frame: the receptive field of the conv encoder at 16 kHz (spec §4 step 3)
 DEFAULT_MAX_SECONDS = 600.0  # callers pass their own limit; attention cost grows with T² (spec §6)
 
@@ -50,6 +50,7 @@ AUDIO_ERRORS = {
     "undecodable": ("unsupported_audio", 415),
     "non_finite": ("invalid_audio", 400),
     "truncated": ("truncated_audio", 400),
+    "malformed": ("malformed_audio", 400),
     "too_short": ("audio_too_short", 400),
     "too_long": ("audio_too_long", 413),
     "bad_argument": ("invalid_parameter", 422),
@@ -264,10 +265,14 @@ def _decode_with_fallback(
 
     try:
         return _read_pyav(open_input(), display, max_seconds)
+    except AudioError:
+        raise
     except _PyAVFailure as error:
         pyav_reason = str(error)
     except av.FFmpegError as error:
         pyav_reason = _pyav_reason(error)
+    except Exception as error:  # hostile headers reach corners of PyAV that fail in other ways
+        pyav_reason = f"{type(error).__name__}: {error}"
     raise AudioError(
         f"{display}: could not decode audio (soundfile: {soundfile_reason}; pyav: {pyav_reason}). "
         f"Supported: {SUPPORTED}.",
@@ -293,7 +298,7 @@ def _read_soundfile(file: str | io.BytesIO, display: str, max_seconds: float | N
         # fixture reports 133938 and decodes 133632), so the early refusal skips MP3; the bounded read
         # below still stops a long MP3 at the limit.
         if f.format == "WAV":
-            _check_riff_complete(file, display)
+            _check_wav_header(file, display)
         if f.format != "MP3":
             _check_not_too_long(f.frames, f.samplerate, max_seconds, display)
         frames = -1 if max_seconds is None else _limit_samples(max_seconds, f.samplerate) + 1
@@ -307,16 +312,23 @@ def _read_soundfile(file: str | io.BytesIO, display: str, max_seconds: float | N
 _RIFF_SIZE_UNKNOWN = (0, 0xFFFFFFFF)
 
 
-def _check_riff_complete(file: str | io.BytesIO, display: str) -> None:
-    """A WAV cut short (an interrupted upload or copy) still decodes - libsndfile quietly shortens it -
-    so compare the size its RIFF header declares with the bytes that are there."""
+# PCM sample widths that exist (bits); libsndfile decodes others as if they were the next byte width
+_PCM_BITS = (8, 16, 24, 32)
+_WAV_HEAD_BYTES = 4096  # where the fmt chunk is looked for
+
+
+def _check_wav_header(file: str | io.BytesIO, display: str) -> None:
+    """What libsndfile lets through but a correct WAV cannot be: a file cut short (libsndfile quietly
+    shortens it; we compare the size its RIFF header declares with the bytes that are there) and a PCM
+    format whose bit depth does not exist (libsndfile decodes garbage from it)."""
     if isinstance(file, io.BytesIO):
-        head, size = file.getbuffer()[:8].tobytes(), file.getbuffer().nbytes
+        head, size = file.getbuffer()[:_WAV_HEAD_BYTES].tobytes(), file.getbuffer().nbytes
     else:
         with open(file, "rb") as raw:
-            head, size = raw.read(8), os.fstat(raw.fileno()).st_size
-    if len(head) < 8 or head[:4] != b"RIFF":
+            head, size = raw.read(_WAV_HEAD_BYTES), os.fstat(raw.fileno()).st_size
+    if len(head) < 12 or head[:4] != b"RIFF":
         return  # RF64/W64 and friends carry their sizes elsewhere
+    _check_pcm_format(head, display)
     declared = int.from_bytes(head[4:8], "little")
     if declared not in _RIFF_SIZE_UNKNOWN and size < declared + 8:
         raise AudioError(
@@ -325,6 +337,24 @@ def _check_riff_complete(file: str | io.BytesIO, display: str) -> None:
             source=display,
             reason="truncated",
         )
+
+
+def _check_pcm_format(head: bytes, display: str) -> None:
+    at = 12  # after "RIFF", its size and "WAVE": chunk id, chunk size, chunk data...
+    while at + 8 <= len(head):
+        chunk, length = head[at : at + 4], int.from_bytes(head[at + 4 : at + 8], "little")
+        if chunk == b"fmt " and at + 24 <= len(head):
+            tag, channels = (int.from_bytes(head[at + i : at + i + 2], "little") for i in (8, 10))
+            block, bits = (int.from_bytes(head[at + i : at + i + 2], "little") for i in (20, 22))
+            if tag == 1 and (bits not in _PCM_BITS or block != channels * bits // 8):
+                raise AudioError(
+                    f"{display} has a malformed WAV header: {bits}-bit PCM with {channels} channels and "
+                    f"{block}-byte frames does not exist; re-export the file from its source",
+                    source=display,
+                    reason="malformed",
+                )
+            return
+        at += 8 + length + (length & 1)  # chunks are padded to an even size
 
 
 def _read_pyav(file: str | io.BytesIO, display: str, max_seconds: float | None) -> _Decoded:

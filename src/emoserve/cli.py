@@ -260,7 +260,7 @@ def cmd_make_test_model(args: argparse.Namespace) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .lifecycle import serve  # light: fastapi, uvicorn; torch loads behind the running server
+    from .server import serve  # light: fastapi, uvicorn; torch loads behind the running server
     from .settings import load_settings
 
     settings = load_settings(vars(args))

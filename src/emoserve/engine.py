@@ -25,6 +25,7 @@ from typing import Protocol
 import numpy as np
 
 from .audio import SAMPLE_RATE, Audio
+from .constants import MAX_BATCH_SECONDS, MAX_BATCH_SIZE, MAX_QUEUE, MAX_WAIT_MS
 from .errors import DRAINING_RETRY_AFTER_S, EmoserveError
 from .recognizer import GRANULARITIES, MAX_PADDING, Granularity, Recognizer, Result, length_batches
 
@@ -38,10 +39,10 @@ FRAME_MEAN_TOL = 1e-4  # the fixture README's float32 embedding tolerance
 
 @dataclass(frozen=True)
 class EngineConfig:
-    max_batch_size: int = 8  # clips per model call
-    max_wait_ms: float = 10.0  # how long the first request of a batch waits for company
-    max_batch_seconds: float = 120.0  # padded audio seconds per model call (bounds attention memory)
-    max_queue: int = 64  # waiting requests; beyond it submit raises QueueFull
+    max_batch_size: int = MAX_BATCH_SIZE
+    max_wait_ms: float = MAX_WAIT_MS
+    max_batch_seconds: float = MAX_BATCH_SECONDS
+    max_queue: int = MAX_QUEUE
     max_padding: float = MAX_PADDING  # join a batch only while padding is at most this x real samples
 
     def __post_init__(self) -> None:

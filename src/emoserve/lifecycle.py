@@ -1,6 +1,6 @@
 """The service's life: starting -> loading -> warming -> ready | failed: <reason>; draining on shutdown.
 
-    serve(settings): uvicorn starts at once (so /healthz answers within 2 s of process start), and the
+    server.serve(settings): uvicorn starts at once (so /healthz answers within 2 s of process start), and the
     FastAPI lifespan calls Service.start(), whose thread imports torch, loads the model, starts the engine
     and warms it up through the real path (decode the bundled clips -> engine -> model, at the batch sizes
     traffic uses, outputs checked) before /readyz says 200. SIGTERM/Ctrl-C: state draining (/readyz 503,
@@ -17,16 +17,13 @@ import dataclasses
 import io
 import logging
 import os
-import signal
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from types import FrameType
 from typing import TYPE_CHECKING, Any
 
-import uvicorn
-
+from .constants import EXAMPLES_DIR
 from .errors import DRAINING_RETRY_AFTER_S, FAILED_RETRY_AFTER_S, LOADING_RETRY_AFTER_S, EmoserveError
 from .metrics import Metrics
 from .settings import Settings
@@ -39,7 +36,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-EXAMPLES_DIR = Path(__file__).parent / "examples"
 READY_POLL_S = 0.05  # how often a request waiting for ready looks again
 KEEP_WARM_SECONDS = 1.0  # audio length of a keep-warm inference: enough to touch every layer
 UTTERANCE: Granularity = "utterance"
@@ -108,7 +104,6 @@ class Service:
         await recognize(audio, granularity, embedding) -> (Result, RequestTiming): through the shared
             batching engine; raises ServiceUnavailable (503), engine.QueueFull (503 + Retry-After).
             It also resets the keep-warm idle timer (calling engine.submit_timed directly does not).
-        recognize_blocking(audio, granularity, embedding, timeout_s) -> Result: the same from a thread.
         await wait_ready(timeout_s): returns once ready; raises ServiceUnavailable after timeout_s or
             at once when failed or draining.
     """
@@ -193,10 +188,6 @@ class Service:
         thread = threading.Thread(target=self._start_up, name="emoserve-start-up", daemon=True)
         thread.start()
         return thread
-
-    def wait_settled(self, timeout_s: float | None = None) -> bool:
-        """Block until start-up is over (ready, failed or draining); False on timeout."""
-        return self._settled.wait(timeout_s)
 
     def _start_up(self) -> None:
         engine: Engine | None = None
@@ -434,15 +425,6 @@ class Service:
     ) -> tuple[Result, RequestTiming]:
         return await self._engine().submit_timed(audio, granularity, embedding)
 
-    def recognize_blocking(
-        self,
-        audio: Audio,
-        granularity: Granularity = "utterance",
-        embedding: bool = False,
-        timeout_s: float | None = None,
-    ) -> Result:
-        return self._engine().submit_blocking(audio, granularity, embedding, timeout_s)
-
 
 def length_groups(clips: list[Audio], max_padding: float) -> list[list[Audio]]:
     """Clips grouped as one padded batch may hold them (the engine's length rule), shortest first."""
@@ -466,47 +448,3 @@ def model_summary(recognizer: Recognizer, max_audio_s: float) -> dict[str, Any]:
         "parameters": info.num_parameters,
         "max_audio_s": max_audio_s,
     }
-
-
-def serve(settings: Settings) -> int:
-    """Run the service until SIGTERM/Ctrl-C (exit status 0) or a failed start-up (1)."""
-    from .server import create_app
-
-    service = Service(settings)
-    config = uvicorn.Config(
-        create_app(settings, service),
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-        access_log=settings.access_log,
-        timeout_graceful_shutdown=max(1, round(settings.drain_timeout_s)),
-        lifespan="on",
-    )
-    server = DrainingServer(config, service)
-    service.on_failure = server.request_exit
-    server.run()
-    if service.phase == "failed":
-        log.error("exiting: %s", service.state)
-        return 1
-    return 0
-
-
-class DrainingServer(uvicorn.Server):
-    """uvicorn.Server that marks the service draining the moment SIGTERM/SIGINT arrives, so that /readyz
-    says 503 while uvicorn finishes the requests in flight (the lifespan shutdown comes only after)."""
-
-    def __init__(self, config: uvicorn.Config, service: Service) -> None:
-        super().__init__(config)
-        self.service = service
-
-    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        """uvicorn's, except that the signal is not raised again after the shutdown: a drained service
-        exits 0 rather than dying of SIGTERM (143)."""
-        self.service.begin_drain()
-        if self.should_exit and sig == signal.SIGINT:
-            self.force_exit = True  # a second Ctrl-C: stop waiting for requests in flight
-        else:
-            self.should_exit = True
-
-    def request_exit(self) -> None:
-        self.should_exit = True

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from .audio import SAMPLE_RATE
+from .constants import FALSE_WORDS
 from .entry import ModelInfo, read_entry, read_manifest, record_files, write_manifest
 from .errors import EmoserveError
 from .model import Emotion2vec
@@ -39,7 +40,6 @@ ONNX_FILES = {"float32": "model.onnx", "int8": "model.int8.onnx"}
 # what the float32 graph must meet against torch, as the fixture tests hold both backends to
 SCORE_TOL = 1e-5
 EMBEDDING_TOL = 1e-4  # times the largest embedding value when that is above 1
-FALSE_WORDS = ("0", "false", "no", "off")
 
 
 class ExportError(EmoserveError, RuntimeError):

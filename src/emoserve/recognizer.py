@@ -14,19 +14,18 @@ import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal, NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 
 from .audio import DEFAULT_MAX_SECONDS, SAMPLE_RATE, Audio, AudioInput, load_audio
+from .constants import GRANULARITIES, Granularity
 from .entry import Hub, ModelInfo, ensure_intact, read_entry, resolve
 from .errors import EmoserveError
 from .labels import Label
 
 log = logging.getLogger(__name__)
 
-Granularity = Literal["utterance", "frame"]
-GRANULARITIES: tuple[Granularity, ...] = ("utterance", "frame")
 BACKENDS = ("auto", "torch", "onnx")
 DTYPES = ("float32", "float16", "bfloat16", "int8")  # half precision on GPUs (torch), int8 on CPUs (onnx)
 # Padded batch cost bound for predict_many: 8 clips of 15 s. Attention memory grows with

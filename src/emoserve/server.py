@@ -21,12 +21,15 @@ import hmac
 import html
 import logging
 import math
+import signal
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
+from types import FrameType
 from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
 
+import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
@@ -39,6 +42,7 @@ from starlette.routing import Mount
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import __version__
+from .constants import FALSE_WORDS, GRANULARITIES, TRUE_WORDS
 from .errors import EmoserveError
 from .lifecycle import Service
 from .metrics import Metrics
@@ -54,7 +58,6 @@ T = TypeVar("T")
 RECOGNIZE = "/v1/recognize"
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})  # never behind the API key
 ROUTES = frozenset({RECOGNIZE, "/v1/model", *OPEN_PATHS, "/docs", "/openapi.json"})  # metric labels
-GRANULARITIES = ("utterance", "frame")
 UI_START_TIMEOUT_S = 60.0
 
 # ------------------------------------------------------------------------------------------------ errors
@@ -67,6 +70,8 @@ class ApiError(EmoserveError):
         super().__init__(message, code=code, status=status, retry_after_s=retry_after_s)
 
 
+MAX_HEADER_BYTES = 16 * 1024  # beyond this a request gets 431
+H11_BUFFER_BYTES = 1 << 20  # uvicorn (h11) answers a bare 400 to a larger request head; below it, our 431
 HTTP_CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed"}
 TOO_LONG_HINT = " (this server's limit: max_audio_s, EMOSERVE_MAX_AUDIO_S)"
 
@@ -224,14 +229,14 @@ def recognition_options(granularity: str | None, embedding: bool | None, fields:
         raise ApiError(422, "invalid_parameter", f"granularity is {chosen!r}; choose 'utterance' or 'frame'")
     if embedding is None:
         embedding = form_bool("embedding", fields.get("embedding", "false"))
-    return Options(chosen, embedding)  # type: ignore[arg-type]  # checked against GRANULARITIES
+    return Options(chosen, embedding)  # checked against GRANULARITIES (a Literal tuple: mypy narrows)
 
 
 def form_bool(name: str, raw: str) -> bool:
     word = raw.strip().lower()
-    if word in {"true", "1", "yes", "on"}:
+    if word in TRUE_WORDS:
         return True
-    if word in {"false", "0", "no", "off", ""}:
+    if word in FALSE_WORDS or not word:
         return False
     raise ApiError(422, "invalid_parameter", f"{name} is {raw!r}; use true or false")
 
@@ -548,8 +553,26 @@ async def start_gradio(gradio_app: Any, ui_lifespan: AsyncExitStack) -> None:
 # ---------------------------------------------------------------------------------------------------- app
 
 
+class HeaderLimitMiddleware:
+    """431 with the JSON error for requests whose headers exceed MAX_HEADER_BYTES."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            size = sum(len(name) + len(value) + 4 for name, value in scope["headers"])  # ": " and CRLF
+            if size > MAX_HEADER_BYTES:
+                self.metrics.count_error("headers_too_large")
+                message = f"the request headers are {size:,} bytes; at most {MAX_HEADER_BYTES:,} are accepted"
+                await error_json(ApiError(431, "headers_too_large", message))(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 def create_app(settings: Settings, svc: Service | None = None) -> FastAPI:
-    """The ASGI app. Its lifespan starts loading the model; serve it with uvicorn (lifecycle.serve)."""
+    """The ASGI app. Its lifespan starts loading the model; serve it with uvicorn (`serve`)."""
     svc = svc or Service(settings)
     app = FastAPI(
         title="emoserve",
@@ -564,5 +587,49 @@ def create_app(settings: Settings, svc: Service | None = None) -> FastAPI:
     app.add_exception_handler(Exception, internal_error)
     if settings.api_key:
         app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key, metrics=svc.metrics)
-    app.add_middleware(MetricsMiddleware, metrics=svc.metrics)  # outermost: counts 401s too
+    app.add_middleware(HeaderLimitMiddleware, metrics=svc.metrics)
+    app.add_middleware(MetricsMiddleware, metrics=svc.metrics)  # outermost: counts 401s and 431s too
     return app
+
+
+def serve(settings: Settings) -> int:
+    """Run the service until SIGTERM/Ctrl-C (exit status 0) or a failed start-up (1)."""
+    service = Service(settings)
+    config = uvicorn.Config(
+        create_app(settings, service),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        access_log=settings.access_log,
+        timeout_graceful_shutdown=max(1, round(settings.drain_timeout_s)),
+        lifespan="on",
+        h11_max_incomplete_event_size=H11_BUFFER_BYTES,
+    )
+    server = DrainingServer(config, service)
+    service.on_failure = server.request_exit
+    server.run()
+    if service.phase == "failed":
+        log.error("exiting: %s", service.state)
+        return 1
+    return 0
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn.Server that marks the service draining the moment SIGTERM/SIGINT arrives, so that /readyz
+    says 503 while uvicorn finishes the requests in flight (the lifespan shutdown comes only after)."""
+
+    def __init__(self, config: uvicorn.Config, service: Service) -> None:
+        super().__init__(config)
+        self.service = service
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        """uvicorn's, except that the signal is not raised again after the shutdown: a drained service
+        exits 0 rather than dying of SIGTERM (143)."""
+        self.service.begin_drain()
+        if self.should_exit and sig == signal.SIGINT:
+            self.force_exit = True  # a second Ctrl-C: stop waiting for requests in flight
+        else:
+            self.should_exit = True
+
+    def request_exit(self) -> None:
+        self.should_exit = True

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .constants import FALSE_WORDS, MAX_BATCH_SECONDS, MAX_BATCH_SIZE, MAX_QUEUE, MAX_WAIT_MS, TRUE_WORDS
 from .errors import EmoserveError
 
 ENV_PREFIX = "EMOSERVE_"
@@ -61,14 +62,12 @@ def _number(raw: str) -> float:
     return value
 
 
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off"}
 
 
 def _boolean(raw: str) -> bool:
     word = raw.strip().lower()
-    if word in _TRUE | _FALSE:
-        return word in _TRUE
+    if word in TRUE_WORDS | FALSE_WORDS:
+        return word in TRUE_WORDS
     raise ValueError(f"{raw!r} is not a boolean (use true/false, 1/0, yes/no or on/off)")
 
 
@@ -186,15 +185,18 @@ class Settings:
         check=_positive,
     )
     # The batching engine (engine.EngineConfig)
-    max_batch_size: int = _setting(8, _integer, "clips per model call", check=_at_least(1))
+    max_batch_size: int = _setting(MAX_BATCH_SIZE, _integer, "clips per model call", check=_at_least(1))
     max_wait_ms: float = _setting(
-        10.0, _number, "how long the first request of a batch waits for company", check=_at_least(0)
+        MAX_WAIT_MS, _number, "how long the first request of a batch waits for company", check=_at_least(0)
     )
     max_batch_seconds: float = _setting(
-        120.0, _number, "padded audio seconds per model call (bounds attention memory)", check=_positive
+        MAX_BATCH_SECONDS,
+        _number,
+        "padded audio seconds per model call (bounds attention memory)",
+        check=_positive,
     )
     max_queue: int = _setting(
-        64, _integer, "waiting requests; beyond it 503 + Retry-After", check=_at_least(1)
+        MAX_QUEUE, _integer, "waiting requests; beyond it 503 + Retry-After", check=_at_least(1)
     )
     # Lifecycle
     ready_wait_s: float = _setting(

@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 
 from .audio import SAMPLE_RATE, Audio, load_audio
+from .constants import EXAMPLES_DIR
 from .errors import EmoserveError
 from .labels import EMOJI
 from .outputs import OutputStore, SavedOutput
@@ -39,7 +40,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-EXAMPLES_DIR = Path(__file__).parent / "examples"
 EXAMPLES = (  # (file, label shown under the example list)
     ("en_3s_44k.mp3", "English · 3 s · 44.1 kHz MP3"),
     ("zh_3s_16k.wav", "Chinese · 3 s · 16 kHz WAV"),

@@ -1,0 +1,21 @@
+"""Facts shared by several modules, in one place. Import-free (the server imports it before anything)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+SAMPLE_RATE = 16_000  # Hz, what the model takes
+EXAMPLES_DIR = Path(__file__).parent / "examples"  # the bundled clips: warm-up, the UI's example
+
+Granularity = Literal["utterance", "frame"]
+GRANULARITIES: tuple[Granularity, ...] = ("utterance", "frame")
+
+TRUE_WORDS = frozenset({"1", "true", "yes", "on"})  # flags, environment variables, form fields
+FALSE_WORDS = frozenset({"0", "false", "no", "off"})
+
+# The batching engine's defaults (EngineConfig and the server's settings)
+MAX_BATCH_SIZE = 8  # clips per model call
+MAX_WAIT_MS = 10.0  # how long the first request of a batch waits for company
+MAX_BATCH_SECONDS = 120.0  # padded audio seconds per model call (bounds attention memory)
+MAX_QUEUE = 64  # waiting requests; beyond it submit raises QueueFull
