@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,15 @@ FIXTURE = Path(__file__).parent / "fixtures" / "emotion2vec-tiny"
 CLIPS = sorted(p.name[: -len(".npz")] for p in (FIXTURE / "waves").glob("*.npz"))
 SCORE_TOL = 1e-5  # fixture README: what a correct float32 implementation meets
 EMBEDDING_TOL = 1e-4
+
+
+def copy_fixture(tmp_path: Path) -> Path:
+    """A writable copy of the fixture model (the shared one is read-only in CI)."""
+    model_dir = tmp_path / "model"
+    shutil.copytree(FIXTURE / "model", model_dir)
+    for f in model_dir.iterdir():
+        f.chmod(0o644)
+    return model_dir
 
 
 def wave(clip: str) -> np.ndarray:

@@ -23,7 +23,7 @@ from emoserve.entry import read_entry
 from emoserve.recognizer import Recognizer, load_model
 from emoserve.weights import convert
 
-from .conftest import FIXTURE, SCORE_TOL, wave
+from .conftest import FIXTURE, SCORE_TOL, copy_fixture, wave
 
 CLIP = FIXTURE / "audio" / "zh_3s_16k.wav"
 
@@ -184,10 +184,7 @@ def test_a_changed_source_is_converted_and_exported_again(
 
     monkeypatch.setattr(onnx_export, "write_onnx", fake_write)
     monkeypatch.setenv("EMOSERVE_EXPORT_ONNX", "1")
-    model_dir = tmp_path / "model"
-    model_dir.mkdir()
-    for f in (FIXTURE / "model").iterdir():
-        (model_dir / f.name).write_bytes(f.read_bytes())
+    model_dir = copy_fixture(tmp_path)
     entry = load_model(model_dir, backend="torch").info.path
     assert (entry / "model.onnx").read_text() == "graph 0"
     os.utime(model_dir / "model.pt", ns=(1, 1))  # "changed": another mtime

@@ -21,17 +21,9 @@ from emoserve.config import PRESETS, ModelConfig
 from emoserve.entry import WeightsError, check_entry, read_manifest
 from emoserve.recognizer import ModelOutputError, Outputs, Recognizer, load_model
 
-from .conftest import FIXTURE, wave
+from .conftest import FIXTURE, copy_fixture, wave
 
 CLIP = FIXTURE / "audio" / "zh_3s_16k.wav"
-
-
-def published_copy(tmp_path: Path) -> Path:
-    model_dir = tmp_path / "published"
-    shutil.copytree(FIXTURE / "model", model_dir)
-    for f in model_dir.iterdir():
-        f.chmod(0o644)
-    return model_dir
 
 
 def flip_last_byte(path: Path) -> None:
@@ -70,7 +62,7 @@ def test_verify_finds_a_changed_byte_that_the_cheap_check_cannot(
 def test_a_damaged_entry_is_rebuilt_from_its_source(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, tiny_recognizer: Recognizer
 ) -> None:
-    model_dir = published_copy(tmp_path)
+    model_dir = copy_fixture(tmp_path)
     entry = load_model(model_dir, backend="torch").info.path
     with (entry / "model.safetensors").open("r+b") as f:
         f.truncate(1000)  # a download or disk that stopped half-way
@@ -84,7 +76,7 @@ def test_a_damaged_entry_is_rebuilt_from_its_source(
 
 
 def test_a_damaged_entry_without_its_source_is_refused_in_one_sentence(tmp_path: Path) -> None:
-    model_dir = published_copy(tmp_path)
+    model_dir = copy_fixture(tmp_path)
     entry = load_model(model_dir, backend="torch").info.path
     shutil.rmtree(model_dir)
     (entry / "tokens.txt").write_text("garbage")
@@ -96,7 +88,7 @@ def test_a_damaged_entry_without_its_source_is_refused_in_one_sentence(tmp_path:
 
 
 def test_a_mismatched_config_is_summarised(tmp_path: Path) -> None:
-    model_dir = published_copy(tmp_path)
+    model_dir = copy_fixture(tmp_path)
     raw = yaml.safe_load((model_dir / "config.yaml").read_text())
     raw["model_conf"]["embed_dim"] = 96  # says 96, the checkpoint holds 64
     (model_dir / "config.yaml").write_text(yaml.safe_dump(raw))

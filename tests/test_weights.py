@@ -16,17 +16,9 @@ from emoserve import hub, weights
 from emoserve.entry import WeightsError
 from emoserve.recognizer import load_model
 
-from .conftest import FIXTURE, wave
+from .conftest import FIXTURE, copy_fixture, wave
 
 AUDIO = weights._AUDIO
-
-
-def copy_fixture(tmp_path: Path) -> Path:
-    model_dir = tmp_path / "model"
-    shutil.copytree(FIXTURE / "model", model_dir)
-    for f in model_dir.iterdir():
-        f.chmod(0o644)
-    return model_dir
 
 
 def edit_checkpoint(model_dir: Path, edit) -> None:  # type: ignore[no-untyped-def]
