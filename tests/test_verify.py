@@ -201,3 +201,30 @@ def _audio(samples: np.ndarray, source: str) -> Any:
     from emoserve.audio import Audio
 
     return Audio(samples, source, 16000, 1, "array", None, False)
+
+
+def test_a_conversion_killed_midway_leaves_nothing_that_loads(tmp_path: Path) -> None:
+    """SIGKILL during the ONNX export (the longest step): no entry, and the next conversion works."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "entry"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "emoserve.cli", "convert", str(FIXTURE / "model"), "--out", str(out)],
+        env={**os.environ, "EMOSERVE_HOME": str(tmp_path / "home")},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 60
+    while not list(tmp_path.glob(".entry.*/model.safetensors")):  # the weights are written: exporting
+        assert process.poll() is None and time.monotonic() < deadline, "the conversion ended too early"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait(10)
+    assert not out.exists() and list(tmp_path.glob(".entry.*"))  # only the hidden work directory
+    with pytest.raises(WeightsError, match="neither a directory nor a known name"):
+        load_model(out)
+    assert weights.convert(FIXTURE / "model", out, onnx=False) == out and check_entry(out, full=True) == []
