@@ -23,6 +23,7 @@ BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
         ("serve_start.py", "start -> first result, onnx / torch backend"),
         ("serve_load.py", "only 200"),
         ("serve_memory.py", "RSS after"),
+        ("soak.py", "RSS growth, first to last minute"),
     ],
 )
 def test_benchmark_runs(script: str, figure: str) -> None:

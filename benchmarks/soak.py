@@ -1,0 +1,169 @@
+"""Soak: 32 clients for 10 minutes against one `emoserve serve` (large model, CPU, default backend).
+
+Each client is a thread with its own keep-alive connection that loops: pick a request (deterministic per
+client) - a clip of 1, 3, 5 or 8 s (multipart `file`), or, one time in ten, a bad input (bytes that are
+not audio, an empty body, or a WAV cut in its samples) - and, one time in twenty, send a request and
+hang up before the answer (a client that disconnects mid-request). A 503 is answered as a well-behaved
+client does: wait Retry-After, then go on. Every minute: the server's RSS, and the latency of the
+accepted (200) requests of that minute.
+
+Checks: statuses are only 200, 4xx for the bad inputs and 503 with Retry-After (no 500, no connection
+error on requests that were not hung up); RSS growth from minute 1 to the last minute <= 2%; p99 of the
+accepted requests in the last minute <= 1.5x the first minute's.
+"""
+
+from __future__ import annotations
+
+import random
+import socket
+import sys
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+from common import (
+    LOCALHOST,
+    Client,
+    bench_model,
+    clip_wav,
+    free_port,
+    header,
+    load_average,
+    parser,
+    percentile,
+    running_server,
+    serve_argv,
+    table,
+    verdict,
+)
+
+CLIENTS = 32
+DURATION_S = 600.0
+QUICK_DURATION_S = 8.0
+CLIP_SECONDS = (1.0, 3.0, 5.0, 8.0)
+BAD_SHARE = 0.10
+HANG_UP_SHARE = 0.05
+TARGETS = {"rss_growth": 0.02, "p99_ratio": 1.5}
+
+
+@dataclass
+class Minute:
+    statuses: Counter[str] = field(default_factory=Counter)
+    accepted_s: list[float] = field(default_factory=list)
+    rss_mb: float = float("nan")
+
+
+def main() -> None:
+    p = parser(__doc__, default_runs=1)
+    p.add_argument("--minutes", type=float, default=DURATION_S / 60, help="duration (default 10)")
+    p.add_argument("--clients", type=int, default=CLIENTS, help=f"concurrent clients (default {CLIENTS})")
+    args = p.parse_args()
+    header("Soak", args, 1)
+    duration = QUICK_DURATION_S if args.quick else args.minutes * 60
+    minute_s = duration / 4 if args.quick else 60.0
+    model = bench_model(args.preset)
+    clips = [clip_wav(s, seed=i) for i, s in enumerate(CLIP_SECONDS)]
+    bad = [b"this is not audio" * 50, b"", clips[1][: len(clips[1]) // 2]]
+    port = free_port()
+    minutes: dict[int, Minute] = {}
+    lock = threading.Lock()
+    with running_server("soak", serve_argv(model.entry, port), port) as server:
+        server.wait_for("/readyz")
+        server.wait_for("/", interval_s=0.1)  # the UI is mounted: start-up is over
+        started = time.perf_counter()
+
+        last_minute = max(0, round(duration / minute_s) - 1)
+
+        def minute_of(t: float) -> Minute:  # answers that come after the end count in the last minute
+            return minutes.setdefault(min(int((t - started) // minute_s), last_minute), Minute())
+
+        def client_loop(seed: int) -> None:
+            rng = random.Random(seed)
+            client = Client(server.port, timeout_s=120)
+            try:
+                while time.perf_counter() - started < duration:
+                    draw = rng.random()
+                    if draw < HANG_UP_SHARE:
+                        hang_up(server.port, rng.choice(clips))
+                        with lock:
+                            minute_of(time.perf_counter()).statuses["hung up"] += 1
+                        continue
+                    body = rng.choice(bad) if draw < HANG_UP_SHARE + BAD_SHARE else rng.choice(clips)
+                    try:
+                        reply = client.recognize(body)
+                        status = str(reply.status)
+                    except OSError as error:
+                        reply, status = None, f"error: {type(error).__name__}"
+                    with lock:
+                        m = minute_of(time.perf_counter())
+                        m.statuses[status] += 1
+                        if reply is not None and reply.status == 200:
+                            m.accepted_s.append(reply.seconds)
+                        if reply is not None and reply.status == 503 and not reply.retry_after:
+                            m.statuses["503 without Retry-After"] += 1
+                    if reply is not None and reply.status == 503:
+                        time.sleep(float(reply.retry_after or 1))
+            finally:
+                client.close()
+
+        def sample_rss() -> None:
+            while time.perf_counter() - started < duration:
+                time.sleep(minute_s / 2)
+                with lock:
+                    minute_of(time.perf_counter()).rss_mb = server.rss_bytes("VmRSS") / 1e6
+
+        threads = [threading.Thread(target=client_loop, args=(i,), daemon=True) for i in range(args.clients)]
+        threads.append(threading.Thread(target=sample_rss, daemon=True))
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        server.check_alive()
+    report(minutes)
+
+
+def hang_up(port: int, wav: bytes) -> None:
+    """Send a whole request, then close the connection without reading the answer."""
+    boundary = "soak"
+    body = (f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="clip.wav"\r\n\r\n'
+            ).encode() + wav + f"\r\n--{boundary}--\r\n".encode()
+    head = (f"POST /v1/recognize HTTP/1.1\r\nHost: {LOCALHOST}\r\nContent-Length: {len(body)}\r\n"
+            f"Content-Type: multipart/form-data; boundary={boundary}\r\n\r\n").encode()
+    with socket.create_connection((LOCALHOST, port), timeout=10) as sock:
+        sock.sendall(head + body)
+        time.sleep(0.05)
+
+
+def report(minutes: dict[int, Minute]) -> None:
+    ordered = [minutes[k] for k in sorted(minutes)]
+    rows = []
+    for i, m in enumerate(ordered):
+        p50 = percentile(m.accepted_s, 50)
+        p99 = percentile(m.accepted_s, 99)
+        rows.append([i + 1, ", ".join(f"{k}: {v}" for k, v in sorted(m.statuses.items())),
+                     f"{p50:.2f}", f"{p99:.2f}", f"{m.rss_mb:.0f}"])
+    table(["minute", "statuses", "p50 accepted (s)", "p99 accepted (s)", "RSS (MB)"], rows)
+    total = sum((m.statuses for m in ordered), Counter())
+    unexpected = {k: v for k, v in total.items()
+                  if not (k in ("200", "503", "hung up") or (k.isdigit() and 400 <= int(k) < 500))}
+    with_rss = [m for m in ordered if m.rss_mb == m.rss_mb]
+    growth = with_rss[-1].rss_mb / with_rss[0].rss_mb - 1 if len(with_rss) > 1 else float("nan")
+    full = [m for m in ordered if m.accepted_s]
+    p99_ratio = (percentile(full[-1].accepted_s, 99) / percentile(full[0].accepted_s, 99)
+                 if len(full) > 1 else float("nan"))
+    table(["check", "value", "target"], [
+        ["statuses: only 200, 4xx and 503 with Retry-After", str(unexpected or "none other"),
+         "met" if not unexpected else "NOT met"],
+        ["RSS growth, first to last minute", f"{growth:+.3%}", verdict(growth, TARGETS["rss_growth"])],
+        ["p99 accepted, last minute / first minute", f"{p99_ratio:.2f}",
+         verdict(p99_ratio, TARGETS["p99_ratio"])],
+    ])
+    print(f"{load_average()} at the end. Server log: .bench/serve/soak.log")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except RuntimeError as error:
+        sys.exit(str(error))
