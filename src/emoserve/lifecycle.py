@@ -128,6 +128,7 @@ class Service:
         self._settled = threading.Event()  # start-up is over: ready, failed or draining
         self._keep_warm_clip: Audio | None = None
         self._model_path: Path | None = None
+        self._files_warned = False
         self._outputs: OutputStore | None = None
         self.metrics.set_state("starting")
 
@@ -407,6 +408,19 @@ class Service:
         upload = io.BytesIO(data)
         upload.name = name  # load_audio names the input by it in its errors
         return load_audio(upload, max_seconds=self.max_audio_s)
+
+    def model_file_problems(self) -> list[str]:
+        """The cheap check of the loaded model's files (sizes, header), for /readyz: a model deleted or
+        replaced under a running server keeps serving from its memory map, but would not load again."""
+        from .entry import check_entry
+
+        if self._model_path is None:
+            return []
+        problems = check_entry(self._model_path)
+        if problems and not self._files_warned:
+            self._files_warned = True
+            log.warning("the model files changed under the running server: %s", "; ".join(problems))
+        return problems
 
     def require_ready(self) -> None:
         """Raise the 503 that fits the state unless the service is ready."""

@@ -398,7 +398,9 @@ async def healthz(service: ServiceDep) -> dict[str, str]:
 
 @router.get("/readyz", summary="Readiness: 200 once the model is loaded and warmed up, else 503")
 async def readyz(service: ServiceDep) -> JSONResponse:
-    body = {"ready": service.ready, "state": service.state, "timings": service.timings()}
+    body: dict[str, Any] = {"ready": service.ready, "state": service.state, "timings": service.timings()}
+    if problems := service.model_file_problems():
+        body["model_files"] = problems  # serving goes on from memory; a restart would not load
     return JSONResponse(body, status_code=200 if service.ready else 503)
 
 
