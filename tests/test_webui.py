@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
+import os
 import socket
 import threading
 import time
@@ -18,7 +20,7 @@ import pytest
 import soundfile as sf
 from fastapi import FastAPI
 
-from emoserve import webui
+from emoserve import outputs, webui
 from emoserve.audio import Audio
 from emoserve.engine import Engine, EngineConfig, RequestTiming
 from emoserve.lifecycle import ServiceUnavailable
@@ -147,14 +149,29 @@ def test_saving_off_still_offers_downloads(fast_engine: Engine) -> None:
     assert not webui.render(recognition)[2].visible  # no timeline for an utterance result
 
 
-def test_a_failed_save_still_shows_the_result(fast_engine: Engine, tmp_path: Path) -> None:
+@pytest.mark.parametrize("fault", ["gone", errno.ENOSPC, errno.EROFS])
+def test_a_failed_save_still_shows_the_result(
+    fast_engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fault: str | int
+) -> None:
+    """The outputs folder removed, the disk full mid-write, a read-only disk (root ignores file modes,
+    so the last two are the writer failing as the kernel would): the result is shown, saving is said
+    to have failed, and no half-written folder is left."""
     store = OutputStore(tmp_path / "outputs")
-    store.root.rmdir()  # saving now fails with FileNotFoundError
+    if fault == "gone":
+        store.root.rmdir()  # saving now fails with FileNotFoundError
+    else:
+
+        def failing_write(*args: Any, **kwargs: Any) -> None:
+            raise OSError(fault, os.strerror(int(fault)))
+
+        monkeypatch.setattr(outputs.sf, "write", failing_write)
     with pytest.warns(UserWarning, match="could not be saved"):  # outside a page, gr.Warning warns
         recognition = recognize(make_service(fast_engine, store), str(EXAMPLE))
     assert recognition.saved is None and recognition.result.emotion
     assert webui.render(recognition)[4] is None
     assert "not saved" in webui.processing_log(recognition)
+    if fault != "gone":
+        assert list(store.root.iterdir()) == []
 
 
 @pytest.mark.parametrize(
