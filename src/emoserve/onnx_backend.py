@@ -21,11 +21,13 @@ UTTERANCE_OUTPUTS = ("logits", "pooled", "frame_lengths")
 
 
 def session_options(
-    threads: int, *, optimise: bool = False, prepack: bool = False, arena: bool = True
+    threads: int, *, optimise: bool = False, prepack: bool = False, arena: bool = False
 ) -> Any:
-    """Options chosen by measurement (benchmarks/onnx_options.py, docs/benchmarks.md):
+    """Options chosen by measurement (benchmarks/onnx_options.py, soak.py, docs/benchmarks.md):
     - prepacking off: packed copies of the MatMul weights would be private memory on top of the
       memory-mapped weights (which processes share through the page cache);
+    - the CPU memory arena off: under concurrent load (batches of 8 clips) it kept ~1.4 GB more than
+      the torch backend's peak for good; without it memory goes back after each batch;
     - one intra-op thread per physical core, and no inter-op parallelism (the graph is one chain)."""
     import onnxruntime as ort
 
