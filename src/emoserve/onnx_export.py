@@ -32,7 +32,7 @@ from .entry import ModelInfo, read_entry, read_manifest, record_files, write_man
 from .errors import EmoserveError
 from .model import Emotion2vec
 from .onnx_backend import INPUTS, OUTPUTS, open_session
-from .recognizer import physical_cores, softmax
+from .recognizer import pad, physical_cores, softmax
 
 log = logging.getLogger(__name__)
 
@@ -214,10 +214,7 @@ def parity(model: Emotion2vec, graph: Path, dtype: str) -> dict[str, float]:
     scale = 1.0
     for seconds in ([1.0], [2.0, 1.3]):
         clips = [_speech_like(rng, int(s * SAMPLE_RATE)) for s in seconds]
-        lengths = np.array([len(c) for c in clips], dtype=np.int64)
-        waves = np.zeros((len(clips), int(lengths.max())), dtype=np.float32)
-        for i, clip in enumerate(clips):
-            waves[i, : len(clip)] = clip
+        waves, lengths = pad(clips)
         with torch.inference_mode():
             want = [t.numpy() for t in model.outputs(torch.from_numpy(waves), torch.from_numpy(lengths))]
         got = dict(
