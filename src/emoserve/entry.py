@@ -341,23 +341,25 @@ def entry_of(model: str | os.PathLike[str] | None) -> Path:
                 return entry
             raise WeightsError(f"{path} has not been converted yet: run `emoserve convert {path}`")
         raise WeightsError(f"{path} is not a model directory (config.yaml, model.pt, tokens.txt)")
-    name = hub.canonical_name(str(model or hub.DEFAULT_MODEL))
-    if name is None:
-        raise WeightsError(f"model {model!r} is neither a directory nor a known name")
-    entry = home() / "models" / name
+    name, entry = _named_entry(model)
     if not is_entry(entry):
         raise WeightsError(f"{name} is not in the cache: run `emoserve download {name}`")
     return entry
+
+
+def _named_entry(model: str | os.PathLike[str] | None) -> tuple[str, Path]:
+    """The canonical name of `model` (default: the default model) and where its cache entry belongs."""
+    name = hub.canonical_name(str(model or hub.DEFAULT_MODEL))
+    if name is None:
+        raise WeightsError(f"model {model!r} is neither a directory nor a known name")
+    return name, home() / "models" / name
 
 
 def describe(model: str | os.PathLike[str] | None) -> dict[str, Any]:
     """What `emoserve info` shows; never downloads or converts."""
     path = Path(model).expanduser() if model is not None else None
     if path is None or not path.is_dir():
-        name = hub.canonical_name(str(model or hub.DEFAULT_MODEL))
-        if name is None:
-            raise WeightsError(f"model {model!r} is neither a directory nor a known name")
-        path = home() / "models" / name
+        name, path = _named_entry(model)
         if not is_entry(path):
             return {"name": name, "cached": False, "hint": f"run `emoserve download {name}`"}
     if is_entry(path):
