@@ -44,6 +44,9 @@ class EngineConfig:
     max_batch_seconds: float = MAX_BATCH_SECONDS
     max_queue: int = MAX_QUEUE
     max_padding: float = MAX_PADDING  # join a batch only while padding is at most this x real samples
+    # padded seconds of a model call of background requests (None: max_batch_seconds). On a CPU a batch
+    # gains little and an interactive request that arrives waits for the whole call.
+    max_background_batch_seconds: float | None = None
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1:
@@ -109,6 +112,7 @@ class _Request:
     granularity: Granularity
     embedding: bool
     submitted_at: float  # time.monotonic()
+    background: bool = False  # a timeline's segment: interactive requests go first
     future: concurrent.futures.Future[tuple[Result, RequestTiming]] = field(
         default_factory=concurrent.futures.Future
     )
@@ -136,6 +140,8 @@ class Engine:
         self.config = config
         self._observer = observer
         self._max_batch_samples = max(1, int(config.max_batch_seconds * SAMPLE_RATE))
+        background_s = config.max_background_batch_seconds or config.max_batch_seconds
+        self._max_background_samples = max(1, int(min(background_s, config.max_batch_seconds) * SAMPLE_RATE))
         self._cond = threading.Condition()  # guards everything below that the worker shares
         self._queue: deque[_Request] = deque()
         self._thread: threading.Thread | None = None
@@ -193,17 +199,28 @@ class Engine:
             self._abandon_queue(timeout_s)
 
     async def submit_timed(
-        self, audio: Audio, granularity: Granularity = "utterance", embedding: bool = False
+        self,
+        audio: Audio,
+        granularity: Granularity = "utterance",
+        embedding: bool = False,
+        *,
+        background: bool = False,
     ) -> tuple[Result, RequestTiming]:
         """Awaitable from any event loop. Cancelling the awaiting task drops a request that is still
-        queued; one already in a model call completes and its result is discarded."""
-        (request,) = self._enqueue([audio], granularity, embedding)
+        queued; one already in a model call completes and its result is discarded. A `background`
+        request (a segment of a long recording) waits while interactive ones are queued."""
+        (request,) = self._enqueue([audio], granularity, embedding, background=background)
         return await asyncio.wrap_future(request.future)
 
     async def submit(
-        self, audio: Audio, granularity: Granularity = "utterance", embedding: bool = False
+        self,
+        audio: Audio,
+        granularity: Granularity = "utterance",
+        embedding: bool = False,
+        *,
+        background: bool = False,
     ) -> Result:
-        return (await self.submit_timed(audio, granularity, embedding))[0]
+        return (await self.submit_timed(audio, granularity, embedding, background=background))[0]
 
     def submit_blocking(
         self,
@@ -224,7 +241,9 @@ class Engine:
 
     # ----------------------------------------------------------------------------------------- queueing
 
-    def _enqueue(self, audios: Sequence[Audio], granularity: Granularity, embedding: bool) -> list[_Request]:
+    def _enqueue(
+        self, audios: Sequence[Audio], granularity: Granularity, embedding: bool, *, background: bool = False
+    ) -> list[_Request]:
         """Queue all of `audios` at once (so that warm-up can hand the worker a whole batch)."""
         if granularity not in GRANULARITIES:
             raise ValueError(f"granularity is {granularity!r}; choose 'utterance' or 'frame'")
@@ -235,7 +254,7 @@ class Engine:
                     f"got {type(audio).__name__}"
                 )
         now = time.monotonic()
-        requests = [_Request(audio, granularity, embedding, now) for audio in audios]
+        requests = [_Request(audio, granularity, embedding, now, background) for audio in audios]
         with self._cond:
             self._check_accepting()
             if len(self._queue) + len(requests) > self.config.max_queue:
@@ -324,13 +343,14 @@ class Engine:
     def _take_batch(self) -> list[_Request]:
         """The oldest request and those that may share its model call (lock held). Only requests with
         the same (granularity, embedding) share a call, so each result equals its one-at-a-time result;
-        the oldest is always served, so nothing starves."""
-        oldest = self._queue[0]
+        the oldest is always served, so nothing starves - except that background requests wait while an
+        interactive one is queued (a person waits on those; a long recording's segments can)."""
+        oldest = next((r for r in self._queue if not r.background), self._queue[0])
         candidates = [r for r in self._queue if r.key == oldest.key]
         groups = length_batches(
             [r.samples for r in candidates],
             self.config.max_batch_size,
-            self._max_batch_samples,
+            self._max_background_samples if oldest.background else self._max_batch_samples,
             self.config.max_padding,
         )
         chosen = next(group for group in groups if 0 in group)

@@ -19,7 +19,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,9 +33,14 @@ if TYPE_CHECKING:
     from .engine import Engine, RequestTiming
     from .outputs import OutputStore
     from .recognizer import Granularity, Recognizer, Result
+    from .timeline import TimelineJob, TimelineSegment
 
 log = logging.getLogger(__name__)
 
+# A CPU model call of a long recording's segments holds at most this much audio: an interactive request
+# that arrives meanwhile waits for it (a GPU batches them freely).
+CPU_BACKGROUND_BATCH_S = 16.0
+TIMELINE_QUEUE_WAIT_S = 120.0  # a timeline's segment waits this long for room in a full queue, then 503
 READY_POLL_S = 0.05  # how often a request waiting for ready looks again
 KEEP_WARM_SECONDS = 1.0  # audio length of a keep-warm inference: enough to touch every layer
 UTTERANCE: Granularity = "utterance"
@@ -104,6 +109,11 @@ class Service:
         await recognize(audio, granularity, embedding) -> (Result, RequestTiming): through the shared
             batching engine; raises ServiceUnavailable (503), engine.QueueFull (503 + Retry-After).
             It also resets the keep-warm idle timer (calling engine.submit_timed directly does not).
+        open_timeline(source, name=..., **options) -> TimelineJob: blocking; the file's errors (undecodable,
+            over max_timeline_s) come here, before any work.
+        timeline(job) -> async iterator of TimelineSegment: the job's segments through the engine as
+            background requests (interactive ones go first), at most SEGMENTS_IN_FLIGHT of it queued;
+            leaving the iteration early (a client that went away) stops the decoding and drops them.
         await wait_ready(timeout_s): returns once ready; raises ServiceUnavailable after timeout_s or
             at once when failed or draining.
     """
@@ -115,6 +125,7 @@ class Service:
         self.model: dict[str, Any] | None = None
         self.random_weights: bool | None = None
         self.max_audio_s = settings.effective_max_audio_s("cpu")  # until the device is known
+        self.max_timeline_s = settings.effective_max_timeline_s("cpu")
         self.examples = example_clips()
         self.ui_error: str | None = None
         # What to do when start-up fails (unless settings.stay_up): serve() makes the server exit.
@@ -229,6 +240,7 @@ class Service:
         self.metrics.model_load_seconds.set(seconds)
         self.metrics.watch_device(recognizer.device)
         self.max_audio_s = s.effective_max_audio_s(recognizer.device_type)
+        self.max_timeline_s = s.effective_max_timeline_s(recognizer.device_type)
         recognizer.max_seconds = self.max_audio_s
         self.random_weights = recognizer.random_weights
         self._model_path = recognizer.info.path
@@ -253,6 +265,7 @@ class Service:
             max_wait_ms=s.max_wait_ms,
             max_batch_seconds=s.max_batch_seconds,
             max_queue=s.max_queue,
+            max_background_batch_seconds=None if recognizer.device_type == "cuda" else CPU_BACKGROUND_BATCH_S,
         )
         engine = Engine(recognizer, config, observer=self.metrics)
         engine.start()
@@ -438,6 +451,54 @@ class Service:
         self, audio: Audio, granularity: Granularity = "utterance", embedding: bool = False
     ) -> tuple[Result, RequestTiming]:
         return await self._engine().submit_timed(audio, granularity, embedding)
+
+    def open_timeline(self, source: Any, *, name: str | None = None, **options: Any) -> TimelineJob:
+        """Open a recording for `timeline` (blocking: run it in a thread), within max_timeline_s."""
+        from .timeline import TimelineJob
+
+        return TimelineJob(source, name=name, max_seconds=self.max_timeline_s, **options)
+
+    async def timeline(self, job: TimelineJob) -> AsyncIterator[TimelineSegment]:
+        """The job's scored segments in the order they were found (see the class docstring)."""
+        from .timeline import SEGMENTS_IN_FLIGHT, SegmentFeed, scored
+
+        engine = self._engine()
+        feed = SegmentFeed(job, depth=SEGMENTS_IN_FLIGHT)
+        pending: list[tuple[Any, asyncio.Task[Result]]] = []
+        done = False
+        try:
+            while True:
+                while not done and len(pending) < SEGMENTS_IN_FLIGHT:
+                    segment = await feed.get()
+                    if segment is None:
+                        done = True
+                    else:
+                        task = asyncio.ensure_future(_submit_segment(engine, job.clip(segment)))
+                        pending.append((segment, task))
+                if not pending:
+                    return
+                segment, task = pending.pop(0)
+                self._last_used = time.monotonic()
+                yield scored(segment, await task)
+        finally:
+            feed.stop()
+            for _, task in pending:
+                task.cancel()
+
+
+async def _submit_segment(engine: Engine, audio: Audio) -> Result:
+    """One segment as a background request; a full queue (other users' traffic) is waited out for up to
+    TIMELINE_QUEUE_WAIT_S rather than failing a long recording part-way."""
+    from .engine import QueueFull
+
+    deadline = time.monotonic() + TIMELINE_QUEUE_WAIT_S
+    while True:
+        try:
+            return await engine.submit(audio, background=True)
+        except QueueFull as error:
+            if time.monotonic() >= deadline:
+                raise
+            await asyncio.sleep(min(1.0, error.retry_after_s or 1.0))
 
 
 def length_groups(clips: list[Audio], max_padding: float) -> list[list[Audio]]:

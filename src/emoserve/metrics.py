@@ -27,6 +27,8 @@ from prometheus_client.registry import Collector
 # Request stages in seconds: milliseconds for a tiny model up to a minute for a long clip of the large one
 # on a CPU (the 60 s default audio limit).
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
+# A timeline request runs from a second (a short file, a GPU) to most of an hour (3 h of audio on a CPU).
+TIMELINE_BUCKETS_S = (1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 1800.0, 3600.0, 7200.0)
 BATCH_SIZE_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
 STAGES = ("decode", "queue", "inference", "total")
 STATES = ("starting", "loading", "warming", "ready", "failed", "draining")
@@ -74,6 +76,22 @@ class Metrics:
             "Failed requests by kind (the error code of the response)",
             ["kind"],
             registry=r,
+        )
+        # Long recordings (/v1/timeline and the UI's tab)
+        self.timeline_duration_seconds = Histogram(
+            "emoserve_timeline_duration_seconds",
+            "Seconds per timeline request, upload to last segment",
+            buckets=TIMELINE_BUCKETS_S,
+            registry=r,
+        )
+        self.timeline_audio_seconds_total = Counter(
+            "emoserve_timeline_audio_seconds", "Seconds of recordings processed by timelines", registry=r
+        )
+        self.timeline_segments_total = Counter(
+            "emoserve_timeline_segments", "Speech segments scored by timelines", registry=r
+        )
+        self.timelines_in_progress = Gauge(
+            "emoserve_timelines_in_progress", "Timeline requests being processed now", registry=r
         )
         # The engine
         self.batch_size = Histogram(
@@ -123,6 +141,12 @@ class Metrics:
         """One answered recognition: each stage's seconds, labelled with the route ("/v1/recognize", "ui")."""
         for stage, seconds in zip(STAGES, (decode_s, queue_s, inference_s, total_s), strict=True):
             self.request_duration_seconds.labels(stage, route).observe(seconds)
+
+    def observe_timeline(self, audio_s: float, segments: int, seconds: float) -> None:
+        """One timeline request that ran to its end (or was stopped: what it did still counts)."""
+        self.timeline_duration_seconds.observe(seconds)
+        self.timeline_audio_seconds_total.inc(audio_s)
+        self.timeline_segments_total.inc(segments)
 
     def count_response(self, route: str, status: int) -> None:
         self.requests_total.labels(route, str(status)).inc()

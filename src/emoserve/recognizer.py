@@ -11,10 +11,10 @@ import functools
 import importlib.util
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 import numpy as np
 
@@ -23,6 +23,9 @@ from .constants import GRANULARITIES, Granularity
 from .entry import Hub, ModelInfo, ensure_intact, read_entry, resolve
 from .errors import EmoserveError
 from .labels import Label
+
+if TYPE_CHECKING:
+    from .timeline import Timeline, TimelineSegment
 
 log = logging.getLogger(__name__)
 
@@ -167,6 +170,22 @@ class Recognizer:
             ):
                 results[i] = result
         return [r for r in results if r is not None]
+
+    def timeline(self, source: Any, **options: Any) -> Timeline:
+        """The emotion timeline of a recording of any length: its speech segments (silero-vad, or the
+        caller's `spans`), each scored as `predict()` scores that slice, and a time-weighted summary.
+        Options are `TimelineJob`'s: channels ("mix" | "separate"), vad (VadSettings), spans,
+        max_seconds (None: no limit), name, progress (called with audio seconds done, total)."""
+        from .timeline import TimelineJob, score_segments
+
+        job = TimelineJob(source, **options)
+        return job.timeline(score_segments(self, job), self.info.name, self.random_weights)
+
+    def iter_timeline(self, source: Any, **options: Any) -> Iterator[TimelineSegment]:
+        """`timeline()`'s segments, each yielded as soon as it is scored."""
+        from .timeline import TimelineJob, score_segments
+
+        yield from score_segments(self, TimelineJob(source, **options))
 
     def predict_batch(
         self, clips: Sequence[Audio], granularity: Granularity, embedding: bool

@@ -1,6 +1,7 @@
 """HTTP routes over one `Service`: recognition, model info, probes, metrics, the web UI mount.
 
     POST /v1/recognize  multipart `file` (or a raw audio body); granularity=utterance|frame, embedding=bool
+    POST /v1/timeline   a long recording's emotion timeline, JSON or streamed NDJSON (timeline_api.py)
     GET  /v1/model      name, random_weights, labels, config, device, dtype, parameters
     GET  /healthz       200 as soon as the process serves HTTP (liveness), whatever the state
     GET  /readyz        200 once warmed up; otherwise 503 with the state and the timings so far
@@ -56,8 +57,9 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 RECOGNIZE = "/v1/recognize"
+TIMELINE = "/v1/timeline"  # timeline_api.py
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})  # never behind the API key
-ROUTES = frozenset({RECOGNIZE, "/v1/model", *OPEN_PATHS, "/docs", "/openapi.json"})  # metric labels
+ROUTES = frozenset({RECOGNIZE, TIMELINE, "/v1/model", *OPEN_PATHS, "/docs", "/openapi.json"})  # metric labels
 UI_START_TIMEOUT_S = 60.0
 
 # ------------------------------------------------------------------------------------------------ errors
@@ -584,6 +586,9 @@ def create_app(settings: Settings, svc: Service | None = None) -> FastAPI:
     )
     app.state.service = svc
     app.include_router(router)
+    from .timeline_api import router as timeline_router  # it builds on this module
+
+    app.include_router(timeline_router)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(Exception, internal_error)

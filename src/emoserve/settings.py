@@ -26,6 +26,10 @@ MB = 1_000_000  # bytes; upload limits are in decimal megabytes, as HTTP clients
 # model already takes seconds, and on a GPU 120 s (6,000 frames) keeps the attention scores near 2 GB.
 CPU_MAX_AUDIO_S = 60.0
 GPU_MAX_AUDIO_S = 120.0
+# Timelines cost time linear in the length (segments of at most max_segment_s), not memory: the default is
+# what a CPU scores in a few minutes with the large model (~0.1 x real time), and 3 h on a GPU.
+CPU_MAX_TIMELINE_S = 1800.0
+GPU_MAX_TIMELINE_S = 10800.0
 # Warm-up batch sizes. A CPU runs any batch shape at full speed once it has run one (no per-shape kernels
 # to choose), and a batch of 4 x 3 s costs the large model ~4.5 s there; a GPU picks kernels per shape
 # and runs these batches in milliseconds.
@@ -60,8 +64,6 @@ def _number(raw: str) -> float:
     if not math.isfinite(value):
         raise ValueError(f"{raw!r} is not a finite number")
     return value
-
-
 
 
 def _boolean(raw: str) -> bool:
@@ -184,6 +186,19 @@ class Settings:
         "GPU; attention cost grows with the square of the length)",
         check=_positive,
     )
+    max_timeline_s: float | None = _setting(
+        None,
+        _optional(_number, "auto"),
+        f"longest recording /v1/timeline accepts in seconds (default: {CPU_MAX_TIMELINE_S:g} on a CPU, "
+        f"{GPU_MAX_TIMELINE_S:g} on a GPU)",
+        check=_positive,
+    )
+    max_timeline_upload_mb: float = _setting(
+        500.0,
+        _number,
+        "largest /v1/timeline upload in MB (spooled to a temporary file, not held in memory)",
+        check=_positive,
+    )
     # The batching engine (engine.EngineConfig)
     max_batch_size: int = _setting(MAX_BATCH_SIZE, _integer, "clips per model call", check=_at_least(1))
     max_wait_ms: float = _setting(
@@ -247,6 +262,16 @@ class Settings:
         if self.max_audio_s is not None:
             return self.max_audio_s
         return GPU_MAX_AUDIO_S if device_type == "cuda" else CPU_MAX_AUDIO_S
+
+    @property
+    def max_timeline_upload_bytes(self) -> int:
+        return int(self.max_timeline_upload_mb * MB)
+
+    def effective_max_timeline_s(self, device_type: str = "cpu") -> float:
+        """`max_timeline_s`, or the default sized for the hardware when it was not set."""
+        if self.max_timeline_s is not None:
+            return self.max_timeline_s
+        return GPU_MAX_TIMELINE_S if device_type == "cuda" else CPU_MAX_TIMELINE_S
 
     def effective_warmup_batch_sizes(self, device_type: str = "cpu") -> tuple[int, ...]:
         """`warmup_batch_sizes`, or the default for the hardware, capped at max_batch_size."""
