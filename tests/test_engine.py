@@ -212,6 +212,28 @@ def test_batches_are_cut_by_length_and_by_padded_seconds() -> None:
     assert sorted(fake.calls) == [["long"], ["short0", "short1"], ["short2", "short3"]]
 
 
+def test_interactive_requests_go_before_background_ones() -> None:
+    """A long recording's segments (background) wait while a person's clip is queued; among themselves,
+    and once no interactive request waits, first come first served. Background calls hold at most
+    max_background_batch_seconds of padded audio."""
+    fake = FakeRecognizer(threading.Event())
+
+    async def scenario(engine: Engine) -> None:
+        first = asyncio.create_task(engine.submit(silence(1, "seg0"), background=True))
+        await wait_until(lambda: engine.in_flight == 1)
+        segs = [asyncio.create_task(engine.submit(silence(1, f"seg{i}"), background=True)) for i in (1, 2, 3)]
+        await wait_until(lambda: engine.queue_depth == 3)
+        person = asyncio.create_task(engine.submit(silence(5, "person")))
+        await wait_until(lambda: engine.queue_depth == 4)
+        assert fake.gate is not None
+        fake.gate.set()
+        await asyncio.gather(first, person, *segs)
+
+    with running(fake, max_batch_size=4, max_wait_ms=0, max_background_batch_seconds=2.0) as engine:
+        run(scenario(engine))
+    assert fake.calls == [["seg0"], ["person"], ["seg1", "seg2"], ["seg3"]]
+
+
 # ------------------------------------------------------------------------------------------ back-pressure
 
 

@@ -353,7 +353,8 @@ class Engine:
             self._max_background_samples if oldest.background else self._max_batch_samples,
             self.config.max_padding,
         )
-        chosen = next(group for group in groups if 0 in group)
+        first = candidates.index(oldest)
+        chosen = next(group for group in groups if first in group)
         batch = [candidates[i] for i in sorted(chosen)]  # submission order
         for request in batch:
             self._queue.remove(request)

@@ -1,0 +1,231 @@
+"""POST /v1/timeline against uvicorn in a thread with the real engine on the tiny model: JSON and NDJSON,
+results equal to the library's, limits, bad input, caller segments, a client that goes away, metrics, and
+single-clip requests served first while a long recording's segments wait."""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import os
+import socket
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from emoserve.settings import Settings
+
+from .conftest import SCORE_TOL
+from .test_server import CLIP, LIVE, Live, assert_error, gated_model, live_server, wait_for
+from .test_timeline import SPEECH, joined
+
+TIMELINE_LIVE = dataclasses.replace(LIVE, max_timeline_s=120.0, max_timeline_upload_mb=4.0)
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
+    with live_server(TIMELINE_LIVE, tmp_path_factory.mktemp("timeline-home")) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def recording(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    x, _ = joined(SPEECH)
+    path = tmp_path_factory.mktemp("recording") / "call.wav"
+    sf.write(path, x, 16_000, subtype="PCM_16")
+    return path
+
+
+def upload(path: Path) -> dict[str, Any]:
+    return {"file": (path.name, path.read_bytes(), "audio/wav")}
+
+
+def spooled_files() -> list[str]:
+    return glob.glob(os.path.join(tempfile.gettempdir(), "emoserve-timeline-*"))
+
+
+def test_json_timeline_equals_the_library(live: Live, recording: Path, tiny_recognizer: Any) -> None:
+    response = live.client.post("/v1/timeline", files=upload(recording))
+    assert response.status_code == 200, response.text
+    body = response.json()
+    want = tiny_recognizer.timeline(recording).to_dict()
+    assert body["file"] == "call.wav" and body["duration_s"] == want["duration_s"]
+    assert body["random_weights"] == want["random_weights"] and body["vad"] == want["vad"]
+    assert len(body["segments"]) == len(SPEECH) == len(want["segments"])
+    for got, expected in zip(body["segments"], want["segments"], strict=True):
+        assert (got["start_s"], got["end_s"], got["emotion"]) == (
+            expected["start_s"],
+            expected["end_s"],
+            expected["emotion"],
+        )
+        np.testing.assert_allclose(
+            list(got["scores"].values()), list(expected["scores"].values()), atol=SCORE_TOL
+        )
+    assert body["summary"]["dominant"] == want["summary"]["dominant"]
+    assert spooled_files() == []  # the upload's temporary file is gone
+
+
+def test_ndjson_streams_segments_then_the_summary(live: Live, recording: Path) -> None:
+    lines = []
+    with live.client.stream(
+        "POST", "/v1/timeline", content=recording.read_bytes(), headers={"Accept": "application/x-ndjson"}
+    ) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("application/x-ndjson")
+        lines = [json.loads(line) for line in response.iter_lines() if line]
+    assert [line["type"] for line in lines] == ["segment"] * len(SPEECH) + ["summary"]
+    summary = lines[-1]
+    assert "segments" not in summary and summary["summary"]["segments"] == len(SPEECH)
+    starts = [line["start_s"] for line in lines[:-1]]
+    assert starts == sorted(starts)
+
+
+def test_silence_only_is_200_with_no_segments(live: Live, tmp_path: Path) -> None:
+    path = tmp_path / "quiet.wav"
+    sf.write(path, np.random.default_rng(0).normal(0, 1e-3, 3 * 16_000).astype(np.float32), 16_000)
+    response = live.client.post("/v1/timeline", files=upload(path))
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["segments"] == [] and body["speech_s"] == 0 and body["summary"]["dominant"] is None
+
+
+def test_channels_separate_and_caller_segments(live: Live, recording: Path) -> None:
+    stereo = recording.with_name("stereo.wav")
+    x, _ = sf.read(recording, dtype="float32")
+    sf.write(stereo, np.stack([x, np.zeros_like(x)], axis=1), 16_000)
+    body = live.client.post("/v1/timeline", files=upload(stereo), params={"channels": "separate"}).json()
+    assert {s["speaker"] for s in body["segments"]} == {"ch0"}
+    assert set(body["summary"]["speakers"]) == {"ch0"}
+
+    segments = json.dumps([{"start_s": 1.0, "end_s": 2.5, "speaker": "agent"}, {"start_s": 5, "end_s": 9}])
+    body = live.client.post("/v1/timeline", files=upload(recording), data={"segments": segments}).json()
+    assert [(s["start_s"], s["end_s"], s["speaker"]) for s in body["segments"]] == [
+        (1.0, 2.5, "agent"),
+        (5.0, 9.0, None),
+    ]
+    assert body["vad"] is None
+
+
+def test_limits_are_413_and_bad_input_4xx(live: Live, recording: Path, tmp_path: Path) -> None:
+    long = tmp_path / "long.wav"
+    sf.write(long, np.zeros(125 * 16_000, np.float32), 16_000, subtype="PCM_U8")  # 2 MB, 125 s
+    body = assert_error(live.client.post("/v1/timeline", files=upload(long)), 413, "audio_too_long")
+    assert "max_timeline_s" in body["error"]["message"]
+    big = live.client.post("/v1/timeline", content=b"\0" * 5_000_000)
+    assert_error(big, 413, "upload_too_large")
+    assert_error(live.client.post("/v1/timeline", content=b"not audio" * 100), 415, "unsupported_audio")
+    assert_error(
+        live.client.post("/v1/timeline", files=upload(recording), params={"vad_threshold": 2}),
+        422,
+        "invalid_parameter",
+    )
+    assert_error(
+        live.client.post("/v1/timeline", files=upload(recording), params={"channels": "left"}),
+        422,
+        "invalid_parameter",
+    )
+    assert_error(
+        live.client.post("/v1/timeline", files=upload(recording), data={"segments": "[{]"}),
+        422,
+        "invalid_parameter",
+    )
+    # /v1/recognize keeps its meaning: one clip, its own limit
+    assert_error(live.client.post("/v1/recognize", content=recording.read_bytes()), 413, "audio_too_long")
+    assert spooled_files() == []
+
+
+def test_a_client_that_goes_away_cancels_the_rest(live: Live, tmp_path: Path) -> None:
+    """With the model held, a client reads nothing and hangs up: its queued segments leave the queue,
+    decoding stops, the temporary file goes, and the server serves the next request."""
+    x, _ = joined(SPEECH * 4)
+    path = tmp_path / "long.wav"
+    sf.write(path, x, 16_000, subtype="PCM_16")
+    engine = live.service.engine
+    assert engine is not None
+    body = path.read_bytes()
+    head = (
+        f"POST /v1/timeline HTTP/1.1\r\nHost: x\r\nAccept: application/x-ndjson\r\n"
+        f"Content-Type: audio/wav\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    with gated_model(live.service) as gate:
+        sock = socket.create_connection((live.client.base_url.host, live.client.base_url.port))
+        sock.sendall(head + body)
+        wait_for(lambda: engine.queue_depth + engine.in_flight >= 2, 10, "segments in the engine")
+        assert engine.queue_depth + engine.in_flight <= 8  # at most SEGMENTS_IN_FLIGHT of one recording
+        sock.close()  # hang up mid-request
+        wait_for(lambda: engine.queue_depth == 0, 10, "the queued segments to be dropped")
+        gate.set()
+    wait_for(lambda: spooled_files() == [], 10, "the upload's temporary file to be removed")
+    wait_for(
+        lambda: live.service.metrics.timelines_in_progress._value.get() == 0,
+        10,
+        "the timeline to be counted done",
+    )
+    calls = engine.model_calls
+    time.sleep(0.5)
+    assert engine.model_calls == calls  # nothing more of it runs
+    assert live.client.post("/v1/recognize", content=CLIP.read_bytes()).status_code == 200
+
+
+def test_single_clips_go_before_a_long_recordings_segments(live: Live, recording: Path) -> None:
+    """While a timeline's segments wait in the engine, a /v1/recognize that arrives later is served by
+    the next model call (the queue is first come, first served otherwise)."""
+    engine = live.service.engine
+    assert engine is not None
+    recognizer = engine.recognizer
+    calls: list[list[str]] = []
+    with gated_model(live.service) as gate:
+        gated = recognizer.predict_batch
+
+        def recorded(clips: Any, *args: Any, **kwargs: Any) -> Any:
+            calls.append([clip.source for clip in clips])
+            return gated(clips, *args, **kwargs)
+
+        recognizer.predict_batch = recorded  # type: ignore[method-assign]
+        timeline = threading.Thread(target=lambda: live.client.post("/v1/timeline", files=upload(recording)))
+        timeline.start()
+        wait_for(lambda: engine.queue_depth >= 2, 10, "the timeline's segments to queue")
+        clip = CLIP.read_bytes()
+        single = threading.Thread(target=lambda: live.client.post("/v1/recognize", content=clip))
+        single.start()
+        wait_for(lambda: engine.queue_depth >= 3, 10, "the single clip to queue")
+        gate.set()
+        single.join(30)
+        timeline.join(30)
+    # the call right after the one running: segments of about its length may share it (batching)
+    assert "<request body>" in calls[1], calls
+    assert all(source.startswith("call.wav@") for call in (calls[0], *calls[2:]) for source in call), calls
+
+
+def test_timeline_metrics(live: Live, recording: Path) -> None:
+    live.client.post("/v1/timeline", files=upload(recording))
+    text = live.client.get("/metrics").text
+    for name in (
+        "emoserve_timeline_duration_seconds_bucket",
+        "emoserve_timeline_audio_seconds_total",
+        "emoserve_timeline_segments_total",
+        "emoserve_timelines_in_progress",
+    ):
+        assert name in text, name
+    segments = float(
+        next(
+            line.split()[-1]
+            for line in text.splitlines()
+            if line.startswith("emoserve_timeline_segments_total")
+        )
+    )
+    assert segments >= len(SPEECH)
+    assert 'route="/v1/timeline"' in text
+
+
+def test_settings_default_timeline_limits_by_hardware() -> None:
+    assert Settings().effective_max_timeline_s("cpu") == 1800.0
+    assert Settings().effective_max_timeline_s("cuda") == 10800.0
+    assert Settings(max_timeline_s=60.0).effective_max_timeline_s("cuda") == 60.0
