@@ -178,3 +178,96 @@ def test_bad_model_is_a_clear_error(capsys: pytest.CaptureFixture[str], tmp_path
         capsys, "predict", str(FIXTURE / "audio" / "en_1s_16k.wav"), "--model", "no-such-model"
     )
     assert code == 2 and "neither a directory nor a known name" in err
+
+
+# ------------------------------------------------------------------------------------- --segments
+
+
+@pytest.fixture
+def recording(tmp_path: Path) -> Path:
+    import soundfile as sf
+
+    from .test_timeline import SPEECH, joined
+
+    x, _ = joined(SPEECH)
+    path = tmp_path / "call.wav"
+    sf.write(path, x, 16_000, subtype="PCM_16")
+    return path
+
+
+def test_segments_jsonl_is_a_line_per_segment_then_a_summary(
+    capsys: pytest.CaptureFixture[str], recording: Path, tmp_path: Path, tiny_recognizer: object
+) -> None:
+    bad = tmp_path / "bad.wav"
+    bad.write_bytes(b"not audio" * 10)
+    code, out, err = run(
+        capsys,
+        "predict",
+        str(recording),
+        str(bad),
+        "--segments",
+        "--model",
+        MODEL,
+        "--format",
+        "jsonl",
+        "--max-seconds",
+        "5",  # a file longer than --max-seconds is fine in --segments mode
+    )
+    assert code == 1 and "1 of 2 files failed" in err
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert [line["type"] for line in lines] == ["segment"] * 4 + ["summary", "error"]
+    want = tiny_recognizer.timeline(recording)  # type: ignore[attr-defined]
+    for line, segment in zip(lines, want.segments, strict=False):
+        assert line["file"] == str(recording) and line["start_s"] == segment.start_s
+        assert line["emotion"] == segment.emotion
+        assert abs(line["confidence"] - segment.confidence) < SCORE_TOL
+    assert lines[4]["file"] == str(recording) and lines[4]["summary"]["segments"] == 4
+    assert lines[5]["file"] == str(bad) and "could not decode" in lines[5]["error"]
+
+
+def test_segments_csv_table_and_options(
+    capsys: pytest.CaptureFixture[str], recording: Path, tmp_path: Path
+) -> None:
+    out_csv = tmp_path / "out.csv"
+    code, _, _ = run(
+        capsys,
+        "predict",
+        str(recording),
+        "--segments",
+        "--model",
+        MODEL,
+        "--format",
+        "csv",
+        "-o",
+        str(out_csv),
+        "--max-segment-s",
+        "2",
+        "--vad-threshold",
+        "0.4",
+    )
+    rows = list(csv.DictReader(out_csv.read_text(encoding="utf-8").splitlines()))
+    assert code == 0 and len(rows) > 4  # the 3 s clips are cut under 2 s
+    assert all(float(r["end_s"]) - float(r["start_s"]) <= 2.0 for r in rows)
+    assert {r["split"] for r in rows} == {"True", "False"} and "score_happy" in rows[0]
+
+    segments = tmp_path / "turns.rttm"
+    segments.write_text("SPEAKER call 1 1.0 2.0 <NA> <NA> agent <NA> <NA>\n")
+    code, out, _ = run(
+        capsys,
+        "predict",
+        str(recording),
+        "--segments-from",
+        str(segments),
+        "--model",
+        MODEL,
+        "--format",
+        "table",
+    )
+    assert code == 0
+    lines = out.splitlines()
+    assert len(lines) == 2 and "1.00-    3.00 s  [agent]" in lines[0] and "summary" in lines[1]
+
+    code, _, err = run(
+        capsys, "predict", str(recording), "--segments", "--model", MODEL, "--vad-threshold", "7"
+    )
+    assert code == 2 and "threshold" in err

@@ -162,6 +162,14 @@ def test_long_speech_is_cut_under_the_limit_at_quiet_points(tmp_path: Path) -> N
         assert any(lo <= a.end_s <= hi for lo, hi in pauses), (a.end_s, pauses)
 
 
+def test_a_cut_in_the_closing_pause_leaves_no_empty_piece(speech_file: tuple[Path, Any]) -> None:
+    """With 2 s pieces and threshold 0.4, a cut lands after silero's provisional end: the tail after it
+    is dropped, never emitted with its end before its start."""
+    segments = list(TimelineJob(speech_file[0], vad=VadSettings(max_segment_s=2.0, threshold=0.4)).segments())
+    assert all(s.end - s.start >= 250 * 16 for s in segments), [(s.start, s.end) for s in segments]
+    assert all(a.end <= b.start for a, b in itertools.pairwise(segments))
+
+
 def test_quietest_prefers_a_pause_silero_heard() -> None:
     loud = np.full(1600, 0.5, np.float32)
     x = np.concatenate([loud, np.full(800, 0.01, np.float32), loud, np.zeros(800, np.float32), loud])

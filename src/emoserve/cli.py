@@ -10,6 +10,7 @@ import sys
 from collections.abc import Sequence
 from contextlib import nullcontext
 from pathlib import Path
+from typing import Any
 
 from . import __version__
 
@@ -62,7 +63,32 @@ def parser() -> argparse.ArgumentParser:
         help="output format (default: table on a terminal, else jsonl)",
     )
     p.add_argument("--batch-size", type=int, default=8, help="clips per forward pass (default 8)")
-    p.add_argument("--max-seconds", type=float, default=600.0, help="longest clip accepted (default 600)")
+    p.add_argument(
+        "--max-seconds",
+        type=float,
+        default=600.0,
+        help="longest clip accepted (default 600); with --segments it does not limit a file",
+    )
+    g = p.add_argument_group(
+        "long recordings",
+        "--segments: an emotion timeline per file - its speech segments (silero-vad), each scored, then a "
+        "summary; any length, in memory that does not grow with it",
+    )
+    g.add_argument("--segments", action="store_true", help="one result per speech segment, then a summary")
+    g.add_argument("--max-segment-s", type=float, default=15.0, help="longer speech is cut (default 15)")
+    g.add_argument("--vad-threshold", type=float, default=0.5, help="speech probability (default 0.5)")
+    g.add_argument(
+        "--channels",
+        choices=("mix", "separate"),
+        default="mix",
+        help="separate: a timeline per channel, speakers ch0, ch1 (call-centre stereo)",
+    )
+    g.add_argument(
+        "--segments-from",
+        type=Path,
+        metavar="FILE",
+        help="your own segments instead of the VAD: JSON [{start_s, end_s, speaker}] or RTTM",
+    )
     p.set_defaults(run=cmd_predict)
 
     p = sub.add_parser("download", help="download a published model and convert it into the cache")
@@ -171,6 +197,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         print(RANDOM_WARNING, file=sys.stderr)
     fmt: Format = args.format or ("table" if args.output is None and sys.stdout.isatty() else "jsonl")
     labels = [label.en for label in recognizer.labels]
+    if args.segments or args.segments_from:
+        return predict_timelines(args, recognizer, files, fmt, labels)
     failed = 0
     with (
         tqdm(total=len(files), unit="file", disable=None, file=sys.stderr) as bar,
@@ -192,6 +220,54 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if failed:
         print(f"{failed} of {len(files)} files failed", file=sys.stderr)
     return 1 if failed else 0
+
+
+def predict_timelines(
+    args: argparse.Namespace, recognizer: Any, files: list[str], fmt: str, labels: list[str]
+) -> int:
+    """`predict --segments`: each file's timeline, segment rows as they are scored, then its summary; a
+    progress bar in audio seconds. A file that fails is one error row and the others go on."""
+    from tqdm import tqdm
+
+    from .audio import AudioError
+    from .batch import atomic_write
+    from .timeline import TimelineJob, TimelineWriter, read_spans_file, score_segments
+    from .vad import VadSettings
+
+    vad = VadSettings(threshold=args.vad_threshold, max_segment_s=args.max_segment_s)
+    spans = read_spans_file(args.segments_from) if args.segments_from else None
+    failed = 0
+    with (
+        tqdm(unit="s", unit_scale=False, disable=None, file=sys.stderr, bar_format=AUDIO_BAR) as bar,
+        atomic_write(args.output) if args.output else nullcontext(sys.stdout) as out,
+    ):
+        writer = TimelineWriter(out, fmt, labels)
+
+        def progress(done: float, total: float | None) -> None:
+            bar.total = round(total or done, 1)
+            bar.n = round(done, 1)
+            bar.refresh()
+
+        for n, file in enumerate(files, 1):
+            bar.set_description(f"{n}/{len(files)} {Path(file).name}")
+            bar.reset()
+            try:
+                job = TimelineJob(file, channels=args.channels, vad=vad, spans=spans, progress=progress)
+                scored = []
+                for segment in score_segments(recognizer, job, batch_size=args.batch_size):
+                    writer.segment(job.file, segment, recognizer.random_weights)
+                    scored.append(segment)
+                writer.summary(job.timeline(scored, recognizer.info.name, recognizer.random_weights))
+            except AudioError as error:
+                failed += 1
+                writer.error(file, str(error))
+                bar.write(f"error: {error}", file=sys.stderr)
+    if failed:
+        print(f"{failed} of {len(files)} files failed", file=sys.stderr)
+    return 1 if failed else 0
+
+
+AUDIO_BAR = "{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} s of audio [{elapsed}<{remaining}]"
 
 
 def cmd_download(args: argparse.Namespace) -> None:

@@ -13,6 +13,7 @@ the length of the file.
 from __future__ import annotations
 
 import asyncio
+import csv
 import json
 import math
 import os
@@ -20,7 +21,7 @@ import threading
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -253,6 +254,82 @@ class SegmentFeed:
         except RuntimeError:  # the loop is closed: nobody is waiting any more
             return False
         return True
+
+
+# -------------------------------------------------------------------------------- rows for a table
+
+CSV_FIELDS = ["file", "start_s", "end_s", "speaker", "emotion", "label_zh", "emoji", "confidence", "split"]
+
+
+def csv_fields(labels: Sequence[str]) -> list[str]:
+    """timeline.csv's columns: a segment's fields, then a score column per label."""
+    return [*CSV_FIELDS, *(f"score_{label}" for label in labels)]
+
+
+def csv_row(file: str, segment: TimelineSegment) -> dict[str, Any]:
+    row = {key: value for key, value in segment.to_dict().items() if key in CSV_FIELDS}
+    row["file"] = file
+    row.update({f"score_{label}": round(p, 6) for label, p in segment.scores.items()})
+    return row
+
+
+def table_line(file: str, segment: TimelineSegment, random_weights: bool) -> str:
+    speaker = f"  [{segment.speaker}]" if segment.speaker else ""
+    split = "  (split)" if segment.split else ""
+    random = "  (RANDOM WEIGHTS)" if random_weights else ""
+    head = f"{segment.emoji} {segment.emotion} ({segment.label_zh}) {segment.confidence:.3f}"
+    return f"{file}  {segment.start_s:8.2f}-{segment.end_s:8.2f} s{speaker}  {head}{split}{random}"
+
+
+def summary_line(timeline: Timeline) -> str:
+    s = timeline.summary
+    dominant = s["dominant"] or "none (no speech)"
+    return (
+        f"{timeline.file}  summary: {timeline.speech_s:.1f} s of speech in {s['segments']} segments "
+        f"of {timeline.duration_s:.1f} s; dominant {dominant}"
+    )
+
+
+class TimelineWriter:
+    """`predict --segments` output: jsonl (a `segment` line per segment with its file, then a `summary`
+    line per file; an `error` line for a file that failed), csv (a row per segment) or a table."""
+
+    def __init__(self, out: IO[str], fmt: str, labels: Sequence[str]) -> None:
+        self.out, self.fmt = out, fmt
+        if fmt == "csv":
+            self.csv = csv.DictWriter(out, fieldnames=[*csv_fields(labels), "random_weights", "error"])
+            self.csv.writeheader()
+
+    def segment(self, file: str, segment: TimelineSegment, random_weights: bool) -> None:
+        if self.fmt == "jsonl":
+            line = {"type": "segment", "file": file, **segment.to_dict(), "random_weights": random_weights}
+            self._line(json.dumps(line, ensure_ascii=False))
+        elif self.fmt == "csv":
+            self.csv.writerow({**csv_row(file, segment), "random_weights": random_weights})
+        else:
+            self._line(table_line(file, segment, random_weights))
+        self.out.flush()
+
+    def summary(self, timeline: Timeline) -> None:
+        if self.fmt == "jsonl":
+            body = timeline.to_dict()
+            body.pop("segments")
+            self._line(json.dumps({"type": "summary", **body}, ensure_ascii=False))
+        elif self.fmt == "table":
+            self._line(summary_line(timeline))
+        self.out.flush()
+
+    def error(self, file: str, message: str) -> None:
+        if self.fmt == "jsonl":
+            self._line(json.dumps({"type": "error", "file": file, "error": message}, ensure_ascii=False))
+        elif self.fmt == "csv":
+            self.csv.writerow({"file": file, "error": message})
+        else:
+            self._line(f"{file}  ERROR  {message}")
+        self.out.flush()
+
+    def _line(self, text: str) -> None:
+        self.out.write(text + "\n")
 
 
 # ------------------------------------------------------------------------------------------ summary

@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from .audio import MIN_SAMPLES
 from .constants import SAMPLE_RATE
 
 FRAME = 512  # samples per VAD frame at 16 kHz (32 ms)
@@ -268,6 +269,8 @@ class Segmenter:
         return out
 
     def _segment(self, region: _Region, end: int, split: bool = False) -> list[Segment]:
+        if region.split and end - region.start < max(self._min_speech, MIN_SAMPLES):
+            return []  # the tail after a cut that landed in the closing pause: nothing left to score
         samples = self._slice(region.start, end).copy()
         return [Segment(region.start, end, samples, split or region.split, self.speaker)]
 
