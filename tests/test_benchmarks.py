@@ -24,6 +24,7 @@ BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
         ("serve_load.py", "only 200"),
         ("serve_memory.py", "RSS after"),
         ("soak.py", "RSS growth, first to last minute"),
+        ("timeline.py", "pipeline / one-at-a-time"),
     ],
 )
 def test_benchmark_runs(script: str, figure: str) -> None:

@@ -1,0 +1,213 @@
+"""Long recordings: the timeline's costs on the CPU.
+
+Speech-and-pause recordings are built from the bundled example clips (espeak speech, 3-7 s) separated by
+pauses of 0.5-3 s with low noise, written block by block. Four measurements:
+
+1. VAD: decode + silero-vad + segmentation (`TimelineJob.segments()`) over a 10-minute recording, as
+   seconds per hour of audio.
+2. Real-time factor of the whole pipeline (`Recognizer.timeline`: decode, VAD, segments scored in groups
+   through predict_many) on 10 and 60 minutes, against the baseline measured in the same run: the sum of
+   one-at-a-time `predict()` calls on the very same segments. Target: the pipeline is no slower.
+3. Peak RSS of `emoserve predict FILE --segments` (a fresh process each) on 3, 30 and 180 minutes.
+   Target: growth <= 100 MB from 3 to 180 minutes. It runs on the tiny preset: the model's memory does
+   not depend on the file, and the large model would need hours on 180 minutes of a 2-core CPU.
+4. Latency of a 5 s `/v1/recognize` on an `emoserve serve` while a 30-minute timeline streams on the
+   same server, against its idle latency measured first on that server. Target: <= 3x.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from common import (
+    BENCH_HOME,
+    LOCALHOST,
+    Client,
+    bench_model,
+    clip_wav,
+    free_port,
+    header,
+    load_average,
+    load_recognizer,
+    median,
+    parser,
+    running_server,
+    serve_argv,
+    synthetic_clip,
+    table,
+    verdict,
+)
+
+SAMPLE_RATE = 16_000
+TARGETS = {"pipeline_ratio": 1.0, "rss_growth_mb": 100.0, "latency_ratio": 3.0}
+LATENCY_CALLS = 7
+
+
+def recording(path: Path, minutes: float, seed: int = 0) -> Path:
+    """Speech (the bundled examples, in a shuffled order) and pauses of 0.5-3 s, with low noise."""
+    import numpy as np
+    import soundfile as sf
+
+    from emoserve.audio import load_audio
+    from emoserve.constants import EXAMPLES_DIR
+
+    if path.is_file() and path.stat().st_size > 0:
+        return path
+    clips = [load_audio(p).samples for p in sorted(EXAMPLES_DIR.iterdir())
+             if p.suffix in (".wav", ".flac", ".mp3")]
+    rng = np.random.default_rng(seed)
+    total = int(minutes * 60 * SAMPLE_RATE)
+    tmp = path.with_suffix(".part.wav")
+    with sf.SoundFile(tmp, "w", SAMPLE_RATE, 1, subtype="PCM_16") as out:
+        written = 0
+        while written < total:
+            pause = np.zeros(int(rng.uniform(0.5, 3.0) * SAMPLE_RATE), np.float32)
+            piece = np.concatenate([pause, clips[rng.integers(len(clips))]])[: total - written]
+            out.write(piece + rng.normal(0, 1e-3, len(piece)).astype(np.float32))
+            written += len(piece)
+    tmp.rename(path)
+    return path
+
+
+def vad_cost(path: Path, minutes: float) -> tuple[float, int]:
+    from emoserve.timeline import TimelineJob
+
+    started = time.perf_counter()
+    n = sum(1 for _ in TimelineJob(path).segments())
+    seconds = time.perf_counter() - started
+    return seconds * 60 / minutes, n
+
+
+def pipeline_vs_one_at_a_time(recognizer: object, path: Path) -> tuple[float, float, int, float]:
+    """(pipeline s, sum of one-at-a-time predict s, segments, audio s)."""
+    from emoserve.timeline import TimelineJob
+
+    started = time.perf_counter()
+    timeline = recognizer.timeline(path)  # type: ignore[attr-defined]
+    pipeline_s = time.perf_counter() - started
+    job = TimelineJob(path)
+    alone_s = 0.0
+    for segment in job.segments():
+        clip = job.clip(segment)
+        t0 = time.perf_counter()
+        recognizer.predict(clip)  # type: ignore[attr-defined]
+        alone_s += time.perf_counter() - t0
+    return pipeline_s, alone_s, len(timeline.segments), timeline.duration_s
+
+
+def peak_rss_mb(model: Path, path: Path) -> tuple[float, float]:
+    """(peak RSS MB, seconds) of `emoserve predict PATH --segments` in its own process."""
+    code = (
+        "import resource, sys; from emoserve.cli import main; code = main(sys.argv[1:]); "
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1000, file=sys.stderr); sys.exit(code)"
+    )
+    started = time.perf_counter()
+    done = subprocess.run(
+        [sys.executable, "-c", code, "predict", str(path), "--segments", "--model", str(model),
+         "-o", "/dev/null", "--format", "jsonl"],
+        env={"EMOSERVE_HOME": str(BENCH_HOME), "PATH": "/usr/bin:/bin"},
+        stderr=subprocess.PIPE,
+        text=True,
+        check=True,
+    )
+    return float(done.stderr.strip().splitlines()[-1]) * 1.024, time.perf_counter() - started  # KiB -> kB
+
+
+def latency_beside_a_timeline(model: Path, path: Path, calls: int) -> tuple[float, float, int]:
+    """(idle median s, median s while the timeline streams, timeline segments received meanwhile)."""
+    port = free_port()
+    clip = clip_wav(5.0)
+    with running_server("timeline-latency", serve_argv(model, port, "--no-ui"), port) as server:
+        server.wait_for("/readyz")
+        client = Client(port)
+        for _ in range(2):
+            client.recognize(clip)  # warm: the first calls of a shape are not what we measure
+        idle = [client.recognize(clip).seconds for _ in range(calls)]
+        received = []
+        conn = http.client.HTTPConnection(LOCALHOST, port, timeout=600)
+
+        def stream() -> None:
+            try:
+                with path.open("rb") as body:
+                    conn.request("POST", "/v1/timeline", body=body,
+                                 headers={"Accept": "application/x-ndjson", "Content-Type": "audio/wav"})
+                    for line in conn.getresponse():
+                        received.append(json.loads(line))
+            except (OSError, AttributeError, http.client.HTTPException):
+                pass  # we hung up (http.client reads from a closed socket as AttributeError)
+
+        thread = threading.Thread(target=stream, daemon=True)
+        thread.start()
+        while len(received) < 2:  # the timeline is running: segments are being scored
+            server.check_alive()
+            time.sleep(0.05)
+        busy = []
+        for _ in range(calls):
+            reply = client.recognize(clip)
+            assert reply.status == 200, reply.body
+            busy.append(reply.seconds)
+        during = len(received)
+        conn.close()  # hang up: the rest of the timeline is cancelled
+        client.close()
+    return median(idle), median(busy), during
+
+
+def main() -> None:
+    p = parser(__doc__, default_runs=1)
+    p.add_argument("--skip-60", action="store_true", help="leave out the 60-minute pipeline run")
+    args = p.parse_args()
+    header("Long recordings: the timeline", args, 1)
+    quick = args.quick
+    work = Path(tempfile.gettempdir()) / "emoserve-bench-timeline"
+    work.mkdir(exist_ok=True)
+    model = bench_model(args.preset)
+    tiny = bench_model("tiny")
+
+    minutes = 1.0 if quick else 10.0
+    ten = recording(work / f"{minutes:g}min.wav", minutes)
+    per_hour, segments = vad_cost(ten, minutes)
+    print(f"**VAD**: decode + silero-vad + segmentation of {minutes:g} min ({segments} segments): "
+          f"{per_hour:.1f} s per hour of audio ({3600 / per_hour:.0f}x real time).\n")
+
+    recognizer = load_recognizer(model.entry, backend="auto")
+    recognizer.predict((synthetic_clip(5.0), SAMPLE_RATE))  # warm: the first call is not what we measure
+    rows = []
+    lengths = [1.0] if quick else [10.0] + ([] if args.skip_60 else [60.0])
+    for m in lengths:
+        path = recording(work / f"{m:g}min.wav", m)
+        pipeline_s, alone_s, n, audio_s = pipeline_vs_one_at_a_time(recognizer, path)
+        ratio = pipeline_s / alone_s
+        rows.append([f"{m:g}", n, f"{pipeline_s:.1f}", f"{pipeline_s / audio_s:.3f}", f"{alone_s:.1f}",
+                     f"{ratio:.3f}", verdict(ratio, TARGETS["pipeline_ratio"])])
+    print(f"**Pipeline** ({args.preset}, {recognizer.backend.name} backend):\n")
+    table(["minutes", "segments", "pipeline (s)", "RTF", "one-at-a-time predict (s)",
+           "pipeline / one-at-a-time", "target"], rows)
+
+    rss = []
+    for m in [0.5, 3.0] if quick else [3.0, 30.0, 180.0]:
+        peak, seconds = peak_rss_mb(tiny.entry, recording(work / f"{m:g}min.wav", m))
+        rss.append((m, peak, seconds))
+    growth = rss[-1][1] - rss[0][1]
+    print("**Peak RSS** of `emoserve predict FILE --segments` (tiny preset, a fresh process each):\n")
+    table(["minutes", "peak RSS (MB)", "wall (s)"], [[f"{m:g}", f"{p:.0f}", f"{s:.1f}"] for m, p, s in rss])
+    print(f"Growth from {rss[0][0]:g} to {rss[-1][0]:g} min: {growth:+.0f} MB "
+          f"(target {verdict(growth, TARGETS['rss_growth_mb'])}, MB).\n")
+
+    long = recording(work / f"{3.0 if quick else 30.0:g}min.wav", 3.0 if quick else 30.0)
+    idle, busy, during = latency_beside_a_timeline(model.entry, long, 2 if quick else LATENCY_CALLS)
+    ratio = busy / idle
+    print(f"**5 s /v1/recognize beside a {'3' if quick else '30'}-minute timeline** ({args.preset}): "
+          f"idle median {idle:.3f} s, during the timeline {busy:.3f} s ({during} segments streamed "
+          f"meanwhile): {ratio:.2f}x (target {verdict(ratio, TARGETS['latency_ratio'])}).\n")
+    print(f"{load_average()} at the end.")
+
+
+if __name__ == "__main__":
+    main()
