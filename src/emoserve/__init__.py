@@ -22,6 +22,10 @@ _EXPORTS = {
     "AudioError": "audio",
     "WeightsError": "entry",
     "make_test_model": "weights",
+    "Timeline": "timeline",
+    "TimelineSegment": "timeline",
+    "Span": "timeline",
+    "VadSettings": "vad",
 }
 __all__ = [  # noqa: RUF022 - grouped by module
     "__version__",
@@ -35,12 +39,18 @@ __all__ = [  # noqa: RUF022 - grouped by module
     "AudioError",
     "WeightsError",
     "make_test_model",
+    "Timeline",
+    "TimelineSegment",
+    "Span",
+    "VadSettings",
 ]
 
 if TYPE_CHECKING:
     from .audio import Audio, AudioError, load_audio
     from .entry import WeightsError
     from .recognizer import FrameResult, ModelOutputError, Recognizer, Result, load_model
+    from .timeline import Span, Timeline, TimelineSegment
+    from .vad import VadSettings
     from .weights import make_test_model
 
 
