@@ -654,3 +654,42 @@ def test_browser_follows_start_up_reports_bad_input_and_draws_the_timeline(
     assert all(name in downloads for name in ("result.json", "processed_audio.wav", "embedding.npy"))
     assert "frame, 151 frames" in page.locator("#log textarea").input_value()
     page.close()
+
+
+def test_browser_builds_the_timeline_of_a_long_recording(
+    browser: Any, live_ui: tuple[str, FakeService], tmp_path: Path, tiny_recognizer: Recognizer
+) -> None:
+    url, service = live_ui
+    recording = joined_recording(tmp_path / "meeting.wav")
+    expected = list(score_segments(tiny_recognizer, TimelineJob(str(recording))))
+    page = open_page(browser, url)
+    page.get_by_role("tab", name="Long recording").click()
+    page.locator("#tl-audio input[type=file]").set_input_files(str(recording))
+    page.locator("#tl-audio audio, #tl-audio [data-testid=waveform-controls]").first.wait_for(
+        state="attached"
+    )
+    page.locator("#tl-start").click()
+    page.locator('#tl-progress-state[data-state="done"]').wait_for()
+
+    rows = page.locator("#tl-table [role=row]:has([role=gridcell])")
+    assert rows.count() == len(expected)
+    for row, segment in zip(rows.all(), expected, strict=True):
+        assert f"{segment.emoji} {segment.emotion}" in row.inner_text()
+    assert page.locator("#tl-svg rect.tl-segment").count() == len(expected)
+    assert "RANDOM WEIGHTS" in page.locator("#tl-summary").inner_text()
+    downloads = page.locator("#tl-downloads").inner_text().replace("\n", "")
+    assert "timeline.json" in downloads and "timeline.csv" in downloads
+    saved = page.locator("#tl-saved").inner_text().removeprefix("saved to: ")
+    assert Path(saved).parent == service.outputs.root  # type: ignore[union-attr]
+    assert service.metrics.timelines_in_progress.value == 0  # type: ignore[union-attr]
+
+    # Stop part-way: the run is cancelled and closed (its decoding stopped, the gauge back down).
+    page.locator("#tl-start").click()
+    page.locator('#tl-progress-state[data-state="running"]').wait_for()
+    page.locator("#tl-stop").click()
+    deadline = time.monotonic() + 10
+    while service.metrics.timelines_in_progress.value:  # type: ignore[union-attr]
+        assert time.monotonic() < deadline, "the stopped run was not closed"
+        time.sleep(0.05)
+    assert service.metrics.timelines[-1][1] < len(expected)  # type: ignore[union-attr]
+    page.close()

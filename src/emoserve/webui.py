@@ -844,9 +844,14 @@ def segment_table(segments: Sequence[TimelineSegment]) -> pd.DataFrame:
 
 def distribution_frame(summary: dict[str, Any]) -> pd.DataFrame:
     """The summary's time-weighted distribution: `emotion` as "😊 happy", `share`."""
-    distribution: dict[str, float] = summary.get("distribution") or {}
+    # The chart keeps the colour scale of the first value it is sent (Gradio 6.31 updates only the data),
+    # so before any speech it gets every published label at 0: never an empty, untyped column.
+    distribution: dict[str, float] = summary.get("distribution") or dict.fromkeys(EMOTION_COLOURS, 0.0)
     return pd.DataFrame(
-        {"emotion": [_display(label) for label in distribution], "share": list(distribution.values())}
+        {
+            "emotion": pd.Series([_display(label) for label in distribution], dtype=str),
+            "share": pd.Series(list(distribution.values()), dtype=float),
+        }
     )
 
 
