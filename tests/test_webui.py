@@ -499,7 +499,7 @@ def test_paced_ticks_through_silence_and_closes_early() -> None:
             seen.append(item)
             if len(seen) == 6:
                 break
-        await paced.aclose()  # type: ignore[attr-defined]
+        await paced.aclose()
         return seen
 
     seen = run(main())

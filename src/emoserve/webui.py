@@ -13,6 +13,7 @@ The UI reads the service through `UIService` only, so that it runs on any object
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import html
 import logging
 import math
@@ -21,7 +22,7 @@ import shutil
 import tempfile
 import time
 import weakref
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -465,11 +466,24 @@ def _empty_card() -> str:
     return '<div style="text-align:center;padding:12px;opacity:0.6">The result appears here.</div>'
 
 
+def emotion_colour(label: str) -> str:
+    return EMOTION_COLOURS.get(label, OTHER_COLOUR)
+
+
+def _display(label: str) -> str:
+    """How charts name a label: "😊 happy"."""
+    return f"{EMOJI.get(label, '')} {label}".strip()
+
+
+def _display_colours() -> dict[str, str]:
+    return {_display(label): colour for label, colour in EMOTION_COLOURS.items()}
+
+
 def scores_frame(result: Result) -> pd.DataFrame:
-    """One row per label: `emotion` as "😊 happy", `probability`."""
+    """One row per label: `emotion` (as `_display` names it), `probability`."""
     return pd.DataFrame(
         {
-            "emotion": [f"{EMOJI.get(label, '')} {label}".strip() for label in result.scores],
+            "emotion": [_display(label) for label in result.scores],
             "probability": list(result.scores.values()),
         }
     )
@@ -712,15 +726,15 @@ async def build_timeline(
     try:
         yield _running_views(job, segments, started, with_results=True)
         sent_at, sent_count = time.monotonic(), 0
-        async for segment in _paced(service.timeline(job), TICK_S):
-            if segment is not None:
-                segments.append(segment)
-            if time.monotonic() - sent_at < UPDATE_S and segment is not None:
-                continue
-            with_results = len(segments) > sent_count and time.monotonic() - sent_at >= UPDATE_S
-            yield _running_views(job, segments, started, with_results=with_results)
-            if with_results:
-                sent_at, sent_count = time.monotonic(), len(segments)
+        async with contextlib.aclosing(_paced(service.timeline(job), TICK_S)) as paced:
+            async for segment in paced:
+                if segment is not None:
+                    segments.append(segment)
+                fresh = len(segments) > sent_count and time.monotonic() - sent_at >= UPDATE_S
+                if fresh or segment is None:  # a tick moves the progress; segments go out every UPDATE_S
+                    yield _running_views(job, segments, started, with_results=fresh)
+                if fresh:
+                    sent_at, sent_count = time.monotonic(), len(segments)
         timeline = job.timeline(segments, service.model_name or "", bool(service.random_weights))
     except EmoserveError as error:
         raise _failed(service, error) from None
@@ -749,7 +763,7 @@ async def _open_timeline(service: UIService, request: TimelineRequest) -> Timeli
 
 async def _paced(
     segments: AsyncIterator[TimelineSegment], tick_s: float
-) -> AsyncIterator[TimelineSegment | None]:
+) -> AsyncGenerator[TimelineSegment | None, None]:
     """The segments, and a None every `tick_s` while the next one is not there yet. The pending step is
     never cancelled by a tick (that would end the iteration); leaving early closes the iteration."""
 
@@ -853,18 +867,6 @@ def distribution_frame(summary: dict[str, Any]) -> pd.DataFrame:
             "share": pd.Series(list(distribution.values()), dtype=float),
         }
     )
-
-
-def emotion_colour(label: str) -> str:
-    return EMOTION_COLOURS.get(label, OTHER_COLOUR)
-
-
-def _display(label: str) -> str:
-    return f"{EMOJI.get(label, '')} {label}".strip()
-
-
-def _display_colours() -> dict[str, str]:
-    return {_display(label): colour for label, colour in EMOTION_COLOURS.items()}
 
 
 def progress_html(
