@@ -64,8 +64,8 @@ MAX_TIMELINE_POINTS = 400  # per label: a 10-min clip has 30,000 frames, too man
 DOWNLOADS_KEEP = 64  # with saving off, downloads still need files; this many stay in a temp folder
 # Gradio's cache holds uploads and copies of downloads: sweep hourly, drop files older than a day.
 CACHE_SWEEP = (3600, 86_400)
-# One colour per label, everywhere a chart colours emotions (the clip timeline, the long-recording plot
-# and its distribution); chosen to stay apart for the common colour-vision deficiencies where possible.
+# One colour per label wherever a chart colours emotions (the clip timeline, the long-recording plot and
+# its distribution): Tableau 10 (matplotlib's default cycle), with neutral grey and happy a warmer orange.
 EMOTION_COLOURS = {
     "angry": "#d62728",
     "disgusted": "#8c564b",
