@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import csv
 import errno
 import json
 import os
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,12 +23,15 @@ from fastapi import FastAPI
 
 from emoserve import outputs, webui
 from emoserve.audio import Audio
-from emoserve.engine import Engine, EngineConfig, RequestTiming
+from emoserve.engine import Engine, EngineConfig, QueueFull, RequestTiming
 from emoserve.lifecycle import ServiceUnavailable
 from emoserve.outputs import OutputStore
 from emoserve.recognizer import FrameResult, Granularity, Recognizer, Result
+from emoserve.stream import Channels
+from emoserve.timeline import Span, TimelineJob, TimelineSegment, score_segments, scored
+from emoserve.vad import DEFAULT_VAD, VadSettings
 
-from .conftest import skip_or_fail
+from .conftest import skip_or_fail, wave
 
 CHROMIUM = Path("/usr/bin/chromium")
 EXAMPLE = webui.EXAMPLES_DIR / "en_3s_44k.mp3"
@@ -43,9 +47,25 @@ pytestmark = pytest.mark.filterwarnings("ignore::pandas.errors.Pandas4Warning")
 
 
 @dataclass
+class FakeGauge:
+    value: int = 0
+
+    def inc(self) -> None:
+        self.value += 1
+
+    def dec(self) -> None:
+        self.value -= 1
+
+
+@dataclass
 class FakeMetrics:
     observed: list[dict[str, float]] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    timelines: list[tuple[float, int]] = field(default_factory=list)  # (audio_s, segments)
+    timelines_in_progress: FakeGauge = field(default_factory=FakeGauge)
+
+    def observe_timeline(self, audio_s: float, segments: int, seconds: float) -> None:
+        self.timelines.append((audio_s, segments))
 
     def observe_request(
         self, route: str, *, decode_s: float, queue_s: float, inference_s: float, total_s: float
@@ -66,7 +86,9 @@ class FakeService:
     model_name: str | None = "emotion2vec-tiny"
     random_weights: bool | None = True
     max_audio_s: float = 60.0
+    max_timeline_s: float = 3600.0
     metrics: FakeMetrics | None = field(default_factory=FakeMetrics)
+    timeline_fails_after: int | None = None  # segments scored before timeline() raises QueueFull
 
     def require_ready(self) -> None:
         """As Service.require_ready: the 503 that fits the state."""
@@ -84,6 +106,28 @@ class FakeService:
         self.require_ready()
         assert self.engine is not None
         return await self.engine.submit_timed(audio, granularity, embedding)
+
+    def open_timeline(
+        self,
+        source: Any,
+        *,
+        name: str | None = None,
+        channels: Channels = "mix",
+        vad: VadSettings = DEFAULT_VAD,
+        spans: Sequence[Span] | None = None,
+    ) -> TimelineJob:
+        return TimelineJob(
+            source, name=name, channels=channels, vad=vad, spans=spans, max_seconds=self.max_timeline_s
+        )
+
+    async def timeline(self, job: TimelineJob) -> AsyncIterator[TimelineSegment]:
+        """As Service.timeline, one segment at a time (the test files are short: decoding on the loop)."""
+        self.require_ready()
+        assert self.engine is not None
+        for n, segment in enumerate(job.segments()):
+            if n == self.timeline_fails_after:
+                raise QueueFull(1.0)
+            yield scored(segment, await self.engine.submit(job.clip(segment), background=True))
 
 
 def make_service(engine: Engine | None, outputs: OutputStore | None, **kwargs: Any) -> webui.UIService:
@@ -236,6 +280,233 @@ def test_long_timelines_are_averaged() -> None:
     assert table["time_s"].iloc[-1] == pytest.approx(990 * 0.02)
 
 
+# ------------------------------------------------------------------------------------- long recordings
+
+GAP_S = 2.0  # silence between the clips of a test recording: the VAD ends a segment after 0.3 s
+RECORDING_CLIPS = ("en_3s_44k.mp3", "zh_3s_16k.wav", "en_7s_16k.flac")
+
+
+def joined_recording(path: Path, clips: Sequence[str] = RECORDING_CLIPS) -> Path:
+    """Fixture clips (16 kHz) one after the other with GAP_S of silence around each."""
+    gap = np.zeros(int(GAP_S * 16_000), np.float32)
+    parts = [gap]
+    for clip in clips:
+        parts += [wave(clip), gap]
+    sf.write(str(path), np.concatenate(parts), 16_000)
+    return path
+
+
+def two_sided_call(path: Path) -> Path:
+    """A stereo call: one side speaks, then the other."""
+    left, right = wave("en_3s_44k.mp3"), wave("zh_3s_16k.wav")
+    gap = int(GAP_S * 16_000)
+    stereo = np.zeros((len(left) + gap + len(right), 2), np.float32)
+    stereo[: len(left), 0] = left
+    stereo[len(left) + gap :, 1] = right
+    sf.write(str(path), stereo, 16_000)
+    return path
+
+
+def build_timeline(
+    service: webui.UIService,
+    path: str | None,
+    channels: str = "mix",
+    segments: str | None = None,
+    *,
+    max_segment_s: float = 15.0,
+    threshold: float = 0.5,
+    updates: list[tuple[Any, ...]] | None = None,
+) -> list[tuple[Any, ...]]:
+    """Every update the tab's handler yields (also into `updates`, which survives an error part-way)."""
+    downloads = webui._TemporaryDownloads()
+    out = [] if updates is None else updates
+
+    async def collect() -> None:
+        args = (path, channels, max_segment_s, threshold, segments)
+        async for values in webui.build_timeline(service, downloads, *args):
+            out.append(values)
+
+    try:
+        run(collect())
+    finally:
+        downloads.close()
+    return out
+
+
+def table_rows(table: Any) -> list[list[Any]]:
+    return [list(row) for row in table.itertuples(index=False)]
+
+
+def test_timeline_streams_segments_then_saves_json_and_csv(
+    fast_engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(webui, "UPDATE_S", 0.0)  # every segment is sent as it comes
+    recording = joined_recording(tmp_path / "meeting.wav")
+    service = make_service(fast_engine, OutputStore(tmp_path / "outputs"))
+    updates = build_timeline(service, str(recording))
+
+    expected = list(score_segments(fast_engine.recognizer, TimelineJob(str(recording))))
+    assert len(expected) >= len(RECORDING_CLIPS)
+    progress, card, distribution, plot, table, files = updates[-1]
+    assert 'data-state="done"' in progress and f"{len(expected)} segments" in progress
+    assert [row[:4] for row in table_rows(table)] == [
+        [round(s.start_s, 2), round(s.end_s, 2), "", f"{s.emoji} {s.emotion} · {s.label_zh}"]
+        for s in expected
+    ]
+    assert [row[4] for row in table_rows(table)] == pytest.approx([s.confidence for s in expected], abs=2e-3)
+    assert plot.count('class="tl-segment"') == len(expected)
+    for s in expected:
+        assert f'data-emotion="{s.emotion}"' in plot and webui.EMOTION_COLOURS[s.emotion] in plot
+    assert distribution["share"].sum() == pytest.approx(1.0, abs=1e-4)
+    assert "RANDOM WEIGHTS" in card and "meeting.wav" in card
+
+    # Streamed: the table grew one segment at a time, with the progress in seconds of the total.
+    running = [u for u in updates[:-1] if isinstance(u[4], type(table))]
+    assert [len(u[4]) for u in running] == list(range(len(expected) + 1))
+    assert all('data-state="running"' in u[0] and " s of " in u[0] for u in updates[:-1])
+
+    (folder,) = service.outputs.folders()  # type: ignore[union-attr]
+    assert [Path(f) for f in files] == [folder / "timeline.json", folder / "timeline.csv"]
+    saved = json.loads((folder / "timeline.json").read_text(encoding="utf-8"))
+    assert saved["file"] == "meeting.wav" and saved["random_weights"] is True and saved["timestamp"]
+    assert len(saved["segments"]) == len(expected) and saved["summary"]["segments"] == len(expected)
+    assert saved["duration_s"] == pytest.approx(len(sf.read(str(recording))[0]) / 16_000)
+    with open(folder / "timeline.csv", encoding="utf-8", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [row["emotion"] for row in rows] == [s.emotion for s in expected]
+    assert set(expected[0].scores) <= set(rows[0])  # a column per score
+    assert f"saved to: {folder}" in card
+    metrics = service.metrics
+    assert isinstance(metrics, FakeMetrics)
+    assert metrics.timelines == [(pytest.approx(saved["duration_s"]), len(expected))]
+    assert metrics.timelines_in_progress.value == 0 and metrics.errors == []
+
+
+def test_timeline_separate_channels_and_a_segments_file(fast_engine: Engine, tmp_path: Path) -> None:
+    service = make_service(fast_engine, None)
+    *_, (_, _, _, plot, table, files) = build_timeline(
+        service, str(two_sided_call(tmp_path / "call.wav")), "separate"
+    )
+    assert {row[2] for row in table_rows(table)} == {"ch0", "ch1"}
+    assert ">ch0</text>" in plot and ">ch1</text>" in plot  # a row per channel
+    assert [Path(f).name for f in files] == ["timeline.json", "timeline.csv"]  # saving off: temporary
+
+    spans = tmp_path / "diarization.rttm"
+    spans.write_text(
+        "SPEAKER meeting 1 2.0 3.0 <NA> <NA> alice <NA> <NA>\n"
+        "SPEAKER meeting 1 7.0 3.0 <NA> <NA> bob <NA> <NA>\n",
+        encoding="utf-8",
+    )
+    *_, (_, card, _, plot, table, _) = build_timeline(
+        service, str(joined_recording(tmp_path / "meeting.wav")), "mix", str(spans)
+    )
+    assert [(row[0], row[1], row[2]) for row in table_rows(table)] == [
+        (2.0, 5.0, "alice"),
+        (7.0, 10.0, "bob"),
+    ]
+    assert ">alice</text>" in plot and "alice: mostly" in card
+
+
+def test_timeline_errors_are_clear_and_counted(fast_engine: Engine, tmp_path: Path) -> None:
+    service = make_service(fast_engine, None, max_timeline_s=10.0)
+    recording = str(joined_recording(tmp_path / "meeting.wav"))  # 19 s
+    garbage = tmp_path / "notes.wav"
+    garbage.write_bytes(b"this is not audio" * 10)
+    bad_segments = tmp_path / "segments.json"
+    bad_segments.write_text('[{"start_s": 1}]', encoding="utf-8")
+    good_segments = tmp_path / "ok.json"
+    good_segments.write_text('[{"start_s": 1, "end_s": 2}]', encoding="utf-8")
+    with pytest.raises(gr.Error, match="Upload a recording"):
+        build_timeline(service, None)
+    with pytest.raises(gr.Error, match=r"notes\.wav: could not decode"):
+        build_timeline(service, str(garbage))
+    with pytest.raises(gr.Error, match="the limit is 10 s"):
+        build_timeline(service, recording)
+    with pytest.raises(gr.Error, match=r"segments\.json: segment 0"):
+        build_timeline(service, recording, segments=str(bad_segments))
+    with pytest.raises(gr.Error, match="use channels=mix"):
+        build_timeline(service, recording, "separate", str(good_segments))
+    with pytest.raises(gr.Error, match="threshold"):
+        build_timeline(service, recording, threshold=1.0)
+    assert service.metrics.errors == [  # type: ignore[union-attr]
+        "unsupported_audio",
+        "audio_too_long",
+        "invalid_parameter",
+        "invalid_parameter",
+        "invalid_parameter",
+    ]
+    assert service.metrics.timelines == []  # type: ignore[union-attr]  # nothing started
+
+    service = make_service(None, None, state="loading")
+    with pytest.raises(gr.Error, match="still starting up"):
+        build_timeline(service, recording)
+    assert service.metrics.errors == ["not_ready"]  # type: ignore[union-attr]
+
+
+def test_timeline_failing_part_way_keeps_what_was_shown(fast_engine: Engine, tmp_path: Path) -> None:
+    service = make_service(fast_engine, None, timeline_fails_after=1)
+    updates: list[tuple[Any, ...]] = []
+    with pytest.raises(gr.Error, match="busy"):
+        build_timeline(service, str(joined_recording(tmp_path / "meeting.wav")), updates=updates)
+    assert updates and 'data-state="running"' in updates[-1][0]
+    metrics = service.metrics
+    assert isinstance(metrics, FakeMetrics)
+    assert metrics.errors == ["queue_full"] and metrics.timelines_in_progress.value == 0
+    assert [segments for _, segments in metrics.timelines] == [1]  # what it did still counts
+
+
+def test_timeline_save_failure_still_shows_the_result(fast_engine: Engine, tmp_path: Path) -> None:
+    store = OutputStore(tmp_path / "outputs")
+    store.root.rmdir()
+    service = make_service(fast_engine, store)
+    with pytest.warns(UserWarning, match="could not be saved"):
+        *_, (progress, card, _, plot, table, files) = build_timeline(
+            service, str(joined_recording(tmp_path / "meeting.wav", RECORDING_CLIPS[:1]))
+        )
+    assert files is None and "not saved" in card
+    assert len(table) == plot.count('class="tl-segment"') >= 1 and 'data-state="done"' in progress
+
+
+def test_timeline_plot_rows_colours_and_axis() -> None:
+    def segment(start: float, end: float, speaker: str | None, emotion: str) -> TimelineSegment:
+        return TimelineSegment(start, end, speaker, emotion, "", "", 0.9, {emotion: 0.9}, False)
+
+    segments = [segment(0, 10, "B", "sad"), segment(30, 95, "A", "happy"), segment(100, 110, "B", "sad")]
+    svg = webui.timeline_svg(segments, 120.0)
+    assert svg.index(">A</text>") < svg.index(">B</text>")  # rows sorted by speaker
+    assert svg.count(webui.EMOTION_COLOURS["sad"]) == 3  # two bars and the legend
+    assert ">1:00</text>" in svg and ">2:00</text>" in svg  # minutes once past a minute
+    assert "tl-segment" not in webui.timeline_svg([], 0.0)
+
+
+def test_paced_ticks_through_silence_and_closes_early() -> None:
+    """The progress moves while no segment comes; leaving early ends the source (its decoding)."""
+    closed = asyncio.Event()
+
+    async def slow() -> AsyncIterator[TimelineSegment]:
+        try:
+            await asyncio.sleep(0.25)
+            yield TimelineSegment(0, 1, None, "sad", "", "", 1.0, {}, False)
+            await asyncio.sleep(3600)
+            yield TimelineSegment(1, 2, None, "sad", "", "", 1.0, {}, False)
+        finally:
+            closed.set()
+
+    async def main() -> list[Any]:
+        seen: list[Any] = []
+        paced = webui._paced(slow(), 0.1)
+        async for item in paced:
+            seen.append(item)
+            if len(seen) == 6:
+                break
+        await paced.aclose()
+        return seen
+
+    seen = run(main())
+    assert seen[0] is None and seen.count(None) == 5  # ticks before and after the one segment
+    assert closed.is_set()
+
+
 # --------------------------------------------------------------------------------------------- browser
 
 
@@ -382,4 +653,43 @@ def test_browser_follows_start_up_reports_bad_input_and_draws_the_timeline(
     downloads = page.locator("#downloads").inner_text().replace("\n", "")  # name and extension are split
     assert all(name in downloads for name in ("result.json", "processed_audio.wav", "embedding.npy"))
     assert "frame, 151 frames" in page.locator("#log textarea").input_value()
+    page.close()
+
+
+def test_browser_builds_the_timeline_of_a_long_recording(
+    browser: Any, live_ui: tuple[str, FakeService], tmp_path: Path, tiny_recognizer: Recognizer
+) -> None:
+    url, service = live_ui
+    recording = joined_recording(tmp_path / "meeting.wav")
+    expected = list(score_segments(tiny_recognizer, TimelineJob(str(recording))))
+    page = open_page(browser, url)
+    page.get_by_role("tab", name="Long recording").click()
+    page.locator("#tl-audio input[type=file]").set_input_files(str(recording))
+    page.locator("#tl-audio audio, #tl-audio [data-testid=waveform-controls]").first.wait_for(
+        state="attached"
+    )
+    page.locator("#tl-start").click()
+    page.locator('#tl-progress-state[data-state="done"]').wait_for()
+
+    rows = page.locator("#tl-table [role=row]:has([role=gridcell])")
+    assert rows.count() == len(expected)
+    for row, segment in zip(rows.all(), expected, strict=True):
+        assert f"{segment.emoji} {segment.emotion}" in row.inner_text()
+    assert page.locator("#tl-svg rect.tl-segment").count() == len(expected)
+    assert "RANDOM WEIGHTS" in page.locator("#tl-summary").inner_text()
+    downloads = page.locator("#tl-downloads").inner_text().replace("\n", "")
+    assert "timeline.json" in downloads and "timeline.csv" in downloads
+    saved = page.locator("#tl-saved").inner_text().removeprefix("saved to: ")
+    assert Path(saved).parent == service.outputs.root  # type: ignore[union-attr]
+    assert service.metrics.timelines_in_progress.value == 0  # type: ignore[union-attr]
+
+    # Stop part-way: the run is cancelled and closed (its decoding stopped, the gauge back down).
+    page.locator("#tl-start").click()
+    page.locator('#tl-progress-state[data-state="running"]').wait_for()
+    page.locator("#tl-stop").click()
+    deadline = time.monotonic() + 10
+    while service.metrics.timelines_in_progress.value:  # type: ignore[union-attr]
+        assert time.monotonic() < deadline, "the stopped run was not closed"
+        time.sleep(0.05)
+    assert service.metrics.timelines[-1][1] < len(expected)  # type: ignore[union-attr]
     page.close()

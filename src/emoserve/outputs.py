@@ -2,6 +2,7 @@
 
     save -> .tmp_<id>/ (processed_audio.wav, result.json, embedding.npy) -> rename to
     outputs_YYYYMMDD_HHMMSS_<id>/ -> prune (oldest beyond `keep`, older than `max_age_s`)
+    save_timeline: the same for a long recording's timeline (timeline.json, timeline.csv; no audio copy)
 
 A folder appears whole or not at all: it is written under a hidden temporary name inside `root` (the same
 file system, so the rename is atomic) and renamed only once every file is complete. Pruning renames a
@@ -10,17 +11,19 @@ folder away before deleting it, so a reader never sees one half-deleted either.
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import logging
 import re
 import shutil
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import soundfile as sf
@@ -28,12 +31,18 @@ import soundfile as sf
 from .audio import SAMPLE_RATE
 from .recognizer import Result
 
+if TYPE_CHECKING:
+    from .timeline import Timeline
+
 log = logging.getLogger(__name__)
 
 PREFIX = "outputs_"
 RESULT_JSON = "result.json"
 PROCESSED_AUDIO = "processed_audio.wav"
 EMBEDDING_NPY = "embedding.npy"
+TIMELINE_JSON = "timeline.json"
+TIMELINE_CSV = "timeline.csv"
+TIMELINE_CSV_FIELDS = ["start_s", "end_s", "speaker", "emotion", "label_zh", "confidence", "split"]
 FOLDER_TIME_FORMAT = "%Y%m%d_%H%M%S"
 TIMESTAMP_FORMAT = "%Y-%m-%d %H:%M:%S"  # result.json `timestamp`, as the original app wrote it
 ID_HEX_DIGITS = 8  # 32 random bits: a clash needs ~65k folders in one second; a clash is retried anyway
@@ -56,6 +65,17 @@ class SavedOutput:
     def files(self) -> list[Path]:
         """The files for download, result first."""
         return [self.result_json, self.processed_audio, *([self.embedding] if self.embedding else [])]
+
+
+@dataclass(frozen=True)
+class SavedTimeline:
+    folder: Path
+    timeline_json: Path
+    timeline_csv: Path
+
+    @property
+    def files(self) -> list[Path]:
+        return [self.timeline_json, self.timeline_csv]
 
 
 class OutputStore:
@@ -81,16 +101,37 @@ class OutputStore:
         """Write one recognition: `samples` is the 16 kHz mono audio the model saw; `extra` adds
         top-level fields to result.json (e.g. input details and timings)."""
         now = datetime.now()
+        folder = self._save_folder(
+            lambda tmp: _write_files(tmp, result, samples, result_fields(result, now, extra)), now
+        )
+        return _saved(folder, has_embedding=result.embedding is not None)
+
+    def save_timeline(self, timeline: Timeline, *, extra: Mapping[str, Any] | None = None) -> SavedTimeline:
+        """Write one long recording's timeline: timeline.json (the API's body, a `timestamp`, `extra`)
+        and timeline.csv (a row per segment, a column per score). The audio is not copied: it may be hours."""
+        now = datetime.now()
+        fields = {**timeline.to_dict(), "timestamp": now.strftime(TIMESTAMP_FORMAT), **(extra or {})}
+
+        def write(folder: Path) -> None:
+            text = json.dumps(fields, ensure_ascii=False, indent=2)
+            (folder / TIMELINE_JSON).write_text(text + "\n", encoding="utf-8")
+            (folder / TIMELINE_CSV).write_text(timeline_csv(timeline), encoding="utf-8")
+
+        folder = self._save_folder(write, now)
+        return SavedTimeline(folder, folder / TIMELINE_JSON, folder / TIMELINE_CSV)
+
+    def _save_folder(self, write: Callable[[Path], None], now: datetime) -> Path:
+        """`write` fills a hidden folder, which is then renamed into view whole; then prune."""
         tmp = self.root / f"{TMP_PREFIX}{uuid.uuid4().hex}"
         tmp.mkdir()
         try:
-            _write_files(tmp, result, samples, result_fields(result, now, extra))
+            write(tmp)
             folder = self._publish(tmp, now)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         self.prune()
-        return _saved(folder, has_embedding=result.embedding is not None)
+        return folder
 
     def folders(self) -> list[Path]:
         """Complete output folders, oldest first."""
@@ -142,6 +183,18 @@ def result_fields(result: Result, now: datetime, extra: Mapping[str, Any] | None
     fields = result.to_dict()
     head = {key: fields.pop(key) for key in ("emotion", "confidence", "scores", "granularity")}
     return {**head, "timestamp": now.strftime(TIMESTAMP_FORMAT), **fields, **(extra or {})}
+
+
+def timeline_csv(timeline: Timeline) -> str:
+    """A row per segment: TIMELINE_CSV_FIELDS, then one column per label's score."""
+    labels = list(timeline.segments[0].scores) if timeline.segments else []
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=TIMELINE_CSV_FIELDS + labels, lineterminator="\n")
+    writer.writeheader()
+    for segment in timeline.segments:
+        row = {key: getattr(segment, key) for key in TIMELINE_CSV_FIELDS}
+        writer.writerow({**row, "speaker": segment.speaker or "", **segment.scores})
+    return out.getvalue()
 
 
 def _write_files(folder: Path, result: Result, samples: np.ndarray, fields: Mapping[str, Any]) -> None:

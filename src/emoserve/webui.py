@@ -1,7 +1,10 @@
-"""The Gradio web UI, mounted at "/" by the server and sharing its batching engine.
+"""The Gradio web UI, mounted at "/" by the server and sharing its batching engine. Two tabs:
 
-    click -> decode (thread) -> engine.submit_timed (batched with other windows' requests)
-    -> save the output folder (thread) -> result card, score chart, timeline, log, downloads
+    Clip: click -> decode (thread) -> engine.submit_timed (batched with other windows' requests)
+        -> save the output folder (thread) -> result card, score chart, timeline, log, downloads
+    Long recording: click -> open_timeline (thread; the file's errors come here) -> Service.timeline
+        (speech segments through the engine, streamed to the page with the progress) -> save
+        timeline.json/.csv (thread) -> summary, timeline plot, distribution, segment table, downloads
 
 The UI reads the service through `UIService` only, so that it runs on any object with those attributes
 (the server's Service, or a small fake in the tests). Nothing here touches the model directly.
@@ -10,6 +13,7 @@ The UI reads the service through `UIService` only, so that it runs on any object
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import html
 import logging
 import math
@@ -18,6 +22,7 @@ import shutil
 import tempfile
 import time
 import weakref
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -26,12 +31,15 @@ import gradio as gr
 import numpy as np
 import pandas as pd
 
-from .audio import SAMPLE_RATE, Audio, load_audio
+from .audio import SAMPLE_RATE, Audio, AudioError, load_audio
 from .constants import EXAMPLES_DIR
 from .errors import EmoserveError
 from .labels import EMOJI
-from .outputs import OutputStore, SavedOutput
+from .outputs import OutputStore, SavedOutput, SavedTimeline
 from .recognizer import GRANULARITIES, Granularity, Result
+from .stream import CHANNEL_MODES, Channels
+from .timeline import Span, Timeline, TimelineJob, TimelineSegment, read_spans, summarise
+from .vad import DEFAULT_VAD, VadSettings
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -56,16 +64,38 @@ MAX_TIMELINE_POINTS = 400  # per label: a 10-min clip has 30,000 frames, too man
 DOWNLOADS_KEEP = 64  # with saving off, downloads still need files; this many stay in a temp folder
 # Gradio's cache holds uploads and copies of downloads: sweep hourly, drop files older than a day.
 CACHE_SWEEP = (3600, 86_400)
+# One colour per label wherever a chart colours emotions (the clip timeline, the long-recording plot and
+# its distribution): Tableau 10 (matplotlib's default cycle), with neutral grey and happy a warmer orange.
+EMOTION_COLOURS = {
+    "angry": "#d62728",
+    "disgusted": "#8c564b",
+    "fearful": "#9467bd",
+    "happy": "#ff9f1c",
+    "neutral": "#9ca3af",
+    "other": "#17becf",
+    "sad": "#1f77b4",
+    "surprised": "#e377c2",
+    "unknown": "#4b5563",
+}
+OTHER_COLOUR = "#6b7280"  # a label outside the 9 published ones (a custom tokens.txt)
+
+
+class UIGauge(Protocol):
+    def inc(self) -> None: ...
+    def dec(self) -> None: ...
 
 
 class UIMetrics(Protocol):
-    """What the UI reports to metrics.py (its Metrics class has these methods)."""
+    """What the UI reports to metrics.py (its Metrics class has these members)."""
 
     def observe_request(
         self, route: str, *, decode_s: float, queue_s: float, inference_s: float, total_s: float
     ) -> None: ...
 
     def count_error(self, kind: str) -> None: ...
+    def observe_timeline(self, audio_s: float, segments: int, seconds: float) -> None: ...
+    @property
+    def timelines_in_progress(self) -> UIGauge: ...
 
 
 class UIService(Protocol):
@@ -81,7 +111,11 @@ class UIService(Protocol):
     outputs: where each recognition is saved; None when saving is off (downloads then use a temporary
         folder that keeps only the last DOWNLOADS_KEEP).
     max_audio_s: longer uploads are refused with a message.
-    metrics: UI recognitions are observed under route "ui"; None: not reported.
+    open_timeline: opens a long recording (blocking; the UI runs it in a thread); the file's errors and
+        max_timeline_s are raised here, as EmoserveErrors.
+    timeline: the job's scored segments as they come, through the shared engine; leaving the iteration
+        early stops the decoding.
+    metrics: UI recognitions are observed under route "ui", timelines as the API's; None: not reported.
     """
 
     @property
@@ -99,6 +133,17 @@ class UIService(Protocol):
     def outputs(self) -> OutputStore | None: ...
     @property
     def max_audio_s(self) -> float: ...
+    def open_timeline(
+        self,
+        source: Any,
+        *,
+        name: str | None = ...,
+        channels: Channels = ...,
+        vad: VadSettings = ...,
+        spans: Sequence[Span] | None = ...,
+    ) -> TimelineJob: ...
+
+    def timeline(self, job: TimelineJob) -> AsyncIterator[TimelineSegment]: ...
     @property
     def metrics(self) -> UIMetrics | None: ...
 
@@ -128,29 +173,38 @@ def build_ui(service: UIService, *, concurrency_limit: int | None = DEFAULT_CONC
         title="emoserve · speech emotion recognition", analytics_enabled=False, delete_cache=CACHE_SWEEP
     ) as demo:
         banner = gr.HTML(banner_html(service), elem_id="status-banner")
-        gr.Markdown("# Speech emotion recognition\nUpload or record a clip, then press **Recognise**.")
-        with gr.Row():
-            with gr.Column(scale=1):
-                inputs = _inputs()
-            with gr.Column(scale=1):
-                outputs = _result_views()
-        with gr.Row():
-            outputs += _details()
-
-        async def on_start(path: str | None, chosen: str, with_embedding: bool) -> tuple[Any, ...]:
-            return render(await recognize(service, downloads, path, chosen, with_embedding))
-
-        inputs.start.click(
-            on_start,
-            inputs=[inputs.audio, inputs.granularity, inputs.embedding],
-            outputs=outputs,
-            api_name="recognize",
-            concurrency_limit=concurrency_limit,
-        )
+        gr.Markdown("# Speech emotion recognition")
+        with gr.Tabs():
+            with gr.Tab("Clip", id="clip", elem_id="tab-clip"):
+                _clip_tab(service, downloads, concurrency_limit)
+            with gr.Tab("Long recording", id="long", elem_id="tab-long"):
+                _long_recording_tab(service, downloads)
         _refresh_status(demo, service, banner)
     demo.queue(max_size=QUEUE_MAX)
     weakref.finalize(demo, downloads.close)
     return demo
+
+
+def _clip_tab(service: UIService, downloads: _TemporaryDownloads, concurrency_limit: int | None) -> None:
+    gr.Markdown("Upload or record a clip, then press **Recognise**.")
+    with gr.Row():
+        with gr.Column(scale=1):
+            inputs = _inputs()
+        with gr.Column(scale=1):
+            outputs = _result_views()
+    with gr.Row():
+        outputs += _details()
+
+    async def on_start(path: str | None, chosen: str, with_embedding: bool) -> tuple[Any, ...]:
+        return render(await recognize(service, downloads, path, chosen, with_embedding))
+
+    inputs.start.click(
+        on_start,
+        inputs=[inputs.audio, inputs.granularity, inputs.embedding],
+        outputs=outputs,
+        api_name="recognize",
+        concurrency_limit=concurrency_limit,
+    )
 
 
 @dataclass(frozen=True)
@@ -197,6 +251,7 @@ def _result_views() -> list[gr.components.Component]:
         color="emotion",
         y_lim=[0, 1],
         x_title="time (s)",
+        color_map=EMOTION_COLOURS,
         label="Emotion timeline",
         visible=False,
         elem_id="timeline",
@@ -411,11 +466,24 @@ def _empty_card() -> str:
     return '<div style="text-align:center;padding:12px;opacity:0.6">The result appears here.</div>'
 
 
+def emotion_colour(label: str) -> str:
+    return EMOTION_COLOURS.get(label, OTHER_COLOUR)
+
+
+def _display(label: str) -> str:
+    """How charts name a label: "😊 happy"."""
+    return f"{EMOJI.get(label, '')} {label}".strip()
+
+
+def _display_colours() -> dict[str, str]:
+    return {_display(label): colour for label, colour in EMOTION_COLOURS.items()}
+
+
 def scores_frame(result: Result) -> pd.DataFrame:
-    """One row per label: `emotion` as "😊 happy", `probability`."""
+    """One row per label: `emotion` (as `_display` names it), `probability`."""
     return pd.DataFrame(
         {
-            "emotion": [f"{EMOJI.get(label, '')} {label}".strip() for label in result.scores],
+            "emotion": [_display(label) for label in result.scores],
             "probability": list(result.scores.values()),
         }
     )
@@ -485,6 +553,454 @@ def _human_bytes(n: int) -> str:
             return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
         size /= 1000
     raise AssertionError("unreachable")
+
+
+# ------------------------------------------------------------------------------------- long recordings
+
+CHANNEL_CHOICES = [
+    ("mix: one timeline for the recording", "mix"),
+    ("separate: one row per channel (e.g. a call's two sides)", "separate"),
+]
+MAX_SEGMENT_S_RANGE = (1.0, 60.0)  # VadSettings needs >= 1 s; emotion2vec was trained on a few seconds
+SEGMENTS_FILE_TYPES = [".json", ".rttm", ".txt"]
+MAX_SEGMENTS_FILE_BYTES = 1 << 20  # as the API's `segments` field: ~20k RTTM lines
+# Each run holds a decoding thread and a VAD; the engine bounds the segments it queues. Beyond this many
+# at once a window waits in Gradio's queue, so long recordings cannot take every core from the clip tab.
+TIMELINE_CONCURRENCY = 4
+UPDATE_S = 1.0  # the table and the plot grow with the recording: they are sent again at most this often
+TICK_S = 0.5  # the progress moves this often even while no segment comes (a long silence)
+PLOT_WIDTH, PLOT_LEFT, PLOT_RIGHT = 1000, 90, 10  # SVG user units; the plot scales to the page's width
+ROW_H, AXIS_H = 30, 26
+
+
+def _long_recording_tab(service: UIService, downloads: _TemporaryDownloads) -> None:
+    gr.Markdown(
+        "Upload or record a long recording (a call, a meeting, a podcast). Its speech is cut into "
+        "segments (silero-vad, or your own segments file) and each segment gets an emotion."
+    )
+    with gr.Row():
+        with gr.Column(scale=1):
+            audio = gr.Audio(
+                sources=["upload", "microphone"],
+                type="filepath",  # the path goes to open_timeline, which streams the file
+                label=f"Recording ({UPLOAD_FORMATS})",
+                elem_id="tl-audio",
+            )
+            channels = gr.Radio(CHANNEL_CHOICES, value="mix", label="Channels", elem_id="tl-channels")
+            with gr.Row():
+                max_segment = gr.Slider(
+                    *MAX_SEGMENT_S_RANGE,
+                    value=DEFAULT_VAD.max_segment_s,
+                    step=1,
+                    label="Longest segment (s); longer speech is cut at a pause",
+                    elem_id="tl-max-segment",
+                )
+                threshold = gr.Slider(
+                    0.05,
+                    0.95,
+                    value=DEFAULT_VAD.threshold,
+                    step=0.05,
+                    label="VAD threshold",
+                    elem_id="tl-threshold",
+                )
+            segments_file = gr.File(
+                label="Segments (optional): JSON [{start_s, end_s, speaker}] or RTTM, instead of the VAD",
+                file_types=SEGMENTS_FILE_TYPES,
+                type="filepath",
+                elem_id="tl-segments",
+            )
+            with gr.Row():
+                start = gr.Button("Build timeline", variant="primary", elem_id="tl-start")
+                stop = gr.Button("Stop", variant="stop", elem_id="tl-stop")
+        with gr.Column(scale=1):
+            views = [
+                gr.HTML(progress_html(0.0, None, 0, 0.0), elem_id="tl-progress"),
+                gr.HTML(_empty_timeline_card(), elem_id="tl-summary"),
+                gr.BarPlot(
+                    x="emotion",
+                    y="share",
+                    color="emotion",
+                    color_map=_display_colours(),
+                    sort="-y",
+                    y_lim=[0, 1],
+                    label="Distribution over the speech (time-weighted mean score)",
+                    elem_id="tl-distribution",
+                ),
+            ]
+    views.append(gr.HTML(timeline_svg([], 0.0), elem_id="tl-plot"))
+    views.append(
+        gr.Dataframe(headers=list(TABLE_COLUMNS), interactive=False, label="Segments", elem_id="tl-table")
+    )
+    views.append(gr.File(label="Downloads", file_count="multiple", interactive=False, elem_id="tl-downloads"))
+
+    async def on_start(*args: Any) -> AsyncIterator[tuple[Any, ...]]:
+        async for values in build_timeline(service, downloads, *args):
+            yield values
+
+    run = start.click(
+        on_start,
+        inputs=[audio, channels, max_segment, threshold, segments_file],
+        outputs=views,
+        api_name="timeline",
+        concurrency_limit=TIMELINE_CONCURRENCY,
+        concurrency_id="timeline",
+        show_progress="minimal",
+    )
+    stop.click(None, cancels=[run], api_visibility="private")
+
+
+@dataclass(frozen=True)
+class TimelineRequest:
+    """The tab's inputs, checked."""
+
+    path: str
+    name: str
+    channels: Channels
+    vad: VadSettings
+    spans: list[Span] | None
+
+
+def timeline_request(
+    service: UIService,
+    path: str | None,
+    channels: str,
+    max_segment_s: float,
+    threshold: float,
+    segments_path: str | None,
+) -> TimelineRequest:
+    """Every input checked, with a message that names it, before any work."""
+    try:
+        service.require_ready()
+    except EmoserveError as error:
+        raise _failed(service, error) from None
+    if not path:
+        raise gr.Error(f"Upload a recording ({UPLOAD_FORMATS}) or record one first.", title="No audio")
+    mode = next((mode for mode in CHANNEL_MODES if mode == channels), None)
+    if mode is None:
+        raise gr.Error(f"channels is {channels!r}; choose mix or separate", title="Bad option")
+    try:
+        vad = VadSettings(threshold=float(threshold), max_segment_s=float(max_segment_s))
+    except (TypeError, ValueError) as error:  # counted as the API counts a bad query parameter
+        raise _failed(service, EmoserveError(str(error), code="invalid_parameter", status=422)) from None
+    try:
+        spans = _read_segments(segments_path) if segments_path else None
+    except EmoserveError as error:
+        raise _failed(service, error) from None
+    return TimelineRequest(path, Path(path).name, mode, vad, spans)
+
+
+def _read_segments(path: str) -> list[Span]:
+    """The segments file, through the API's parser (read_spans); named by its own name in messages."""
+    name = Path(path).name
+
+    def bad(why: str) -> AudioError:
+        return AudioError(f"{name}: {why}", source=name, reason="bad_argument")
+
+    if _size(path) > MAX_SEGMENTS_FILE_BYTES:
+        raise bad(f"over {MAX_SEGMENTS_FILE_BYTES >> 20} MB; a segments file is JSON or RTTM text")
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise bad(f"cannot read the segments ({error})") from None
+    return read_spans(text, name)
+
+
+async def build_timeline(
+    service: UIService,
+    downloads: _TemporaryDownloads,
+    path: str | None,
+    channels: str,
+    max_segment_s: float,
+    threshold: float,
+    segments_path: str | None,
+) -> AsyncIterator[tuple[Any, ...]]:
+    """open (thread) -> segments as they are scored, streamed to the page -> save (thread) -> results.
+    Yields values for (progress, summary, distribution, plot, table, downloads)."""
+    started = time.perf_counter()
+    request = timeline_request(service, path, channels, max_segment_s, threshold, segments_path)
+    job = await _open_timeline(service, request)
+    segments: list[TimelineSegment] = []
+    metrics = service.metrics
+    if metrics is not None:
+        metrics.timelines_in_progress.inc()
+    try:
+        yield _running_views(job, segments, started, with_results=True)
+        sent_at, sent_count = time.monotonic(), 0
+        async with contextlib.aclosing(_paced(service.timeline(job), TICK_S)) as paced:
+            async for segment in paced:
+                if segment is not None:
+                    segments.append(segment)
+                fresh = len(segments) > sent_count and time.monotonic() - sent_at >= UPDATE_S
+                if fresh or segment is None:  # a tick moves the progress; segments go out every UPDATE_S
+                    yield _running_views(job, segments, started, with_results=fresh)
+                if fresh:
+                    sent_at, sent_count = time.monotonic(), len(segments)
+        timeline = job.timeline(segments, service.model_name or "", bool(service.random_weights))
+    except EmoserveError as error:
+        raise _failed(service, error) from None
+    finally:
+        if metrics is not None:
+            metrics.timelines_in_progress.dec()
+            metrics.observe_timeline(job.duration_s, len(segments), time.perf_counter() - started)
+    store, persistent = (service.outputs, True) if service.outputs is not None else (downloads.store(), False)
+    saved = await _save_timeline(store, timeline)
+    yield finished_views(timeline, saved, persistent, time.perf_counter() - started)
+
+
+async def _open_timeline(service: UIService, request: TimelineRequest) -> TimelineJob:
+    try:
+        return await asyncio.to_thread(
+            service.open_timeline,
+            request.path,
+            name=request.name,
+            channels=request.channels,
+            vad=request.vad,
+            spans=request.spans,
+        )
+    except EmoserveError as error:
+        raise _failed(service, error) from None
+
+
+async def _paced(
+    segments: AsyncIterator[TimelineSegment], tick_s: float
+) -> AsyncGenerator[TimelineSegment | None, None]:
+    """The segments, and a None every `tick_s` while the next one is not there yet. The pending step is
+    never cancelled by a tick (that would end the iteration); leaving early closes the iteration."""
+
+    async def step() -> TimelineSegment:
+        return await anext(segments)
+
+    pending = asyncio.ensure_future(step())
+    try:
+        while True:
+            done, _ = await asyncio.wait({pending}, timeout=tick_s)
+            if not done:
+                yield None
+                continue
+            try:
+                segment = pending.result()
+            except StopAsyncIteration:
+                return
+            yield segment
+            pending = asyncio.ensure_future(step())
+    finally:
+        if not pending.done():
+            pending.cancel()
+            await asyncio.gather(pending, return_exceptions=True)
+        closing = getattr(segments, "aclose", None)
+        if closing is not None:
+            await closing()
+
+
+async def _save_timeline(store: OutputStore, timeline: Timeline) -> SavedTimeline | None:
+    """As `_save`: a full or read-only disk costs the downloads, not the result on screen."""
+    try:
+        return await asyncio.to_thread(store.save_timeline, timeline)
+    except OSError as error:
+        log.warning("could not save the timeline folder under %s: %s", store.root, error)
+        gr.Warning(html.escape(f"The timeline could not be saved ({error}); there are no downloads."))
+        return None
+
+
+def _running_views(
+    job: TimelineJob, segments: list[TimelineSegment], started: float, *, with_results: bool
+) -> tuple[Any, ...]:
+    """While scoring: the progress always; the plot, distribution and table only `with_results` (they
+    grow with the recording, so they are not sent with every tick)."""
+    total_s = job.stream.info.duration_s
+    progress = progress_html(job.duration_s, total_s, len(segments), time.perf_counter() - started)
+    if not with_results:
+        return (progress, gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip())
+    return (
+        progress,
+        _running_card(),
+        distribution_frame(summarise(segments)),
+        timeline_svg(segments, max(total_s or 0.0, job.duration_s)),
+        segment_table(segments),
+        None,
+    )
+
+
+def finished_views(
+    timeline: Timeline, saved: SavedTimeline | None, persistent: bool, elapsed_s: float
+) -> tuple[Any, ...]:
+    return (
+        progress_html(timeline.duration_s, timeline.duration_s, len(timeline.segments), elapsed_s, True),
+        timeline_card(timeline, saved, persistent),
+        distribution_frame(timeline.summary),
+        timeline_svg(timeline.segments, timeline.duration_s),
+        segment_table(timeline.segments),
+        [str(path) for path in saved.files] if saved else None,
+    )
+
+
+# ------------------------------------------------------------------------ long recordings: rendering
+
+TABLE_COLUMNS = ("start (s)", "end (s)", "speaker", "emotion", "confidence", "split")
+
+
+def segment_table(segments: Sequence[TimelineSegment]) -> pd.DataFrame:
+    return pd.DataFrame(
+        [
+            (
+                round(s.start_s, 2),
+                round(s.end_s, 2),
+                s.speaker or "",
+                f"{s.emoji} {s.emotion} · {s.label_zh}",
+                round(s.confidence, 3),
+                "yes" if s.split else "",
+            )
+            for s in segments
+        ],
+        columns=list(TABLE_COLUMNS),
+    )
+
+
+def distribution_frame(summary: dict[str, Any]) -> pd.DataFrame:
+    """The summary's time-weighted distribution: `emotion` as "😊 happy", `share`."""
+    # The chart keeps the colour scale of the first value it is sent (Gradio 6.31 updates only the data),
+    # so before any speech it gets every published label at 0: never an empty, untyped column.
+    distribution: dict[str, float] = summary.get("distribution") or dict.fromkeys(EMOTION_COLOURS, 0.0)
+    return pd.DataFrame(
+        {
+            "emotion": pd.Series([_display(label) for label in distribution], dtype=str),
+            "share": pd.Series(list(distribution.values()), dtype=float),
+        }
+    )
+
+
+def progress_html(
+    done_s: float, total_s: float | None, segments: int, elapsed_s: float, finished: bool = False
+) -> str:
+    """A bar of audio seconds read out of the total (the header's; unknown for some streams)."""
+    known = total_s is not None and total_s > 0
+    if finished:
+        text = f"Done: {done_s:.1f} s of audio, {segments} segments in {elapsed_s:.1f} s."
+    elif known:
+        text = f"{done_s:.1f} s of {total_s:.1f} s read · {segments} segments scored · {elapsed_s:.0f} s"
+    else:
+        text = f"{done_s:.1f} s read · {segments} segments scored · {elapsed_s:.0f} s"
+    if finished or known:
+        top = max(total_s or done_s, done_s, 1e-9)
+        bar = f'<progress value="{min(done_s, top):.3f}" max="{top:.3f}" style="width:100%"></progress>'
+    else:
+        bar = '<progress style="width:100%"></progress>'  # indeterminate
+    state = "done" if finished else "running"
+    return f'<div id="tl-progress-state" data-state="{state}">{bar}<div>{html.escape(text)}</div></div>'
+
+
+def _empty_timeline_card() -> str:
+    return '<div style="padding:12px;opacity:0.6">The timeline appears here.</div>'
+
+
+def _running_card() -> str:
+    return '<div style="padding:12px;opacity:0.8">Scoring the speech segments as they are found…</div>'
+
+
+def timeline_card(timeline: Timeline, saved: SavedTimeline | None, persistent: bool) -> str:
+    """The dominant emotion, how much speech, per speaker; where it was saved; the random-weights warning."""
+    summary = timeline.summary
+    lines = [
+        f"{html.escape(timeline.file)}: {timeline.duration_s:.1f} s, {timeline.speech_s:.1f} s of speech "
+        f"in {len(timeline.segments)} segments"
+    ]
+    for speaker, part in (summary.get("speakers") or {}).items():
+        lines.append(
+            f"{html.escape(speaker)}: mostly {_dominant(part, timeline)} over {part['speech_s']:.1f} s"
+        )
+    where = "saved to" if persistent else "saving is off; temporary downloads in"
+    saved_line = f"{where}: {saved.folder}" if saved else "not saved: see the warning"
+    lines.append(f'<span id="tl-saved">{html.escape(saved_line)}</span>')
+    top = _dominant(summary, timeline) if summary.get("dominant") else "no speech found"
+    body = "".join(f"<div>{line}</div>" for line in lines)
+    return (
+        '<div style="padding:12px">'
+        f'<div id="tl-dominant" style="font-size:24px;font-weight:700">{top}</div>'
+        f'<div style="margin-top:6px">{body}</div>'
+        f"{random_weights_warning() if timeline.random_weights else ''}</div>"
+    )
+
+
+def _dominant(summary: dict[str, Any], timeline: Timeline) -> str:
+    """'😊 happy · 开心 (62% of the speech)' for a summary's dominant emotion."""
+    label = summary["dominant"]
+    if label is None:
+        return "no speech"
+    names = next(
+        (f"{s.emoji} {s.emotion} · {s.label_zh}" for s in timeline.segments if s.emotion == label), label
+    )
+    share = summary["seconds"][label] / summary["speech_s"] if summary["speech_s"] else 0.0
+    return html.escape(f"{names} ({share:.0%} of the speech)")
+
+
+def timeline_svg(segments: Sequence[TimelineSegment], duration_s: float) -> str:
+    """One bar per segment on a row per speaker (channel), coloured by emotion; hover for details."""
+    rows = sorted({s.speaker for s in segments}, key=lambda sp: (sp is not None, sp or ""))
+    rows = rows or [None]
+    duration_s = max([duration_s, *(s.end_s for s in segments), 1e-9])
+    scale = (PLOT_WIDTH - PLOT_LEFT - PLOT_RIGHT) / duration_s  # user units per second
+    height = len(rows) * ROW_H + AXIS_H
+    parts = [
+        f'<svg id="tl-svg" viewBox="0 0 {PLOT_WIDTH} {height}" width="100%" '
+        'xmlns="http://www.w3.org/2000/svg" style="font:12px sans-serif">'
+    ]
+    for i, speaker in enumerate(rows):
+        name = speaker if speaker is not None else "all"
+        y = i * ROW_H + ROW_H / 2 + 4
+        parts.append(
+            f'<text x="{PLOT_LEFT - 6}" y="{y:.1f}" text-anchor="end">{html.escape(name[:12])}</text>'
+        )
+    for s in segments:
+        x = PLOT_LEFT + s.start_s * scale
+        width = max(s.duration_s * scale, 1.0)
+        y = rows.index(s.speaker) * ROW_H + 4
+        tip = f"{s.start_s:.2f}-{s.end_s:.2f} s · {s.emoji} {s.emotion} {s.confidence:.0%}"
+        parts.append(
+            f'<rect class="tl-segment" data-emotion="{html.escape(s.emotion)}" x="{x:.1f}" y="{y}" '
+            f'width="{width:.1f}" height="{ROW_H - 8}" rx="2" fill="{emotion_colour(s.emotion)}">'
+            f"<title>{html.escape(tip)}</title></rect>"
+        )
+    parts += _axis(duration_s, scale, len(rows) * ROW_H)
+    parts.append("</svg>")
+    return "".join(parts) + _legend(segments)
+
+
+def _axis(duration_s: float, scale: float, top: float) -> list[str]:
+    step = _tick_step(duration_s)
+    parts = [f'<line x1="{PLOT_LEFT}" x2="{PLOT_WIDTH - PLOT_RIGHT}" y1="{top}" y2="{top}" stroke="#888"/>']
+    for n in range(int(duration_s / step) + 1):
+        t = n * step
+        x = PLOT_LEFT + t * scale
+        parts.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{top}" y2="{top + 4}" stroke="#888"/>')
+        parts.append(f'<text x="{x:.1f}" y="{top + 18}" text-anchor="middle">{_clock(t, step)}</text>')
+    return parts
+
+
+def _tick_step(duration_s: float, ticks: int = 10) -> float:
+    """1, 2 or 5 times a power of ten, so that about `ticks` ticks span the recording."""
+    raw = max(duration_s / ticks, 1e-3)
+    power = 10 ** math.floor(math.log10(raw))
+    return next(m * power for m in (1, 2, 5, 10) if m * power >= raw)
+
+
+def _clock(t: float, step: float) -> str:
+    if t < 60:
+        return f"{t:g} s" if step < 1 else f"{t:.0f} s"
+    minutes, seconds = divmod(round(t), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{seconds:02d}" if hours else f"{minutes}:{seconds:02d}"
+
+
+def _legend(segments: Sequence[TimelineSegment]) -> str:
+    present = {s.emotion for s in segments}
+    labels = [label for label in EMOTION_COLOURS if label in present] + sorted(present - set(EMOTION_COLOURS))
+    items = "".join(
+        f'<span style="margin-right:12px"><span style="display:inline-block;width:12px;height:12px;'
+        f'border-radius:2px;background:{emotion_colour(label)};vertical-align:middle"></span> '
+        f"{html.escape(_display(label))}</span>"
+        for label in labels
+    )
+    return f'<div id="tl-legend" style="margin-top:4px">{items}</div>'
 
 
 # ----------------------------------------------------------------------------------------------- status
