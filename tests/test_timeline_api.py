@@ -193,9 +193,13 @@ def test_single_clips_go_before_a_long_recordings_segments(live: Live, recording
         timeline.start()
         wait_for(lambda: engine.queue_depth >= 2, 10, "the timeline's segments to queue")
         clip = CLIP.read_bytes()
-        single = threading.Thread(target=lambda: live.client.post("/v1/recognize", content=clip))
+        replies: list[httpx.Response] = []
+        single = threading.Thread(
+            target=lambda: replies.append(live.client.post("/v1/recognize", content=clip))
+        )
         single.start()
-        wait_for(lambda: engine.queue_depth >= 3, 10, "the single clip to queue")
+        wait_for(lambda: engine.queue_depth >= 3 or bool(replies), 30, "the single clip to queue")
+        assert not replies, replies[0].text
         gate.set()
         single.join(30)
         timeline.join(30)

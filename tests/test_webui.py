@@ -374,7 +374,7 @@ def test_timeline_streams_segments_then_saves_json_and_csv(
     with open(folder / "timeline.csv", encoding="utf-8", newline="") as f:
         rows = list(csv.DictReader(f))
     assert [row["emotion"] for row in rows] == [s.emotion for s in expected]
-    assert set(expected[0].scores) <= set(rows[0])  # a column per score
+    assert {f"score_{label}" for label in expected[0].scores} <= set(rows[0])  # a column per score
     assert f"saved to: {folder}" in card
     metrics = service.metrics
     assert isinstance(metrics, FakeMetrics)

@@ -30,6 +30,7 @@ import soundfile as sf
 
 from .audio import SAMPLE_RATE
 from .recognizer import Result
+from .timeline import csv_fields, csv_row
 
 if TYPE_CHECKING:
     from .timeline import Timeline
@@ -42,7 +43,6 @@ PROCESSED_AUDIO = "processed_audio.wav"
 EMBEDDING_NPY = "embedding.npy"
 TIMELINE_JSON = "timeline.json"
 TIMELINE_CSV = "timeline.csv"
-TIMELINE_CSV_FIELDS = ["start_s", "end_s", "speaker", "emotion", "label_zh", "confidence", "split"]
 FOLDER_TIME_FORMAT = "%Y%m%d_%H%M%S"
 TIMESTAMP_FORMAT = "%Y-%m-%d %H:%M:%S"  # result.json `timestamp`, as the original app wrote it
 ID_HEX_DIGITS = 8  # 32 random bits: a clash needs ~65k folders in one second; a clash is retried anyway
@@ -186,14 +186,13 @@ def result_fields(result: Result, now: datetime, extra: Mapping[str, Any] | None
 
 
 def timeline_csv(timeline: Timeline) -> str:
-    """A row per segment: TIMELINE_CSV_FIELDS, then one column per label's score."""
+    """A row per segment, as `predict --segments --format csv` writes them."""
     labels = list(timeline.segments[0].scores) if timeline.segments else []
     out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=TIMELINE_CSV_FIELDS + labels, lineterminator="\n")
+    writer = csv.DictWriter(out, fieldnames=csv_fields(labels), lineterminator="\n")
     writer.writeheader()
     for segment in timeline.segments:
-        row = {key: getattr(segment, key) for key in TIMELINE_CSV_FIELDS}
-        writer.writerow({**row, "speaker": segment.speaker or "", **segment.scores})
+        writer.writerow(csv_row(timeline.file, segment))
     return out.getvalue()
 
 

@@ -529,7 +529,9 @@ def mount_ui(
     try:
         from . import webui
 
-        webui.mount_ui(app, svc, path="/", max_file_size=svc.settings.max_upload_bytes)
+        # the long-recording tab takes bigger files than a clip (which max_audio_s still bounds)
+        largest = max(svc.settings.max_upload_bytes, svc.settings.max_timeline_upload_bytes)
+        webui.mount_ui(app, svc, path="/", max_file_size=largest)
         mount = app.router.routes[-1]
         assert isinstance(mount, Mount), "mount_gradio_app appends its Mount"
         asyncio.run_coroutine_threadsafe(start_gradio(mount.app, ui_lifespan), loop).result(

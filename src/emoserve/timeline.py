@@ -417,6 +417,9 @@ class SpanCutter:
         return self._audio[start - self._audio_at : end - self._audio_at]
 
 
+MAX_SPANS_BYTES = 1 << 20  # a segments file (JSON or RTTM): ~20k RTTM lines
+
+
 def read_spans(text: str, source: str = "<segments>") -> list[Span]:
     """Segments from JSON (a list of {start_s, end_s[, speaker]}, or {"segments": [...]}) or RTTM."""
 

@@ -40,12 +40,11 @@ from .server import (
     until_disconnected,
 )
 from .stream import CHANNEL_MODES, Channels
-from .timeline import Span, TimelineJob, TimelineSegment, read_spans
+from .timeline import MAX_SPANS_BYTES, Span, TimelineJob, TimelineSegment, read_spans
 from .vad import VadSettings
 
 NDJSON = "application/x-ndjson"
 COPY_CHUNK = 1 << 20
-MAX_SEGMENTS_FIELD = 1 << 20  # bytes of the `segments` form field (JSON or RTTM)
 TOO_LONG_HINT = " (this server's timeline limit: max_timeline_s, EMOSERVE_MAX_TIMELINE_S)"
 
 router = APIRouter(route_class=MappedErrorsRoute)
@@ -90,7 +89,7 @@ async def spool_upload(request: Request, limit_bytes: int) -> SpooledUpload:
         with os.fdopen(fd, "wb") as out:
             if request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
                 async with Request(request.scope, limited).form(
-                    max_files=2, max_fields=16, max_part_size=MAX_SEGMENTS_FIELD
+                    max_files=2, max_fields=16, max_part_size=MAX_SPANS_BYTES
                 ) as form:
                     file = form.get("file")
                     if not isinstance(file, UploadFile):
@@ -106,9 +105,14 @@ async def spool_upload(request: Request, limit_bytes: int) -> SpooledUpload:
                         if isinstance(value, str):
                             upload.fields[key] = value
                         elif key == "segments":  # a segments file (JSON or RTTM) beside the audio
-                            upload.fields[key] = (await value.read(MAX_SEGMENTS_FIELD + 1)).decode(
-                                "utf-8", "replace"
-                            )
+                            data = await value.read(MAX_SPANS_BYTES + 1)
+                            if len(data) > MAX_SPANS_BYTES:
+                                raise ApiError(
+                                    413,
+                                    "upload_too_large",
+                                    f"the segments file is over {MAX_SPANS_BYTES >> 20} MB of JSON or RTTM",
+                                )
+                            upload.fields[key] = data.decode("utf-8", "replace")
             else:
                 async for chunk in Request(request.scope, limited).stream():
                     await asyncio.to_thread(out.write, chunk)

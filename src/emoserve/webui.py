@@ -38,7 +38,7 @@ from .labels import EMOJI
 from .outputs import OutputStore, SavedOutput, SavedTimeline
 from .recognizer import GRANULARITIES, Granularity, Result
 from .stream import CHANNEL_MODES, Channels
-from .timeline import Span, Timeline, TimelineJob, TimelineSegment, read_spans, summarise
+from .timeline import MAX_SPANS_BYTES, Span, Timeline, TimelineJob, TimelineSegment, read_spans, summarise
 from .vad import DEFAULT_VAD, VadSettings
 
 if TYPE_CHECKING:
@@ -563,7 +563,6 @@ CHANNEL_CHOICES = [
 ]
 MAX_SEGMENT_S_RANGE = (1.0, 60.0)  # VadSettings needs >= 1 s; emotion2vec was trained on a few seconds
 SEGMENTS_FILE_TYPES = [".json", ".rttm", ".txt"]
-MAX_SEGMENTS_FILE_BYTES = 1 << 20  # as the API's `segments` field: ~20k RTTM lines
 # Each run holds a decoding thread and a VAD; the engine bounds the segments it queues. Beyond this many
 # at once a window waits in Gradio's queue, so long recordings cannot take every core from the clip tab.
 TIMELINE_CONCURRENCY = 4
@@ -696,8 +695,8 @@ def _read_segments(path: str) -> list[Span]:
     def bad(why: str) -> AudioError:
         return AudioError(f"{name}: {why}", source=name, reason="bad_argument")
 
-    if _size(path) > MAX_SEGMENTS_FILE_BYTES:
-        raise bad(f"over {MAX_SEGMENTS_FILE_BYTES >> 20} MB; a segments file is JSON or RTTM text")
+    if _size(path) > MAX_SPANS_BYTES:
+        raise bad(f"over {MAX_SPANS_BYTES >> 20} MB; a segments file is JSON or RTTM text")
     try:
         text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as error:
