@@ -425,6 +425,23 @@ def test_a_client_that_disconnects_frees_its_place(batching: Live) -> None:
         assert [f.result().status_code for f in running] == [200] * 4
 
 
+def test_a_client_that_hangs_up_mid_upload_is_counted_not_a_traceback(
+    live: Live, caplog: pytest.LogCaptureFixture
+) -> None:
+    def disconnects() -> float:
+        text = live.client.get("/metrics").text
+        line = next((x for x in text.splitlines() if 'kind="client_disconnected"' in x), "x 0")
+        return float(line.split()[-1])
+
+    before = disconnects()
+    url = live.client.base_url
+    with socket.create_connection((url.host, url.port)) as sock:
+        sock.sendall(b"POST /v1/recognize HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n" + b"\0" * 10)
+        time.sleep(0.2)
+    wait_for(lambda: disconnects() == before + 1, 10, "the hang-up to be counted")
+    assert "Exception in ASGI application" not in caplog.text
+
+
 def test_sigterm_drains_requests_in_flight(tmp_path: Path) -> None:
     with live_server(LIVE, tmp_path) as server, ThreadPoolExecutor(2) as pool:
         data = wav_bytes(windows(1)[0])

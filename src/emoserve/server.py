@@ -39,6 +39,7 @@ from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers, UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.routing import Mount
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -194,11 +195,19 @@ async def read_body(request: Request, limit_bytes: int) -> bytes:
     if declared.isdigit() and int(declared) > limit_bytes:
         raise too_large  # refused before reading it
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit_bytes:
-            raise too_large
+    try:
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit_bytes:
+                raise too_large
+    except ClientDisconnect:
+        raise client_gone() from None
     return bytes(body)
+
+
+def client_gone() -> ApiError:
+    """A client that hung up (mid-upload or before its result): nobody reads this, but it is counted."""
+    return ApiError(499, "client_disconnected", "the client closed the connection before the result")
 
 
 async def parse_multipart(scope: Scope, body: bytes) -> Upload:
@@ -254,7 +263,7 @@ async def until_disconnected(request: Request, work: Coroutine[Any, Any, T]) -> 
         task.cancel()  # a no-op once it is done
     if task in done:
         return task.result()
-    raise ApiError(499, "client_disconnected", "the client closed the connection before the result")
+    raise client_gone()
 
 
 async def disconnected(receive: Receive) -> None:

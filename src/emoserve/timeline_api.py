@@ -25,6 +25,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
 from starlette.datastructures import UploadFile
+from starlette.requests import ClientDisconnect
 from starlette.types import Message
 
 from .audio import AudioError
@@ -36,6 +37,7 @@ from .server import (
     ApiError,
     MappedErrorsRoute,
     ServiceDep,
+    client_gone,
     error_responses,
     until_disconnected,
 )
@@ -116,6 +118,9 @@ async def spool_upload(request: Request, limit_bytes: int) -> SpooledUpload:
             else:
                 async for chunk in Request(request.scope, limited).stream():
                     await asyncio.to_thread(out.write, chunk)
+    except ClientDisconnect:
+        upload.remove()
+        raise client_gone() from None
     except BaseException:
         upload.remove()
         raise
