@@ -17,7 +17,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO, NoReturn, TypeAlias
+from typing import TYPE_CHECKING, BinaryIO, NoReturn, TypeAlias, TypeVar
 
 import numpy as np
 import soundfile as sf
@@ -29,6 +29,7 @@ from .errors import EmoserveError
 if TYPE_CHECKING:
     import av.audio.frame
 
+T = TypeVar("T")
 MIN_SAMPLES = 400  # one model frame: the receptive field of the conv encoder at 16 kHz (spec §4 step 3)
 DEFAULT_MAX_SECONDS = 600.0  # callers pass their own limit; attention cost grows with T² (spec §6)
 
@@ -175,12 +176,22 @@ def _display_name(source: object) -> str:
 
 
 def _decode(source: AudioInput, display: str, max_seconds: float | None) -> _Decoded:
+    return decode_with_fallback(
+        input_opener(source, display),
+        display,
+        lambda file: _read_soundfile(file, display, max_seconds),
+        lambda file: _read_pyav(file, display, max_seconds),
+    )
+
+
+def input_opener(source: object, display: str) -> Callable[[], str | io.BytesIO]:
+    """What each decoder opens: the checked path, or a fresh BytesIO of the bytes each time (each
+    decoder seeks and reads from the start)."""
     if isinstance(source, str | os.PathLike):
         path = _checked_path(source, display)
-        return _decode_with_fallback(lambda: path, display, max_seconds)
+        return lambda: path
     data = _read_bytes(source, display)
-    # A fresh BytesIO per decoder: each one seeks and reads from the start.
-    return _decode_with_fallback(lambda: io.BytesIO(data), display, max_seconds)
+    return lambda: io.BytesIO(data)
 
 
 def _checked_path(source: str | os.PathLike[str], display: str) -> str:
@@ -252,19 +263,23 @@ def _from_array(source: np.ndarray | tuple, sample_rate: int | None, display: st
 # ----------------------------------------------------------------------------------------------- decoders
 
 
-def _decode_with_fallback(
-    open_input: Callable[[], str | io.BytesIO], display: str, max_seconds: float | None
-) -> _Decoded:
-    """libsndfile first (the reference's decoder, bit for bit), PyAV for everything it cannot open."""
+def decode_with_fallback(
+    open_input: Callable[[], str | io.BytesIO],
+    display: str,
+    soundfile: Callable[[str | io.BytesIO], T],
+    pyav: Callable[[str | io.BytesIO], T],
+) -> T:
+    """libsndfile first (the reference's decoder, bit for bit), PyAV for everything it cannot open;
+    `soundfile` and `pyav` read (or open) the input with each."""
     try:
-        return _read_soundfile(open_input(), display, max_seconds)
+        return soundfile(open_input())
     except (sf.SoundFileError, TypeError) as error:
         # TypeError: libsndfile took the input for headerless RAW, which needs a rate we do not have.
         soundfile_reason = _soundfile_reason(error)
     import av  # ~0.1 s to import; only inputs libsndfile cannot open get here
 
     try:
-        return _read_pyav(open_input(), display, max_seconds)
+        return pyav(open_input())
     except AudioError:
         raise
     except _PyAVFailure as error:

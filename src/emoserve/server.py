@@ -334,27 +334,30 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     return {status: {"model": ErrorOut} for status in statuses}
 
 
-AUDIO_BODY = {"schema": {"type": "string", "format": "binary"}}
-RECOGNIZE_BODY = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "required": ["file"],
-                    "properties": {
-                        "file": {"type": "string", "format": "binary"},
-                        "granularity": {"type": "string", "enum": list(GRANULARITIES)},
-                        "embedding": {"type": "boolean"},
-                    },
-                }
-            },
-            "application/octet-stream": AUDIO_BODY,
-            "audio/*": AUDIO_BODY,
-        },
+def audio_request_body(fields: dict[str, Any]) -> dict[str, Any]:
+    """The OpenAPI request body of a route that takes audio: the multipart `file` with `fields` beside
+    it, or the raw body."""
+    audio = {"schema": {"type": "string", "format": "binary"}}
+    multipart = {
+        "type": "object",
+        "required": ["file"],
+        "properties": {"file": {"type": "string", "format": "binary"}, **fields},
     }
-}
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "multipart/form-data": {"schema": multipart},
+                "application/octet-stream": audio,
+                "audio/*": audio,
+            },
+        }
+    }
+
+
+RECOGNIZE_BODY = audio_request_body(
+    {"granularity": {"type": "string", "enum": list(GRANULARITIES)}, "embedding": {"type": "boolean"}}
+)
 
 # -------------------------------------------------------------------------------------------------- routes
 

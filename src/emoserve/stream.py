@@ -10,7 +10,6 @@ librosa's length as `resample` does). Memory is one block, whatever the length o
 
 from __future__ import annotations
 
-import io
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,21 +20,19 @@ import soundfile as sf
 import soxr
 
 from .audio import (
-    SUPPORTED,
     AudioError,
     _check_finite,
     _check_max_seconds,
     _check_not_too_long,
     _check_wav_header,
-    _checked_path,
     _display_name,
     _frame_to_float32,
     _limit_samples,
-    _pyav_reason,
     _PyAVFailure,
     _raise_too_long,
-    _read_bytes,
     _soundfile_reason,
+    decode_with_fallback,
+    input_opener,
 )
 from .constants import SAMPLE_RATE
 
@@ -154,38 +151,11 @@ class _Reader:
 
 def _open(source: Any, display: str) -> _Reader:
     """libsndfile first (the reference's decoder), PyAV for what it cannot open, as `load_audio` does."""
-    if isinstance(source, str | os.PathLike):
-        path = _checked_path(source, display)
-
-        def reopen() -> Any:
-            return path
-    else:
-        data = _read_bytes(source, display)
-
-        def reopen() -> Any:
-            return io.BytesIO(data)
-
-    try:
-        return _SoundfileReader(reopen(), display)
-    except (sf.SoundFileError, TypeError) as error:
-        soundfile_reason = _soundfile_reason(error)
-    import av
-
-    try:
-        return _PyAVReader(reopen(), display)
-    except AudioError:
-        raise
-    except _PyAVFailure as error:
-        pyav_reason = str(error)
-    except av.FFmpegError as error:
-        pyav_reason = _pyav_reason(error)
-    except Exception as error:  # hostile headers reach corners of PyAV that fail in other ways
-        pyav_reason = f"{type(error).__name__}: {error}"
-    raise AudioError(
-        f"{display}: could not decode audio (soundfile: {soundfile_reason}; pyav: {pyav_reason}). "
-        f"Supported: {SUPPORTED}.",
-        source=display,
-        reason="undecodable",
+    return decode_with_fallback(
+        input_opener(source, display),
+        display,
+        lambda file: _SoundfileReader(file, display),
+        lambda file: _PyAVReader(file, display),
     )
 
 

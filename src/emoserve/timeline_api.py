@@ -32,11 +32,11 @@ from .audio import AudioError
 from .errors import EmoserveError
 from .lifecycle import Service
 from .server import (
-    AUDIO_BODY,
     TIMELINE,
     ApiError,
     MappedErrorsRoute,
     ServiceDep,
+    audio_request_body,
     client_gone,
     error_responses,
     until_disconnected,
@@ -174,29 +174,15 @@ def timeline_body(service: Service, job: TimelineJob, segments: list[TimelineSeg
     return job.timeline(segments, service.model_name or "", bool(service.random_weights)).to_dict()
 
 
-TIMELINE_BODY = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "required": ["file"],
-                    "properties": {
-                        "file": {"type": "string", "format": "binary"},
-                        "segments": {
-                            "type": "string",
-                            "description": "your own segments instead of the VAD: a JSON list of "
-                            "{start_s, end_s[, speaker]}, or RTTM (text or a file)",
-                        },
-                    },
-                }
-            },
-            "application/octet-stream": AUDIO_BODY,
-            "audio/*": AUDIO_BODY,
-        },
+TIMELINE_BODY = audio_request_body(
+    {
+        "segments": {
+            "type": "string",
+            "description": "your own segments instead of the VAD: a JSON list of "
+            "{start_s, end_s[, speaker]}, or RTTM (text or a file)",
+        }
     }
-}
+)
 
 
 @router.post(
