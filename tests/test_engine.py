@@ -223,7 +223,7 @@ def test_interactive_requests_go_before_background_ones() -> None:
         await wait_until(lambda: engine.in_flight == 1)
         segs = [asyncio.create_task(engine.submit(silence(1, f"seg{i}"), background=True)) for i in (1, 2, 3)]
         await wait_until(lambda: engine.queue_depth == 3)
-        person = asyncio.create_task(engine.submit(silence(5, "person")))
+        person = asyncio.create_task(engine.submit(silence(1, "person")))  # alone, though seg1-3 fit
         await wait_until(lambda: engine.queue_depth == 4)
         assert fake.gate is not None
         fake.gate.set()

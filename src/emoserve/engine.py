@@ -344,9 +344,12 @@ class Engine:
         """The oldest request and those that may share its model call (lock held). Only requests with
         the same (granularity, embedding) share a call, so each result equals its one-at-a-time result;
         the oldest is always served, so nothing starves - except that background requests wait while an
-        interactive one is queued (a person waits on those; a long recording's segments can)."""
+        interactive one is queued (a person waits on those; a long recording's segments can), and
+        batch only with each other."""
         oldest = next((r for r in self._queue if not r.background), self._queue[0])
-        candidates = [r for r in self._queue if r.key == oldest.key]
+        # background requests batch among themselves: riding along with a person's request would make
+        # that person wait for them
+        candidates = [r for r in self._queue if r.key == oldest.key and r.background == oldest.background]
         groups = length_batches(
             [r.samples for r in candidates],
             self.config.max_batch_size,

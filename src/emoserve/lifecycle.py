@@ -37,9 +37,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# A CPU model call of a long recording's segments holds at most this much audio: an interactive request
-# that arrives meanwhile waits for it (a GPU batches them freely).
-CPU_BACKGROUND_BATCH_S = 16.0
+# A CPU model call of a long recording's segments holds at most this much audio (longer segments go
+# alone): an interactive request that arrives meanwhile waits for it, and on a CPU a batch gains little
+# (benchmarks section 3). A GPU batches them freely.
+CPU_BACKGROUND_BATCH_S = 8.0
 TIMELINE_QUEUE_WAIT_S = 120.0  # a timeline's segment waits this long for room in a full queue, then 503
 READY_POLL_S = 0.05  # how often a request waiting for ready looks again
 KEEP_WARM_SECONDS = 1.0  # audio length of a keep-warm inference: enough to touch every layer
@@ -114,6 +115,7 @@ class Service:
         timeline(job) -> async iterator of TimelineSegment: the job's segments through the engine as
             background requests (interactive ones go first), at most SEGMENTS_IN_FLIGHT of it queued;
             leaving the iteration early (a client that went away) stops the decoding and drops them.
+            It keeps the timeline metrics (in progress; audio seconds, segments and duration at the end).
         await wait_ready(timeout_s): returns once ready; raises ServiceUnavailable after timeout_s or
             at once when failed or draining.
     """
@@ -466,6 +468,8 @@ class Service:
         feed = SegmentFeed(job, depth=SEGMENTS_IN_FLIGHT)
         pending: list[tuple[Any, asyncio.Task[Result]]] = []
         done = False
+        started, scored_n = time.perf_counter(), 0
+        self.metrics.timelines_in_progress.inc()
         try:
             while True:
                 while not done and len(pending) < SEGMENTS_IN_FLIGHT:
@@ -479,11 +483,15 @@ class Service:
                     return
                 segment, task = pending.pop(0)
                 self._last_used = time.monotonic()
-                yield scored(segment, await task)
+                result = await task
+                scored_n += 1
+                yield scored(segment, result)
         finally:
             feed.stop()
             for _, task in pending:
                 task.cancel()
+            self.metrics.timelines_in_progress.dec()  # however it ended: what it did still counts
+            self.metrics.observe_timeline(job.duration_s, scored_n, time.perf_counter() - started)
 
 
 async def _submit_segment(engine: Engine, audio: Audio) -> Result:

@@ -80,7 +80,7 @@ class Metrics:
         # Long recordings (/v1/timeline and the UI's tab)
         self.timeline_duration_seconds = Histogram(
             "emoserve_timeline_duration_seconds",
-            "Seconds per timeline request, upload to last segment",
+            "Seconds per timeline, first segment decoded to last scored (or the client gone)",
             buckets=TIMELINE_BUCKETS_S,
             registry=r,
         )

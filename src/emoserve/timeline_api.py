@@ -16,7 +16,6 @@ import contextlib
 import json
 import os
 import tempfile
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal, cast
@@ -209,7 +208,6 @@ async def timeline(
     min_silence_ms: Annotated[float | None, Query(description="pause that ends a segment (300)")] = None,
     pad_ms: Annotated[float | None, Query(description="padding around each segment (100)")] = None,
 ) -> Response:
-    started = time.perf_counter()
     query = {
         "channels": channels,
         "max_segment_s": max_segment_s,
@@ -226,7 +224,7 @@ async def timeline(
     except BaseException:
         upload.remove()
         raise
-    run = TimelineRun(service, job, upload, started)
+    run = TimelineRun(service, job, upload)
     if NDJSON in request.headers.get("accept", ""):
         return StreamingResponse(run.ndjson(), media_type=NDJSON, background=BackgroundTask(run.close))
     try:
@@ -248,30 +246,25 @@ def open_job(service: Service, upload: SpooledUpload, options: TimelineOptions) 
 
 
 class TimelineRun:
-    """One request's timeline: scoring, its metrics, and the temporary file's removal, however it ends."""
+    """One request's timeline: scoring, and the temporary file's removal however it ends."""
 
-    def __init__(self, service: Service, job: TimelineJob, upload: SpooledUpload, started: float) -> None:
-        self.service, self.job, self.upload, self.started = service, job, upload, started
-        self.segments = 0
+    def __init__(self, service: Service, job: TimelineJob, upload: SpooledUpload) -> None:
+        self.service, self.job, self.upload = service, job, upload
         self._closed = False
         self._iterator: AsyncIterator[TimelineSegment] | None = None
-        service.metrics.timelines_in_progress.inc()
 
     def _scored(self) -> AsyncIterator[TimelineSegment]:
         self._iterator = self.service.timeline(self.job)
         return self._iterator
 
     async def collect(self) -> list[TimelineSegment]:
-        out = [segment async for segment in self._scored()]
-        self.segments = len(out)
-        return out
+        return [segment async for segment in self._scored()]
 
     async def ndjson(self) -> AsyncIterator[bytes]:
         segments: list[TimelineSegment] = []
         try:
             async for segment in self._scored():
                 segments.append(segment)
-                self.segments = len(segments)
                 yield segment_line(segment)
             body = timeline_body(self.service, self.job, segments)
             body.pop("segments")
@@ -288,7 +281,3 @@ class TimelineRun:
         if self._iterator is not None and hasattr(self._iterator, "aclose"):
             await self._iterator.aclose()
         self.upload.remove()
-        self.service.metrics.timelines_in_progress.dec()
-        self.service.metrics.observe_timeline(
-            self.job.duration_s, self.segments, time.perf_counter() - self.started
-        )

@@ -80,11 +80,6 @@ EMOTION_COLOURS = {
 OTHER_COLOUR = "#6b7280"  # a label outside the 9 published ones (a custom tokens.txt)
 
 
-class UIGauge(Protocol):
-    def inc(self) -> None: ...
-    def dec(self) -> None: ...
-
-
 class UIMetrics(Protocol):
     """What the UI reports to metrics.py (its Metrics class has these members)."""
 
@@ -93,9 +88,6 @@ class UIMetrics(Protocol):
     ) -> None: ...
 
     def count_error(self, kind: str) -> None: ...
-    def observe_timeline(self, audio_s: float, segments: int, seconds: float) -> None: ...
-    @property
-    def timelines_in_progress(self) -> UIGauge: ...
 
 
 class UIService(Protocol):
@@ -115,7 +107,8 @@ class UIService(Protocol):
         max_timeline_s are raised here, as EmoserveErrors.
     timeline: the job's scored segments as they come, through the shared engine; leaving the iteration
         early stops the decoding.
-    metrics: UI recognitions are observed under route "ui", timelines as the API's; None: not reported.
+    metrics: UI recognitions are observed under route "ui" (timelines by Service.timeline itself); None:
+        not reported.
     """
 
     @property
@@ -719,9 +712,6 @@ async def build_timeline(
     request = timeline_request(service, path, channels, max_segment_s, threshold, segments_path)
     job = await _open_timeline(service, request)
     segments: list[TimelineSegment] = []
-    metrics = service.metrics
-    if metrics is not None:
-        metrics.timelines_in_progress.inc()
     try:
         yield _running_views(job, segments, started, with_results=True)
         sent_at, sent_count = time.monotonic(), 0
@@ -737,10 +727,6 @@ async def build_timeline(
         timeline = job.timeline(segments, service.model_name or "", bool(service.random_weights))
     except EmoserveError as error:
         raise _failed(service, error) from None
-    finally:
-        if metrics is not None:
-            metrics.timelines_in_progress.dec()
-            metrics.observe_timeline(job.duration_s, len(segments), time.perf_counter() - started)
     store, persistent = (service.outputs, True) if service.outputs is not None else (downloads.store(), False)
     saved = await _save_timeline(store, timeline)
     yield finished_views(timeline, saved, persistent, time.perf_counter() - started)
