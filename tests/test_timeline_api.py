@@ -233,3 +233,21 @@ def test_settings_default_timeline_limits_by_hardware() -> None:
     assert Settings().effective_max_timeline_s("cpu") == 1800.0
     assert Settings().effective_max_timeline_s("cuda") == 10800.0
     assert Settings(max_timeline_s=60.0).effective_max_timeline_s("cuda") == 60.0
+
+
+def test_a_file_that_fails_part_way(live: Live, recording: Path, tmp_path: Path) -> None:
+    """A NaN sample 12 s in (a float WAV): JSON gets the 400; NDJSON has sent segments already, so its
+    last line is the error."""
+    x, _ = sf.read(recording, dtype="float32")
+    x[12 * 16_000] = np.nan
+    broken = tmp_path / "broken.wav"
+    sf.write(broken, x, 16_000, subtype="FLOAT")
+    assert_error(live.client.post("/v1/timeline", files=upload(broken)), 400, "invalid_audio")
+    with live.client.stream(
+        "POST", "/v1/timeline", content=broken.read_bytes(), headers={"Accept": "application/x-ndjson"}
+    ) as response:
+        lines = [json.loads(line) for line in response.iter_lines() if line]
+    assert response.status_code == 200
+    assert [line["type"] for line in lines][-1] == "error" and lines[-1]["error"]["code"] == "invalid_audio"
+    assert all(line["end_s"] <= 12.0 for line in lines[:-1])
+    assert spooled_files() == []
