@@ -1,0 +1,288 @@
+"""The service on a Ray cluster (the `ray` extra): Ray Serve replicas of the same `Service` and routes.
+
+    serve run emoserve.ray_serve:build_app model=DIR replicas=2      (or max_replicas=4: autoscaling)
+    serve run deploy/ray/serve.yaml                                  (the API and the web UI)
+    emoserve serve --ray --replicas 2 [--address auto]
+
+Two applications, because Serve gives each one route prefix and the API owns the paths under "/":
+
+    "emoserve"     at /    Recognition: N replicas, each one Service (model, engine, warm-up) serving
+                           create_app's routes: /v1/recognize, /v1/model, /healthz, /readyz, /metrics
+    "emoserve-ui"  at /ui  WebUI: one replica (Gradio's queue keeps per-session state), whose Service
+                           recognises through a handle to Recognition
+
+A replica's constructor loads and warms up its Service, so Serve routes to it only once it is warm;
+`check_health` fails when the service has failed (e.g. its model files were damaged), and Serve replaces
+it. Torch threads per replica are the CPUs Ray assigned to it (`num_cpus`), not all the machine's cores.
+Queue bounds (see `deployment_options`): Serve hands a replica at most max_queue + max_batch_size
+requests (`max_ongoing_requests`), holds up to max_queue more at each router (`max_queued_requests`), and
+beyond that answers 503 with Retry-After. On scale-down or shutdown Serve stops routing to the replica,
+waits up to drain_timeout_s (`graceful_shutdown_timeout_s`) for its requests, then the app's lifespan
+drains the engine.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import threading
+import time
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from fastapi import FastAPI
+from fastapi.responses import RedirectResponse
+from ray import serve
+from ray.serve.config import BackpressureConfig
+
+from .errors import LOADING_RETRY_AFTER_S, EmoserveError
+from .lifecycle import Service
+from .metrics import Metrics
+from .server import create_app
+from .settings import Settings, SettingsError, load_settings
+
+if TYPE_CHECKING:
+    from ray.serve.handle import DeploymentHandle
+
+    from .audio import Audio
+    from .engine import RequestTiming
+    from .recognizer import Granularity, Result
+
+log = logging.getLogger(__name__)
+
+API_APP, UI_APP = "emoserve", "emoserve-ui"
+UI_PREFIX = "/ui"
+# Serve's router answers 503 when max_queued_requests are waiting; its Retry-After is fixed, and one
+# second is what the engine says at least when its own queue is full (engine.MIN_RETRY_AFTER_S).
+BUSY_RETRY_AFTER_S = 1.0
+# Serve's default health-check period is 10 s: a killed replica was replaced in ~10 s with it and ~4 s
+# with 1 s (measured with Ray 2.60, docs/benchmarks.md). A check is one attribute read.
+HEALTH_CHECK_PERIOD_S = 2.0
+UI_REFRESH_S = 1.0  # how often the UI replica asks the model deployment for its state
+
+
+@dataclasses.dataclass(frozen=True)
+class RayOptions:
+    """How the Recognition deployment is scaled: a fixed count, or autoscaling between two counts."""
+
+    replicas: int = 1
+    min_replicas: int | None = None  # with max_replicas: autoscaling
+    max_replicas: int | None = None
+    num_cpus: float = 1.0  # per replica; also its torch threads
+    ui: bool = True  # also deploy the web UI application at /ui
+
+    @classmethod
+    def parse(cls, raw: Mapping[str, object]) -> RayOptions:
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            if raw.get(f.name) is None:
+                continue
+            value = raw[f.name]
+            try:
+                if f.name == "ui":
+                    values[f.name] = value if isinstance(value, bool) else str(value).lower() in ("1", "true")
+                elif f.name == "num_cpus":
+                    values[f.name] = float(str(value))
+                else:
+                    values[f.name] = int(str(value))
+            except ValueError:
+                raise SettingsError(f"{f.name}: {value!r} is not a number") from None
+        options = cls(**values)
+        options.check()
+        return options
+
+    def check(self) -> None:
+        if self.replicas < 1:
+            raise SettingsError(f"replicas: {self.replicas} is out of range; it must be at least 1")
+        if not self.num_cpus > 0:
+            raise SettingsError(f"num_cpus: {self.num_cpus} is out of range; it must be positive")
+        if (self.min_replicas is None) != (self.max_replicas is None) and self.max_replicas is None:
+            raise SettingsError("min_replicas: autoscaling needs max_replicas too")
+        if self.max_replicas is not None and not 0 <= (self.min_replicas or 0) <= self.max_replicas:
+            raise SettingsError(
+                f"max_replicas: {self.max_replicas} must be at least min_replicas ({self.min_replicas or 0})"
+            )
+
+
+RAY_KEYS = frozenset(f.name for f in dataclasses.fields(RayOptions))
+
+
+def split_args(args: Mapping[str, object]) -> tuple[Settings, RayOptions]:
+    """`serve run ... key=value` arguments: RayOptions keys, the rest Settings names (`EMOSERVE_*`
+    variables fill what is not given). An unknown key is an error that names it."""
+    names = {f.name for f in dataclasses.fields(Settings)}
+    if unknown := sorted(set(args) - names - RAY_KEYS):
+        raise SettingsError(
+            f"{unknown[0]}: not a setting; use {', '.join(sorted(RAY_KEYS))} or a Settings name (e.g. model)"
+        )
+    flags = {k: v for k, v in args.items() if k in names}
+    return load_settings(flags), RayOptions.parse({k: v for k, v in args.items() if k in RAY_KEYS})
+
+
+def deployment_options(settings: Settings, options: RayOptions) -> dict[str, Any]:
+    """Serve's queue, shutdown and health settings sized from ours (module docstring)."""
+    scaling: dict[str, Any] = {"num_replicas": options.replicas}
+    if options.max_replicas is not None:
+        scaling = {
+            "autoscaling_config": {
+                "min_replicas": options.min_replicas or 0,
+                "max_replicas": options.max_replicas,
+                # a replica with a full batch waiting is busy enough: more would only queue
+                "target_ongoing_requests": settings.max_batch_size,
+            }
+        }
+    return {
+        **scaling,
+        "ray_actor_options": {"num_cpus": options.num_cpus},
+        # every request a replica holds fits its engine queue plus the batch in the model
+        "max_ongoing_requests": settings.max_queue + settings.max_batch_size,
+        "max_queued_requests": settings.max_queue,
+        "backpressure_config": BackpressureConfig(status_code=503, retry_after_s=BUSY_RETRY_AFTER_S),
+        "graceful_shutdown_timeout_s": settings.drain_timeout_s,
+        "health_check_period_s": HEALTH_CHECK_PERIOD_S,
+    }
+
+
+def replica_settings(settings: Settings) -> Settings:
+    """A replica's settings: no UI of its own, and torch threads = the CPUs Ray assigned to it."""
+    import ray
+
+    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
+    threads = settings.threads or max(1, math.floor(cpus))
+    return dataclasses.replace(settings, ui=False, threads=threads)
+
+
+# --------------------------------------------------------------------------------------- deployments
+
+
+@serve.deployment
+@serve.ingress()
+class Recognition:
+    """One replica: a warmed-up Service behind the same FastAPI app as `emoserve serve`."""
+
+    def __init__(self, settings: Settings, ui: bool = False) -> None:
+        replica = serve.get_replica_context().replica_tag
+        settings = replica_settings(settings)
+        self.ui = ui
+        self.service = Service(settings, Metrics(settings.max_queue, labels={"replica": replica}))
+        self.service.start().join()  # load, engine, warm-up: Serve routes here only after this
+        if not self.service.ready:
+            raise RuntimeError(f"emoserve replica {replica} could not start: {self.service.state}")
+        log.info("replica %s ready with %d torch threads", replica, settings.threads)
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        app = create_app(self.service.settings, self.service)
+        if self.ui:  # the web UI is its own application; "/" shows it, as it does on one process
+            app.add_api_route("/", lambda: RedirectResponse(f"{UI_PREFIX}/"), include_in_schema=False)
+        return app
+
+    def check_health(self) -> None:
+        """Serve replaces a replica whose check raises: a failed service (damaged model files)."""
+        if self.service.phase == "failed":
+            raise RuntimeError(f"emoserve service {self.service.state}")
+
+    async def recognize(
+        self, audio: Audio, granularity: Granularity, embedding: bool
+    ) -> tuple[Result, RequestTiming]:
+        """For the web UI's handle: the same path as /v1/recognize after decoding."""
+        return await self.service.recognize(audio, granularity, embedding)
+
+    def status(self) -> dict[str, Any]:
+        s = self.service
+        return {"phase": s.phase, "reason": s.reason, "model": s.model, "max_audio_s": s.max_audio_s}
+
+
+class RemoteService(Service):
+    """The web UI's Service (webui.UIService) whose recognitions run on the Recognition deployment:
+    state, model and limits are those of the model deployment, refreshed every UI_REFRESH_S."""
+
+    def __init__(self, settings: Settings, model: DeploymentHandle) -> None:
+        super().__init__(settings)
+        self.handle = model
+        threading.Thread(target=self._follow, name="emoserve-ui-status", daemon=True).start()
+
+    def _follow(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                status = self.handle.status.remote().result(timeout_s=10)
+            except Exception as error:  # no replica yet, or all gone: say so, look again
+                self._set_state("loading", f"waiting for the model deployment ({type(error).__name__})")
+            else:
+                self.model, self.max_audio_s = status["model"], status["max_audio_s"]
+                self.random_weights = None if self.model is None else self.model["random_weights"]
+                self._set_state(status["phase"], status["reason"])
+            self._stopping.wait(UI_REFRESH_S)
+
+    async def recognize(
+        self, audio: Audio, granularity: Granularity = "utterance", embedding: bool = False
+    ) -> tuple[Result, RequestTiming]:
+        try:
+            result: tuple[Result, RequestTiming] = await self.handle.recognize.remote(
+                audio, granularity, embedding
+            )
+        except EmoserveError as error:  # raised in the replica: its code, status and Retry-After
+            raise EmoserveError(
+                str(error), code=error.code, status=error.status, retry_after_s=error.retry_after_s
+            ) from None
+        return result
+
+
+@serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0})
+@serve.ingress()
+class WebUI:
+    """The Gradio UI alone (one replica: Gradio's queue keeps each session's state in this process)."""
+
+    def __init__(self, settings: Settings, model: DeploymentHandle) -> None:
+        self.service = RemoteService(settings, model)
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        from .webui import mount_ui
+
+        app = FastAPI(title="emoserve web UI")
+        return mount_ui(app, self.service, path="/", max_file_size=self.service.settings.max_upload_bytes)
+
+
+# -------------------------------------------------------------------------------------------- building
+
+
+def build_app(args: dict[str, str]) -> serve.Application:
+    """`serve run emoserve.ray_serve:build_app key=value ...`: the API application (see split_args)."""
+    settings, options = split_args(args)
+    return Recognition.options(**deployment_options(settings, options)).bind(settings, options.ui)
+
+
+def build_ui_app(args: dict[str, str]) -> serve.Application:
+    """The web UI application; it finds the API application's deployment by name (API_APP)."""
+    settings, _ = split_args(args)
+    handle = serve.get_deployment_handle(Recognition.name, app_name=API_APP)
+    return WebUI.bind(settings, handle)
+
+
+def run(settings: Settings, options: RayOptions, address: str | None = None) -> int:
+    """`emoserve serve --ray`: deploy both applications on a Ray cluster (a local one when no address)
+    and keep them up until Ctrl-C/SIGTERM, then take them down."""
+    import ray
+
+    ray.init(address=address, include_dashboard=False)
+    serve.start(http_options={"host": settings.host, "port": settings.port})
+    started = time.monotonic()
+    api = Recognition.options(**deployment_options(settings, options)).bind(settings, options.ui and settings.ui)
+    serve.run(api, name=API_APP, route_prefix="/")
+    log.warning(
+        "emoserve on Ray Serve: %s replica(s) ready in %.1f s at http://%s:%d/",
+        options.max_replicas or options.replicas,
+        time.monotonic() - started,
+        settings.host,
+        settings.port,
+    )
+    if options.ui and settings.ui:
+        handle = serve.get_deployment_handle(Recognition.name, app_name=API_APP)
+        serve.run(WebUI.bind(settings, handle), name=UI_APP, route_prefix=UI_PREFIX)
+    try:
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        serve.shutdown()
+    return 0
