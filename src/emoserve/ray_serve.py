@@ -26,6 +26,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
+import signal
 import threading
 import time
 from collections.abc import Mapping
@@ -35,11 +37,14 @@ from fastapi import FastAPI
 from fastapi.responses import RedirectResponse
 from ray import serve
 from ray.serve.config import BackpressureConfig
+from starlette.datastructures import Headers
+from starlette.middleware import Middleware
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .errors import LOADING_RETRY_AFTER_S, EmoserveError
 from .lifecycle import Service
 from .metrics import Metrics
-from .server import create_app
+from .server import RECOGNIZE, create_app, error_json
 from .settings import Settings, SettingsError, load_settings
 
 if TYPE_CHECKING:
@@ -243,6 +248,96 @@ class WebUI:
         return mount_ui(app, self.service, path="/", max_file_size=self.service.settings.max_upload_bytes)
 
 
+# ------------------------------------------------------------------------------------------- the proxy
+
+PROXY_CALLBACK = "emoserve.ray_serve:proxy_middlewares"  # RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH
+LOST_ATTEMPTS = 2  # the first try and one more, on another replica
+IDEMPOTENT_POSTS = frozenset({RECOGNIZE})  # a recognition is a pure function of the request
+
+
+def proxy_middlewares() -> list[Middleware]:
+    """Serve's proxy calls this at start when RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH names it (set
+    it wherever Ray starts: `run` does for a local cluster; deploy/ files set it for clusters)."""
+    return [Middleware(RetryLostReplica, max_body_bytes=load_settings().max_upload_bytes)]
+
+
+class RetryLostReplica:
+    """A request whose replica died under it is sent once more (Serve routes it to another replica); if
+    that one is lost too, 503 + Retry-After in our error format. Serve ends a request whose replica died
+    without sending any response (uvicorn then answers a bare 500), which our app never does, so that
+    is the sign. Only idempotent requests (GET, HEAD, POST /v1/recognize: a recognition is a pure
+    function of the request) with bodies up to max_body_bytes; anything else passes as it is."""
+
+    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        idempotent = scope["type"] == "http" and (
+            scope["method"] in ("GET", "HEAD") or scope["path"] in IDEMPOTENT_POSTS
+        )
+        if not idempotent:
+            await self.app(scope, receive, send)
+            return
+        body, complete = await read_some(receive, self.max_body_bytes)
+        if not complete:  # too large to hold for a second try (the replica answers it 413)
+            await self.app(scope, Replay(body, receive, more_body=True), send)
+            return
+        for _ in range(LOST_ATTEMPTS):
+            client = Replay(body, receive)
+            if await self._answered(scope, client, send) or client.disconnected:
+                return
+            log.warning("%s %s: its replica was lost; trying again", scope["method"], scope["path"])
+        lost = EmoserveError(
+            "the replica handling this request stopped, and so did the next one; retry shortly",
+            code="replica_lost",
+            status=503,
+            retry_after_s=LOADING_RETRY_AFTER_S,
+        )
+        await error_json(lost)(scope, receive, send)
+
+    async def _answered(self, scope: Scope, receive: Receive, send: Send) -> bool:
+        started = False
+
+        async def send_and_see(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        await self.app(scope, receive, send_and_see)
+        return started
+
+
+async def read_some(receive: Receive, limit_bytes: int) -> tuple[bytes, bool]:
+    """The request body if it is at most `limit_bytes` (True), else what was read so far (False)."""
+    body = bytearray()
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            return bytes(body), True
+        body += message.get("body", b"")
+        if not message.get("more_body", False):
+            return bytes(body), True
+        if len(body) > limit_bytes:
+            return bytes(body), False
+
+
+class Replay:
+    """A receive that gives `body` first, then what the client sends (the rest, or its disconnect)."""
+
+    def __init__(self, body: bytes, receive: Receive, more_body: bool = False) -> None:
+        self.first: Message | None = {"type": "http.request", "body": body, "more_body": more_body}
+        self.receive = receive
+        self.disconnected = False
+
+    async def __call__(self) -> Message:
+        message, self.first = self.first, None
+        if message is None:
+            message = await self.receive()
+            self.disconnected = message["type"] == "http.disconnect"
+        return message
+
+
 # -------------------------------------------------------------------------------------------- building
 
 
@@ -264,6 +359,7 @@ def run(settings: Settings, options: RayOptions, address: str | None = None) -> 
     and keep them up until Ctrl-C/SIGTERM, then take them down."""
     import ray
 
+    os.environ.setdefault("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", PROXY_CALLBACK)  # a local cluster
     ray.init(address=address, include_dashboard=False)
     serve.start(http_options={"host": settings.host, "port": settings.port})
     started = time.monotonic()
@@ -279,10 +375,10 @@ def run(settings: Settings, options: RayOptions, address: str | None = None) -> 
     if options.ui and settings.ui:
         handle = serve.get_deployment_handle(Recognition.name, app_name=API_APP)
         serve.run(WebUI.bind(settings, handle), name=UI_APP, route_prefix=UI_PREFIX)
-    try:
-        threading.Event().wait()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        serve.shutdown()
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    log.warning("shutting down: Serve drains each replica (up to drain_timeout_s)")
+    serve.shutdown()
     return 0
