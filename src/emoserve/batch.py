@@ -74,7 +74,7 @@ def score_files(
 
 
 def save_embedding(outcome: Outcome, names: EmbeddingNames | None) -> Outcome:
-    """The outcome with its embedding written as `<stem>.npy` (call in input order: names are given in turn)."""
+    """The outcome with its embedding written as `<stem>.npy` (in input order: names are given in turn)."""
     if names is None or outcome.result is None or outcome.result.embedding is None:
         return outcome
     return dataclasses.replace(outcome, embedding_path=names.save(outcome.file, outcome.result.embedding))

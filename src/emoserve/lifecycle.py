@@ -189,8 +189,9 @@ class Service:
         """Load, warm up and become ready in a background thread (called by the server's lifespan). Once
         only: a second call returns the same thread (a Ray Serve replica starts it before the lifespan)."""
         if self._start_thread is None:
-            self._start_thread = threading.Thread(target=self._start_up, name="emoserve-start-up", daemon=True)
-            self._start_thread.start()
+            thread = threading.Thread(target=self._start_up, name="emoserve-start-up", daemon=True)
+            self._start_thread = thread
+            thread.start()
         return self._start_thread
 
     def _start_up(self) -> None:

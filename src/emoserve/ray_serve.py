@@ -37,7 +37,6 @@ from fastapi import FastAPI
 from fastapi.responses import RedirectResponse
 from ray import serve
 from ray.serve.config import BackpressureConfig
-from starlette.datastructures import Headers
 from starlette.middleware import Middleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -161,8 +160,6 @@ def replica_settings(settings: Settings) -> Settings:
 # --------------------------------------------------------------------------------------- deployments
 
 
-@serve.deployment
-@serve.ingress()
 class Recognition:
     """One replica: a warmed-up Service behind the same FastAPI app as `emoserve serve`."""
 
@@ -233,8 +230,6 @@ class RemoteService(Service):
         return result
 
 
-@serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0})
-@serve.ingress()
 class WebUI:
     """The Gradio UI alone (one replica: Gradio's queue keeps each session's state in this process)."""
 
@@ -246,6 +241,15 @@ class WebUI:
 
         app = FastAPI(title="emoserve web UI")
         return mount_ui(app, self.service, path="/", max_file_size=self.service.settings.max_upload_bytes)
+
+
+# Deployments of the classes above (decorated here rather than on the classes: mypy keeps their types).
+# `serve.ingress()` without an app: Serve calls __serve_build_asgi_app__ after the constructor.
+RECOGNITION: serve.Deployment = serve.deployment(name="Recognition")(serve.ingress()(Recognition))
+# Gradio's queue keeps each session's state in one process: one replica; it only waits on the model
+WEB_UI: serve.Deployment = serve.deployment(
+    name="WebUI", num_replicas=1, ray_actor_options={"num_cpus": 0}
+)(serve.ingress()(WebUI))
 
 
 # ------------------------------------------------------------------------------------------- the proxy
@@ -344,14 +348,14 @@ class Replay:
 def build_app(args: dict[str, str]) -> serve.Application:
     """`serve run emoserve.ray_serve:build_app key=value ...`: the API application (see split_args)."""
     settings, options = split_args(args)
-    return Recognition.options(**deployment_options(settings, options)).bind(settings, options.ui)
+    return RECOGNITION.options(**deployment_options(settings, options)).bind(settings, options.ui)
 
 
 def build_ui_app(args: dict[str, str]) -> serve.Application:
     """The web UI application; it finds the API application's deployment by name (API_APP)."""
     settings, _ = split_args(args)
-    handle = serve.get_deployment_handle(Recognition.name, app_name=API_APP)
-    return WebUI.bind(settings, handle)
+    handle = serve.get_deployment_handle(RECOGNITION.name, app_name=API_APP)
+    return WEB_UI.bind(settings, handle)
 
 
 def run(settings: Settings, options: RayOptions, address: str | None = None) -> int:
@@ -363,7 +367,8 @@ def run(settings: Settings, options: RayOptions, address: str | None = None) -> 
     ray.init(address=address, include_dashboard=False)
     serve.start(http_options={"host": settings.host, "port": settings.port})
     started = time.monotonic()
-    api = Recognition.options(**deployment_options(settings, options)).bind(settings, options.ui and settings.ui)
+    ui = options.ui and settings.ui
+    api = RECOGNITION.options(**deployment_options(settings, options)).bind(settings, ui)
     serve.run(api, name=API_APP, route_prefix="/")
     log.warning(
         "emoserve on Ray Serve: %s replica(s) ready in %.1f s at http://%s:%d/",
@@ -372,9 +377,9 @@ def run(settings: Settings, options: RayOptions, address: str | None = None) -> 
         settings.host,
         settings.port,
     )
-    if options.ui and settings.ui:
-        handle = serve.get_deployment_handle(Recognition.name, app_name=API_APP)
-        serve.run(WebUI.bind(settings, handle), name=UI_APP, route_prefix=UI_PREFIX)
+    if ui:
+        handle = serve.get_deployment_handle(RECOGNITION.name, app_name=API_APP)
+        serve.run(WEB_UI.bind(settings, handle), name=UI_APP, route_prefix=UI_PREFIX)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
