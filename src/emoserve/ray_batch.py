@@ -17,6 +17,7 @@ import pickle
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
 import numpy as np
 import ray
 import ray.data
