@@ -120,8 +120,13 @@ def split_args(args: Mapping[str, object]) -> tuple[Settings, RayOptions]:
         raise SettingsError(
             f"{unknown[0]}: not a setting; use {', '.join(sorted(RAY_KEYS))} or a Settings name (e.g. model)"
         )
-    flags = {k: v for k, v in args.items() if k in names}
-    return load_settings(flags), RayOptions.parse({k: v for k, v in args.items() if k in RAY_KEYS})
+    flags = {k: str(v) for k, v in args.items() if k in names}  # YAML gives numbers; flags are text
+    try:
+        settings = load_settings(flags)
+    except SettingsError as error:  # named by its flag (--max-queue): say the key as it was written
+        key, _, problem = str(error).partition(": ")
+        raise SettingsError(f"{key.removeprefix('--').replace('-', '_')}: {problem}") from None
+    return settings, RayOptions.parse({k: v for k, v in args.items() if k in RAY_KEYS})
 
 
 def deployment_options(settings: Settings, options: RayOptions) -> dict[str, Any]:
