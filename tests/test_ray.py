@@ -73,6 +73,11 @@ def test_app_arguments_are_settings_or_ray_options_and_bad_ones_name_their_key()
         split_args({"replicas": "0"})
     with pytest.raises(SettingsError, match=r"^max_replicas: 1 must be at least min_replicas"):
         split_args({"min_replicas": "2", "max_replicas": "1"})
+    with pytest.raises(SettingsError, match=r"^min_replicas: autoscaling needs max_replicas"):
+        split_args({"min_replicas": "2"})
+    with pytest.raises(SettingsError, match=r"^ui: 'maybe' is not a boolean"):
+        split_args({"ui": "maybe"})
+    assert split_args({"ui": False, "verify_model": False})[1].ui is False  # YAML gives booleans
 
 
 @pytest.mark.ray
@@ -282,6 +287,25 @@ def test_the_web_ui_runs_as_its_own_deployment_on_the_model_replicas(deployed: D
     body = post(deployed.client, "zh_3s_16k.wav").json()
     assert result.emotion == body["emotion"] and timing.inference_s > 0
     np.testing.assert_allclose(list(result.scores.values()), list(body["scores"].values()), atol=SCORE_TOL)
+
+
+@pytest.mark.ray
+def test_the_ui_gets_a_replica_error_with_its_code_status_and_retry_after(ray_cluster: RayCluster) -> None:
+    import ray
+    from ray.exceptions import RayTaskError
+
+    from emoserve.engine import QueueFull
+    from emoserve.ray_serve import domain_error
+
+    @ray.remote(num_cpus=0)
+    def full() -> None:
+        raise QueueFull(3.0)
+
+    with pytest.raises(RayTaskError) as raised:
+        ray.get(full.remote())
+    error = domain_error(raised.value)
+    assert (error.code, error.status, error.retry_after_s) == ("queue_full", 503, 3.0)  # type: ignore[attr-defined]
+    assert "the request queue is full" in str(error)
 
 
 @pytest.mark.ray

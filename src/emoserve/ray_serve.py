@@ -36,10 +36,12 @@ from typing import TYPE_CHECKING, Any
 from fastapi import FastAPI
 from fastapi.responses import RedirectResponse
 from ray import serve
+from ray.exceptions import RayTaskError
 from ray.serve.config import BackpressureConfig
 from starlette.middleware import Middleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from .constants import FALSE_WORDS, TRUE_WORDS
 from .errors import LOADING_RETRY_AFTER_S, EmoserveError
 from .lifecycle import Service
 from .metrics import Metrics
@@ -60,8 +62,9 @@ UI_PREFIX = "/ui"
 # Serve's router answers 503 when max_queued_requests are waiting; its Retry-After is fixed, and one
 # second is what the engine says at least when its own queue is full (engine.MIN_RETRY_AFTER_S).
 BUSY_RETRY_AFTER_S = 1.0
-# Serve's default health-check period is 10 s: a killed replica was replaced in ~10 s with it and ~4 s
-# with 1 s (measured with Ray 2.60, docs/benchmarks.md). A check is one attribute read.
+# Serve's default health-check period is 10 s: a killed trivial replica was replaced in ~10 s with it and
+# ~4 s with 1 s (Ray 2.60, measured before this module); with 2 s a large-model replica is back in ~13 s,
+# most of it its own start (docs/benchmarks.md section 7). A check is one attribute read.
 HEALTH_CHECK_PERIOD_S = 2.0
 UI_REFRESH_S = 1.0  # how often the UI replica asks the model deployment for its state
 
@@ -83,13 +86,14 @@ class RayOptions:
             if raw.get(f.name) is None:
                 continue
             value = raw[f.name]
+            word = str(value).strip().lower()
+            if f.name == "ui":
+                if word not in TRUE_WORDS | FALSE_WORDS:
+                    raise SettingsError(f"ui: {value!r} is not a boolean (use true or false)")
+                values[f.name] = word in TRUE_WORDS
+                continue
             try:
-                if f.name == "ui":
-                    values[f.name] = value if isinstance(value, bool) else str(value).lower() in ("1", "true")
-                elif f.name == "num_cpus":
-                    values[f.name] = float(str(value))
-                else:
-                    values[f.name] = int(str(value))
+                values[f.name] = float(word) if f.name == "num_cpus" else int(word)
             except ValueError:
                 raise SettingsError(f"{f.name}: {value!r} is not a number") from None
         options = cls(**values)
@@ -101,7 +105,7 @@ class RayOptions:
             raise SettingsError(f"replicas: {self.replicas} is out of range; it must be at least 1")
         if not self.num_cpus > 0:
             raise SettingsError(f"num_cpus: {self.num_cpus} is out of range; it must be positive")
-        if (self.min_replicas is None) != (self.max_replicas is None) and self.max_replicas is None:
+        if self.min_replicas is not None and self.max_replicas is None:
             raise SettingsError("min_replicas: autoscaling needs max_replicas too")
         if self.max_replicas is not None and not 0 <= (self.min_replicas or 0) <= self.max_replicas:
             raise SettingsError(
@@ -228,11 +232,19 @@ class RemoteService(Service):
             result: tuple[Result, RequestTiming] = await self.handle.recognize.remote(
                 audio, granularity, embedding
             )
-        except EmoserveError as error:  # raised in the replica: its code, status and Retry-After
-            raise EmoserveError(
-                str(error), code=error.code, status=error.status, retry_after_s=error.retry_after_s
-            ) from None
+        except RayTaskError as error:
+            raise domain_error(error) from None
         return result
+
+
+def domain_error(error: RayTaskError) -> Exception:
+    """What the replica raised, for the UI: an EmoserveError keeps its code, status and Retry-After (Ray
+    cannot re-raise our errors as their own classes: their constructors take other arguments)."""
+    cause = error.cause
+    if isinstance(cause, EmoserveError):
+        status, retry_after_s = cause.status, cause.retry_after_s
+        return EmoserveError(str(cause), code=cause.code, status=status, retry_after_s=retry_after_s)
+    return error
 
 
 class WebUI:
