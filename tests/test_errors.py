@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 
 import pytest
 
@@ -61,3 +62,12 @@ def test_503s_say_when_to_retry() -> None:
 def test_anything_else_is_not_mapped() -> None:
     assert api_error(RuntimeError("a bug")) is None
     assert api_error(KeyError("x")) is None
+
+
+@pytest.mark.parametrize("error", ERRORS, ids=lambda e: type(e).__name__)
+def test_every_domain_error_pickles_with_its_fields(error: EmoserveError) -> None:
+    """Errors cross processes (Ray Serve replicas): the same class, message and fields come back."""
+    back = pickle.loads(pickle.dumps(error))
+    assert type(back) is type(error) and str(back) == str(error)
+    assert (back.code, back.status, back.retry_after_s) == (error.code, error.status, error.retry_after_s)
+    assert vars(back) == vars(error)

@@ -4,6 +4,7 @@ jsonl/csv/table output and `.npy` embeddings without ever leaving a half-written
 from __future__ import annotations
 
 import csv
+import dataclasses
 import glob
 import json
 import os
@@ -65,6 +66,29 @@ def score_files(
 ) -> Iterator[Outcome]:
     """Outcomes in input order; a file that fails yields its error and the rest go on."""
     names = EmbeddingNames(embeddings_dir) if embeddings_dir else None
+    outcomes = score_outcomes(
+        recognizer, files, granularity=granularity, embedding=names is not None, batch_size=batch_size
+    )
+    for outcome in outcomes:
+        yield save_embedding(outcome, names)
+
+
+def save_embedding(outcome: Outcome, names: EmbeddingNames | None) -> Outcome:
+    """The outcome with its embedding written as `<stem>.npy` (in input order: names are given in turn)."""
+    if names is None or outcome.result is None or outcome.result.embedding is None:
+        return outcome
+    return dataclasses.replace(outcome, embedding_path=names.save(outcome.file, outcome.result.embedding))
+
+
+def score_outcomes(
+    recognizer: Recognizer,
+    files: Sequence[str],
+    *,
+    granularity: Granularity = "utterance",
+    embedding: bool = False,
+    batch_size: int = 8,
+) -> Iterator[Outcome]:
+    """Outcomes in input order, embeddings in memory (`result.embedding`) and not yet written."""
     window = max(1, batch_size) * 4  # decode a few batches ahead so that length grouping has choice
     for start in range(0, len(files), window):
         chunk = files[start : start + window]
@@ -75,14 +99,9 @@ def score_files(
                 decoded[i] = load_audio(file, max_seconds=recognizer.max_seconds)
             except AudioError as err:
                 errors[i] = str(err)
-        results = _predict(recognizer, decoded, errors, granularity, names is not None, batch_size)
+        results = _predict(recognizer, decoded, errors, granularity, embedding, batch_size)
         for i, file in enumerate(chunk):
-            if i in errors:
-                yield Outcome(file, error=errors[i])
-                continue
-            result = results[i]
-            path = names.save(file, result.embedding) if names and result.embedding is not None else None
-            yield Outcome(file, result, embedding_path=path)
+            yield Outcome(file, error=errors[i]) if i in errors else Outcome(file, results[i])
 
 
 def _predict(

@@ -7,12 +7,15 @@ import argparse
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import __version__
+
+if TYPE_CHECKING:
+    from .batch import Outcome
 
 HUBS = ("auto", "hf", "ms")
 PRESETS = ("tiny", "seed", "base", "large")  # mirrors model.PRESETS without importing torch
@@ -89,6 +92,9 @@ def parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="your own segments instead of the VAD: JSON [{start_s, end_s, speaker}] or RTTM",
     )
+    p.add_argument("--ray", action="store_true", help="score on a Ray cluster with Ray Data (emoserve[ray])")
+    add_ray_options(p)
+    p.add_argument("--actors", type=int, help="with --ray: model actors (default: one per cluster CPU)")
     p.set_defaults(run=cmd_predict)
 
     p = sub.add_parser("download", help="download a published model and convert it into the cache")
@@ -136,6 +142,9 @@ def parser() -> argparse.ArgumentParser:
         "(e.g. EMOSERVE_MAX_BATCH_SIZE=16); flags win.",
     )
     add_setting_flags(p)
+    p.add_argument("--ray", action="store_true", help="serve on Ray Serve replicas (emoserve[ray])")
+    p.add_argument("--replicas", type=int, default=1, help="with --ray: model replicas (default 1)")
+    add_ray_options(p)
     p.set_defaults(run=cmd_serve)
     return top
 
@@ -155,6 +164,13 @@ def add_setting_flags(p: argparse.ArgumentParser) -> None:
             )
         else:
             p.add_argument(s.flag, dest=s.name, default=None, metavar=s.metavar, help=help_text)
+
+
+def add_ray_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--address",
+        help="with --ray: the cluster (auto: the one `ray start` made here; default: a new local one)",
+    )
 
 
 def add_model_options(p: argparse.ArgumentParser) -> None:
@@ -198,6 +214,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     fmt: Format = args.format or ("table" if args.output is None and sys.stdout.isatty() else "jsonl")
     labels = [label.en for label in recognizer.labels]
     if args.segments or args.segments_from:
+        if args.ray:
+            raise ValueError("--segments runs on this machine; leave out --ray (Ray Data scores whole clips)")
         return predict_timelines(args, recognizer, files, fmt, labels)
     failed = 0
     with (
@@ -205,12 +223,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
         atomic_write(args.output) if args.output else nullcontext(sys.stdout) as out,
     ):
         writer = OutcomeWriter(out, fmt, labels, args.granularity)
-        for outcome in score_files(
-            recognizer,
-            files,
-            granularity=args.granularity,
-            embeddings_dir=args.embeddings,
-            batch_size=args.batch_size,
+        options: dict[str, Any] = {
+            "granularity": args.granularity,
+            "embeddings_dir": args.embeddings,
+            "batch_size": args.batch_size,
+        }
+        for outcome in (
+            ray_outcomes(args, files, options) if args.ray else score_files(recognizer, files, **options)
         ):
             writer.write(outcome)
             if outcome.error:
@@ -268,6 +287,14 @@ def predict_timelines(
 
 
 AUDIO_BAR = "{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} s of audio [{elapsed}<{remaining}]"
+
+
+def ray_outcomes(args: argparse.Namespace, files: list[str], options: dict[str, Any]) -> Iterator[Outcome]:
+    from .ray_batch import ModelOptions, connect, score_files
+
+    connect(args.address)
+    model = ModelOptions(args.model, args.backend, args.device, args.dtype, args.hub, args.max_seconds)
+    return score_files(files, model, actors=args.actors, **options)
 
 
 def cmd_download(args: argparse.Namespace) -> None:
@@ -342,6 +369,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = load_settings(vars(args))
     level = logging.DEBUG if args.verbose else getattr(logging, settings.log_level.upper())
     logging.getLogger("emoserve").setLevel(level)
+    if args.ray:
+        from .ray_serve import RayOptions, run
+
+        return run(settings, RayOptions.parse({"replicas": args.replicas}), args.address)
     return serve(settings)
 
 

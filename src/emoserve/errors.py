@@ -36,3 +36,14 @@ class EmoserveError(Exception):
     @property
     def message(self) -> str:
         return str(self)
+
+    def __reduce__(self) -> tuple[object, ...]:
+        """Pickled by its fields, so that it crosses to another process (a Ray Serve replica's caller):
+        Exception's own pickling calls the class with the message alone, which subclasses do not take."""
+        return (_restore, (type(self), str(self)), self.__dict__)
+
+
+def _restore(cls: type[EmoserveError], message: str) -> EmoserveError:
+    error = cls.__new__(cls)
+    Exception.__init__(error, message)
+    return error  # its fields (code, status, retry_after_s, ...) follow as the pickled state

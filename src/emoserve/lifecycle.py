@@ -143,6 +143,7 @@ class Service:
         self._model_path: Path | None = None
         self._files_warned = False
         self._outputs: OutputStore | None = None
+        self._start_thread: threading.Thread | None = None
         self.metrics.set_state("starting")
 
     # ------------------------------------------------------------------------------------------ state
@@ -198,10 +199,13 @@ class Service:
     # ------------------------------------------------------------------------------------- start-up
 
     def start(self) -> threading.Thread:
-        """Load, warm up and become ready in a background thread (called by the server's lifespan)."""
-        thread = threading.Thread(target=self._start_up, name="emoserve-start-up", daemon=True)
-        thread.start()
-        return thread
+        """Load, warm up and become ready in a background thread (called by the server's lifespan). Once
+        only: a second call returns the same thread (a Ray Serve replica starts it before the lifespan)."""
+        if self._start_thread is None:
+            thread = threading.Thread(target=self._start_up, name="emoserve-start-up", daemon=True)
+            self._start_thread = thread
+            thread.start()
+        return self._start_thread
 
     def _start_up(self) -> None:
         engine: Engine | None = None

@@ -21,7 +21,7 @@ from prometheus_client import (
     ProcessCollector,
     generate_latest,
 )
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 # Request stages in seconds: milliseconds for a tiny model up to a minute for a long clip of the large one
@@ -37,8 +37,11 @@ STATES = ("starting", "loading", "warming", "ready", "failed", "draining")
 class Metrics:
     """All collectors of one process; `registry` is what /metrics renders."""
 
-    def __init__(self, max_queue: int, registry: CollectorRegistry | None = None) -> None:
+    def __init__(
+        self, max_queue: int, registry: CollectorRegistry | None = None, labels: dict[str, str] | None = None
+    ) -> None:
         self.registry = registry or CollectorRegistry()
+        self.labels = labels or {}  # added to every sample when rendered (a Ray Serve replica's id)
         r = self.registry
         # Start-up
         self.model_load_seconds = Gauge(
@@ -166,7 +169,22 @@ class Metrics:
 
     def render(self) -> tuple[bytes, str]:
         """The exposition text and its content type."""
-        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        registry = _Labelled(self.registry, self.labels) if self.labels else self.registry
+        return generate_latest(registry), CONTENT_TYPE_LATEST
+
+
+class _Labelled:
+    """A registry's metrics with constant labels added to every sample (prometheus_client has no
+    registry-wide labels): each replica renders the same names, told apart by these labels."""
+
+    def __init__(self, registry: CollectorRegistry, labels: dict[str, str]) -> None:
+        self.registry = registry
+        self.labels = labels
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self.registry.collect():
+            family.samples = [s._replace(labels={**self.labels, **s.labels}) for s in family.samples]
+            yield family
 
 
 class _ResidentMemoryCollector(Collector):

@@ -624,6 +624,7 @@ def serve(settings: Settings) -> int:
         access_log=settings.access_log,
         timeout_graceful_shutdown=max(1, round(settings.drain_timeout_s)),
         lifespan="on",
+        http="h11",  # our 431 and request-head limit are h11 settings (uvloop/httptools may be installed)
         h11_max_incomplete_event_size=H11_BUFFER_BYTES,
     )
     server = DrainingServer(config, service)

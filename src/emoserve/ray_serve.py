@@ -1,0 +1,406 @@
+"""The service on a Ray cluster (the `ray` extra): Ray Serve replicas of the same `Service` and routes.
+
+    serve run emoserve.ray_serve:build_app model=DIR replicas=2      (or max_replicas=4: autoscaling)
+    serve run deploy/ray/serve.yaml                                  (the API and the web UI)
+    emoserve serve --ray --replicas 2 [--address auto]
+
+Two applications, because Serve gives each one route prefix and the API owns the paths under "/":
+
+    "emoserve"     at /    Recognition: N replicas, each one Service (model, engine, warm-up) serving
+                           create_app's routes: /v1/recognize, /v1/model, /healthz, /readyz, /metrics
+    "emoserve-ui"  at /ui  WebUI: one replica (Gradio's queue keeps per-session state), whose Service
+                           recognises through a handle to Recognition
+
+A replica's constructor loads and warms up its Service, so Serve routes to it only once it is warm;
+`check_health` fails when the service has failed (e.g. its model files were damaged), and Serve replaces
+it. Torch threads per replica are the CPUs Ray assigned to it (`num_cpus`), not all the machine's cores.
+Queue bounds (see `deployment_options`): Serve hands a replica at most max_queue + max_batch_size
+requests (`max_ongoing_requests`), holds up to max_queue more at each router (`max_queued_requests`), and
+beyond that answers 503 with Retry-After. On scale-down or shutdown Serve stops routing to the replica,
+waits up to drain_timeout_s (`graceful_shutdown_timeout_s`) for its requests, then the app's lifespan
+drains the engine.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import signal
+import threading
+import time
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from fastapi import FastAPI
+from fastapi.responses import RedirectResponse
+from ray import serve
+from ray.exceptions import RayTaskError
+from ray.serve.config import BackpressureConfig
+from starlette.middleware import Middleware
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .constants import FALSE_WORDS, TRUE_WORDS
+from .errors import LOADING_RETRY_AFTER_S, EmoserveError
+from .lifecycle import Service
+from .metrics import Metrics
+from .server import RECOGNIZE, create_app, error_json
+from .settings import Settings, SettingsError, load_settings
+
+if TYPE_CHECKING:
+    from ray.serve.handle import DeploymentHandle
+
+    from .audio import Audio
+    from .engine import RequestTiming
+    from .recognizer import Granularity, Result
+
+log = logging.getLogger(__name__)
+
+API_APP, UI_APP = "emoserve", "emoserve-ui"
+UI_PREFIX = "/ui"
+# Serve's router answers 503 when max_queued_requests are waiting; its Retry-After is fixed, and one
+# second is what the engine says at least when its own queue is full (engine.MIN_RETRY_AFTER_S).
+BUSY_RETRY_AFTER_S = 1.0
+# Serve's default health-check period is 10 s: a killed trivial replica was replaced in ~10 s with it and
+# ~4 s with 1 s (Ray 2.60, measured before this module); with 2 s a large-model replica is back in ~13 s,
+# most of it its own start (docs/benchmarks.md section 7). A check is one attribute read.
+HEALTH_CHECK_PERIOD_S = 2.0
+UI_REFRESH_S = 1.0  # how often the UI replica asks the model deployment for its state
+
+
+@dataclasses.dataclass(frozen=True)
+class RayOptions:
+    """How the Recognition deployment is scaled: a fixed count, or autoscaling between two counts."""
+
+    replicas: int = 1
+    min_replicas: int | None = None  # with max_replicas: autoscaling
+    max_replicas: int | None = None
+    num_cpus: float = 1.0  # per replica; also its torch threads
+    ui: bool = True  # also deploy the web UI application at /ui
+
+    @classmethod
+    def parse(cls, raw: Mapping[str, object]) -> RayOptions:
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            if raw.get(f.name) is None:
+                continue
+            value = raw[f.name]
+            word = str(value).strip().lower()
+            if f.name == "ui":
+                if word not in TRUE_WORDS | FALSE_WORDS:
+                    raise SettingsError(f"ui: {value!r} is not a boolean (use true or false)")
+                values[f.name] = word in TRUE_WORDS
+                continue
+            try:
+                values[f.name] = float(word) if f.name == "num_cpus" else int(word)
+            except ValueError:
+                raise SettingsError(f"{f.name}: {value!r} is not a number") from None
+        options = cls(**values)
+        options.check()
+        return options
+
+    def check(self) -> None:
+        if self.replicas < 1:
+            raise SettingsError(f"replicas: {self.replicas} is out of range; it must be at least 1")
+        if not self.num_cpus > 0:
+            raise SettingsError(f"num_cpus: {self.num_cpus} is out of range; it must be positive")
+        if self.min_replicas is not None and self.max_replicas is None:
+            raise SettingsError("min_replicas: autoscaling needs max_replicas too")
+        if self.max_replicas is not None and not 0 <= (self.min_replicas or 0) <= self.max_replicas:
+            raise SettingsError(
+                f"max_replicas: {self.max_replicas} must be at least min_replicas ({self.min_replicas or 0})"
+            )
+
+
+RAY_KEYS = frozenset(f.name for f in dataclasses.fields(RayOptions))
+
+
+def split_args(args: Mapping[str, object]) -> tuple[Settings, RayOptions]:
+    """`serve run ... key=value` arguments: RayOptions keys, the rest Settings names (`EMOSERVE_*`
+    variables fill what is not given). An unknown key is an error that names it."""
+    names = {f.name for f in dataclasses.fields(Settings)}
+    if unknown := sorted(set(args) - names - RAY_KEYS):
+        raise SettingsError(
+            f"{unknown[0]}: not a setting; use {', '.join(sorted(RAY_KEYS))} or a Settings name (e.g. model)"
+        )
+    flags = {k: str(v) for k, v in args.items() if k in names}  # YAML gives numbers; flags are text
+    try:
+        settings = load_settings(flags)
+    except SettingsError as error:  # named by its flag (--max-queue): say the key as it was written
+        key, _, problem = str(error).partition(": ")
+        raise SettingsError(f"{key.removeprefix('--').replace('-', '_')}: {problem}") from None
+    return settings, RayOptions.parse({k: v for k, v in args.items() if k in RAY_KEYS})
+
+
+def deployment_options(settings: Settings, options: RayOptions) -> dict[str, Any]:
+    """Serve's queue, shutdown and health settings sized from ours (module docstring)."""
+    scaling: dict[str, Any] = {"num_replicas": options.replicas}
+    if options.max_replicas is not None:
+        scaling = {
+            "autoscaling_config": {
+                "min_replicas": options.min_replicas or 0,
+                "max_replicas": options.max_replicas,
+                # a replica with a full batch waiting is busy enough: more would only queue
+                "target_ongoing_requests": settings.max_batch_size,
+            }
+        }
+    return {
+        **scaling,
+        "ray_actor_options": {"num_cpus": options.num_cpus},
+        # every request a replica holds fits its engine queue plus the batch in the model
+        "max_ongoing_requests": settings.max_queue + settings.max_batch_size,
+        "max_queued_requests": settings.max_queue,
+        "backpressure_config": BackpressureConfig(status_code=503, retry_after_s=BUSY_RETRY_AFTER_S),
+        "graceful_shutdown_timeout_s": settings.drain_timeout_s,
+        "health_check_period_s": HEALTH_CHECK_PERIOD_S,
+    }
+
+
+def replica_settings(settings: Settings) -> Settings:
+    """A replica's settings: no UI of its own, and torch threads = the CPUs Ray assigned to it."""
+    import ray
+
+    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
+    threads = settings.threads or max(1, math.floor(cpus))
+    return dataclasses.replace(settings, ui=False, threads=threads)
+
+
+# --------------------------------------------------------------------------------------- deployments
+
+
+class Recognition:
+    """One replica: a warmed-up Service behind the same FastAPI app as `emoserve serve`."""
+
+    def __init__(self, settings: Settings, ui: bool = False) -> None:
+        replica = serve.get_replica_context().replica_tag
+        settings = replica_settings(settings)
+        self.ui = ui
+        self.service = Service(settings, Metrics(settings.max_queue, labels={"replica": replica}))
+        self.service.start().join()  # load, engine, warm-up: Serve routes here only after this
+        if not self.service.ready:
+            raise RuntimeError(f"emoserve replica {replica} could not start: {self.service.state}")
+        log.info("replica %s ready with %d torch threads", replica, settings.threads)
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        app = create_app(self.service.settings, self.service)
+        if self.ui:  # the web UI is its own application; "/" shows it, as it does on one process
+            app.add_api_route("/", lambda: RedirectResponse(f"{UI_PREFIX}/"), include_in_schema=False)
+        return app
+
+    def check_health(self) -> None:
+        """Serve replaces a replica whose check raises: a failed service (damaged model files)."""
+        if self.service.phase == "failed":
+            raise RuntimeError(f"emoserve service {self.service.state}")
+
+    async def recognize(
+        self, audio: Audio, granularity: Granularity, embedding: bool
+    ) -> tuple[Result, RequestTiming]:
+        """For the web UI's handle: the same path as /v1/recognize after decoding."""
+        return await self.service.recognize(audio, granularity, embedding)
+
+    def status(self) -> dict[str, Any]:
+        s = self.service
+        return {"phase": s.phase, "reason": s.reason, "model": s.model, "max_audio_s": s.max_audio_s}
+
+
+class RemoteService(Service):
+    """The web UI's Service (webui.UIService) whose recognitions run on the Recognition deployment:
+    state, model and limits are those of the model deployment, refreshed every UI_REFRESH_S."""
+
+    def __init__(self, settings: Settings, model: DeploymentHandle) -> None:
+        super().__init__(settings)
+        self.handle = model
+        threading.Thread(target=self._follow, name="emoserve-ui-status", daemon=True).start()
+
+    def _follow(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                status = self.handle.status.remote().result(timeout_s=10)
+            except Exception as error:  # no replica yet, or all gone: say so, look again
+                self._set_state("loading", f"waiting for the model deployment ({type(error).__name__})")
+            else:
+                self.model, self.max_audio_s = status["model"], status["max_audio_s"]
+                self.random_weights = None if self.model is None else self.model["random_weights"]
+                self._set_state(status["phase"], status["reason"])
+            self._stopping.wait(UI_REFRESH_S)
+
+    async def recognize(
+        self, audio: Audio, granularity: Granularity = "utterance", embedding: bool = False
+    ) -> tuple[Result, RequestTiming]:
+        try:
+            result: tuple[Result, RequestTiming] = await self.handle.recognize.remote(
+                audio, granularity, embedding
+            )
+        except RayTaskError as error:
+            raise domain_error(error) from None
+        return result
+
+
+def domain_error(error: RayTaskError) -> Exception:
+    """What the replica raised, for the UI: an EmoserveError keeps its code, status and Retry-After (Ray
+    cannot re-raise our errors as their own classes: their constructors take other arguments)."""
+    cause = error.cause
+    if isinstance(cause, EmoserveError):
+        status, retry_after_s = cause.status, cause.retry_after_s
+        return EmoserveError(str(cause), code=cause.code, status=status, retry_after_s=retry_after_s)
+    return error
+
+
+class WebUI:
+    """The Gradio UI alone (one replica: Gradio's queue keeps each session's state in this process)."""
+
+    def __init__(self, settings: Settings, model: DeploymentHandle) -> None:
+        self.service = RemoteService(settings, model)
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        from .webui import mount_ui
+
+        app = FastAPI(title="emoserve web UI")
+        return mount_ui(app, self.service, path="/", max_file_size=self.service.settings.max_upload_bytes)
+
+
+# Deployments of the classes above (decorated here rather than on the classes: mypy keeps their types).
+# `serve.ingress()` without an app: Serve calls __serve_build_asgi_app__ after the constructor.
+RECOGNITION: serve.Deployment = serve.deployment(name="Recognition")(serve.ingress()(Recognition))
+# Gradio's queue keeps each session's state in one process: one replica; it only waits on the model
+WEB_UI: serve.Deployment = serve.deployment(
+    name="WebUI", num_replicas=1, ray_actor_options={"num_cpus": 0}
+)(serve.ingress()(WebUI))
+
+
+# ------------------------------------------------------------------------------------------- the proxy
+
+PROXY_CALLBACK = "emoserve.ray_serve:proxy_middlewares"  # RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH
+LOST_ATTEMPTS = 2  # the first try and one more, on another replica
+IDEMPOTENT_POSTS = frozenset({RECOGNIZE})  # a recognition is a pure function of the request
+
+
+def proxy_middlewares() -> list[Middleware]:
+    """Serve's proxy calls this at start when RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH names it (set
+    it wherever Ray starts: `run` does for a local cluster; deploy/ files set it for clusters)."""
+    return [Middleware(RetryLostReplica, max_body_bytes=load_settings().max_upload_bytes)]
+
+
+class RetryLostReplica:
+    """A request whose replica died under it is sent once more (Serve routes it to another replica); if
+    that one is lost too, 503 + Retry-After in our error format. Serve ends a request whose replica died
+    without sending any response (uvicorn then answers a bare 500), which our app never does, so that
+    is the sign. Only idempotent requests (GET, HEAD, POST /v1/recognize: a recognition is a pure
+    function of the request) with bodies up to max_body_bytes; anything else passes as it is."""
+
+    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        idempotent = scope["type"] == "http" and (
+            scope["method"] in ("GET", "HEAD") or scope["path"] in IDEMPOTENT_POSTS
+        )
+        if not idempotent:
+            await self.app(scope, receive, send)
+            return
+        body, complete = await read_some(receive, self.max_body_bytes)
+        if not complete:  # too large to hold for a second try (the replica answers it 413)
+            await self.app(scope, Replay(body, receive, more_body=True), send)
+            return
+        for _ in range(LOST_ATTEMPTS):
+            client = Replay(body, receive)
+            if await self._answered(scope, client, send) or client.disconnected:
+                return
+            log.warning("%s %s: its replica was lost; trying again", scope["method"], scope["path"])
+        lost = EmoserveError(
+            "the replica handling this request stopped, and so did the next one; retry shortly",
+            code="replica_lost",
+            status=503,
+            retry_after_s=LOADING_RETRY_AFTER_S,
+        )
+        await error_json(lost)(scope, receive, send)
+
+    async def _answered(self, scope: Scope, receive: Receive, send: Send) -> bool:
+        started = False
+
+        async def send_and_see(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        await self.app(scope, receive, send_and_see)
+        return started
+
+
+async def read_some(receive: Receive, limit_bytes: int) -> tuple[bytes, bool]:
+    """The request body if it is at most `limit_bytes` (True), else what was read so far (False)."""
+    body = bytearray()
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            return bytes(body), True
+        body += message.get("body", b"")
+        if not message.get("more_body", False):
+            return bytes(body), True
+        if len(body) > limit_bytes:
+            return bytes(body), False
+
+
+class Replay:
+    """A receive that gives `body` first, then what the client sends (the rest, or its disconnect)."""
+
+    def __init__(self, body: bytes, receive: Receive, more_body: bool = False) -> None:
+        self.first: Message | None = {"type": "http.request", "body": body, "more_body": more_body}
+        self.receive = receive
+        self.disconnected = False
+
+    async def __call__(self) -> Message:
+        message, self.first = self.first, None
+        if message is None:
+            message = await self.receive()
+            self.disconnected = message["type"] == "http.disconnect"
+        return message
+
+
+# -------------------------------------------------------------------------------------------- building
+
+
+def build_app(args: dict[str, str]) -> serve.Application:
+    """`serve run emoserve.ray_serve:build_app key=value ...`: the API application (see split_args)."""
+    settings, options = split_args(args)
+    return RECOGNITION.options(**deployment_options(settings, options)).bind(settings, options.ui)
+
+
+def build_ui_app(args: dict[str, str]) -> serve.Application:
+    """The web UI application; it finds the API application's deployment by name (API_APP)."""
+    settings, _ = split_args(args)
+    handle = serve.get_deployment_handle(RECOGNITION.name, app_name=API_APP)
+    return WEB_UI.bind(settings, handle)
+
+
+def run(settings: Settings, options: RayOptions, address: str | None = None) -> int:
+    """`emoserve serve --ray`: deploy both applications on a Ray cluster (a local one when no address)
+    and keep them up until Ctrl-C/SIGTERM, then take them down."""
+    import ray
+
+    os.environ.setdefault("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", PROXY_CALLBACK)  # a local cluster
+    ray.init(address=address, include_dashboard=False)
+    serve.start(http_options={"host": settings.host, "port": settings.port})
+    started = time.monotonic()
+    ui = options.ui and settings.ui
+    api = RECOGNITION.options(**deployment_options(settings, options)).bind(settings, ui)
+    serve.run(api, name=API_APP, route_prefix="/")
+    log.warning(
+        "emoserve on Ray Serve: %s replica(s) ready in %.1f s at http://%s:%d/",
+        options.max_replicas or options.replicas,
+        time.monotonic() - started,
+        settings.host,
+        settings.port,
+    )
+    if ui:
+        handle = serve.get_deployment_handle(RECOGNITION.name, app_name=API_APP)
+        serve.run(WEB_UI.bind(settings, handle), name=UI_APP, route_prefix=UI_PREFIX)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    log.warning("shutting down: Serve drains each replica (up to drain_timeout_s)")
+    serve.shutdown()
+    return 0
