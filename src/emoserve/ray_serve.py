@@ -264,9 +264,9 @@ class WebUI:
 # `serve.ingress()` without an app: Serve calls __serve_build_asgi_app__ after the constructor.
 RECOGNITION: serve.Deployment = serve.deployment(name="Recognition")(serve.ingress()(Recognition))
 # Gradio's queue keeps each session's state in one process: one replica; it only waits on the model
-WEB_UI: serve.Deployment = serve.deployment(
-    name="WebUI", num_replicas=1, ray_actor_options={"num_cpus": 0}
-)(serve.ingress()(WebUI))
+WEB_UI: serve.Deployment = serve.deployment(name="WebUI", num_replicas=1, ray_actor_options={"num_cpus": 0})(
+    serve.ingress()(WebUI)
+)
 
 
 # ------------------------------------------------------------------------------------------- the proxy

@@ -28,7 +28,7 @@ import numpy as np
 from .audio import MIN_SAMPLES, Audio, AudioError
 from .constants import SAMPLE_RATE
 from .stream import AudioStream, Channels
-from .vad import DEFAULT_VAD, Segment, Segmenter, SileroVad, Vad, VadSettings, quietest
+from .vad import DEFAULT_VAD, AudioWindow, Segment, Segmenter, SileroVad, Vad, VadSettings, quietest
 
 if TYPE_CHECKING:
     from .recognizer import Recognizer, Result
@@ -378,15 +378,14 @@ class SpanCutter:
             key=lambda t: (t[0], t[1]),
         )
         self._max = int(max_segment_s * SAMPLE_RATE)
-        self._audio = np.zeros(0, np.float32)
-        self._audio_at = 0
+        self._audio = AudioWindow()
 
     def push(self, samples: np.ndarray, probs: np.ndarray) -> list[Segment]:
-        self._audio = np.concatenate([self._audio, samples])
-        return self._take(self._audio_at + len(self._audio))
+        self._audio.append(samples)
+        return self._take(self._audio.end)
 
     def finish(self, probs: np.ndarray) -> list[Segment]:
-        end = self._audio_at + len(self._audio)
+        end = self._audio.end
         self._todo = [(s, min(e, end), sp) for s, e, sp in self._todo if e > s and s < end]
         out = [seg for seg in self._take(end) if len(seg.samples) >= MIN_SAMPLES]
         self._todo = []
@@ -398,9 +397,7 @@ class SpanCutter:
             self._todo.remove(span)
             out += self._pieces(*span)
         keep = min([s for s, _, _ in self._todo], default=available)
-        if keep > self._audio_at:
-            self._audio = self._audio[keep - self._audio_at :]
-            self._audio_at = keep
+        self._audio.drop_before(keep)
         return out
 
     def _pieces(self, start: int, end: int, speaker: str | None) -> list[Segment]:
@@ -414,7 +411,7 @@ class SpanCutter:
         return pieces
 
     def _slice(self, start: int, end: int) -> np.ndarray:
-        return self._audio[start - self._audio_at : end - self._audio_at]
+        return self._audio.slice(start, end)
 
 
 MAX_SPANS_BYTES = 1 << 20  # a segments file (JSON or RTTM): ~20k RTTM lines

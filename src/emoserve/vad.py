@@ -11,6 +11,7 @@ torch's thread count for the whole process to 1.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -144,7 +145,9 @@ class SileroVad:
         return np.concatenate(out) if out else np.zeros(0, np.float32)
 
 
+@functools.cache
 def new_session() -> Any:
+    """One session for the process: its run() is thread-safe, and each SileroVad keeps its own state."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -154,6 +157,30 @@ def new_session() -> Any:
     return ort.InferenceSession(
         str(silero_model_path()), sess_options=options, providers=["CPUExecutionProvider"]
     )
+
+
+class AudioWindow:
+    """The samples of a stream from `start` on: appended as they arrive, dropped once nothing needs them
+    (so a segmenter holds its open segment, not the recording)."""
+
+    def __init__(self) -> None:
+        self.samples = np.zeros(0, np.float32)
+        self.start = 0
+
+    @property
+    def end(self) -> int:
+        return self.start + len(self.samples)
+
+    def append(self, samples: np.ndarray) -> None:
+        self.samples = np.concatenate([self.samples, np.asarray(samples, np.float32)])
+
+    def slice(self, start: int, end: int) -> np.ndarray:
+        return self.samples[start - self.start : end - self.start]
+
+    def drop_before(self, at: int) -> None:
+        if at > self.start:
+            self.samples = self.samples[at - self.start :]
+            self.start = at
 
 
 @dataclass
@@ -185,8 +212,7 @@ class Segmenter:
         self._pad = int(settings.pad_ms * per_ms)
         self._max = int(settings.max_segment_s * SAMPLE_RATE)
         self._frames = 0  # frames seen
-        self._audio = np.zeros(0, np.float32)  # the samples from _audio_at on
-        self._audio_at = 0
+        self._audio = AudioWindow()
         self._probs = np.zeros(0, np.float32)  # the probabilities of the frames from _probs_at on
         self._probs_at = 0
         self._open: _Region | None = None  # silero is in speech
@@ -195,11 +221,11 @@ class Segmenter:
 
     @property
     def samples_seen(self) -> int:
-        return self._audio_at + len(self._audio)
+        return self._audio.end
 
     def push(self, samples: np.ndarray, probs: np.ndarray) -> list[Segment]:
         """Add samples and the probabilities of the frames they completed; the segments now finished."""
-        self._audio = np.concatenate([self._audio, np.asarray(samples, np.float32)])
+        self._audio.append(samples)
         self._probs = np.concatenate([self._probs, np.asarray(probs, np.float32)])
         out = [segment for p in probs for segment in self._frame(float(p))]
         self._trim()
@@ -275,7 +301,7 @@ class Segmenter:
         return [Segment(region.start, end, samples, split or region.split, self.speaker)]
 
     def _slice(self, start: int, end: int) -> np.ndarray:
-        return self._audio[start - self._audio_at : end - self._audio_at]
+        return self._audio.slice(start, end)
 
     def _frame_probs(self, start: int, end: int) -> np.ndarray:
         """The probability of the frame each 10 ms hop of [start, end) lies in."""
@@ -290,9 +316,8 @@ class Segmenter:
         for region in (self._open, self._closed):
             if region is not None:
                 keep = min(keep, region.start)
-        keep = max(keep, self._audio_at)
-        self._audio = self._audio[keep - self._audio_at :]
-        self._audio_at = keep
+        keep = max(keep, self._audio.start)
+        self._audio.drop_before(keep)
         keep_frame = keep // FRAME
         self._probs = self._probs[keep_frame - self._probs_at :]
         self._probs_at = keep_frame
