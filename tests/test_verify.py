@@ -154,30 +154,68 @@ def test_the_server_answers_500_with_a_code_for_non_finite_outputs(tmp_path: Pat
             engine.recognizer = good
 
 
-def test_the_server_turns_failed_when_its_model_files_change(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+@pytest.fixture
+def hold_verification(monkeypatch: pytest.MonkeyPatch) -> threading.Event:
+    """The server's background hash waits for the returned event: the tiny model hashes in microseconds,
+    and a test must see "ready" first (the cheap check of /readyz goes through)."""
     from emoserve import entry as entries
 
-    from .test_server import LIVE, live_server, wait_for
-
-    entry = weights.convert(FIXTURE / "model", tmp_path / "entry")
-    settings = dataclasses.replace(LIVE, model=str(entry), verify_model=True)
-    flip_last_byte(entry / "model.safetensors")  # loads and warms up fine: only the hash tells
-    checked = threading.Event()  # the tiny model hashes in microseconds: hold it until ready is seen
+    release = threading.Event()
 
     def check_after_ready(path: Path, *, full: bool = False) -> list[str]:
-        if full:  # the background verification (the cheap check of /readyz goes through)
-            checked.wait(30)
+        if full:
+            release.wait(30)
         return check_entry(path, full=full)
 
     monkeypatch.setattr(entries, "check_entry", check_after_ready)
+    return release
+
+
+def test_the_server_turns_failed_when_its_model_files_change_and_their_source_is_gone(
+    tmp_path: Path, hold_verification: threading.Event
+) -> None:
+    from .test_server import LIVE, assert_error, live_server, wait_for
+
+    entry = weights.convert(copy_fixture(tmp_path), tmp_path / "entry")
+    shutil.rmtree(tmp_path / "model")
+    settings = dataclasses.replace(LIVE, model=str(entry), verify_model=True)
+    flip_last_byte(entry / "model.safetensors")  # loads and warms up fine: only the hash tells
     with live_server(settings, tmp_path / "home") as live:
         assert live.client.get("/readyz").status_code == 200
-        checked.set()
+        hold_verification.set()
         wait_for(lambda: live.service.phase == "failed", 30, "the background verification")
         ready = live.client.get("/readyz")
         assert ready.status_code == 503 and "model files damaged" in ready.text
+        assert_error(live.client.post("/v1/recognize", content=CLIP.read_bytes()), 503, "start_up_failed")
+
+
+def test_the_server_converts_changed_model_files_again_from_their_source_and_serves_again(
+    tmp_path: Path, hold_verification: threading.Event, tiny_recognizer: Recognizer
+) -> None:
+    from .test_server import LIVE, live_server, wait_for
+
+    entry = weights.convert(copy_fixture(tmp_path), tmp_path / "entry")
+    settings = dataclasses.replace(LIVE, model=str(entry), verify_model=True)
+    flip_last_byte(entry / "model.safetensors")
+    with live_server(settings, tmp_path / "home") as live:
+        first_engine = live.service.engine
+        states: list[str] = []
+        hold_verification.set()
+
+        def serving_again() -> bool:
+            states.append(live.service.state)
+            return live.service.ready and live.service.engine is not first_engine
+
+        wait_for(serving_again, 60, "the rebuilt model to be served")
+        assert any(s.startswith("loading: model files damaged") for s in states), states
+        assert first_engine is not None and not first_engine.accepting  # its numbers are served no more
+        assert check_entry(entry, full=True) == []
+        assert live.client.get("/readyz").status_code == 200
+        got = live.client.post("/v1/recognize", content=CLIP.read_bytes())
+        assert got.status_code == 200, got.text
+        want = tiny_recognizer.predict(CLIP).scores  # the fixture's weights, not the changed ones
+        assert list(got.json()["scores"]) == list(want)
+        np.testing.assert_allclose(list(got.json()["scores"].values()), list(want.values()), atol=1e-5)
 
 
 # ------------------------------------------------------------------------------- published layout
@@ -229,6 +267,35 @@ def test_a_conversion_killed_midway_leaves_nothing_that_loads(tmp_path: Path) ->
     with pytest.raises(WeightsError, match="neither a directory nor a known name"):
         load_model(out)
     assert weights.convert(FIXTURE / "model", out, onnx=False) == out and check_entry(out, full=True) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["entry"]  # the killed one's work is gone
+
+
+def test_only_the_work_directories_of_dead_processes_are_swept(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from emoserve.workdir import sweep, work_dir
+
+    child = (  # a download's work directory whose process is killed (it prints the path, then hangs)
+        "import sys, time, pathlib; from emoserve.workdir import work_dir\n"
+        "with work_dir(pathlib.Path(sys.argv[1]), suffix='.partial') as w:\n"
+        "    (w / 'model.pt').write_bytes(b'x' * 1000); print(w, flush=True); time.sleep(60)\n"
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-c", child, str(tmp_path / "model")], stdout=subprocess.PIPE, text=True
+    )
+    assert process.stdout is not None
+    dead = Path(process.stdout.readline().strip())
+    assert (dead / "model.pt").is_file()
+    (tmp_path / ".other.lock").write_text("another program's lock\n")  # not ours: left alone
+    (tmp_path / ".other").mkdir()
+    with work_dir(tmp_path / "model") as alive:
+        assert sweep(tmp_path) == []  # both working: nothing to remove
+        process.kill()
+        process.communicate(timeout=10)
+        assert sweep(tmp_path) == [dead]
+        assert alive.is_dir() and not dead.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".other", ".other.lock"]
 
 
 def test_a_model_deleted_while_serving_keeps_serving_and_readyz_says_so(tmp_path: Path) -> None:

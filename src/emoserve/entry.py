@@ -14,7 +14,6 @@ import logging
 import math
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ from .config import ModelConfig
 from .errors import EmoserveError
 from .hub import Hub
 from .labels import Label, parse_tokens
+from .workdir import work_dir
 
 log = logging.getLogger(__name__)
 
@@ -99,15 +99,11 @@ def is_random_dir(model_dir: Path) -> bool:
 @contextmanager
 def atomic_dir(dest: Path) -> Iterator[Path]:
     """Yield a temporary directory beside `dest` that replaces `dest` only if the block succeeds."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-    try:
+    with work_dir(dest) as tmp:
         yield tmp
         if dest.exists():
             shutil.rmtree(dest)
         tmp.rename(dest)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def source_stamp(model_pt: Path) -> dict[str, Any]:
@@ -208,17 +204,26 @@ def ensure_intact(entry: Path) -> Path:
     if not problems:
         return entry
     what = "; ".join(problems[:3]) + (f" (and {len(problems) - 3} more)" if len(problems) > 3 else "")
-    info = read_entry(entry)  # an unreadable manifest fails here, with what to do
-    source = Path(info.source["path"]).parent if info.source.get("path") else None
-    if source is not None and is_published_dir(source):
-        log.warning("%s is damaged (%s): converting it again from %s", entry, what, source)
-        from .weights import convert
-
-        return convert(source, entry, name=info.name)
+    if rebuild(entry, what):
+        return entry
     raise WeightsError(
         f"{entry}: the converted model is damaged ({what}) and its source is gone; delete this directory "
         "and convert or download the model again (`emoserve convert DIR` / `emoserve download NAME`)"
     )
+
+
+def rebuild(entry: Path, what: str) -> bool:
+    """Convert a damaged entry again from the directory it was converted from, when that is still there
+    (with a warning naming `what` was wrong); False when there is no source to rebuild it from."""
+    info = read_entry(entry)  # an unreadable manifest fails here, with what to do
+    source = Path(info.source["path"]).parent if info.source.get("path") else None
+    if source is None or not is_published_dir(source):
+        return False
+    log.warning("%s is damaged (%s): converting it again from %s", entry, what, source)
+    from .weights import convert
+
+    convert(source, entry, name=info.name)
+    return True
 
 
 # ---------------------------------------------------------------------------------------------
@@ -322,10 +327,9 @@ def random_fallback(cache: Path, reason: str) -> Path:
         return entry
     from .weights import convert, make_test_model
 
-    cache.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=cache) as tmp:
-        make_test_model(Path(tmp) / "published", preset=FALLBACK_PRESET, seed=0)
-        return convert(Path(tmp) / "published", entry, name=name)
+    with work_dir(entry, suffix=".source") as tmp:  # the 1.9 GB random checkpoint, until converted
+        make_test_model(tmp / "published", preset=FALLBACK_PRESET, seed=0)
+        return convert(tmp / "published", entry, name=name)
 
 
 def entry_of(model: str | os.PathLike[str] | None) -> Path:

@@ -14,13 +14,13 @@ import logging
 import os
 import shutil
 import socket
-import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from .errors import EmoserveError
+from .workdir import work_dir
 
 log = logging.getLogger(__name__)
 
@@ -76,22 +76,17 @@ def download(name: str, dest: Path, *, hub: Hub = "auto", progress: bool = True)
     """Fetch the `MODEL_FILES` of known model `name` into the directory `dest` and return `dest`.
 
     `dest` may be missing, empty, or an earlier copy holding only model files (it is replaced); anything
-    else there is refused. On failure nothing is left at `dest` or beside it, except after a hard kill,
-    which leaves a hidden `.<dest name>.*.partial` directory beside it."""
+    else there is refused. On failure nothing is left at `dest` or beside it; a hard kill leaves a hidden
+    `.<dest name>.*.partial` directory, which the next download or conversion beside it removes."""
     canonical = canonical_name(name)
     if canonical is None:
         raise HubError(f"unknown model {name!r}; known models: {', '.join(KNOWN_MODELS)}")
     sources = _sources(KNOWN_MODELS[canonical], hub)
     dest = Path(dest)
     _check_replaceable(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    # beside dest, so that the final rename stays on one filesystem and is atomic
-    work = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".partial", dir=dest.parent))
-    try:
+    with work_dir(dest, suffix=".partial") as work:  # beside dest: the final rename is atomic
         model_dir = _fetch_first(canonical, sources, work, progress, hub)
         _move_into_place(model_dir, dest, work)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
     log.info("%s is ready in %s", canonical, dest)
     return dest
 

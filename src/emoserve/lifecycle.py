@@ -142,6 +142,7 @@ class Service:
         self._keep_warm_clip: Audio | None = None
         self._model_path: Path | None = None
         self._files_warned = False
+        self._rebuilt = False  # the model files were converted again while serving
         self._outputs: OutputStore | None = None
         self._start_thread: threading.Thread | None = None
         self.metrics.set_state("starting")
@@ -226,8 +227,8 @@ class Service:
         self._become_ready(engine)
         self._settled.set()
 
-    def _load(self) -> Recognizer:
-        self._set_state("loading")
+    def _load(self, reason: str | None = None) -> Recognizer:
+        self._set_state("loading", reason)
         started = time.monotonic()
         from .recognizer import load_model  # torch: the heavy import, behind the running server
 
@@ -324,14 +325,17 @@ class Service:
         self.metrics.start_to_ready_seconds.set(seconds)
         self._last_used = time.monotonic()
         log.info("ready %.2f s after process start", seconds)
+        if self._rebuilt:
+            return  # the threads below run already, and a rebuilt entry was hashed as it was written
         if self.settings.keep_warm_s > 0:
             threading.Thread(target=self._keep_warm, name="emoserve-keep-warm", daemon=True).start()
         if self.settings.verify_model and self._model_path is not None:
             threading.Thread(target=self._verify_model, name="emoserve-verify", daemon=True).start()
 
     def _verify_model(self) -> None:
-        """Hash the model files (at the lowest CPU priority, beside the first requests); a file that has
-        changed since its conversion turns the service to failed: its numbers cannot be trusted."""
+        """Hash the model files (at the lowest CPU priority, beside the first requests). A file that has
+        changed since its conversion cannot be trusted: the service stops serving it at once, converts
+        the entry again from its source and serves again, or, with no source left, turns failed."""
         from .entry import check_entry, read_manifest
 
         path = self._model_path
@@ -345,11 +349,33 @@ class Service:
         problems = check_entry(path, full=True)
         self._time("verify_s", time.monotonic() - started)
         if problems:
-            reason = f"model files damaged: {problems[0]} ({path})"
-            log.error("%s; convert or download the model again", reason)
-            self._set_state("failed", reason)
+            self._rebuild(path, f"model files damaged: {problems[0]} ({path})")
         else:
             log.info("model files verified in %.1f s", time.monotonic() - started)
+
+    def _rebuild(self, path: Path, what: str) -> None:
+        from .entry import rebuild
+
+        engine, self.engine = self.engine, None
+        if not self._set_state("loading", f"{what}; converting it again"):
+            return  # draining: shutdown() stops nothing more
+        if engine is not None:
+            engine.stop(timeout_s=0)  # queued requests: 503; none more gets these numbers
+        engine = None
+        try:
+            if not rebuild(path, what):
+                log.error("%s; convert or download the model again", what)
+                self._set_state("failed", what)
+                return
+            self._rebuilt = True
+            engine = self._start_engine(self._load(f"{what}; converted again, loading it"))
+            self._warm_up(engine)
+        except Exception as error:
+            if engine is not None:
+                engine.stop(timeout_s=0)
+            self._fail(error)
+            return
+        self._become_ready(engine)
 
     def _fail(self, error: Exception) -> None:
         message = str(error).strip().splitlines()[0] if str(error).strip() else ""
