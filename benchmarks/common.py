@@ -324,6 +324,10 @@ class Server:
     def rss_bytes(self, field: str = "VmRSS") -> int:
         return proc_status_bytes(field, self.pid)
 
+    def reset_peak_rss(self) -> None:
+        """Start VmHWM again from the current RSS (Linux: writing 5 to /proc/PID/clear_refs)."""
+        Path(f"/proc/{self.pid}/clear_refs").write_text("5")
+
     def metric(self, name: str) -> float:
         """One unlabelled sample of GET /metrics (e.g. emoserve_batch_size_sum); NaN if absent."""
         client = Client(self.port, timeout_s=30.0)

@@ -286,6 +286,18 @@ def test_submit_blocking_serves_threads() -> None:
         assert engine.submit_blocking(silence(1, "x"), timeout_s=5).emotion == "x"
 
 
+def test_each_model_call_gives_its_freed_memory_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    from emoserve import engine as engines
+
+    trims: list[int] = []
+    recognizer = FakeRecognizer()
+    monkeypatch.setattr(engines, "trim", lambda: trims.append(len(recognizer.calls)))
+    with running(recognizer, max_batch_size=4, max_wait_ms=5) as engine:
+        engine.submit_blocking(silence(1, "x"), timeout_s=5)
+        engine.submit_blocking(silence(2, "y"), timeout_s=5)
+    assert trims == [1, 2]  # after each call, once its results are out (memory.py)
+
+
 # ---------------------------------------------------------------------------------------------- failures
 
 

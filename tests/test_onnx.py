@@ -207,3 +207,34 @@ def test_the_service_runs_on_the_onnx_backend(
         )
         assert response.status_code == 200, response.text
         assert_same_result(response.json(), tiny_recognizer.predict(CLIP, "frame"))
+
+
+def test_arbitrary_lengths_reach_onnx_runtime_as_a_bounded_set_of_widths(
+    tiny_onnx_entry: Path, tiny_recognizer: Recognizer
+) -> None:
+    """ONNX Runtime keeps a memory plan per input shape for the session's life (~8.5 KB each): a batch
+    is padded to one of 32 widths per octave, so traffic of any lengths makes few shapes; the results
+    are those of the unpadded clips."""
+    from emoserve.onnx_backend import bucket_width
+
+    for n in (1, 319, 320, 321, 10_240, 16_001, 47_999, 959_999):
+        assert n <= bucket_width(n) < max(n * 33 / 32, n + 320)
+    assert len({bucket_width(n) for n in range(16_000, 60 * 16_000)}) < 200  # 1 s to 60 s
+
+    model = load_model(tiny_onnx_entry, backend="onnx", threads=1, progress=False)
+    session, widths = model.backend.session, set()
+
+    class Spy:
+        def run(self, names: Any, feeds: dict[str, np.ndarray]) -> Any:
+            widths.add(feeds["waves"].shape[1])
+            return session.run(names, feeds)
+
+    model.backend.session = Spy()
+    full = wave("en_7s_16k.flac")
+    lengths = np.random.default_rng(0).integers(48_000, 49_000, 12)  # 12 lengths around 3 s
+    for n in lengths:
+        clip = full[:n]
+        got, want = model.predict(clip, sample_rate=16_000), tiny_recognizer.predict(clip, sample_rate=16_000)
+        np.testing.assert_allclose(scores(got), scores(want), atol=SCORE_TOL)
+    assert len(set(lengths.tolist())) == 12 and len(widths) <= 2  # 1,024-sample steps at 2-4 s
+    assert all(w == bucket_width(w) for w in widths)

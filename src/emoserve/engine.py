@@ -27,6 +27,7 @@ import numpy as np
 from .audio import SAMPLE_RATE, Audio
 from .constants import MAX_BATCH_SECONDS, MAX_BATCH_SIZE, MAX_QUEUE, MAX_WAIT_MS
 from .errors import DRAINING_RETRY_AFTER_S, EmoserveError
+from .memory import trim
 from .recognizer import GRANULARITIES, MAX_PADDING, Granularity, Recognizer, Result, length_batches
 
 log = logging.getLogger(__name__)
@@ -370,6 +371,7 @@ class Engine:
         finally:
             with self._cond:
                 self._in_flight = 0
+            trim()  # the call's activations are freed: their pages go back to the system (memory.py)
 
     def _predict(self, batch: list[_Request], started: float) -> None:
         """One model call for `batch`; if it raises, each request alone, so only the culprit fails."""

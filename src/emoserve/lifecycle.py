@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from .constants import EXAMPLES_DIR
 from .errors import DRAINING_RETRY_AFTER_S, FAILED_RETRY_AFTER_S, LOADING_RETRY_AFTER_S, EmoserveError
+from .memory import return_freed_memory
 from .metrics import Metrics
 from .settings import Settings
 
@@ -203,6 +204,7 @@ class Service:
         """Load, warm up and become ready in a background thread (called by the server's lifespan). Once
         only: a second call returns the same thread (a Ray Serve replica starts it before the lifespan)."""
         if self._start_thread is None:
+            return_freed_memory()
             thread = threading.Thread(target=self._start_up, name="emoserve-start-up", daemon=True)
             self._start_thread = thread
             thread.start()
