@@ -24,6 +24,7 @@ BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
         ("serve_load.py", "only 200"),
         ("serve_memory.py", "RSS after"),
         ("soak.py", "RSS growth, first to last minute"),
+        ("allocator.py", "RSS growth per 100 lengths"),
         ("timeline.py", "pipeline / one-at-a-time"),
     ],
 )

@@ -270,6 +270,21 @@ def test_read_spans_json_and_rttm() -> None:
         assert error.value.status == 422
 
 
+def test_a_segments_file_is_read_within_its_limit_and_named_in_errors(tmp_path: Path) -> None:
+    """The CLI's --segments-from and the web UI's upload read it alike (read_spans_file)."""
+    from emoserve.timeline import MAX_SPANS_BYTES, read_spans_file
+
+    turns = tmp_path / "turns.json"
+    turns.write_text('[{"start_s": 1, "end_s": 2.5, "speaker": "A"}]')
+    assert read_spans_file(turns) == [Span(1.0, 2.5, "A")]
+    turns.write_text(" " * MAX_SPANS_BYTES + "[]")
+    with pytest.raises(AudioError, match=r"^turns\.json: over 1 MB"):
+        read_spans_file(turns, "turns.json")
+    turns.write_bytes(b"\xff[]")
+    with pytest.raises(AudioError, match="cannot read"):
+        read_spans_file(turns)
+
+
 # -------------------------------------------------------------------------------------------- scoring
 
 

@@ -20,7 +20,6 @@ import os
 import threading
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
@@ -472,11 +471,19 @@ def read_spans(text: str, source: str = "<segments>") -> list[Span]:
     return spans
 
 
-def read_spans_file(path: str | os.PathLike[str]) -> list[Span]:
+def read_spans_file(path: str | os.PathLike[str], name: str | None = None) -> list[Span]:
+    """A segments file (JSON or RTTM, at most MAX_SPANS_BYTES), named `name` (default: its path) in errors."""
+    name = name or str(path)
+
+    def bad(why: str) -> AudioError:
+        return AudioError(f"{name}: {why}", source=name, reason="bad_argument")
+
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        with open(path, "rb") as f:
+            data = f.read(MAX_SPANS_BYTES + 1)
+        if len(data) > MAX_SPANS_BYTES:
+            raise bad(f"over {MAX_SPANS_BYTES >> 20} MB; a segments file is JSON or RTTM text")
+        text = data.decode("utf-8")
     except (OSError, UnicodeDecodeError) as error:
-        raise AudioError(
-            f"{path}: cannot read the segments ({error})", source=str(path), reason="bad_argument"
-        ) from None
-    return read_spans(text, str(path))
+        raise bad(f"cannot read the segments ({error})") from None
+    return read_spans(text, name)

@@ -31,14 +31,14 @@ import gradio as gr
 import numpy as np
 import pandas as pd
 
-from .audio import SAMPLE_RATE, Audio, AudioError, load_audio
+from .audio import SAMPLE_RATE, Audio, load_audio
 from .constants import EXAMPLES_DIR
 from .errors import EmoserveError
 from .labels import EMOJI
 from .outputs import OutputStore, SavedOutput, SavedTimeline
 from .recognizer import GRANULARITIES, Granularity, Result
 from .stream import CHANNEL_MODES, Channels
-from .timeline import MAX_SPANS_BYTES, Span, Timeline, TimelineJob, TimelineSegment, read_spans, summarise
+from .timeline import Span, Timeline, TimelineJob, TimelineSegment, read_spans_file, summarise
 from .vad import DEFAULT_VAD, VadSettings
 
 if TYPE_CHECKING:
@@ -675,26 +675,10 @@ def timeline_request(
     except (TypeError, ValueError) as error:  # counted as the API counts a bad query parameter
         raise _failed(service, EmoserveError(str(error), code="invalid_parameter", status=422)) from None
     try:
-        spans = _read_segments(segments_path) if segments_path else None
+        spans = read_spans_file(segments_path, Path(segments_path).name) if segments_path else None
     except EmoserveError as error:
         raise _failed(service, error) from None
     return TimelineRequest(path, Path(path).name, mode, vad, spans)
-
-
-def _read_segments(path: str) -> list[Span]:
-    """The segments file, through the API's parser (read_spans); named by its own name in messages."""
-    name = Path(path).name
-
-    def bad(why: str) -> AudioError:
-        return AudioError(f"{name}: {why}", source=name, reason="bad_argument")
-
-    if _size(path) > MAX_SPANS_BYTES:
-        raise bad(f"over {MAX_SPANS_BYTES >> 20} MB; a segments file is JSON or RTTM text")
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as error:
-        raise bad(f"cannot read the segments ({error})") from None
-    return read_spans(text, name)
 
 
 async def build_timeline(
