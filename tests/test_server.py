@@ -692,3 +692,28 @@ def test_a_serving_process_gives_freed_batch_memory_back_to_the_system(
     monkeypatch.setattr(lifecycle, "return_freed_memory", lambda: calls.append(1))
     Service(dataclasses.replace(LIVE, model=str(tmp_path / "missing"))).start().join(30)
     assert calls == [1]  # every serving process (the server, a Ray replica) starts through here
+
+
+def test_requests_leave_nothing_for_the_garbage_collector(live: Live) -> None:
+    """A request's decoded audio and upload are freed when it ends, not at the next full collection: a
+    reference cycle (request -> future -> callback -> request; an error's traceback -> frames -> error)
+    kept them for minutes under the soak."""
+    good = CLIP.read_bytes()
+    for body in (good, good[: len(good) // 2], b"not audio" * 100):  # warm: first-use caches, imports
+        live.client.post("/v1/recognize", content=body)
+    gc.collect()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        for body in (good, good[: len(good) // 2], b"not audio" * 100) * 3:
+            assert live.client.post("/v1/recognize", content=body).status_code in (200, 400, 415)
+        gc.collect()
+        ours = [
+            type(o).__name__ if type(o).__name__ != "frame" else o.f_code.co_name
+            for o in gc.garbage
+            if type(o).__module__.startswith("emoserve")
+            or (type(o).__name__ == "frame" and "emoserve" in o.f_code.co_filename)
+        ]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+    assert ours == []

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import functools
 import logging
 import math
 import threading
@@ -262,8 +261,8 @@ class Engine:
                 raise QueueFull(self._retry_after_s())
             self._queue.extend(requests)
             self._cond.notify_all()
-        for request in requests:
-            request.future.add_done_callback(functools.partial(self._forget_if_cancelled, request))
+        for request in requests:  # the callback must not hold the request: that would make a cycle
+            request.future.add_done_callback(self._forget_if_cancelled)  # (request -> future -> request)
         return requests
 
     def _check_accepting(self) -> None:
@@ -278,15 +277,15 @@ class Engine:
         calls_ahead = math.ceil(len(self._queue) / self.config.max_batch_size) + (1 if self._in_flight else 0)
         return max(MIN_RETRY_AFTER_S, calls_ahead * per_call_s)
 
-    def _forget_if_cancelled(self, request: _Request, future: concurrent.futures.Future[object]) -> None:
+    def _forget_if_cancelled(self, future: concurrent.futures.Future[tuple[Result, RequestTiming]]) -> None:
         # Runs in the cancelling thread: the place in the queue is free before cancel() returns.
         if not future.cancelled():
             return
         with self._cond:
-            try:
-                self._queue.remove(request)
-            except ValueError:
+            queued = next((r for r in self._queue if r.future is future), None)
+            if queued is None:
                 return  # the worker took it out already and will skip it
+            self._queue.remove(queued)
             self._cond.notify_all()  # the worker reports the new depth
 
     def _abandon_queue(self, timeout_s: float | None) -> None:

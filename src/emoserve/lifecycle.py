@@ -87,7 +87,8 @@ class Service:
         metrics: Metrics -- the process's collectors; a UI recognition calls
             `metrics.observe_request("ui", decode_s=..., queue_s=..., inference_s=..., total_s=...)`,
             `metrics.count_error(code)` for a failure.
-        state: str -- "starting", "loading", "warming", "ready", "failed: <reason>" or "draining".
+        state: str -- "starting", "loading", "warming", "ready", "failed: <reason>" or "draining"; a model
+            whose files changed under it is converted again as "loading: model files damaged: ...".
         phase: str -- the state without the reason: "failed" rather than "failed: <reason>".
         reason: str | None -- why start-up failed, else None.
         ready: bool -- phase == "ready": recognitions are accepted.
@@ -358,9 +359,9 @@ class Service:
     def _rebuild(self, path: Path, what: str) -> None:
         from .entry import rebuild
 
-        engine, self.engine = self.engine, None
         if not self._set_state("loading", f"{what}; converting it again"):
-            return  # draining: shutdown() stops nothing more
+            return  # draining: shutdown() stops the engine
+        engine, self.engine = self.engine, None
         if engine is not None:
             engine.stop(timeout_s=0)  # queued requests: 503; none more gets these numbers
         engine = None

@@ -115,6 +115,10 @@ class MappedErrorsRoute(APIRoute):
                 mapped = api_error(error)
                 if mapped is None:
                     raise
+                # The traceback's frames (the upload's bytes among their locals) sit in reference cycles
+                # through the exception (anyio's worker-thread hand-off): without it they go now, not at
+                # the next full garbage collection.
+                error.__traceback__ = None
                 return error_response(request, mapped)
 
         return handle
