@@ -212,7 +212,7 @@ def test_the_service_runs_on_the_onnx_backend(
 def test_arbitrary_lengths_reach_onnx_runtime_as_a_bounded_set_of_widths(
     tiny_onnx_entry: Path, tiny_recognizer: Recognizer
 ) -> None:
-    """ONNX Runtime keeps a memory plan per input shape for the session's life (~8.5 KB each): a batch
+    """ONNX Runtime keeps a memory plan per input shape for the session's life (~10 KB each): a batch
     is padded to one of 32 widths per octave, so traffic of any lengths makes few shapes; the results
     are those of the unpadded clips."""
     from emoserve.onnx_backend import bucket_width

@@ -18,7 +18,7 @@ from .recognizer import Outputs
 INPUTS = ("waves", "lengths")  # (batch, samples) float32 zero-padded, (batch,) int64
 OUTPUTS = Outputs._fields  # logits, pooled, frame_logits, frames, frame_lengths
 UTTERANCE_OUTPUTS = ("logits", "pooled", "frame_lengths")
-# ONNX Runtime keeps a memory plan for each input shape it has run, for the session's life (~8.5 KB
+# ONNX Runtime keeps a memory plan for each input shape it has run, for the session's life (~10 KB
 # each, docs/benchmarks.md section 6): traffic of arbitrary lengths would grow that without bound. So a
 # batch is padded up to one of 32 widths per octave (at most 1/32 more samples, 1.6% on average).
 WIDTHS_PER_OCTAVE_LOG2 = 5
