@@ -18,14 +18,12 @@ import argparse
 import json
 import os
 import random
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from common import (
-    BENCH_HOME,
     MB,
     SAMPLE_RATE,
     bench_model,
@@ -33,6 +31,7 @@ from common import (
     median,
     parser,
     proc_status_bytes,
+    run_child,
     run_count,
     table,
 )
@@ -56,11 +55,7 @@ def main() -> None:
     for run in range(runs):
         for i, (kind, side) in enumerate(SIDES):
             job = {"entry": str(model.entry), "kind": kind, "side": side, "quick": args.quick}
-            done = subprocess.run([sys.executable, __file__, "--child", json.dumps(job)], capture_output=True,
-                                  text=True, env=os.environ | {"EMOSERVE_HOME": str(BENCH_HOME)})
-            if done.returncode != 0:
-                sys.exit(f"child failed:\n{done.stderr}")
-            results[i].append(json.loads(done.stdout.splitlines()[-1]))
+            results[i].append(run_child(__file__, job))
             print(f"run {run + 1}/{runs} {side}: {results[i][-1]}", file=sys.stderr)
 
     def med(i: int, key: str) -> float:

@@ -93,6 +93,17 @@ def emoserve_cli(*argv: str) -> str:
     return done.stdout
 
 
+def run_child(script: str, job: dict[str, Any]) -> dict[str, Any]:
+    """Run `script --child JOB` (JSON) in a fresh interpreter with the benchmark cache; the JSON object
+    it prints last. A failed child ends the benchmark with its stderr."""
+    done = subprocess.run([sys.executable, script, "--child", json.dumps(job)], capture_output=True,
+                          text=True, env=os.environ | {"EMOSERVE_HOME": str(BENCH_HOME)})
+    if done.returncode != 0:
+        sys.exit(f"child failed:\n{done.stderr}")
+    result: dict[str, Any] = json.loads(done.stdout.splitlines()[-1])
+    return result
+
+
 def load_recognizer(entry: Path, backend: str = "torch", dtype: str = "float32") -> Any:
     """`emoserve.load_model` on the CPU, as a user would call it, on the given backend."""
     import emoserve

@@ -12,15 +12,23 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import time
 from itertools import product
 from pathlib import Path
 from typing import Any
 
-from common import BENCH_HOME, MB, bench_model, header, load_average, median, parser, run_count, table
+from common import (
+    MB,
+    bench_model,
+    header,
+    load_average,
+    median,
+    parser,
+    run_child,
+    run_count,
+    table,
+)
 
 CONFIGS = [{"prepack": p, "arena": a} for p, a in product((False, True), (True, False))]
 
@@ -40,11 +48,7 @@ def main() -> None:
         order = list(range(len(CONFIGS)))
         for i in order[run % len(order):] + order[: run % len(order)]:
             job = CONFIGS[i] | {"entry": str(model.entry), "steady": 1 if args.quick else args.steady}
-            done = subprocess.run([sys.executable, __file__, "--child", json.dumps(job)], capture_output=True,
-                                  text=True, env=os.environ | {"EMOSERVE_HOME": str(BENCH_HOME)})
-            if done.returncode != 0:
-                sys.exit(f"child failed:\n{done.stderr}")
-            results[i].append(json.loads(done.stdout.splitlines()[-1]))
+            results[i].append(run_child(__file__, job))
             print(f"run {run + 1}/{runs} {CONFIGS[i]} {results[i][-1]}", file=sys.stderr)
     rows = []
     for i, config in enumerate(CONFIGS):

@@ -5,8 +5,9 @@ for 8 long clips of the large model - and frees them. glibc does not hand all of
 - it raises its mmap threshold to the largest block freed so far (up to 32 MiB), after which blocks
   that size come from the heap, which keeps them: under the soak a server's RSS at rest rose ~330 MB in
   its first minutes and stayed, and its peak stayed at the largest batch's. `return_freed_memory()`
-  fixes the threshold at glibc's initial 128 KiB, once per serving process (model calls measured no
-  slower);
+  fixes the threshold at glibc's initial 128 KiB, once per serving process (the pages handed back are
+  faulted in again by the next call: benchmarks/allocator.py read 1.08x call time in one run, within
+  this machine's run-to-run noise; repeated single shapes read no difference);
 - the smaller blocks still come from the heap, and freed pages between live ones stay resident until
   `trim()` (malloc_trim, ~0.3 ms), which the engine calls after each model call.
 Section 6 of docs/benchmarks.md has the soak with and without them.
