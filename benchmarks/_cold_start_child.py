@@ -58,11 +58,12 @@ def load_baseline(published: Path) -> Any:
     load_state_dict. Wrapped in the same Recognizer so that the warm-up inference is identical."""
     import torch
 
-    from emoserve.entry import ModelInfo, read_labels
-    from emoserve.model import Emotion2vec
-    from emoserve.recognizer import Recognizer, physical_cores
-    from emoserve.torch_backend import TorchBackend
-    from emoserve.weights import from_published, read_config
+    from emoserve.inference.recognizer import Recognizer
+    from emoserve.inference.torch_backend import TorchBackend
+    from emoserve.model.checkpoint import from_published, read_config
+    from emoserve.model.entry import ModelInfo, read_labels
+    from emoserve.model.network import Emotion2vec
+    from emoserve.system import physical_cores
 
     torch.set_num_threads(physical_cores())  # as load_model does, so both sides compute alike
     labels = read_labels(published / "tokens.txt")

@@ -6,8 +6,8 @@ common web-app pattern, where the model is loaded when the first request needs i
 The first POST /v1/recognize loads the published checkpoint the common way (the same loader as
 cold_start.py's baseline): `Emotion2vec(config)` with random init, `torch.load` of the whole model.pt
 (weights_only=True, no mmap), `from_published`, `load_state_dict`; then every request predicts through
-`emoserve.recognizer.Recognizer`. GET /healthz answers as soon as uvicorn serves. torch is imported at
-the top, as such apps do.
+`emoserve.inference.recognizer.Recognizer`. GET /healthz answers as soon as uvicorn serves. torch is
+imported at the top, as such apps do.
 """
 
 from __future__ import annotations

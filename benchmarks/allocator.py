@@ -75,9 +75,9 @@ def main() -> None:
 def child(job: dict[str, Any]) -> None:
     import numpy as np
 
-    from emoserve import memory
-    from emoserve.entry import read_entry
-    from emoserve.onnx_backend import OnnxBackend, bucket_width
+    from emoserve import system as memory
+    from emoserve.inference.onnx_backend import OnnxBackend, bucket_width
+    from emoserve.model.entry import read_entry
 
     served = job["side"] != "glibc as it comes"
     if served:

@@ -70,9 +70,10 @@ def child(job: dict[str, Any]) -> None:
     import numpy as np
 
     from common import peak_rss_mb, synthetic_clip
-    from emoserve.entry import read_entry
-    from emoserve.onnx_backend import OnnxBackend
-    from emoserve.recognizer import Recognizer, physical_cores
+    from emoserve.inference.onnx_backend import OnnxBackend
+    from emoserve.inference.recognizer import Recognizer
+    from emoserve.model.entry import read_entry
+    from emoserve.system import physical_cores
 
     info = read_entry(Path(job["entry"]))
     graph = info.onnx_graph("float32")

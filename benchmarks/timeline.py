@@ -3,7 +3,7 @@
 Speech-and-pause recordings are built from the bundled example clips (espeak speech, 3-7 s) separated by
 pauses of 0.5-3 s with low noise, written block by block. Four measurements:
 
-1. VAD: decode + silero-vad + segmentation (`TimelineJob.segments()`) over a 10-minute recording, as
+1. VAD: decode + silero-vad + segmentation (`Recording.segments()`) over a 10-minute recording, as
    seconds per hour of audio.
 2. Real-time factor of the whole pipeline (`Recognizer.timeline`: decode, VAD, segments scored in groups
    through predict_many) on 10 and 60 minutes, against the baseline measured in the same run: the sum of
@@ -57,7 +57,7 @@ def recording(path: Path, minutes: float, seed: int = 0) -> Path:
     import numpy as np
     import soundfile as sf
 
-    from emoserve.audio import load_audio
+    from emoserve.audio.decode import load_audio
     from emoserve.constants import EXAMPLES_DIR
 
     if path.is_file() and path.stat().st_size > 0:
@@ -79,10 +79,10 @@ def recording(path: Path, minutes: float, seed: int = 0) -> Path:
 
 
 def vad_cost(path: Path, minutes: float) -> tuple[float, int]:
-    from emoserve.timeline import TimelineJob
+    from emoserve.audio.segments import Recording
 
     started = time.perf_counter()
-    n = sum(1 for _ in TimelineJob(path).segments())
+    n = sum(1 for _ in Recording(path).segments())
     seconds = time.perf_counter() - started
     return seconds * 60 / minutes, n
 
@@ -94,15 +94,16 @@ def pipeline_vs_one_at_a_time(recognizer: Any, path: Path) -> tuple[float, float
     and each group is also scored one `predict()` at a time right beside it, alternating which goes
     first: load that comes and goes on a shared machine then falls on both sides alike. Both sides
     include the decode + VAD time of the file, measured once."""
-    from emoserve.timeline import SEGMENTS_IN_FLIGHT, TimelineJob
+    from emoserve.audio.segments import Recording
+    from emoserve.inference.timeline import TIMELINE_BATCH_SIZE
 
     started = time.perf_counter()
-    job = TimelineJob(path)
+    job = Recording(path)
     segments = list(job.segments())
     vad_s = time.perf_counter() - started
     batched_s = alone_s = 0.0
-    for n, at in enumerate(range(0, len(segments), SEGMENTS_IN_FLIGHT)):
-        clips = [job.clip(s) for s in segments[at : at + SEGMENTS_IN_FLIGHT]]
+    for n, at in enumerate(range(0, len(segments), TIMELINE_BATCH_SIZE)):
+        clips = [job.clip(s) for s in segments[at : at + TIMELINE_BATCH_SIZE]]
 
         def batched(clips: list[Any] = clips) -> None:
             recognizer.predict_many(clips, batch_size=len(clips))

@@ -47,7 +47,7 @@ def _cache_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.Mo
 
 @pytest.fixture(scope="session")
 def tiny_recognizer(tmp_path_factory: pytest.TempPathFactory):
-    from emoserve.recognizer import load_model
+    from emoserve.inference.recognizer import load_model
 
     mp = pytest.MonkeyPatch()
     mp.setenv("EMOSERVE_HOME", str(tmp_path_factory.mktemp("tiny-home")))
@@ -61,14 +61,14 @@ def tiny_recognizer(tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture(scope="session")
 def tiny_onnx_entry(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The fixture model converted once with its float32 and int8 ONNX graphs (~30 s)."""
-    from emoserve.weights import convert
+    from emoserve.model.convert import convert
 
     return convert(FIXTURE / "model", tmp_path_factory.mktemp("onnx") / "entry", onnx=True, int8=True)
 
 
 @pytest.fixture(scope="session")
 def tiny_onnx(tiny_onnx_entry: Path):
-    from emoserve.recognizer import load_model
+    from emoserve.inference.recognizer import load_model
 
     return load_model(tiny_onnx_entry, backend="onnx", threads=1, progress=False)
 

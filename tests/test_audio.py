@@ -14,16 +14,10 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from emoserve import audio as audio_module
-from emoserve.audio import (
-    MIN_SAMPLES,
-    SAMPLE_RATE,
-    Audio,
-    AudioError,
-    load_audio,
-    resample,
-    to_mono,
-)
+from emoserve.audio import decode as audio_module
+from emoserve.audio.decode import MIN_SAMPLES, Audio, load_audio, resample, to_mono
+from emoserve.constants import SAMPLE_RATE
+from emoserve.errors import AudioError
 
 FIXTURES = Path(__file__).parent / "fixtures" / "emotion2vec-tiny"
 AUDIO = FIXTURES / "audio"

@@ -15,17 +15,13 @@ import numpy as np
 import pytest
 import torch
 
-from emoserve.audio import SAMPLE_RATE, Audio
-from emoserve.engine import (
-    Engine,
-    EngineConfig,
-    EngineObserver,
-    EngineStopped,
-    QueueFull,
-    WarmupError,
-    warm_up,
-)
-from emoserve.recognizer import Granularity, Recognizer, Result
+from emoserve.audio.decode import Audio
+from emoserve.constants import SAMPLE_RATE, Granularity
+from emoserve.errors import EngineStopped, QueueFull, WarmupError
+from emoserve.inference.recognizer import Recognizer
+from emoserve.inference.results import Result
+from emoserve.serving.engine import Engine, EngineConfig, EngineObserver
+from emoserve.serving.warmup import warm_up
 
 from .conftest import wave
 
@@ -287,7 +283,7 @@ def test_submit_blocking_serves_threads() -> None:
 
 
 def test_each_model_call_gives_its_freed_memory_back(monkeypatch: pytest.MonkeyPatch) -> None:
-    from emoserve import engine as engines
+    from emoserve.serving import engine as engines
 
     trims: list[int] = []
     recognizer = FakeRecognizer()

@@ -7,17 +7,22 @@ import pickle
 
 import pytest
 
-from emoserve.audio import AUDIO_ERRORS, AudioError
-from emoserve.config import ConfigError
-from emoserve.engine import EngineStopped, QueueFull, WarmupError
-from emoserve.entry import WeightsError
-from emoserve.errors import EmoserveError
-from emoserve.hub import HubError
-from emoserve.lifecycle import ServiceUnavailable
-from emoserve.onnx_export import ExportError
-from emoserve.recognizer import ModelOutputError
-from emoserve.server import api_error, error_json
-from emoserve.settings import SettingsError
+from emoserve.api.app import api_error, error_json
+from emoserve.errors import (
+    AUDIO_ERRORS,
+    AudioError,
+    ConfigError,
+    EmoserveError,
+    EngineStopped,
+    ExportError,
+    HubError,
+    ModelOutputError,
+    QueueFull,
+    ServiceUnavailable,
+    SettingsError,
+    WarmupError,
+    WeightsError,
+)
 
 ERRORS: list[EmoserveError] = [
     AudioError("a.wav: too long", source="a.wav", reason="too_long"),

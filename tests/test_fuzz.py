@@ -11,7 +11,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from emoserve.audio import Audio, AudioError, load_audio
+from emoserve.audio.decode import Audio, load_audio
+from emoserve.errors import AudioError
 
 from .conftest import FIXTURE
 from .test_audio import encode_with_pyav

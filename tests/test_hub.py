@@ -15,8 +15,9 @@ import pytest
 from huggingface_hub.hf_api import BlobLfsInfo, RepoSibling
 from huggingface_hub.utils import are_progress_bars_disabled
 
-from emoserve import hub
-from emoserve.hub import MODEL_FILES, HubError
+from emoserve.errors import HubError
+from emoserve.model import hub
+from emoserve.model.hub import MODEL_FILES
 
 FILES = {
     "config.yaml": b"model: Emotion2vec\n",
@@ -179,7 +180,7 @@ def test_missing_hash_warns_and_goes_on(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     FakeHf(monkeypatch, sha256=None)
-    with caplog.at_level(logging.WARNING, logger="emoserve.hub"):
+    with caplog.at_level(logging.WARNING, logger="emoserve.model.hub"):
         hub.download("emotion2vec_plus_large", tmp_path / "large", hub="hf", progress=False)
     assert_model_dir(tmp_path / "large")
     assert any("no sha256" in r.getMessage() and "model.pt" in r.getMessage() for r in caplog.records)

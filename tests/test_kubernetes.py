@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 import yaml
 
+from emoserve.api.app import create_app
 from emoserve.cli import parser
-from emoserve.server import create_app
-from emoserve.settings import Settings, load_settings
+from emoserve.serving.settings import Settings, load_settings
 
 DEPLOY = Path(__file__).parents[1] / "deploy"
 K8S_VERSION = "1.33.0"  # PodLifecycleSleepAction (preStop sleep) is GA from 1.34; beta and on since 1.30

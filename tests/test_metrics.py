@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from emoserve.metrics import Metrics, resident_memory_bytes
+from emoserve.serving.metrics import Metrics
+from emoserve.system import resident_memory_bytes
 
 RULES_DIR = Path(__file__).parents[1] / "deploy" / "prometheus"
 PROMISED = (  # the list (section 5)

@@ -7,9 +7,10 @@ import pytest
 import torch
 import yaml
 
-from emoserve.config import PRESETS, ConfigError, ModelConfig, parse_conv_spec
-from emoserve.model import Emotion2vec, alibi_slopes, normalize_waveform
-from emoserve.weights import read_published
+from emoserve.errors import ConfigError
+from emoserve.model.checkpoint import read_published
+from emoserve.model.config import PRESETS, ModelConfig, parse_conv_spec
+from emoserve.model.network import Emotion2vec, alibi_slopes, normalize_waveform
 
 from .conftest import FIXTURE, wave
 

@@ -17,11 +17,12 @@ from typing import Any
 import numpy as np
 import pytest
 
-from emoserve import onnx_export, recognizer
 from emoserve.cli import main
-from emoserve.entry import read_entry
-from emoserve.recognizer import Recognizer, load_model
-from emoserve.weights import convert
+from emoserve.inference import backend
+from emoserve.inference.recognizer import Recognizer, load_model
+from emoserve.model import export as onnx_export
+from emoserve.model.convert import convert
+from emoserve.model.entry import read_entry
 
 from .conftest import FIXTURE, SCORE_TOL, copy_fixture, wave
 
@@ -94,7 +95,7 @@ def test_an_entry_without_a_graph_runs_on_torch_and_says_so(
 def test_without_onnxruntime_auto_falls_back_to_torch_with_one_line(
     tiny_onnx_entry: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    monkeypatch.setattr(recognizer, "onnxruntime_installed", lambda: False)
+    monkeypatch.setattr(backend, "onnxruntime_installed", lambda: False)
     with caplog.at_level(logging.INFO, "emoserve"):
         rec = load_model(tiny_onnx_entry, threads=1)
     assert rec.backend.name == "torch"
@@ -215,7 +216,7 @@ def test_arbitrary_lengths_reach_onnx_runtime_as_a_bounded_set_of_widths(
     """ONNX Runtime keeps a memory plan per input shape for the session's life (~10 KB each): a batch
     is padded to one of 32 widths per octave, so traffic of any lengths makes few shapes; the results
     are those of the unpadded clips."""
-    from emoserve.onnx_backend import bucket_width
+    from emoserve.inference.onnx_backend import bucket_width
 
     for n in (1, 319, 320, 321, 10_240, 16_001, 47_999, 959_999):
         assert n <= bucket_width(n) < max(n * 33 / 32, n + 320)

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from emoserve import outputs
-from emoserve.outputs import OutputStore
-from emoserve.recognizer import FrameResult, Result
+from emoserve.inference.results import FrameResult, Result
+from emoserve.webui import saved as outputs
+from emoserve.webui.saved import OutputStore
 
 SCORES = {"angry": 0.1, "happy": 0.7, "neutral": 0.2}
 SAMPLES = np.linspace(-0.5, 0.5, 16_000, dtype=np.float32)  # 1 s at 16 kHz

@@ -24,7 +24,8 @@ import httpx
 import numpy as np
 import pytest
 
-from emoserve.settings import Settings, SettingsError
+from emoserve.errors import SettingsError
+from emoserve.serving.settings import Settings
 
 from .conftest import EMBEDDING_TOL, FIXTURE, SCORE_TOL
 from .test_server import LIVE, assert_error, live_server
@@ -48,7 +49,7 @@ APP_ARGS = {
 def test_nothing_of_ray_is_imported_without_asking() -> None:
     """`import emoserve`, the server and the CLI (its parser too) never import Ray."""
     code = (
-        "import sys, emoserve, emoserve.server, emoserve.cli\n"
+        "import sys, emoserve, emoserve.api.app, emoserve.cli\n"
         "emoserve.cli.parser().parse_args(['serve'])\n"
         "print(sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.')))"
     )
@@ -268,7 +269,7 @@ def test_a_replica_that_cannot_load_its_model_fails_the_deployment(ray_cluster: 
 def test_the_web_ui_runs_as_its_own_deployment_on_the_model_replicas(deployed: Deployed) -> None:
     from ray import serve
 
-    from emoserve.audio import load_audio
+    from emoserve.audio.decode import load_audio
     from emoserve.ray_serve import API_APP, RECOGNITION, RemoteService, split_args
 
     home = deployed.client.get("/", follow_redirects=True)
@@ -294,7 +295,7 @@ def test_the_ui_gets_a_replica_error_with_its_code_status_and_retry_after(ray_cl
     import ray
     from ray.exceptions import RayTaskError
 
-    from emoserve.engine import QueueFull
+    from emoserve.errors import QueueFull
     from emoserve.ray_serve import domain_error
 
     @ray.remote(num_cpus=0)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from emoserve.recognizer import Recognizer, Result, length_batches
+from emoserve.inference.recognizer import Recognizer, length_batches
+from emoserve.inference.results import Result
 
 from .conftest import CLIPS, EMBEDDING_TOL, FIXTURE, SCORE_TOL, expected, wave
 

@@ -30,9 +30,9 @@ import soundfile as sf
 import uvicorn
 from fastapi.testclient import TestClient
 
-from emoserve.lifecycle import Service
-from emoserve.server import H11_BUFFER_BYTES, MAX_HEADER_BYTES, DrainingServer, create_app
-from emoserve.settings import Settings
+from emoserve.api.app import H11_BUFFER_BYTES, MAX_HEADER_BYTES, DrainingServer, create_app
+from emoserve.serving.service import Service
+from emoserve.serving.settings import Settings
 
 from .conftest import EMBEDDING_TOL, FIXTURE, SCORE_TOL, wave
 
@@ -647,7 +647,7 @@ def test_serve_stays_up_failed_when_asked(tmp_path: Path) -> None:
 
 FREED_MEMORY_PROBE = """
 import sys
-from emoserve.memory import return_freed_memory, trim
+from emoserve.system import return_freed_memory, trim
 
 def rss_mib():
     with open("/proc/self/status") as status:
@@ -675,7 +675,7 @@ def test_a_serving_process_gives_freed_batch_memory_back_to_the_system(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The soak's RSS climbed ~330 MB in its first minutes and stayed (memory.py)."""
-    from emoserve import lifecycle
+    from emoserve.serving import service as lifecycle
 
     def given_back_mib(block_kib: int, *fixes: str) -> int:
         probe = [sys.executable, "-c", FREED_MEMORY_PROBE, str(block_kib), *fixes]

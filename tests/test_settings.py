@@ -8,14 +8,8 @@ from pathlib import Path
 import pytest
 
 from emoserve.cli import main, parser
-from emoserve.settings import (
-    CPU_MAX_AUDIO_S,
-    GPU_MAX_AUDIO_S,
-    Settings,
-    SettingsError,
-    describe,
-    load_settings,
-)
+from emoserve.errors import SettingsError
+from emoserve.serving.settings import CPU_MAX_AUDIO_S, GPU_MAX_AUDIO_S, Settings, describe, load_settings
 
 
 def from_flags(*argv: str, environ: dict[str, str] | None = None) -> Settings:

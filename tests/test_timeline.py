@@ -14,10 +14,12 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from emoserve.audio import AudioError, load_audio
-from emoserve.stream import AudioStream
-from emoserve.timeline import Span, TimelineJob, read_spans, summarise
-from emoserve.vad import FRAME, Segmenter, SileroVad, VadSettings, quietest
+from emoserve.audio.decode import load_audio
+from emoserve.audio.segments import Recording, Segmenter, Span, quietest, read_spans
+from emoserve.audio.stream import AudioStream
+from emoserve.audio.vad import FRAME, SileroVad, VadSettings
+from emoserve.errors import AudioError
+from emoserve.inference.results import summarise
 
 from .conftest import FIXTURE, SCORE_TOL
 
@@ -66,7 +68,7 @@ def bounds(segments: Any) -> list[tuple[float, float]]:
 
 def test_one_segment_per_clip_at_the_right_place(speech_file: tuple[Path, list[tuple[float, float]]]) -> None:
     path, truth = speech_file
-    segments = list(TimelineJob(path).segments())
+    segments = list(Recording(path).segments())
     assert len(segments) == len(truth), bounds(segments)
     for segment, (start, end) in zip(segments, truth, strict=True):
         assert abs(segment.start_s - start) < EDGE_TOL_S, (segment, start)
@@ -111,9 +113,9 @@ def test_blockwise_segments_equal_whole_file(
 ) -> None:
     path = speech_file[0]
     settings = VadSettings(max_segment_s=2.0)  # cuts too, which must not depend on the blocks either
-    whole = list(TimelineJob(path, vad=settings).segments())
+    whole = list(Recording(path, vad=settings).segments())
 
-    job = TimelineJob(path, vad=settings)
+    job = Recording(path, vad=settings)
     job.stream = AudioStream(path, block_s=block_s)
     blocks = list(job.segments())
     assert [(s.start, s.end, s.split) for s in blocks] == [(s.start, s.end, s.split) for s in whole]
@@ -139,7 +141,7 @@ def test_a_stub_vad_drives_the_segment_rules(tmp_path: Path) -> None:
 
     path = tmp_path / "quiet.wav"
     sf.write(path, np.zeros(100 * FRAME, np.float32), RATE)
-    segments = list(TimelineJob(path, vad_factory=Stub).segments())
+    segments = list(Recording(path, vad_factory=Stub).segments())
     assert [(s.start, s.end) for s in segments] == [(10 * FRAME - 1600, 40 * FRAME + 1600)]
 
 
@@ -152,7 +154,7 @@ def test_long_speech_is_cut_under_the_limit_at_quiet_points(tmp_path: Path) -> N
     path = tmp_path / "continuous.wav"
     sf.write(path, x, RATE, subtype="PCM_16")
     settings = VadSettings(max_segment_s=8.0, min_silence_ms=1000)
-    segments = list(TimelineJob(path, vad=settings).segments())
+    segments = list(Recording(path, vad=settings).segments())
     assert len(segments) >= 4, bounds(segments)
     assert all(s.split for s in segments), bounds(segments)
     assert all(s.end_s - s.start_s <= settings.max_segment_s for s in segments)
@@ -165,7 +167,7 @@ def test_long_speech_is_cut_under_the_limit_at_quiet_points(tmp_path: Path) -> N
 def test_a_cut_in_the_closing_pause_leaves_no_empty_piece(speech_file: tuple[Path, Any]) -> None:
     """With 2 s pieces and threshold 0.4, a cut lands after silero's provisional end: the tail after it
     is dropped, never emitted with its end before its start."""
-    segments = list(TimelineJob(speech_file[0], vad=VadSettings(max_segment_s=2.0, threshold=0.4)).segments())
+    segments = list(Recording(speech_file[0], vad=VadSettings(max_segment_s=2.0, threshold=0.4)).segments())
     assert all(s.end - s.start >= 250 * 16 for s in segments), [(s.start, s.end) for s in segments]
     assert all(a.end <= b.start for a, b in itertools.pairwise(segments))
 
@@ -185,7 +187,7 @@ def test_quietest_prefers_a_pause_silero_heard() -> None:
 def test_silence_only_gives_no_segments(tmp_path: Path) -> None:
     path = tmp_path / "silence.wav"
     sf.write(path, np.random.default_rng(0).normal(0, 1e-3, 5 * RATE).astype(np.float32), RATE)
-    job = TimelineJob(path)
+    job = Recording(path)
     assert list(job.segments()) == []
     assert job.duration_s == pytest.approx(5.0)
 
@@ -194,7 +196,8 @@ def test_importing_emoserve_timeline_leaves_torch_threads_alone(tmp_path: Path) 
     """silero_vad's import sets torch's thread count to 1 for the whole process; ours never imports it."""
     code = (
         "import torch; torch.set_num_threads(2); "
-        "import emoserve.timeline, emoserve.vad; from emoserve.vad import SileroVad; SileroVad(); "
+        "import emoserve.inference.timeline, emoserve.audio.vad; "
+        "from emoserve.audio.vad import SileroVad; SileroVad(); "
         "import sys; print(torch.get_num_threads(), 'silero_vad' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
@@ -219,21 +222,21 @@ def test_channels_separate_gives_a_timeline_per_channel(tmp_path: Path) -> None:
     right = np.concatenate([gap, np.zeros(len(a), np.float32), gap, b, gap])
     path = tmp_path / "call.wav"
     sf.write(path, np.stack([left, right], axis=1), RATE)
-    segments = list(TimelineJob(path, channels="separate").segments())
+    segments = list(Recording(path, channels="separate").segments())
     assert [s.speaker for s in segments] == ["ch0", "ch1"]
     assert segments[0].end_s < segments[1].start_s
-    mixed = list(TimelineJob(path).segments())
+    mixed = list(Recording(path).segments())
     assert [s.speaker for s in mixed] == [None, None]
 
 
 def test_limit_and_bad_files_fail_before_any_work(tmp_path: Path, speech_file: tuple[Path, Any]) -> None:
     with pytest.raises(AudioError) as too_long:
-        TimelineJob(speech_file[0], max_seconds=5.0)
+        Recording(speech_file[0], max_seconds=5.0)
     assert too_long.value.code == "audio_too_long"
     bad = tmp_path / "bad.wav"
     bad.write_bytes(b"not audio at all" * 10)
     with pytest.raises(AudioError) as undecodable:
-        TimelineJob(bad)
+        Recording(bad)
     assert undecodable.value.code == "unsupported_audio"
 
 
@@ -242,7 +245,7 @@ def test_limit_and_bad_files_fail_before_any_work(tmp_path: Path, speech_file: t
 
 def test_caller_segments_skip_the_vad(speech_file: tuple[Path, Any]) -> None:
     spans = [Span(0.5, 2.0, "A"), Span(1.5, 3.0, "B"), Span(4.0, 30.0, "A")]  # overlapping; past the end
-    job = TimelineJob(speech_file[0], spans=spans, vad=VadSettings(max_segment_s=5.0))
+    job = Recording(speech_file[0], spans=spans, vad=VadSettings(max_segment_s=5.0))
     segments = list(job.segments())
     x = load_audio(speech_file[0]).samples
     assert [(s.start, s.speaker) for s in segments[:2]] == [(8000, "A"), (24000, "B")]
@@ -272,7 +275,7 @@ def test_read_spans_json_and_rttm() -> None:
 
 def test_a_segments_file_is_read_within_its_limit_and_named_in_errors(tmp_path: Path) -> None:
     """The CLI's --segments-from and the web UI's upload read it alike (read_spans_file)."""
-    from emoserve.timeline import MAX_SPANS_BYTES, read_spans_file
+    from emoserve.audio.segments import MAX_SPANS_BYTES, read_spans_file
 
     turns = tmp_path / "turns.json"
     turns.write_text('[{"start_s": 1, "end_s": 2.5, "speaker": "A"}]')
@@ -325,7 +328,7 @@ def test_a_one_clip_file_equals_predict(tiny_recognizer: Any) -> None:
 
 
 def test_summary_is_time_weighted() -> None:
-    from emoserve.timeline import TimelineSegment
+    from emoserve.inference.results import TimelineSegment
 
     def seg(start: float, end: float, emotion: str, p: float, speaker: str | None) -> TimelineSegment:
         scores = {"happy": p, "sad": 1 - p}
@@ -373,8 +376,8 @@ def test_timeline_json_round_trips(tiny_recognizer: Any, speech_file: tuple[Path
 # VmHWM: this process's own peak (ru_maxrss would carry pytest's across fork and exec)
 PEAK_RSS = """
 import sys
-from emoserve.timeline import TimelineJob
-job = TimelineJob(sys.argv[1])
+from emoserve.audio.segments import Recording
+job = Recording(sys.argv[1])
 n = sum(1 for _ in job.segments())
 hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM")).split()[1]
 print(n, job.duration_s, int(hwm) // 1024)

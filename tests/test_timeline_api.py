@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from emoserve.settings import Settings
+from emoserve.serving.settings import Settings
 
 from .conftest import SCORE_TOL
 from .test_server import CLIP, LIVE, Live, assert_error, gated_model, live_server, wait_for

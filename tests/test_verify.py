@@ -14,12 +14,15 @@ import numpy as np
 import pytest
 import yaml
 
-from emoserve import weights
-from emoserve.batch import score_files
 from emoserve.cli import main
-from emoserve.config import PRESETS, ModelConfig
-from emoserve.entry import WeightsError, check_entry, read_manifest
-from emoserve.recognizer import ModelOutputError, Outputs, Recognizer, load_model
+from emoserve.errors import ModelOutputError, WeightsError
+from emoserve.inference.files import score_files
+from emoserve.inference.recognizer import Recognizer, load_model
+from emoserve.model.config import PRESETS, ModelConfig
+from emoserve.model.convert import convert
+from emoserve.model.entry import check_entry, read_manifest
+from emoserve.model.interface import Outputs
+from emoserve.model.testing import published_config_yaml
 
 from .conftest import FIXTURE, copy_fixture, wave
 
@@ -39,7 +42,7 @@ def flip_last_byte(path: Path) -> None:
 def test_conversion_records_content_hashes_and_verify_passes(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    entry = weights.convert(FIXTURE / "model", tmp_path / "entry")
+    entry = convert(FIXTURE / "model", tmp_path / "entry")
     files = read_manifest(entry)["files"]
     assert set(files) == {"model.safetensors", "config.json", "tokens.txt"}
     assert check_entry(entry, full=True) == []
@@ -50,7 +53,7 @@ def test_conversion_records_content_hashes_and_verify_passes(
 def test_verify_finds_a_changed_byte_that_the_cheap_check_cannot(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    entry = weights.convert(FIXTURE / "model", tmp_path / "entry")
+    entry = convert(FIXTURE / "model", tmp_path / "entry")
     flip_last_byte(entry / "model.safetensors")
     assert check_entry(entry) == []  # same size, same header: only the hash tells
     assert main(["verify", str(entry)]) == 1
@@ -93,7 +96,7 @@ def test_a_mismatched_config_is_summarised(tmp_path: Path) -> None:
     raw["model_conf"]["embed_dim"] = 96  # says 96, the checkpoint holds 64
     (model_dir / "config.yaml").write_text(yaml.safe_dump(raw))
     with pytest.raises(WeightsError) as caught:
-        weights.convert(model_dir, tmp_path / "entry")
+        convert(model_dir, tmp_path / "entry")
     message = str(caught.value)
     assert "tensors differ" in message and "wrong shape" in message and "expected (" in message
     assert len(message) < 700 and message.count("d2v_model") <= 3
@@ -158,7 +161,7 @@ def test_the_server_answers_500_with_a_code_for_non_finite_outputs(tmp_path: Pat
 def hold_verification(monkeypatch: pytest.MonkeyPatch) -> threading.Event:
     """The server's background hash waits for the returned event: the tiny model hashes in microseconds,
     and a test must see "ready" first (the cheap check of /readyz goes through)."""
-    from emoserve import entry as entries
+    from emoserve.model import entry as entries
 
     release = threading.Event()
 
@@ -176,7 +179,7 @@ def test_the_server_turns_failed_when_its_model_files_change_and_their_source_is
 ) -> None:
     from .test_server import LIVE, assert_error, live_server, wait_for
 
-    entry = weights.convert(copy_fixture(tmp_path), tmp_path / "entry")
+    entry = convert(copy_fixture(tmp_path), tmp_path / "entry")
     shutil.rmtree(tmp_path / "model")
     settings = dataclasses.replace(LIVE, model=str(entry), verify_model=True)
     flip_last_byte(entry / "model.safetensors")  # loads and warms up fine: only the hash tells
@@ -194,7 +197,7 @@ def test_the_server_converts_changed_model_files_again_from_their_source_and_ser
 ) -> None:
     from .test_server import LIVE, live_server, wait_for
 
-    entry = weights.convert(copy_fixture(tmp_path), tmp_path / "entry")
+    entry = convert(copy_fixture(tmp_path), tmp_path / "entry")
     settings = dataclasses.replace(LIVE, model=str(entry), verify_model=True)
     flip_last_byte(entry / "model.safetensors")
     with live_server(settings, tmp_path / "home") as live:
@@ -229,7 +232,7 @@ def keys(tree: Any, prefix: str = "") -> set[str]:
 
 @pytest.mark.parametrize("preset", ["tiny", "base", "large"])
 def test_make_test_model_writes_the_complete_published_config(preset: str) -> None:
-    written = yaml.safe_load(weights.published_config_yaml(PRESETS[preset], preset))
+    written = yaml.safe_load(published_config_yaml(PRESETS[preset], preset))
     published = yaml.safe_load((FIXTURE / "model" / "config.yaml").read_text())
     assert keys(written) == keys(published)  # every key FunASR reads, training ones included
     assert written["model_conf"]["start_drop_path_rate"] == 0.0
@@ -237,7 +240,7 @@ def test_make_test_model_writes_the_complete_published_config(preset: str) -> No
 
 
 def _audio(samples: np.ndarray, source: str) -> Any:
-    from emoserve.audio import Audio
+    from emoserve.audio.decode import Audio
 
     return Audio(samples, source, 16000, 1, "array", None, False)
 
@@ -266,7 +269,7 @@ def test_a_conversion_killed_midway_leaves_nothing_that_loads(tmp_path: Path) ->
     assert not out.exists() and list(tmp_path.glob(".entry.*"))  # only the hidden work directory
     with pytest.raises(WeightsError, match="neither a directory nor a known name"):
         load_model(out)
-    assert weights.convert(FIXTURE / "model", out, onnx=False) == out and check_entry(out, full=True) == []
+    assert convert(FIXTURE / "model", out, onnx=False) == out and check_entry(out, full=True) == []
     assert sorted(p.name for p in tmp_path.iterdir()) == ["entry"]  # the killed one's work is gone
 
 
@@ -274,10 +277,10 @@ def test_only_the_work_directories_of_dead_processes_are_swept(tmp_path: Path) -
     import subprocess
     import sys
 
-    from emoserve.workdir import sweep, work_dir
+    from emoserve.files import sweep, work_dir
 
     child = (  # a download's work directory whose process is killed (it prints the path, then hangs)
-        "import sys, time, pathlib; from emoserve.workdir import work_dir\n"
+        "import sys, time, pathlib; from emoserve.files import work_dir\n"
         "with work_dir(pathlib.Path(sys.argv[1]), suffix='.partial') as w:\n"
         "    (w / 'model.pt').write_bytes(b'x' * 1000); print(w, flush=True); time.sleep(60)\n"
     )
@@ -301,7 +304,7 @@ def test_only_the_work_directories_of_dead_processes_are_swept(tmp_path: Path) -
 def test_a_model_deleted_while_serving_keeps_serving_and_readyz_says_so(tmp_path: Path) -> None:
     from .test_server import LIVE, live_server
 
-    entry = weights.convert(FIXTURE / "model", tmp_path / "entry")
+    entry = convert(FIXTURE / "model", tmp_path / "entry")
     settings = dataclasses.replace(LIVE, model=str(entry))
     with live_server(settings, tmp_path / "home") as live:
         assert "model_files" not in live.client.get("/readyz").json()

@@ -21,21 +21,25 @@ import pytest
 import soundfile as sf
 from fastapi import FastAPI
 
-from emoserve import outputs, webui
-from emoserve.audio import Audio
-from emoserve.engine import Engine, EngineConfig, QueueFull, RequestTiming
-from emoserve.lifecycle import ServiceUnavailable
-from emoserve.outputs import OutputStore
-from emoserve.recognizer import FrameResult, Granularity, Recognizer, Result
-from emoserve.stream import Channels
-from emoserve.timeline import Span, TimelineJob, TimelineSegment, score_segments, scored
-from emoserve.vad import DEFAULT_VAD, VadSettings
+from emoserve.audio.decode import Audio
+from emoserve.audio.segments import Recording, Span
+from emoserve.audio.stream import Channels
+from emoserve.audio.vad import DEFAULT_VAD, VadSettings
+from emoserve.constants import EXAMPLES_DIR, Granularity
+from emoserve.errors import QueueFull, ServiceUnavailable
+from emoserve.inference.recognizer import Recognizer
+from emoserve.inference.results import FrameResult, Result, TimelineSegment, scored
+from emoserve.inference.timeline import score_segments
+from emoserve.serving.engine import Engine, EngineConfig, RequestTiming
+from emoserve.webui import app as webui
+from emoserve.webui import saved as outputs
+from emoserve.webui.saved import OutputStore
 
 from .conftest import skip_or_fail, wave
 
 CHROMIUM = Path("/usr/bin/chromium")
-EXAMPLE = webui.EXAMPLES_DIR / "en_3s_44k.mp3"
-OTHER_EXAMPLE = webui.EXAMPLES_DIR / "zh_3s_16k.wav"
+EXAMPLE = EXAMPLES_DIR / "en_3s_44k.mp3"
+OTHER_EXAMPLE = EXAMPLES_DIR / "zh_3s_16k.wav"
 # Long enough that two windows clicked one after the other share one model call (proof that the UI
 # lets them run at once), short enough to keep the test quick.
 BATCH_WAIT_MS = 1500.0
@@ -101,12 +105,12 @@ class FakeService:
         channels: Channels = "mix",
         vad: VadSettings = DEFAULT_VAD,
         spans: Sequence[Span] | None = None,
-    ) -> TimelineJob:
-        return TimelineJob(
+    ) -> Recording:
+        return Recording(
             source, name=name, channels=channels, vad=vad, spans=spans, max_seconds=self.max_timeline_s
         )
 
-    async def timeline(self, job: TimelineJob) -> AsyncIterator[TimelineSegment]:
+    async def timeline(self, job: Recording) -> AsyncIterator[TimelineSegment]:
         """As Service.timeline, one segment at a time (the test files are short: decoding on the loop)."""
         self.require_ready()
         assert self.engine is not None
@@ -238,7 +242,7 @@ def test_bad_input_is_a_clear_error_and_the_ui_keeps_working(fast_engine: Engine
     with pytest.raises(gr.Error, match=r"notes\.wav: could not decode"):
         recognize(service, str(garbage))
     with pytest.raises(gr.Error, match="the limit is 5 s"):
-        recognize(service, str(webui.EXAMPLES_DIR / "en_7s_16k.flac"))
+        recognize(service, str(EXAMPLES_DIR / "en_7s_16k.flac"))
     with pytest.raises(gr.Error, match="Upload a clip"):
         recognize(service, None)
     assert recognize(service, str(EXAMPLE)).result.emotion
@@ -317,7 +321,7 @@ def build_timeline(
 
     async def collect() -> None:
         args = (path, channels, max_segment_s, threshold, segments)
-        async for values in webui.build_timeline(service, downloads, *args):
+        async for values in webui.timeline_updates(service, downloads, *args):
             out.append(values)
 
     try:
@@ -339,7 +343,7 @@ def test_timeline_streams_segments_then_saves_json_and_csv(
     service = make_service(fast_engine, OutputStore(tmp_path / "outputs"))
     updates = build_timeline(service, str(recording))
 
-    expected = list(score_segments(fast_engine.recognizer, TimelineJob(str(recording))))
+    expected = list(score_segments(fast_engine.recognizer, Recording(str(recording))))
     assert len(expected) >= len(RECORDING_CLIPS)
     progress, card, distribution, plot, table, files = updates[-1]
     assert 'data-state="done"' in progress and f"{len(expected)} segments" in progress
@@ -655,7 +659,7 @@ def test_browser_builds_the_timeline_of_a_long_recording(
 ) -> None:
     url, service = live_ui
     recording = joined_recording(tmp_path / "meeting.wav")
-    expected = list(score_segments(tiny_recognizer, TimelineJob(str(recording))))
+    expected = list(score_segments(tiny_recognizer, Recording(str(recording))))
     page = open_page(browser, url)
     page.get_by_role("tab", name="Long recording").click()
     page.locator("#tl-audio input[type=file]").set_input_files(str(recording))

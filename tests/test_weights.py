@@ -11,10 +11,15 @@ import pytest
 import torch
 from torch import nn
 
-from emoserve import entry as entries
-from emoserve import hub, weights
-from emoserve.entry import WeightsError
-from emoserve.recognizer import load_model
+from emoserve.errors import HubError, WeightsError
+from emoserve.inference.recognizer import load_model
+from emoserve.model import checkpoint as weights
+from emoserve.model import entry as entries
+from emoserve.model import hub
+from emoserve.model.cache import describe, resolve
+from emoserve.model.convert import convert, load_entry
+from emoserve.model.network import Emotion2vec
+from emoserve.model.testing import make_test_model
 
 from .conftest import FIXTURE, copy_fixture, wave
 
@@ -93,7 +98,7 @@ def test_unuse_labels_are_masked(tmp_path: Path, tiny_recognizer) -> None:  # ty
 
 def test_published_and_slim_entry_give_identical_outputs(tmp_path: Path) -> None:
     config, labels, state = weights.read_published(FIXTURE / "model")
-    entry = weights.convert(FIXTURE / "model", tmp_path / "entry")
+    entry = convert(FIXTURE / "model", tmp_path / "entry")
     assert {p.name for p in entry.iterdir()} == {
         "model.safetensors",
         "config.json",
@@ -101,10 +106,10 @@ def test_published_and_slim_entry_give_identical_outputs(tmp_path: Path) -> None
         "tokens.txt",
     }
     assert (entry / "model.safetensors").stat().st_size < (FIXTURE / "model" / "model.pt").stat().st_size
-    loaded, info = weights.load_entry(entry)
+    loaded, info = load_entry(entry)
     assert info.config == config and info.labels == labels and not info.random_weights
     assert info.source["sha256"] == hub.sha256_file(FIXTURE / "model" / "model.pt")
-    reference = weights.Emotion2vec(config)
+    reference = Emotion2vec(config)
     reference.load_state_dict(state)
     x = torch.from_numpy(wave("zh_3s_16k.wav"))[None]
     n = torch.tensor([x.shape[1]])
@@ -113,7 +118,7 @@ def test_published_and_slim_entry_give_identical_outputs(tmp_path: Path) -> None
 
 
 def test_entry_loads_without_initialising_parameters(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    entry = weights.convert(FIXTURE / "model", tmp_path / "entry")
+    entry = convert(FIXTURE / "model", tmp_path / "entry")
 
     def no_init(self: nn.Module) -> None:
         if not any(p.is_meta for p in self.parameters()):
@@ -121,25 +126,25 @@ def test_entry_loads_without_initialising_parameters(tmp_path: Path, monkeypatch
 
     for cls in (nn.Linear, nn.Conv1d, nn.LayerNorm):
         monkeypatch.setattr(cls, "reset_parameters", no_init)
-    model, _ = weights.load_entry(entry)
+    model, _ = load_entry(entry)
     assert not any(p.is_meta for p in model.parameters())
 
 
 def test_directory_is_converted_once_and_again_when_it_changes(tmp_path: Path) -> None:
     model_dir = copy_fixture(tmp_path)
     cache = tmp_path / "cache"
-    entry = entries.resolve(model_dir, cache=cache)
+    entry = resolve(model_dir, cache=cache)
     first = (entry / "manifest.json").stat().st_mtime_ns
-    assert entries.resolve(model_dir, cache=cache) == entry
+    assert resolve(model_dir, cache=cache) == entry
     assert (entry / "manifest.json").stat().st_mtime_ns == first
     stat = (model_dir / "model.pt").stat()
     os.utime(model_dir / "model.pt", ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
-    assert entries.resolve(model_dir, cache=cache) == entry
+    assert resolve(model_dir, cache=cache) == entry
     assert (entry / "manifest.json").stat().st_mtime_ns != first
 
 
 def test_a_cached_name_needs_no_network(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    weights.convert(
+    convert(
         FIXTURE / "model", tmp_path / "models" / "emotion2vec_plus_base", name="emotion2vec_plus_base"
     )
 
@@ -148,7 +153,7 @@ def test_a_cached_name_needs_no_network(tmp_path: Path, monkeypatch: pytest.Monk
 
     monkeypatch.setattr(hub, "download", offline)
     for name in ("emotion2vec_plus_base", "iic/emotion2vec_plus_base", "emotion2vec/emotion2vec_plus_base"):
-        assert entries.resolve(name, cache=tmp_path) == tmp_path / "models" / "emotion2vec_plus_base"
+        assert resolve(name, cache=tmp_path) == tmp_path / "models" / "emotion2vec_plus_base"
 
 
 def test_download_is_converted_and_the_raw_file_dropped(
@@ -159,21 +164,21 @@ def test_download_is_converted_and_the_raw_file_dropped(
         return dest
 
     monkeypatch.setattr(hub, "download", fake_download)
-    entry = entries.resolve("emotion2vec_plus_seed", cache=tmp_path)
+    entry = resolve("emotion2vec_plus_seed", cache=tmp_path)
     assert entries.is_entry(entry) and entries.read_entry(entry).name == "emotion2vec_plus_seed"
     assert not (tmp_path / "downloads" / "emotion2vec_plus_seed").exists()
 
 
 def failing_download(*_args: object, **_kw: object) -> None:
-    raise hub.HubError("no network")
+    raise HubError("no network")
 
 
 def test_an_explicit_model_never_falls_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(hub, "download", failing_download)
-    with pytest.raises(hub.HubError, match="no network"):
-        entries.resolve("emotion2vec_plus_large", cache=tmp_path)
+    with pytest.raises(HubError, match="no network"):
+        resolve("emotion2vec_plus_large", cache=tmp_path)
     with pytest.raises(WeightsError, match="neither a directory nor a known name"):
-        entries.resolve(tmp_path / "no-such-model", cache=tmp_path)
+        resolve(tmp_path / "no-such-model", cache=tmp_path)
     assert not (tmp_path / "models").exists()
 
 
@@ -182,13 +187,13 @@ def test_the_default_falls_back_loudly_to_random_weights(
 ) -> None:
     monkeypatch.setattr(hub, "download", failing_download)
     monkeypatch.setattr(entries, "FALLBACK_PRESET", "tiny")  # the large one takes ~10 s to generate
-    entry = entries.resolve(None, cache=tmp_path)
+    entry = resolve(None, cache=tmp_path)
     assert "RANDOM-WEIGHT" in caplog.text and "no network" in caplog.text
     assert entries.read_entry(entry).random_weights
 
 
 def test_make_test_model_is_published_layout_and_marked_random(tmp_path: Path) -> None:
-    out = weights.make_test_model(tmp_path / "m", preset="tiny", seed=3)
+    out = make_test_model(tmp_path / "m", preset="tiny", seed=3)
     assert {p.name for p in out.iterdir()} == {"config.yaml", "model.pt", "tokens.txt", "configuration.json"}
     checkpoint = torch.load(out / "model.pt", weights_only=True)
     fixture = torch.load(FIXTURE / "model" / "model.pt", weights_only=True)
@@ -198,13 +203,13 @@ def test_make_test_model_is_published_layout_and_marked_random(tmp_path: Path) -
     result = load_model(out, device="cpu").predict((wave("en_1s_16k.wav"), 16000))
     assert result.random_weights is True
     assert result.model == "m"
-    other = load_model(weights.make_test_model(tmp_path / "m2", preset="tiny", seed=4), device="cpu")
+    other = load_model(make_test_model(tmp_path / "m2", preset="tiny", seed=4), device="cpu")
     assert other.predict((wave("en_1s_16k.wav"), 16000)).scores != result.scores
 
 
 def test_training_state_pads_the_file_like_the_published_one(tmp_path: Path) -> None:
-    slim = weights.make_test_model(tmp_path / "a", preset="tiny")
-    padded = weights.make_test_model(tmp_path / "b", preset="tiny", training_state=True)
+    slim = make_test_model(tmp_path / "a", preset="tiny")
+    padded = make_test_model(tmp_path / "b", preset="tiny", training_state=True)
     ratio = (padded / "model.pt").stat().st_size / (slim / "model.pt").stat().st_size
     assert 2.8 < ratio < 3.2  # the published large file is 1,945,790,254 B for 649 MB of weights
     assert np.isclose(
@@ -213,10 +218,10 @@ def test_training_state_pads_the_file_like_the_published_one(tmp_path: Path) -> 
 
 
 def test_describe_reports_config_labels_files(tmp_path: Path) -> None:
-    info = entries.describe(str(FIXTURE / "model"))
+    info = describe(str(FIXTURE / "model"))
     assert info["parameters"] == sum(
         v.numel() for v in torch.load(FIXTURE / "model" / "model.pt", weights_only=True)["model"].values()
     )
     assert info["config"]["embed_dim"] == 64 and len(info["labels"]) == 9
     assert info["files"]["model.pt"] == (FIXTURE / "model" / "model.pt").stat().st_size
-    assert entries.describe("emotion2vec_plus_large")["cached"] is False
+    assert describe("emotion2vec_plus_large")["cached"] is False

@@ -12,20 +12,20 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "load_model": "recognizer",
-    "Recognizer": "recognizer",
-    "Result": "recognizer",
-    "FrameResult": "recognizer",
-    "ModelOutputError": "recognizer",
-    "load_audio": "audio",
-    "Audio": "audio",
-    "AudioError": "audio",
-    "WeightsError": "entry",
-    "make_test_model": "weights",
-    "Timeline": "timeline",
-    "TimelineSegment": "timeline",
-    "Span": "timeline",
-    "VadSettings": "vad",
+    "load_model": "inference.recognizer",
+    "Recognizer": "inference.recognizer",
+    "Result": "inference.results",
+    "FrameResult": "inference.results",
+    "ModelOutputError": "errors",
+    "load_audio": "audio.decode",
+    "Audio": "audio.decode",
+    "AudioError": "errors",
+    "WeightsError": "errors",
+    "make_test_model": "model.testing",
+    "Timeline": "inference.results",
+    "TimelineSegment": "inference.results",
+    "Span": "audio.segments",
+    "VadSettings": "audio.vad",
 }
 __all__ = [  # noqa: RUF022 - grouped by module
     "__version__",
@@ -46,12 +46,13 @@ __all__ = [  # noqa: RUF022 - grouped by module
 ]
 
 if TYPE_CHECKING:
-    from .audio import Audio, AudioError, load_audio
-    from .entry import WeightsError
-    from .recognizer import FrameResult, ModelOutputError, Recognizer, Result, load_model
-    from .timeline import Span, Timeline, TimelineSegment
-    from .vad import VadSettings
-    from .weights import make_test_model
+    from emoserve.audio.decode import Audio, load_audio
+    from emoserve.audio.segments import Span
+    from emoserve.audio.vad import VadSettings
+    from emoserve.errors import AudioError, ModelOutputError, WeightsError
+    from emoserve.inference.recognizer import Recognizer, load_model
+    from emoserve.inference.results import FrameResult, Result, Timeline, TimelineSegment
+    from emoserve.model.testing import make_test_model
 
 
 def __getattr__(name: str) -> Any:

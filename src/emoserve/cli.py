@@ -12,13 +12,12 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import __version__
+from emoserve import __version__
+from emoserve.constants import HUBS
+from emoserve.model.config import PRESETS
 
 if TYPE_CHECKING:
-    from .batch import Outcome
-
-HUBS = ("auto", "hf", "ms")
-PRESETS = ("tiny", "seed", "base", "large")  # mirrors model.PRESETS without importing torch
+    from emoserve.inference.files import Outcome
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -40,7 +39,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _is_user_error(err: Exception) -> bool:
-    from .errors import EmoserveError
+    from emoserve.errors import EmoserveError
 
     return isinstance(err, EmoserveError | ValueError | FileNotFoundError)
 
@@ -125,7 +124,7 @@ def parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_verify)
 
     p = sub.add_parser("make-test-model", help="write a RANDOM-weight model in the published layout")
-    p.add_argument("--preset", choices=PRESETS, default="tiny")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
@@ -152,7 +151,7 @@ def parser() -> argparse.ArgumentParser:
 def add_setting_flags(p: argparse.ArgumentParser) -> None:
     """One flag per Settings field. Values stay strings here: settings.load_settings parses them, so a bad
     value fails with the flag's name just as a bad variable fails with the variable's."""
-    from .settings import describe
+    from emoserve.serving.settings import describe
 
     for s in describe():
         # None: the help text says what happens when it is not set
@@ -195,8 +194,11 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
 def cmd_predict(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from .batch import RANDOM_WARNING, Format, OutcomeWriter, atomic_write, expand_inputs, score_files
-    from .recognizer import load_model
+    from emoserve.files import atomic_write
+    from emoserve.inference.files import Format, expand_inputs, score_files
+    from emoserve.inference.formats import RANDOM_WARNING, OutcomeWriter
+    from emoserve.inference.recognizer import load_model
+
 
     files = expand_inputs(args.paths)
     if not files:
@@ -248,10 +250,12 @@ def predict_timelines(
     progress bar in audio seconds. A file that fails is one error row and the others go on."""
     from tqdm import tqdm
 
-    from .audio import AudioError
-    from .batch import atomic_write
-    from .timeline import TimelineJob, TimelineWriter, read_spans_file, score_segments
-    from .vad import VadSettings
+    from emoserve.audio.segments import Recording, read_spans_file
+    from emoserve.audio.vad import VadSettings
+    from emoserve.errors import AudioError
+    from emoserve.files import atomic_write
+    from emoserve.inference.formats import TimelineWriter
+    from emoserve.inference.timeline import build_timeline, score_segments
 
     vad = VadSettings(threshold=args.vad_threshold, max_segment_s=args.max_segment_s)
     spans = read_spans_file(args.segments_from) if args.segments_from else None
@@ -271,12 +275,12 @@ def predict_timelines(
             bar.set_description(f"{n}/{len(files)} {Path(file).name}")
             bar.reset()
             try:
-                job = TimelineJob(file, channels=args.channels, vad=vad, spans=spans, progress=progress)
+                job = Recording(file, channels=args.channels, vad=vad, spans=spans, progress=progress)
                 scored = []
                 for segment in score_segments(recognizer, job, batch_size=args.batch_size):
                     writer.segment(job.file, segment, recognizer.random_weights)
                     scored.append(segment)
-                writer.summary(job.timeline(scored, recognizer.info.name, recognizer.random_weights))
+                writer.summary(build_timeline(job, scored, recognizer.info.name, recognizer.random_weights))
             except AudioError as error:
                 failed += 1
                 writer.error(file, str(error))
@@ -290,7 +294,7 @@ AUDIO_BAR = "{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} s of audio [{
 
 
 def ray_outcomes(args: argparse.Namespace, files: list[str], options: dict[str, Any]) -> Iterator[Outcome]:
-    from .ray_batch import ModelOptions, connect, score_files
+    from emoserve.ray_batch import ModelOptions, connect, score_files
 
     connect(args.address)
     model = ModelOptions(args.model, args.backend, args.device, args.dtype, args.hub, args.max_seconds)
@@ -298,16 +302,16 @@ def ray_outcomes(args: argparse.Namespace, files: list[str], options: dict[str, 
 
 
 def cmd_download(args: argparse.Namespace) -> None:
-    from .entry import home, resolve_name
+    from emoserve.model.cache import home, resolve_name
 
     print(resolve_name(args.name, hub_name=args.hub, cache=home(), progress=True))
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
     """Convert once into the cache (or --out); an entry without its ONNX graphs gets them added."""
-    from .entry import home, read_entry, resolve_dir
-    from .onnx_export import add_onnx
-    from .weights import convert
+    from emoserve.model.cache import home, resolve_dir
+    from emoserve.model.convert import add_onnx, convert
+    from emoserve.model.entry import read_entry
 
     onnx = not args.no_onnx
     if args.out:
@@ -327,7 +331,7 @@ def cmd_convert(args: argparse.Namespace) -> None:
 def cmd_info(args: argparse.Namespace) -> int:
     import json
 
-    from .entry import describe
+    from emoserve.model.cache import describe
 
     info = describe(args.model)
     if args.verify:
@@ -347,7 +351,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def verify_problems(model: str | None) -> list[str]:
     """The full check of the converted entry of `model` (nothing is downloaded or converted)."""
-    from .entry import check_entry, entry_of, read_manifest
+    from emoserve.model.cache import entry_of
+    from emoserve.model.entry import check_entry, read_manifest
 
     entry = entry_of(model)
     if not read_manifest(entry).get("files"):
@@ -356,21 +361,21 @@ def verify_problems(model: str | None) -> list[str]:
 
 
 def cmd_make_test_model(args: argparse.Namespace) -> None:
-    from .weights import make_test_model
+    from emoserve.model.testing import make_test_model
 
     out = make_test_model(args.out, preset=args.preset, seed=args.seed, training_state=args.training_state)
     print(f"{out}  (RANDOM weights, preset {args.preset}, seed {args.seed})")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .server import serve  # light: fastapi, uvicorn; torch loads behind the running server
-    from .settings import load_settings
+    from emoserve.api.app import serve
+    from emoserve.serving.settings import load_settings
 
     settings = load_settings(vars(args))
     level = logging.DEBUG if args.verbose else getattr(logging, settings.log_level.upper())
     logging.getLogger("emoserve").setLevel(level)
     if args.ray:
-        from .ray_serve import RayOptions, run
+        from emoserve.ray_serve import RayOptions, run
 
         return run(settings, RayOptions.parse({"replicas": args.replicas}), args.address)
     return serve(settings)

@@ -19,3 +19,11 @@ MAX_BATCH_SIZE = 8  # clips per model call
 MAX_WAIT_MS = 10.0  # how long the first request of a batch waits for company
 MAX_BATCH_SECONDS = 120.0  # padded audio seconds per model call (bounds attention memory)
 MAX_QUEUE = 64  # waiting requests; beyond it submit raises QueueFull
+
+
+# The model options (`load_model`, `emoserve serve`/`predict`, Ray): one list each
+BACKENDS = ("auto", "torch", "onnx")
+DTYPES = ("float32", "float16", "bfloat16", "int8")  # half precision on GPUs (torch), int8 on CPUs (onnx)
+# where a missing model is downloaded from: "auto" tries Hugging Face, then ModelScope
+Hub = Literal["auto", "hf", "ms"]
+HUBS: tuple[Hub, ...] = ("auto", "hf", "ms")

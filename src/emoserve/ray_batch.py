@@ -22,8 +22,9 @@ import numpy as np
 import ray
 import ray.data
 
-from .batch import EmbeddingNames, Outcome, save_embedding, score_outcomes
-from .recognizer import Granularity, load_model
+from emoserve.constants import Granularity
+from emoserve.inference.files import EmbeddingNames, Outcome, save_embedding, score_outcomes
+from emoserve.inference.recognizer import load_model
 
 # Files per block handed to an actor: a few model batches, so that length grouping has choice (as the
 # local CLI's decode window) and each actor call is long enough to hide Ray's per-call overhead.

@@ -41,19 +41,20 @@ from ray.serve.config import BackpressureConfig
 from starlette.middleware import Middleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .constants import FALSE_WORDS, TRUE_WORDS
-from .errors import LOADING_RETRY_AFTER_S, EmoserveError
-from .lifecycle import Service
-from .metrics import Metrics
-from .server import RECOGNIZE, create_app, error_json
-from .settings import Settings, SettingsError, load_settings
+from emoserve.api.app import RECOGNIZE, create_app, error_json
+from emoserve.constants import FALSE_WORDS, TRUE_WORDS
+from emoserve.errors import LOADING_RETRY_AFTER_S, EmoserveError, SettingsError
+from emoserve.serving.metrics import Metrics
+from emoserve.serving.service import Service
+from emoserve.serving.settings import Settings, load_settings
 
 if TYPE_CHECKING:
     from ray.serve.handle import DeploymentHandle
 
-    from .audio import Audio
-    from .engine import RequestTiming
-    from .recognizer import Granularity, Result
+    from emoserve.audio.decode import Audio
+    from emoserve.constants import Granularity
+    from emoserve.inference.results import Result
+    from emoserve.serving.engine import RequestTiming
 
 log = logging.getLogger(__name__)
 
@@ -254,7 +255,7 @@ class WebUI:
         self.service = RemoteService(settings, model)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
-        from .webui import mount_ui
+        from emoserve.webui.app import mount_ui
 
         app = FastAPI(title="emoserve web UI")
         return mount_ui(app, self.service, path="/", max_file_size=self.service.settings.max_upload_bytes)

@@ -1,0 +1,408 @@
+"""Cutting a recording into the segments that are scored: a recording opened for streaming (`Recording`),
+silero's segment rules applied frame by frame (`Segmenter`), the cut of long speech at its quietest point,
+and segments supplied by the caller (`Span`, read from JSON or RTTM, cut out by `SpanCutter`).
+
+Memory holds one decoded block, the open segment and the segments waiting for the model: it does not grow
+with the length of the file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Callable, Generator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from emoserve.audio.decode import MIN_SAMPLES, Audio
+from emoserve.audio.stream import AudioStream, Channels
+from emoserve.audio.vad import DEFAULT_VAD, FRAME, RMS_HOP, RMS_SMOOTH, Segment, SileroVad, Vad, VadSettings
+from emoserve.constants import SAMPLE_RATE
+from emoserve.errors import AudioError
+
+
+class AudioWindow:
+    """The samples of a stream from `start` on: appended as they arrive, dropped once nothing needs them
+    (so a segmenter holds its open segment, not the recording)."""
+
+    def __init__(self) -> None:
+        self.samples = np.zeros(0, np.float32)
+        self.start = 0
+
+    @property
+    def end(self) -> int:
+        return self.start + len(self.samples)
+
+    def append(self, samples: np.ndarray) -> None:
+        self.samples = np.concatenate([self.samples, np.asarray(samples, np.float32)])
+
+    def slice(self, start: int, end: int) -> np.ndarray:
+        return self.samples[start - self.start : end - self.start]
+
+    def drop_before(self, at: int) -> None:
+        if at > self.start:
+            self.samples = self.samples[at - self.start :]
+            self.start = at
+
+
+@dataclass
+class _Region:
+    """Speech being tracked. `start` is where its next segment starts (padded, or a cut); `raw_start` and
+    `raw_end` are silero's bounds before padding."""
+
+    start: int
+    raw_start: int
+    split: bool = False
+    raw_end: int = 0
+
+
+class Segmenter:
+    """Speech regions of one channel from its samples and VAD probabilities, streamed.
+
+    The rules are silero's `get_speech_timestamps_from_probs` (hysteresis, minimum speech and silence,
+    padding that shares a short gap between neighbours), applied frame by frame as the audio arrives, so
+    a recording fed in blocks gives the segments the whole file gives. Speech longer than `max_segment_s`
+    is cut in the second half of its window at the quietest 50 ms, inside a pause silero heard when there
+    is one; the pieces are marked `split`."""
+
+    def __init__(self, settings: VadSettings = DEFAULT_VAD, speaker: str | None = None) -> None:
+        self.settings = settings
+        self.speaker = speaker
+        per_ms = SAMPLE_RATE / 1000
+        self._min_speech = settings.min_speech_ms * per_ms
+        self._min_silence = settings.min_silence_ms * per_ms
+        self._pad = int(settings.pad_ms * per_ms)
+        self._max = int(settings.max_segment_s * SAMPLE_RATE)
+        self._frames = 0  # frames seen
+        self._audio = AudioWindow()
+        self._probs = np.zeros(0, np.float32)  # the probabilities of the frames from _probs_at on
+        self._probs_at = 0
+        self._open: _Region | None = None  # silero is in speech
+        self._closed: _Region | None = None  # silero ended it; its padded end waits for what follows
+        self._temp_end = 0
+
+    @property
+    def samples_seen(self) -> int:
+        return self._audio.end
+
+    def push(self, samples: np.ndarray, probs: np.ndarray) -> list[Segment]:
+        """Add samples and the probabilities of the frames they completed; the segments now finished."""
+        self._audio.append(samples)
+        self._probs = np.concatenate([self._probs, np.asarray(probs, np.float32)])
+        out = [segment for p in probs for segment in self._frame(float(p))]
+        self._trim()
+        return out
+
+    def finish(self, last_probs: np.ndarray) -> list[Segment]:
+        """The recording ended: the last (zero-padded) frame's probabilities, then what is still open."""
+        self._probs = np.concatenate([self._probs, np.asarray(last_probs, np.float32)])
+        out = [segment for p in last_probs for segment in self._frame(float(p))]
+        total = self.samples_seen
+        if self._open is not None and total - self._open.raw_start > self._min_speech:
+            out += self._segment(self._open, total)
+        elif self._closed is not None:
+            out += self._segment(self._closed, min(total, self._closed.raw_end + self._pad))
+        self._open = self._closed = None
+        return out
+
+    def _frame(self, p: float) -> list[Segment]:
+        """silero's state machine for one frame (with no maximum length: long speech is cut below)."""
+        threshold, cur = self.settings.threshold, self._frames * FRAME
+        self._frames += 1
+        out = []
+        closed = self._closed
+        if closed is not None and cur - closed.raw_end >= 2 * self._pad:
+            out += self._segment(closed, closed.raw_end + self._pad)  # no start can come within 2 pads now
+            self._closed = None
+        if p >= threshold and self._temp_end:
+            self._temp_end = 0
+        if self._open is None:
+            if p >= threshold:
+                out += self._start(cur)
+            return out
+        if p < self.settings.neg_threshold:
+            if not self._temp_end:
+                self._temp_end = cur
+            if cur - self._temp_end >= self._min_silence:
+                region, self._open = self._open, None
+                region.raw_end, self._temp_end = self._temp_end, 0
+                if region.raw_end - region.raw_start > self._min_speech:
+                    self._closed = region
+                return out
+        if self._open is not None and cur + FRAME + self._pad - self._open.start > self._max:
+            out += self._cut(self._open, cur + FRAME)
+        return out
+
+    def _start(self, raw_start: int) -> list[Segment]:
+        """A start is padded by `pad`, or, when the gap to the speech before is under two pads, both
+        sides take half of it."""
+        start, out = max(0, raw_start - self._pad), []
+        closed, self._closed = self._closed, None
+        if closed is not None:
+            gap = raw_start - closed.raw_end
+            if gap < 2 * self._pad:
+                start = max(0, raw_start - gap // 2)
+                out = self._segment(closed, closed.raw_end + gap // 2)
+            else:
+                out = self._segment(closed, closed.raw_end + self._pad)
+        self._open = _Region(start=start, raw_start=raw_start)
+        return out
+
+    def _cut(self, region: _Region, reached: int) -> list[Segment]:
+        """Cut the open region between half and all of max_segment_s, at its quietest point."""
+        lo, hi = region.start + self._max // 2, min(reached, region.start + self._max)
+        at = quietest(self._slice(lo, hi), self._frame_probs(lo, hi), lo, self.settings.threshold)
+        out = self._segment(region, at, split=True)
+        region.start, region.split = at, True
+        return out
+
+    def _segment(self, region: _Region, end: int, split: bool = False) -> list[Segment]:
+        if region.split and end - region.start < max(self._min_speech, MIN_SAMPLES):
+            return []  # the tail after a cut that landed in the closing pause: nothing left to score
+        samples = self._slice(region.start, end).copy()
+        return [Segment(region.start, end, samples, split or region.split, self.speaker)]
+
+    def _slice(self, start: int, end: int) -> np.ndarray:
+        return self._audio.slice(start, end)
+
+    def _frame_probs(self, start: int, end: int) -> np.ndarray:
+        """The probability of the frame each 10 ms hop of [start, end) lies in."""
+        hops = np.arange(start, end - RMS_HOP + 1, RMS_HOP) + RMS_HOP // 2
+        frames = np.minimum(hops // FRAME - self._probs_at, len(self._probs) - 1)
+        return self._probs[frames]
+
+    def _trim(self) -> None:
+        """Drop the audio no segment can need: before the open or closed region, and more than a pad
+        back from the next frame (where the earliest possible next start is)."""
+        keep = self._frames * FRAME - self._pad
+        for region in (self._open, self._closed):
+            if region is not None:
+                keep = min(keep, region.start)
+        keep = max(keep, self._audio.start)
+        self._audio.drop_before(keep)
+        keep_frame = keep // FRAME
+        self._probs = self._probs[keep_frame - self._probs_at :]
+        self._probs_at = keep_frame
+
+
+def quietest(samples: np.ndarray, probs: np.ndarray | None, offset: int, threshold: float) -> int:
+    """Where to cut `samples` (which start at `offset`): the middle of the 10 ms hop whose 50 ms
+    smoothed RMS is lowest, among the hops silero called non-speech when there are any."""
+    hops = len(samples) // RMS_HOP
+    if hops < 1:
+        return offset + len(samples)
+    energy = np.square(samples[: hops * RMS_HOP].astype(np.float64)).reshape(hops, RMS_HOP).mean(axis=1)
+    kernel = np.ones(RMS_SMOOTH) / RMS_SMOOTH
+    rms = np.sqrt(np.convolve(energy, kernel, mode="same"))
+    if probs is not None and len(probs) == hops and (probs < threshold).any():
+        rms = np.where(probs < threshold, rms, np.inf)
+    return offset + int(rms.argmin()) * RMS_HOP + RMS_HOP // 2
+
+
+# ------------------------------------------------------------------------------ caller's segments
+
+
+class SpanCutter:
+    """Cuts the caller's spans out of the stream as the audio arrives (they may overlap: speakers talk
+    over each other); spans longer than `max_segment_s` are cut at their quietest points."""
+
+    def __init__(self, spans: Sequence[Span], max_segment_s: float) -> None:
+        self._todo = sorted(
+            ((round(s.start_s * SAMPLE_RATE), round(s.end_s * SAMPLE_RATE), s.speaker) for s in spans),
+            key=lambda t: (t[0], t[1]),
+        )
+        self._max = int(max_segment_s * SAMPLE_RATE)
+        self._audio = AudioWindow()
+
+    def push(self, samples: np.ndarray, probs: np.ndarray) -> list[Segment]:
+        self._audio.append(samples)
+        return self._take(self._audio.end)
+
+    def finish(self, probs: np.ndarray) -> list[Segment]:
+        end = self._audio.end
+        self._todo = [(s, min(e, end), sp) for s, e, sp in self._todo if e > s and s < end]
+        out = [seg for seg in self._take(end) if len(seg.samples) >= MIN_SAMPLES]
+        self._todo = []
+        return out
+
+    def _take(self, available: int) -> list[Segment]:
+        out = []
+        for span in [t for t in self._todo if t[1] <= available]:
+            self._todo.remove(span)
+            out += self._pieces(*span)
+        keep = min([s for s, _, _ in self._todo], default=available)
+        self._audio.drop_before(keep)
+        return out
+
+    def _pieces(self, start: int, end: int, speaker: str | None) -> list[Segment]:
+        pieces, split = [], end - start > self._max
+        while end - start > self._max:
+            lo = start + self._max // 2
+            cut = quietest(self._slice(lo, start + self._max), None, lo, 0.0)
+            pieces.append(Segment(start, cut, self._slice(start, cut).copy(), True, speaker))
+            start = cut
+        pieces.append(Segment(start, end, self._slice(start, end).copy(), split, speaker))
+        return pieces
+
+    def _slice(self, start: int, end: int) -> np.ndarray:
+        return self._audio.slice(start, end)
+
+
+MAX_SPANS_BYTES = 1 << 20  # a segments file (JSON or RTTM): ~20k RTTM lines
+
+
+def read_spans(text: str, source: str = "<segments>") -> list[Span]:
+    """Segments from JSON (a list of {start_s, end_s[, speaker]}, or {"segments": [...]}) or RTTM."""
+
+    def bad(why: str) -> AudioError:
+        return AudioError(
+            f"{source}: {why}. Give a JSON list of {{start_s, end_s[, speaker]}} or RTTM lines",
+            source=source,
+            reason="bad_argument",
+        )
+
+    stripped = text.strip()
+    spans: list[Span] = []
+    if stripped.startswith(("[", "{")):
+        try:
+            data = json.loads(stripped)
+        except json.JSONDecodeError as error:
+            raise bad(f"not valid JSON ({error})") from None
+        items = data.get("segments") if isinstance(data, dict) else data
+        if not isinstance(items, list):
+            raise bad("no list of segments")
+        for n, item in enumerate(items):
+            try:
+                speaker = item.get("speaker")
+                spans.append(
+                    Span(
+                        float(item["start_s"]),
+                        float(item["end_s"]),
+                        None if speaker is None else str(speaker),
+                    )
+                )
+            except (KeyError, TypeError, ValueError, AttributeError):
+                raise bad(f"segment {n} is {item!r}, not {{start_s, end_s[, speaker]}}") from None
+    else:
+        for n, line in enumerate(stripped.splitlines(), 1):
+            fields = line.split()
+            if not fields or fields[0].startswith("#"):
+                continue
+            if fields[0] != "SPEAKER" or len(fields) < 8:
+                raise bad(f"line {n} is not an RTTM SPEAKER line")
+            try:
+                onset, duration = float(fields[3]), float(fields[4])
+            except ValueError:
+                raise bad(f"line {n}: onset and duration must be numbers") from None
+            spans.append(Span(onset, onset + duration, fields[7]))
+    for n, span in enumerate(spans):
+        if not (math.isfinite(span.start_s) and math.isfinite(span.end_s)) or span.start_s < 0:
+            raise bad(f"segment {n} starts at {span.start_s}: times must be finite and not negative")
+        if span.end_s - span.start_s < MIN_SAMPLES / SAMPLE_RATE:
+            raise bad(
+                f"segment {n} ({span.start_s:g}-{span.end_s:g} s) is shorter than "
+                f"{MIN_SAMPLES / SAMPLE_RATE:g} s, the model's shortest input"
+            )
+    return spans
+
+
+def read_spans_file(path: str | os.PathLike[str], name: str | None = None) -> list[Span]:
+    """A segments file (JSON or RTTM, at most MAX_SPANS_BYTES), named `name` (default: its path) in errors."""
+    name = name or str(path)
+
+    def bad(why: str) -> AudioError:
+        return AudioError(f"{name}: {why}", source=name, reason="bad_argument")
+
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_SPANS_BYTES + 1)
+        if len(data) > MAX_SPANS_BYTES:
+            raise bad(f"over {MAX_SPANS_BYTES >> 20} MB; a segments file is JSON or RTTM text")
+        text = data.decode("utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise bad(f"cannot read the segments ({error})") from None
+    return read_spans(text, name)
+
+
+_NO_PROBS = np.zeros(0, np.float32)
+Progress = Callable[[float, float | None], None]  # (audio seconds done, total if known)
+
+
+# ------------------------------------------------------------------------------------------ the job
+
+
+class Recording:
+    """One recording on its way to a timeline: open (errors about the file come here, before any work),
+    then `segments()` streams its speech segments; `duration_s` is known once they are all out."""
+
+    def __init__(
+        self,
+        source: str | os.PathLike[str] | bytes | Any,
+        *,
+        channels: Channels = "mix",
+        vad: VadSettings = DEFAULT_VAD,
+        spans: Sequence[Span] | None = None,
+        max_seconds: float | None = None,
+        name: str | None = None,
+        vad_factory: Callable[[], Vad] = SileroVad,
+        progress: Progress | None = None,
+    ) -> None:
+        if spans is not None and channels != "mix":
+            raise AudioError(
+                "caller-supplied segments apply to the mixed-down audio; use channels=mix with them",
+                source="<args>",
+                reason="bad_argument",
+            )
+        self.vad, self.spans, self.channels = vad, spans, channels
+        self._vad_factory, self._progress = vad_factory, progress
+        self.stream = AudioStream(source, channels=channels, max_seconds=max_seconds, name=name)
+        self.file = self.stream.display
+        self.samples = 0  # per channel, at 16 kHz, decoded so far
+
+    @property
+    def duration_s(self) -> float:
+        return self.samples / SAMPLE_RATE
+
+    def segments(self) -> Generator[Segment, None, None]:
+        with self.stream:
+            k = self.stream.out_channels
+            if self.spans is not None:
+                cutters: list[Segmenter | SpanCutter] = [SpanCutter(self.spans, self.vad.max_segment_s)]
+                vads: list[Vad] = []
+            else:
+                speakers = [f"ch{i}" for i in range(k)] if self.channels == "separate" else [None]
+                cutters = [Segmenter(self.vad, speaker) for speaker in speakers]
+                vads = [self._vad_factory() for _ in speakers]
+            for block in self.stream.blocks():
+                for i, cutter in enumerate(cutters):
+                    x = block[:, i]
+                    yield from cutter.push(x, vads[i].probabilities(x) if vads else _NO_PROBS)
+                self.samples += len(block)
+                if self._progress is not None:
+                    self._progress(self.duration_s, self.stream.info.duration_s)
+            for i, cutter in enumerate(cutters):
+                yield from cutter.finish(vads[i].flush() if vads else _NO_PROBS)
+
+    def clip(self, segment: Segment) -> Audio:
+        """A segment as the model's input: what `predict()` gets for that slice of the audio."""
+        return Audio(
+            samples=segment.samples,
+            source=f"{self.file}@{segment.start_s:.2f}s",
+            original_sample_rate=SAMPLE_RATE,
+            original_channels=1,
+            decoder="array",
+            container=None,
+            resampled=False,
+        )
+
+
+@dataclass(frozen=True)
+class Span:
+    """A caller-supplied segment (from diarization, a transcript, ...): seconds from the start."""
+
+    start_s: float
+    end_s: float
+    speaker: str | None = None

@@ -1,0 +1,253 @@
+"""Audio in, a block at a time: for recordings too long to hold (the timeline).
+
+    AudioStream(source) -> blocks of the file (libsndfile `blocks`, or PyAV frames) -> finite check
+        -> mix down (or keep channels) -> soxr.ResampleStream to 16 kHz -> (samples, channels) float32
+
+The same decoders, channel averaging and resampler as `load_audio`, so the samples equal the whole-file
+path's (soxr's stream gives the very samples its one-shot call gives; the last block is cut or padded to
+librosa's length as `resample` does). Memory is one block, whatever the length of the file.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import soundfile as sf
+import soxr
+
+from emoserve.audio.decode import (
+    _check_finite,
+    _check_max_seconds,
+    _check_not_too_long,
+    _check_wav_header,
+    _display_name,
+    _frame_to_float32,
+    _limit_samples,
+    _PyAVFailure,
+    _raise_too_long,
+    _soundfile_reason,
+    decode_with_fallback,
+    input_opener,
+)
+from emoserve.constants import SAMPLE_RATE
+from emoserve.errors import AudioError
+
+Channels = Literal["mix", "separate"]
+CHANNEL_MODES: tuple[Channels, ...] = ("mix", "separate")
+BLOCK_S = 10.0  # decoded seconds per block
+HOLD_BACK = 256  # output samples kept back until the end, so the total can be cut to librosa's length
+
+
+@dataclass(frozen=True)
+class StreamInfo:
+    source: str
+    sample_rate: int  # of the file
+    channels: int  # of the file
+    decoder: str  # "soundfile" | "pyav"
+    container: str | None
+    duration_s: float | None  # as the header states it (an estimate for some formats), for progress
+
+
+class AudioStream:
+    """An open recording, read in blocks of 16 kHz float32 (samples, k): k = 1 for `channels="mix"`, the
+    file's channel count for "separate". Use as a context manager; `blocks()` may be iterated once."""
+
+    def __init__(
+        self,
+        source: str | os.PathLike[str] | bytes | Any,
+        *,
+        channels: Channels = "mix",
+        max_seconds: float | None = None,
+        name: str | None = None,
+        block_s: float = BLOCK_S,
+    ) -> None:
+        if channels not in CHANNEL_MODES:
+            raise AudioError(
+                f"channels is {channels!r}; choose 'mix' or 'separate'",
+                source="<args>",
+                reason="bad_argument",
+            )
+        self.display = name if name is not None else _display_name(source)
+        _check_max_seconds(max_seconds, self.display)
+        self.channels, self.max_seconds, self._block_s = channels, max_seconds, block_s
+        self._reader = _open(source, self.display)
+        self.info = self._reader.info
+        if (
+            self.info.duration_s is not None
+            and self.info.decoder == "soundfile"
+            and self.info.container != "MP3"
+        ):
+            n = round(self.info.duration_s * self.info.sample_rate)
+            _check_not_too_long(n, self.info.sample_rate, max_seconds, self.display)
+
+    def __enter__(self) -> AudioStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._reader.close()
+
+    @property
+    def out_channels(self) -> int:
+        return 1 if self.channels == "mix" else self.info.channels
+
+    def blocks(self) -> Iterator[np.ndarray]:
+        rate, display = self.info.sample_rate, self.display
+        resampler = None
+        if rate != SAMPLE_RATE:
+            resampler = soxr.ResampleStream(
+                rate, SAMPLE_RATE, self.out_channels, dtype="float32", quality="HQ"
+            )
+        limit = None if self.max_seconds is None else _limit_samples(self.max_seconds, rate)
+        n_in = n_out = 0
+        held = np.zeros((0, self.out_channels), np.float32)
+        for block in self._reader.blocks(max(1, int(self._block_s * rate))):
+            if limit is not None and n_in + len(block) > limit:
+                _raise_too_long(display, self.max_seconds or 0.0, self.info.duration_s)
+            _check_finite(block, display)
+            n_in += len(block)
+            x = block.mean(axis=1, dtype=np.float32, keepdims=True) if self.channels == "mix" else block
+            if resampler is not None:
+                x = resampler.resample_chunk(np.ascontiguousarray(x, np.float32))
+            held = np.concatenate([held, x])
+            if len(held) > HOLD_BACK:
+                out, held = held[:-HOLD_BACK], held[-HOLD_BACK:]
+                n_out += len(out)
+                yield out
+        if n_in == 0:
+            raise AudioError(
+                f"{display} contains no audio samples; send a non-empty recording",
+                source=display,
+                reason="empty",
+            )
+        if resampler is not None:
+            tail = resampler.resample_chunk(np.zeros((0, self.out_channels), np.float32), last=True)
+            held = np.concatenate([held, tail])
+        want = -(-n_in * SAMPLE_RATE // rate) - n_out  # librosa's length for the whole file
+        if len(held) < want:
+            held = np.concatenate([held, np.zeros((want - len(held), self.out_channels), np.float32)])
+        if want > 0:
+            yield np.ascontiguousarray(held[:want])
+
+
+# --------------------------------------------------------------------------------------------- readers
+
+
+class _Reader:
+    info: StreamInfo
+
+    def blocks(self, frames: int) -> Iterator[np.ndarray]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+
+def _open(source: Any, display: str) -> _Reader:
+    """libsndfile first (the reference's decoder), PyAV for what it cannot open, as `load_audio` does."""
+    return decode_with_fallback(
+        input_opener(source, display),
+        display,
+        lambda file: _SoundfileReader(file, display),
+        lambda file: _PyAVReader(file, display),
+    )
+
+
+class _SoundfileReader(_Reader):
+    def __init__(self, file: Any, display: str) -> None:
+        self._file = sf.SoundFile(file)
+        self.display = display
+        if self._file.format == "WAV":
+            try:
+                _check_wav_header(file, display)
+            except AudioError:
+                self._file.close()
+                raise
+        f = self._file
+        self.info = StreamInfo(
+            display, f.samplerate, f.channels, "soundfile", f.format, f.frames / f.samplerate
+        )
+
+    def blocks(self, frames: int) -> Iterator[np.ndarray]:
+        try:
+            yield from self._file.blocks(blocksize=frames, dtype="float32", always_2d=True)
+        except sf.SoundFileError as error:
+            raise AudioError(
+                f"{self.display}: decoding failed part-way ({_soundfile_reason(error)}); the file is damaged",
+                source=self.display,
+                reason="truncated",
+            ) from None
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class _PyAVReader(_Reader):
+    def __init__(self, file: Any, display: str) -> None:
+        import av
+
+        self.display = display
+        self._container = av.open(file, mode="r")
+        try:
+            if not self._container.streams.audio:
+                raise _PyAVFailure(f"the {self._container.format.name} input has no audio stream")
+            self._stream = self._container.streams.audio[0]
+            self._frames = self._container.decode(self._stream)
+            first = next(self._frames, None)  # the first frame's rate and layout are the stream's
+        except BaseException:
+            self._container.close()
+            raise
+        self._first = None if first is None else _frame_to_float32(first)
+        rate = first.sample_rate if first is not None else self._stream.sample_rate
+        channels = first.layout.nb_channels if first is not None else max(self._stream.channels, 1)
+        duration = self._container.duration
+        self.info = StreamInfo(
+            display,
+            rate,
+            channels,
+            "pyav",
+            self._container.format.name,
+            None if duration is None else duration / 1_000_000,
+        )
+
+    def blocks(self, frames: int) -> Iterator[np.ndarray]:
+        import av
+
+        if self._first is None:
+            return
+        chunks, n = [self._first], len(self._first)
+        try:
+            for frame in self._frames:
+                if (frame.sample_rate, frame.layout.nb_channels) != (
+                    self.info.sample_rate,
+                    self.info.channels,
+                ):
+                    raise AudioError(
+                        f"{self.display}: the audio changes from {self.info.sample_rate} Hz x "
+                        f"{self.info.channels} channels to {frame.sample_rate} Hz x "
+                        f"{frame.layout.nb_channels} channels mid-stream; convert it to one format first",
+                        source=self.display,
+                        reason="malformed",
+                    )
+                chunks.append(_frame_to_float32(frame))
+                n += len(chunks[-1])
+                if n >= frames:
+                    yield np.concatenate(chunks)
+                    chunks, n = [], 0
+        except (av.FFmpegError, _PyAVFailure) as error:
+            raise AudioError(
+                f"{self.display}: decoding failed part-way ({error}); the file is damaged",
+                source=self.display,
+                reason="truncated",
+            ) from None
+        if chunks:
+            yield np.concatenate(chunks)
+
+    def close(self) -> None:
+        self._container.close()

@@ -1,0 +1,151 @@
+"""Output lines for clips and timelines: JSON lines, CSV rows and the terminal table, one builder for each
+line shape, used by the CLI and the HTTP API's NDJSON stream alike.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Sequence
+from typing import IO, Any
+
+from emoserve.constants import Granularity
+from emoserve.inference.files import Format, Outcome
+from emoserve.inference.results import Timeline, TimelineSegment
+
+# -- output formats ------------------------------------------------------------------------------
+
+CLIP_CSV_FIELDS = [
+    "file",
+    "emotion",
+    "label_zh",
+    "emoji",
+    "confidence",
+    "duration_s",
+    "granularity",
+    "model",
+    "random_weights",
+    "embedding",
+    "error",
+]
+RANDOM_WARNING = "WARNING: this model has RANDOM weights (a test model): its predictions are meaningless."
+
+
+class OutcomeWriter:
+    """Streams outcomes as jsonl (one object per input), csv (one row, a column per score) or a table."""
+
+    def __init__(self, out: IO[str], fmt: Format, labels: Sequence[str], granularity: Granularity) -> None:
+        self.out, self.fmt = out, fmt
+        self.score_fields = [f"score_{label}" for label in labels]
+        if fmt == "csv":
+            extra = ["frames"] if granularity == "frame" else []
+            self.csv = csv.DictWriter(out, fieldnames=CLIP_CSV_FIELDS + self.score_fields + extra)
+            self.csv.writeheader()
+
+    def write(self, outcome: Outcome) -> None:
+        if self.fmt == "jsonl":
+            self.out.write(json.dumps(outcome.to_dict(), ensure_ascii=False) + "\n")
+        elif self.fmt == "csv":
+            self.csv.writerow(clip_csv_row(outcome))
+        else:
+            self.out.write(clip_table_line(outcome) + "\n")
+        self.out.flush()
+
+
+def clip_csv_row(outcome: Outcome) -> dict[str, object]:
+    row = {k: v for k, v in outcome.to_dict().items() if k in CLIP_CSV_FIELDS}
+    if outcome.result:
+        row.update({f"score_{k}": round(v, 6) for k, v in outcome.result.scores.items()})
+        if outcome.result.frames is not None:  # the per-frame emotions, in order
+            row["frames"] = " ".join(f.emotion for f in outcome.result.frames)
+    return row
+
+
+def clip_table_line(outcome: Outcome) -> str:
+    if outcome.result is None:
+        return f"{outcome.file}  ERROR  {outcome.error}"
+    r = outcome.result
+    runners_up = sorted(r.scores.items(), key=lambda kv: -kv[1])[1:3]
+    others = ", ".join(f"{k} {v:.2f}" for k, v in runners_up)
+    head = f"{r.emoji} {r.emotion} ({r.label_zh}) {r.confidence:.3f}"
+    random = "  (RANDOM WEIGHTS)" if r.random_weights else ""
+    return f"{outcome.file}  {head}  {r.duration_s:.2f} s  [{others}]{random}"
+
+
+# ------------------------------------------------------------------------------ a recording's lines
+
+SEGMENT_CSV_FIELDS = [
+    "file", "start_s", "end_s", "speaker", "emotion", "label_zh", "emoji", "confidence", "split"
+]  # fmt: skip
+
+
+def segment_csv_fields(labels: Sequence[str]) -> list[str]:
+    """timeline.csv's columns: a segment's fields, then a score column per label."""
+    return [*SEGMENT_CSV_FIELDS, *(f"score_{label}" for label in labels)]
+
+
+def segment_csv_row(file: str, segment: TimelineSegment) -> dict[str, Any]:
+    row = {key: value for key, value in segment.to_dict().items() if key in SEGMENT_CSV_FIELDS}
+    row["file"] = file
+    row.update({f"score_{label}": round(p, 6) for label, p in segment.scores.items()})
+    return row
+
+
+def segment_table_line(file: str, segment: TimelineSegment, random_weights: bool) -> str:
+    speaker = f"  [{segment.speaker}]" if segment.speaker else ""
+    split = "  (split)" if segment.split else ""
+    random = "  (RANDOM WEIGHTS)" if random_weights else ""
+    head = f"{segment.emoji} {segment.emotion} ({segment.label_zh}) {segment.confidence:.3f}"
+    return f"{file}  {segment.start_s:8.2f}-{segment.end_s:8.2f} s{speaker}  {head}{split}{random}"
+
+
+def summary_line(timeline: Timeline) -> str:
+    s = timeline.summary
+    dominant = s["dominant"] or "none (no speech)"
+    return (
+        f"{timeline.file}  summary: {timeline.speech_s:.1f} s of speech in {s['segments']} segments "
+        f"of {timeline.duration_s:.1f} s; dominant {dominant}"
+    )
+
+
+class TimelineWriter:
+    """`predict --segments` output: jsonl (a `segment` line per segment with its file, then a `summary`
+    line per file; an `error` line for a file that failed), csv (a row per segment) or a table."""
+
+    def __init__(self, out: IO[str], fmt: str, labels: Sequence[str]) -> None:
+        self.out, self.fmt = out, fmt
+        if fmt == "csv":
+            fields = [*segment_csv_fields(labels), "random_weights", "error"]
+            self.csv = csv.DictWriter(out, fieldnames=fields)
+            self.csv.writeheader()
+
+    def segment(self, file: str, segment: TimelineSegment, random_weights: bool) -> None:
+        if self.fmt == "jsonl":
+            line = {"type": "segment", "file": file, **segment.to_dict(), "random_weights": random_weights}
+            self._line(json.dumps(line, ensure_ascii=False))
+        elif self.fmt == "csv":
+            self.csv.writerow({**segment_csv_row(file, segment), "random_weights": random_weights})
+        else:
+            self._line(segment_table_line(file, segment, random_weights))
+        self.out.flush()
+
+    def summary(self, timeline: Timeline) -> None:
+        if self.fmt == "jsonl":
+            body = timeline.to_dict()
+            body.pop("segments")
+            self._line(json.dumps({"type": "summary", **body}, ensure_ascii=False))
+        elif self.fmt == "table":
+            self._line(summary_line(timeline))
+        self.out.flush()
+
+    def error(self, file: str, message: str) -> None:
+        if self.fmt == "jsonl":
+            self._line(json.dumps({"type": "error", "file": file, "error": message}, ensure_ascii=False))
+        elif self.fmt == "csv":
+            self.csv.writerow({"file": file, "error": message})
+        else:
+            self._line(f"{file}  ERROR  {message}")
+        self.out.flush()
+
+    def _line(self, text: str) -> None:
+        self.out.write(text + "\n")

@@ -1,0 +1,263 @@
+"""The Python API: a loaded model that turns audio into emotion results, one clip or a batch.
+
+Torch-free: the network runs in a backend (`torch_backend.py`, or `onnx_backend.py` on ONNX Runtime),
+which returns the same float32 outputs; everything from there to a `Result` (label mask, softmax, frames,
+embeddings) is done here once for both.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from emoserve.audio.decode import DEFAULT_MAX_SECONDS, Audio, AudioInput, load_audio
+from emoserve.constants import BACKENDS, DTYPES, GRANULARITIES, SAMPLE_RATE, Granularity, Hub
+from emoserve.errors import ModelOutputError
+from emoserve.inference.backend import Backend, choose_backend, onnx_graph
+from emoserve.inference.results import FrameResult, Result
+from emoserve.model.cache import ensure_intact, resolve
+from emoserve.model.entry import ModelInfo, read_entry
+from emoserve.model.interface import finite, pad, softmax
+from emoserve.model.labels import Label
+from emoserve.system import physical_cores
+
+if TYPE_CHECKING:
+    from emoserve.inference.results import Timeline, TimelineSegment
+
+log = logging.getLogger(__name__)
+
+# Padded batch cost bound for predict_many: 8 clips of 15 s. Attention memory grows with
+# batch x tokens^2, so long clips are batched fewer at a time.
+MAX_BATCH_SAMPLES = 8 * 15 * SAMPLE_RATE
+# On a CPU a batch saves little beyond per-call overhead (~6% for 4 equal 5 s clips of large on
+# 2 cores, benchmarks/batching.py), while padded samples cost real work, quadratically in attention:
+# clips join a batch only while padding stays under this fraction of the real samples. With 0.25,
+# 8 mixed 1-15 s clips ran 11% slower batched than one at a time.
+MAX_PADDING = 0.05
+
+
+class Recognizer:
+    """One loaded model. Not thread-safe: share it between threads through an engine."""
+
+    def __init__(self, backend: Backend, info: ModelInfo, *, max_seconds: float | None = DEFAULT_MAX_SECONDS):
+        self.backend = backend
+        self.info = info
+        self.max_seconds = max_seconds
+        self.labels: tuple[Label, ...] = tuple(label for label in info.labels if not label.masked)
+        # labels named `unuse_*` get -inf logits: the same as a softmax over the others alone
+        self._kept = np.array([i for i, label in enumerate(info.labels) if not label.masked])
+
+    @property
+    def device(self) -> str:
+        return self.backend.device
+
+    @property
+    def device_type(self) -> str:
+        return self.backend.device.partition(":")[0]
+
+    @property
+    def dtype(self) -> str:
+        return self.backend.dtype
+
+    @property
+    def random_weights(self) -> bool:
+        return self.info.random_weights
+
+    def load(self, audio: AudioInput | Audio, sample_rate: int | None = None) -> Audio:
+        if isinstance(audio, Audio):
+            return audio
+        return load_audio(audio, sample_rate, max_seconds=self.max_seconds)
+
+    def predict(
+        self,
+        audio: AudioInput | Audio,
+        granularity: Granularity = "utterance",
+        embedding: bool = False,
+        *,
+        sample_rate: int | None = None,
+    ) -> Result:
+        return self.predict_batch([self.load(audio, sample_rate)], granularity, embedding)[0]
+
+    def predict_many(
+        self,
+        audios: Sequence[AudioInput | Audio],
+        granularity: Granularity = "utterance",
+        embedding: bool = False,
+        *,
+        batch_size: int = 8,
+        max_batch_samples: int = MAX_BATCH_SAMPLES,
+        max_padding: float | None = MAX_PADDING,
+    ) -> list[Result]:
+        """Results in input order; clips are batched by similar length to limit padding."""
+        clips = [self.load(a) for a in audios]
+        results: list[Result | None] = [None] * len(clips)
+        lengths = [len(c.samples) for c in clips]
+        for batch in length_batches(lengths, batch_size, max_batch_samples, max_padding):
+            for i, result in zip(
+                batch, self.predict_batch([clips[i] for i in batch], granularity, embedding), strict=True
+            ):
+                results[i] = result
+        return [r for r in results if r is not None]
+
+    def timeline(self, source: Any, **options: Any) -> Timeline:
+        """The emotion timeline of a recording of any length: its speech segments (silero-vad, or the
+        caller's `spans`), each scored as `predict()` scores that slice, and a time-weighted summary.
+        Options are `Recording`'s: channels ("mix" | "separate"), vad (VadSettings), spans,
+        max_seconds (None: no limit), name, progress (called with audio seconds done, total)."""
+        from emoserve.audio.segments import Recording
+        from emoserve.inference.timeline import build_timeline, score_segments
+
+        job = Recording(source, **options)
+        return build_timeline(job, score_segments(self, job), self.info.name, self.random_weights)
+
+    def iter_timeline(self, source: Any, **options: Any) -> Iterator[TimelineSegment]:
+        """`timeline()`'s segments, each yielded as soon as it is scored."""
+        from emoserve.audio.segments import Recording
+        from emoserve.inference.timeline import score_segments
+
+        yield from score_segments(self, Recording(source, **options))
+
+    def predict_batch(
+        self, clips: Sequence[Audio], granularity: Granularity, embedding: bool
+    ) -> list[Result]:
+        """One padded forward pass over `clips`; each result equals the clip's one-at-a-time result."""
+        if granularity not in GRANULARITIES:
+            raise ValueError(f"granularity is {granularity!r}; choose 'utterance' or 'frame'")
+        if not clips:
+            return []
+        waves, lengths = pad([c.samples for c in clips])
+        out = self.backend.run(waves, lengths, frames=granularity == "frame")
+        if bad := [clip.source for i, clip in enumerate(clips) if not finite(out, i)]:
+            raise ModelOutputError(bad)
+        scores = softmax(out.logits[:, self._kept])
+        frame_scores = softmax(out.frame_logits[..., self._kept]) if out.frame_logits is not None else None
+        results = []
+        for i, clip in enumerate(clips):
+            n = int(out.frame_lengths[i])
+            emb = None
+            if embedding:
+                emb = out.frames[i, :n] if out.frames is not None else out.pooled[i]
+            results.append(
+                self._result(
+                    clip,
+                    granularity,
+                    scores[i],
+                    frame_scores[i, :n] if frame_scores is not None else None,
+                    emb,
+                )
+            )
+        return results
+
+    def _result(
+        self,
+        clip: Audio,
+        granularity: Granularity,
+        scores: np.ndarray,
+        frame_scores: np.ndarray | None,
+        emb: np.ndarray | None,
+    ) -> Result:
+        best = int(scores.argmax())
+        label = self.labels[best]
+        return Result(
+            emotion=label.en,
+            label_zh=label.zh,
+            emoji=label.emoji,
+            confidence=float(scores[best]),
+            scores=self._named(scores),
+            duration_s=round(clip.duration_s, 6),
+            granularity=granularity,
+            model=self.info.name,
+            random_weights=self.random_weights,
+            frames=self._frames(frame_scores) if frame_scores is not None else None,
+            embedding=np.ascontiguousarray(emb) if emb is not None else None,
+        )
+
+    def _named(self, scores: np.ndarray) -> dict[str, float]:
+        return {label.en: float(p) for label, p in zip(self.labels, scores, strict=True)}
+
+    def _frames(self, frame_scores: np.ndarray) -> list[FrameResult]:
+        hop_s = self.info.config.frame_hop / SAMPLE_RATE
+        out = []
+        for i, row in enumerate(frame_scores):
+            best = int(row.argmax())
+            out.append(
+                FrameResult(
+                    round(i * hop_s, 6),
+                    round((i + 1) * hop_s, 6),
+                    self.labels[best].en,
+                    float(row[best]),
+                    self._named(row),
+                )
+            )
+        return out
+
+
+def length_batches(
+    lengths: Sequence[int], batch_size: int, max_batch_samples: int, max_padding: float | None = MAX_PADDING
+) -> list[list[int]]:
+    """Indices grouped into batches of similar length: at most `batch_size` items, at most
+    `max_batch_samples` padded samples once a batch holds more than one item, and padding at most
+    `max_padding` x the real samples (None: no bound)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size is {batch_size}; it must be at least 1")
+    batches: list[list[int]] = []
+    real = 0
+    for i in sorted(range(len(lengths)), key=lambda i: lengths[i]):
+        current = batches[-1] if batches else None
+        # sorted ascending, so lengths[i] is the longest so far: it sets the padded size
+        padded = (len(current) + 1) * lengths[i] if current else 0
+        if (
+            current
+            and len(current) < batch_size
+            and padded <= max_batch_samples
+            and (max_padding is None or padded <= (1 + max_padding) * (real + lengths[i]))
+        ):
+            current.append(i)
+            real += lengths[i]
+        else:
+            batches.append([i])
+            real = lengths[i]
+    return batches
+
+
+def load_model(
+    model: str | os.PathLike[str] | None = None,
+    *,
+    backend: str = "auto",
+    device: str = "auto",
+    dtype: str = "float32",
+    hub: Hub = "auto",
+    max_seconds: float | None = DEFAULT_MAX_SECONDS,
+    threads: int | None = None,
+    progress: bool = True,
+) -> Recognizer:
+    """Resolve `model` (directory or name; default emotion2vec_plus_large) and load it ready to use.
+
+    `backend`: "onnx" (ONNX Runtime, CPU, no torch imported), "torch", or "auto": onnx on a CPU when
+    onnxruntime is installed and the entry has its graph, else torch (always torch on a GPU).
+    `dtype` "int8" (dynamically quantized matmuls) is onnx-only; float16/bfloat16 are torch on a GPU."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend is {backend!r}; choose from {', '.join(BACKENDS)}")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype is {dtype!r}; choose from {', '.join(DTYPES)}")
+    entry = ensure_intact(resolve(model, hub_name=hub, progress=progress))
+    info = read_entry(entry)
+    chosen = choose_backend(backend, device, dtype, info)
+    runner: Backend
+    if chosen == "onnx":
+        from emoserve.inference.onnx_backend import OnnxBackend
+
+        runner = OnnxBackend(onnx_graph(info, dtype), dtype, threads or physical_cores())
+    else:
+        from emoserve.inference.torch_backend import TorchBackend
+
+        runner = TorchBackend.load(entry, device=device, dtype=dtype, threads=threads or physical_cores())
+    log.info("%s runs on the %s backend (%s, %s)", info.name, runner.name, runner.device, runner.dtype)
+    if info.random_weights:
+        log.warning("%s has RANDOM weights: its predictions are meaningless", info.name)
+    return Recognizer(runner, info, max_seconds=max_seconds)
+

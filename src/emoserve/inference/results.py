@@ -1,0 +1,129 @@
+"""What recognition returns: a clip's `Result` (with its `FrameResult`s), a recording's `Timeline` of
+`TimelineSegment`s and its time-weighted summary. Plain data, the one schema every surface renders.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from emoserve.audio.stream import Channels
+from emoserve.audio.vad import Segment
+from emoserve.constants import Granularity
+
+
+@dataclass(frozen=True)
+class FrameResult:
+    start_s: float
+    end_s: float
+    emotion: str
+    confidence: float
+    scores: dict[str, float]
+
+
+@dataclass(frozen=True)
+class Result:
+    emotion: str  # English key, e.g. "happy"
+    label_zh: str
+    emoji: str
+    confidence: float
+    scores: dict[str, float]  # English key -> probability, in model label order
+    duration_s: float
+    granularity: Granularity
+    model: str
+    random_weights: bool
+    frames: list[FrameResult] | None = None  # granularity "frame": one per 20 ms frame
+    # utterance (dim,) or frame (frames, dim): upstream's `feats`
+    embedding: np.ndarray | None = field(default=None, repr=False, compare=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready fields (the embedding is left out: it is written as .npy by callers)."""
+        out = asdict(self)
+        out.pop("embedding")
+        return out
+
+
+# ------------------------------------------------------------------------------------------ summary
+
+
+def summarise(segments: Sequence[TimelineSegment]) -> dict[str, Any]:
+    """Over the speech: the time-weighted mean of the scores, the seconds each emotion was on top, the
+    dominant emotion (most seconds on top); the same per speaker when segments carry speakers."""
+    out = _summary(segments)
+    speakers = sorted({s.speaker for s in segments if s.speaker is not None})
+    if speakers:
+        out["speakers"] = {sp: _summary([s for s in segments if s.speaker == sp]) for sp in speakers}
+    return out
+
+
+def _summary(segments: Sequence[TimelineSegment]) -> dict[str, Any]:
+    speech = sum(s.duration_s for s in segments)
+    if not segments or speech <= 0:
+        return {"speech_s": 0.0, "segments": 0, "distribution": {}, "seconds": {}, "dominant": None}
+    labels = list(segments[0].scores)
+    weights = np.array([s.duration_s for s in segments])
+    scores = np.array([[s.scores[label] for label in labels] for s in segments])
+    distribution = weights @ scores / speech
+    seconds = {label: 0.0 for label in labels}
+    for s in segments:
+        seconds[s.emotion] += s.duration_s
+    return {
+        "speech_s": round(speech, 6),
+        "segments": len(segments),
+        "distribution": {label: round(float(p), 6) for label, p in zip(labels, distribution, strict=True)},
+        "seconds": {label: round(v, 6) for label, v in seconds.items()},
+        "dominant": max(seconds, key=lambda label: seconds[label]),
+    }
+
+
+def scored(segment: Segment, result: Result) -> TimelineSegment:
+    return TimelineSegment(
+        start_s=round(segment.start_s, 6),
+        end_s=round(segment.end_s, 6),
+        speaker=segment.speaker,
+        emotion=result.emotion,
+        label_zh=result.label_zh,
+        emoji=result.emoji,
+        confidence=result.confidence,
+        scores=result.scores,
+        split=segment.split,
+    )
+
+
+@dataclass(frozen=True)
+class TimelineSegment:
+    start_s: float
+    end_s: float
+    speaker: str | None
+    emotion: str
+    label_zh: str
+    emoji: str
+    confidence: float
+    scores: dict[str, float]
+    split: bool  # a piece of speech longer than max_segment_s
+
+    @property
+    def duration_s(self) -> float:
+        return self.end_s - self.start_s
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Timeline:
+    file: str
+    duration_s: float
+    speech_s: float
+    model: str
+    random_weights: bool
+    channels: Channels
+    vad: dict[str, Any] | None  # the VAD settings; None when the caller gave the segments
+    segments: list[TimelineSegment]
+    summary: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

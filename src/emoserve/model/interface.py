@@ -1,0 +1,85 @@
+"""The network's interface, torch-free: what goes into the model (a zero-padded batch) and what comes out,
+shared by the torch network, its ONNX export and both backends. The ONNX graph's input and output names are
+`INPUTS` and `OUTPUTS`, in this order; `Emotion2vec.outputs()` returns its tensors in `OUTPUTS` order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+
+
+class Outputs(NamedTuple):
+    """A backend's answer for one padded batch, all numpy float32 but the lengths."""
+
+    logits: np.ndarray  # (batch, labels)
+    pooled: np.ndarray  # (batch, dim): utterance embeddings
+    frame_logits: np.ndarray | None  # (batch, frames, labels), when frames were asked for
+    frames: np.ndarray | None  # (batch, frames, dim), when frames were asked for
+    frame_lengths: np.ndarray  # (batch,) real frames per item
+
+
+
+INPUTS = ("waves", "lengths")  # (batch, samples) float32 zero-padded, (batch,) int64
+OUTPUTS = Outputs._fields  # logits, pooled, frame_logits, frames, frame_lengths
+UTTERANCE_OUTPUTS = ("logits", "pooled", "frame_lengths")
+
+def finite(out: Outputs, i: int) -> bool:
+    """Whether every output of item `i` (its real frames only) is a finite number."""
+    n = int(out.frame_lengths[i])
+    parts = [out.logits[i], out.pooled[i]]
+    parts += [a[i, :n] for a in (out.frame_logits, out.frames) if a is not None]
+    return all(bool(np.isfinite(part).all()) for part in parts)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Softmax over the last axis, computed in float64, returned as float32."""
+    x = logits.astype(np.float64)
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    return (e / e.sum(axis=-1, keepdims=True)).astype(np.float32)
+
+
+def pad(samples: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Zero-padded (batch, samples) float32 array and the (batch,) int64 real lengths."""
+    lengths = np.array([len(s) for s in samples], dtype=np.int64)
+    waves = np.zeros((len(samples), int(lengths.max())), dtype=np.float32)
+    for i, s in enumerate(samples):
+        waves[i, : len(s)] = s
+    return waves, lengths
+
+
+def session_options(
+    threads: int, *, optimise: bool = False, prepack: bool = False, arena: bool = False
+) -> Any:
+    """Options chosen by measurement (benchmarks/onnx_options.py, soak.py, docs/benchmarks.md):
+    - prepacking off: packed copies of the MatMul weights would be private memory on top of the
+      memory-mapped weights (which processes share through the page cache);
+    - the CPU memory arena off: under concurrent load (batches of 8 clips) it kept ~1.4 GB more than
+      the torch backend's peak for good; without it memory goes back after each batch;
+    - one intra-op thread per physical core, and no inter-op parallelism (the graph is one chain)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.enable_cpu_mem_arena = arena
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.log_severity_level = 3  # errors only: ORT's warnings about unused initializers are noise
+    options.add_session_config_entry("session.disable_prepacking", "0" if prepack else "1")
+    options.graph_optimization_level = (
+        ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        if optimise
+        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    )
+    return options
+
+
+def open_session(graph: Path, threads: int, *, optimise: bool = False, options: Any = None) -> Any:
+    import onnxruntime as ort
+
+    return ort.InferenceSession(
+        str(graph), options or session_options(threads, optimise=optimise), providers=["CPUExecutionProvider"]
+    )

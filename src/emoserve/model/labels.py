@@ -1,0 +1,65 @@
+"""Emotion labels: parsing `tokens.txt`, English keys, Chinese names, emoji, `unuse` masking."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# The 9 published classes in logit order (spec section 1); `<unk>` is reported as "unknown".
+EMOJI = {
+    "angry": "😠",
+    "disgusted": "🤢",
+    "fearful": "😨",
+    "happy": "😊",
+    "neutral": "😐",
+    "other": "🤔",
+    "sad": "😢",
+    "surprised": "😲",
+    "unknown": "❓",
+}
+_UNKNOWN_ZH = "未知"
+
+
+@dataclass(frozen=True)
+class Label:
+    token: str  # the line of tokens.txt, e.g. "生气/angry"
+    en: str  # English key used in results, e.g. "angry"
+    zh: str  # Chinese name, e.g. "生气"
+
+    @property
+    def emoji(self) -> str:
+        return EMOJI.get(self.en, "❔")
+
+    @property
+    def masked(self) -> bool:
+        """Older revisions name unusable classes `unuse_N`; their logits are set to -inf."""
+        return self.en.startswith("unuse") or self.token.startswith("unuse")
+
+
+def parse_label(token: str) -> Label:
+    token = token.strip()
+    if token == "<unk>":
+        return Label(token, "unknown", _UNKNOWN_ZH)
+    zh, sep, en = token.partition("/")
+    return Label(token, en if sep else zh, zh if sep else "")
+
+
+def parse_tokens(text: str) -> tuple[Label, ...]:
+    """One label per line (the published file has no trailing newline); blank lines are ignored."""
+    return tuple(parse_label(line) for line in text.splitlines() if line.strip())
+
+
+PUBLISHED_LABELS = (
+    "生气/angry",
+    "厌恶/disgusted",
+    "恐惧/fearful",
+    "开心/happy",
+    "中立/neutral",
+    "其他/other",
+    "难过/sad",
+    "吃惊/surprised",
+    "<unk>",
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# Published key names <-> ours: one table, from our names to upstream's.

@@ -1,0 +1,605 @@
+"""The service's life: starting -> loading -> warming -> ready | failed: <reason>; draining on shutdown.
+
+    server.serve(settings): uvicorn starts at once (so /healthz answers within 2 s of process start), and the
+    FastAPI lifespan calls Service.start(), whose thread imports torch, loads the model, starts the engine
+    and warms it up through the real path (decode the bundled clips -> engine -> model, at the batch sizes
+    traffic uses, outputs checked) before /readyz says 200. SIGTERM/Ctrl-C: state draining (/readyz 503,
+    new requests 503), uvicorn finishes the requests in flight, the lifespan stops the engine, exit 0.
+
+Nothing heavy is imported at module level: torch, numpy and the engine load in the start-up thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import io
+import logging
+import os
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from emoserve.audio.vad import Segment
+from emoserve.constants import EXAMPLES_DIR
+from emoserve.errors import (
+    DRAINING_RETRY_AFTER_S,
+    FAILED_RETRY_AFTER_S,
+    LOADING_RETRY_AFTER_S,
+    EmoserveError,
+    ServiceUnavailable,
+)
+from emoserve.serving.metrics import Metrics
+from emoserve.serving.settings import Settings
+from emoserve.system import PROCESS_STARTED_AT, return_freed_memory
+
+if TYPE_CHECKING:
+    from emoserve.audio.decode import Audio
+    from emoserve.audio.segments import Recording
+    from emoserve.constants import Granularity
+    from emoserve.inference.recognizer import Recognizer
+    from emoserve.inference.results import Result, TimelineSegment
+    from emoserve.serving.engine import Engine, RequestTiming
+    from emoserve.webui.saved import OutputStore
+
+log = logging.getLogger(__name__)
+
+# A CPU model call of a long recording's segments holds at most this much audio (longer segments go
+# alone): an interactive request that arrives meanwhile waits for it, and on a CPU a batch gains little
+# (benchmarks section 3). A GPU batches them freely.
+CPU_BACKGROUND_BATCH_S = 8.0
+TIMELINE_QUEUE_WAIT_S = 120.0  # a timeline's segment waits this long for room in a full queue, then 503
+READY_POLL_S = 0.05  # how often a request waiting for ready looks again
+# At most this many segments of one recording wait in the engine (queued or running), so that one long
+# file cannot fill the queue that the other users share.
+TIMELINE_IN_FLIGHT = 8
+KEEP_WARM_SECONDS = 1.0  # audio length of a keep-warm inference: enough to touch every layer
+UTTERANCE: Granularity = "utterance"
+
+
+def example_clips() -> tuple[Path, ...]:
+    return tuple(sorted(p for p in EXAMPLES_DIR.iterdir() if p.is_file() and not p.name.startswith(".")))
+
+
+class Service:
+    """One model served to the HTTP API and the web UI; both use this object, never the model directly.
+
+    Attributes (read them; the service changes them):
+        settings: Settings -- everything configurable (limits, UI output saving, ...), frozen.
+        metrics: Metrics -- the process's collectors; a UI recognition calls
+            `metrics.observe_request("ui", decode_s=..., queue_s=..., inference_s=..., total_s=...)`,
+            `metrics.count_error(code)` for a failure.
+        state: str -- "starting", "loading", "warming", "ready", "failed: <reason>" or "draining"; a model
+            whose files changed under it is converted again as "loading: model files damaged: ...".
+        phase: str -- the state without the reason: "failed" rather than "failed: <reason>".
+        reason: str | None -- why start-up failed, else None.
+        ready: bool -- phase == "ready": recognitions are accepted.
+        engine: Engine | None -- set once ready (warm-up done); None before and after a failure.
+        model: dict | None -- what GET /v1/model answers (name, random_weights, labels [{en, zh, emoji}],
+            config, device, dtype, parameters, max_audio_s), set once the model is loaded.
+        model_name: str | None -- the loaded model's name; None until loaded.
+        random_weights: bool | None -- the model's predictions are meaningless (warn); None until loaded.
+        max_audio_s: float -- longest audio accepted (the setting, or the default for the device).
+        examples: tuple[Path, ...] -- the bundled example clips (src/emoserve/examples).
+        outputs: OutputStore | None -- where the UI saves each recognition (settings.save_outputs,
+            outputs_dir, outputs_max_count, outputs_max_age_h); None when saving is off. Made on
+            first use (it imports torch).
+        ui_error: str | None -- why the web UI could not be mounted, if it could not.
+
+    Methods:
+        timings() -> dict[str, float]: seconds so far: since_start_s, and once known model_load_s,
+            warmup_s, start_to_ready_s.
+        decode(data, name) -> Audio: blocking (run it in a thread); raises audio.AudioError, with
+            reason "too_long" beyond max_audio_s.
+        await recognize(audio, granularity, embedding) -> (Result, RequestTiming): through the shared
+            batching engine; raises ServiceUnavailable (503), engine.QueueFull (503 + Retry-After).
+            It also resets the keep-warm idle timer (calling engine.submit_timed directly does not).
+        open_timeline(source, name=..., **options) -> Recording: blocking; the file's errors (undecodable,
+            over max_timeline_s) come here, before any work.
+        timeline(job) -> async iterator of TimelineSegment: the job's segments through the engine as
+            background requests (interactive ones go first), at most TIMELINE_IN_FLIGHT of it queued;
+            leaving the iteration early (a client that went away) stops the decoding and drops them.
+            It keeps the timeline metrics (in progress; audio seconds, segments and duration at the end).
+        await wait_ready(timeout_s): returns once ready; raises ServiceUnavailable after timeout_s or
+            at once when failed or draining.
+    """
+
+    def __init__(self, settings: Settings, metrics: Metrics | None = None) -> None:
+        self.settings = settings
+        self.metrics = metrics or Metrics(max_queue=settings.max_queue)
+        self.engine: Engine | None = None
+        self.model: dict[str, Any] | None = None
+        self.random_weights: bool | None = None
+        self.max_audio_s = settings.effective_max_audio_s("cpu")  # until the device is known
+        self.max_timeline_s = settings.effective_max_timeline_s("cpu")
+        self.examples = example_clips()
+        self.ui_error: str | None = None
+        # What to do when start-up fails (unless settings.stay_up): serve() makes the server exit.
+        self.on_failure: Callable[[], None] | None = None
+        # Run by the start-up thread after warm-up, before "ready" (the server mounts the web UI here).
+        self.before_ready: Callable[[], None] | None = None
+        self._phase: tuple[str, str | None] = ("starting", None)  # replaced whole: readable from any thread
+        self._timings: dict[str, float] = {}
+        self._last_used = time.monotonic()
+        self._stopping = threading.Event()
+        self._settled = threading.Event()  # start-up is over: ready, failed or draining
+        self._keep_warm_clip: Audio | None = None
+        self._model_path: Path | None = None
+        self._files_warned = False
+        self._rebuilt = False  # the model files were converted again while serving
+        self._outputs: OutputStore | None = None
+        self._start_thread: threading.Thread | None = None
+        self.metrics.set_state("starting")
+
+    # ------------------------------------------------------------------------------------------ state
+
+    @property
+    def state(self) -> str:
+        phase, reason = self._phase
+        return f"{phase}: {reason}" if reason else phase
+
+    @property
+    def phase(self) -> str:
+        return self._phase[0]
+
+    @property
+    def reason(self) -> str | None:
+        return self._phase[1]
+
+    @property
+    def ready(self) -> bool:
+        return self.phase == "ready"
+
+    @property
+    def model_name(self) -> str | None:
+        return None if self.model is None else str(self.model["name"])
+
+    @property
+    def outputs(self) -> OutputStore | None:
+        s = self.settings
+        if self._outputs is None and s.save_outputs:
+            from emoserve.webui.saved import OutputStore
+
+            self._outputs = OutputStore(
+                s.outputs_dir,
+                keep=s.outputs_max_count or None,
+                max_age_s=s.outputs_max_age_h * 3600 or None,
+            )
+        return self._outputs
+
+    def timings(self) -> dict[str, float]:
+        return {"since_start_s": round(time.monotonic() - PROCESS_STARTED_AT, 3), **self._timings}
+
+    def _set_state(self, state: str, reason: str | None = None) -> bool:
+        """Move to `state`, unless draining already (nothing leaves draining). False if refused."""
+        if self.phase == "draining":
+            return False
+        self._phase = (state, reason)
+        self.metrics.set_state(state)
+        return True
+
+    def _time(self, name: str, seconds: float) -> None:
+        self._timings[name] = round(seconds, 3)
+
+    # ------------------------------------------------------------------------------------- start-up
+
+    def start(self) -> threading.Thread:
+        """Load, warm up and become ready in a background thread (called by the server's lifespan). Once
+        only: a second call returns the same thread (a Ray Serve replica starts it before the lifespan)."""
+        if self._start_thread is None:
+            return_freed_memory()
+            thread = threading.Thread(target=self._start_up, name="emoserve-start-up", daemon=True)
+            self._start_thread = thread
+            thread.start()
+        return self._start_thread
+
+    def _start_up(self) -> None:
+        engine: Engine | None = None
+        try:
+            recognizer = self._load()
+            engine = self._start_engine(recognizer)
+            self._warm_up(engine)
+            if self.before_ready is not None:
+                self.before_ready()
+        except Exception as error:
+            if engine is not None:
+                engine.stop(timeout_s=0)
+            self._fail(error)
+            self._settled.set()
+            if self.on_failure is not None and not self.settings.stay_up:
+                self.on_failure()
+            return
+        self._become_ready(engine)
+        self._settled.set()
+
+    def _load(self, reason: str | None = None) -> Recognizer:
+        self._set_state("loading", reason)
+        started = time.monotonic()
+        from emoserve.inference.recognizer import load_model
+
+        s = self.settings
+        recognizer = load_model(
+            s.model,
+            backend=s.backend,
+            device=s.device,
+            dtype=s.dtype,
+            hub=s.hub,  # type: ignore[arg-type]  # settings checked it is one of auto, hf, ms
+            threads=s.threads,
+            progress=False,
+        )
+        seconds = time.monotonic() - started
+        self._time("model_load_s", seconds)
+        self.metrics.model_load_seconds.set(seconds)
+        self.metrics.watch_device(recognizer.device)
+        self.max_audio_s = s.effective_max_audio_s(recognizer.device_type)
+        self.max_timeline_s = s.effective_max_timeline_s(recognizer.device_type)
+        recognizer.max_seconds = self.max_audio_s
+        self.random_weights = recognizer.random_weights
+        self._model_path = recognizer.info.path
+        self.model = model_summary(recognizer, self.max_audio_s)
+        log.info(
+            "model loaded in %.2f s: %s on the %s backend, %s (%s)%s",
+            seconds,
+            recognizer.info.name,
+            recognizer.backend.name,
+            recognizer.device,
+            self.model["dtype"],
+            ", RANDOM weights" if recognizer.random_weights else "",
+        )
+        return recognizer
+
+    def _start_engine(self, recognizer: Recognizer) -> Engine:
+        from emoserve.serving.engine import Engine, EngineConfig
+
+        s = self.settings
+        config = EngineConfig(
+            max_batch_size=s.max_batch_size,
+            max_wait_ms=s.max_wait_ms,
+            max_batch_seconds=s.max_batch_seconds,
+            max_queue=s.max_queue,
+            max_background_batch_seconds=None if recognizer.device_type == "cuda" else CPU_BACKGROUND_BATCH_S,
+        )
+        engine = Engine(recognizer, config, observer=self.metrics)
+        engine.start()
+        return engine
+
+    def _warm_up(self, engine: Engine) -> None:
+        """Decode the bundled clips as requests are decoded and run them through the engine: each length
+        alone, then the batch sizes (both granularities, outputs checked by engine.warm_up)."""
+        self._set_state("warming")
+        started = time.monotonic()
+        from emoserve.audio.decode import load_audio
+        from emoserve.constants import SAMPLE_RATE
+        from emoserve.serving.warmup import warm_up
+
+        if not self.examples:
+            raise RuntimeError(f"no example clips in {EXAMPLES_DIR} to warm up with; reinstall emoserve")
+        clips = [load_audio(path, max_seconds=None) for path in self.examples]
+        sizes = self.settings.effective_warmup_batch_sizes(engine.recognizer.device_type)
+        # Batches hold clips of similar length only (max_padding), as the engine groups requests: one
+        # clip of each length group alone, then the batch sizes on the largest group.
+        groups = length_groups(clips, engine.config.max_padding)
+        # Both granularities (and the frame/utterance agreement check) on the shortest length; the
+        # longer lengths once, in "frame", which runs the whole model and both heads: on a CPU a
+        # second pass there costs start-up seconds and warms nothing new.
+        reports = [warm_up(engine, groups[0][:1], [1])]
+        reports += [warm_up(engine, group[:1], [1], granularities=("frame",)) for group in groups[1:]]
+        if batched := [size for size in sizes if size > 1]:
+            reports.append(warm_up(engine, max(groups, key=len), batched))
+        shortest = min(clips, key=lambda clip: len(clip.samples))
+        samples = shortest.samples[: int(KEEP_WARM_SECONDS * SAMPLE_RATE)].copy()
+        self._keep_warm_clip = dataclasses.replace(shortest, samples=samples)
+        seconds = time.monotonic() - started
+        self._time("warmup_s", seconds)
+        self.metrics.warmup_seconds.set(seconds)
+        log.info(
+            "warm-up finished in %.2f s: %d clips, %d model calls, (batch, samples) %s",
+            seconds,
+            len(clips),
+            sum(report.calls for report in reports),
+            sorted({shape for report in reports for shape in report.shapes}),
+        )
+
+    def _become_ready(self, engine: Engine) -> None:
+        self.engine = engine
+        if not self._set_state("ready"):  # SIGTERM came while loading: nothing to serve
+            self.engine = None
+            engine.stop(timeout_s=0)
+            return
+        seconds = time.monotonic() - PROCESS_STARTED_AT
+        self._time("start_to_ready_s", seconds)
+        self.metrics.start_to_ready_seconds.set(seconds)
+        self._last_used = time.monotonic()
+        log.info("ready %.2f s after process start", seconds)
+        if self._rebuilt:
+            return  # the threads below run already, and a rebuilt entry was hashed as it was written
+        if self.settings.keep_warm_s > 0:
+            threading.Thread(target=self._keep_warm, name="emoserve-keep-warm", daemon=True).start()
+        if self.settings.verify_model and self._model_path is not None:
+            threading.Thread(target=self._verify_model, name="emoserve-verify", daemon=True).start()
+
+    def _verify_model(self) -> None:
+        """Hash the model files (at the lowest CPU priority, beside the first requests). A file that has
+        changed since its conversion cannot be trusted: the service stops serving it at once, converts
+        the entry again from its source and serves again, or, with no source left, turns failed."""
+        from emoserve.model.entry import check_entry, read_manifest
+
+        path = self._model_path
+        assert path is not None
+        if not read_manifest(path).get("files"):
+            log.warning("%s has no content hashes (converted by an older emoserve): not verified", path)
+            return
+        with contextlib.suppress(OSError, AttributeError):  # Linux: per-thread niceness
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+        started = time.monotonic()
+        problems = check_entry(path, full=True)
+        self._time("verify_s", time.monotonic() - started)
+        if problems:
+            self._rebuild(path, f"model files damaged: {problems[0]} ({path})")
+        else:
+            log.info("model files verified in %.1f s", time.monotonic() - started)
+
+    def _rebuild(self, path: Path, what: str) -> None:
+        from emoserve.model.cache import rebuild
+
+        if not self._set_state("loading", f"{what}; converting it again"):
+            return  # draining: shutdown() stops the engine
+        engine, self.engine = self.engine, None
+        if engine is not None:
+            engine.stop(timeout_s=0)  # queued requests: 503; none more gets these numbers
+        engine = None
+        try:
+            if not rebuild(path, what):
+                log.error("%s; convert or download the model again", what)
+                self._set_state("failed", what)
+                return
+            self._rebuilt = True
+            engine = self._start_engine(self._load(f"{what}; converted again, loading it"))
+            self._warm_up(engine)
+        except Exception as error:
+            if engine is not None:
+                engine.stop(timeout_s=0)
+            self._fail(error)
+            return
+        self._become_ready(engine)
+
+    def _fail(self, error: Exception) -> None:
+        message = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        if isinstance(error, EmoserveError | ValueError | OSError):
+            reason = message or type(error).__name__
+            log.error("start-up failed: %s", reason)
+        else:  # a bug somewhere below: the type helps, and so does the traceback
+            reason = f"{type(error).__name__}: {message}" if message else type(error).__name__
+            log.exception("start-up failed: %s", reason)
+        self._set_state("failed", reason)
+
+    def _keep_warm(self) -> None:
+        """After keep_warm_s without a recognition, one tiny inference, so that caches, the allocator and
+        the thread pool stay warm for the next real request."""
+        idle_limit_s = self.settings.keep_warm_s
+        while not self._stopping.wait(max(0.05, self._last_used + idle_limit_s - time.monotonic())):
+            engine, clip = self.engine, self._keep_warm_clip
+            if time.monotonic() - self._last_used < idle_limit_s or engine is None or clip is None:
+                continue
+            self._last_used = time.monotonic()
+            try:
+                engine.submit_blocking(clip, UTTERANCE, timeout_s=idle_limit_s)
+                self.metrics.keep_warm_total.inc()
+            except Exception as error:  # busy or stopping: the next idle period tries again
+                log.debug("keep-warm inference skipped: %s", error)
+
+    # ------------------------------------------------------------------------------------- shutdown
+
+    def begin_drain(self) -> None:
+        """Stop accepting: /readyz 503, new recognitions 503. Safe to call from a signal handler."""
+        if self.phase not in ("draining", "failed"):
+            self._phase = ("draining", None)
+            self._settled.set()
+            self.metrics.set_state("draining")
+            log.info("draining: finishing requests in flight, accepting no new ones")
+
+    def shutdown(self, timeout_s: float | None = None) -> None:
+        """Blocking: let queued and running recognitions finish (up to `timeout_s`), stop the engine."""
+        self.begin_drain()
+        self._stopping.set()
+        if self.engine is not None:
+            self.engine.stop(timeout_s)
+
+    # -------------------------------------------------------------------------------------- requests
+
+    def unavailable(self) -> ServiceUnavailable:
+        """The 503 that fits the current state."""
+        state = self.phase
+        if state == "draining":
+            return ServiceUnavailable(
+                "draining", "the service is shutting down and accepts no new requests", DRAINING_RETRY_AFTER_S
+            )
+        if state == "failed":
+            return ServiceUnavailable(
+                "start_up_failed", f"the model could not be loaded: {self.reason}", FAILED_RETRY_AFTER_S
+            )
+        return ServiceUnavailable(
+            "not_ready",
+            f"the model is not ready yet (state {state}, "
+            f"{self.timings()['since_start_s']:.1f} s after start)",
+            LOADING_RETRY_AFTER_S,
+        )
+
+    async def wait_ready(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not self.ready:
+            if self.phase in ("failed", "draining") or time.monotonic() >= deadline:
+                raise self.unavailable()
+            await asyncio.sleep(READY_POLL_S)
+
+    def decode(self, data: bytes, name: str = "<upload>") -> Audio:
+        """Blocking decode of an uploaded file's bytes, with the service's length limit."""
+        from emoserve.audio.decode import load_audio
+
+        upload = io.BytesIO(data)
+        upload.name = name  # load_audio names the input by it in its errors
+        return load_audio(upload, max_seconds=self.max_audio_s)
+
+    def model_file_problems(self) -> list[str]:
+        """The cheap check of the loaded model's files (sizes, header), for /readyz: a model deleted or
+        replaced under a running server keeps serving from its memory map, but would not load again."""
+        from emoserve.model.entry import check_entry
+
+        if self._model_path is None:
+            return []
+        problems = check_entry(self._model_path)
+        if problems and not self._files_warned:
+            self._files_warned = True
+            log.warning("the model files changed under the running server: %s", "; ".join(problems))
+        return problems
+
+    def require_ready(self) -> None:
+        """Raise the 503 that fits the state unless the service is ready."""
+        if not self.ready:
+            raise self.unavailable()
+
+    def _engine(self) -> Engine:
+        engine = self.engine
+        if engine is None or not self.ready:
+            raise self.unavailable()
+        self._last_used = time.monotonic()
+        return engine
+
+    async def recognize(
+        self, audio: Audio, granularity: Granularity = "utterance", embedding: bool = False
+    ) -> tuple[Result, RequestTiming]:
+        return await self._engine().submit_timed(audio, granularity, embedding)
+
+    def open_timeline(self, source: Any, *, name: str | None = None, **options: Any) -> Recording:
+        """Open a recording for `timeline` (blocking: run it in a thread), within max_timeline_s."""
+        from emoserve.audio.segments import Recording
+
+        return Recording(source, name=name, max_seconds=self.max_timeline_s, **options)
+
+    async def timeline(self, job: Recording) -> AsyncIterator[TimelineSegment]:
+        """The job's scored segments in the order they were found (see the class docstring)."""
+        from emoserve.inference.results import scored
+
+        engine = self._engine()
+        feed = SegmentFeed(job, depth=TIMELINE_IN_FLIGHT)
+        pending: list[tuple[Any, asyncio.Task[Result]]] = []
+        done = False
+        started, scored_n = time.perf_counter(), 0
+        self.metrics.timelines_in_progress.inc()
+        try:
+            while True:
+                while not done and len(pending) < TIMELINE_IN_FLIGHT:
+                    segment = await feed.get()
+                    if segment is None:
+                        done = True
+                    else:
+                        task = asyncio.ensure_future(_submit_segment(engine, job.clip(segment)))
+                        pending.append((segment, task))
+                if not pending:
+                    return
+                segment, task = pending.pop(0)
+                self._last_used = time.monotonic()
+                result = await task
+                scored_n += 1
+                yield scored(segment, result)
+        finally:
+            feed.stop()
+            for _, task in pending:
+                task.cancel()
+            self.metrics.timelines_in_progress.dec()  # however it ended: what it did still counts
+            self.metrics.observe_timeline(job.duration_s, scored_n, time.perf_counter() - started)
+
+
+async def _submit_segment(engine: Engine, audio: Audio) -> Result:
+    """One segment as a background request; a full queue (other users' traffic) is waited out for up to
+    TIMELINE_QUEUE_WAIT_S rather than failing a long recording part-way."""
+    from emoserve.errors import QueueFull
+
+    deadline = time.monotonic() + TIMELINE_QUEUE_WAIT_S
+    while True:
+        try:
+            return await engine.submit(audio, background=True)
+        except QueueFull as error:
+            if time.monotonic() >= deadline:
+                raise
+            await asyncio.sleep(min(1.0, error.retry_after_s or 1.0))
+
+
+def length_groups(clips: list[Audio], max_padding: float) -> list[list[Audio]]:
+    """Clips grouped as one padded batch may hold them (the engine's length rule), shortest first."""
+    from emoserve.inference.recognizer import length_batches
+
+    lengths = [len(clip.samples) for clip in clips]
+    groups = length_batches(lengths, len(clips), max_batch_samples=sum(lengths), max_padding=max_padding)
+    return [[clips[i] for i in group] for group in groups]
+
+
+def model_summary(recognizer: Recognizer, max_audio_s: float) -> dict[str, Any]:
+    info = recognizer.info
+    return {
+        "name": info.name,
+        "random_weights": info.random_weights,
+        "labels": [{"en": label.en, "zh": label.zh, "emoji": label.emoji} for label in recognizer.labels],
+        "config": info.config.to_dict(),
+        "backend": recognizer.backend.name,
+        "device": recognizer.device,
+        "dtype": recognizer.dtype,
+        "parameters": info.num_parameters,
+        "max_audio_s": max_audio_s,
+    }
+
+
+class SegmentFeed:
+    """`job.segments()` on a thread of its own (decoding and the VAD block the event loop otherwise),
+    handed to a coroutine through at most `depth` waiting segments; `stop()` ends the thread at its next
+    segment and closes the file, whatever it was doing."""
+
+    _END = object()
+
+    def __init__(self, job: Recording, depth: int = TIMELINE_IN_FLIGHT) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._items: asyncio.Queue[Any] = asyncio.Queue()
+        self._slots = threading.Semaphore(depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(job,), name="emoserve-timeline", daemon=True)
+        self._thread.start()
+
+    async def get(self) -> Segment | None:
+        """The next segment, None at the end; the job's error (a damaged file) is raised here."""
+        item = await self._items.get()
+        self._slots.release()
+        if item is self._END:
+            return None
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self, job: Recording) -> None:
+        segments = job.segments()
+        try:
+            for segment in segments:
+                if not self._put(segment):
+                    return
+            self._put(self._END)
+        except Exception as error:
+            self._put(error)
+        finally:
+            segments.close()
+
+    def _put(self, item: object) -> bool:
+        while not self._slots.acquire(timeout=0.1):
+            if self._stop.is_set():
+                return False
+        if self._stop.is_set():
+            return False
+        try:
+            self._loop.call_soon_threadsafe(self._items.put_nowait, item)
+        except RuntimeError:  # the loop is closed: nobody is waiting any more
+            return False
+        return True

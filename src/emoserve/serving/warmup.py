@@ -1,0 +1,164 @@
+"""Warm-up: the real audio path through the engine before "ready", with checks that the outputs can be right.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from emoserve.audio.decode import Audio
+from emoserve.constants import GRANULARITIES, Granularity
+from emoserve.errors import WarmupError
+from emoserve.inference.results import Result
+from emoserve.serving.engine import FRAME_MEAN_TOL, SCORE_SUM_TOL, Engine
+
+log = logging.getLogger(__name__)
+
+# ------------------------------------------------------------------------------------------------ warm-up
+
+
+@dataclass(frozen=True)
+class WarmupReport:
+    seconds: float
+    calls: int  # model calls made
+    shapes: tuple[tuple[int, int], ...]  # (batch, samples) padded inputs the model ran, sorted
+
+
+def warm_up(
+    engine: Engine,
+    clips: Sequence[Audio],
+    batch_sizes: Sequence[int],
+    granularities: Sequence[Granularity] = GRANULARITIES,
+) -> WarmupReport:
+    """Run the real path (engine -> model) at each batch size, cycling `clips`, in `granularities`,
+    and check every output (with both granularities, also that the frame path agrees with the
+    utterance path; "frame" alone already runs the whole model and both heads). Clips of similar
+    length reach each batch size exactly; clips of different lengths are split as requests would be
+    (max_padding), and `shapes` says what ran."""
+    _check_warm_up_args(engine, clips, batch_sizes)
+    labels = [label.en for label in engine.recognizer.labels]
+    calls_before = engine.model_calls
+    started = time.monotonic()
+    shapes: set[tuple[int, int]] = set()
+    for size in batch_sizes:
+        batch = [clips[i % len(clips)] for i in range(size)]
+        runs = {g: _run_warm_up_batch(engine, batch, g, size) for g in granularities}
+        for i, clip in enumerate(batch):
+            where = f"warm-up at batch size {size}, clip {clip.source!r}"
+            for granularity, results in runs.items():
+                _check_result(results[i].result, labels, f"{where}, {granularity}")
+                shapes.add(results[i].shape)
+            if len(runs) == len(GRANULARITIES):
+                _check_frame_path(
+                    runs["utterance"][i].result, runs["frame"][i].result, engine.recognizer.dtype, where
+                )
+        if size not in {batch for batch, _ in shapes}:
+            log.warning("warm-up: batch size %d not reached (clips of different lengths were split)", size)
+    report = WarmupReport(
+        time.monotonic() - started, engine.model_calls - calls_before, tuple(sorted(shapes))
+    )
+    log.info(
+        "warm-up passed: %d model calls in %.2f s, shapes %s", report.calls, report.seconds, report.shapes
+    )
+    return report
+
+
+def _check_warm_up_args(engine: Engine, clips: Sequence[Audio], batch_sizes: Sequence[int]) -> None:
+    if not clips:
+        raise ValueError("warm_up needs at least one clip")
+    if not batch_sizes:
+        raise ValueError("warm_up needs at least one batch size")
+    limit = min(engine.config.max_batch_size, engine.config.max_queue)
+    for size in batch_sizes:
+        if not 1 <= size <= limit:
+            raise ValueError(
+                f"warm-up batch size {size} is outside 1..{limit} (max_batch_size "
+                f"{engine.config.max_batch_size}, max_queue {engine.config.max_queue})"
+            )
+
+
+@dataclass(frozen=True)
+class _WarmupRun:
+    result: Result
+    shape: tuple[int, int]  # (batch, samples) of the model call that produced it
+
+
+def _run_warm_up_batch(
+    engine: Engine, clips: Sequence[Audio], granularity: Granularity, size: int
+) -> list[_WarmupRun]:
+    """Queue `clips` in one go, so that the worker batches them as it would a burst of requests."""
+    runs = []
+    for request in engine._enqueue(clips, granularity, embedding=True):
+        try:
+            result, timing = request.future.result()
+        except Exception as error:
+            raise WarmupError(
+                f"warm-up at batch size {size}, {granularity}, clip {request.audio.source!r}: "
+                f"the model call failed: {error}"
+            ) from error
+        runs.append(_WarmupRun(result, (timing.batch_size, request.padded_samples)))
+    return runs
+
+
+def _check_result(result: Result, labels: Sequence[str], where: str) -> None:
+    _check_scores(result.scores, labels, where)
+    if result.granularity == "frame":
+        if not result.frames:
+            raise WarmupError(f"{where}: no frame results")
+        for frame in result.frames:
+            _check_scores(frame.scores, labels, f"{where}, frame at {frame.start_s:g} s")
+    if result.embedding is None or not np.isfinite(result.embedding).all():
+        raise WarmupError(f"{where}: the embedding is missing or not finite")
+
+
+def _check_scores(scores: dict[str, float], labels: Sequence[str], where: str) -> None:
+    if list(scores) != list(labels):
+        raise WarmupError(f"{where}: scores are for {list(scores)}; expected one per label {list(labels)}")
+    bad = [name for name, p in scores.items() if not math.isfinite(p)]
+    if bad:
+        raise WarmupError(
+            f"{where}: non-finite scores for {', '.join(bad)} "
+            "(NaN/inf from the model: check the weights and the dtype)"
+        )
+    total = math.fsum(scores.values())
+    if abs(total - 1) > SCORE_SUM_TOL:
+        raise WarmupError(f"{where}: scores sum to {total:.6f}, not 1")
+
+
+def _check_frame_path(utterance: Result, frame: Result, dtype: str, where: str) -> None:
+    """Spec §4 step 9: the utterance embedding is the mean of the frame embeddings."""
+    assert utterance.embedding is not None and frame.embedding is not None  # _check_result ran
+    if frame.embedding.ndim != 2 or frame.embedding.shape[1:] != utterance.embedding.shape:
+        raise WarmupError(
+            f"{where}: frame embedding shape {frame.embedding.shape} does not fit utterance embedding "
+            f"shape {utterance.embedding.shape}"
+        )
+    mean = frame.embedding.mean(axis=0, dtype=np.float64)
+    diff = float(np.abs(mean - utterance.embedding).max())
+    tol = _frame_mean_tolerance(dtype, frame.embedding)
+    if diff > tol:
+        raise WarmupError(
+            f"{where}: the mean of the frame embeddings differs from the utterance embedding by {diff:.3g} "
+            f"(tolerance {tol:.3g}): the frame and utterance paths disagree"
+        )
+    if frame.emotion != utterance.emotion:
+        raise WarmupError(
+            f"{where}: the top emotion is {utterance.emotion!r} for utterance but {frame.emotion!r} for frame"
+        )
+
+
+# machine epsilon of the dtypes whose rounding reaches the pooled mean (int8 quantizes weights and
+# activations inside the matmuls; the frames and their mean stay float32)
+_HALF_EPS = {"float16": 2.0**-10, "bfloat16": 2.0**-7}
+
+
+def _frame_mean_tolerance(dtype: str, frames: np.ndarray) -> float:
+    if dtype not in _HALF_EPS:
+        return FRAME_MEAN_TOL
+    # float16/bfloat16: the pooled mean is rounded to the dtype, so allow a few units of its precision
+    return max(FRAME_MEAN_TOL, 4 * _HALF_EPS[dtype] * float(np.abs(frames).max()))
