@@ -417,14 +417,14 @@ def test_too_long_via_pyav_stops_decoding_at_the_limit(
 ) -> None:
     path = tmp_path / "speech.m4a"
     encode_with_pyav(path, "mp4", "aac", reference_wave(MONO_1S)[:, None], SAMPLE_RATE, SAMPLE_RATE)
-    converted = audio_module._frame_to_float32
+    converted = audio_module.frame_to_float32
     decoded_frames: list[object] = []
 
     def counting(frame: av.AudioFrame) -> np.ndarray:
         decoded_frames.append(frame)
         return converted(frame)
 
-    monkeypatch.setattr(audio_module, "_frame_to_float32", counting)
+    monkeypatch.setattr(audio_module, "frame_to_float32", counting)
     with raises_audio_error("too_long", str(path)):
         load_audio(path, max_seconds=0.25)
     # 0.25 s is 4000 samples: the 4th 1024-sample AAC frame crosses the limit, of 16 in the file.

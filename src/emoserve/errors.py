@@ -1,13 +1,66 @@
-"""One error model: every failure emoserve reports derives from `EmoserveError`, which carries a stable
-`code` (for programs, metric labels and logs), the HTTP `status` it maps to, a message for people and, for
-503s, when to retry. The API, the web UI, the CLI and the metrics map errors by these fields, never by
-class names. Torch-free and import-free, so every module can use it.
+"""Every failure emoserve reports, in one place: the error classes and the catalogue of their codes.
+
+Each failure derives from `EmoserveError`, which carries a stable `code` (for programs, metric labels and
+logs), the HTTP `status` it maps to, a message for people and, for 503s, when to retry. `CODES` is the
+one list of codes with their status and meaning: the API publishes it as an enum in its OpenAPI schema,
+a test checks every raise site against it, and a code is never renamed without a note in the README. The
+API, the web UI, the CLI and the metrics map errors by these fields, never by class names. Imports
+nothing of emoserve, so every module can use it.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import NamedTuple
+
+
+class Code(NamedTuple):
+    status: int  # the HTTP status
+    meaning: str  # for the README and the OpenAPI description
+
+
+CODES: dict[str, Code] = {
+    # the audio (AudioError.reason -> code: AUDIO_ERRORS). Not audio at all is 415; unusable audio 400.
+    "empty_audio": Code(400, "the input has no samples"),
+    "audio_not_found": Code(400, "no file at the path given"),
+    "unsupported_audio": Code(415, "not audio, or a format no decoder here reads"),
+    "invalid_audio": Code(400, "samples that are not finite numbers (NaN/inf)"),
+    "truncated_audio": Code(400, "a file that ends before its header says"),
+    "malformed_audio": Code(400, "a damaged file, or one whose format changes part-way"),
+    "audio_too_short": Code(400, "shorter than the model's shortest input"),
+    "audio_too_long": Code(413, "longer than this server's limit (the message names the setting)"),
+    # the request
+    "invalid_parameter": Code(422, "a parameter with a bad value; the message names it"),
+    "missing_file": Code(422, "a multipart request without its `file` part"),
+    "upload_too_large": Code(413, "a body over the upload limit"),
+    "headers_too_large": Code(431, "request headers over 16 KB"),
+    "unauthorized": Code(401, "no API key, or a wrong one"),
+    "bad_request": Code(400, "a request HTTP itself refuses"),
+    "not_found": Code(404, "no such route"),
+    "method_not_allowed": Code(405, "the route takes another method"),
+    "client_disconnected": Code(499, "the client closed the connection before the result"),
+    # the service
+    "not_ready": Code(503, "the model is loading or warming up; retry after Retry-After"),
+    "draining": Code(503, "the server is shutting down; another instance should answer"),
+    "start_up_failed": Code(503, "the model could not be loaded; an operator has to act"),
+    "queue_full": Code(503, "too many requests waiting; retry after Retry-After"),
+    "replica_lost": Code(503, "the model replica that held the request died (Ray Serve)"),
+    "not_on_ray": Code(501, "a feature a Ray Serve deployment does not offer"),
+    # the model
+    "model_unavailable": Code(500, "a model that cannot be found, downloaded, converted or loaded"),
+    "invalid_model_config": Code(500, "a config.yaml that describes no model this code can run"),
+    "download_failed": Code(502, "a model hub that could not be reached or gave a damaged file"),
+    "export_failed": Code(500, "the ONNX export of a model failed"),
+    "warmup_failed": Code(500, "the warm-up's outputs cannot be right"),
+    "invalid_model_output": Code(500, "the model gave NaN/inf: damaged files, or the dtype overflowed"),
+    # settings and the rest
+    "invalid_setting": Code(400, "a setting with a bad value; the message names the flag or variable"),
+    "internal_error": Code(500, "a bug: the log has the traceback"),
+}
+# the status of an HTTP error that no code above names (Starlette's own), as `http_<status>`
+HTTP_CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed"}
+
 
 # Retry-After hints of the 503s
 LOADING_RETRY_AFTER_S = 5.0  # loading or warming: a model loads in seconds
@@ -19,7 +72,6 @@ class EmoserveError(Exception):
     """A failure with a stable `code`, its HTTP `status` and a message that says what to do."""
 
     code = "internal_error"
-    status = 500
 
     def __init__(
         self,
@@ -32,9 +84,14 @@ class EmoserveError(Exception):
         super().__init__(message)
         if code is not None:
             self.code = code
-        if status is not None:
-            self.status = status
+        self._status = status  # None: the code's own (CODES)
         self.retry_after_s = retry_after_s
+
+    @property
+    def status(self) -> int:
+        if self._status is not None:
+            return self._status
+        return CODES[self.code].status if self.code in CODES else 500
 
     @property
     def message(self) -> str:
@@ -52,35 +109,35 @@ def _restore(cls: type[EmoserveError], message: str) -> EmoserveError:
     return error  # its fields (code, status, retry_after_s, ...) follow as the pickled state
 
 
-# AudioError.reason -> (code, HTTP status). Not audio at all is 415; audio that is unusable is 400.
-AUDIO_ERRORS = {
-    "empty": ("empty_audio", 400),
-    "not_found": ("empty_audio", 400),
-    "undecodable": ("unsupported_audio", 415),
-    "non_finite": ("invalid_audio", 400),
-    "truncated": ("truncated_audio", 400),
-    "malformed": ("malformed_audio", 400),
-    "too_short": ("audio_too_short", 400),
-    "too_long": ("audio_too_long", 413),
-    "bad_argument": ("invalid_parameter", 422),
+AUDIO_ERRORS = {  # AudioError.reason -> its code
+    "empty": "empty_audio",
+    "not_found": "audio_not_found",
+    "undecodable": "unsupported_audio",
+    "non_finite": "invalid_audio",
+    "truncated": "truncated_audio",
+    "malformed": "malformed_audio",
+    "too_short": "audio_too_short",
+    "too_long": "audio_too_long",
+    "bad_argument": "invalid_parameter",
 }
 
 
 class AudioError(EmoserveError, ValueError):
     """Bad audio input; the message names the input and says what to do.
 
-    ``reason`` is one of the keys of AUDIO_ERRORS, which gives its code and HTTP status.
+    ``reason`` is one of the keys of AUDIO_ERRORS, which gives its code.
     """
 
     def __init__(self, message: str, *, source: str, reason: str) -> None:
-        code, status = AUDIO_ERRORS.get(reason, ("invalid_audio", 400))
-        super().__init__(message, code=code, status=status)
+        super().__init__(message, code=AUDIO_ERRORS.get(reason, "invalid_audio"))
         self.source = source
         self.reason = reason
 
 
 class ConfigError(EmoserveError, ValueError):
     """A `config.yaml` that does not describe a model this code can run."""
+
+    code = "invalid_model_config"
 
 
 class ExportError(EmoserveError, RuntimeError):
@@ -100,24 +157,23 @@ class WeightsError(EmoserveError, RuntimeError):
 
 
 class ApiError(EmoserveError):
-    """An error of the HTTP layer itself (bad parameters, a body too large, no key): status first."""
+    """An error of the HTTP layer itself (bad parameters, a body too large, no key): its status is its
+    code's."""
 
-    def __init__(self, status: int, code: str, message: str, retry_after_s: float | None = None) -> None:
-        super().__init__(message, code=code, status=status, retry_after_s=retry_after_s)
+    def __init__(self, code: str, message: str, retry_after_s: float | None = None) -> None:
+        super().__init__(message, code=code, retry_after_s=retry_after_s)
 
 
 class SettingsError(EmoserveError, ValueError):
     """A setting with a bad value; the message starts with the flag or variable it came from."""
 
     code = "invalid_setting"
-    status = 400
 
 
 class QueueFull(EmoserveError):
     """`max_queue` requests are already waiting; `retry_after_s` (>= 1) is when to try again."""
 
     code = "queue_full"
-    status = 503
 
     def __init__(self, retry_after_s: float, message: str | None = None) -> None:
         message = message or f"the request queue is full; retry in {math.ceil(retry_after_s)} s"
@@ -128,7 +184,6 @@ class EngineStopped(EmoserveError):
     """The engine is not started, or is stopping: it accepts no new requests."""
 
     code = "draining"
-    status = 503
 
     def __init__(self, message: str) -> None:
         super().__init__(message, retry_after_s=DRAINING_RETRY_AFTER_S)
@@ -143,8 +198,6 @@ class WarmupError(EmoserveError):
 class ServiceUnavailable(EmoserveError):
     """Not ready (yet), draining or failed: HTTP 503 with Retry-After. `code` is not_ready, draining or
     start_up_failed."""
-
-    status = 503
 
     def __init__(self, code: str, message: str, retry_after_s: float) -> None:
         super().__init__(message, code=code, retry_after_s=retry_after_s)

@@ -27,6 +27,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
+from enum import Enum
 from types import FrameType
 from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
 
@@ -35,7 +36,7 @@ from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.routing import APIRoute
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers, UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -45,7 +46,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from emoserve import __version__
 from emoserve.constants import FALSE_WORDS, GRANULARITIES, TRUE_WORDS
-from emoserve.errors import ApiError, EmoserveError
+from emoserve.errors import CODES, HTTP_CODES, ApiError, EmoserveError
 from emoserve.serving.metrics import Metrics
 from emoserve.serving.service import Service
 from emoserve.serving.settings import Settings
@@ -69,18 +70,11 @@ UI_START_TIMEOUT_S = 60.0
 
 MAX_HEADER_BYTES = 16 * 1024  # beyond this a request gets 431
 H11_BUFFER_BYTES = 1 << 20  # uvicorn (h11) answers a bare 400 to a larger request head; below it, our 431
-HTTP_CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed"}
-TOO_LONG_HINT = " (this server's limit: max_audio_s, EMOSERVE_MAX_AUDIO_S)"
-
 
 def api_error(error: BaseException) -> EmoserveError | None:
-    """The one map from domain errors to HTTP responses, by their fields (`errors.EmoserveError`); None
-    for anything else (a bug: 500)."""
-    if not isinstance(error, EmoserveError):
-        return None
-    if error.code == "audio_too_long" and TOO_LONG_HINT not in str(error):
-        return ApiError(error.status, error.code, str(error) + TOO_LONG_HINT, error.retry_after_s)
-    return error
+    """A domain error as it is (its fields say its status, `errors.EmoserveError`); None for anything else
+    (a bug: 500)."""
+    return error if isinstance(error, EmoserveError) else None
 
 
 def error_json(error: EmoserveError) -> JSONResponse:
@@ -125,7 +119,7 @@ async def validation_error(request: Request, error: Exception) -> JSONResponse:
         f"{'.'.join(str(part) for part in e.get('loc', ()))}: {e.get('msg')} (got {e.get('input')!r})"
         for e in error.errors()
     ]
-    return error_response(request, ApiError(422, "invalid_parameter", "; ".join(problems)))
+    return error_response(request, ApiError("invalid_parameter", "; ".join(problems)))
 
 
 async def http_error(request: Request, error: Exception) -> Response:
@@ -133,9 +127,8 @@ async def http_error(request: Request, error: Exception) -> Response:
     svc = get_service(request)
     if error.status_code == 404 and request.url.path == "/" and svc.settings.ui:
         return ui_starting_page(svc)
-    mapped = ApiError(
-        error.status_code, HTTP_CODES.get(error.status_code, f"http_{error.status_code}"), error.detail
-    )
+    code = HTTP_CODES.get(error.status_code, "bad_request" if error.status_code < 500 else "internal_error")
+    mapped = EmoserveError(error.detail, code=code, status=error.status_code)
     response = error_response(request, mapped)
     response.headers.update(error.headers or {})
     return response
@@ -155,7 +148,7 @@ def ui_starting_page(svc: Service) -> HTMLResponse:
 async def internal_error(request: Request, error: Exception) -> JSONResponse:
     """A bug, not bad input: logged with its traceback (by uvicorn), answered in our format."""
     message = f"internal error ({type(error).__name__}); the server log has the details"
-    return error_response(request, ApiError(500, "internal_error", message))
+    return error_response(request, ApiError("internal_error", message))
 
 
 # ---------------------------------------------------------------------------------------------- requests
@@ -184,9 +177,7 @@ async def read_upload(request: Request, limit_bytes: int) -> Upload:
 
 
 async def read_body(request: Request, limit_bytes: int) -> bytes:
-    too_large = ApiError(
-        413,
-        "upload_too_large",
+    too_large = ApiError("upload_too_large",
         f"the request body is over {limit_bytes / 1e6:g} MB (max_upload_mb, EMOSERVE_MAX_UPLOAD_MB)",
     )
     declared = request.headers.get("content-length", "")
@@ -205,7 +196,7 @@ async def read_body(request: Request, limit_bytes: int) -> bytes:
 
 def client_gone() -> ApiError:
     """A client that hung up (mid-upload or before its result): nobody reads this, but it is counted."""
-    return ApiError(499, "client_disconnected", "the client closed the connection before the result")
+    return ApiError("client_disconnected", "the client closed the connection before the result")
 
 
 async def parse_multipart(scope: Scope, body: bytes) -> Upload:
@@ -215,9 +206,7 @@ async def parse_multipart(scope: Scope, body: bytes) -> Upload:
     async with Request(scope, replay).form(max_files=1, max_fields=16) as form:
         file = form.get("file")
         if not isinstance(file, UploadFile):
-            raise ApiError(
-                422,
-                "missing_file",
+            raise ApiError("missing_file",
                 "send the audio as the multipart field 'file' (or as the raw request body)",
             )
         data = await file.read()
@@ -235,7 +224,7 @@ def recognition_options(granularity: str | None, embedding: bool | None, fields:
     """Query parameters (validated by FastAPI) win over multipart form fields (validated here)."""
     chosen = granularity if granularity is not None else fields.get("granularity", "utterance")
     if chosen not in GRANULARITIES:
-        raise ApiError(422, "invalid_parameter", f"granularity is {chosen!r}; choose 'utterance' or 'frame'")
+        raise ApiError("invalid_parameter", f"granularity is {chosen!r}; choose 'utterance' or 'frame'")
     if embedding is None:
         embedding = form_bool("embedding", fields.get("embedding", "false"))
     return Options(chosen, embedding)  # checked against GRANULARITIES (a Literal tuple: mypy narrows)
@@ -247,7 +236,7 @@ def form_bool(name: str, raw: str) -> bool:
         return True
     if word in FALSE_WORDS or not word:
         return False
-    raise ApiError(422, "invalid_parameter", f"{name} is {raw!r}; use true or false")
+    raise ApiError("invalid_parameter", f"{name} is {raw!r}; use true or false")
 
 
 async def until_disconnected(request: Request, work: Coroutine[Any, Any, T]) -> T:
@@ -319,9 +308,15 @@ class RecognitionOut(BaseModel):
     timing: TimingOut
 
 
+ErrorCode = Enum("ErrorCode", {code: code for code in CODES}, type=str)  # type: ignore[misc]
+
+
 class ErrorBody(BaseModel):
-    code: str
-    message: str
+    code: ErrorCode = Field(  # type: ignore[valid-type]
+        description="stable, for programs: "
+        + "; ".join(f"`{code}` ({c.status}) {c.meaning}" for code, c in CODES.items())
+    )
+    message: str = Field(description="for people: what was wrong and what to do")
 
 
 class ErrorOut(BaseModel):
@@ -482,9 +477,7 @@ class ApiKeyMiddleware:
             await send({"type": "websocket.close", "code": 1008})  # policy violation
             return
         api = scope["path"].startswith("/v1/")
-        error = ApiError(
-            401,
-            "unauthorized",
+        error = ApiError("unauthorized",
             "missing or wrong API key: send 'Authorization: Bearer KEY' or 'X-API-Key: KEY'",
         )
         response = error_json(error)
@@ -582,7 +575,7 @@ class HeaderLimitMiddleware:
             if size > MAX_HEADER_BYTES:
                 self.metrics.count_error("headers_too_large")
                 message = f"the request headers are {size:,} bytes; at most {MAX_HEADER_BYTES:,} are accepted"
-                await error_json(ApiError(431, "headers_too_large", message))(scope, receive, send)
+                await error_json(ApiError("headers_too_large", message))(scope, receive, send)
                 return
         await self.app(scope, receive, send)
 

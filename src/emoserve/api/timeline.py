@@ -39,14 +39,13 @@ from emoserve.api.app import (
 from emoserve.audio.segments import MAX_SPANS_BYTES, Recording, Span, read_spans
 from emoserve.audio.stream import CHANNEL_MODES, Channels
 from emoserve.audio.vad import VadSettings
-from emoserve.errors import ApiError, AudioError, EmoserveError
+from emoserve.errors import ApiError, EmoserveError
 from emoserve.inference.results import TimelineSegment
 from emoserve.inference.timeline import build_timeline
 from emoserve.serving.service import Service
 
 NDJSON = "application/x-ndjson"
 COPY_CHUNK = 1 << 20
-TOO_LONG_HINT = " (this server's timeline limit: max_timeline_s, EMOSERVE_MAX_TIMELINE_S)"
 
 router = APIRouter(route_class=MappedErrorsRoute)
 
@@ -65,9 +64,7 @@ class SpooledUpload:
 async def spool_upload(request: Request, limit_bytes: int) -> SpooledUpload:
     """The audio of a multipart `file` field or of the raw body, written to a temporary file as it
     arrives (at most `limit_bytes`); the other form fields as text."""
-    too_large = ApiError(
-        413,
-        "upload_too_large",
+    too_large = ApiError("upload_too_large",
         f"the upload is over {limit_bytes / 1e6:g} MB "
         "(max_timeline_upload_mb, EMOSERVE_MAX_TIMELINE_UPLOAD_MB)",
     )
@@ -94,9 +91,7 @@ async def spool_upload(request: Request, limit_bytes: int) -> SpooledUpload:
                 ) as form:
                     file = form.get("file")
                     if not isinstance(file, UploadFile):
-                        raise ApiError(
-                            422,
-                            "missing_file",
+                        raise ApiError("missing_file",
                             "send the recording as the multipart field 'file' (or the raw body)",
                         )
                     upload.name = file.filename or "<file>"
@@ -108,9 +103,7 @@ async def spool_upload(request: Request, limit_bytes: int) -> SpooledUpload:
                         elif key == "segments":  # a segments file (JSON or RTTM) beside the audio
                             data = await value.read(MAX_SPANS_BYTES + 1)
                             if len(data) > MAX_SPANS_BYTES:
-                                raise ApiError(
-                                    413,
-                                    "upload_too_large",
+                                raise ApiError("upload_too_large",
                                     f"the segments file is over {MAX_SPANS_BYTES >> 20} MB of JSON or RTTM",
                                 )
                             upload.fields[key] = data.decode("utf-8", "replace")
@@ -141,7 +134,7 @@ def timeline_options(query: dict[str, Any], fields: dict[str, str]) -> TimelineO
 
     channels = pick("channels") or "mix"
     if channels not in CHANNEL_MODES:
-        raise ApiError(422, "invalid_parameter", f"channels is {channels!r}; choose 'mix' or 'separate'")
+        raise ApiError("invalid_parameter", f"channels is {channels!r}; choose 'mix' or 'separate'")
     vad_args: dict[str, float] = {}
     for name, key in (
         ("max_segment_s", "max_segment_s"),
@@ -156,11 +149,11 @@ def timeline_options(query: dict[str, Any], fields: dict[str, str]) -> TimelineO
         try:
             vad_args[key] = float(raw)
         except ValueError:
-            raise ApiError(422, "invalid_parameter", f"{name} is {raw!r}; it must be a number") from None
+            raise ApiError("invalid_parameter", f"{name} is {raw!r}; it must be a number") from None
     try:
         vad = VadSettings(**vad_args)
     except ValueError as error:
-        raise ApiError(422, "invalid_parameter", str(error)) from None
+        raise ApiError("invalid_parameter", str(error)) from None
     spans = read_spans(fields["segments"], "segments") if fields.get("segments") else None
     return TimelineOptions(cast(Channels, channels), vad, spans)
 
@@ -235,14 +228,9 @@ async def timeline(
 
 
 def open_job(service: Service, upload: SpooledUpload, options: TimelineOptions) -> Recording:
-    try:
-        return service.open_timeline(
-            upload.path, name=upload.name, channels=options.channels, vad=options.vad, spans=options.spans
-        )
-    except AudioError as error:
-        if error.reason == "too_long":
-            raise ApiError(error.status, error.code, str(error) + TOO_LONG_HINT) from None
-        raise
+    return service.open_timeline(
+        upload.path, name=upload.name, channels=options.channels, vad=options.vad, spans=options.spans
+    )
 
 
 class TimelineRun:

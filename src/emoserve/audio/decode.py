@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 MIN_SAMPLES = 400  # one model frame: the receptive field of the conv encoder at 16 kHz (spec §4 step 3)
 DEFAULT_MAX_SECONDS = 600.0  # callers pass their own limit; attention cost grows with T² (spec §6)
+LIBRARY_LIMIT_SETTING = "max_seconds / --max-seconds"  # what a too-long error names, unless told otherwise
 
 # A 2-D array is (samples, channels) unless its first axis has at most MAX_CHANNELS entries and its
 # second axis more: then it is (channels, samples), the torch/torchaudio layout.
@@ -74,7 +75,7 @@ class _Decoded:
     container: str | None
 
 
-class _PyAVFailure(Exception):
+class PyAVFailure(Exception):
     """PyAV opened the input but it holds nothing we can use (no audio stream, odd sample format)."""
 
 
@@ -87,15 +88,17 @@ def load_audio(
     *,
     max_seconds: float | None = DEFAULT_MAX_SECONDS,
     name: str | None = None,
+    limit_setting: str = LIBRARY_LIMIT_SETTING,
 ) -> Audio:
     """Decode a path, bytes, binary file object or array into 16 kHz mono float32.
 
     ``sample_rate`` is the rate of an ``np.ndarray`` input (required there); encoded inputs carry their own
-    rate and must not pass one. ``max_seconds=None`` disables the length limit. ``name`` replaces the
+    rate and must not pass one. ``max_seconds=None`` disables the length limit; ``limit_setting`` is what a
+    too-long error tells the user to change (a server names its own setting). ``name`` replaces the
     display name used in errors (default: the path, "<bytes>", the file object's name, or "<array>").
     """
-    display = name if name is not None else _display_name(source)
-    _check_max_seconds(max_seconds, display)
+    display = name if name is not None else display_name(source)
+    limit = length_limit(max_seconds, limit_setting, display)
     if isinstance(source, np.ndarray | tuple):
         decoded = _from_array(source, sample_rate, display)
     else:
@@ -106,8 +109,8 @@ def load_audio(
                 source=display,
                 reason="bad_argument",
             )
-        decoded = _decode(source, display, max_seconds)
-    return _finish(decoded, display, max_seconds)
+        decoded = _decode(source, display, limit)
+    return _finish(decoded, display, limit)
 
 
 def to_mono(x: np.ndarray) -> np.ndarray:
@@ -137,7 +140,7 @@ def resample(samples: np.ndarray, orig_sr: int, target_sr: int = SAMPLE_RATE) ->
 # ------------------------------------------------------------------------------------------ input kinds
 
 
-def _display_name(source: object) -> str:
+def display_name(source: object) -> str:
     if isinstance(source, str | os.PathLike):
         return os.fsdecode(os.fspath(source))
     if isinstance(source, bytes | bytearray | memoryview):
@@ -148,12 +151,12 @@ def _display_name(source: object) -> str:
     return file_name if isinstance(file_name, str) else "<file>"
 
 
-def _decode(source: AudioInput, display: str, max_seconds: float | None) -> _Decoded:
+def _decode(source: AudioInput, display: str, limit: Limit | None) -> _Decoded:
     return decode_with_fallback(
         input_opener(source, display),
         display,
-        lambda file: _read_soundfile(file, display, max_seconds),
-        lambda file: _read_pyav(file, display, max_seconds),
+        lambda file: _read_soundfile(file, display, limit),
+        lambda file: _read_pyav(file, display, limit),
     )
 
 
@@ -248,28 +251,28 @@ def decode_with_fallback(
         return soundfile(open_input())
     except (sf.SoundFileError, TypeError) as error:
         # TypeError: libsndfile took the input for headerless RAW, which needs a rate we do not have.
-        soundfile_reason = _soundfile_reason(error)
+        sf_reason = soundfile_reason(error)
     import av  # ~0.1 s to import; only inputs libsndfile cannot open get here
 
     try:
         return pyav(open_input())
     except AudioError:
         raise
-    except _PyAVFailure as error:
+    except PyAVFailure as error:
         pyav_reason = str(error)
     except av.FFmpegError as error:
         pyav_reason = _pyav_reason(error)
     except Exception as error:  # hostile headers reach corners of PyAV that fail in other ways
         pyav_reason = f"{type(error).__name__}: {error}"
     raise AudioError(
-        f"{display}: could not decode audio (soundfile: {soundfile_reason}; pyav: {pyav_reason}). "
+        f"{display}: could not decode audio (soundfile: {sf_reason}; pyav: {pyav_reason}). "
         f"Supported: {SUPPORTED}.",
         source=display,
         reason="undecodable",
     )
 
 
-def _soundfile_reason(error: Exception) -> str:
+def soundfile_reason(error: Exception) -> str:
     # LibsndfileError's str() embeds the repr of the BytesIO; its error_string is the library's own text.
     reason = getattr(error, "error_string", None)
     return str(reason if reason else error).strip().rstrip(".")
@@ -280,19 +283,19 @@ def _pyav_reason(error: Exception) -> str:
     return str(strerror) if strerror else f"{type(error).__name__}: {error}"
 
 
-def _read_soundfile(file: str | io.BytesIO, display: str, max_seconds: float | None) -> _Decoded:
+def _read_soundfile(file: str | io.BytesIO, display: str, limit: Limit | None) -> _Decoded:
     with sf.SoundFile(file) as f:
         # libsndfile's frame count is exact for PCM, FLAC and Ogg but an estimate for MP3 (the en_3s_44k.mp3
         # fixture reports 133938 and decodes 133632), so the early refusal skips MP3; the bounded read
         # below still stops a long MP3 at the limit.
         if f.format == "WAV":
-            _check_wav_header(file, display)
+            check_wav_header(file, display)
         if f.format != "MP3":
-            _check_not_too_long(f.frames, f.samplerate, max_seconds, display)
-        frames = -1 if max_seconds is None else _limit_samples(max_seconds, f.samplerate) + 1
+            check_not_too_long(f.frames, f.samplerate, limit, display)
+        frames = -1 if limit is None else limit.samples(f.samplerate) + 1
         samples = f.read(frames, dtype="float32", always_2d=True)
-        if max_seconds is not None and samples.shape[0] >= frames:
-            _raise_too_long(display, max_seconds, f.frames / f.samplerate)
+        if limit is not None and samples.shape[0] >= frames:
+            raise_too_long(display, limit, f.frames / f.samplerate)
         return _Decoded(samples, f.samplerate, "soundfile", f.format)
 
 
@@ -305,7 +308,7 @@ _PCM_BITS = (8, 16, 24, 32)
 _WAV_HEAD_BYTES = 4096  # where the fmt chunk is looked for
 
 
-def _check_wav_header(file: str | io.BytesIO, display: str) -> None:
+def check_wav_header(file: str | io.BytesIO, display: str) -> None:
     """What libsndfile lets through but a correct WAV cannot be: a file cut short (libsndfile quietly
     shortens it; we compare the size its RIFF header declares with the bytes that are there) and a PCM
     format whose bit depth does not exist (libsndfile decodes garbage from it)."""
@@ -345,13 +348,13 @@ def _check_pcm_format(head: bytes, display: str) -> None:
         at += 8 + length + (length & 1)  # chunks are padded to an even size
 
 
-def _read_pyav(file: str | io.BytesIO, display: str, max_seconds: float | None) -> _Decoded:
+def _read_pyav(file: str | io.BytesIO, display: str, limit: Limit | None) -> _Decoded:
     import av
 
     with av.open(file, mode="r") as container:
         container_name = container.format.name
         if not container.streams.audio:
-            raise _PyAVFailure(f"the {container_name} input has no audio stream")
+            raise PyAVFailure(f"the {container_name} input has no audio stream")
         stream = container.streams.audio[0]  # the first audio stream, as ffmpeg picks by default
         rate, channels = stream.sample_rate, stream.channels  # replaced by the first frame's, if any
         chunks: list[np.ndarray] = []
@@ -361,25 +364,25 @@ def _read_pyav(file: str | io.BytesIO, display: str, max_seconds: float | None) 
             if not chunks:
                 rate, channels = frame_shape
             elif frame_shape != (rate, channels):
-                raise _PyAVFailure(
+                raise PyAVFailure(
                     f"the audio changes from {rate} Hz x {channels} channels to {frame_shape[0]} Hz x "
                     f"{frame_shape[1]} channels mid-stream"
                 )
-            chunks.append(_frame_to_float32(frame))
+            chunks.append(frame_to_float32(frame))
             n_samples += frame.samples
             # Stop decoding at the limit rather than holding a whole long recording in memory.
-            if max_seconds is not None and n_samples > _limit_samples(max_seconds, rate):
-                _raise_too_long(display, max_seconds, _container_seconds(container))
+            if limit is not None and n_samples > limit.samples(rate):
+                raise_too_long(display, limit, _container_seconds(container))
     samples = np.concatenate(chunks) if chunks else np.zeros((0, max(channels, 1)), np.float32)
     return _Decoded(samples, rate, "pyav", container_name)
 
 
-def _frame_to_float32(frame: av.audio.frame.AudioFrame) -> np.ndarray:
+def frame_to_float32(frame: av.audio.frame.AudioFrame) -> np.ndarray:
     """One decoded frame -> (samples, channels) float32."""
     from av.audio.frame import format_dtypes
 
     if frame.format.name not in format_dtypes:
-        raise _PyAVFailure(f"sample format {frame.format.name} is not supported")
+        raise PyAVFailure(f"sample format {frame.format.name} is not supported")
     x = frame.to_ndarray()
     if frame.format.is_planar:
         return _pcm_to_float32(x.T, "<frame>")  # (channels, samples) -> (samples, channels)
@@ -440,14 +443,14 @@ def _fix_length(y: np.ndarray, n_out: int) -> np.ndarray:
     return np.concatenate([y, padding])
 
 
-def _finish(decoded: _Decoded, display: str, max_seconds: float | None) -> Audio:
+def _finish(decoded: _Decoded, display: str, limit: Limit | None) -> Audio:
     x = decoded.samples  # (samples, channels)
     if x.shape[0] == 0 or x.shape[1] == 0:
         raise AudioError(
             f"{display} contains no audio samples; send a non-empty recording", source=display, reason="empty"
         )
-    _check_not_too_long(x.shape[0], decoded.sample_rate, max_seconds, display)
-    _check_finite(x, display)
+    check_not_too_long(x.shape[0], decoded.sample_rate, limit, display)
+    check_finite(x, display)
     mono = _mix_down(x)  # averaged before resampling, as the reference did (bit-exact on the stereo fixture)
     samples = resample(mono, decoded.sample_rate, SAMPLE_RATE)
     _check_not_too_short(samples, display)
@@ -478,35 +481,45 @@ def _check_rate(rate: object, display: str, label: str) -> int:
     return int(rate)
 
 
-def _check_max_seconds(max_seconds: float | None, display: str) -> None:
-    if max_seconds is not None and not max_seconds > 0:
+@dataclass(frozen=True)
+class Limit:
+    """A length limit, and the setting that raises it: the one named when audio is over it."""
+
+    seconds: float
+    setting: str
+
+    def samples(self, sample_rate: int) -> int:
+        return int(self.seconds * sample_rate)
+
+
+def length_limit(max_seconds: float | None, setting: str, display: str) -> Limit | None:
+    if max_seconds is None:
+        return None
+    if not max_seconds > 0:
         raise AudioError(
             f"{display}: max_seconds must be positive or None (no limit), got {max_seconds!r}",
             source=display,
             reason="bad_argument",
         )
+    return Limit(max_seconds, setting)
 
 
-def _limit_samples(max_seconds: float, sample_rate: int) -> int:
-    return int(max_seconds * sample_rate)
+def check_not_too_long(n_samples: int, sample_rate: int, limit: Limit | None, display: str) -> None:
+    if limit is not None and n_samples > limit.samples(sample_rate):
+        raise_too_long(display, limit, n_samples / sample_rate)
 
 
-def _check_not_too_long(n_samples: int, sample_rate: int, max_seconds: float | None, display: str) -> None:
-    if max_seconds is not None and n_samples > _limit_samples(max_seconds, sample_rate):
-        _raise_too_long(display, max_seconds, n_samples / sample_rate)
-
-
-def _raise_too_long(display: str, max_seconds: float, seconds: float | None) -> NoReturn:
+def raise_too_long(display: str, limit: Limit, seconds: float | None) -> NoReturn:
     # seconds is None when decoding stopped at the limit and the container does not state its duration.
-    length = f"is over {max_seconds:g} s" if seconds is None else f"is {seconds:.1f} s"
+    length = f"is over {limit.seconds:g} s" if seconds is None else f"is {seconds:.1f} s"
     raise AudioError(
-        f"{display} {length}; the limit is {max_seconds:g} s (set max_seconds / --max-seconds)",
+        f"{display} {length}; the limit is {limit.seconds:g} s (set {limit.setting})",
         source=display,
         reason="too_long",
     )
 
 
-def _check_finite(x: np.ndarray, display: str) -> None:
+def check_finite(x: np.ndarray, display: str) -> None:
     finite = np.isfinite(x)
     if not finite.all():
         bad = int(x.size - np.count_nonzero(finite))

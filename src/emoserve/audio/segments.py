@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from emoserve.audio.decode import MIN_SAMPLES, Audio
+from emoserve.audio.decode import LIBRARY_LIMIT_SETTING, MIN_SAMPLES, Audio
 from emoserve.audio.stream import AudioStream, Channels
 from emoserve.audio.vad import DEFAULT_VAD, FRAME, RMS_HOP, RMS_SMOOTH, Segment, SileroVad, Vad, VadSettings
 from emoserve.constants import SAMPLE_RATE
@@ -349,6 +349,7 @@ class Recording:
         name: str | None = None,
         vad_factory: Callable[[], Vad] = SileroVad,
         progress: Progress | None = None,
+        limit_setting: str = LIBRARY_LIMIT_SETTING,
     ) -> None:
         if spans is not None and channels != "mix":
             raise AudioError(
@@ -358,7 +359,9 @@ class Recording:
             )
         self.vad, self.spans, self.channels = vad, spans, channels
         self._vad_factory, self._progress = vad_factory, progress
-        self.stream = AudioStream(source, channels=channels, max_seconds=max_seconds, name=name)
+        self.stream = AudioStream(
+            source, channels=channels, max_seconds=max_seconds, name=name, limit_setting=limit_setting
+        )
         self.file = self.stream.display
         self.samples = 0  # per channel, at 16 kHz, decoded so far
 

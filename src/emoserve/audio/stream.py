@@ -20,18 +20,18 @@ import soundfile as sf
 import soxr
 
 from emoserve.audio.decode import (
-    _check_finite,
-    _check_max_seconds,
-    _check_not_too_long,
-    _check_wav_header,
-    _display_name,
-    _frame_to_float32,
-    _limit_samples,
-    _PyAVFailure,
-    _raise_too_long,
-    _soundfile_reason,
+    LIBRARY_LIMIT_SETTING,
+    PyAVFailure,
+    check_finite,
+    check_not_too_long,
+    check_wav_header,
     decode_with_fallback,
+    display_name,
+    frame_to_float32,
     input_opener,
+    length_limit,
+    raise_too_long,
+    soundfile_reason,
 )
 from emoserve.constants import SAMPLE_RATE
 from emoserve.errors import AudioError
@@ -64,6 +64,7 @@ class AudioStream:
         max_seconds: float | None = None,
         name: str | None = None,
         block_s: float = BLOCK_S,
+        limit_setting: str = LIBRARY_LIMIT_SETTING,
     ) -> None:
         if channels not in CHANNEL_MODES:
             raise AudioError(
@@ -71,9 +72,9 @@ class AudioStream:
                 source="<args>",
                 reason="bad_argument",
             )
-        self.display = name if name is not None else _display_name(source)
-        _check_max_seconds(max_seconds, self.display)
-        self.channels, self.max_seconds, self._block_s = channels, max_seconds, block_s
+        self.display = name if name is not None else display_name(source)
+        self.limit = length_limit(max_seconds, limit_setting, self.display)
+        self.channels, self._block_s = channels, block_s
         self._reader = _open(source, self.display)
         self.info = self._reader.info
         if (
@@ -82,7 +83,7 @@ class AudioStream:
             and self.info.container != "MP3"
         ):
             n = round(self.info.duration_s * self.info.sample_rate)
-            _check_not_too_long(n, self.info.sample_rate, max_seconds, self.display)
+            check_not_too_long(n, self.info.sample_rate, self.limit, self.display)
 
     def __enter__(self) -> AudioStream:
         return self
@@ -104,13 +105,14 @@ class AudioStream:
             resampler = soxr.ResampleStream(
                 rate, SAMPLE_RATE, self.out_channels, dtype="float32", quality="HQ"
             )
-        limit = None if self.max_seconds is None else _limit_samples(self.max_seconds, rate)
+        limit = None if self.limit is None else self.limit.samples(rate)
         n_in = n_out = 0
         held = np.zeros((0, self.out_channels), np.float32)
         for block in self._reader.blocks(max(1, int(self._block_s * rate))):
             if limit is not None and n_in + len(block) > limit:
-                _raise_too_long(display, self.max_seconds or 0.0, self.info.duration_s)
-            _check_finite(block, display)
+                assert self.limit is not None
+                raise_too_long(display, self.limit, self.info.duration_s)
+            check_finite(block, display)
             n_in += len(block)
             x = block.mean(axis=1, dtype=np.float32, keepdims=True) if self.channels == "mix" else block
             if resampler is not None:
@@ -165,7 +167,7 @@ class _SoundfileReader(_Reader):
         self.display = display
         if self._file.format == "WAV":
             try:
-                _check_wav_header(file, display)
+                check_wav_header(file, display)
             except AudioError:
                 self._file.close()
                 raise
@@ -179,7 +181,7 @@ class _SoundfileReader(_Reader):
             yield from self._file.blocks(blocksize=frames, dtype="float32", always_2d=True)
         except sf.SoundFileError as error:
             raise AudioError(
-                f"{self.display}: decoding failed part-way ({_soundfile_reason(error)}); the file is damaged",
+                f"{self.display}: decoding failed part-way ({soundfile_reason(error)}); the file is damaged",
                 source=self.display,
                 reason="truncated",
             ) from None
@@ -196,14 +198,14 @@ class _PyAVReader(_Reader):
         self._container = av.open(file, mode="r")
         try:
             if not self._container.streams.audio:
-                raise _PyAVFailure(f"the {self._container.format.name} input has no audio stream")
+                raise PyAVFailure(f"the {self._container.format.name} input has no audio stream")
             self._stream = self._container.streams.audio[0]
             self._frames = self._container.decode(self._stream)
             first = next(self._frames, None)  # the first frame's rate and layout are the stream's
         except BaseException:
             self._container.close()
             raise
-        self._first = None if first is None else _frame_to_float32(first)
+        self._first = None if first is None else frame_to_float32(first)
         rate = first.sample_rate if first is not None else self._stream.sample_rate
         channels = first.layout.nb_channels if first is not None else max(self._stream.channels, 1)
         duration = self._container.duration
@@ -235,12 +237,12 @@ class _PyAVReader(_Reader):
                         source=self.display,
                         reason="malformed",
                     )
-                chunks.append(_frame_to_float32(frame))
+                chunks.append(frame_to_float32(frame))
                 n += len(chunks[-1])
                 if n >= frames:
                     yield np.concatenate(chunks)
                     chunks, n = [], 0
-        except (av.FFmpegError, _PyAVFailure) as error:
+        except (av.FFmpegError, PyAVFailure) as error:
             raise AudioError(
                 f"{self.display}: decoding failed part-way ({error}); the file is damaged",
                 source=self.display,

@@ -56,6 +56,9 @@ READY_POLL_S = 0.05  # how often a request waiting for ready looks again
 # At most this many segments of one recording wait in the engine (queued or running), so that one long
 # file cannot fill the queue that the other users share.
 TIMELINE_IN_FLIGHT = 8
+# what a too-long error tells the user to change: this server's own settings, not the library's max_seconds
+CLIP_LIMIT_SETTING = "this server's max_audio_s: --max-audio-s / EMOSERVE_MAX_AUDIO_S"
+TIMELINE_LIMIT_SETTING = "this server's max_timeline_s: --max-timeline-s / EMOSERVE_MAX_TIMELINE_S"
 KEEP_WARM_SECONDS = 1.0  # audio length of a keep-warm inference: enough to touch every layer
 UTTERANCE: Granularity = "utterance"
 
@@ -441,7 +444,7 @@ class Service:
 
         upload = io.BytesIO(data)
         upload.name = name  # load_audio names the input by it in its errors
-        return load_audio(upload, max_seconds=self.max_audio_s)
+        return load_audio(upload, max_seconds=self.max_audio_s, limit_setting=CLIP_LIMIT_SETTING)
 
     def model_file_problems(self) -> list[str]:
         """The cheap check of the loaded model's files (sizes, header), for /readyz: a model deleted or
@@ -477,7 +480,8 @@ class Service:
         """Open a recording for `timeline` (blocking: run it in a thread), within max_timeline_s."""
         from emoserve.audio.segments import Recording
 
-        return Recording(source, name=name, max_seconds=self.max_timeline_s, **options)
+        limit = {"max_seconds": self.max_timeline_s, "limit_setting": TIMELINE_LIMIT_SETTING}
+        return Recording(source, name=name, **limit, **options)
 
     async def timeline(self, job: Recording) -> AsyncIterator[TimelineSegment]:
         """The job's scored segments in the order they were found (see the class docstring)."""

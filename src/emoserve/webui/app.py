@@ -674,7 +674,7 @@ def timeline_request(
     try:
         vad = VadSettings(threshold=float(threshold), max_segment_s=float(max_segment_s))
     except (TypeError, ValueError) as error:  # counted as the API counts a bad query parameter
-        raise _failed(service, EmoserveError(str(error), code="invalid_parameter", status=422)) from None
+        raise _failed(service, EmoserveError(str(error), code="invalid_parameter")) from None
     try:
         spans = read_spans_file(segments_path, Path(segments_path).name) if segments_path else None
     except EmoserveError as error:
