@@ -312,7 +312,7 @@ ErrorCode = Enum("ErrorCode", {code: code for code in CODES}, type=str)  # type:
 
 
 class ErrorBody(BaseModel):
-    code: ErrorCode = Field(  # type: ignore[valid-type]
+    code: ErrorCode = Field(
         description="stable, for programs: "
         + "; ".join(f"`{code}` ({c.status}) {c.meaning}" for code, c in CODES.items())
     )

@@ -480,8 +480,8 @@ class Service:
         """Open a recording for `timeline` (blocking: run it in a thread), within max_timeline_s."""
         from emoserve.audio.segments import Recording
 
-        limit = {"max_seconds": self.max_timeline_s, "limit_setting": TIMELINE_LIMIT_SETTING}
-        return Recording(source, name=name, **limit, **options)
+        limit_s, setting = self.max_timeline_s, TIMELINE_LIMIT_SETTING
+        return Recording(source, name=name, max_seconds=limit_s, limit_setting=setting, **options)
 
     async def timeline(self, job: Recording) -> AsyncIterator[TimelineSegment]:
         """The job's scored segments in the order they were found (see the class docstring)."""
