@@ -7,7 +7,7 @@ import argparse
 import logging
 import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -250,12 +250,13 @@ def predict_timelines(
     progress bar in audio seconds. A file that fails is one error row and the others go on."""
     from tqdm import tqdm
 
-    from emoserve.audio.segments import Recording, read_spans_file
+    from emoserve.audio.segments import read_spans_file
     from emoserve.audio.vad import VadSettings
-    from emoserve.errors import AudioError
+    from emoserve.errors import EmoserveError
     from emoserve.files import atomic_write
     from emoserve.inference.formats import TimelineWriter
-    from emoserve.inference.timeline import build_timeline, score_segments
+    from emoserve.inference.results import Timeline
+    from emoserve.inference.timeline import file_timelines
 
     vad = VadSettings(threshold=args.vad_threshold, max_segment_s=args.max_segment_s)
     spans = read_spans_file(args.segments_from) if args.segments_from else None
@@ -266,25 +267,29 @@ def predict_timelines(
     ):
         writer = TimelineWriter(out, fmt, labels)
 
-        def progress(done: float, total: float | None) -> None:
+        def show(done: float, total: float | None) -> None:
             bar.total = round(total or done, 1)
             bar.n = round(done, 1)
             bar.refresh()
 
-        for n, file in enumerate(files, 1):
+        def progress(n: int, file: str) -> Callable[[float, float | None], None]:
             bar.set_description(f"{n}/{len(files)} {Path(file).name}")
             bar.reset()
-            try:
-                job = Recording(file, channels=args.channels, vad=vad, spans=spans, progress=progress)
-                scored = []
-                for segment in score_segments(recognizer, job, batch_size=args.batch_size):
-                    writer.segment(job.file, segment, recognizer.random_weights)
-                    scored.append(segment)
-                writer.summary(build_timeline(job, scored, recognizer.info.name, recognizer.random_weights))
-            except AudioError as error:
+            return show
+
+        timelines = file_timelines(
+            recognizer, files, batch_size=args.batch_size, progress=progress,
+            channels=args.channels, vad=vad, spans=spans,
+        )  # fmt: skip
+        for file, item in timelines:
+            if isinstance(item, EmoserveError):
                 failed += 1
-                writer.error(file, str(error))
-                bar.write(f"error: {error}", file=sys.stderr)
+                writer.error(file, item)
+                bar.write(f"error: {item}", file=sys.stderr)
+            elif isinstance(item, Timeline):
+                writer.summary(item)
+            else:
+                writer.segment(file, item, recognizer.random_weights)
     if failed:
         print(f"{failed} of {len(files)} files failed", file=sys.stderr)
     return 1 if failed else 0

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from typing import IO, Any
 
 from emoserve.constants import Granularity
+from emoserve.errors import EmoserveError
 from emoserve.inference.files import Format, Outcome
 from emoserve.inference.results import Timeline, TimelineSegment
 
@@ -108,6 +109,30 @@ def summary_line(timeline: Timeline) -> str:
     )
 
 
+# The JSON lines of a timeline, the same for `emoserve predict --segments` (jsonl) and the API's NDJSON
+# stream: a `segment` line per segment as it is scored, a `summary` line at the end of a recording, an
+# `error` line for a recording that fails (before or part-way).
+
+
+def segment_record(file: str, segment: TimelineSegment, random_weights: bool) -> dict[str, Any]:
+    return {"type": "segment", "file": file, **segment.to_dict(), "random_weights": random_weights}
+
+
+def summary_record(timeline: Timeline) -> dict[str, Any]:
+    """The timeline without its segments (they went before, one line each)."""
+    body = timeline.to_dict()
+    body.pop("segments")
+    return {"type": "summary", **body}
+
+
+def error_record(file: str, error: EmoserveError) -> dict[str, Any]:
+    return {"type": "error", "file": file, "error": {"code": error.code, "message": str(error)}}
+
+
+def json_line(record: dict[str, Any]) -> str:
+    return json.dumps(record, ensure_ascii=False)
+
+
 class TimelineWriter:
     """`predict --segments` output: jsonl (a `segment` line per segment with its file, then a `summary`
     line per file; an `error` line for a file that failed), csv (a row per segment) or a table."""
@@ -121,8 +146,7 @@ class TimelineWriter:
 
     def segment(self, file: str, segment: TimelineSegment, random_weights: bool) -> None:
         if self.fmt == "jsonl":
-            line = {"type": "segment", "file": file, **segment.to_dict(), "random_weights": random_weights}
-            self._line(json.dumps(line, ensure_ascii=False))
+            self._line(json_line(segment_record(file, segment, random_weights)))
         elif self.fmt == "csv":
             self.csv.writerow({**segment_csv_row(file, segment), "random_weights": random_weights})
         else:
@@ -131,20 +155,18 @@ class TimelineWriter:
 
     def summary(self, timeline: Timeline) -> None:
         if self.fmt == "jsonl":
-            body = timeline.to_dict()
-            body.pop("segments")
-            self._line(json.dumps({"type": "summary", **body}, ensure_ascii=False))
+            self._line(json_line(summary_record(timeline)))
         elif self.fmt == "table":
             self._line(summary_line(timeline))
         self.out.flush()
 
-    def error(self, file: str, message: str) -> None:
+    def error(self, file: str, error: EmoserveError) -> None:
         if self.fmt == "jsonl":
-            self._line(json.dumps({"type": "error", "file": file, "error": message}, ensure_ascii=False))
+            self._line(json_line(error_record(file, error)))
         elif self.fmt == "csv":
-            self.csv.writerow({"file": file, "error": message})
+            self.csv.writerow({"file": file, "error": str(error)})
         else:
-            self._line(f"{file}  ERROR  {message}")
+            self._line(f"{file}  ERROR  {error}")
         self.out.flush()
 
     def _line(self, text: str) -> None:

@@ -11,21 +11,32 @@ cutting is `audio/segments.py`'s; this module scores and assembles.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, Protocol
 
-from emoserve.audio.segments import Recording
+from emoserve.audio.decode import Audio
+from emoserve.audio.segments import Progress, Recording
 from emoserve.audio.vad import Segment
-from emoserve.inference.results import Timeline, TimelineSegment, scored, summarise
+from emoserve.errors import EmoserveError
+from emoserve.inference.results import Result, Timeline, TimelineSegment, scored, summarise
+from emoserve.model.entry import ModelInfo
 
-if TYPE_CHECKING:
-    from emoserve.inference.recognizer import Recognizer
+
+class Scorer(Protocol):
+    """What scoring a recording needs of a model (a `Recognizer`)."""
+
+    @property
+    def info(self) -> ModelInfo: ...
+    @property
+    def random_weights(self) -> bool: ...
+
+    def predict_many(self, clips: Sequence[Audio], *, batch_size: int) -> list[Result]: ...
 
 TIMELINE_BATCH_SIZE = 8  # segments scored together by the library (predict_many groups them by length)
 
 
 def score_segments(
-    recognizer: Recognizer, job: Recording, *, batch_size: int = TIMELINE_BATCH_SIZE
+    recognizer: Scorer, job: Recording, *, batch_size: int = TIMELINE_BATCH_SIZE
 ) -> Iterator[TimelineSegment]:
     """The library's scoring: segments in groups of `batch_size` through `predict_many` (batched by
     length), yielded in the order they were found."""
@@ -38,7 +49,7 @@ def score_segments(
     yield from _score(recognizer, job, pending)
 
 
-def _score(recognizer: Recognizer, job: Recording, segments: list[Segment]) -> Iterator[TimelineSegment]:
+def _score(recognizer: Scorer, job: Recording, segments: list[Segment]) -> Iterator[TimelineSegment]:
     results = recognizer.predict_many([job.clip(s) for s in segments], batch_size=len(segments) or 1)
     for segment, result in zip(segments, results, strict=True):
         yield scored(segment, result)
@@ -60,3 +71,27 @@ def build_timeline(
         segments=segments,
         summary=summarise(segments),
     )
+
+
+def file_timelines(
+    recognizer: Scorer,
+    files: Sequence[str],
+    *,
+    batch_size: int = TIMELINE_BATCH_SIZE,
+    progress: Callable[[int, str], Progress | None] = lambda n, file: None,
+    **options: Any,
+) -> Iterator[tuple[str, TimelineSegment | Timeline | EmoserveError]]:
+    """Many recordings, one after the other (`emoserve predict --segments`): for each file its segments
+    as they are scored, then its `Timeline`; a file that fails (its audio, or the model's output) is one
+    error and the others go on. `progress(n, file)` gives the n-th file's progress callback; `options`
+    go to each `Recording`."""
+    for n, file in enumerate(files, 1):
+        try:
+            job = Recording(file, progress=progress(n, file), **options)
+            scored = []
+            for segment in score_segments(recognizer, job, batch_size=batch_size):
+                scored.append(segment)
+                yield job.file, segment
+            yield job.file, build_timeline(job, scored, recognizer.info.name, recognizer.random_weights)
+        except EmoserveError as error:
+            yield file, error
