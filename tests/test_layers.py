@@ -1,0 +1,82 @@
+"""The layout's rules (docs/architecture.md): imports point down the layers, no module imports another in
+a circle (imports inside functions and under TYPE_CHECKING count), and the torch-free surfaces stay so."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from .conftest import FIXTURE
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_the_import_contracts_hold() -> None:
+    """import-linter's contracts in pyproject.toml: the layers, no circles among a package's modules,
+    no HTTP/Gradio/Ray below the surfaces, torch only where the network runs."""
+    lint = Path(sys.executable).with_name("lint-imports")
+    done = subprocess.run([str(lint), "--no-cache"], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    assert "Contracts: 4 kept, 0 broken." in done.stdout, done.stdout[-2000:]
+
+
+def test_the_contracts_would_catch_an_upward_import_inside_a_function(tmp_path: Path) -> None:
+    """The check is not blind to a function-local import that hides an upward arrow."""
+    package = tmp_path / "src" / "emoserve"
+    package.parent.mkdir(parents=True)
+    subprocess.run(["cp", "-r", str(ROOT / "src" / "emoserve"), str(package.parent)], check=True)
+    audio = package / "audio" / "decode.py"
+    audio.write_text(audio.read_text() + "\n\ndef _up() -> None:\n    from emoserve.serving import service\n")
+    (tmp_path / "pyproject.toml").write_text((ROOT / "pyproject.toml").read_text())
+    lint = Path(sys.executable).with_name("lint-imports")
+    env = {"PYTHONPATH": str(tmp_path / "src"), "PATH": "/usr/bin:/bin"}
+    done = subprocess.run([str(lint), "--no-cache"], cwd=tmp_path, capture_output=True, text=True, env=env)
+    assert done.returncode != 0 and "emoserve.audio is not allowed to import emoserve.serving" in done.stdout
+
+
+TORCH_FREE = """
+import json, sys, time
+from pathlib import Path
+
+from emoserve.cli import main
+try:
+    main(["--help"])
+except SystemExit:
+    pass
+import emoserve.serving, emoserve.serving.service, emoserve.serving.engine, emoserve.api.app
+import emoserve.inference.recognizer, emoserve.inference.onnx_backend
+assert "torch" not in sys.modules, "importing the surfaces loaded torch"
+
+from fastapi.testclient import TestClient
+from emoserve.api.app import create_app
+from emoserve.serving.service import Service
+from emoserve.serving.settings import Settings
+
+settings = Settings(model=sys.argv[1], backend="onnx", ui=False, threads=1)
+service = Service(settings)
+clip = Path(sys.argv[2]).read_bytes()
+with TestClient(create_app(settings, service)) as client:
+    deadline = time.monotonic() + 120
+    while client.get("/readyz").status_code != 200:
+        assert time.monotonic() < deadline and service.phase != "failed", service.state
+        time.sleep(0.1)
+    got = client.post("/v1/recognize", files={"file": ("clip.wav", clip)})
+    assert got.status_code == 200, got.text
+print(json.dumps({"torch": "torch" in sys.modules, "emotion": got.json()["emotion"]}))
+"""
+
+
+@pytest.mark.slow
+def test_the_torch_free_surfaces_never_import_torch(tiny_onnx_entry: Path) -> None:
+    """`emoserve --help`, `import emoserve.serving`, the server's start and a recognition on the onnx
+    backend run without torch: the reason the onnx backend starts fast and small."""
+    clip = FIXTURE / "audio" / "en_1s_16k.wav"
+    done = subprocess.run(
+        [sys.executable, "-c", TORCH_FREE, str(tiny_onnx_entry), str(clip)], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.splitlines()[-1])["torch"] is False
