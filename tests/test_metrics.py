@@ -62,7 +62,6 @@ def test_engine_observer_hooks_feed_the_batch_metrics() -> None:
     metrics = Metrics(max_queue=8)
     metrics.batch_done(size=3, audio_seconds=6.0, padded_seconds=6.3, seconds=0.2)
     metrics.queue_changed(5)
-    metrics.request_done(0.1, 0.2)  # observed per route by the server instead: a no-op
     assert samples(metrics, "emoserve_batch_size_count") == {(): 1}
     assert samples(metrics, "emoserve_batch_size_sum") == {(): 3}
     assert samples(metrics, "emoserve_audio_seconds_total") == {(): 6.0}

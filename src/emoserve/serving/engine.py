@@ -87,10 +87,6 @@ class EngineObserver(Protocol):
         """The number of waiting requests, whenever the worker sees it changed (not during a model call)."""
         return None
 
-    def request_done(self, queue_seconds: float, inference_seconds: float) -> None:
-        """After each request that got its result (failed requests are not reported here)."""
-        return None
-
 
 @dataclass(eq=False)  # identity equality: the queue removes this very request
 class _Request:
@@ -374,7 +370,6 @@ class Engine:
         finished = time.monotonic()
         for request, result in zip(batch, results, strict=True):
             timing = RequestTiming(started - request.submitted_at, finished - started, len(batch))
-            self._notify("request_done", timing.queue_s, timing.inference_s)
             request.future.set_result((result, timing))
 
     def _call_model(self, batch: list[_Request]) -> list[Result]:

@@ -22,6 +22,7 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from emoserve.serving.phase import PHASES
 from emoserve.system import resident_memory_bytes
 
 # Request stages in seconds: milliseconds for a tiny model up to a minute for a long clip of the large one
@@ -31,7 +32,6 @@ LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10
 TIMELINE_BUCKETS_S = (1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 1800.0, 3600.0, 7200.0)
 BATCH_SIZE_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
 STAGES = ("decode", "queue", "inference", "total")
-STATES = ("starting", "loading", "warming", "ready", "failed", "draining")
 
 
 class Metrics:
@@ -54,7 +54,7 @@ class Metrics:
             "emoserve_start_to_ready_seconds", "Seconds from process start to ready", registry=r
         )
         self.ready = Gauge("emoserve_ready", "1 when /readyz answers 200, else 0", registry=r)
-        self.state = Enum("emoserve_state", "Lifecycle state", states=list(STATES), registry=r)
+        self.state = Enum("emoserve_state", "Lifecycle state", states=list(PHASES), registry=r)
         # Requests
         self.request_duration_seconds = Histogram(
             "emoserve_request_duration_seconds",
@@ -132,9 +132,6 @@ class Metrics:
 
     def queue_changed(self, depth: int) -> None:
         self.queue_depth.set(depth)
-
-    def request_done(self, queue_seconds: float, inference_seconds: float) -> None:
-        """Not used: the caller observes the stages with its route (`observe_request`)."""
 
     # -------------------------------------------------------------------------------------- the server
 

@@ -26,13 +26,11 @@ from typing import TYPE_CHECKING, Any
 from emoserve.audio.vad import Segment
 from emoserve.constants import EXAMPLES_DIR
 from emoserve.errors import (
-    DRAINING_RETRY_AFTER_S,
-    FAILED_RETRY_AFTER_S,
-    LOADING_RETRY_AFTER_S,
     EmoserveError,
     ServiceUnavailable,
 )
 from emoserve.serving.metrics import Metrics
+from emoserve.serving.phase import SETTLED, Phase, unavailable
 from emoserve.serving.settings import Settings
 from emoserve.system import PROCESS_STARTED_AT, return_freed_memory
 
@@ -124,7 +122,7 @@ class Service:
         self.on_failure: Callable[[], None] | None = None
         # Run by the start-up thread after warm-up, before "ready" (the server mounts the web UI here).
         self.before_ready: Callable[[], None] | None = None
-        self._phase: tuple[str, str | None] = ("starting", None)  # replaced whole: readable from any thread
+        self._phase: tuple[Phase, str | None] = ("starting", None)  # replaced whole: readable from any thread
         self._timings: dict[str, float] = {}
         self._last_used = time.monotonic()
         self._stopping = threading.Event()
@@ -145,7 +143,7 @@ class Service:
         return f"{phase}: {reason}" if reason else phase
 
     @property
-    def phase(self) -> str:
+    def phase(self) -> Phase:
         return self._phase[0]
 
     @property
@@ -176,7 +174,7 @@ class Service:
     def timings(self) -> dict[str, float]:
         return {"since_start_s": round(time.monotonic() - PROCESS_STARTED_AT, 3), **self._timings}
 
-    def _set_state(self, state: str, reason: str | None = None) -> bool:
+    def _set_state(self, state: Phase, reason: str | None = None) -> bool:
         """Move to `state`, unless draining already (nothing leaves draining). False if refused."""
         if self.phase == "draining":
             return False
@@ -398,7 +396,7 @@ class Service:
 
     def begin_drain(self) -> None:
         """Stop accepting: /readyz 503, new recognitions 503. Safe to call from a signal handler."""
-        if self.phase not in ("draining", "failed"):
+        if self.phase not in SETTLED:
             self._phase = ("draining", None)
             self._settled.set()
             self.metrics.set_state("draining")
@@ -414,27 +412,13 @@ class Service:
     # -------------------------------------------------------------------------------------- requests
 
     def unavailable(self) -> ServiceUnavailable:
-        """The 503 that fits the current state."""
-        state = self.phase
-        if state == "draining":
-            return ServiceUnavailable(
-                "draining", "the service is shutting down and accepts no new requests", DRAINING_RETRY_AFTER_S
-            )
-        if state == "failed":
-            return ServiceUnavailable(
-                "start_up_failed", f"the model could not be loaded: {self.reason}", FAILED_RETRY_AFTER_S
-            )
-        return ServiceUnavailable(
-            "not_ready",
-            f"the model is not ready yet (state {state}, "
-            f"{self.timings()['since_start_s']:.1f} s after start)",
-            LOADING_RETRY_AFTER_S,
-        )
+        """The 503 that fits the current phase."""
+        return unavailable(self.phase, self.reason, self.timings()["since_start_s"])
 
     async def wait_ready(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
         while not self.ready:
-            if self.phase in ("failed", "draining") or time.monotonic() >= deadline:
+            if self.phase in SETTLED or time.monotonic() >= deadline:
                 raise self.unavailable()
             await asyncio.sleep(READY_POLL_S)
 
