@@ -520,3 +520,26 @@ def test_malformed_wav_headers_are_audio_errors_never_a_result(header: dict[str,
     with pytest.raises(AudioError) as info:
         load_audio(wav_with_header(**header))
     assert info.value.reason == reason and info.value.status < 500, str(info.value)
+
+
+def test_audio_whose_format_changes_mid_stream_gets_one_code_whole_or_in_blocks(tmp_path: Path) -> None:
+    """Two ADTS AAC streams back to back (16 kHz mono, then 44.1 kHz stereo): load_audio said 415
+    unsupported_audio and the streamed reader 400 malformed_audio for the same file."""
+    from emoserve.audio.stream import AudioStream
+
+    rng = np.random.default_rng(0)
+    parts = []
+    for n, (rate, channels) in enumerate([(16_000, 1), (44_100, 2)]):
+        part = tmp_path / f"{n}.aac"
+        samples = rng.uniform(-0.3, 0.3, (rate * 2, channels)).astype(np.float32)
+        encode_with_pyav(part, "adts", "aac", samples, rate, rate)
+        parts.append(part.read_bytes())
+    path = tmp_path / "changes.aac"
+    path.write_bytes(b"".join(parts))
+    with pytest.raises(AudioError) as whole:
+        load_audio(path)
+    with pytest.raises(AudioError) as blocks, AudioStream(path) as stream:
+        list(stream.blocks())
+    assert (whole.value.code, whole.value.status) == (blocks.value.code, blocks.value.status)
+    assert whole.value.code == "malformed_audio" and "mid-stream" in str(whole.value)
+    assert str(whole.value) == str(blocks.value)

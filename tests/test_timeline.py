@@ -411,3 +411,44 @@ def test_peak_memory_does_not_grow_with_the_file(tmp_path: Path) -> None:
         assert int(segments) == minutes * 12 and float(duration) == pytest.approx(minutes * 60)
         peaks[minutes] = int(peak_mb)
     assert peaks[20] - peaks[1] < 30, peaks
+
+
+# ------------------------------------------------------------------------------- one reader of inputs
+
+
+def test_a_timeline_takes_every_input_form_predict_takes(
+    tiny_recognizer: Any, speech_file: tuple[Path, Any]
+) -> None:
+    """`timeline((samples, 16000))` failed with "unsupported input type tuple; pass ... or an (array,
+    sample_rate) tuple": the streaming reader knew only files. Every form gives the file's timeline."""
+    path, _ = speech_file
+    want = tiny_recognizer.timeline(path).to_dict()
+    samples, rate = sf.read(path, dtype="float32")
+    forms: list[tuple[Any, dict[str, Any]]] = [
+        ((samples, rate), {}),
+        (samples, {"sample_rate": rate}),
+        (sf.read(path, dtype="int16")[0], {"sample_rate": rate}),
+        (path.read_bytes(), {}),
+        (str(path), {}),
+    ]
+    for source, options in forms:
+        got = tiny_recognizer.timeline(source, **options).to_dict()
+        assert bounds_of(got) == bounds_of(want)
+        for a, b in zip(got["segments"], want["segments"], strict=True):
+            assert a["emotion"] == b["emotion"]
+            assert max(abs(a["scores"][k] - b["scores"][k]) for k in a["scores"]) < SCORE_TOL
+
+
+def bounds_of(timeline: dict[str, Any]) -> list[tuple[float, float]]:
+    return [(s["start_s"], s["end_s"]) for s in timeline["segments"]]
+
+
+def test_an_unsupported_input_names_the_same_accepted_forms_everywhere(tiny_recognizer: Any) -> None:
+    from emoserve.audio.decode import ACCEPTED_INPUTS
+
+    for call in (tiny_recognizer.predict, tiny_recognizer.timeline, load_audio):
+        with pytest.raises(AudioError) as refused:
+            call(12345)
+        assert ACCEPTED_INPUTS in str(refused.value) and refused.value.code == "invalid_parameter"
+    with pytest.raises(AudioError, match="applies to arrays only"):
+        tiny_recognizer.timeline(b"RIFF", sample_rate=16000)

@@ -40,6 +40,8 @@ MAX_CHANNELS = 8
 
 SUPPORTED = "wav, flac, ogg, mp3, m4a/aac, opus, webm and other ffmpeg formats"
 
+# The one list of what every entry point takes as audio (load_audio, predict, timeline, AudioStream)
+ACCEPTED_INPUTS = "a path, bytes, a binary file, an array with sample_rate=, or an (array, sample_rate) tuple"
 AudioInput: TypeAlias = (
     str | os.PathLike[str] | bytes | bytearray | memoryview | BinaryIO | np.ndarray | tuple[np.ndarray, int]
 )
@@ -100,7 +102,7 @@ def load_audio(
     display = name if name is not None else display_name(source)
     limit = length_limit(max_seconds, limit_setting, display)
     if isinstance(source, np.ndarray | tuple):
-        decoded = _from_array(source, sample_rate, display)
+        decoded = from_array(source, sample_rate, display)
     else:
         if sample_rate is not None:
             raise AudioError(
@@ -196,8 +198,7 @@ def _read_bytes(source: object, display: str) -> bytes:
         data = bytes(data)
     else:
         raise AudioError(
-            f"{display}: unsupported input type {type(source).__name__}; pass a path, bytes, a binary file, "
-            "an array with sample_rate=, or an (array, sample_rate) tuple",
+            f"{display}: unsupported input type {type(source).__name__}; pass {ACCEPTED_INPUTS}",
             source=display,
             reason="bad_argument",
         )
@@ -206,7 +207,7 @@ def _read_bytes(source: object, display: str) -> bytes:
     return data
 
 
-def _from_array(source: np.ndarray | tuple, sample_rate: int | None, display: str) -> _Decoded:
+def from_array(source: np.ndarray | tuple, sample_rate: int | None, display: str) -> _Decoded:
     if isinstance(source, tuple):
         if len(source) != 2 or not isinstance(source[0], np.ndarray):
             raise AudioError(
@@ -364,10 +365,7 @@ def _read_pyav(file: str | io.BytesIO, display: str, limit: Limit | None) -> _De
             if not chunks:
                 rate, channels = frame_shape
             elif frame_shape != (rate, channels):
-                raise PyAVFailure(
-                    f"the audio changes from {rate} Hz x {channels} channels to {frame_shape[0]} Hz x "
-                    f"{frame_shape[1]} channels mid-stream"
-                )
+                raise format_changed(display, (rate, channels), frame_shape)
             chunks.append(frame_to_float32(frame))
             n_samples += frame.samples
             # Stop decoding at the limit rather than holding a whole long recording in memory.
@@ -375,6 +373,16 @@ def _read_pyav(file: str | io.BytesIO, display: str, limit: Limit | None) -> _De
                 raise_too_long(display, limit, _container_seconds(container))
     samples = np.concatenate(chunks) if chunks else np.zeros((0, max(channels, 1)), np.float32)
     return _Decoded(samples, rate, "pyav", container_name)
+
+
+def format_changed(display: str, was: tuple[int, int], now: tuple[int, int]) -> AudioError:
+    """Audio whose rate or channel count changes part-way: the same error whole or in blocks."""
+    return AudioError(
+        f"{display}: the audio changes from {was[0]} Hz x {was[1]} channels to {now[0]} Hz x {now[1]} "
+        "channels mid-stream; convert it to one format first",
+        source=display,
+        reason="malformed",
+    )
 
 
 def frame_to_float32(frame: av.audio.frame.AudioFrame) -> np.ndarray:

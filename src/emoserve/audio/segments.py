@@ -350,6 +350,7 @@ class Recording:
         vad_factory: Callable[[], Vad] = SileroVad,
         progress: Progress | None = None,
         limit_setting: str = LIBRARY_LIMIT_SETTING,
+        sample_rate: int | None = None,
     ) -> None:
         if spans is not None and channels != "mix":
             raise AudioError(
@@ -360,8 +361,9 @@ class Recording:
         self.vad, self.spans, self.channels = vad, spans, channels
         self._vad_factory, self._progress = vad_factory, progress
         self.stream = AudioStream(
-            source, channels=channels, max_seconds=max_seconds, name=name, limit_setting=limit_setting
-        )
+            source, channels=channels, max_seconds=max_seconds, name=name, limit_setting=limit_setting,
+            sample_rate=sample_rate,
+        )  # fmt: skip
         self.file = self.stream.display
         self.samples = 0  # per channel, at 16 kHz, decoded so far
 

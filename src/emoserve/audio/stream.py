@@ -27,7 +27,9 @@ from emoserve.audio.decode import (
     check_wav_header,
     decode_with_fallback,
     display_name,
+    format_changed,
     frame_to_float32,
+    from_array,
     input_opener,
     length_limit,
     raise_too_long,
@@ -47,7 +49,7 @@ class StreamInfo:
     source: str
     sample_rate: int  # of the file
     channels: int  # of the file
-    decoder: str  # "soundfile" | "pyav"
+    decoder: str  # "soundfile" | "pyav" | "array"
     container: str | None
     duration_s: float | None  # as the header states it (an estimate for some formats), for progress
 
@@ -65,7 +67,9 @@ class AudioStream:
         name: str | None = None,
         block_s: float = BLOCK_S,
         limit_setting: str = LIBRARY_LIMIT_SETTING,
+        sample_rate: int | None = None,
     ) -> None:
+        """`source`: any of `decode.ACCEPTED_INPUTS` (`sample_rate` is an array's, as for `load_audio`)."""
         if channels not in CHANNEL_MODES:
             raise AudioError(
                 f"channels is {channels!r}; choose 'mix' or 'separate'",
@@ -75,11 +79,11 @@ class AudioStream:
         self.display = name if name is not None else display_name(source)
         self.limit = length_limit(max_seconds, limit_setting, self.display)
         self.channels, self._block_s = channels, block_s
-        self._reader = _open(source, self.display)
+        self._reader = _open(source, self.display, sample_rate)
         self.info = self._reader.info
         if (
             self.info.duration_s is not None
-            and self.info.decoder == "soundfile"
+            and self.info.decoder in ("soundfile", "array")
             and self.info.container != "MP3"
         ):
             n = round(self.info.duration_s * self.info.sample_rate)
@@ -151,14 +155,39 @@ class _Reader:
         raise NotImplementedError
 
 
-def _open(source: Any, display: str) -> _Reader:
-    """libsndfile first (the reference's decoder), PyAV for what it cannot open, as `load_audio` does."""
+def _open(source: Any, display: str, sample_rate: int | None) -> _Reader:
+    """libsndfile first (the reference's decoder), PyAV for what it cannot open, as `load_audio` does;
+    an array (or tuple) is read as `load_audio` reads it, then handed out in blocks."""
+    if isinstance(source, np.ndarray | tuple):
+        return _ArrayReader(source, display, sample_rate)
+    if sample_rate is not None:
+        raise AudioError(
+            f"{display}: sample_rate= applies to arrays only; encoded audio carries its own rate "
+            "(drop the argument)",
+            source=display,
+            reason="bad_argument",
+        )
     return decode_with_fallback(
         input_opener(source, display),
         display,
         lambda file: _SoundfileReader(file, display),
         lambda file: _PyAVReader(file, display),
     )
+
+
+class _ArrayReader(_Reader):
+    def __init__(self, source: np.ndarray | tuple, display: str, sample_rate: int | None) -> None:
+        decoded = from_array(source, sample_rate, display)
+        self._samples = decoded.samples  # (samples, channels) float32 at the array's own rate
+        n, channels = self._samples.shape
+        self.info = StreamInfo(display, decoded.sample_rate, channels, "array", None, n / decoded.sample_rate)
+
+    def blocks(self, frames: int) -> Iterator[np.ndarray]:
+        for start in range(0, len(self._samples), frames):
+            yield self._samples[start : start + frames]
+
+    def close(self) -> None:
+        pass
 
 
 class _SoundfileReader(_Reader):
@@ -226,17 +255,9 @@ class _PyAVReader(_Reader):
         chunks, n = [self._first], len(self._first)
         try:
             for frame in self._frames:
-                if (frame.sample_rate, frame.layout.nb_channels) != (
-                    self.info.sample_rate,
-                    self.info.channels,
-                ):
-                    raise AudioError(
-                        f"{self.display}: the audio changes from {self.info.sample_rate} Hz x "
-                        f"{self.info.channels} channels to {frame.sample_rate} Hz x "
-                        f"{frame.layout.nb_channels} channels mid-stream; convert it to one format first",
-                        source=self.display,
-                        reason="malformed",
-                    )
+                shape = (frame.sample_rate, frame.layout.nb_channels)
+                if shape != (self.info.sample_rate, self.info.channels):
+                    raise format_changed(self.display, (self.info.sample_rate, self.info.channels), shape)
                 chunks.append(frame_to_float32(frame))
                 n += len(chunks[-1])
                 if n >= frames:
