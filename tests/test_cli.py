@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -222,7 +223,45 @@ def test_segments_jsonl_is_a_line_per_segment_then_a_summary(
         assert line["emotion"] == segment.emotion
         assert abs(line["confidence"] - segment.confidence) < SCORE_TOL
     assert lines[4]["file"] == str(recording) and lines[4]["summary"]["segments"] == 4
-    assert lines[5]["file"] == str(bad) and "could not decode" in lines[5]["error"]
+    assert lines[5]["file"] == str(bad) and "could not decode" in lines[5]["error"]["message"]
+    assert lines[5]["error"]["code"] == "unsupported_audio"
+
+
+class NanOnFirstCall:
+    """A backend whose first model call gives NaN logits (the first file's segments), then the truth."""
+
+    def __init__(self, backend: Any) -> None:
+        self.backend, self.calls = backend, 0
+        self.name, self.device, self.dtype = backend.name, backend.device, backend.dtype
+
+    def run(self, waves: np.ndarray, lengths: np.ndarray, frames: bool) -> Any:
+        out = self.backend.run(waves, lengths, frames)
+        self.calls += 1
+        if self.calls == 1:
+            out.logits[:] = np.nan
+        return out
+
+
+def test_segments_isolate_a_file_whose_model_output_is_not_finite(
+    capsys: pytest.CaptureFixture[str], recording: Path, monkeypatch: pytest.MonkeyPatch, tiny_recognizer: Any
+) -> None:
+    """A non-finite model output aborted the whole `predict --segments` run (only AudioError was caught);
+    now, as in plain `predict`, it is one error line for that file, the others go on, exit status 1."""
+    from emoserve.inference import recognizer as recognizers
+
+    nan = recognizers.Recognizer(NanOnFirstCall(tiny_recognizer.backend), tiny_recognizer.info)
+    monkeypatch.setattr(recognizers, "load_model", lambda *args, **kwargs: nan)
+    second = recording.with_name("second.wav")
+    shutil.copy(recording, second)
+    code, out, err = run(
+        capsys, "predict", str(recording), str(second), "--segments", "--model", MODEL, "--format", "jsonl"
+    )
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert code == 1 and "1 of 2 files failed" in err
+    assert lines[0] == {"type": "error", "file": str(recording), "error": lines[0]["error"]}
+    assert lines[0]["error"]["code"] == "invalid_model_output"
+    assert [line["type"] for line in lines[1:]] == ["segment"] * 4 + ["summary"]
+    assert {line["file"] for line in lines[1:]} == {str(second)}
 
 
 def test_segments_csv_table_and_options(
