@@ -15,8 +15,8 @@ import pytest
 import soundfile as sf
 
 from emoserve.audio import decode as audio_module
-from emoserve.audio.decode import MIN_SAMPLES, Audio, load_audio, resample, to_mono
-from emoserve.constants import SAMPLE_RATE
+from emoserve.audio.decode import Audio, load_audio, resample, to_mono
+from emoserve.constants import MIN_SAMPLES, SAMPLE_RATE
 from emoserve.errors import AudioError
 
 FIXTURES = Path(__file__).parent / "fixtures" / "emotion2vec-tiny"

@@ -441,7 +441,8 @@ def test_ray_data_scoring_writes_what_local_predict_writes(
 @pytest.mark.ray
 def test_predict_ray_scores_with_several_actors_in_input_order(ray_cluster: RayCluster) -> None:
     """More files than one actor's block, spread over two actors: the output keeps the input order."""
-    from emoserve.ray_batch import ModelOptions, score_files
+    from emoserve.inference.options import ModelOptions
+    from emoserve.ray_batch import score_files
 
     files = [str(AUDIO / name) for name in ("en_1s_16k.wav", "zh_3s_16k.wav", "zh_1s_16k.ogg")] * 6
     outcomes = list(

@@ -13,11 +13,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from emoserve import __version__
-from emoserve.constants import HUBS
+from emoserve.constants import BACKENDS, DTYPES, HUBS
 from emoserve.model.config import PRESETS
 
 if TYPE_CHECKING:
     from emoserve.inference.files import Outcome
+    from emoserve.inference.options import ModelOptions
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -177,7 +178,7 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hub", choices=HUBS, default="auto", help="where to download a missing model from")
     p.add_argument(
         "--backend",
-        choices=("auto", "torch", "onnx"),
+        choices=BACKENDS,
         default=os.environ.get("EMOSERVE_BACKEND", "auto"),
         help="onnx (ONNX Runtime, CPU, no torch), torch, or auto: onnx on a CPU when the model has its "
         "graph, else torch [EMOSERVE_BACKEND; default auto]",
@@ -185,7 +186,7 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
     p.add_argument(
         "--dtype",
-        choices=("float32", "float16", "bfloat16", "int8"),
+        choices=DTYPES,
         default="float32",
         help="float16/bfloat16 on a GPU only (torch); int8 on a CPU only (onnx)",
     )
@@ -197,20 +198,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from emoserve.files import atomic_write
     from emoserve.inference.files import Format, expand_inputs, score_files
     from emoserve.inference.formats import RANDOM_WARNING, OutcomeWriter
-    from emoserve.inference.recognizer import load_model
+    from emoserve.inference.recognizer import load_with
 
 
     files = expand_inputs(args.paths)
     if not files:
         raise ValueError(f"no audio files found in {' '.join(args.paths)}")
-    recognizer = load_model(
-        args.model,
-        backend=args.backend,
-        device=args.device,
-        dtype=args.dtype,
-        hub=args.hub,
-        max_seconds=args.max_seconds,
-    )
+    recognizer = load_with(model_options(args))
     if recognizer.random_weights:
         print(RANDOM_WARNING, file=sys.stderr)
     fmt: Format = args.format or ("table" if args.output is None and sys.stdout.isatty() else "jsonl")
@@ -299,11 +293,17 @@ AUDIO_BAR = "{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} s of audio [{
 
 
 def ray_outcomes(args: argparse.Namespace, files: list[str], options: dict[str, Any]) -> Iterator[Outcome]:
-    from emoserve.ray_batch import ModelOptions, connect, score_files
+    from emoserve.ray_batch import connect, score_files
 
     connect(args.address)
-    model = ModelOptions(args.model, args.backend, args.device, args.dtype, args.hub, args.max_seconds)
-    return score_files(files, model, actors=args.actors, **options)
+    return score_files(files, model_options(args), actors=args.actors, **options)
+
+
+def model_options(args: argparse.Namespace) -> ModelOptions:
+    """The model flags (`add_model_options`) and --max-seconds as one value."""
+    from emoserve.inference.options import ModelOptions
+
+    return ModelOptions(args.model, args.backend, args.device, args.dtype, args.hub, args.max_seconds)
 
 
 def cmd_download(args: argparse.Namespace) -> None:

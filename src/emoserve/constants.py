@@ -6,6 +6,8 @@ from pathlib import Path
 from typing import Literal
 
 SAMPLE_RATE = 16_000  # Hz, what the model takes
+MIN_SAMPLES = 400  # one model frame: the receptive field of the conv encoder at 16 kHz (spec §4 step 3)
+DEFAULT_MAX_SECONDS = 600.0  # callers pass their own limit; attention cost grows with T² (spec §6)
 EXAMPLES_DIR = Path(__file__).parent / "examples"  # the bundled clips: warm-up, the UI's example
 
 Granularity = Literal["utterance", "frame"]

@@ -15,7 +15,7 @@ import logging
 import math
 import pickle
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -24,23 +24,12 @@ import ray.data
 
 from emoserve.constants import Granularity
 from emoserve.inference.files import EmbeddingNames, Outcome, save_embedding, score_outcomes
-from emoserve.inference.recognizer import load_model
+from emoserve.inference.options import ModelOptions
+from emoserve.inference.recognizer import load_with
 
 # Files per block handed to an actor: a few model batches, so that length grouping has choice (as the
 # local CLI's decode window) and each actor call is long enough to hide Ray's per-call overhead.
 BATCHES_PER_BLOCK = 4
-
-
-@dataclass(frozen=True)
-class ModelOptions:
-    """What `load_model` gets in every actor (the CLI's model options)."""
-
-    model: str | None = None
-    backend: str = "auto"
-    device: str = "auto"
-    dtype: str = "float32"
-    hub: str = "auto"
-    max_seconds: float | None = None
 
 
 class Scorer:
@@ -48,16 +37,7 @@ class Scorer:
 
     def __init__(self, options: ModelOptions, granularity: Granularity, embedding: bool, batch_size: int):
         cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
-        self.recognizer = load_model(
-            options.model,
-            backend=options.backend,
-            device=options.device,
-            dtype=options.dtype,
-            hub=options.hub,  # type: ignore[arg-type]  # the CLI's choices
-            max_seconds=options.max_seconds,
-            threads=max(1, math.floor(cpus)),
-            progress=False,
-        )
+        self.recognizer = load_with(replace(options, threads=max(1, math.floor(cpus))), progress=False)
         self.granularity, self.embedding, self.batch_size = granularity, embedding, batch_size
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

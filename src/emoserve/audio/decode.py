@@ -23,15 +23,13 @@ import numpy as np
 import soundfile as sf
 import soxr
 
-from emoserve.constants import SAMPLE_RATE
+from emoserve.constants import DEFAULT_MAX_SECONDS, MIN_SAMPLES, SAMPLE_RATE
 from emoserve.errors import AudioError
 
 if TYPE_CHECKING:
     import av.audio.frame
 
 T = TypeVar("T")
-MIN_SAMPLES = 400  # one model frame: the receptive field of the conv encoder at 16 kHz (spec §4 step 3)
-DEFAULT_MAX_SECONDS = 600.0  # callers pass their own limit; attention cost grows with T² (spec §6)
 LIBRARY_LIMIT_SETTING = "max_seconds / --max-seconds"  # what a too-long error names, unless told otherwise
 
 # A 2-D array is (samples, channels) unless its first axis has at most MAX_CHANNELS entries and its

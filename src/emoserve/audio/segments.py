@@ -17,10 +17,10 @@ from typing import Any
 
 import numpy as np
 
-from emoserve.audio.decode import LIBRARY_LIMIT_SETTING, MIN_SAMPLES, Audio
+from emoserve.audio.decode import LIBRARY_LIMIT_SETTING, Audio
 from emoserve.audio.stream import AudioStream, Channels
 from emoserve.audio.vad import DEFAULT_VAD, FRAME, RMS_HOP, RMS_SMOOTH, Segment, SileroVad, Vad, VadSettings
-from emoserve.constants import SAMPLE_RATE
+from emoserve.constants import MIN_SAMPLES, SAMPLE_RATE
 from emoserve.errors import AudioError
 
 

@@ -10,14 +10,24 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterator, Sequence
+from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from emoserve.audio.decode import DEFAULT_MAX_SECONDS, Audio, AudioInput, load_audio
-from emoserve.constants import BACKENDS, DTYPES, GRANULARITIES, SAMPLE_RATE, Granularity, Hub
+from emoserve.audio.decode import Audio, AudioInput, load_audio
+from emoserve.constants import (
+    BACKENDS,
+    DEFAULT_MAX_SECONDS,
+    DTYPES,
+    GRANULARITIES,
+    SAMPLE_RATE,
+    Granularity,
+    Hub,
+)
 from emoserve.errors import ModelOutputError
 from emoserve.inference.backend import Backend, choose_backend, onnx_graph
+from emoserve.inference.options import ModelOptions
 from emoserve.inference.results import FrameResult, Result
 from emoserve.model.cache import ensure_intact, resolve
 from emoserve.model.entry import ModelInfo, read_entry
@@ -261,3 +271,7 @@ def load_model(
         log.warning("%s has RANDOM weights: its predictions are meaningless", info.name)
     return Recognizer(runner, info, max_seconds=max_seconds)
 
+
+def load_with(options: ModelOptions, *, progress: bool = True) -> Recognizer:
+    """`load_model` with the options as one value."""
+    return load_model(**asdict(options), progress=progress)

@@ -18,14 +18,19 @@ from pathlib import Path
 from typing import Any
 
 from emoserve.constants import (
+    BACKENDS,
+    DTYPES,
     FALSE_WORDS,
+    HUBS,
     MAX_BATCH_SECONDS,
     MAX_BATCH_SIZE,
     MAX_QUEUE,
     MAX_WAIT_MS,
     TRUE_WORDS,
+    Hub,
 )
 from emoserve.errors import SettingsError
+from emoserve.inference.options import ModelOptions
 
 ENV_PREFIX = "EMOSERVE_"
 MB = 1_000_000  # bytes; upload limits are in decimal megabytes, as HTTP clients and proxies count them
@@ -149,16 +154,16 @@ class Settings:
         "possible, else - loudly - random weights); a model named explicitly never falls back",
         metavar="DIR|NAME",
     )
-    hub: str = _setting("auto", _choice("auto", "hf", "ms"), "where to download a missing model from")
+    hub: Hub = _setting("auto", _choice(*HUBS), "where to download a missing model from")  # noqa: RUF009
     backend: str = _setting(
         "auto",
-        _choice("auto", "torch", "onnx"),
+        _choice(*BACKENDS),
         "onnx (ONNX Runtime, CPU, no torch), torch, or auto: onnx on a CPU when the model has its graph",
     )
     device: str = _setting("auto", _text, "auto (CUDA when present), cpu, cuda, cuda:N")
     dtype: str = _setting(
         "float32",
-        _choice("float32", "float16", "bfloat16", "int8"),
+        _choice(*DTYPES),
         "float16/bfloat16 on a GPU only (torch); int8 on a CPU only (onnx)",
     )
     threads: int | None = _setting(
@@ -256,6 +261,9 @@ class Settings:
     @property
     def max_upload_bytes(self) -> int:
         return int(self.max_upload_mb * MB)
+
+    def model_options(self) -> ModelOptions:
+        return ModelOptions(self.model, self.backend, self.device, self.dtype, self.hub, threads=self.threads)
 
     def effective_max_audio_s(self, device_type: str = "cpu") -> float:
         """`max_audio_s`, or the default sized for the hardware when it was not set."""
