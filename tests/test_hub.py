@@ -16,6 +16,7 @@ from huggingface_hub.hf_api import BlobLfsInfo, RepoSibling
 from huggingface_hub.utils import are_progress_bars_disabled
 
 from emoserve.errors import HubError
+from emoserve.files import HASH_CHUNK_BYTES, sha256_file
 from emoserve.model import hub
 from emoserve.model.hub import MODEL_FILES
 
@@ -129,9 +130,9 @@ def test_known_models_cover_both_hubs() -> None:
 
 
 def test_sha256_file_streams_past_one_chunk(tmp_path: Path) -> None:
-    data = bytes(range(256)) * (5 * hub.HASH_CHUNK_BYTES // 512)  # 2.5 chunks
+    data = bytes(range(256)) * (5 * HASH_CHUNK_BYTES // 512)  # 2.5 chunks
     (tmp_path / "f").write_bytes(data)
-    assert hub.sha256_file(tmp_path / "f") == hashlib.sha256(data).hexdigest()
+    assert sha256_file(tmp_path / "f") == hashlib.sha256(data).hexdigest()
 
 
 def test_hf_download_gives_the_four_files_and_nothing_else(

@@ -261,7 +261,7 @@ def test_a_conversion_killed_midway_leaves_nothing_that_loads(tmp_path: Path) ->
         stderr=subprocess.DEVNULL,
     )
     deadline = time.monotonic() + 60
-    while not list(tmp_path.glob(".entry.*/model.safetensors")):  # the weights are written: exporting
+    while not list(tmp_path.glob(".entry.*/entry/model.safetensors")):  # the weights are written: exporting
         assert process.poll() is None and time.monotonic() < deadline, "the conversion ended too early"
         time.sleep(0.05)
     process.send_signal(signal.SIGKILL)

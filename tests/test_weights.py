@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from emoserve.errors import HubError, WeightsError
+from emoserve.files import sha256_file
 from emoserve.inference.recognizer import load_model
 from emoserve.model import checkpoint as weights
 from emoserve.model import entry as entries
@@ -108,7 +109,7 @@ def test_published_and_slim_entry_give_identical_outputs(tmp_path: Path) -> None
     assert (entry / "model.safetensors").stat().st_size < (FIXTURE / "model" / "model.pt").stat().st_size
     loaded, info = load_entry(entry)
     assert info.config == config and info.labels == labels and not info.random_weights
-    assert info.source["sha256"] == hub.sha256_file(FIXTURE / "model" / "model.pt")
+    assert info.source["sha256"] == sha256_file(FIXTURE / "model" / "model.pt")
     reference = Emotion2vec(config)
     reference.load_state_dict(state)
     x = torch.from_numpy(wave("zh_3s_16k.wav"))[None]

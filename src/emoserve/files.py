@@ -1,4 +1,8 @@
-"""Hidden work directories beside a destination, which a killed process does not leave behind for good.
+"""Writing files and directories so that a reader sees the old one or the new one, never half, and a
+killed process leaves nothing behind for good: `atomic_write` (a file), `atomic_dir` (a directory), both
+through a hidden work space beside the destination (`work_dir`), and `sha256_file`.
+
+Hidden work directories beside a destination, which a killed process does not leave behind for good.
 
 A conversion or a download writes into `.<dest name>.<random>` beside its destination (one filesystem,
 so the final rename is atomic) and removes it when done, whatever happens in Python. A SIGKILL, an OOM
@@ -9,6 +13,7 @@ process dies - and each new work directory first removes the ones whose lock nob
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import shutil
@@ -27,6 +32,7 @@ log = logging.getLogger(__name__)
 
 LOCK_SUFFIX = ".lock"
 LOCK_TEXT = b"emoserve work directory\n"  # another program's hidden .lock files are never ours to sweep
+HASH_CHUNK_BYTES = 1 << 20
 
 
 @contextmanager
@@ -84,6 +90,33 @@ def _hold_lock(work: Path) -> int | None:
     os.write(fd, LOCK_TEXT)
     os.rename(staging, f"{work}{LOCK_SUFFIX}")
     return fd
+
+
+@contextmanager
+def atomic_dir(dest: Path) -> Iterator[Path]:
+    """Yield a new, empty directory that replaces `dest` only if the block succeeds."""
+    with work_dir(dest) as work:
+        new = work / dest.name
+        new.mkdir()
+        yield new
+        replace_dir(new, dest, work)
+
+
+def replace_dir(new: Path, dest: Path, work: Path) -> None:
+    """Put the directory `new` at `dest`. An old `dest` moves into `work` first (and goes with it): a new
+    copy replaces, never merges. `new` and `work` are on `dest`'s filesystem, so each step is a rename."""
+    if dest.exists():
+        dest.rename(work / ".previous")
+    new.rename(dest)
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        # streamed: model.pt is ~2 GB and must not be read into memory at once
+        while chunk := f.read(HASH_CHUNK_BYTES):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 @contextmanager

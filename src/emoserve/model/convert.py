@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from emoserve.errors import WeightsError
-from emoserve.model import hub
+from emoserve.files import atomic_dir, sha256_file
 from emoserve.model.checkpoint import check_state, meta_model, read_published, state_shapes
 from emoserve.model.entry import (
     CONFIG_FILE,
@@ -26,7 +26,6 @@ from emoserve.model.entry import (
     TOKENS_FILE,
     WEIGHTS_FILE,
     ModelInfo,
-    atomic_dir,
     is_published_dir,
     is_random_dir,
     read_entry,
@@ -54,7 +53,7 @@ def convert(
         raise WeightsError(f"{model_dir} is not a model directory (config.yaml, model.pt, tokens.txt)")
     started = time.perf_counter()
     config, labels, state = read_published(model_dir)
-    source = source_stamp(model_dir / "model.pt") | {"sha256": hub.sha256_file(model_dir / "model.pt")}
+    source = source_stamp(model_dir / "model.pt") | {"sha256": sha256_file(model_dir / "model.pt")}
     manifest = {
         "format": ENTRY_FORMAT,
         "name": name or model_dir.resolve().name,

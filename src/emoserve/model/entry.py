@@ -11,17 +11,12 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import shutil
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from emoserve.errors import WeightsError
-from emoserve.files import work_dir
-from emoserve.model import hub
+from emoserve.files import atomic_write, sha256_file
 from emoserve.model.config import ModelConfig
 from emoserve.model.labels import Label, parse_tokens
 
@@ -88,16 +83,6 @@ def is_random_dir(model_dir: Path) -> bool:
     return bool(isinstance(meta, dict) and meta.get("emoserve", {}).get("random_weights"))
 
 
-@contextmanager
-def atomic_dir(dest: Path) -> Iterator[Path]:
-    """Yield a temporary directory beside `dest` that replaces `dest` only if the block succeeds."""
-    with work_dir(dest) as tmp:
-        yield tmp
-        if dest.exists():
-            shutil.rmtree(dest)
-        tmp.rename(dest)
-
-
 def source_stamp(model_pt: Path) -> dict[str, Any]:
     stat = model_pt.stat()
     return {"path": str(model_pt.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
@@ -129,9 +114,8 @@ def read_manifest(entry: Path) -> dict[str, Any]:
 
 def write_manifest(entry: Path, manifest: dict[str, Any]) -> None:
     """Replace the manifest atomically (a reader sees the old one or the new one, never half)."""
-    tmp = entry / f".{MANIFEST_FILE}.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2, ensure_ascii=False))
-    os.replace(tmp, entry / MANIFEST_FILE)
+    with atomic_write(entry / MANIFEST_FILE) as out:
+        out.write(json.dumps(manifest, indent=2, ensure_ascii=False))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -143,7 +127,7 @@ def record_files(entry: Path, names: list[str] | None = None) -> dict[str, dict[
     if names is None:
         names = [p.name for p in entry.iterdir() if p.is_file() and p.name != MANIFEST_FILE]
     files = sorted(entry / name for name in names if not name.startswith("."))
-    return {p.name: {"size": p.stat().st_size, "sha256": hub.sha256_file(p)} for p in files}
+    return {p.name: {"size": p.stat().st_size, "sha256": sha256_file(p)} for p in files}
 
 
 def check_entry(entry: Path, *, full: bool = False) -> list[str]:
@@ -163,7 +147,7 @@ def check_entry(entry: Path, *, full: bool = False) -> list[str]:
             problems.append(f"{name} is missing")
         elif path.stat().st_size != record["size"]:
             problems.append(f"{name} is {path.stat().st_size:,} bytes, the manifest says {record['size']:,}")
-        elif full and hub.sha256_file(path) != record["sha256"]:
+        elif full and sha256_file(path) != record["sha256"]:
             problems.append(f"{name} has changed since it was converted (its sha256 differs)")
     if WEIGHTS_FILE not in files or (entry / WEIGHTS_FILE).is_file():
         problems += _check_safetensors_header(entry / WEIGHTS_FILE, manifest.get("tensors", {}))

@@ -9,7 +9,6 @@ first use, so importing this module (and `emoserve --help`) stays cheap; modelsc
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
 import shutil
@@ -21,14 +20,13 @@ from typing import Any
 
 from emoserve.constants import Hub
 from emoserve.errors import HubError
-from emoserve.files import work_dir
+from emoserve.files import replace_dir, sha256_file, work_dir
 
 log = logging.getLogger(__name__)
 
 MODEL_FILES = ("config.yaml", "model.pt", "tokens.txt", "configuration.json")
 # The only file stored with LFS: the hubs publish a sha256 for it, the small text files have none.
 CHECKED_FILE = "model.pt"
-HASH_CHUNK_BYTES = 1 << 20
 MAX_REASON_CHARS = 300
 
 
@@ -55,15 +53,6 @@ def canonical_name(name: str) -> str | None:
         if key in (canonical, ids.hf.lower(), ids.ms.lower()):
             return canonical
     return None
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        # streamed: model.pt is ~2 GB and must not be read into memory at once
-        while chunk := f.read(HASH_CHUNK_BYTES):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def download(name: str, dest: Path, *, hub: Hub = "auto", progress: bool = True) -> Path:
@@ -189,9 +178,7 @@ def _verify(path: Path, expected: str | None, label: str) -> None:
 
 def _move_into_place(model_dir: Path, dest: Path, work: Path) -> None:
     try:
-        if dest.exists():
-            dest.rename(work / "previous")  # removed with `work`: a new copy replaces, never merges
-        model_dir.rename(dest)
+        replace_dir(model_dir, dest, work)
     except OSError as err:
         raise HubError(f"could not move the downloaded model to {dest}: {err}") from err
 

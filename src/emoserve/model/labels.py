@@ -1,4 +1,4 @@
-"""Emotion labels: parsing `tokens.txt`, English keys, Chinese names, emoji, `unuse` masking."""
+"""Emotion labels: parsing `tokens.txt`, English keys, Chinese names, emoji, colours, `unuse` masking."""
 
 from __future__ import annotations
 
@@ -16,6 +16,20 @@ EMOJI = {
     "surprised": "😲",
     "unknown": "❓",
 }
+# One colour per label wherever a chart colours emotions (the web UI's clip timeline, long-recording plot
+# and distribution): Tableau 10 (matplotlib's default cycle), with neutral grey and happy a warmer orange.
+EMOTION_COLOURS = {
+    "angry": "#d62728",
+    "disgusted": "#8c564b",
+    "fearful": "#9467bd",
+    "happy": "#ff9f1c",
+    "neutral": "#9ca3af",
+    "other": "#17becf",
+    "sad": "#1f77b4",
+    "surprised": "#e377c2",
+    "unknown": "#4b5563",
+}
+OTHER_COLOUR = "#6b7280"  # a label outside the 9 published ones (a custom tokens.txt)
 _UNKNOWN_ZH = "未知"
 
 

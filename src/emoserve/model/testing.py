@@ -11,9 +11,9 @@ import torch
 import yaml
 
 from emoserve.errors import WeightsError
+from emoserve.files import atomic_dir
 from emoserve.model.checkpoint import published_name
 from emoserve.model.config import PRESETS, ModelConfig
-from emoserve.model.entry import atomic_dir
 from emoserve.model.labels import PUBLISHED_LABELS
 from emoserve.model.network import Emotion2vec
 
