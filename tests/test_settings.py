@@ -9,7 +9,7 @@ import pytest
 
 from emoserve.cli import main, parser
 from emoserve.errors import SettingsError
-from emoserve.serving.settings import CPU_MAX_AUDIO_S, GPU_MAX_AUDIO_S, Settings, describe, load_settings
+from emoserve.serving.settings import CPU_MAX_AUDIO_S, GPU_MAX_AUDIO_S, Settings, load_settings, setting_infos
 
 
 def from_flags(*argv: str, environ: dict[str, str] | None = None) -> Settings:
@@ -94,7 +94,7 @@ def test_every_setting_has_a_flag_and_a_variable(capsys: pytest.CaptureFixture[s
     with pytest.raises(SystemExit):
         main(["serve", "--help"])
     help_text = capsys.readouterr().out
-    infos = list(describe())
+    infos = list(setting_infos())
     assert {i.name for i in infos} == {f.name for f in dataclasses.fields(Settings)}
     for info in infos:
         assert info.env == "EMOSERVE_" + info.name.upper()

@@ -13,10 +13,22 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from emoserve import __version__
-from emoserve.constants import BACKENDS, DTYPES, HUBS
+from emoserve.constants import (
+    BACKENDS,
+    CHANNEL_MODES,
+    DEFAULT_MAX_SECONDS,
+    DEFAULT_MODEL,
+    DTYPES,
+    GRANULARITIES,
+    HUBS,
+    MAX_BATCH_SIZE,
+    MAX_SEGMENT_S,
+    VAD_THRESHOLD,
+)
 from emoserve.model.config import PRESETS
 
 if TYPE_CHECKING:
+    Commands = argparse._SubParsersAction[argparse.ArgumentParser]
     from emoserve.inference.files import Outcome
     from emoserve.inference.options import ModelOptions
 
@@ -53,11 +65,16 @@ def parser() -> argparse.ArgumentParser:
     top.add_argument("-v", "--verbose", action="store_true", help="log progress (loading, conversion)")
     top.set_defaults(run=lambda _: top.print_help())
     sub = top.add_subparsers(title="commands")
+    for add in (add_predict, add_download, add_convert, add_info, add_verify, add_make_test_model, add_serve):
+        add(sub)
+    return top
 
+
+def add_predict(sub: Commands) -> None:
     p = sub.add_parser("predict", help="score audio files, folders (recursively) and globs")
     p.add_argument("paths", nargs="+", metavar="PATH")
     add_model_options(p)
-    p.add_argument("--granularity", choices=("utterance", "frame"), default="utterance")
+    p.add_argument("--granularity", choices=GRANULARITIES, default="utterance")
     p.add_argument("--embeddings", type=Path, metavar="DIR", help="write each embedding as DIR/<stem>.npy")
     p.add_argument("--output", "-o", type=Path, metavar="FILE", help="write results here (default: stdout)")
     p.add_argument(
@@ -65,24 +82,48 @@ def parser() -> argparse.ArgumentParser:
         choices=("jsonl", "csv", "table"),
         help="output format (default: table on a terminal, else jsonl)",
     )
-    p.add_argument("--batch-size", type=int, default=8, help="clips per forward pass (default 8)")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=MAX_BATCH_SIZE,
+        help=f"clips per forward pass (default {MAX_BATCH_SIZE})",
+    )
     p.add_argument(
         "--max-seconds",
         type=float,
-        default=600.0,
-        help="longest clip accepted (default 600); with --segments it does not limit a file",
+        default=DEFAULT_MAX_SECONDS,
+        help=f"longest clip accepted (default {DEFAULT_MAX_SECONDS:g}); with --segments it does not limit "
+        "a file",
     )
+    add_timeline_options(p)
+    p.add_argument("--ray", action="store_true", help="score on a Ray cluster with Ray Data (emoserve[ray])")
+    add_ray_options(p)
+    p.add_argument("--actors", type=int, help="with --ray: model actors (default: one per cluster CPU)")
+    p.set_defaults(run=cmd_predict)
+
+
+def add_timeline_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group(
         "long recordings",
         "--segments: an emotion timeline per file - its speech segments (silero-vad), each scored, then a "
         "summary; any length, in memory that does not grow with it",
     )
     g.add_argument("--segments", action="store_true", help="one result per speech segment, then a summary")
-    g.add_argument("--max-segment-s", type=float, default=15.0, help="longer speech is cut (default 15)")
-    g.add_argument("--vad-threshold", type=float, default=0.5, help="speech probability (default 0.5)")
+    g.add_argument(
+        "--max-segment-s",
+        type=float,
+        default=MAX_SEGMENT_S,
+        help=f"longer speech is cut (default {MAX_SEGMENT_S:g})",
+    )
+    g.add_argument(
+        "--vad-threshold",
+        type=float,
+        default=VAD_THRESHOLD,
+        help=f"speech probability (default {VAD_THRESHOLD:g})",
+    )
     g.add_argument(
         "--channels",
-        choices=("mix", "separate"),
+        choices=CHANNEL_MODES,
         default="mix",
         help="separate: a timeline per channel, speakers ch0, ch1 (call-centre stereo)",
     )
@@ -92,16 +133,16 @@ def parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="your own segments instead of the VAD: JSON [{start_s, end_s, speaker}] or RTTM",
     )
-    p.add_argument("--ray", action="store_true", help="score on a Ray cluster with Ray Data (emoserve[ray])")
-    add_ray_options(p)
-    p.add_argument("--actors", type=int, help="with --ray: model actors (default: one per cluster CPU)")
-    p.set_defaults(run=cmd_predict)
 
+
+def add_download(sub: Commands) -> None:
     p = sub.add_parser("download", help="download a published model and convert it into the cache")
-    p.add_argument("name", nargs="?", default="emotion2vec_plus_large")
+    p.add_argument("name", nargs="?", default=DEFAULT_MODEL)
     p.add_argument("--hub", choices=HUBS, default="auto")
     p.set_defaults(run=cmd_download)
 
+
+def add_convert(sub: Commands) -> None:
     p = sub.add_parser(
         "convert",
         help="convert a published model directory into a slim cache entry with its ONNX graph "
@@ -113,17 +154,23 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no-onnx", action="store_true", help="no ONNX graph (the torch backend only)")
     p.set_defaults(run=cmd_convert)
 
+
+def add_info(sub: Commands) -> None:
     p = sub.add_parser("info", help="config, parameter count, labels, files and sizes of a model")
-    p.add_argument("model", nargs="?", help="directory or name (default emotion2vec_plus_large)")
+    p.add_argument("model", nargs="?", help=f"directory or name (default {DEFAULT_MODEL})")
     p.add_argument("--verify", action="store_true", help="also check every file's content hash")
     p.set_defaults(run=cmd_info)
 
+
+def add_verify(sub: Commands) -> None:
     p = sub.add_parser(
         "verify", help="check a converted model's files against the content hashes recorded at conversion"
     )
-    p.add_argument("model", nargs="?", help="directory or name (default emotion2vec_plus_large)")
+    p.add_argument("model", nargs="?", help=f"directory or name (default {DEFAULT_MODEL})")
     p.set_defaults(run=cmd_verify)
 
+
+def add_make_test_model(sub: Commands) -> None:
     p = sub.add_parser("make-test-model", help="write a RANDOM-weight model in the published layout")
     p.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
     p.add_argument("--out", type=Path, required=True)
@@ -135,6 +182,8 @@ def parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(run=cmd_make_test_model)
 
+
+def add_serve(sub: Commands) -> None:
     p = sub.add_parser(
         "serve",
         help="run the HTTP API, web UI and metrics (one model shared through a batching engine)",
@@ -146,15 +195,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--replicas", type=int, default=1, help="with --ray: model replicas (default 1)")
     add_ray_options(p)
     p.set_defaults(run=cmd_serve)
-    return top
 
 
 def add_setting_flags(p: argparse.ArgumentParser) -> None:
     """One flag per Settings field. Values stay strings here: settings.load_settings parses them, so a bad
     value fails with the flag's name just as a bad variable fails with the variable's."""
-    from emoserve.serving.settings import describe
+    from emoserve.serving.settings import setting_infos
 
-    for s in describe():
+    for s in setting_infos():
         # None: the help text says what happens when it is not set
         default = "" if s.default is None else f"; default {s.default}"
         help_text = f"{s.help} [{s.env}{default}]"
@@ -174,7 +222,7 @@ def add_ray_options(p: argparse.ArgumentParser) -> None:
 
 
 def add_model_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", "-m", help="model directory or name (default: emotion2vec_plus_large, cached)")
+    p.add_argument("--model", "-m", help=f"model directory or name (default: {DEFAULT_MODEL}, cached)")
     p.add_argument("--hub", choices=HUBS, default="auto", help="where to download a missing model from")
     p.add_argument(
         "--backend",

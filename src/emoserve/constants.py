@@ -13,11 +13,16 @@ EXAMPLES_DIR = Path(__file__).parent / "examples"  # the bundled clips: warm-up,
 Granularity = Literal["utterance", "frame"]
 GRANULARITIES: tuple[Granularity, ...] = ("utterance", "frame")
 
+Channels = Literal["mix", "separate"]  # a recording's channels: mixed down, or a timeline per channel
+CHANNEL_MODES: tuple[Channels, ...] = ("mix", "separate")
+MAX_SEGMENT_S = 15.0  # a recording's longer speech is cut at a quiet point (VadSettings)
+VAD_THRESHOLD = 0.5  # silero-vad's speech probability (VadSettings)
+
 TRUE_WORDS = frozenset({"1", "true", "yes", "on"})  # flags, environment variables, form fields
 FALSE_WORDS = frozenset({"0", "false", "no", "off"})
 
 # The batching engine's defaults (EngineConfig and the server's settings)
-MAX_BATCH_SIZE = 8  # clips per model call
+MAX_BATCH_SIZE = 8  # clips per model call (also predict_many's and `emoserve predict`'s default)
 MAX_WAIT_MS = 10.0  # how long the first request of a batch waits for company
 MAX_BATCH_SECONDS = 120.0  # padded audio seconds per model call (bounds attention memory)
 MAX_QUEUE = 64  # waiting requests; beyond it submit raises QueueFull
@@ -29,3 +34,4 @@ DTYPES = ("float32", "float16", "bfloat16", "int8")  # half precision on GPUs (t
 # where a missing model is downloaded from: "auto" tries Hugging Face, then ModelScope
 Hub = Literal["auto", "hf", "ms"]
 HUBS: tuple[Hub, ...] = ("auto", "hf", "ms")
+DEFAULT_MODEL = "emotion2vec_plus_large"

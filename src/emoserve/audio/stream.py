@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import soundfile as sf
@@ -35,11 +35,9 @@ from emoserve.audio.decode import (
     raise_too_long,
     soundfile_reason,
 )
-from emoserve.constants import SAMPLE_RATE
+from emoserve.constants import CHANNEL_MODES, SAMPLE_RATE, Channels
 from emoserve.errors import AudioError
 
-Channels = Literal["mix", "separate"]
-CHANNEL_MODES: tuple[Channels, ...] = ("mix", "separate")
 BLOCK_S = 10.0  # decoded seconds per block
 HOLD_BACK = 256  # output samples kept back until the end, so the total can be cut to librosa's length
 

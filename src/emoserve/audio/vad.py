@@ -19,7 +19,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from emoserve.constants import SAMPLE_RATE
+from emoserve.constants import MAX_SEGMENT_S, SAMPLE_RATE, VAD_THRESHOLD
 
 FRAME = 512  # samples per VAD frame at 16 kHz (32 ms)
 CONTEXT = 64  # samples of the previous frame that silero prefixes to each frame
@@ -34,11 +34,11 @@ RMS_SMOOTH = 5  # hops averaged (50 ms) so that a cut lands in a pause, not betw
 class VadSettings:
     """silero-vad's parameters (its defaults for long-form audio) and our cut of long speech."""
 
-    threshold: float = 0.5
+    threshold: float = VAD_THRESHOLD
     min_speech_ms: float = 250.0
     min_silence_ms: float = 300.0
     pad_ms: float = 100.0
-    max_segment_s: float = 15.0
+    max_segment_s: float = MAX_SEGMENT_S
 
     def __post_init__(self) -> None:
         if not 0.0 < self.threshold < 1.0:

@@ -13,7 +13,7 @@ from typing import Literal
 import numpy as np
 
 from emoserve.audio.decode import Audio, load_audio
-from emoserve.constants import Granularity
+from emoserve.constants import MAX_BATCH_SIZE, Granularity
 from emoserve.errors import AudioError, ModelOutputError
 from emoserve.files import atomic_write
 from emoserve.inference.recognizer import Recognizer
@@ -61,7 +61,7 @@ def score_files(
     *,
     granularity: Granularity = "utterance",
     embeddings_dir: Path | None = None,
-    batch_size: int = 8,
+    batch_size: int = MAX_BATCH_SIZE,
 ) -> Iterator[Outcome]:
     """Outcomes in input order; a file that fails yields its error and the rest go on."""
     names = EmbeddingNames(embeddings_dir) if embeddings_dir else None
@@ -85,7 +85,7 @@ def score_outcomes(
     *,
     granularity: Granularity = "utterance",
     embedding: bool = False,
-    batch_size: int = 8,
+    batch_size: int = MAX_BATCH_SIZE,
 ) -> Iterator[Outcome]:
     """Outcomes in input order, embeddings in memory (`result.embedding`) and not yet written."""
     window = max(1, batch_size) * 4  # decode a few batches ahead so that length grouping has choice

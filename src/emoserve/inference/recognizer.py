@@ -21,6 +21,7 @@ from emoserve.constants import (
     DEFAULT_MAX_SECONDS,
     DTYPES,
     GRANULARITIES,
+    MAX_BATCH_SIZE,
     SAMPLE_RATE,
     Granularity,
     Hub,
@@ -98,7 +99,7 @@ class Recognizer:
         granularity: Granularity = "utterance",
         embedding: bool = False,
         *,
-        batch_size: int = 8,
+        batch_size: int = MAX_BATCH_SIZE,
         max_batch_samples: int = MAX_BATCH_SAMPLES,
         max_padding: float | None = MAX_PADDING,
     ) -> list[Result]:

@@ -12,7 +12,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from emoserve.constants import Hub
+from emoserve.constants import DEFAULT_MODEL, Hub
 from emoserve.errors import WeightsError
 from emoserve.files import work_dir
 from emoserve.model import hub
@@ -86,7 +86,7 @@ def resolve(
     cache = cache or home()
     if model is None:
         try:
-            return resolve_name(hub.DEFAULT_MODEL, hub_name=hub_name, cache=cache, progress=progress)
+            return resolve_name(DEFAULT_MODEL, hub_name=hub_name, cache=cache, progress=progress)
         except (WeightsError, hub.HubError) as err:
             return random_fallback(cache, reason=str(err))
     path = Path(model).expanduser()
@@ -145,13 +145,13 @@ def resolve_name(name: str, *, hub_name: Hub, cache: Path, progress: bool) -> Pa
 
 
 def random_fallback(cache: Path, reason: str) -> Path:
-    name = f"{hub.DEFAULT_MODEL}-random"
+    name = f"{DEFAULT_MODEL}-random"
     log.warning(
         "\n%s\n!! %s is not cached and could not be downloaded:\n!!   %s\n"
         "!! Using a RANDOM-WEIGHT model of the same (large) architecture instead.\n"
         "!! Its predictions are MEANINGLESS; pass --model to use real weights.\n%s",
         "!" * 78,
-        hub.DEFAULT_MODEL,
+        DEFAULT_MODEL,
         reason,
         "!" * 78,
     )
@@ -187,7 +187,7 @@ def entry_of(model: str | os.PathLike[str] | None) -> Path:
 
 def _named_entry(model: str | os.PathLike[str] | None) -> tuple[str, Path]:
     """The canonical name of `model` (default: the default model) and where its cache entry belongs."""
-    name = hub.canonical_name(str(model or hub.DEFAULT_MODEL))
+    name = hub.canonical_name(str(model or DEFAULT_MODEL))
     if name is None:
         raise WeightsError(f"model {model!r} is neither a directory nor a known name")
     return name, home() / "models" / name

@@ -43,7 +43,6 @@ KNOWN_MODELS: dict[str, HubIds] = {
     )
     for size in ("large", "base", "seed")
 }
-DEFAULT_MODEL = "emotion2vec_plus_large"
 
 
 def canonical_name(name: str) -> str | None:

@@ -5,7 +5,7 @@
     -> predict_batch -> each request's future
 
 Torch inference blocks, and a Recognizer is not thread-safe, so exactly one thread touches the model.
-No HTTP and no Gradio here (docs/serving-design.md): the server maps QueueFull and EngineStopped to 503.
+No HTTP and no Gradio here (docs/architecture.md): QueueFull and EngineStopped carry their 503 themselves.
 """
 
 from __future__ import annotations
@@ -105,7 +105,7 @@ class _Request:
         return self.granularity, self.embedding
 
     @property
-    def samples(self) -> int:
+    def n_samples(self) -> int:
         return len(self.audio.samples)
 
 
@@ -333,7 +333,7 @@ class Engine:
         # that person wait for them
         candidates = [r for r in self._queue if r.key == oldest.key and r.background == oldest.background]
         groups = length_batches(
-            [r.samples for r in candidates],
+            [r.n_samples for r in candidates],
             self.config.max_batch_size,
             self._max_background_samples if oldest.background else self._max_batch_samples,
             self.config.max_padding,
@@ -373,7 +373,7 @@ class Engine:
             request.future.set_result((result, timing))
 
     def _call_model(self, batch: list[_Request]) -> list[Result]:
-        lengths = [r.samples for r in batch]
+        lengths = [r.n_samples for r in batch]
         padded = max(lengths)
         self._model_calls += 1
         t0 = time.monotonic()

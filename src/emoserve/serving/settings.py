@@ -305,7 +305,7 @@ class SettingInfo:
     metavar: str | None
 
 
-def describe() -> Iterator[SettingInfo]:
+def setting_infos() -> Iterator[SettingInfo]:
     for f in dataclasses.fields(Settings):
         yield SettingInfo(
             name=f.name,
@@ -326,7 +326,7 @@ def load_settings(
     flags = flags or {}
     environ = os.environ if environ is None else environ
     values: dict[str, Any] = {}
-    for f, info in zip(dataclasses.fields(Settings), describe(), strict=True):
+    for f, info in zip(dataclasses.fields(Settings), setting_infos(), strict=True):
         flag_value = flags.get(f.name)
         if flag_value is not None:
             values[f.name] = _read(f, info.flag, flag_value)
