@@ -18,9 +18,9 @@ from typing import Any
 import numpy as np
 
 from emoserve.audio.decode import LIBRARY_LIMIT_SETTING, Audio
-from emoserve.audio.stream import AudioStream, Channels
+from emoserve.audio.stream import AudioStream
 from emoserve.audio.vad import DEFAULT_VAD, FRAME, RMS_HOP, RMS_SMOOTH, Segment, SileroVad, Vad, VadSettings
-from emoserve.constants import MIN_SAMPLES, SAMPLE_RATE
+from emoserve.constants import MIN_SAMPLES, SAMPLE_RATE, Channels
 from emoserve.errors import AudioError
 
 
@@ -256,57 +256,70 @@ MAX_SPANS_BYTES = 1 << 20  # a segments file (JSON or RTTM): ~20k RTTM lines
 
 def read_spans(text: str, source: str = "<segments>") -> list[Span]:
     """Segments from JSON (a list of {start_s, end_s[, speaker]}, or {"segments": [...]}) or RTTM."""
-
-    def bad(why: str) -> AudioError:
-        return AudioError(
-            f"{source}: {why}. Give a JSON list of {{start_s, end_s[, speaker]}} or RTTM lines",
-            source=source,
-            reason="bad_argument",
-        )
-
     stripped = text.strip()
-    spans: list[Span] = []
-    if stripped.startswith(("[", "{")):
+    read = _json_spans if stripped.startswith(("[", "{")) else _rttm_spans
+    spans = read(stripped, source)
+    _check_spans(spans, source)
+    return spans
+
+
+def _bad_spans(source: str, why: str) -> AudioError:
+    return AudioError(
+        f"{source}: {why}. Give a JSON list of {{start_s, end_s[, speaker]}} or RTTM lines",
+        source=source,
+        reason="bad_argument",
+    )
+
+
+def _json_spans(text: str, source: str) -> list[Span]:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise _bad_spans(source, f"not valid JSON ({error})") from None
+    items = data.get("segments") if isinstance(data, dict) else data
+    if not isinstance(items, list):
+        raise _bad_spans(source, "no list of segments")
+    spans = []
+    for n, item in enumerate(items):
         try:
-            data = json.loads(stripped)
-        except json.JSONDecodeError as error:
-            raise bad(f"not valid JSON ({error})") from None
-        items = data.get("segments") if isinstance(data, dict) else data
-        if not isinstance(items, list):
-            raise bad("no list of segments")
-        for n, item in enumerate(items):
-            try:
-                speaker = item.get("speaker")
-                spans.append(
-                    Span(
-                        float(item["start_s"]),
-                        float(item["end_s"]),
-                        None if speaker is None else str(speaker),
-                    )
-                )
-            except (KeyError, TypeError, ValueError, AttributeError):
-                raise bad(f"segment {n} is {item!r}, not {{start_s, end_s[, speaker]}}") from None
-    else:
-        for n, line in enumerate(stripped.splitlines(), 1):
-            fields = line.split()
-            if not fields or fields[0].startswith("#"):
-                continue
-            if fields[0] != "SPEAKER" or len(fields) < 8:
-                raise bad(f"line {n} is not an RTTM SPEAKER line")
-            try:
-                onset, duration = float(fields[3]), float(fields[4])
-            except ValueError:
-                raise bad(f"line {n}: onset and duration must be numbers") from None
-            spans.append(Span(onset, onset + duration, fields[7]))
+            speaker = item.get("speaker")
+            speaker = None if speaker is None else str(speaker)
+            spans.append(Span(float(item["start_s"]), float(item["end_s"]), speaker))
+        except (KeyError, TypeError, ValueError, AttributeError):
+            raise _bad_spans(source, f"segment {n} is {item!r}, not {{start_s, end_s[, speaker]}}") from None
+    return spans
+
+
+def _rttm_spans(text: str, source: str) -> list[Span]:
+    """RTTM's SPEAKER lines: onset (field 4) and duration (field 5) in seconds, the speaker in field 8."""
+    spans = []
+    for n, line in enumerate(text.splitlines(), 1):
+        fields = line.split()
+        if not fields or fields[0].startswith("#"):
+            continue
+        if fields[0] != "SPEAKER" or len(fields) < 8:
+            raise _bad_spans(source, f"line {n} is not an RTTM SPEAKER line")
+        try:
+            onset, duration = float(fields[3]), float(fields[4])
+        except ValueError:
+            raise _bad_spans(source, f"line {n}: onset and duration must be numbers") from None
+        spans.append(Span(onset, onset + duration, fields[7]))
+    return spans
+
+
+def _check_spans(spans: list[Span], source: str) -> None:
+    shortest_s = MIN_SAMPLES / SAMPLE_RATE
     for n, span in enumerate(spans):
         if not (math.isfinite(span.start_s) and math.isfinite(span.end_s)) or span.start_s < 0:
-            raise bad(f"segment {n} starts at {span.start_s}: times must be finite and not negative")
-        if span.end_s - span.start_s < MIN_SAMPLES / SAMPLE_RATE:
-            raise bad(
-                f"segment {n} ({span.start_s:g}-{span.end_s:g} s) is shorter than "
-                f"{MIN_SAMPLES / SAMPLE_RATE:g} s, the model's shortest input"
+            raise _bad_spans(
+                source, f"segment {n} starts at {span.start_s}: times must be finite and not negative"
             )
-    return spans
+        if span.end_s - span.start_s < shortest_s:
+            raise _bad_spans(
+                source,
+                f"segment {n} ({span.start_s:g}-{span.end_s:g} s) is shorter than {shortest_s:g} s, "
+                "the model's shortest input",
+            )
 
 
 def read_spans_file(path: str | os.PathLike[str], name: str | None = None) -> list[Span]:
