@@ -102,15 +102,20 @@ def load_audio(
     if isinstance(source, np.ndarray | tuple):
         decoded = from_array(source, sample_rate, display)
     else:
-        if sample_rate is not None:
-            raise AudioError(
-                f"{display}: sample_rate= applies to arrays only; encoded audio carries its own rate "
-                "(drop the argument)",
-                source=display,
-                reason="bad_argument",
-            )
+        check_no_rate(sample_rate, display)
         decoded = _decode(source, display, limit)
     return _finish(decoded, display, limit)
+
+
+def check_no_rate(sample_rate: int | None, display: str) -> None:
+    """Encoded audio carries its own rate: a `sample_rate=` beside it is a mistake, not a hint."""
+    if sample_rate is not None:
+        raise AudioError(
+            f"{display}: sample_rate= applies to arrays only; encoded audio carries its own rate "
+            "(drop the argument)",
+            source=display,
+            reason="bad_argument",
+        )
 
 
 def to_mono(x: np.ndarray) -> np.ndarray:

@@ -23,6 +23,7 @@ from emoserve.audio.decode import (
     LIBRARY_LIMIT_SETTING,
     PyAVFailure,
     check_finite,
+    check_no_rate,
     check_not_too_long,
     check_wav_header,
     decode_with_fallback,
@@ -158,13 +159,7 @@ def _open(source: Any, display: str, sample_rate: int | None) -> _Reader:
     an array (or tuple) is read as `load_audio` reads it, then handed out in blocks."""
     if isinstance(source, np.ndarray | tuple):
         return _ArrayReader(source, display, sample_rate)
-    if sample_rate is not None:
-        raise AudioError(
-            f"{display}: sample_rate= applies to arrays only; encoded audio carries its own rate "
-            "(drop the argument)",
-            source=display,
-            reason="bad_argument",
-        )
+    check_no_rate(sample_rate, display)
     return decode_with_fallback(
         input_opener(source, display),
         display,
