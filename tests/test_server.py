@@ -30,7 +30,9 @@ import soundfile as sf
 import uvicorn
 from fastapi.testclient import TestClient
 
-from emoserve.api.app import H11_BUFFER_BYTES, MAX_HEADER_BYTES, DrainingServer, create_app
+from emoserve.api.app import H11_BUFFER_BYTES, DrainingServer, create_app
+from emoserve.api.middleware import MAX_HEADER_BYTES
+from emoserve.api.schemas import RecognitionOut
 from emoserve.serving.service import Service
 from emoserve.serving.settings import Settings
 
@@ -212,6 +214,8 @@ def test_multipart_upload_equals_the_recognizer(live: Live, tiny_recognizer: Any
     assert response.status_code == 200, response.text
     body = response.json()
     assert_same_result(body, tiny_recognizer.predict(CLIP))
+    assert set(body) == set(RecognitionOut.model_fields)  # what /docs promises, no more, no less
+    RecognitionOut.model_validate(body)
     assert body["random_weights"] is False
     timing = body["timing"]
     assert set(timing) == {"decode_s", "queue_s", "inference_s", "total_s"}
@@ -307,7 +311,9 @@ def test_too_long_names_the_limit(live: Live) -> None:
     body = assert_error(
         post_clip(live.client, (AUDIO / "en_31s_16k.wav").read_bytes()), 413, "audio_too_long"
     )
-    assert "10 s" in body["error"]["message"] and "EMOSERVE_MAX_AUDIO_S" in body["error"]["message"]
+    message = body["error"]["message"]
+    assert "10 s" in message and "max_audio_s" in message and "EMOSERVE_MAX_AUDIO_S" in message
+    assert "timeline" not in message  # /v1/timeline has its own limit, not this one
 
 
 def test_oversized_request_headers_get_431_and_the_service_keeps_serving(live: Live) -> None:
@@ -531,6 +537,54 @@ def test_draining_refuses_new_work() -> None:
     assert time.monotonic() - started < 1  # no waiting for a ready that will not come
     assert_error(response, 503, "draining")  # type: ignore[arg-type]
     assert "retry-after" in response.headers
+
+
+def errors_counted(client: TestClient) -> dict[str, float]:
+    text = client.get("/metrics").text
+    found = re.finditer(r'^emoserve_errors_total\{kind="(\w+)"\} (\S+)$', text, re.MULTILINE)
+    return {kind: float(value) for kind, value in (m.groups() for m in found)}
+
+
+def test_every_error_is_counted_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each way an error is answered (a route's domain error, FastAPI's validation, Starlette's 404, a bug,
+    the middlewares' 401 and 431) counts it once in emoserve_errors_total under its code, and only there."""
+    client = app_client(api_key="sekret", max_upload_mb=0.001)
+    service: Service = client.app.state.service  # type: ignore[attr-defined]
+
+    async def bug(timeout_s: float) -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(service, "wait_ready", bug)
+    key = {"X-API-Key": "sekret"}
+    requests: list[tuple[str, Callable[[], Any]]] = [
+        ("unauthorized", lambda: client.get("/v1/model")),
+        ("headers_too_large", lambda: client.get("/v1/model", headers={**key, "X-Pad": "a" * 20_000})),
+        ("not_ready", lambda: client.get("/v1/model", headers=key)),
+        ("not_found", lambda: client.get("/v2/nothing", headers=key)),
+        ("invalid_parameter", lambda: client.post("/v1/recognize", params={"granularity": "x"}, headers=key)),
+        ("upload_too_large", lambda: client.post("/v1/recognize", content=b"\0" * 2000, headers=key)),
+        ("missing_file", lambda: client.post("/v1/timeline", files={"audio": ("a.wav", WAV)}, headers=key)),
+        ("internal_error", lambda: client.post("/v1/recognize", content=WAV[:500], headers=key)),
+    ]
+    for code, request in requests:
+        before = errors_counted(client)
+        response = request()
+        assert response.json()["error"]["code"] == code, response.text
+        after = errors_counted(client)
+        changed = {kind: n - before.get(kind, 0.0) for kind, n in after.items() if n != before.get(kind)}
+        assert changed == {code: 1.0}, (code, changed)
+
+
+def test_importing_the_api_imports_neither_gradio_nor_torch() -> None:
+    """The server answers /healthz at once: the web UI's mount (webui/mount.py) brings Gradio only when
+    it mounts, and the model torch only behind the running server."""
+    code = (
+        "import sys, emoserve.api.app\n"
+        "assert 'gradio' not in sys.modules and 'torch' not in sys.modules, "
+        "sorted(m for m in sys.modules if m.split('.')[0] in ('gradio', 'torch'))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
 
 
 def test_the_ui_path_says_it_is_starting() -> None:

@@ -1,6 +1,7 @@
-"""POST /v1/timeline against uvicorn in a thread with the real engine on the tiny model: JSON and NDJSON,
-results equal to the library's, limits, bad input, caller segments, a client that goes away, metrics, and
-single-clip requests served first while a long recording's segments wait."""
+"""POST /v1/timeline against uvicorn in a thread with the real engine on the tiny model: JSON and NDJSON
+(the CLI's jsonl lines), results equal to the library's, limits and the settings they name, bad input,
+caller segments, a client that goes away, metrics, and single-clip requests served first while a long
+recording's segments wait."""
 
 from __future__ import annotations
 
@@ -21,10 +22,13 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from emoserve.api.schemas import TimelineOut, TimelineSegmentOut
+from emoserve.cli import main
 from emoserve.serving.settings import Settings
 
 from .conftest import SCORE_TOL
-from .test_server import CLIP, LIVE, Live, assert_error, gated_model, live_server, wait_for
+from .test_audio import encode_with_pyav
+from .test_server import CLIP, LIVE, MODEL, Live, assert_error, gated_model, live_server, wait_for
 from .test_timeline import SPEECH, joined
 
 TIMELINE_LIVE = dataclasses.replace(LIVE, max_timeline_s=120.0, max_timeline_upload_mb=4.0)
@@ -49,13 +53,33 @@ def upload(path: Path) -> dict[str, Any]:
 
 
 def spooled_files() -> list[str]:
-    return glob.glob(os.path.join(tempfile.gettempdir(), "emoserve-timeline-*"))
+    return glob.glob(os.path.join(tempfile.gettempdir(), "emoserve-upload-*"))
+
+
+def ndjson_lines(client: httpx.Client, path: Path) -> tuple[httpx.Response, list[dict[str, Any]]]:
+    """A streamed timeline of `path` (uploaded as the raw body): the response and its lines."""
+    with client.stream(
+        "POST", "/v1/timeline", content=path.read_bytes(), headers={"Accept": "application/x-ndjson"}
+    ) as response:
+        lines = [json.loads(line) for line in response.iter_lines() if line]
+    return response, lines
+
+
+def nan_part_way(recording: Path, folder: Path) -> Path:
+    """The recording as a float WAV with a NaN sample 12 s in: it fails part-way, after some segments."""
+    x, _ = sf.read(recording, dtype="float32")
+    x[12 * 16_000] = np.nan
+    broken = folder / "broken.wav"
+    sf.write(broken, x, 16_000, subtype="FLOAT")
+    return broken
 
 
 def test_json_timeline_equals_the_library(live: Live, recording: Path, tiny_recognizer: Any) -> None:
     response = live.client.post("/v1/timeline", files=upload(recording))
     assert response.status_code == 200, response.text
     body = response.json()
+    assert set(body) == set(TimelineOut.model_fields)  # what /docs promises, no more, no less
+    TimelineOut.model_validate(body)
     want = tiny_recognizer.timeline(recording).to_dict()
     assert body["file"] == "call.wav" and body["duration_s"] == want["duration_s"]
     assert body["random_weights"] == want["random_weights"] and body["vad"] == want["vad"]
@@ -74,16 +98,16 @@ def test_json_timeline_equals_the_library(live: Live, recording: Path, tiny_reco
 
 
 def test_ndjson_streams_segments_then_the_summary(live: Live, recording: Path) -> None:
-    lines = []
-    with live.client.stream(
-        "POST", "/v1/timeline", content=recording.read_bytes(), headers={"Accept": "application/x-ndjson"}
-    ) as response:
-        assert response.status_code == 200
-        assert response.headers["content-type"].startswith("application/x-ndjson")
-        lines = [json.loads(line) for line in response.iter_lines() if line]
+    response, lines = ndjson_lines(live.client, recording)
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("application/x-ndjson")
     assert [line["type"] for line in lines] == ["segment"] * len(SPEECH) + ["summary"]
     summary = lines[-1]
     assert "segments" not in summary and summary["summary"]["segments"] == len(SPEECH)
+    assert summary["file"] == "<request body>" and summary["random_weights"] is False
+    for line in lines[:-1]:  # each segment line says which file it is of, and whether to trust it
+        assert line["file"] == "<request body>" and line["random_weights"] is False
+        TimelineSegmentOut.model_validate(line)
     starts = [line["start_s"] for line in lines[:-1]]
     assert starts == sorted(starts)
 
@@ -118,7 +142,7 @@ def test_limits_are_413_and_bad_input_4xx(live: Live, recording: Path, tmp_path:
     long = tmp_path / "long.wav"
     sf.write(long, np.zeros(125 * 16_000, np.float32), 16_000, subtype="PCM_U8")  # 2 MB, 125 s
     body = assert_error(live.client.post("/v1/timeline", files=upload(long)), 413, "audio_too_long")
-    assert "max_timeline_s" in body["error"]["message"]
+    assert_names_the_timeline_limit(body["error"]["message"])
     big = live.client.post("/v1/timeline", content=b"\0" * 5_000_000)
     assert_error(big, 413, "upload_too_large")
     assert_error(live.client.post("/v1/timeline", content=b"not audio" * 100), 415, "unsupported_audio")
@@ -138,7 +162,10 @@ def test_limits_are_413_and_bad_input_4xx(live: Live, recording: Path, tmp_path:
         "invalid_parameter",
     )
     # /v1/recognize keeps its meaning: one clip, its own limit
-    assert_error(live.client.post("/v1/recognize", content=recording.read_bytes()), 413, "audio_too_long")
+    clip = assert_error(
+        live.client.post("/v1/recognize", content=recording.read_bytes()), 413, "audio_too_long"
+    )
+    assert_names_the_clip_limit(clip["error"]["message"])
     assert spooled_files() == []
 
 
@@ -240,18 +267,98 @@ def test_settings_default_timeline_limits_by_hardware() -> None:
 def test_a_file_that_fails_part_way(live: Live, recording: Path, tmp_path: Path) -> None:
     """A NaN sample 12 s in (a float WAV): JSON gets the 400; NDJSON has sent segments already, so its
     last line is the error."""
-    x, _ = sf.read(recording, dtype="float32")
-    x[12 * 16_000] = np.nan
-    broken = tmp_path / "broken.wav"
-    sf.write(broken, x, 16_000, subtype="FLOAT")
+    broken = nan_part_way(recording, tmp_path)
     before = set(spooled_files())
     assert_error(live.client.post("/v1/timeline", files=upload(broken)), 400, "invalid_audio")
-    with live.client.stream(
-        "POST", "/v1/timeline", content=broken.read_bytes(), headers={"Accept": "application/x-ndjson"}
-    ) as response:
-        lines = [json.loads(line) for line in response.iter_lines() if line]
+    response, lines = ndjson_lines(live.client, broken)
     assert response.status_code == 200
     assert [line["type"] for line in lines][-1] == "error" and lines[-1]["error"]["code"] == "invalid_audio"
+    assert lines[-1]["file"] == "<request body>" and set(lines[-1]["error"]) == {"code", "message"}
     assert all(line["end_s"] <= 12.0 for line in lines[:-1])
     # this test's uploads are removed (a streamed one by a background task after its last line)
     wait_for(lambda: set(spooled_files()) <= before, 10, "the uploads' temporary files to be removed")
+
+
+# --------------------------------------------------------------- the limits a too-long recording names
+
+
+def assert_names_the_timeline_limit(message: str) -> None:
+    assert "max_timeline_s" in message and "EMOSERVE_MAX_TIMELINE_S" in message, message
+    assert "max_audio_s" not in message and "EMOSERVE_MAX_AUDIO_S" not in message, message
+
+
+def assert_names_the_clip_limit(message: str) -> None:
+    assert "max_audio_s" in message and "EMOSERVE_MAX_AUDIO_S" in message, message
+    assert "max_timeline_s" not in message and "EMOSERVE_MAX_TIMELINE_S" not in message, message
+
+
+def too_long_error(client: httpx.Client, path: Path, ndjson: bool) -> dict[str, Any]:
+    """The error of a /v1/timeline request for a recording over the limit: a 413 before any work (the
+    length is in the header), or, once a stream has begun (found while decoding), its last line."""
+    headers = {"Accept": "application/x-ndjson"} if ndjson else {}
+    response = client.post("/v1/timeline", files=upload(path), headers=headers)
+    if ndjson and response.headers["content-type"].startswith("application/x-ndjson"):
+        assert response.status_code == 200
+        last = json.loads(response.text.splitlines()[-1])
+        assert last["type"] == "error" and last["file"] == path.name, last
+        assert last["error"]["code"] == "audio_too_long", last
+        return dict(last["error"])
+    return dict(assert_error(response, 413, "audio_too_long")["error"])
+
+
+def test_a_too_long_recording_names_the_timeline_limit_in_every_format(
+    recording: Path, tmp_path: Path
+) -> None:
+    """/v1/timeline over max_timeline_s names that setting alone, whichever decoder finds the length: a
+    WAV's header (before any work), an MP3 or an AAC file while it is decoded (part-way: for NDJSON the
+    status has gone out, so the error is the last line). It once named max_audio_s, or both limits. And
+    /v1/recognize names its own limit, max_audio_s, alone. Each error is counted once."""
+    x, _ = sf.read(recording, dtype="float32")  # 17.5 s: over both limits below
+    mp3, m4a = tmp_path / "call.mp3", tmp_path / "call.m4a"
+    encode_with_pyav(mp3, "mp3", "libmp3lame", x[:, None], 16_000, 16_000)
+    encode_with_pyav(m4a, "mp4", "aac", x[:, None], 16_000, 16_000)
+    settings = dataclasses.replace(TIMELINE_LIVE, max_timeline_s=5.0, max_audio_s=10.0)
+    with live_server(settings, tmp_path / "home") as server:
+        counted = server.service.metrics.errors_total.labels("audio_too_long")
+        for path in (recording, mp3, m4a):
+            for ndjson in (False, True):
+                before = counted._value.get()
+                error = too_long_error(server.client, path, ndjson)
+                assert_names_the_timeline_limit(error["message"])
+                assert counted._value.get() == before + 1, (path.name, ndjson)
+        clip = assert_error(
+            server.client.post("/v1/recognize", files=upload(recording)), 413, "audio_too_long"
+        )
+        assert_names_the_clip_limit(clip["error"]["message"])
+    assert spooled_files() == []
+
+
+# ------------------------------------------------------------------- one set of lines: CLI and API
+
+
+def test_ndjson_lines_have_the_keys_of_the_cli_jsonl_lines(
+    live: Live, recording: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`emoserve predict --segments --format jsonl` and the API's NDJSON stream write the same lines
+    (inference.formats): a segment, a summary and an error line have the same keys in both."""
+    broken = nan_part_way(recording, tmp_path)
+    code = main(
+        ["predict", str(recording), str(broken), "--segments", "--model", str(MODEL), "--format", "jsonl"]
+    )
+    assert code == 1  # the broken file failed
+    cli = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    _, api = ndjson_lines(live.client, recording)
+    _, api_broken = ndjson_lines(live.client, broken)
+
+    def keys(lines: list[dict[str, Any]], kind: str) -> set[str]:
+        found = [line for line in lines if line["type"] == kind]
+        assert found, kind
+        assert all(set(line) == set(found[0]) for line in found), kind
+        return set(found[0])
+
+    for kind in ("segment", "summary"):
+        assert keys(api, kind) == keys(cli, kind), kind
+    assert keys(api_broken, "error") == keys(cli, "error") == {"type", "file", "error"}
+    cli_error = next(line for line in cli if line["type"] == "error")
+    assert set(api_broken[-1]["error"]) == set(cli_error["error"]) == {"code", "message"}
+    assert cli_error["error"]["code"] == api_broken[-1]["error"]["code"] == "invalid_audio"

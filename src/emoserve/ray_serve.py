@@ -41,7 +41,9 @@ from ray.serve.config import BackpressureConfig
 from starlette.middleware import Middleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from emoserve.api.app import RECOGNIZE, create_app, error_json
+from emoserve.api.app import create_app
+from emoserve.api.errors import error_json
+from emoserve.api.recognize import RECOGNIZE
 from emoserve.constants import FALSE_WORDS, TRUE_WORDS
 from emoserve.errors import LOADING_RETRY_AFTER_S, EmoserveError, SettingsError
 from emoserve.serving.metrics import Metrics
@@ -316,7 +318,7 @@ class RetryLostReplica:
             status=503,
             retry_after_s=LOADING_RETRY_AFTER_S,
         )
-        await error_json(lost)(scope, receive, send)
+        await error_json(lost, None)(scope, receive, send)  # the proxy keeps no metrics
 
     async def _answered(self, scope: Scope, receive: Receive, send: Send) -> bool:
         started = False

@@ -1,0 +1,69 @@
+"""Mounting the web UI into an app that is already serving, once the model is warm.
+
+`gr.mount_gradio_app` hooks the UI's start-up (its queue and lifespan) into the host app's lifespan, which
+has long run by then; so the same start-up is run here by hand, through Gradio's private
+`router.lifespan_context` and `run_startup_events`. A Gradio upgrade that changes them breaks this module
+alone. Gradio itself is imported only when the UI is mounted, never with this module.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from contextlib import AsyncExitStack
+from typing import TYPE_CHECKING, Any
+
+from starlette.routing import Mount
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
+    from emoserve.serving.service import Service
+
+log = logging.getLogger(__name__)
+
+UI_START_TIMEOUT_S = 60.0
+
+
+def mount_when_ready(
+    app: FastAPI, svc: Service, loop: asyncio.AbstractEventLoop, ui_lifespan: AsyncExitStack
+) -> None:
+    """In the start-up thread, after warm-up and before ready: import Gradio, build the UI and mount it
+    at "/" on the running app (served by `loop`; the UI's lifespan is entered on `ui_lifespan`, which
+    the app's lifespan closes), so that "ready" means the whole product is up.
+
+    Not beside the warm-up: on a small CPU, importing Gradio (seconds of Python) would slow it through
+    the GIL; not after ready: it would slow the first requests. Until then "/" answers a page that says
+    the UI is starting. A UI that fails to mount leaves the HTTP API serving."""
+    if svc.phase == "draining":
+        return
+    started = time.monotonic()
+    try:
+        from emoserve.webui.app import mount_ui
+
+        # the long-recording tab takes bigger files than a clip (which max_audio_s still bounds)
+        largest = max(svc.settings.max_upload_bytes, svc.settings.max_timeline_upload_bytes)
+        mount_ui(app, svc, path="/", max_file_size=largest)
+        mount = app.router.routes[-1]
+        assert isinstance(mount, Mount), "mount_gradio_app appends its Mount"
+        asyncio.run_coroutine_threadsafe(start_gradio(mount.app, ui_lifespan), loop).result(
+            UI_START_TIMEOUT_S
+        )
+    except (ImportError, AttributeError) as error:
+        svc.ui_error = f"the web UI is not available: {error}"
+        log.warning("%s; the HTTP API works without it", svc.ui_error)
+        return
+    except Exception as error:
+        svc.ui_error = f"the web UI failed to start: {error}"
+        log.exception("%s; the HTTP API works without it", svc.ui_error)
+        return
+    log.info("web UI mounted at / in %.2f s", time.monotonic() - started)
+
+
+async def start_gradio(gradio_app: Any, ui_lifespan: AsyncExitStack) -> None:
+    """What mount_gradio_app's lifespan hook does at start-up, which this app has passed already."""
+    await ui_lifespan.enter_async_context(gradio_app.router.lifespan_context(gradio_app))
+    blocks = gradio_app.get_blocks()
+    blocks.run_startup_events()
+    await blocks.run_extra_startup_events()
