@@ -58,7 +58,7 @@ CODES: dict[str, Code] = {
     "invalid_setting": Code(400, "a setting with a bad value; the message names the flag or variable"),
     "internal_error": Code(500, "a bug: the log has the traceback"),
 }
-# the status of an HTTP error that no code above names (Starlette's own), as `http_<status>`
+# the codes of the statuses Starlette itself answers with; any other is bad_request (4xx) or internal_error
 HTTP_CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed"}
 
 
