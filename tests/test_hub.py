@@ -15,6 +15,7 @@ import pytest
 from huggingface_hub.hf_api import BlobLfsInfo, RepoSibling
 from huggingface_hub.utils import are_progress_bars_disabled
 
+from emoserve.constants import DEFAULT_MODEL
 from emoserve.errors import HubError
 from emoserve.files import HASH_CHUNK_BYTES, sha256_file
 from emoserve.model import hub
@@ -123,7 +124,7 @@ def test_canonical_name(name: str, expected: str | None) -> None:
 
 
 def test_known_models_cover_both_hubs() -> None:
-    assert hub.DEFAULT_MODEL in hub.KNOWN_MODELS
+    assert DEFAULT_MODEL in hub.KNOWN_MODELS
     assert hub.KNOWN_MODELS["emotion2vec_plus_base"] == hub.HubIds(
         hf="emotion2vec/emotion2vec_plus_base", ms="iic/emotion2vec_plus_base"
     )
