@@ -36,7 +36,7 @@ BENCH_HOME = BENCH_DIR / "home"  # EMOSERVE_HOME for the converted (slim safeten
 CONVERSIONS_FILE = BENCH_HOME / "conversions.json"  # one-time conversion times, kept across runs
 SAMPLE_RATE = 16_000  # Hz
 MB = 1_000_000  # bytes; decimal, as the spec's "649 MB of fp32 weights"
-PRESETS = ("tiny", "seed", "base", "large")  # mirrors emoserve.cli.PRESETS
+PRESETS = ("tiny", "seed", "base", "large")  # emoserve.model.config.PRESETS (stdlib only here)
 
 
 # ---------------------------------------------------------------------------------------------

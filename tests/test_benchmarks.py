@@ -26,11 +26,13 @@ BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
         ("soak.py", "RSS growth, first to last minute"),
         ("allocator.py", "RSS growth per 100 lengths"),
         ("timeline.py", "pipeline / one-at-a-time"),
+        ("start_path.py --against HEAD", "modules loaded by that import"),
     ],
 )
 def test_benchmark_runs(script: str, figure: str) -> None:
+    name, *extra = script.split()
     done = subprocess.run(
-        [sys.executable, str(BENCHMARKS / script), "--quick", "--preset", "tiny"],
+        [sys.executable, str(BENCHMARKS / name), "--quick", "--preset", "tiny", *extra],
         capture_output=True,
         text=True,
         timeout=300,

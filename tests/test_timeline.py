@@ -275,7 +275,8 @@ def test_read_spans_json_and_rttm() -> None:
 
 def test_a_segments_file_is_read_within_its_limit_and_named_in_errors(tmp_path: Path) -> None:
     """The CLI's --segments-from and the web UI's upload read it alike (read_spans_file)."""
-    from emoserve.audio.segments import MAX_SPANS_BYTES, read_spans_file
+    from emoserve.audio.segments import read_spans_file
+    from emoserve.constants import MAX_SPANS_BYTES
 
     turns = tmp_path / "turns.json"
     turns.write_text('[{"start_s": 1, "end_s": 2.5, "speaker": "A"}]')

@@ -244,8 +244,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from emoserve.files import atomic_write
-    from emoserve.inference.files import Format, expand_inputs, score_files
-    from emoserve.inference.formats import RANDOM_WARNING, OutcomeWriter
+    from emoserve.inference.files import expand_inputs, score_files
+    from emoserve.inference.formats import RANDOM_WARNING, Format, OutcomeWriter
     from emoserve.inference.recognizer import load_with
 
 

@@ -17,6 +17,7 @@ Channels = Literal["mix", "separate"]  # a recording's channels: mixed down, or 
 CHANNEL_MODES: tuple[Channels, ...] = ("mix", "separate")
 MAX_SEGMENT_S = 15.0  # a recording's longer speech is cut at a quiet point (VadSettings)
 VAD_THRESHOLD = 0.5  # silero-vad's speech probability (VadSettings)
+MAX_SPANS_BYTES = 1 << 20  # a segments file (JSON or RTTM): ~20k RTTM lines
 
 TRUE_WORDS = frozenset({"1", "true", "yes", "on"})  # flags, environment variables, form fields
 FALSE_WORDS = frozenset({"0", "false", "no", "off"})

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Annotated, Any, cast
+from typing import TYPE_CHECKING, Annotated, Any, cast
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -24,14 +24,15 @@ from starlette.background import BackgroundTask
 from emoserve.api.errors import NDJSON, MappedErrorsRoute, ServiceDep, error_line, ndjson_line
 from emoserve.api.schemas import TimelineOut, audio_request_body, error_responses
 from emoserve.api.uploads import SpooledUpload, UploadLimit, spool_upload, until_disconnected
-from emoserve.audio.segments import MAX_SPANS_BYTES, Recording, Span, read_spans
-from emoserve.audio.vad import VadSettings
-from emoserve.constants import CHANNEL_MODES, Channels
+from emoserve.constants import CHANNEL_MODES, MAX_SPANS_BYTES, Channels
 from emoserve.errors import ApiError, EmoserveError
 from emoserve.inference.formats import segment_record, summary_record
-from emoserve.inference.results import Timeline, TimelineSegment
-from emoserve.inference.timeline import build_timeline
 from emoserve.serving.service import Service
+
+if TYPE_CHECKING:
+    from emoserve.audio.segments import Recording, Span
+    from emoserve.audio.vad import VadSettings
+    from emoserve.inference.results import Timeline, TimelineSegment
 
 TIMELINE = "/v1/timeline"
 UPLOAD_SETTING = (
@@ -133,6 +134,9 @@ def timeline_options(query: dict[str, Any], fields: dict[str, str]) -> TimelineO
             vad_args[key] = float(raw)
         except ValueError:
             raise ApiError("invalid_parameter", f"{name} is {raw!r}; it must be a number") from None
+    from emoserve.audio.segments import read_spans
+    from emoserve.audio.vad import VadSettings
+
     try:
         vad = VadSettings(**vad_args)
     except ValueError as error:
@@ -160,6 +164,8 @@ class TimelineRun:
         return self._iterator
 
     def timeline(self, segments: list[TimelineSegment]) -> Timeline:
+        from emoserve.inference.timeline import build_timeline
+
         service = self.service
         return build_timeline(self.job, segments, service.model_name or "", bool(service.random_weights))
 

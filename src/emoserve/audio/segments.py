@@ -20,7 +20,7 @@ import numpy as np
 from emoserve.audio.decode import LIBRARY_LIMIT_SETTING, Audio
 from emoserve.audio.stream import AudioStream
 from emoserve.audio.vad import DEFAULT_VAD, FRAME, RMS_HOP, RMS_SMOOTH, Segment, SileroVad, Vad, VadSettings
-from emoserve.constants import MIN_SAMPLES, SAMPLE_RATE, Channels
+from emoserve.constants import MAX_SPANS_BYTES, MIN_SAMPLES, SAMPLE_RATE, Channels
 from emoserve.errors import AudioError
 
 
@@ -251,7 +251,6 @@ class SpanCutter:
         return self._audio.slice(start, end)
 
 
-MAX_SPANS_BYTES = 1 << 20  # a segments file (JSON or RTTM): ~20k RTTM lines
 
 
 def read_spans(text: str, source: str = "<segments>") -> list[Span]:

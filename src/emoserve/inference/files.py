@@ -8,7 +8,6 @@ import glob
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 
@@ -19,7 +18,6 @@ from emoserve.files import atomic_write
 from emoserve.inference.recognizer import Recognizer
 from emoserve.inference.results import Result
 
-Format = Literal["jsonl", "csv", "table"]
 # what a folder walk picks up; a file named explicitly is always tried
 _EXTENSIONS = "wav flac ogg oga mp3 m4a aac opus webm mp4 mkv mov wma aif aiff aifc au caf amr 3gp"
 AUDIO_EXTENSIONS = frozenset(f".{ext}" for ext in _EXTENSIONS.split())

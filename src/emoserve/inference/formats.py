@@ -7,12 +7,16 @@ from __future__ import annotations
 import csv
 import json
 from collections.abc import Sequence
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any, Literal
 
 from emoserve.constants import Granularity
 from emoserve.errors import EmoserveError
-from emoserve.inference.files import Format, Outcome
 from emoserve.inference.results import Timeline, TimelineSegment
+
+if TYPE_CHECKING:
+    from emoserve.inference.files import Outcome
+
+Format = Literal["jsonl", "csv", "table"]
 
 # -- output formats ------------------------------------------------------------------------------
 

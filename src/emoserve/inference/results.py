@@ -6,13 +6,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
+from emoserve.constants import Channels, Granularity
 
-from emoserve.audio.stream import Channels
-from emoserve.audio.vad import Segment
-from emoserve.constants import Granularity
+if TYPE_CHECKING:  # numpy is imported where the summary is computed: not on the server's start path
+    import numpy as np
+
+    from emoserve.audio.vad import Segment
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,8 @@ def _summary(segments: Sequence[TimelineSegment]) -> dict[str, Any]:
     if not segments or speech <= 0:
         return {"speech_s": 0.0, "segments": 0, "distribution": {}, "seconds": {}, "dominant": None}
     labels = list(segments[0].scores)
+    import numpy as np
+
     weights = np.array([s.duration_s for s in segments])
     scores = np.array([[s.scores[label] for label in labels] for s in segments])
     distribution = weights @ scores / speech
