@@ -13,8 +13,9 @@ import pytest
 import soundfile as sf
 
 from emoserve.inference.results import FrameResult, Result
+from emoserve.serving.settings import Settings
 from emoserve.webui import saved as outputs
-from emoserve.webui.saved import OutputStore
+from emoserve.webui.saved import OutputStore, UIOutputs, saved_line
 
 SCORES = {"angry": 0.1, "happy": 0.7, "neutral": 0.2}
 SAMPLES = np.linspace(-0.5, 0.5, 16_000, dtype=np.float32)  # 1 s at 16 kHz
@@ -160,3 +161,28 @@ def test_stale_temporary_folders_are_removed(tmp_path: Path) -> None:
 def test_bad_limits_are_named(tmp_path: Path, keep: int | None, max_age_s: float | None) -> None:
     with pytest.raises(ValueError, match=r"keep is 0|max_age_s is"):
         OutputStore(tmp_path, keep=keep, max_age_s=max_age_s)
+
+
+def test_the_ui_saves_where_the_settings_say(tmp_path: Path) -> None:
+    """The UI's store comes from the settings (0: no limit); with saving off, a temporary folder for the
+    downloads only, deleted when the UI closes."""
+    settings = Settings(outputs_dir=tmp_path / "kept", outputs_max_count=3, outputs_max_age_h=2)
+    kept = UIOutputs.from_settings(settings)
+    store = kept.store()
+    assert kept.persistent and store is kept.kept and store is kept.store()
+    assert (store.root, store.keep, store.max_age_s) == (tmp_path / "kept", 3, 7200)
+    unlimited = Settings(outputs_dir=tmp_path / "all", outputs_max_count=0, outputs_max_age_h=0)
+    no_limits = UIOutputs.from_settings(unlimited).store()
+    assert (no_limits.keep, no_limits.max_age_s) == (None, None)
+
+    off = UIOutputs.from_settings(Settings(save_outputs=False, outputs_dir=tmp_path / "never"))
+    temporary = off.store()
+    assert not off.persistent and off.store() is temporary and temporary.keep == outputs.DOWNLOADS_KEEP
+    assert not (tmp_path / "never").exists()
+    saved = temporary.save(make_result(), SAMPLES)
+    assert saved_line(saved.folder, False) == f"saving is off; temporary downloads in: {saved.folder}"
+    assert saved_line(saved.folder, True) == f"saved to: {saved.folder}"
+    assert saved_line(None, True) == "not saved: see the warning"
+    off.close()
+    kept.close()
+    assert not temporary.root.exists() and store.root.exists()

@@ -6,7 +6,9 @@ Ray writes an auth token under ~/.ray: the cluster runs with a temporary HOME. D
 
 from __future__ import annotations
 
+import asyncio
 import collections
+import dataclasses
 import json
 import re
 import socket
@@ -276,10 +278,8 @@ def test_the_web_ui_runs_as_its_own_deployment_on_the_model_replicas(deployed: D
     assert home.status_code == 200 and home.url.path == "/ui/" and "gradio" in home.text.lower()
     # the UI's service: state from the model deployment, recognitions through its replicas
     remote = RemoteService(split_args(APP_ARGS)[0], serve.get_deployment_handle(RECOGNITION.name, API_APP))
-    deadline = time.monotonic() + 30
-    while remote.state != "ready" and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert remote.state == "ready" and remote.max_audio_s == 10
+    wait_until(lambda: remote.phase == "ready", 30, "the UI's service to see the model deployment ready")
+    assert remote.status.max_audio_s == 10
     assert remote.random_weights is deployed.client.get("/v1/model").json()["random_weights"]
     audio = load_audio(AUDIO / "zh_3s_16k.wav")
     import asyncio
@@ -288,6 +288,53 @@ def test_the_web_ui_runs_as_its_own_deployment_on_the_model_replicas(deployed: D
     body = post(deployed.client, "zh_3s_16k.wav").json()
     assert result.emotion == body["emotion"] and timing.inference_s > 0
     np.testing.assert_allclose(list(result.scores.values()), list(body["scores"].values()), atol=SCORE_TOL)
+    remote.close()
+
+
+@pytest.mark.ray
+def test_the_web_ui_builds_a_long_recordings_timeline_on_the_model_replicas(
+    deployed: Deployed, tmp_path: Path, tiny_recognizer: Any
+) -> None:
+    """The Long-recording tab under Ray Serve: the UI replica (no model) cuts the recording into speech
+    segments, and the model deployment recognises each one: the library's timeline (the UI replica used
+    to say "not ready (state ready)"). The length limit is the model deployment's max_timeline_s, not the
+    UI replica's own: a recording longer than the UI's setting passes."""
+    from ray import serve
+
+    from emoserve.audio.segments import Recording
+    from emoserve.inference.timeline import score_segments
+    from emoserve.ray_serve import API_APP, RECOGNITION, RemoteService, split_args
+    from emoserve.serving.settings import CPU_MAX_TIMELINE_S
+    from emoserve.webui.long_recording import timeline_request, timeline_updates
+    from emoserve.webui.saved import UIOutputs
+
+    from .test_webui import joined_recording
+
+    recording = joined_recording(tmp_path / "meeting.wav")  # 19 s
+    ui_settings = dataclasses.replace(split_args(APP_ARGS)[0], max_timeline_s=5.0, save_outputs=False)
+    remote = RemoteService(ui_settings, serve.get_deployment_handle(RECOGNITION.name, API_APP))
+    outputs = UIOutputs(None)
+
+    async def build() -> tuple[Any, ...]:
+        request = timeline_request(remote, str(recording), "mix", 15.0, 0.5, None)
+        return [values async for values in timeline_updates(remote, outputs, request)][-1]
+
+    try:
+        wait_until(lambda: remote.phase == "ready", 30, "the UI's service to see the model deployment ready")
+        assert remote.status.max_timeline_s == CPU_MAX_TIMELINE_S  # the deployment's (its CPU default)
+        progress, card, _, plot, table, files = asyncio.run(build())
+    finally:
+        remote.close()
+        outputs.close()
+    expected = list(score_segments(tiny_recognizer, Recording(str(recording))))
+    assert len(expected) >= 3 and 'data-state="done"' in progress and "meeting.wav" in card
+    assert [(row[0], row[1], row[3]) for row in table.itertuples(index=False)] == [
+        (round(s.start_s, 2), round(s.end_s, 2), f"{s.emoji} {s.emotion} · {s.label_zh}") for s in expected
+    ]
+    got = [row[4] for row in table.itertuples(index=False)]
+    assert got == pytest.approx([s.confidence for s in expected], abs=2e-3)
+    assert plot.count('class="tl-segment"') == len(expected)
+    assert [Path(f).name for f in files] == ["timeline.json", "timeline.csv"]  # saving off: downloads
 
 
 @pytest.mark.ray

@@ -23,17 +23,22 @@ from fastapi import FastAPI
 
 from emoserve.audio.decode import Audio
 from emoserve.audio.segments import Recording, Span
-from emoserve.audio.stream import Channels
 from emoserve.audio.vad import DEFAULT_VAD, VadSettings
-from emoserve.constants import EXAMPLES_DIR, Granularity
-from emoserve.errors import QueueFull, ServiceUnavailable
+from emoserve.constants import EXAMPLES_DIR, Channels, Granularity
+from emoserve.errors import AudioError, QueueFull
 from emoserve.inference.recognizer import Recognizer
 from emoserve.inference.results import FrameResult, Result, TimelineSegment, scored
 from emoserve.inference.timeline import score_segments
+from emoserve.model.labels import EMOTION_COLOURS
 from emoserve.serving.engine import Engine, EngineConfig, RequestTiming
-from emoserve.webui import app as webui
+from emoserve.serving.phase import Phase, unavailable
+from emoserve.serving.service import Service, decode_clip
+from emoserve.serving.settings import Settings
+from emoserve.webui import charts, clip, long_recording, status
 from emoserve.webui import saved as outputs
-from emoserve.webui.saved import OutputStore
+from emoserve.webui.app import mount_ui
+from emoserve.webui.protocol import UIService
+from emoserve.webui.saved import OutputStore, UIOutputs
 
 from .conftest import skip_or_fail, wave
 
@@ -64,16 +69,22 @@ class FakeMetrics:
         self.errors.append(kind)
 
 
+def ui_settings(outputs_dir: Path | None, max_audio_s: float = 60.0) -> Settings:
+    """What the UI reads of the settings: its outputs (None: saving off) and the clip limit."""
+    saving = {"save_outputs": True, "outputs_dir": outputs_dir} if outputs_dir else {"save_outputs": False}
+    return Settings(max_audio_s=max_audio_s, **saving)
+
+
 @dataclass
 class FakeService:
-    """What the server's Service offers the UI (webui.UIService), around a real engine."""
+    """What the server's Service offers the UI (webui.protocol.UIService), around a real engine."""
 
     engine: Engine | None
-    outputs: OutputStore | None
-    state: str = "ready"
+    settings: Settings
+    phase: Phase = "ready"
+    reason: str | None = None
     model_name: str | None = "emotion2vec-tiny"
     random_weights: bool | None = True
-    max_audio_s: float = 60.0
     max_timeline_s: float = 3600.0
     metrics: FakeMetrics | None = field(default_factory=FakeMetrics)
     timeline_fails_after: int | None = None  # segments scored before timeline() raises QueueFull
@@ -81,14 +92,13 @@ class FakeService:
     timelines_closed: list[int] = field(default_factory=list)  # segments each timeline() gave, at its end
 
     def require_ready(self) -> None:
-        """As Service.require_ready: the 503 that fits the state."""
-        if self.state == "ready" and self.engine is not None:
-            return
-        if self.state.startswith("failed"):
-            code = "start_up_failed"
-        else:
-            code = "draining" if self.state == "draining" else "not_ready"
-        raise ServiceUnavailable(code, f"state {self.state}", 1.0)
+        """As Service.require_ready: the 503 that fits the phase."""
+        if self.phase != "ready" or self.engine is None:
+            raise unavailable(self.phase, self.reason, 1.0)
+
+    def decode(self, source: str | os.PathLike[str] | bytes, name: str | None = None) -> Audio:
+        """As Service.decode: the server's clip decoding, within settings.max_audio_s."""
+        return decode_clip(source, name, self.settings.effective_max_audio_s())
 
     async def recognize(
         self, audio: Audio, granularity: Granularity = "utterance", embedding: bool = False
@@ -128,8 +138,11 @@ class FakeService:
             self.timelines_closed.append(given)
 
 
-def make_service(engine: Engine | None, outputs: OutputStore | None, **kwargs: Any) -> webui.UIService:
-    service: webui.UIService = FakeService(engine, outputs, **kwargs)  # mypy checks the protocol here
+def make_service(
+    engine: Engine | None, outputs_dir: Path | None, *, max_audio_s: float = 60.0, **kwargs: Any
+) -> UIService:
+    settings = ui_settings(outputs_dir, max_audio_s)
+    service: UIService = FakeService(engine, settings, **kwargs)  # mypy checks the protocol here
     return service
 
 
@@ -145,12 +158,20 @@ def run(coro: Any) -> Any:
     return asyncio.run(coro)
 
 
-def recognize(service: webui.UIService, path: str | None, granularity: str = "utterance", **kw: Any) -> Any:
-    downloads = webui._TemporaryDownloads()
+def recognize(
+    service: UIService,
+    path: str | None,
+    granularity: str = "utterance",
+    *,
+    embedding: bool = False,
+    saving: UIOutputs | None = None,
+) -> clip.ClipResult:
+    """The clip tab's click; `saving`: the UI's outputs (default: made from the service's settings)."""
+    ui_outputs = saving or UIOutputs.from_settings(service.settings)
     try:
-        return run(webui.recognize(service, downloads, path, granularity, kw.get("embedding", False)))
+        return run(clip.recognize(service, ui_outputs, path, granularity, embedding))
     finally:
-        downloads.close()
+        ui_outputs.close()
 
 
 # ---------------------------------------------------------------------------------------------- pieces
@@ -165,11 +186,11 @@ def fast_engine(tiny_recognizer: Recognizer) -> Iterator[Engine]:
 
 
 def test_recognize_saves_a_folder_and_renders(fast_engine: Engine, tmp_path: Path) -> None:
-    service = make_service(fast_engine, OutputStore(tmp_path))
+    service = make_service(fast_engine, tmp_path)
     recognition = recognize(service, str(EXAMPLE), "frame", embedding=True)
     assert recognition.result == fast_engine.recognizer.predict(EXAMPLE, "frame", True)
 
-    card, scores, timeline, log_text, files = webui.render(recognition)
+    card, scores, timeline, log_text, files = clip.render(recognition)
     assert recognition.result.emotion in card and recognition.result.label_zh in card
     assert ("Random weights" in card) == recognition.result.random_weights
     assert len(scores) == len(recognition.result.scores)
@@ -187,8 +208,8 @@ def test_recognize_saves_a_folder_and_renders(fast_engine: Engine, tmp_path: Pat
 
 def test_saving_off_still_offers_downloads(fast_engine: Engine) -> None:
     recognition = recognize(make_service(fast_engine, None), str(OTHER_EXAMPLE))
-    assert "saving is off" in webui.processing_log(recognition)
-    assert not webui.render(recognition)[2].visible  # no timeline for an utterance result
+    assert "saving is off" in clip.processing_log(recognition)
+    assert not clip.render(recognition)[2].visible  # no timeline for an utterance result
 
 
 @pytest.mark.parametrize("fault", ["gone", errno.ENOSPC, errno.EROFS])
@@ -198,7 +219,9 @@ def test_a_failed_save_still_shows_the_result(
     """The outputs folder removed, the disk full mid-write, a read-only disk (root ignores file modes,
     so the last two are the writer failing as the kernel would): the result is shown, saving is said
     to have failed, and no half-written folder is left."""
-    store = OutputStore(tmp_path / "outputs")
+    service = make_service(fast_engine, tmp_path / "outputs")
+    saving = UIOutputs.from_settings(service.settings)
+    store = saving.store()
     if fault == "gone":
         store.root.rmdir()  # saving now fails with FileNotFoundError
     else:
@@ -208,28 +231,28 @@ def test_a_failed_save_still_shows_the_result(
 
         monkeypatch.setattr(outputs.sf, "write", failing_write)
     with pytest.warns(UserWarning, match="could not be saved"):  # outside a page, gr.Warning warns
-        recognition = recognize(make_service(fast_engine, store), str(EXAMPLE))
+        recognition = recognize(service, str(EXAMPLE), saving=saving)
     assert recognition.saved is None and recognition.result.emotion
-    assert webui.render(recognition)[4] is None
-    assert "not saved" in webui.processing_log(recognition)
+    assert clip.render(recognition)[4] is None
+    assert "not saved" in clip.processing_log(recognition)
     if fault != "gone":
         assert list(store.root.iterdir()) == []
 
 
 @pytest.mark.parametrize(
-    ("state", "engine_set", "message", "code"),
+    ("phase", "reason", "engine_set", "message", "code"),
     [
-        ("loading", False, "still starting up", "not_ready"),
-        ("warming", False, "still starting up", "not_ready"),
-        ("failed: no such model", False, "could not be loaded", "start_up_failed"),
-        ("draining", True, "shutting down", "draining"),
+        ("loading", None, False, r"still starting up.*\(loading\)", "not_ready"),
+        ("warming", None, False, "still starting up", "not_ready"),
+        ("failed", "no such model", False, r"could not be loaded.*no such model", "start_up_failed"),
+        ("draining", None, True, "shutting down", "draining"),
     ],
 )
 def test_not_ready_is_a_clear_error(
-    fast_engine: Engine, state: str, engine_set: bool, message: str, code: str
+    fast_engine: Engine, phase: Phase, reason: str | None, engine_set: bool, message: str, code: str
 ) -> None:
     """Counted under the API's codes for the same failures (one label per failure everywhere)."""
-    service = make_service(fast_engine if engine_set else None, None, state=state)
+    service = make_service(fast_engine if engine_set else None, None, phase=phase, reason=reason)
     with pytest.raises(gr.Error, match=message):
         recognize(service, str(EXAMPLE))
     assert service.metrics.errors == [code]  # type: ignore[union-attr]
@@ -241,7 +264,7 @@ def test_bad_input_is_a_clear_error_and_the_ui_keeps_working(fast_engine: Engine
     garbage.write_bytes(b"this is not audio" * 10)
     with pytest.raises(gr.Error, match=r"notes\.wav: could not decode"):
         recognize(service, str(garbage))
-    with pytest.raises(gr.Error, match="the limit is 5 s"):
+    with pytest.raises(gr.Error, match=r"the limit is 5 s.*max_audio_s: --max-audio-s"):  # as the API says
         recognize(service, str(EXAMPLES_DIR / "en_7s_16k.flac"))
     with pytest.raises(gr.Error, match="Upload a clip"):
         recognize(service, None)
@@ -249,17 +272,35 @@ def test_bad_input_is_a_clear_error_and_the_ui_keeps_working(fast_engine: Engine
     assert service.metrics.errors == ["unsupported_audio", "audio_too_long"]  # type: ignore[union-attr]
 
 
-def test_banner_follows_the_state() -> None:
-    def banner(state: str, random_weights: bool | None) -> str:
-        return webui.banner_html(make_service(None, None, state=state, random_weights=random_weights))
+def test_the_service_decodes_the_ui_path_as_the_api_bytes_within_its_own_limit() -> None:
+    """Service.decode takes what the UI has (a path) and what the API has (bytes) alike; a clip over the
+    limit names this server's setting, whichever it was."""
+    service = Service(Settings(max_audio_s=5.0))
+    from_path = service.decode(str(EXAMPLE), EXAMPLE.name)
+    from_bytes = service.decode(EXAMPLE.read_bytes(), EXAMPLE.name)
+    np.testing.assert_allclose(from_path.samples, from_bytes.samples, atol=1e-6)
+    long = EXAMPLES_DIR / "en_7s_16k.flac"
+    for source in (str(long), long.read_bytes()):
+        with pytest.raises(AudioError, match=r"en_7s_16k\.flac.*the limit is 5 s.*this server's max_audio_s"):
+            service.decode(source, long.name)
+    with pytest.raises(AudioError, match="<upload>"):
+        service.decode(b"this is not audio")
+
+
+def test_banner_follows_the_phase() -> None:
+    def banner(phase: Phase, random_weights: bool | None, reason: str | None = None) -> str:
+        service = make_service(None, None, phase=phase, reason=reason, random_weights=random_weights)
+        return status.banner_html(service)
 
     assert 'data-state="loading"' in banner("loading", None) and "RANDOM" not in banner("loading", None)
+    assert "model files damaged" in banner("loading", None, "model files damaged; converting it again")
     assert "Warming up" in banner("warming", None)
     assert "emotion2vec-tiny" in banner("ready", False) and "RANDOM" not in banner("ready", False)
     assert "RANDOM WEIGHTS" in banner("ready", True)
-    assert "no such model" in banner("failed: no such model", False)
+    assert 'data-state="failed"' in banner("failed", False, "no such model")
+    assert "no such model" in banner("failed", False, "no such model")
     assert 'data-state="draining"' in banner("draining", False)
-    assert "&lt;b&gt;" in banner("failed: <b>", False)  # reasons are escaped
+    assert "&lt;b&gt;" in banner("failed", False, "<b>")  # reasons are escaped
 
 
 def test_long_timelines_are_averaged() -> None:
@@ -271,7 +312,7 @@ def test_long_timelines_are_averaged() -> None:
     result = Result(
         "happy", "开心", "😊", 0.5, dict.fromkeys(labels, 0.5), 20.0, "frame", "tiny", False, frames
     )
-    table = webui.timeline_frame(result, max_points=100)
+    table = charts.timeline_frame(result, max_points=100)
     assert table is not None
     assert len(table) == 100 * len(labels)
     np.testing.assert_allclose(table["probability"], 0.5)  # windows of 10 alternating frames
@@ -288,8 +329,8 @@ def joined_recording(path: Path, clips: Sequence[str] = RECORDING_CLIPS) -> Path
     """Fixture clips (16 kHz) one after the other with GAP_S of silence around each."""
     gap = np.zeros(int(GAP_S * 16_000), np.float32)
     parts = [gap]
-    for clip in clips:
-        parts += [wave(clip), gap]
+    for name in clips:
+        parts += [wave(name), gap]
     sf.write(str(path), np.concatenate(parts), 16_000)
     return path
 
@@ -306,7 +347,7 @@ def two_sided_call(path: Path) -> Path:
 
 
 def build_timeline(
-    service: webui.UIService,
+    service: UIService,
     path: str | None,
     channels: str = "mix",
     segments: str | None = None,
@@ -314,20 +355,21 @@ def build_timeline(
     max_segment_s: float = 15.0,
     threshold: float = 0.5,
     updates: list[tuple[Any, ...]] | None = None,
+    saving: UIOutputs | None = None,
 ) -> list[tuple[Any, ...]]:
     """Every update the tab's handler yields (also into `updates`, which survives an error part-way)."""
-    downloads = webui._TemporaryDownloads()
+    ui_outputs = saving or UIOutputs.from_settings(service.settings)
     out = [] if updates is None else updates
 
     async def collect() -> None:
-        args = (path, channels, max_segment_s, threshold, segments)
-        async for values in webui.timeline_updates(service, downloads, *args):
+        request = long_recording.timeline_request(service, path, channels, max_segment_s, threshold, segments)
+        async for values in long_recording.timeline_updates(service, ui_outputs, request):
             out.append(values)
 
     try:
         run(collect())
     finally:
-        downloads.close()
+        ui_outputs.close()
     return out
 
 
@@ -338,9 +380,9 @@ def table_rows(table: Any) -> list[list[Any]]:
 def test_timeline_streams_segments_then_saves_json_and_csv(
     fast_engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(webui, "UPDATE_S", 0.0)  # every segment is sent as it comes
+    monkeypatch.setattr(long_recording, "UPDATE_S", 0.0)  # every segment is sent as it comes
     recording = joined_recording(tmp_path / "meeting.wav")
-    service = make_service(fast_engine, OutputStore(tmp_path / "outputs"))
+    service = make_service(fast_engine, tmp_path / "outputs")
     updates = build_timeline(service, str(recording))
 
     expected = list(score_segments(fast_engine.recognizer, Recording(str(recording))))
@@ -354,7 +396,7 @@ def test_timeline_streams_segments_then_saves_json_and_csv(
     assert [row[4] for row in table_rows(table)] == pytest.approx([s.confidence for s in expected], abs=2e-3)
     assert plot.count('class="tl-segment"') == len(expected)
     for s in expected:
-        assert f'data-emotion="{s.emotion}"' in plot and webui.EMOTION_COLOURS[s.emotion] in plot
+        assert f'data-emotion="{s.emotion}"' in plot and EMOTION_COLOURS[s.emotion] in plot
     assert distribution["share"].sum() == pytest.approx(1.0, abs=1e-4)
     assert "RANDOM WEIGHTS" in card and "meeting.wav" in card
 
@@ -363,7 +405,7 @@ def test_timeline_streams_segments_then_saves_json_and_csv(
     assert [len(u[4]) for u in running] == list(range(len(expected) + 1))
     assert all('data-state="running"' in u[0] and " s of " in u[0] for u in updates[:-1])
 
-    (folder,) = service.outputs.folders()  # type: ignore[union-attr]
+    (folder,) = OutputStore(tmp_path / "outputs").folders()
     assert [Path(f) for f in files] == [folder / "timeline.json", folder / "timeline.csv"]
     saved = json.loads((folder / "timeline.json").read_text(encoding="utf-8"))
     assert saved["file"] == "meeting.wav" and saved["random_weights"] is True and saved["timestamp"]
@@ -435,7 +477,7 @@ def test_timeline_errors_are_clear_and_counted(fast_engine: Engine, tmp_path: Pa
     ]
     assert service.timelines_closed == []  # type: ignore[attr-defined]  # nothing started
 
-    service = make_service(None, None, state="loading")
+    service = make_service(None, None, phase="loading")
     with pytest.raises(gr.Error, match="still starting up"):
         build_timeline(service, recording)
     assert service.metrics.errors == ["not_ready"]  # type: ignore[union-attr]
@@ -454,12 +496,12 @@ def test_timeline_failing_part_way_keeps_what_was_shown(fast_engine: Engine, tmp
 
 
 def test_timeline_save_failure_still_shows_the_result(fast_engine: Engine, tmp_path: Path) -> None:
-    store = OutputStore(tmp_path / "outputs")
-    store.root.rmdir()
-    service = make_service(fast_engine, store)
+    service = make_service(fast_engine, tmp_path / "outputs")
+    saving = UIOutputs.from_settings(service.settings)
+    saving.store().root.rmdir()
     with pytest.warns(UserWarning, match="could not be saved"):
         *_, (progress, card, _, plot, table, files) = build_timeline(
-            service, str(joined_recording(tmp_path / "meeting.wav", RECORDING_CLIPS[:1]))
+            service, str(joined_recording(tmp_path / "meeting.wav", RECORDING_CLIPS[:1])), saving=saving
         )
     assert files is None and "not saved" in card
     assert len(table) == plot.count('class="tl-segment"') >= 1 and 'data-state="done"' in progress
@@ -470,11 +512,11 @@ def test_timeline_plot_rows_colours_and_axis() -> None:
         return TimelineSegment(start, end, speaker, emotion, "", "", 0.9, {emotion: 0.9}, False)
 
     segments = [segment(0, 10, "B", "sad"), segment(30, 95, "A", "happy"), segment(100, 110, "B", "sad")]
-    svg = webui.timeline_svg(segments, 120.0)
+    svg = charts.timeline_svg(segments, 120.0)
     assert svg.index(">A</text>") < svg.index(">B</text>")  # rows sorted by speaker
-    assert svg.count(webui.EMOTION_COLOURS["sad"]) == 3  # two bars and the legend
+    assert svg.count(EMOTION_COLOURS["sad"]) == 3  # two bars and the legend
     assert ">1:00</text>" in svg and ">2:00</text>" in svg  # minutes once past a minute
-    assert "tl-segment" not in webui.timeline_svg([], 0.0)
+    assert "tl-segment" not in charts.timeline_svg([], 0.0)
 
 
 def test_paced_ticks_through_silence_and_closes_early() -> None:
@@ -492,7 +534,7 @@ def test_paced_ticks_through_silence_and_closes_early() -> None:
 
     async def main() -> list[Any]:
         seen: list[Any] = []
-        paced = webui._paced(slow(), 0.1)
+        paced = long_recording._paced(slow(), 0.1)
         async for item in paced:
             seen.append(item)
             if len(seen) == 6:
@@ -519,9 +561,24 @@ def live_ui(engine: Engine, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     """The UI mounted on a FastAPI app, served by uvicorn in a thread."""
     import uvicorn
 
-    service = FakeService(engine, OutputStore(tmp_path_factory.mktemp("outputs")))
+    service = FakeService(engine, ui_settings(tmp_path_factory.mktemp("outputs")))
     app = FastAPI()
-    webui.mount_ui(app, service, path="/")
+    # Gradio opens event loops (socketpairs) that it never closes, each replacing the last as this thread's
+    # loop (gradio.utils.safe_get_lock): they are closed here, rather than reported (an error here) whenever
+    # a garbage collection finds them, e.g. inside an import, which Python 3.11 then fails with a KeyError.
+    loops: list[asyncio.AbstractEventLoop] = []
+    new_event_loop = asyncio.new_event_loop
+
+    def kept_loop() -> asyncio.AbstractEventLoop:
+        loops.append(new_event_loop())
+        return loops[-1]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(asyncio, "new_event_loop", kept_loop)
+        mount_ui(app, service, path="/")
+    asyncio.set_event_loop(None)
+    for loop in loops:
+        loop.close()
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -582,6 +639,44 @@ def saved_folder(page: Any) -> str:
     return line.removeprefix("saved to: ")
 
 
+def test_the_gradio_api_names_its_parameters_and_answers_a_client(
+    live_ui: tuple[str, FakeService], tmp_path: Path, tiny_recognizer: Recognizer
+) -> None:
+    """As a user of the Gradio API calls it (gradio_client): both events take named parameters (a handler
+    taking *args made /timeline's param_0..param_4), by which they are called, and both answer: the
+    model's result, and the warning when the service says its weights are random."""
+    from gradio_client import Client, handle_file
+
+    url, _ = live_ui
+    client = Client(url, verbose=False, analytics_enabled=False, download_files=False)
+    endpoints = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
+    names = {
+        api: [p["parameter_name"] for p in endpoints[api]["parameters"]]
+        for api in ("/recognize", "/timeline")
+    }
+    assert names == {
+        "/recognize": ["audio", "granularity", "embedding"],
+        "/timeline": ["audio", "channels", "max_segment_s", "threshold", "segments"],
+    }
+    card, _, _, log_text, files = client.predict(
+        audio=handle_file(str(EXAMPLE)), granularity="utterance", embedding=False, api_name="/recognize"
+    )
+    expected = tiny_recognizer.predict(EXAMPLE)
+    assert expected.emotion in card and f"{expected.confidence:.1%}" in card and len(files) == 2
+    assert f"model: {expected.model}" in log_text
+    assert ("RANDOM WEIGHTS" in log_text) == ("Random weights" in card) == expected.random_weights
+    recording = joined_recording(tmp_path / "meeting.wav", RECORDING_CLIPS[:2])
+    progress, summary, *_ = client.predict(
+        audio=handle_file(str(recording)),
+        channels="mix",
+        max_segment_s=15,
+        threshold=0.5,
+        segments=None,
+        api_name="/timeline",
+    )
+    assert 'data-state="done"' in progress and "RANDOM WEIGHTS" in summary and "meeting.wav" in summary
+
+
 def test_browser_recognises_the_example_clip(
     browser: Any, live_ui: tuple[str, FakeService], tiny_recognizer: Recognizer
 ) -> None:
@@ -595,7 +690,7 @@ def test_browser_recognises_the_example_clip(
     text = result_text(page)
     assert expected.emotion in text and expected.label_zh in text
     assert f"{expected.confidence:.1%}" in text
-    assert Path(saved_folder(page)).parent == service.outputs.root  # type: ignore[union-attr]
+    assert Path(saved_folder(page)).parent == service.settings.outputs_dir
     page.close()
 
 
@@ -603,18 +698,18 @@ def test_two_windows_recognise_at_once_into_their_own_folders(
     browser: Any, live_ui: tuple[str, FakeService]
 ) -> None:
     url, service = live_ui
-    assert service.outputs is not None
-    before = set(service.outputs.folders())
+    store = OutputStore(service.settings.outputs_dir)  # the UI's own store saves into the same folder
+    before = set(store.folders())
     pages = [open_page(browser, url) for _ in range(2)]
-    for page, clip in zip(pages, (EXAMPLE, OTHER_EXAMPLE), strict=True):
-        upload(page, clip)
+    for page, audio in zip(pages, (EXAMPLE, OTHER_EXAMPLE), strict=True):
+        upload(page, audio)
     for page in pages:
         page.locator("#start-button").click()
     for page in pages:
         result_text(page)
     folders = {saved_folder(page) for page in pages}
     assert len(folders) == 2
-    assert {str(f) for f in set(service.outputs.folders()) - before} == folders
+    assert {str(f) for f in set(store.folders()) - before} == folders
     # Both in one model call: Gradio let the two windows run at once and the engine batched them.
     for page in pages:
         assert "(batch of 2)" in page.locator("#log textarea").input_value()
@@ -625,14 +720,14 @@ def test_browser_follows_start_up_reports_bad_input_and_draws_the_timeline(
     browser: Any, live_ui: tuple[str, FakeService], tmp_path: Path
 ) -> None:
     url, service = live_ui
-    service.state = "warming"
+    service.phase = "warming"
     try:
         page = browser.new_page()
         page.set_default_timeout(PAGE_TIMEOUT_MS)
         page.goto(url)
         page.locator('#status-state[data-state="warming"]').wait_for()
     finally:
-        service.state = "ready"
+        service.phase = "ready"
     page.locator('#status-state[data-state="ready"]').wait_for()  # the timer refreshed the banner
 
     garbage = tmp_path / "notes.wav"
@@ -678,7 +773,7 @@ def test_browser_builds_the_timeline_of_a_long_recording(
     downloads = page.locator("#tl-downloads").inner_text().replace("\n", "")
     assert "timeline.json" in downloads and "timeline.csv" in downloads
     saved = page.locator("#tl-saved").inner_text().removeprefix("saved to: ")
-    assert Path(saved).parent == service.outputs.root  # type: ignore[union-attr]
+    assert Path(saved).parent == service.settings.outputs_dir
     assert service.timelines_running == 0
 
     # Stop part-way: the run is cancelled and its timeline closed (which stops the decoding).

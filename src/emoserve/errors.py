@@ -46,7 +46,6 @@ CODES: dict[str, Code] = {
     "start_up_failed": Code(503, "the model could not be loaded; an operator has to act"),
     "queue_full": Code(503, "too many requests waiting; retry after Retry-After"),
     "replica_lost": Code(503, "the model replica that held the request died (Ray Serve)"),
-    "not_on_ray": Code(501, "a feature a Ray Serve deployment does not offer"),
     # the model
     "model_unavailable": Code(500, "a model that cannot be found, downloaded, converted or loaded"),
     "invalid_model_config": Code(500, "a config.yaml that describes no model this code can run"),

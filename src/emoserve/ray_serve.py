@@ -8,8 +8,9 @@ Two applications, because Serve gives each one route prefix and the API owns the
 
     "emoserve"     at /    Recognition: N replicas, each one Service (model, engine, warm-up) serving
                            create_app's routes: /v1/recognize, /v1/model, /healthz, /readyz, /metrics
-    "emoserve-ui"  at /ui  WebUI: one replica (Gradio's queue keeps per-session state), whose Service
-                           recognises through a handle to Recognition
+    "emoserve-ui"  at /ui  WebUI: one replica (Gradio's queue keeps per-session state) with no model:
+                           its RemoteService decodes clips and cuts long recordings into speech segments,
+                           and each clip or segment is recognised through a handle to Recognition
 
 A replica's constructor loads and warms up its Service, so Serve routes to it only once it is warm;
 `check_health` fails when the service has failed (e.g. its model files were damaged), and Serve replaces
@@ -23,6 +24,7 @@ drains the engine.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import math
@@ -30,7 +32,8 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Mapping
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI
@@ -44,18 +47,29 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from emoserve.api.app import create_app
 from emoserve.api.errors import error_json
 from emoserve.api.recognize import RECOGNIZE
+from emoserve.audio.segments import Recording
 from emoserve.constants import FALSE_WORDS, TRUE_WORDS
 from emoserve.errors import LOADING_RETRY_AFTER_S, EmoserveError, SettingsError
+from emoserve.inference.results import scored
 from emoserve.serving.metrics import Metrics
-from emoserve.serving.service import Service
+from emoserve.serving.phase import Phase, unavailable
+from emoserve.serving.service import (
+    TIMELINE_IN_FLIGHT,
+    TIMELINE_LIMIT_SETTING,
+    SegmentFeed,
+    Service,
+    decode_clip,
+)
 from emoserve.serving.settings import Settings, load_settings
+from emoserve.system import PROCESS_STARTED_AT
 
 if TYPE_CHECKING:
     from ray.serve.handle import DeploymentHandle
 
     from emoserve.audio.decode import Audio
+    from emoserve.audio.vad import Segment
     from emoserve.constants import Granularity
-    from emoserve.inference.results import Result
+    from emoserve.inference.results import Result, TimelineSegment
     from emoserve.serving.engine import RequestTiming
 
 log = logging.getLogger(__name__)
@@ -202,31 +216,74 @@ class Recognition:
         """For the web UI's handle: the same path as /v1/recognize after decoding."""
         return await self.service.recognize(audio, granularity, embedding)
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> ModelStatus:
+        """For the web UI's replica, which follows it."""
         s = self.service
-        return {"phase": s.phase, "reason": s.reason, "model": s.model, "max_audio_s": s.max_audio_s}
+        return ModelStatus(s.phase, s.reason, s.model, s.max_audio_s, s.max_timeline_s)
 
 
-class RemoteService(Service):
-    """The web UI's Service (webui.UIService) whose recognitions run on the Recognition deployment:
-    state, model and limits are those of the model deployment, refreshed every UI_REFRESH_S."""
+@dataclasses.dataclass(frozen=True)
+class ModelStatus:
+    """What the UI replica knows of the model deployment (one replica's view), replaced whole."""
+
+    phase: Phase
+    reason: str | None
+    model: dict[str, Any] | None  # what /v1/model answers; None until loaded
+    max_audio_s: float  # the limits depend on the model replicas' device, not the UI replica's
+    max_timeline_s: float
+
+
+class RemoteService:
+    """The web UI's service (webui.protocol.UIService) on the UI replica, which has no model: phase,
+    model and limits are those of the model deployment, refreshed every UI_REFRESH_S. A clip is decoded
+    here and recognised on the Recognition deployment; a long recording is decoded and cut into speech
+    segments here, and each segment recognised there the same way."""
+
+    metrics = None  # nothing reported: the UI replica has no /metrics (the model replicas count theirs)
 
     def __init__(self, settings: Settings, model: DeploymentHandle) -> None:
-        super().__init__(settings)
+        self.settings = settings
         self.handle = model
+        limits = settings.effective_max_audio_s(), settings.effective_max_timeline_s()  # until it answers
+        self.status = ModelStatus("starting", None, None, *limits)
+        self._stopping = threading.Event()
         threading.Thread(target=self._follow, name="emoserve-ui-status", daemon=True).start()
+
+    @property
+    def phase(self) -> Phase:
+        return self.status.phase
+
+    @property
+    def reason(self) -> str | None:
+        return self.status.reason
+
+    @property
+    def model_name(self) -> str | None:
+        return None if self.status.model is None else str(self.status.model["name"])
+
+    @property
+    def random_weights(self) -> bool | None:
+        return None if self.status.model is None else bool(self.status.model["random_weights"])
 
     def _follow(self) -> None:
         while not self._stopping.is_set():
             try:
-                status = self.handle.status.remote().result(timeout_s=10)
+                self.status = self.handle.status.remote().result(timeout_s=10)
             except Exception as error:  # no replica yet, or all gone: say so, look again
-                self._set_state("loading", f"waiting for the model deployment ({type(error).__name__})")
-            else:
-                self.model, self.max_audio_s = status["model"], status["max_audio_s"]
-                self.random_weights = None if self.model is None else self.model["random_weights"]
-                self._set_state(status["phase"], status["reason"])
+                reason = f"waiting for the model deployment ({type(error).__name__})"
+                self.status = dataclasses.replace(self.status, phase="loading", reason=reason)
             self._stopping.wait(UI_REFRESH_S)
+
+    def close(self) -> None:
+        """Stop following the model deployment."""
+        self._stopping.set()
+
+    def require_ready(self) -> None:
+        if self.phase != "ready":
+            raise unavailable(self.phase, self.reason, time.monotonic() - PROCESS_STARTED_AT)
+
+    def decode(self, source: str | os.PathLike[str] | bytes, name: str | None = None) -> Audio:
+        return decode_clip(source, name, self.status.max_audio_s)
 
     async def recognize(
         self, audio: Audio, granularity: Granularity = "utterance", embedding: bool = False
@@ -238,6 +295,35 @@ class RemoteService(Service):
         except RayTaskError as error:
             raise domain_error(error) from None
         return result
+
+    def open_timeline(self, source: Any, *, name: str | None = None, **options: Any) -> Recording:
+        """As Service.open_timeline (blocking), within the model deployment's max_timeline_s."""
+        limit_s, setting = self.status.max_timeline_s, TIMELINE_LIMIT_SETTING
+        return Recording(source, name=name, max_seconds=limit_s, limit_setting=setting, **options)
+
+    async def timeline(self, job: Recording) -> AsyncIterator[TimelineSegment]:
+        """The job's segments, cut on a thread of this replica, each recognised on the model deployment
+        as `recognize` sends a clip; at most TIMELINE_IN_FLIGHT at once, yielded in the order found."""
+        self.require_ready()
+        feed = SegmentFeed(job, depth=TIMELINE_IN_FLIGHT)
+        sent: deque[tuple[Segment, asyncio.Task[tuple[Result, RequestTiming]]]] = deque()
+        try:
+            while (segment := await feed.get()) is not None:
+                sent.append((segment, asyncio.ensure_future(self.recognize(job.clip(segment)))))
+                if len(sent) == TIMELINE_IN_FLIGHT:
+                    yield await _scored(*sent.popleft())
+            while sent:
+                yield await _scored(*sent.popleft())
+        finally:
+            feed.stop()
+            for _, task in sent:
+                task.cancel()
+            await asyncio.gather(*(task for _, task in sent), return_exceptions=True)
+
+
+async def _scored(segment: Segment, recognition: Awaitable[tuple[Result, RequestTiming]]) -> TimelineSegment:
+    result, _ = await recognition
+    return scored(segment, result)
 
 
 def domain_error(error: RayTaskError) -> Exception:
@@ -260,13 +346,13 @@ class WebUI:
         from emoserve.webui.app import mount_ui
 
         app = FastAPI(title="emoserve web UI")
-        return mount_ui(app, self.service, path="/", max_file_size=self.service.settings.max_upload_bytes)
+        return mount_ui(app, self.service, path="/")
 
 
 # Deployments of the classes above (decorated here rather than on the classes: mypy keeps their types).
 # `serve.ingress()` without an app: Serve calls __serve_build_asgi_app__ after the constructor.
 RECOGNITION: serve.Deployment = serve.deployment(name="Recognition")(serve.ingress()(Recognition))
-# Gradio's queue keeps each session's state in one process: one replica; it only waits on the model
+# Gradio's queue keeps each session's state in one process: one replica; the model's work is elsewhere
 WEB_UI: serve.Deployment = serve.deployment(name="WebUI", num_replicas=1, ray_actor_options={"num_cpus": 0})(
     serve.ingress()(WebUI)
 )

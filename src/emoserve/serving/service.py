@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import io
 import logging
 import os
 import threading
@@ -41,7 +40,6 @@ if TYPE_CHECKING:
     from emoserve.inference.recognizer import Recognizer
     from emoserve.inference.results import Result, TimelineSegment
     from emoserve.serving.engine import Engine, RequestTiming
-    from emoserve.webui.saved import OutputStore
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +63,15 @@ def example_clips() -> tuple[Path, ...]:
     return tuple(sorted(p for p in EXAMPLES_DIR.iterdir() if p.is_file() and not p.name.startswith(".")))
 
 
+def decode_clip(source: str | os.PathLike[str] | bytes, name: str | None, max_audio_s: float) -> Audio:
+    """A clip for recognition, decoded within `max_audio_s`: a too-long error names this server's setting."""
+    from emoserve.audio.decode import load_audio
+
+    if name is None and isinstance(source, bytes):
+        name = "<upload>"
+    return load_audio(source, max_seconds=max_audio_s, name=name, limit_setting=CLIP_LIMIT_SETTING)
+
+
 class Service:
     """One model served to the HTTP API and the web UI; both use this object, never the model directly.
 
@@ -85,16 +92,14 @@ class Service:
         random_weights: bool | None -- the model's predictions are meaningless (warn); None until loaded.
         max_audio_s: float -- longest audio accepted (the setting, or the default for the device).
         examples: tuple[Path, ...] -- the bundled example clips (src/emoserve/examples).
-        outputs: OutputStore | None -- where the UI saves each recognition (settings.save_outputs,
-            outputs_dir, outputs_max_count, outputs_max_age_h); None when saving is off. Made on
-            first use (it imports torch).
         ui_error: str | None -- why the web UI could not be mounted, if it could not.
 
     Methods:
         timings() -> dict[str, float]: seconds so far: since_start_s, and once known model_load_s,
             warmup_s, start_to_ready_s.
-        decode(data, name) -> Audio: blocking (run it in a thread); raises audio.AudioError, with
-            reason "too_long" beyond max_audio_s.
+        decode(source, name) -> Audio: a clip (a path or an upload's bytes); blocking (run it in a
+            thread); raises audio.AudioError, with reason "too_long" beyond max_audio_s (the message
+            names this server's setting).
         await recognize(audio, granularity, embedding) -> (Result, RequestTiming): through the shared
             batching engine; raises ServiceUnavailable (503), engine.QueueFull (503 + Retry-After).
             It also resets the keep-warm idle timer (calling engine.submit_timed directly does not).
@@ -131,7 +136,6 @@ class Service:
         self._model_path: Path | None = None
         self._files_warned = False
         self._rebuilt = False  # the model files were converted again while serving
-        self._outputs: OutputStore | None = None
         self._start_thread: threading.Thread | None = None
         self.metrics.set_state("starting")
 
@@ -157,19 +161,6 @@ class Service:
     @property
     def model_name(self) -> str | None:
         return None if self.model is None else str(self.model["name"])
-
-    @property
-    def outputs(self) -> OutputStore | None:
-        s = self.settings
-        if self._outputs is None and s.save_outputs:
-            from emoserve.webui.saved import OutputStore
-
-            self._outputs = OutputStore(
-                s.outputs_dir,
-                keep=s.outputs_max_count or None,
-                max_age_s=s.outputs_max_age_h * 3600 or None,
-            )
-        return self._outputs
 
     def timings(self) -> dict[str, float]:
         return {"since_start_s": round(time.monotonic() - PROCESS_STARTED_AT, 3), **self._timings}
@@ -422,13 +413,10 @@ class Service:
                 raise self.unavailable()
             await asyncio.sleep(READY_POLL_S)
 
-    def decode(self, data: bytes, name: str = "<upload>") -> Audio:
-        """Blocking decode of an uploaded file's bytes, with the service's length limit."""
-        from emoserve.audio.decode import load_audio
-
-        upload = io.BytesIO(data)
-        upload.name = name  # load_audio names the input by it in its errors
-        return load_audio(upload, max_seconds=self.max_audio_s, limit_setting=CLIP_LIMIT_SETTING)
+    def decode(self, source: str | os.PathLike[str] | bytes, name: str | None = None) -> Audio:
+        """Blocking decode of a clip (a path, or an upload's bytes), within max_audio_s; `name` names it
+        in errors (default: the path, or "<upload>")."""
+        return decode_clip(source, name, self.max_audio_s)
 
     def model_file_problems(self) -> list[str]:
         """The cheap check of the loaded model's files (sizes, header), for /readyz: a model deleted or

@@ -3,6 +3,9 @@
     save -> .tmp_<id>/ (processed_audio.wav, result.json, embedding.npy) -> rename to
     outputs_YYYYMMDD_HHMMSS_<id>/ -> prune (oldest beyond `keep`, older than `max_age_s`)
     save_timeline: the same for a long recording's timeline (timeline.json, timeline.csv; no audio copy)
+    UIOutputs: the UI's choice of store (the settings' output store, or temporary downloads when saving
+        is off), made once per UI; its `save` warns on the page when a disk fails, and `saved_line`
+        is the "saved to" sentence
 
 A folder appears whole or not at all: it is written under a hidden temporary name inside `root` (the same
 file system, so the rename is atomic) and renamed only once every file is complete. Pruning renames a
@@ -11,20 +14,24 @@ folder away before deleting it, so a reader never sees one half-deleted either.
 
 from __future__ import annotations
 
+import asyncio
 import csv
+import html
 import io
 import json
 import logging
 import re
 import shutil
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
+import gradio as gr
 import numpy as np
 import soundfile as sf
 
@@ -34,6 +41,7 @@ from emoserve.inference.results import Result
 
 if TYPE_CHECKING:
     from emoserve.inference.results import Timeline
+    from emoserve.serving.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +60,8 @@ TMP_PREFIX = ".tmp_"
 DELETING_PREFIX = ".deleting_"
 STALE_TMP_S = 3600.0
 FOLDER_PATTERN = re.compile(rf"^{PREFIX}\d{{8}}_\d{{6}}_[0-9a-f]{{{ID_HEX_DIGITS}}}$")
+DOWNLOADS_KEEP = 64  # with saving off, downloads still need files; this many stay in a temp folder
+Saved = TypeVar("Saved")
 
 
 @dataclass(frozen=True)
@@ -176,6 +186,60 @@ class OutputStore:
         for path in self.root.iterdir():
             if path.name.startswith((TMP_PREFIX, DELETING_PREFIX)) and _age_s(path, now) > STALE_TMP_S:
                 shutil.rmtree(path, ignore_errors=True)
+
+
+class UIOutputs:
+    """Where the web UI saves each result: `kept`, the output store of the settings, or with saving off a
+    temporary folder that keeps the last DOWNLOADS_KEEP (the downloads need files). One per UI."""
+
+    def __init__(self, kept: OutputStore | None) -> None:
+        self.kept = kept
+        self._temporary: OutputStore | None = None
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> UIOutputs:
+        """save_outputs, outputs_dir, outputs_max_count and outputs_max_age_h (0: no limit)."""
+        if not settings.save_outputs:
+            return cls(None)
+        keep, max_age_h = settings.outputs_max_count, settings.outputs_max_age_h
+        return cls(OutputStore(settings.outputs_dir, keep=keep or None, max_age_s=max_age_h * 3600 or None))
+
+    @property
+    def persistent(self) -> bool:
+        """Results are kept (False: temporary downloads only)."""
+        return self.kept is not None
+
+    def store(self) -> OutputStore:
+        if self.kept is not None:
+            return self.kept
+        if self._temporary is None:  # made on first use: a UI with saving on never makes one
+            root = Path(tempfile.mkdtemp(prefix="emoserve-downloads-"))
+            self._temporary = OutputStore(root, keep=DOWNLOADS_KEEP)
+        return self._temporary
+
+    async def save(self, what: str, write: Callable[[OutputStore], Saved]) -> Saved | None:
+        """`write(store)` in a thread. A full or read-only disk costs the downloads, not the result on
+        screen: the page is warned (`what` names the result) and None returned."""
+        store = self.store()
+        try:
+            return await asyncio.to_thread(write, store)
+        except OSError as error:
+            log.warning("could not save the %s under %s: %s", what, store.root, error)
+            gr.Warning(html.escape(f"The {what} could not be saved ({error}); there are no downloads."))
+            return None
+
+    def close(self) -> None:
+        """Delete the temporary downloads (the kept outputs stay)."""
+        if self._temporary is not None:
+            shutil.rmtree(self._temporary.root, ignore_errors=True)
+
+
+def saved_line(folder: Path | None, persistent: bool) -> str:
+    """Where a result went, for the processing log and the timeline card."""
+    if folder is None:
+        return "not saved: see the warning"
+    where = "saved to" if persistent else "saving is off; temporary downloads in"
+    return f"{where}: {folder}"
 
 
 def result_fields(result: Result, now: datetime, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
