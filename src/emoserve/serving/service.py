@@ -22,12 +22,8 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from emoserve.audio.vad import Segment
 from emoserve.constants import EXAMPLES_DIR
-from emoserve.errors import (
-    EmoserveError,
-    ServiceUnavailable,
-)
+from emoserve.errors import EmoserveError, ServiceUnavailable
 from emoserve.serving.metrics import Metrics
 from emoserve.serving.phase import SETTLED, Phase, unavailable
 from emoserve.serving.settings import Settings
@@ -36,6 +32,7 @@ from emoserve.system import PROCESS_STARTED_AT, return_freed_memory
 if TYPE_CHECKING:
     from emoserve.audio.decode import Audio
     from emoserve.audio.segments import Recording
+    from emoserve.audio.vad import Segment
     from emoserve.constants import Granularity
     from emoserve.inference.recognizer import Recognizer
     from emoserve.inference.results import Result, TimelineSegment
@@ -210,18 +207,10 @@ class Service:
     def _load(self, reason: str | None = None) -> Recognizer:
         self._set_state("loading", reason)
         started = time.monotonic()
-        from emoserve.inference.recognizer import load_model
+        from emoserve.inference.recognizer import load_with
 
         s = self.settings
-        recognizer = load_model(
-            s.model,
-            backend=s.backend,
-            device=s.device,
-            dtype=s.dtype,
-            hub=s.hub,  # type: ignore[arg-type]  # settings checked it is one of auto, hf, ms
-            threads=s.threads,
-            progress=False,
-        )
+        recognizer = load_with(s.model_options(), progress=False)
         seconds = time.monotonic() - started
         self._time("model_load_s", seconds)
         self.metrics.model_load_seconds.set(seconds)
