@@ -24,7 +24,7 @@ drains the engine.
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import dataclasses
 import logging
 import math
@@ -32,8 +32,7 @@ import os
 import signal
 import threading
 import time
-from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI
@@ -50,15 +49,13 @@ from emoserve.api.recognize import RECOGNIZE
 from emoserve.audio.segments import Recording
 from emoserve.constants import FALSE_WORDS, TRUE_WORDS
 from emoserve.errors import LOADING_RETRY_AFTER_S, EmoserveError, SettingsError
-from emoserve.inference.results import scored
 from emoserve.serving.metrics import Metrics
 from emoserve.serving.phase import Phase, unavailable
 from emoserve.serving.service import (
-    TIMELINE_IN_FLIGHT,
     TIMELINE_LIMIT_SETTING,
-    SegmentFeed,
     Service,
     decode_clip,
+    scored_in_order,
 )
 from emoserve.serving.settings import Settings, load_settings
 from emoserve.system import PROCESS_STARTED_AT
@@ -67,7 +64,6 @@ if TYPE_CHECKING:
     from ray.serve.handle import DeploymentHandle
 
     from emoserve.audio.decode import Audio
-    from emoserve.audio.vad import Segment
     from emoserve.constants import Granularity
     from emoserve.inference.results import Result, TimelineSegment
     from emoserve.serving.engine import RequestTiming
@@ -305,25 +301,14 @@ class RemoteService:
         """The job's segments, cut on a thread of this replica, each recognised on the model deployment
         as `recognize` sends a clip; at most TIMELINE_IN_FLIGHT at once, yielded in the order found."""
         self.require_ready()
-        feed = SegmentFeed(job, depth=TIMELINE_IN_FLIGHT)
-        sent: deque[tuple[Segment, asyncio.Task[tuple[Result, RequestTiming]]]] = deque()
-        try:
-            while (segment := await feed.get()) is not None:
-                sent.append((segment, asyncio.ensure_future(self.recognize(job.clip(segment)))))
-                if len(sent) == TIMELINE_IN_FLIGHT:
-                    yield await _scored(*sent.popleft())
-            while sent:
-                yield await _scored(*sent.popleft())
-        finally:
-            feed.stop()
-            for _, task in sent:
-                task.cancel()
-            await asyncio.gather(*(task for _, task in sent), return_exceptions=True)
 
+        async def score(audio: Audio) -> Result:
+            result, _ = await self.recognize(audio)
+            return result
 
-async def _scored(segment: Segment, recognition: Awaitable[tuple[Result, RequestTiming]]) -> TimelineSegment:
-    result, _ = await recognition
-    return scored(segment, result)
+        async with contextlib.aclosing(scored_in_order(job, score)) as segments:
+            async for segment in segments:
+                yield segment
 
 
 def domain_error(error: RayTaskError) -> Exception:

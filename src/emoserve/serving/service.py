@@ -18,7 +18,8 @@ import logging
 import os
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections import deque
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -446,36 +447,46 @@ class Service:
 
     async def timeline(self, job: Recording) -> AsyncIterator[TimelineSegment]:
         """The job's scored segments in the order they were found (see the class docstring)."""
-        from emoserve.inference.results import scored
-
         engine = self._engine()
-        feed = SegmentFeed(job, depth=TIMELINE_IN_FLIGHT)
-        pending: list[tuple[Any, asyncio.Task[Result]]] = []
-        done = False
         started, scored_n = time.perf_counter(), 0
         self.metrics.timelines_in_progress.inc()
         try:
-            while True:
-                while not done and len(pending) < TIMELINE_IN_FLIGHT:
-                    segment = await feed.get()
-                    if segment is None:
-                        done = True
-                    else:
-                        task = asyncio.ensure_future(_submit_segment(engine, job.clip(segment)))
-                        pending.append((segment, task))
-                if not pending:
-                    return
-                segment, task = pending.pop(0)
-                self._last_used = time.monotonic()
-                result = await task
-                scored_n += 1
-                yield scored(segment, result)
+            async with contextlib.aclosing(
+                scored_in_order(job, lambda audio: _submit_segment(engine, audio))
+            ) as segments:
+                async for segment in segments:
+                    self._last_used = time.monotonic()
+                    scored_n += 1
+                    yield segment
         finally:
-            feed.stop()
-            for _, task in pending:
-                task.cancel()
             self.metrics.timelines_in_progress.dec()  # however it ended: what it did still counts
             self.metrics.observe_timeline(job.duration_s, scored_n, time.perf_counter() - started)
+
+
+async def scored_in_order(
+    job: Recording, score: Callable[[Audio], Awaitable[Result]], depth: int = TIMELINE_IN_FLIGHT
+) -> AsyncGenerator[TimelineSegment, None]:
+    """The job's segments, cut on a thread of their own (`SegmentFeed`), each scored by `score` with at
+    most `depth` in flight, yielded in the order they were found. Leaving early (a client that went away)
+    stops the cutting and cancels what is in flight. The engine's and Ray Serve's UI replica's timelines."""
+    from emoserve.inference.results import scored
+
+    feed = SegmentFeed(job, depth=depth)
+    sent: deque[tuple[Segment, asyncio.Task[Result]]] = deque()
+    try:
+        while (segment := await feed.get()) is not None:
+            sent.append((segment, asyncio.ensure_future(score(job.clip(segment)))))
+            if len(sent) == depth:
+                segment, task = sent.popleft()
+                yield scored(segment, await task)
+        while sent:
+            segment, task = sent.popleft()
+            yield scored(segment, await task)
+    finally:
+        feed.stop()
+        for _, task in sent:
+            task.cancel()
+        await asyncio.gather(*(task for _, task in sent), return_exceptions=True)
 
 
 async def _submit_segment(engine: Engine, audio: Audio) -> Result:
