@@ -215,7 +215,7 @@ class Recognition:
     def status(self) -> ModelStatus:
         """For the web UI's replica, which follows it."""
         s = self.service
-        return ModelStatus(s.phase, s.reason, s.model, s.max_audio_s, s.max_timeline_s)
+        return ModelStatus(s.phase, s.reason, s.model_summary, s.max_audio_s, s.max_timeline_s)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -224,7 +224,7 @@ class ModelStatus:
 
     phase: Phase
     reason: str | None
-    model: dict[str, Any] | None  # what /v1/model answers; None until loaded
+    model_summary: dict[str, Any] | None  # what /v1/model answers; None until loaded
     max_audio_s: float  # the limits depend on the model replicas' device, not the UI replica's
     max_timeline_s: float
 
@@ -255,11 +255,12 @@ class RemoteService:
 
     @property
     def model_name(self) -> str | None:
-        return None if self.status.model is None else str(self.status.model["name"])
+        return None if self.status.model_summary is None else str(self.status.model_summary["name"])
 
     @property
     def random_weights(self) -> bool | None:
-        return None if self.status.model is None else bool(self.status.model["random_weights"])
+        summary = self.status.model_summary
+        return None if summary is None else bool(summary["random_weights"])
 
     def _follow(self) -> None:
         while not self._stopping.is_set():

@@ -50,9 +50,9 @@ router = APIRouter(route_class=MappedErrorsRoute)
 
 @router.get(MODEL, summary="The loaded model", responses=error_responses(401, 503))
 async def model(service: ServiceDep) -> dict[str, Any]:
-    if service.model is None:
+    if service.model_summary is None:
         raise service.unavailable()
-    return service.model
+    return service.model_summary
 
 
 @router.get("/healthz", summary="Liveness: the process serves HTTP")

@@ -73,54 +73,27 @@ def decode_clip(source: str | os.PathLike[str] | bytes, name: str | None, max_au
 class Service:
     """One model served to the HTTP API and the web UI; both use this object, never the model directly.
 
-    Attributes (read them; the service changes them):
-        settings: Settings -- everything configurable (limits, UI output saving, ...), frozen.
-        metrics: Metrics -- the process's collectors; a UI recognition calls
-            `metrics.observe_request("ui", decode_s=..., queue_s=..., inference_s=..., total_s=...)`,
-            `metrics.count_error(code)` for a failure.
-        state: str -- "starting", "loading", "warming", "ready", "failed: <reason>" or "draining"; a model
-            whose files changed under it is converted again as "loading: model files damaged: ...".
-        phase: str -- the state without the reason: "failed" rather than "failed: <reason>".
-        reason: str | None -- why start-up failed, else None.
-        ready: bool -- phase == "ready": recognitions are accepted.
-        engine: Engine | None -- set once ready (warm-up done); None before and after a failure.
-        model: dict | None -- what GET /v1/model answers (name, random_weights, labels [{en, zh, emoji}],
-            config, device, dtype, parameters, max_audio_s), set once the model is loaded.
-        model_name: str | None -- the loaded model's name; None until loaded.
-        random_weights: bool | None -- the model's predictions are meaningless (warn); None until loaded.
-        max_audio_s: float -- longest audio accepted (the setting, or the default for the device).
-        examples: tuple[Path, ...] -- the bundled example clips (src/emoserve/examples).
-        ui_error: str | None -- why the web UI could not be mounted, if it could not.
-
-    Methods:
-        timings() -> dict[str, float]: seconds so far: since_start_s, and once known model_load_s,
-            warmup_s, start_to_ready_s.
-        decode(source, name) -> Audio: a clip (a path or an upload's bytes); blocking (run it in a
-            thread); raises audio.AudioError, with reason "too_long" beyond max_audio_s (the message
-            names this server's setting).
-        await recognize(audio, granularity, embedding) -> (Result, RequestTiming): through the shared
-            batching engine; raises ServiceUnavailable (503), engine.QueueFull (503 + Retry-After).
-            It also resets the keep-warm idle timer (calling engine.submit_timed directly does not).
-        open_timeline(source, name=..., **options) -> Recording: blocking; the file's errors (undecodable,
-            over max_timeline_s) come here, before any work.
-        timeline(job) -> async iterator of TimelineSegment: the job's segments through the engine as
-            background requests (interactive ones go first), at most TIMELINE_IN_FLIGHT of it queued;
-            leaving the iteration early (a client that went away) stops the decoding and drops them.
-            It keeps the timeline metrics (in progress; audio seconds, segments and duration at the end).
-        await wait_ready(timeout_s): returns once ready; raises ServiceUnavailable after timeout_s or
-            at once when failed or draining.
+    Start-up (`start`, in a thread): load, warm up through the real audio path, verify the files, ready.
+    Requests: `decode` a clip (blocking), `await recognize(audio, granularity, embedding)` through the
+    shared batching engine (ServiceUnavailable or QueueFull when it cannot), `open_timeline` (blocking:
+    a recording's errors come before any work) and `timeline(job)`, the recording's segments through the
+    engine as background requests. `await wait_ready(timeout_s)`; `begin_drain()`, then `shutdown()`.
+    The phase is `phase` (serving/phase.py) and `reason`; `state` is both in one string, for people.
     """
 
     def __init__(self, settings: Settings, metrics: Metrics | None = None) -> None:
         self.settings = settings
         self.metrics = metrics or Metrics(max_queue=settings.max_queue)
-        self.engine: Engine | None = None
-        self.model: dict[str, Any] | None = None
-        self.random_weights: bool | None = None
+        self.engine: Engine | None = None  # set once ready (warm-up done); None before and after a failure
+        # what GET /v1/model answers (name, random_weights, labels, config, device, dtype, backend,
+        # parameters, max_audio_s), set once the model is loaded
+        self.model_summary: dict[str, Any] | None = None
+        self.random_weights: bool | None = None  # the predictions are meaningless: warn; None until loaded
+        # the longest clip and recording accepted: the settings, or the defaults for the device
         self.max_audio_s = settings.effective_max_audio_s("cpu")  # until the device is known
         self.max_timeline_s = settings.effective_max_timeline_s("cpu")
-        self.examples = example_clips()
-        self.ui_error: str | None = None
+        self.examples = example_clips()  # the bundled clips: the warm-up's, the UI's example
+        self.ui_error: str | None = None  # why the web UI could not be mounted, if it could not
         # What to do when start-up fails (unless settings.stay_up): serve() makes the server exit.
         self.on_failure: Callable[[], None] | None = None
         # Run by the start-up thread after warm-up, before "ready" (the server mounts the web UI here).
@@ -158,7 +131,7 @@ class Service:
 
     @property
     def model_name(self) -> str | None:
-        return None if self.model is None else str(self.model["name"])
+        return None if self.model_summary is None else str(self.model_summary["name"])
 
     def timings(self) -> dict[str, float]:
         return {"since_start_s": round(time.monotonic() - PROCESS_STARTED_AT, 3), **self._timings}
@@ -221,14 +194,14 @@ class Service:
         recognizer.max_seconds = self.max_audio_s
         self.random_weights = recognizer.random_weights
         self._model_path = recognizer.info.path
-        self.model = model_summary(recognizer, self.max_audio_s)
+        self.model_summary = model_summary(recognizer, self.max_audio_s)
         log.info(
             "model loaded in %.2f s: %s on the %s backend, %s (%s)%s",
             seconds,
             recognizer.info.name,
             recognizer.backend.name,
             recognizer.device,
-            self.model["dtype"],
+            self.model_summary["dtype"],
             ", RANDOM weights" if recognizer.random_weights else "",
         )
         return recognizer

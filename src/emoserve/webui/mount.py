@@ -42,9 +42,7 @@ def mount_when_ready(
     try:
         from emoserve.webui.app import mount_ui
 
-        # the long-recording tab takes bigger files than a clip (which max_audio_s still bounds)
-        largest = max(svc.settings.max_upload_bytes, svc.settings.max_timeline_upload_bytes)
-        mount_ui(app, svc, path="/", max_file_size=largest)
+        mount_ui(app, svc, path="/")
         mount = app.router.routes[-1]
         assert isinstance(mount, Mount), "mount_gradio_app appends its Mount"
         asyncio.run_coroutine_threadsafe(start_gradio(mount.app, ui_lifespan), loop).result(
