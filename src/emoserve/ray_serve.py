@@ -182,7 +182,7 @@ def replica_settings(settings: Settings) -> Settings:
 # --------------------------------------------------------------------------------------- deployments
 
 
-class Recognition:
+class RecognitionDeployment:
     """One replica: a warmed-up Service behind the same FastAPI app as `emoserve serve`."""
 
     def __init__(self, settings: Settings, ui: bool = False) -> None:
@@ -337,7 +337,7 @@ class WebUI:
 
 # Deployments of the classes above (decorated here rather than on the classes: mypy keeps their types).
 # `serve.ingress()` without an app: Serve calls __serve_build_asgi_app__ after the constructor.
-RECOGNITION: serve.Deployment = serve.deployment(name="Recognition")(serve.ingress()(Recognition))
+RECOGNITION: serve.Deployment = serve.deployment(name="Recognition")(serve.ingress()(RecognitionDeployment))
 # Gradio's queue keeps each session's state in one process: one replica; the model's work is elsewhere
 WEB_UI: serve.Deployment = serve.deployment(name="WebUI", num_replicas=1, ray_actor_options={"num_cpus": 0})(
     serve.ingress()(WebUI)
