@@ -6,7 +6,9 @@ For each tree, `--runs` times, alternating:
 - `emoserve --help`: spawn -> exit (the CLI must stay light: no numpy, no torch);
 - the server's import (`emoserve.api.app` here, `emoserve.server` in the flat layout): spawn -> imported,
   and how many modules that loaded;
-- `emoserve serve --no-ui` on the tiny random model (onnx backend): spawn -> /healthz, -> /readyz.
+- the library: spawn -> `emoserve.load_model(entry)` and a first 1 s result (the backend `auto` picks);
+- `emoserve serve --no-ui` (onnx backend): spawn -> /healthz, -> /readyz.
+The model is the random `--preset` (default tiny: the start path itself; large adds the model's load).
 
 The other tree is a git worktree under .bench/ (made once); its `src` goes first on PYTHONPATH.
 """
@@ -70,6 +72,13 @@ def server_import(src: Path) -> tuple[float, int]:
     return seconds, int(out)
 
 
+def library_seconds(src: Path, entry: Path) -> float:
+    code = ("import numpy as np, emoserve\n"
+            f"rec = emoserve.load_model({str(entry)!r}, device='cpu', progress=False)\n"
+            "rec.predict((np.zeros(16000, np.float32), 16000))")
+    return spawn_seconds(src, code)[0]
+
+
 def serve_seconds(src: Path, entry: Path, n: int) -> tuple[float, float]:
     port = free_port()
     argv = [sys.executable, "-m", "emoserve.cli", "serve", "--model", str(entry), "--host", "127.0.0.1",
@@ -86,9 +95,9 @@ def serve_seconds(src: Path, entry: Path, n: int) -> tuple[float, float]:
 
 def main() -> None:
     p = parser(__doc__, default_runs=7)
+    p.set_defaults(preset="tiny")
     p.add_argument("--against", default="1b3552a", help="the commit to compare with (default 1b3552a)")
     args = p.parse_args()
-    args.preset = "tiny" if args.preset == "large" else args.preset  # the start path, not the model
     runs = run_count(args)
     header(f"The start path: this tree against {args.against}", args, runs)
     trees = {"this tree": REPO / "src", args.against: worktree(args.against) / "src"}
@@ -101,6 +110,7 @@ def main() -> None:
             seconds, modules = server_import(src)
             got.setdefault("import", []).append(seconds)
             got.setdefault("modules", []).append(modules)
+            got.setdefault("library", []).append(library_seconds(src, entry))
             healthz, readyz = serve_seconds(src, entry, n)
             got.setdefault("healthz", []).append(healthz)
             got.setdefault("readyz", []).append(readyz)
@@ -109,6 +119,7 @@ def main() -> None:
     for key, label in [("help", "spawn -> `emoserve --help` done (s)"),
                        ("import", "spawn -> the server's module imported (s)"),
                        ("modules", "modules loaded by that import"),
+                       ("library", "spawn -> load_model + first 1 s result (s)"),
                        ("healthz", "spawn -> /healthz 200, `serve --no-ui` (s)"),
                        ("readyz", "spawn -> /readyz 200, `serve --no-ui` (s)")]:
         a, b = median(this[key]), median(other[key])
