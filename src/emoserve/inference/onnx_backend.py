@@ -1,6 +1,6 @@
 """The ONNX Runtime backend: the same network as an ONNX graph, on the CPU, without torch.
 
-The graph was exported from our own model when the entry was converted (`onnx_export.py`), optimised
+The graph was exported from our own model when the entry was converted (`model/export.py`), optimised
 then for ONNX Runtime's CPU provider and checked against the torch path, so a session loads it with
 graph optimisation off and its weights memory-mapped from the entry: import and session together take
 a small fraction of a second, and nothing here imports torch.

@@ -1,4 +1,4 @@
-"""The PyTorch backend: the network of `model.py` with weights memory-mapped from a cache entry.
+"""The PyTorch backend: the network of `model/network.py` with weights memory-mapped from a cache entry.
 
 Runs on CPUs and GPUs (float16/bfloat16 on GPUs only); on a CPU the onnx backend is usually faster.
 """

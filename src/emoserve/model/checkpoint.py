@@ -1,10 +1,6 @@
-"""Read published emotion2vec+ checkpoints, convert them into cache entries, load entries into torch.
-
-A published model directory (`config.yaml`, `model.pt`, `tokens.txt`) is converted once into a
-slim cache entry (`entry.py`): the weights alone as safetensors under our parameter names, the parsed
-config, the labels, a manifest and the ONNX graphs (`onnx_export.py`). Loading an entry memory-maps
-the safetensors file into a model built on the meta device, so no parameter is ever allocated or
-randomly initialised before it is overwritten.
+"""Read published emotion2vec+ checkpoints: the rename table to our parameter names, the check that
+accounts for every tensor, and `torch.load` limited to weights. `convert.py` turns what this reads into a
+cache entry.
 """
 
 from __future__ import annotations

@@ -1,9 +1,10 @@
-"""The slim cache entry: its layout, reading it, and resolving `--model` to one. Torch-free.
+"""The slim cache entry: its layout, its manifest, reading and verifying it. Torch-free (resolving `--model`
+to an entry is `cache.py`'s).
 
-A published model directory (`config.yaml`, `model.pt`, `tokens.txt`) is converted once (by `weights.py`,
+A published model directory (`config.yaml`, `model.pt`, `tokens.txt`) is converted once (by `convert.py`,
 which needs torch) into an entry: the weights alone as safetensors under our parameter names, the parsed
-config, the labels, a manifest, and the ONNX graphs of the same network (`onnx_export.py`). Reading an
-entry and finding one for `--model` need neither torch nor onnxruntime, so either backend starts from here.
+config, the labels, a manifest, and the ONNX graphs of the same network (`export.py`). Reading an
+entry needs neither torch nor onnxruntime, so either backend starts from here.
 """
 
 from __future__ import annotations

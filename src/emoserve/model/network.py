@@ -105,7 +105,7 @@ class Features:
 class Emotion2vec(nn.Module):
     """Audio -> frame features -> emotion logits.
 
-    Parameter names are ours; `weights.py` maps the published checkpoint keys onto them.
+    Parameter names are ours; `checkpoint.py` maps the published checkpoint keys onto them.
     """
 
     def __init__(self, config: ModelConfig) -> None:

@@ -352,7 +352,7 @@ class Engine:
         finally:
             with self._cond:
                 self._in_flight = 0
-            trim()  # the call's activations are freed: their pages go back to the system (memory.py)
+            trim()  # the call's activations are freed: their pages go back to the system (system.py)
 
     def _predict(self, batch: list[_Request], started: float) -> None:
         """One model call for `batch`; if it raises, each request alone, so only the culprit fails."""

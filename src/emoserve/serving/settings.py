@@ -246,7 +246,7 @@ class Settings:
         _boolean,
         "if the model cannot be loaded, keep serving /healthz (and /readyz 503) instead of exiting",
     )
-    # What the web UI saves (read by webui.py)
+    # What the web UI saves (read by webui/saved.py)
     save_outputs: bool = _setting(True, _boolean, "save each UI recognition under outputs_dir")
     outputs_dir: Path = _setting(  # noqa: RUF009 - _setting returns a dataclasses.field
         OUTPUTS_DIR, Path, "where the UI saves outputs_YYYYMMDD_HHMMSS_<id>/"
