@@ -27,6 +27,7 @@ BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
         ("allocator.py", "RSS growth per 100 lengths"),
         ("timeline.py", "pipeline / one-at-a-time"),
         ("start_path.py --against HEAD", "modules loaded by that import"),
+        ("gpu.py --device cpu", "32 clients / 1 client"),
     ],
 )
 def test_benchmark_runs(script: str, figure: str) -> None:
