@@ -36,7 +36,7 @@ from emoserve.api.timeline import TIMELINE
 from emoserve.api.timeline import router as timeline_router
 from emoserve.serving.service import Service
 from emoserve.serving.settings import Settings
-from emoserve.webui.mount import mount_when_ready
+from emoserve.webui.mount import mount_while_loading
 
 log = logging.getLogger(__name__)
 
@@ -76,12 +76,12 @@ async def metrics_text(service: ServiceDep) -> Response:
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    """Start-up: the model thread, which also mounts the UI before ready. Shutdown: drain."""
+    """Start-up: the model's thread, and the UI's beside it (ready waits for both). Shutdown: drain."""
     svc: Service = app.state.service
     async with AsyncExitStack() as ui_lifespan:
         if svc.settings.ui:
             loop = asyncio.get_running_loop()
-            svc.before_ready = functools.partial(mount_when_ready, app, svc, loop, ui_lifespan)
+            svc.prepare_ui = functools.partial(mount_while_loading, app, svc, loop, ui_lifespan)
         svc.start()
         yield
         await asyncio.to_thread(svc.shutdown, svc.settings.drain_timeout_s)

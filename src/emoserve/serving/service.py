@@ -96,8 +96,9 @@ class Service:
         self.ui_error: str | None = None  # why the web UI could not be mounted, if it could not
         # What to do when start-up fails (unless settings.stay_up): serve() makes the server exit.
         self.on_failure: Callable[[], None] | None = None
-        # Run by the start-up thread after warm-up, before "ready" (the server mounts the web UI here).
-        self.before_ready: Callable[[], None] | None = None
+        # Run on a thread of its own beside the model's load and warm-up; "ready" waits for it (the server
+        # mounts the web UI here, so that readiness costs the slower of the two, not their sum).
+        self.prepare_ui: Callable[[], None] | None = None
         self._phase: tuple[Phase, str | None] = ("starting", None)  # replaced whole: readable from any thread
         self._timings: dict[str, float] = {}
         self._last_used = time.monotonic()
@@ -161,12 +162,16 @@ class Service:
 
     def _start_up(self) -> None:
         engine: Engine | None = None
+        ui = None
+        if self.prepare_ui is not None:
+            ui = threading.Thread(target=self.prepare_ui, name="emoserve-ui", daemon=True)
+            ui.start()
         try:
             recognizer = self._load()
             engine = self._start_engine(recognizer)
             self._warm_up(engine)
-            if self.before_ready is not None:
-                self.before_ready()
+            if ui is not None:
+                ui.join()
         except Exception as error:
             if engine is not None:
                 engine.stop(timeout_s=0)

@@ -1,4 +1,4 @@
-"""Mounting the web UI into an app that is already serving, once the model is warm.
+"""Mounting the web UI into an app that is already serving, while the model loads.
 
 `gr.mount_gradio_app` hooks the UI's start-up (its queue and lifespan) into the host app's lifespan, which
 has long run by then; so the same start-up is run here by hand, through Gradio's private
@@ -26,16 +26,15 @@ log = logging.getLogger(__name__)
 UI_START_TIMEOUT_S = 60.0
 
 
-def mount_when_ready(
+def mount_while_loading(
     app: FastAPI, svc: Service, loop: asyncio.AbstractEventLoop, ui_lifespan: AsyncExitStack
 ) -> None:
-    """In the start-up thread, after warm-up and before ready: import Gradio, build the UI and mount it
+    """On a thread of its own while the model loads and warms up: import Gradio, build the UI and mount it
     at "/" on the running app (served by `loop`; the UI's lifespan is entered on `ui_lifespan`, which
-    the app's lifespan closes), so that "ready" means the whole product is up.
-
-    Not beside the warm-up: on a small CPU, importing Gradio (seconds of Python) would slow it through
-    the GIL; not after ready: it would slow the first requests. Until then "/" answers a page that says
-    the UI is starting. A UI that fails to mount leaves the HTTP API serving."""
+    the app's lifespan closes). "Ready" waits for it, so that it means the whole product is up, and costs
+    the slower of the two rather than their sum (docs/benchmarks.md section 11 has both orders measured).
+    Until then "/" answers a page that says the UI is starting. A UI that fails to mount leaves the HTTP
+    API serving."""
     if svc.phase == "draining":
         return
     started = time.monotonic()
