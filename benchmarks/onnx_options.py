@@ -5,7 +5,7 @@ entry's pre-optimised graph, run a 1 s clip (the first result), then a 5 s clip 
 15 s clip once. Reported: session creation, steady 5 s latency, peak RSS, and at the end the process's
 memory split from /proc/self/smaps_rollup into file-backed pages (the memory-mapped weights, shared with
 every other process that maps the same file) and anonymous pages (private to this process).
-The default (`onnx_backend.session_options`) is prepacking off, arena on.
+The default (`model/interface.session_options`) is prepacking off, arena off (docs/benchmarks.md section 6).
 """
 
 from __future__ import annotations
