@@ -1,7 +1,8 @@
 """Batching: one `predict_many` call against the same clips one at a time, on the CPU.
 
-Eight clips of mixed length (uniform in 1-15 s, fixed seed, deterministic synthetic signals) are scored
-as one `Recognizer.predict_many(clips, batch_size=8)` call and, as the baseline in the same run, by 8
+On the onnx backend by default (`--backend torch` for the other). Eight clips of mixed length (uniform
+in 1-15 s, fixed seed, deterministic synthetic signals) are scored as one
+`Recognizer.predict_many(clips, batch_size=8)` call and, as the baseline in the same run, by 8
 `Recognizer.predict` calls in a row. After one untimed warm-up of each, the two alternate (which goes
 first swaps every run) and each figure is the median of N runs. Target: the batch is no slower than
 one at a time on this CPU (ratio <= 1.0).
@@ -50,10 +51,13 @@ class Comparison:
 
 
 def main() -> None:
-    args = parser(__doc__, default_runs=5).parse_args()
+    p = parser(__doc__, default_runs=5)
+    p.add_argument("--backend", choices=("onnx", "torch"), default="onnx",
+                   help="the backend measured (default onnx, the CPU's default)")
+    args = p.parse_args()
     runs = run_count(args)
-    header("Batching: predict_many vs one at a time", args, runs)
-    recognizer = load_recognizer(bench_model(args.preset).entry)
+    header(f"Batching: predict_many vs one at a time ({args.backend} backend)", args, runs)
+    recognizer = load_recognizer(bench_model(args.preset).entry, backend=args.backend)
     mixed = compare(recognizer, mixed_clips(), runs)
     control = compare(recognizer, [(synthetic_clip(CONTROL_SECONDS, seed=i), SAMPLE_RATE)
                                    for i in range(CONTROL_CLIPS)], runs)
@@ -64,7 +68,8 @@ def main() -> None:
         ["batch / one at a time, mixed clips", f"{ratio(mixed):.3f}", verdict(ratio(mixed), TARGET)],
         ["batch / one at a time, control", f"{ratio(control):.3f}", "none (control)"],
     ])
-    print(f"Torch threads: {torch_threads()}. {load_average()} at the end.")
+    threads = recognizer.backend.threads if args.backend == "onnx" else torch_threads()
+    print(f"Backend: {recognizer.backend.name}, {threads} threads. {load_average()} at the end.")
 
 
 def ratio(c: Comparison) -> float:
