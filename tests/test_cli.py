@@ -133,6 +133,30 @@ def test_interrupted_output_leaves_no_half_written_file(
     assert list(tmp_path.iterdir()) == [folder]
 
 
+def test_output_to_a_device_writes_to_it_and_leaves_it_a_device(
+    capsys: pytest.CaptureFixture[str], folder: Path, tmp_path: Path
+) -> None:
+    """`-o /dev/null` renamed its temporary file over /dev/null (as root, /dev/null became a regular file:
+    a full test run left it so, through benchmarks/timeline.py). A target that is not a regular file is
+    written to as it is; checked on a FIFO here, so that a regression cannot damage the machine's /dev."""
+    import os
+    import stat
+
+    out = tmp_path / "out"
+    out.mkdir()
+    fifo = out / "results.fifo"
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # held open: the CLI's writer never blocks
+    try:
+        code, _, _ = run(capsys, "predict", str(folder / "a.wav"), "--model", MODEL, "-o", str(fifo))
+        received = os.read(reader, 1 << 16)  # one jsonl line: well inside the pipe's buffer
+    finally:
+        os.close(reader)
+    assert code == 0 and stat.S_ISFIFO(fifo.stat().st_mode)
+    assert json.loads(received)["file"] == str(folder / "a.wav")
+    assert [p.name for p in out.iterdir()] == ["results.fifo"]  # no temporary file left beside it
+
+
 def test_missing_path_is_reported(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     code, out, _ = run(
         capsys,

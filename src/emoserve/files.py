@@ -121,15 +121,23 @@ def sha256_file(path: Path) -> str:
 
 @contextmanager
 def atomic_write(target: Path, *, binary: bool = False) -> Iterator[IO[Any]]:
-    """Write to a temporary file beside `target`; it replaces `target` only when the block succeeds."""
+    """Write to a temporary file beside `target`; it replaces `target` only when the block succeeds.
+    A target that exists and is not a regular file (`-o /dev/null`, a FIFO) is written to as it is: a
+    rename would replace the device itself with a file."""
+    if target.exists() and not target.is_file():
+        with _open_for_writing(os.open(target, os.O_WRONLY), binary) as out:
+            yield out
+        return
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
     try:
-        out: IO[Any]
-        out = os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", encoding="utf-8", newline="")
-        with out:
+        with _open_for_writing(fd, binary) as out:
             yield out
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _open_for_writing(fd: int, binary: bool) -> IO[Any]:
+    return os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", encoding="utf-8", newline="")
