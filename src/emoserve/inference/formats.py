@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 
 Format = Literal["jsonl", "csv", "table"]
 
-# -- output formats ------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------- a clip's lines
 
 CLIP_CSV_FIELDS = [
     "file",
@@ -33,6 +33,11 @@ CLIP_CSV_FIELDS = [
     "embedding",
     "error",
 ]
+def score_column(label: str) -> str:
+    """The CSV column of one label's score, for clips and segments alike."""
+    return f"score_{label}"
+
+
 RANDOM_WARNING = "WARNING: this model has RANDOM weights (a test model): its predictions are meaningless."
 
 
@@ -41,7 +46,7 @@ class OutcomeWriter:
 
     def __init__(self, out: IO[str], fmt: Format, labels: Sequence[str], granularity: Granularity) -> None:
         self.out, self.fmt = out, fmt
-        self.score_fields = [f"score_{label}" for label in labels]
+        self.score_fields = [score_column(label) for label in labels]
         if fmt == "csv":
             extra = ["frames"] if granularity == "frame" else []
             self.csv = csv.DictWriter(out, fieldnames=CLIP_CSV_FIELDS + self.score_fields + extra)
@@ -49,7 +54,7 @@ class OutcomeWriter:
 
     def write(self, outcome: Outcome) -> None:
         if self.fmt == "jsonl":
-            self.out.write(json.dumps(outcome.to_dict(), ensure_ascii=False) + "\n")
+            self.out.write(json_line(outcome.to_dict()) + "\n")
         elif self.fmt == "csv":
             self.csv.writerow(clip_csv_row(outcome))
         else:
@@ -60,7 +65,7 @@ class OutcomeWriter:
 def clip_csv_row(outcome: Outcome) -> dict[str, object]:
     row = {k: v for k, v in outcome.to_dict().items() if k in CLIP_CSV_FIELDS}
     if outcome.result:
-        row.update({f"score_{k}": round(v, 6) for k, v in outcome.result.scores.items()})
+        row.update({score_column(k): round(v, 6) for k, v in outcome.result.scores.items()})
         if outcome.result.frames is not None:  # the per-frame emotions, in order
             row["frames"] = " ".join(f.emotion for f in outcome.result.frames)
     return row
@@ -86,13 +91,13 @@ SEGMENT_CSV_FIELDS = [
 
 def segment_csv_fields(labels: Sequence[str]) -> list[str]:
     """timeline.csv's columns: a segment's fields, then a score column per label."""
-    return [*SEGMENT_CSV_FIELDS, *(f"score_{label}" for label in labels)]
+    return [*SEGMENT_CSV_FIELDS, *(score_column(label) for label in labels)]
 
 
 def segment_csv_row(file: str, segment: TimelineSegment) -> dict[str, Any]:
     row = {key: value for key, value in segment.to_dict().items() if key in SEGMENT_CSV_FIELDS}
     row["file"] = file
-    row.update({f"score_{label}": round(p, 6) for label, p in segment.scores.items()})
+    row.update({score_column(label): round(p, 6) for label, p in segment.scores.items()})
     return row
 
 

@@ -32,6 +32,7 @@ class Scorer(Protocol):
 
     def predict_many(self, clips: Sequence[Audio], *, batch_size: int) -> list[Result]: ...
 
+
 TIMELINE_BATCH_SIZE = 8  # segments scored together by the library (predict_many groups them by length)
 
 

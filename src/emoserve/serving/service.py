@@ -1,12 +1,14 @@
 """The service's life: starting -> loading -> warming -> ready | failed: <reason>; draining on shutdown.
 
-    server.serve(settings): uvicorn starts at once (so /healthz answers within 2 s of process start), and the
-    FastAPI lifespan calls Service.start(), whose thread imports torch, loads the model, starts the engine
-    and warms it up through the real path (decode the bundled clips -> engine -> model, at the batch sizes
-    traffic uses, outputs checked) before /readyz says 200. SIGTERM/Ctrl-C: state draining (/readyz 503,
-    new requests 503), uvicorn finishes the requests in flight, the lifespan stops the engine, exit 0.
+    api.app.serve(settings): uvicorn starts at once (so /healthz answers within 2 s of process start), and
+    the FastAPI lifespan calls Service.start(), whose thread loads the model, starts the engine and warms
+    it up through the real path (serving/warmup.py: decode the bundled clips -> engine -> model, at the
+    batch sizes traffic uses, outputs checked) while the web UI mounts beside it, before /readyz says 200.
+    SIGTERM/Ctrl-C: state draining (/readyz 503, new requests 503), uvicorn finishes the requests in
+    flight, the lifespan stops the engine, exit 0.
 
-Nothing heavy is imported at module level: torch, numpy and the engine load in the start-up thread.
+Nothing heavy is imported at module level: numpy, the decoders, the backend and the engine load in the
+start-up thread.
 """
 
 from __future__ import annotations
