@@ -212,10 +212,11 @@ def free_port() -> int:
         return port
 
 
-def serve_argv(model: Path, port: int, *extra: str) -> list[str]:
-    """`emoserve serve` in this interpreter, on the CPU, on `port` of the loopback interface."""
+def serve_argv(model: Path, port: int, *extra: str, device: str = "cpu") -> list[str]:
+    """`emoserve serve` in this interpreter, on `device` (the CPU by default), on `port` of the loopback
+    interface."""
     return [sys.executable, "-m", "emoserve.cli", "serve", "--model", str(model), "--host", LOCALHOST,
-            "--port", str(port), "--device", "cpu", *extra]
+            "--port", str(port), "--device", device, *extra]
 
 
 @dataclass(frozen=True)

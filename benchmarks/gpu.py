@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 import threading
 import time
 from pathlib import Path
@@ -39,6 +38,7 @@ from common import (
     parser,
     run_count,
     running_server,
+    serve_argv,
     synthetic_clip,
     table,
 )
@@ -206,23 +206,7 @@ def memory_now(device: str) -> list[str]:
 
 def serve(entry: Path, device: str, *, quick: bool) -> None:
     port = free_port()
-    argv = [
-        sys.executable,
-        "-m",
-        "emoserve.cli",
-        "serve",
-        "--model",
-        str(entry),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--device",
-        device,
-        "--backend",
-        "torch",
-        "--no-ui",
-    ]
+    argv = serve_argv(entry, port, "--backend", "torch", "--no-ui", device=device)
     wav = clip_wav(5.0)
     with running_server(f"gpu-{device.replace(':', '')}", argv, port) as server:
         healthz, _ = server.wait_for("/healthz")

@@ -31,6 +31,7 @@ from common import (
     parser,
     run_count,
     running_server,
+    serve_argv,
     table,
 )
 
@@ -81,8 +82,7 @@ def library_seconds(src: Path, entry: Path) -> float:
 
 def serve_seconds(src: Path, entry: Path, n: int) -> tuple[float, float]:
     port = free_port()
-    argv = [sys.executable, "-m", "emoserve.cli", "serve", "--model", str(entry), "--host", "127.0.0.1",
-            "--port", str(port), "--device", "cpu", "--no-ui"]
+    argv = serve_argv(entry, port, "--no-ui")
     os.environ["PYTHONPATH"] = str(src)  # the server process inherits it
     try:
         with running_server(f"start-path-{layout(src)}-{n}", argv, port) as server:
