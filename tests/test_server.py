@@ -5,8 +5,10 @@ FastAPI's TestClient without loading any model."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gc
 import io
+import logging
 import math
 import os
 import re
@@ -33,6 +35,7 @@ from fastapi.testclient import TestClient
 from emoserve.api.app import H11_BUFFER_BYTES, DrainingServer, create_app
 from emoserve.api.middleware import MAX_HEADER_BYTES
 from emoserve.api.schemas import RecognitionOut
+from emoserve.api.warmup import API_ROUTES, UI_ROUTE, warm_routes
 from emoserve.serving.service import Service
 from emoserve.serving.settings import Settings
 
@@ -124,9 +127,12 @@ class Live:
 
 
 @contextmanager
-def live_server(settings: Settings, home: Path) -> Iterator[Live]:
+def live_server(
+    settings: Settings, home: Path, warm_routes_at: Callable[[str], str] | None = None
+) -> Iterator[Live]:
     """uvicorn in a thread (the app, engine and model in this process, so tests can look inside),
-    listening on a free port; yields once the service is ready."""
+    listening on a free port; yields once the service is ready. `warm_routes_at`: the routes' warm-up
+    runs (as `serve` sets it up), at the URL it makes of the server's."""
     env = pytest.MonkeyPatch()
     env.setenv("EMOSERVE_HOME", str(home))
     torch_threads = _torch_threads()
@@ -140,12 +146,14 @@ def live_server(settings: Settings, home: Path) -> Iterator[Live]:
     server = DrainingServer(config, service)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    if warm_routes_at is not None:
+        service.warm_routes = functools.partial(warm_routes, service, warm_routes_at(url))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     try:
         wait_for(lambda: service.phase in ("ready", "failed"), 60, "the service to be ready")
         assert service.ready, service.state
-        url = f"http://127.0.0.1:{sock.getsockname()[1]}"
         with httpx.Client(base_url=url, timeout=30, limits=httpx.Limits(max_connections=32)) as client:
             yield Live(client, service, server, thread)
     finally:
@@ -589,6 +597,13 @@ def test_importing_the_api_imports_neither_gradio_nor_torch() -> None:
     assert done.returncode == 0, done.stderr[-2000:]
 
 
+def test_a_server_that_cannot_answer_itself_fails_its_start_with_the_reason(tmp_path: Path) -> None:
+    nowhere = "http://127.0.0.1:9"  # the discard port: nothing listens
+    reason = re.escape(f"warm-up: the server could not answer itself at {nowhere}")
+    with pytest.raises(AssertionError, match=reason), live_server(LIVE, tmp_path / "home", lambda _: nowhere):
+        pass
+
+
 def test_the_ui_path_says_it_is_starting() -> None:
     client = app_client(ui=True)
     page = client.get("/")
@@ -598,13 +613,25 @@ def test_the_ui_path_says_it_is_starting() -> None:
 
 # Gradio's start-up events open event loops (socketpairs) of their own and never close them
 @pytest.mark.filterwarnings("ignore::ResourceWarning", "ignore::pytest.PytestUnraisableExceptionWarning")
-def test_ready_means_the_web_ui_is_mounted_too(tmp_path: Path) -> None:
-    """The UI is mounted after warm-up and before ready: never beside the warm-up or the first requests."""
+def test_ready_means_the_web_ui_is_mounted_and_every_route_has_answered_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The UI mounts beside the model's start; "ready" waits for it, and for the server's own requests
+    over loopback to every route, the UI's recognise included. Those leave nothing behind: no saved
+    folder, no count in the metrics."""
+    caplog.set_level(logging.INFO, logger="emoserve.api.warmup")
     settings = dataclasses.replace(LIVE, ui=True, outputs_dir=tmp_path / "outputs")
-    with live_server(settings, tmp_path / "home") as server:
+    with live_server(settings, tmp_path / "home", warm_routes_at=lambda url: url) as server:
         page = server.client.get("/")
         assert page.status_code == 200, page.text[:200]
         assert "gradio" in page.text.lower() and server.service.ui_error is None
+        (warmed,) = [r.getMessage() for r in caplog.records if "routes warmed up" in r.getMessage()]
+        assert warmed.endswith("s: " + "; ".join([*API_ROUTES, UI_ROUTE])), warmed
+        assert server.service.timings()["routes_warmup_s"] > 0
+        metrics = server.client.get("/metrics").text
+        assert 'emoserve_requests_total{route="/v1/recognize"' not in metrics
+        assert 'emoserve_requests_total{route="/v1/timeline"' not in metrics
+        assert not [p for p in settings.outputs_dir.iterdir() if not p.name.startswith(".")]
     gc.collect()  # Gradio's leaked loops are reported here, under this test's filter, not in a later test
 
 
@@ -663,14 +690,27 @@ def test_serve_answers_healthz_at_once_is_ready_after_warm_up_and_exits_0_on_sig
         ready = httpx.get(f"{url}/readyz")
         assert ready.status_code == 503
         assert ready.json()["state"] in ("starting", "loading", "warming")
-        # a request now waits for ready (up to --ready-wait-s) instead of failing
+        # a request now waits (up to --ready-wait-s) instead of failing: it is served once the engine is
+        # warm, while the server may still be answering its own warm-up requests before "ready"
         early = httpx.post(f"{url}/v1/recognize", content=WAV, timeout=90)
         assert early.status_code == 200, early.text
-        assert httpx.get(f"{url}/readyz").status_code == 200
+        ready, _ = first_answer_with(f"{url}/readyz", 200, timeout_s=60)
+        assert ready.json()["timings"]["routes_warmup_s"] > 0
         process.send_signal(signal.SIGTERM)
         assert process.wait(30) == 0
         log = process.stderr.read() if process.stderr else ""
     assert "model loaded in" in log and "warm-up finished in" in log
+    # the server's own requests, one per route, each answered and checked (no UI here: --no-ui)
+    (warmed,) = [line for line in log.splitlines() if "routes warmed up over loopback" in line]
+    assert warmed.endswith("s: " + "; ".join(API_ROUTES)), warmed
+
+
+def first_answer_with(url: str, status: int, timeout_s: float) -> tuple[httpx.Response, float]:
+    started = time.monotonic()
+    while (reply := httpx.get(url, timeout=5)).status_code != status:
+        assert time.monotonic() - started < timeout_s, f"{url} answers {reply.status_code}: {reply.text}"
+        time.sleep(0.05)
+    return reply, time.monotonic() - started
 
 
 def broken_model(tmp_path: Path) -> Path:

@@ -34,6 +34,7 @@ from emoserve.api.recognize import router as recognize_router
 from emoserve.api.schemas import error_responses
 from emoserve.api.timeline import TIMELINE
 from emoserve.api.timeline import router as timeline_router
+from emoserve.api.warmup import is_warmup_request, loopback_url, warm_routes
 from emoserve.serving.service import Service
 from emoserve.serving.settings import Settings
 from emoserve.webui.mount import mount_while_loading
@@ -106,7 +107,13 @@ def create_app(settings: Settings, svc: Service | None = None) -> FastAPI:
         )
     app.add_middleware(HeaderLimitMiddleware, metrics=svc.metrics)
     # outermost: counts the 401s and 431s too
-    app.add_middleware(MetricsMiddleware, metrics=svc.metrics, routes=ROUTES, in_flight_route=RECOGNIZE)
+    app.add_middleware(
+        MetricsMiddleware,
+        metrics=svc.metrics,
+        routes=ROUTES,
+        in_flight_route=RECOGNIZE,
+        uncounted=lambda scope: not svc.ready and is_warmup_request(scope),
+    )
     return app
 
 
@@ -125,6 +132,7 @@ def serve(settings: Settings) -> int:
         h11_max_incomplete_event_size=H11_BUFFER_BYTES,
     )
     server = DrainingServer(config, service)
+    service.warm_routes = functools.partial(warm_routes, service, loopback_url(settings.host, settings.port))
     service.on_failure = server.request_exit
     server.run()
     if service.phase == "failed":

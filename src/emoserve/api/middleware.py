@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hmac
+from collections.abc import Callable
 
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -22,14 +23,22 @@ class MetricsMiddleware:
     """Counts every HTTP response by route and status, and the requests to `in_flight_route` in flight.
     `routes` are the metric labels (a bounded set): any other path (the UI's) is counted as "other"."""
 
-    def __init__(self, app: ASGIApp, metrics: Metrics, routes: frozenset[str], in_flight_route: str) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        metrics: Metrics,
+        routes: frozenset[str],
+        in_flight_route: str,
+        uncounted: Callable[[Scope], bool] = lambda scope: False,
+    ) -> None:
         self.app = app
         self.metrics = metrics
         self.routes = routes
         self.in_flight_route = in_flight_route
+        self.uncounted = uncounted  # requests left out (the server's own warm-up requests)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or self.uncounted(scope):
             await self.app(scope, receive, send)
             return
         route = scope["path"] if scope["path"] in self.routes else "other"

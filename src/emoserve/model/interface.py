@@ -59,11 +59,16 @@ def session_options(
       memory-mapped weights (which processes share through the page cache);
     - the CPU memory arena off: under concurrent load (batches of 8 clips) it kept ~1.4 GB more than
       the torch backend's peak for good; without it memory goes back after each batch;
+    - the memory pattern off: with it, the first run of each input width plans that width's
+      allocations (a 5 s clip after warm-up took 1.06-1.12x the next ones, docs/benchmarks.md section
+      13) and keeps the plan for good; without it every width costs the same from its first run, and
+      with the arena off the pattern saves nothing later;
     - one intra-op thread per physical core, and no inter-op parallelism (the graph is one chain)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.enable_cpu_mem_arena = arena
+    options.enable_mem_pattern = False
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL

@@ -3,7 +3,10 @@
     api.app.serve(settings): uvicorn starts at once (so /healthz answers within 2 s of process start), and
     the FastAPI lifespan calls Service.start(), whose thread loads the model, starts the engine and warms
     it up through the real path (serving/warmup.py: decode the bundled clips -> engine -> model, at the
-    batch sizes traffic uses, outputs checked) while the web UI mounts beside it, before /readyz says 200.
+    batch sizes traffic uses, outputs checked) while the web UI mounts beside it; then, accepting requests
+    but not yet ready, the server sends its own to every route over loopback (`warm_routes`, set by
+    api.app.serve: api/warmup.py), so that the first outside request costs what the next ones do; then
+    /readyz says 200.
     SIGTERM/Ctrl-C: state draining (/readyz 503, new requests 503), uvicorn finishes the requests in
     flight, the lifespan stops the engine, exit 0.
 
@@ -101,6 +104,11 @@ class Service:
         # Run on a thread of its own beside the model's load and warm-up; "ready" waits for it (the server
         # mounts the web UI here, so that readiness costs the slower of the two, not their sum).
         self.prepare_ui: Callable[[], None] | None = None
+        # Run after the engine's warm-up, before "ready", with requests accepted: the server sends its own
+        # requests over loopback to every route a user hits first (api/warmup.py), so that the first
+        # outside request costs what the next ones do. Its argument waits for the UI (prepare_ui) to be
+        # done, and says whether it is mounted.
+        self.warm_routes: Callable[[Callable[[], bool]], None] | None = None
         self._phase: tuple[Phase, str | None] = ("starting", None)  # replaced whole: readable from any thread
         self._timings: dict[str, float] = {}
         self._last_used = time.monotonic()
@@ -172,9 +180,11 @@ class Service:
             recognizer = self._load()
             engine = self._start_engine(recognizer)
             self._warm_up(engine)
+            self._answer_own_requests(engine, ui)
             if ui is not None:
                 ui.join()
         except Exception as error:
+            self.engine = None
             if engine is not None:
                 engine.stop(timeout_s=0)
             self._fail(error)
@@ -264,6 +274,22 @@ class Service:
             sum(report.calls for report in reports),
             sorted({shape for report in reports for shape in report.shapes}),
         )
+
+    def _answer_own_requests(self, engine: Engine, ui: threading.Thread | None) -> None:
+        """Accept requests (still "warming") and run `warm_routes`, which sends the server's own."""
+        self.engine = engine
+        if self.warm_routes is None or not self._set_state("warming", "answering its own requests"):
+            return
+
+        def ui_mounted() -> bool:
+            if ui is None:
+                return False
+            ui.join()
+            return self.ui_error is None
+
+        started = time.monotonic()
+        self.warm_routes(ui_mounted)
+        self._time("routes_warmup_s", time.monotonic() - started)
 
     def _become_ready(self, engine: Engine) -> None:
         self.engine = engine
@@ -376,9 +402,16 @@ class Service:
         """The 503 that fits the current phase."""
         return unavailable(self.phase, self.reason, self.timings()["since_start_s"])
 
+    @property
+    def accepting(self) -> bool:
+        """Requests are served: ready, or warmed up and answering the routes' own warm-up requests (an
+        outside request that comes then is served too, rather than kept waiting for "ready")."""
+        return self.engine is not None and self.phase in ("warming", "ready")
+
     async def wait_ready(self, timeout_s: float) -> None:
+        """Wait up to `timeout_s` until requests are accepted; else the 503 that fits the phase."""
         deadline = time.monotonic() + timeout_s
-        while not self.ready:
+        while not self.accepting:
             if self.phase in SETTLED or time.monotonic() >= deadline:
                 raise self.unavailable()
             await asyncio.sleep(READY_POLL_S)
@@ -402,13 +435,13 @@ class Service:
         return problems
 
     def require_ready(self) -> None:
-        """Raise the 503 that fits the state unless the service is ready."""
-        if not self.ready:
+        """Raise the 503 that fits the state unless requests are accepted (`accepting`)."""
+        if not self.accepting:
             raise self.unavailable()
 
     def _engine(self) -> Engine:
         engine = self.engine
-        if engine is None or not self.ready:
+        if engine is None or not self.accepting:
             raise self.unavailable()
         self._last_used = time.monotonic()
         return engine

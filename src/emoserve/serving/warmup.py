@@ -106,17 +106,17 @@ def _run_warm_up_batch(
 
 
 def _check_result(result: Result, labels: Sequence[str], where: str) -> None:
-    _check_scores(result.scores, labels, where)
+    check_scores(result.scores, labels, where)
     if result.granularity == "frame":
         if not result.frames:
             raise WarmupError(f"{where}: no frame results")
         for frame in result.frames:
-            _check_scores(frame.scores, labels, f"{where}, frame at {frame.start_s:g} s")
+            check_scores(frame.scores, labels, f"{where}, frame at {frame.start_s:g} s")
     if result.embedding is None or not np.isfinite(result.embedding).all():
         raise WarmupError(f"{where}: the embedding is missing or not finite")
 
 
-def _check_scores(scores: dict[str, float], labels: Sequence[str], where: str) -> None:
+def check_scores(scores: dict[str, float], labels: Sequence[str], where: str) -> None:
     if list(scores) != list(labels):
         raise WarmupError(f"{where}: scores are for {list(scores)}; expected one per label {list(labels)}")
     bad = [name for name, p in scores.items() if not math.isfinite(p)]

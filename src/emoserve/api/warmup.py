@@ -1,0 +1,193 @@
+"""The routes' warm-up: before "ready", the server sends its own requests over loopback to every route a
+user hits first, so that the first outside request costs what the next ones do.
+
+The engine's warm-up (serving/warmup.py) has run the model; what it leaves cold is the HTTP path: uvicorn's
+first parse of a request, the multipart parser, the decoders reading an upload's bytes, the response
+models, the NDJSON stream, and in the web UI Gradio's queue, the result card, the charts and the saved
+folder. Each request here is checked as the engine's warm-up checks its outputs (a score per label,
+summing to 1); a route that fails fails the start-up, with the route named.
+
+    POST /v1/recognize                         utterance
+    POST /v1/recognize?granularity=frame&embedding=true
+    POST /v1/timeline                          JSON, and again as NDJSON
+    GET  /v1/model
+    the UI's /recognize (Gradio API, when the UI is mounted); its saved folder is deleted afterwards
+
+Nothing is imported here until the warm-up runs (the server's import stays light). The requests carry
+`WARMUP_HEADER`, so that the metrics leave them out while the service is not ready.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from emoserve.errors import WarmupError
+
+if TYPE_CHECKING:
+    import httpx
+    from starlette.types import Scope
+
+    from emoserve.serving.service import Service
+
+log = logging.getLogger(__name__)
+
+WARMUP_HEADER = "x-emoserve-warmup"
+WARMUP_HEADER_BYTES = WARMUP_HEADER.encode()
+CLIP_S = 1.5  # the model path is warm already: a short clip is enough for the HTTP path
+REQUEST_TIMEOUT_S = 120.0
+API_ROUTES = (  # what warm_routes sends, in order, each answered 200 and checked
+    "POST /v1/recognize",
+    "POST /v1/recognize?granularity=frame&embedding=true",
+    "POST /v1/timeline",
+    "POST /v1/timeline (NDJSON)",
+    "GET /v1/model",
+)
+UI_ROUTE = "the web UI's recognise"
+SAVED_PREFIX = "saved to: "  # the UI log's line that names the recognition's saved folder (webui/clip.py)
+
+
+def loopback_url(host: str, port: int) -> str:
+    """Where this server answers itself: the loopback address of the family it listens on."""
+    if host in ("", "0.0.0.0"):
+        host = "127.0.0.1"
+    elif host == "::":
+        host = "::1"
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def warm_routes(service: Service, base_url: str, ui_mounted: Callable[[], bool]) -> None:
+    """Every route once, checked (WarmupError names the route that failed); the UI's last, once
+    `ui_mounted()` (which waits for its mount) says it is there."""
+    import httpx
+
+    from emoserve.serving.warmup import check_scores
+
+    started = time.monotonic()
+    wav = warmup_wav(service)
+    labels = [label["en"] for label in (service.model_summary or {}).get("labels", [])]
+    headers = warmup_headers(service)
+    files = {"file": ("warm-up.wav", wav, "audio/wav")}
+    with (
+        httpx.Client(base_url=base_url, headers=headers, timeout=REQUEST_TIMEOUT_S) as client,
+        _transport_errors(base_url),
+    ):
+        body = _json(client.post("/v1/recognize", files=files), "POST /v1/recognize")
+        check_scores(body["scores"], labels, "warm-up of POST /v1/recognize")
+        where = "POST /v1/recognize?granularity=frame&embedding=true"
+        body = _json(client.post("/v1/recognize?granularity=frame&embedding=true", files=files), where)
+        _check_frames(body, labels, f"warm-up of {where}")
+        body = _json(client.post("/v1/timeline", files=files), "POST /v1/timeline")
+        _check_timeline(body["segments"], labels, "warm-up of POST /v1/timeline")
+        reply = client.post("/v1/timeline", files=files, headers={"accept": "application/x-ndjson"})
+        lines = [json.loads(line) for line in _ok(reply, "POST /v1/timeline (NDJSON)").text.splitlines()]
+        if not lines or lines[-1].get("type") != "summary":
+            raise WarmupError(f"warm-up of POST /v1/timeline (NDJSON): no summary line at the end: {lines}")
+        segments = [line for line in lines if line.get("type") == "segment"]
+        _check_timeline(segments, labels, "warm-up of POST /v1/timeline (NDJSON)")
+        _json(client.get("/v1/model"), "GET /v1/model")
+    routes = list(API_ROUTES)
+    if ui_mounted():
+        _warm_ui(service, base_url, wav, headers)
+        routes.append(UI_ROUTE)
+    log.info("routes warmed up over loopback in %.2f s: %s", time.monotonic() - started, "; ".join(routes))
+
+
+def is_warmup_request(scope: Scope) -> bool:
+    return any(name == WARMUP_HEADER_BYTES for name, _ in scope.get("headers", ()))
+
+
+@contextlib.contextmanager
+def _transport_errors(base_url: str) -> Iterator[None]:
+    import httpx
+
+    try:
+        yield
+    except httpx.TransportError as error:
+        raise WarmupError(
+            f"warm-up: the server could not answer itself at {base_url}: {error or type(error).__name__} "
+            "(it sends its own requests to --host/--port before ready)"
+        ) from error
+
+
+def warmup_headers(service: Service) -> dict[str, str]:
+    headers = {WARMUP_HEADER: "1"}
+    if service.settings.api_key:
+        headers["authorization"] = f"Bearer {service.settings.api_key}"
+    return headers
+
+
+def warmup_wav(service: Service) -> bytes:
+    """The first CLIP_S of the shortest bundled clip, as a 16-bit WAV upload."""
+    import soundfile as sf
+
+    from emoserve.audio.decode import load_audio
+    from emoserve.constants import SAMPLE_RATE
+
+    clips = [load_audio(path, max_seconds=None) for path in service.examples]
+    samples = min(clips, key=lambda clip: len(clip.samples)).samples[: int(CLIP_S * SAMPLE_RATE)]
+    out = io.BytesIO()
+    sf.write(out, samples, SAMPLE_RATE, format="WAV", subtype="PCM_16")
+    return out.getvalue()
+
+
+def _ok(reply: httpx.Response, route: str) -> httpx.Response:
+    if reply.status_code != 200:
+        raise WarmupError(f"warm-up of {route}: HTTP {reply.status_code}: {reply.text[:500]}")
+    return reply
+
+
+def _json(reply: httpx.Response, route: str) -> Any:
+    return _ok(reply, route).json()
+
+
+def _check_frames(body: dict[str, Any], labels: Sequence[str], where: str) -> None:
+    from emoserve.serving.warmup import check_scores
+
+    check_scores(body["scores"], labels, where)
+    if not body.get("frames"):
+        raise WarmupError(f"{where}: no frames in the answer")
+    for frame in body["frames"]:
+        check_scores(frame["scores"], labels, f"{where}, frame at {frame['start_s']:g} s")
+    if not body.get("embedding"):
+        raise WarmupError(f"{where}: no embedding in the answer")
+
+
+def _check_timeline(segments: Sequence[dict[str, Any]], labels: Sequence[str], where: str) -> None:
+    from emoserve.serving.warmup import check_scores
+
+    for segment in segments:
+        check_scores(segment["scores"], labels, f"{where}, segment at {segment['start_s']:g} s")
+
+
+def _warm_ui(service: Service, base_url: str, wav: bytes, headers: dict[str, str]) -> None:
+    """The web UI's recognise through Gradio's own API, as a browser's click goes; then its saved folder,
+    which no user asked for, is deleted."""
+    from gradio_client import Client, handle_file
+
+    with tempfile.TemporaryDirectory(prefix="emoserve-warm-up-") as folder:
+        clip = Path(folder) / "warm-up.wav"
+        clip.write_bytes(wav)
+        client = Client(
+            f"{base_url}/", headers=headers, verbose=False, analytics_enabled=False, download_files=False
+        )
+        try:
+            *_, log_text, _files = client.predict(
+                audio=handle_file(str(clip)), granularity="utterance", embedding=False, api_name="/recognize"
+            )
+        except Exception as error:
+            raise WarmupError(f"warm-up of the web UI's recognise: {error}") from error
+        finally:
+            client.close()
+    for line in str(log_text).splitlines():
+        saved = Path(line.removeprefix(SAVED_PREFIX)) if line.startswith(SAVED_PREFIX) else None
+        if saved is not None and saved.parent == Path(service.settings.outputs_dir) and saved.is_dir():
+            shutil.rmtree(saved, ignore_errors=True)
