@@ -8,8 +8,10 @@ start counts). Four kinds, interleaved run by run with the order rotating:
                  CPU), with the Gradio web UI (which the server mounts at / during start-up). Poll GET
                  /healthz until 200, then GET /readyz until 200, then POST /v1/recognize with a 5 s clip
                  (the first request after ready), then wait until / answers 200 (the UI is up: steady
-                 state), then the same request `--steady` more times. The UI's mount time is the server's
-                 own log line.
+                 state), then the same request `--steady` more times; then each other route a user hits
+                 first (frame granularity, /v1/timeline, the UI's recognise through Gradio's API) once
+                 and `--steady` times, in an order that rotates run by run: first / steady per route.
+                 The UI's mount time is the server's own log line.
 - ours (no UI):  the same with `--no-ui`.
 - torch (no UI): the same with `--no-ui --backend torch`: the PyTorch backend, for the ratio.
 - baseline:      benchmarks/_lazy_app.py, a minimal FastAPI + uvicorn app that loads the published
@@ -27,10 +29,13 @@ from __future__ import annotations
 import json
 import re
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 from common import (
+    LOCALHOST,
+    SERVE_LOG_DIR,
     Client,
     Server,
     bench_model,
@@ -55,7 +60,10 @@ NAMES = {"ours": "ours (UI)", "ours_no_ui": "ours (--no-ui)", "torch_no_ui": "to
 EXTRA_FLAGS = {"ours": (), "ours_no_ui": ("--no-ui",), "torch_no_ui": ("--no-ui", "--backend", "torch")}
 CLIP_S = 5.0
 UI_MOUNTED = re.compile(r"web UI mounted at / in ([0-9.]+) s")  # the server's log line
-TARGETS = {"healthz_s": 2.0, "first_vs_steady": 1.2, "first_result_vs_baseline": 0.4}
+TARGETS = {"healthz_s": 2.0, "first_vs_steady": 1.1, "first_result_vs_baseline": 0.4, "ready_with_ui_s": 3.0}
+# the routes measured after the process's first request (each: its first request, then its steady ones)
+OTHER_ROUTES = {"frame": "POST /v1/recognize?granularity=frame", "timeline": "POST /v1/timeline",
+                "ui": "the web UI's recognise (Gradio API)"}
 
 
 def main() -> None:
@@ -73,12 +81,12 @@ def main() -> None:
         # rotate the order so drift hits every kind alike
         for kind in KINDS[i % len(KINDS):] + KINDS[: i % len(KINDS)]:
             path = model.published if kind == "baseline" else model.entry
-            results[kind].append(one_process(kind, path, wav, steady, f"start-{kind}-{i + 1}"))
+            results[kind].append(one_process(kind, path, wav, steady, f"start-{kind}-{i + 1}", i))
             print(f"run {i + 1}/{runs} {kind:10s} {summary(results[kind][-1])}", file=sys.stderr)
     report(results, steady)
 
 
-def one_process(kind: str, model: Path, wav: bytes, steady: int, name: str) -> dict[str, Any]:
+def one_process(kind: str, model: Path, wav: bytes, steady: int, name: str, run: int) -> dict[str, Any]:
     port = free_port()
     if kind == "baseline":
         argv = [sys.executable, str(LAZY_APP), "--model", str(model), "--port", str(port)]
@@ -101,12 +109,52 @@ def one_process(kind: str, model: Path, wav: bytes, steady: int, name: str) -> d
             out["steady_s"] = median([checked(client.recognize(wav), server).seconds for _ in range(steady)])
             if kind != "baseline":
                 out["backend"] = client.get("/v1/model").json()["backend"]
+                out |= other_routes(kind, client, wav, steady, server, run)
         finally:
             client.close()
         out["peak_rss_mb"] = server.rss_bytes("VmHWM") / 1e6
         if mounted := UI_MOUNTED.search(server.log_path.read_text(errors="replace")):
             out["server_ui_mount_s"] = float(mounted.group(1))
         return out
+
+
+def other_routes(kind: str, client: Client, wav: bytes, steady: int, server: Server,
+                 run: int) -> dict[str, float]:
+    """After the process's first request (POST /v1/recognize): each other route's first request, then its
+    steady latency (median of `steady`), the routes in an order that rotates run by run. The UI's
+    recognise goes through Gradio's API (gradio_client: the handler a browser's click runs)."""
+    calls: dict[str, Any] = {
+        "frame": lambda: checked(client.recognize(wav, "/v1/recognize?granularity=frame"), server).seconds,
+        "timeline": lambda: checked(client.recognize(wav, "/v1/timeline"), server).seconds,
+    }
+    ui = None
+    if kind == "ours":
+        from gradio_client import Client as GradioClient
+        from gradio_client import handle_file
+
+        clip = SERVE_LOG_DIR / "start-clip.wav"
+        clip.write_bytes(wav)
+        ui = GradioClient(f"http://{LOCALHOST}:{server.port}/", verbose=False, analytics_enabled=False,
+                          download_files=False)
+
+        def ui_recognise() -> float:
+            started = time.perf_counter()
+            ui.predict(audio=handle_file(str(clip)), granularity="utterance", embedding=False,
+                       api_name="/recognize")
+            return time.perf_counter() - started
+
+        calls["ui"] = ui_recognise
+    names = list(calls)
+    names = names[run % len(names):] + names[: run % len(names)]
+    out = {}
+    try:
+        for route in names:
+            out[f"first_{route}_s"] = calls[route]()
+            out[f"steady_{route}_s"] = median([calls[route]() for _ in range(steady)])
+    finally:
+        if ui is not None:
+            ui.close()
+    return out
 
 
 def checked(reply: Any, server: Server) -> Any:
@@ -126,6 +174,10 @@ def report(results: dict[str, list[dict[str, Any]]], steady: int) -> None:
     def med(kind: str, key: str) -> float:
         return median(values(kind, key))
 
+    def route_ratio(kind: str, route: str) -> float | None:
+        firsts, steadies = values(kind, f"first_{route}_s"), values(kind, f"steady_{route}_s")
+        return median(firsts) / median(steadies) if firsts else None
+
     def spread(kind: str, key: str, fmt: str = ".2f") -> str:
         v = values(kind, key)
         return f"{median(v):{fmt}} ({min(v):{fmt}}-{max(v):{fmt}})" if v else "-"
@@ -133,6 +185,9 @@ def report(results: dict[str, list[dict[str, Any]]], steady: int) -> None:
     for runs in results.values():
         for r in runs:
             r["first_vs_steady"] = r["first_s"] / r["steady_s"]
+            for route in OTHER_ROUTES:
+                if f"first_{route}_s" in r:
+                    r[f"first_vs_steady_{route}"] = r[f"first_{route}_s"] / r[f"steady_{route}_s"]
     print("Medians over fresh processes (min-max in brackets); seconds from the spawn of the server "
           "process.\n")
     rows = [
@@ -146,6 +201,8 @@ def report(results: dict[str, list[dict[str, Any]]], steady: int) -> None:
         ("start -> / answers 200 (polled after the first result)", "t_ui", ".2f"),
         (f"steady latency, median of {steady} (s)", "steady_s", ".3f"),
         ("first request / steady", "first_vs_steady", ".2f"),
+        *((f"  {OTHER_ROUTES[route]}: first / steady", f"first_vs_steady_{route}", ".2f")
+          for route in OTHER_ROUTES),
         ("peak RSS of the server (MB)", "peak_rss_mb", ".0f"),
     ]
     table(["", *(NAMES[k] for k in KINDS)], [[label, *(spread(k, key, fmt) for k in KINDS)]
@@ -161,9 +218,16 @@ def report(results: dict[str, list[dict[str, Any]]], steady: int) -> None:
             [f"{name}: start -> /healthz (s)", f"{healthz:.2f}", verdict(healthz, TARGETS["healthz_s"])],
             [f"{name}: first request after ready / steady (ratio)", f"{first_ratio:.3f}",
              verdict(first_ratio, TARGETS["first_vs_steady"])],
+            *([f"{name}: {OTHER_ROUTES[route]}, first / steady", f"{ratio:.3f}",
+               verdict(ratio, TARGETS["first_vs_steady"])]
+              for route in OTHER_ROUTES if (ratio := route_ratio(kind, route)) is not None),
             [f"{name}: start -> first result, ratio to baseline", f"{start_ratio:.3f}",
              verdict(start_ratio, TARGETS["first_result_vs_baseline"])],
         ]
+    if "ours" in results and results["ours"] and "t_ui" in results["ours"][0]:
+        ready_ui = med("ours", "t_ready")
+        figures.append([f"{NAMES['ours']}: start -> /readyz (s)", f"{ready_ui:.2f}",
+                        verdict(ready_ui, TARGETS["ready_with_ui_s"])])
     onnx_vs_torch = med("ours_no_ui", "t_first_result") / med("torch_no_ui", "t_first_result")
     figures.append(["start -> first result, onnx / torch backend (both --no-ui)", f"{onnx_vs_torch:.3f}",
                     "(no target)"])

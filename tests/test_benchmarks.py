@@ -20,7 +20,7 @@ BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
         ("latency.py", "onnx / torch"),
         ("onnx_options.py", "file-backed"),
         ("batching.py", "batch / one at a time"),
-        ("serve_start.py", "start -> first result, onnx / torch backend"),
+        ("serve_start.py", "the web UI's recognise (Gradio API), first / steady"),
         ("serve_load.py", "only 200"),
         ("serve_memory.py", "RSS after"),
         ("soak.py", "RSS growth, first to last minute"),
