@@ -767,11 +767,12 @@ print(held - rss_mib())
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator, /proc")
-def test_a_serving_process_gives_freed_batch_memory_back_to_the_system(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def test_a_process_with_a_model_gives_freed_batch_memory_back_to_the_system(
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """The soak's RSS climbed ~330 MB in its first minutes and stayed (memory.py)."""
-    from emoserve.serving import service as lifecycle
+    """The soak's RSS climbed ~330 MB in its first minutes and stayed, and `predict --segments`'s peak grew
+    with the recording (system.py)."""
+    from emoserve.inference import recognizer as recognizer_module
 
     def given_back_mib(block_kib: int, *fixes: str) -> int:
         probe = [sys.executable, "-c", FREED_MEMORY_PROBE, str(block_kib), *fixes]
@@ -784,10 +785,14 @@ def test_a_serving_process_gives_freed_batch_memory_back_to_the_system(
     # 64 KiB blocks (under any threshold): kept between the pins until trimmed
     assert given_back_mib(64, "threshold") < 50 and given_back_mib(64, "threshold", "trim") > 150
 
-    calls: list[int] = []
-    monkeypatch.setattr(lifecycle, "return_freed_memory", lambda: calls.append(1))
-    Service(dataclasses.replace(LIVE, model=str(tmp_path / "missing"))).start().join(30)
-    assert calls == [1]  # every serving process (the server, a Ray replica) starts through here
+    calls: list[str] = []
+    monkeypatch.setattr(recognizer_module, "return_freed_memory", lambda: calls.append("threshold"))
+    monkeypatch.setattr(recognizer_module, "trim", lambda: calls.append("trim"))
+    # every process that holds a model (the server, a Ray replica, the CLI) makes a Recognizer
+    recognizer = recognizer_module.load_model(str(MODEL), device="cpu")
+    assert calls == ["threshold"]
+    recognizer.predict_many([CLIP, CLIP], batch_size=1)  # the library's calls, as the engine's
+    assert calls == ["threshold", "trim", "trim"]
 
 
 def test_requests_leave_nothing_for_the_garbage_collector(live: Live) -> None:

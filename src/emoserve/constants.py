@@ -23,6 +23,14 @@ TRUE_WORDS = frozenset({"1", "true", "yes", "on"})  # flags, environment variabl
 FALSE_WORDS = frozenset({"0", "false", "no", "off"})
 
 # The batching engine's defaults (EngineConfig and the server's settings)
+# Padded batch cost bound for predict_many: 8 clips of 15 s. Attention memory grows with
+# batch x tokens^2, so long clips are batched fewer at a time.
+MAX_BATCH_SAMPLES = 8 * 15 * SAMPLE_RATE
+# A CPU model call of a recording's segments holds at most this much audio (a longer segment goes alone):
+# the peak memory of a timeline then does not depend on the recording's length (batches of 8 long segments
+# made it grow with the file, docs/benchmarks.md section 13), an interactive request waits for at most one
+# such call, and on a CPU a batch gains little (section 3). A GPU batches segments freely.
+CPU_SEGMENT_BATCH_S = 8.0
 MAX_BATCH_SIZE = 8  # clips per model call (also predict_many's and `emoserve predict`'s default)
 MAX_WAIT_MS = 10.0  # how long the first request of a batch waits for company
 MAX_BATCH_SECONDS = 120.0  # padded audio seconds per model call (bounds attention memory)
@@ -36,3 +44,8 @@ DTYPES = ("float32", "float16", "bfloat16", "int8")  # half precision on GPUs (t
 Hub = Literal["auto", "hf", "ms"]
 HUBS: tuple[Hub, ...] = ("auto", "hf", "ms")
 DEFAULT_MODEL = "emotion2vec_plus_large"
+
+
+def segment_batch_seconds(device_type: str) -> float | None:
+    """The most audio in one model call of a recording's segments on `device_type` (None: no bound)."""
+    return None if device_type == "cuda" else CPU_SEGMENT_BATCH_S

@@ -8,11 +8,13 @@ for 8 long clips of the large model - and frees them. glibc does not hand all of
 - it raises its mmap threshold to the largest block freed so far (up to 32 MiB), after which blocks
   that size come from the heap, which keeps them: under the soak a server's RSS at rest rose ~330 MB in
   its first minutes and stayed, and its peak stayed at the largest batch's. `return_freed_memory()`
-  fixes the threshold at glibc's initial 128 KiB, once per serving process (the pages handed back are
+  fixes the threshold at glibc's initial 128 KiB, when a Recognizer is made (the pages handed back are
   faulted in again by the next call: benchmarks/allocator.py read 1.08x call time in one run, within
   this machine's run-to-run noise; repeated single shapes read no difference);
 - the smaller blocks still come from the heap, and freed pages between live ones stay resident until
-  `trim()` (malloc_trim, ~0.3 ms), which the engine calls after each model call.
+  `trim()` (malloc_trim, ~0.3 ms), which Recognizer.predict_batch calls after each model call.
+Both serve the library's long runs as much as the server: `predict --segments` on 3 and 30 minutes read
+a peak RSS of 189 and 272 MB without them (docs/benchmarks.md section 13).
 Section 6 of docs/benchmarks.md has the soak with and without them.
 """
 

@@ -21,6 +21,7 @@ from emoserve.constants import (
     DEFAULT_MAX_SECONDS,
     DTYPES,
     GRANULARITIES,
+    MAX_BATCH_SAMPLES,
     MAX_BATCH_SIZE,
     SAMPLE_RATE,
     Granularity,
@@ -34,16 +35,13 @@ from emoserve.model.cache import ensure_intact, resolve
 from emoserve.model.entry import ModelInfo, read_entry
 from emoserve.model.interface import finite, pad, softmax
 from emoserve.model.labels import Label
-from emoserve.system import physical_cores
+from emoserve.system import physical_cores, return_freed_memory, trim
 
 if TYPE_CHECKING:
     from emoserve.inference.results import Timeline, TimelineSegment
 
 log = logging.getLogger(__name__)
 
-# Padded batch cost bound for predict_many: 8 clips of 15 s. Attention memory grows with
-# batch x tokens^2, so long clips are batched fewer at a time.
-MAX_BATCH_SAMPLES = 8 * 15 * SAMPLE_RATE
 # On a CPU a batch saves little beyond per-call overhead (~6% for 4 equal 5 s clips of large on
 # 2 cores, benchmarks/batching.py), while padded samples cost real work, quadratically in attention:
 # clips join a batch only while padding stays under this fraction of the real samples. With 0.25,
@@ -61,6 +59,8 @@ class Recognizer:
         self.labels: tuple[Label, ...] = tuple(label for label in info.labels if not label.masked)
         # labels named `unuse_*` get -inf logits: the same as a softmax over the others alone
         self._kept = np.array([i for i, label in enumerate(info.labels) if not label.masked])
+        # each model call allocates its activations and frees them: give them back (system.py)
+        return_freed_memory()
 
     @property
     def device(self) -> str:
@@ -141,7 +141,10 @@ class Recognizer:
         if not clips:
             return []
         waves, lengths = pad([c.samples for c in clips])
-        out = self.backend.run(waves, lengths, frames=granularity == "frame")
+        try:
+            out = self.backend.run(waves, lengths, frames=granularity == "frame")
+        finally:
+            trim()  # the call's activations are freed: their pages go back to the system (system.py)
         if bad := [clip.source for i, clip in enumerate(clips) if not finite(out, i)]:
             raise ModelOutputError(bad)
         scores = softmax(out.logits[:, self._kept])

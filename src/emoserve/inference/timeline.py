@@ -17,6 +17,7 @@ from typing import Any, Protocol
 from emoserve.audio.decode import Audio
 from emoserve.audio.segments import Progress, Recording
 from emoserve.audio.vad import Segment
+from emoserve.constants import MAX_BATCH_SAMPLES, SAMPLE_RATE, segment_batch_seconds
 from emoserve.errors import EmoserveError
 from emoserve.inference.results import Result, Timeline, TimelineSegment, scored, summarise
 from emoserve.model.entry import ModelInfo
@@ -30,7 +31,12 @@ class Scorer(Protocol):
     @property
     def random_weights(self) -> bool: ...
 
-    def predict_many(self, clips: Sequence[Audio], *, batch_size: int) -> list[Result]: ...
+    @property
+    def device_type(self) -> str: ...
+
+    def predict_many(
+        self, clips: Sequence[Audio], *, batch_size: int, max_batch_samples: int
+    ) -> list[Result]: ...
 
 
 TIMELINE_BATCH_SIZE = 8  # segments scored together by the library (predict_many groups them by length)
@@ -51,7 +57,12 @@ def score_segments(
 
 
 def _score(recognizer: Scorer, job: Recording, segments: list[Segment]) -> Iterator[TimelineSegment]:
-    results = recognizer.predict_many([job.clip(s) for s in segments], batch_size=len(segments) or 1)
+    seconds = segment_batch_seconds(recognizer.device_type)
+    results = recognizer.predict_many(
+        [job.clip(s) for s in segments],
+        batch_size=len(segments) or 1,
+        max_batch_samples=MAX_BATCH_SAMPLES if seconds is None else int(seconds * SAMPLE_RATE),
+    )
     for segment, result in zip(segments, results, strict=True):
         yield scored(segment, result)
 

@@ -34,7 +34,6 @@ from emoserve.constants import (
 from emoserve.errors import EngineStopped, QueueFull
 from emoserve.inference.recognizer import MAX_PADDING, Recognizer, length_batches
 from emoserve.inference.results import Result
-from emoserve.system import trim
 
 log = logging.getLogger(__name__)
 
@@ -352,7 +351,6 @@ class Engine:
         finally:
             with self._cond:
                 self._in_flight = 0
-            trim()  # the call's activations are freed: their pages go back to the system (system.py)
 
     def _predict(self, batch: list[_Request], started: float) -> None:
         """One model call for `batch`; if it raises, each request alone, so only the culprit fails."""

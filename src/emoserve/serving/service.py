@@ -28,12 +28,12 @@ from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from emoserve.constants import EXAMPLES_DIR
+from emoserve.constants import EXAMPLES_DIR, segment_batch_seconds
 from emoserve.errors import EmoserveError, ServiceUnavailable
 from emoserve.serving.metrics import Metrics
 from emoserve.serving.phase import SETTLED, Phase, unavailable
 from emoserve.serving.settings import Settings
-from emoserve.system import PROCESS_STARTED_AT, return_freed_memory
+from emoserve.system import PROCESS_STARTED_AT
 
 if TYPE_CHECKING:
     from emoserve.audio.decode import Audio
@@ -46,10 +46,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# A CPU model call of a long recording's segments holds at most this much audio (longer segments go
-# alone): an interactive request that arrives meanwhile waits for it, and on a CPU a batch gains little
-# (benchmarks section 3). A GPU batches them freely.
-CPU_BACKGROUND_BATCH_S = 8.0
 TIMELINE_QUEUE_WAIT_S = 120.0  # a timeline's segment waits this long for room in a full queue, then 503
 READY_POLL_S = 0.05  # how often a request waiting for ready looks again
 # At most this many segments of one recording wait in the engine (queued or running), so that one long
@@ -164,7 +160,6 @@ class Service:
         """Load, warm up and become ready in a background thread (called by the server's lifespan). Once
         only: a second call returns the same thread (a Ray Serve replica starts it before the lifespan)."""
         if self._start_thread is None:
-            return_freed_memory()
             thread = threading.Thread(target=self._start_up, name="emoserve-start-up", daemon=True)
             self._start_thread = thread
             thread.start()
@@ -232,7 +227,7 @@ class Service:
             max_wait_ms=s.max_wait_ms,
             max_batch_seconds=s.max_batch_seconds,
             max_queue=s.max_queue,
-            max_background_batch_seconds=None if recognizer.device_type == "cuda" else CPU_BACKGROUND_BATCH_S,
+            max_background_batch_seconds=segment_batch_seconds(recognizer.device_type),
         )
         engine = Engine(recognizer, config, observer=self.metrics)
         engine.start()
