@@ -26,6 +26,7 @@ _EXPORTS = {
     "TimelineSegment": "inference.results",
     "Span": "audio.segments",
     "VadSettings": "audio.vad",
+    "Head": "model.head",
 }
 __all__ = [  # noqa: RUF022 - grouped by module
     "__version__",
@@ -43,6 +44,7 @@ __all__ = [  # noqa: RUF022 - grouped by module
     "TimelineSegment",
     "Span",
     "VadSettings",
+    "Head",
 ]
 
 if TYPE_CHECKING:
@@ -52,6 +54,7 @@ if TYPE_CHECKING:
     from emoserve.errors import AudioError, ModelOutputError, WeightsError
     from emoserve.inference.recognizer import Recognizer, load_model
     from emoserve.inference.results import FrameResult, Result, Timeline, TimelineSegment
+    from emoserve.model.head import Head
     from emoserve.model.testing import make_test_model
 
 

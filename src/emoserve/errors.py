@@ -53,6 +53,7 @@ CODES: dict[str, Code] = {
     "export_failed": Code(500, "the ONNX export of a model failed"),
     "warmup_failed": Code(500, "the warm-up's outputs cannot be right"),
     "invalid_model_output": Code(500, "the model gave NaN/inf: damaged files, or the dtype overflowed"),
+    "invalid_head": Code(500, "a head directory that is damaged, or made for another model"),
     # settings and the rest
     "invalid_setting": Code(400, "a setting with a bad value; the message names the flag or variable"),
     "internal_error": Code(500, "a bug: the log has the traceback"),
@@ -153,6 +154,13 @@ class WeightsError(EmoserveError, RuntimeError):
     """A model that cannot be found, downloaded, converted or loaded; the message says what to do."""
 
     code = "model_unavailable"
+
+
+class HeadError(EmoserveError, ValueError):
+    """A head directory (`emoserve train-head`) that cannot be loaded or does not fit the model; the message
+    names the directory and what to do."""
+
+    code = "invalid_head"
 
 
 class ApiError(EmoserveError):

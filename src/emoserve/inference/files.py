@@ -17,6 +17,7 @@ from emoserve.errors import AudioError, ModelOutputError
 from emoserve.files import atomic_write
 from emoserve.inference.recognizer import Recognizer
 from emoserve.inference.results import Result
+from emoserve.model.head import Head
 
 # what a folder walk picks up; a file named explicitly is always tried
 _EXTENSIONS = "wav flac ogg oga mp3 m4a aac opus webm mp4 mkv mov wma aif aiff aifc au caf amr 3gp"
@@ -60,9 +61,13 @@ def score_files(
     granularity: Granularity = "utterance",
     embeddings_dir: Path | None = None,
     batch_size: int = MAX_BATCH_SIZE,
+    head: Head | None = None,
 ) -> Iterator[Outcome]:
-    """Outcomes in input order; a file that fails yields its error and the rest go on."""
+    """Outcomes in input order; a file that fails yields its error and the rest go on. A `head`: each
+    result carries its labels too."""
     names = EmbeddingNames(embeddings_dir) if embeddings_dir else None
+    if head is not None:
+        recognizer = recognizer.with_head(head)
     outcomes = score_outcomes(
         recognizer, files, granularity=granularity, embedding=names is not None, batch_size=batch_size
     )

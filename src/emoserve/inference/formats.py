@@ -11,7 +11,7 @@ from typing import IO, TYPE_CHECKING, Any, Literal
 
 from emoserve.constants import Granularity
 from emoserve.errors import EmoserveError
-from emoserve.inference.results import Timeline, TimelineSegment
+from emoserve.inference.results import HeadResult, Timeline, TimelineSegment
 
 if TYPE_CHECKING:
     from emoserve.inference.files import Outcome
@@ -38,18 +38,49 @@ def score_column(label: str) -> str:
     return f"score_{label}"
 
 
+def head_columns(head_labels: Sequence[str] | None) -> list[str]:
+    """The CSV columns of a head's result: its name, label, confidence and a score per label."""
+    if head_labels is None:
+        return []
+    return ["head", "head_label", "head_confidence", *(f"head_score_{label}" for label in head_labels)]
+
+
+def head_values(head: HeadResult | None) -> dict[str, object]:
+    if head is None:
+        return {}
+    row: dict[str, object] = {"head": head.name, "head_label": head.label}
+    row["head_confidence"] = round(head.confidence, 6)
+    row.update({f"head_score_{label}": round(p, 6) for label, p in head.scores.items()})
+    return row
+
+
+def head_text(head: HeadResult | None) -> str:
+    if head is None:
+        return ""
+    emoji = f"{head.emoji} " if head.emoji else ""
+    return f"  {head.name}: {emoji}{head.label} {head.confidence:.3f}"
+
+
 RANDOM_WARNING = "WARNING: this model has RANDOM weights (a test model): its predictions are meaningless."
 
 
 class OutcomeWriter:
     """Streams outcomes as jsonl (one object per input), csv (one row, a column per score) or a table."""
 
-    def __init__(self, out: IO[str], fmt: Format, labels: Sequence[str], granularity: Granularity) -> None:
+    def __init__(
+        self,
+        out: IO[str],
+        fmt: Format,
+        labels: Sequence[str],
+        granularity: Granularity,
+        head_labels: Sequence[str] | None = None,
+    ) -> None:
         self.out, self.fmt = out, fmt
         self.score_fields = [score_column(label) for label in labels]
         if fmt == "csv":
             extra = ["frames"] if granularity == "frame" else []
-            self.csv = csv.DictWriter(out, fieldnames=CLIP_CSV_FIELDS + self.score_fields + extra)
+            fields = CLIP_CSV_FIELDS + self.score_fields + head_columns(head_labels) + extra
+            self.csv = csv.DictWriter(out, fieldnames=fields)
             self.csv.writeheader()
 
     def write(self, outcome: Outcome) -> None:
@@ -68,6 +99,7 @@ def clip_csv_row(outcome: Outcome) -> dict[str, object]:
         row.update({score_column(k): round(v, 6) for k, v in outcome.result.scores.items()})
         if outcome.result.frames is not None:  # the per-frame emotions, in order
             row["frames"] = " ".join(f.emotion for f in outcome.result.frames)
+        row.update(head_values(outcome.result.head))
     return row
 
 
@@ -79,7 +111,7 @@ def clip_table_line(outcome: Outcome) -> str:
     others = ", ".join(f"{k} {v:.2f}" for k, v in runners_up)
     head = f"{r.emoji} {r.emotion} ({r.label_zh}) {r.confidence:.3f}"
     random = "  (RANDOM WEIGHTS)" if r.random_weights else ""
-    return f"{outcome.file}  {head}  {r.duration_s:.2f} s  [{others}]{random}"
+    return f"{outcome.file}  {head}  {r.duration_s:.2f} s  [{others}]{head_text(r.head)}{random}"
 
 
 # ------------------------------------------------------------------------------ a recording's lines
@@ -98,6 +130,7 @@ def segment_csv_row(file: str, segment: TimelineSegment) -> dict[str, Any]:
     row = {key: value for key, value in segment.to_dict().items() if key in SEGMENT_CSV_FIELDS}
     row["file"] = file
     row.update({score_column(label): round(p, 6) for label, p in segment.scores.items()})
+    row.update(head_values(segment.head))
     return row
 
 
@@ -106,7 +139,8 @@ def segment_table_line(file: str, segment: TimelineSegment, random_weights: bool
     split = "  (split)" if segment.split else ""
     random = "  (RANDOM WEIGHTS)" if random_weights else ""
     head = f"{segment.emoji} {segment.emotion} ({segment.label_zh}) {segment.confidence:.3f}"
-    return f"{file}  {segment.start_s:8.2f}-{segment.end_s:8.2f} s{speaker}  {head}{split}{random}"
+    own = head_text(segment.head)
+    return f"{file}  {segment.start_s:8.2f}-{segment.end_s:8.2f} s{speaker}  {head}{own}{split}{random}"
 
 
 def summary_line(timeline: Timeline) -> str:
@@ -146,10 +180,12 @@ class TimelineWriter:
     """`predict --segments` output: jsonl (a `segment` line per segment with its file, then a `summary`
     line per file; an `error` line for a file that failed), csv (a row per segment) or a table."""
 
-    def __init__(self, out: IO[str], fmt: str, labels: Sequence[str]) -> None:
+    def __init__(
+        self, out: IO[str], fmt: str, labels: Sequence[str], head_labels: Sequence[str] | None = None
+    ) -> None:
         self.out, self.fmt = out, fmt
         if fmt == "csv":
-            fields = [*segment_csv_fields(labels), "random_weights", "error"]
+            fields = [*segment_csv_fields(labels), *head_columns(head_labels), "random_weights", "error"]
             self.csv = csv.DictWriter(out, fieldnames=fields)
             self.csv.writeheader()
 

@@ -7,6 +7,7 @@ embeddings) is done here once for both.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections.abc import Iterator, Sequence
@@ -29,6 +30,7 @@ from emoserve.constants import (
 )
 from emoserve.errors import ModelOutputError
 from emoserve.inference.backend import Backend, choose_backend, onnx_graph
+from emoserve.inference.heads import head_result
 from emoserve.inference.options import ModelOptions
 from emoserve.inference.results import FrameResult, Result
 from emoserve.model.cache import ensure_intact, resolve
@@ -39,6 +41,7 @@ from emoserve.system import physical_cores, return_freed_memory, trim
 
 if TYPE_CHECKING:
     from emoserve.inference.results import Timeline, TimelineSegment
+    from emoserve.model.head import Head
 
 log = logging.getLogger(__name__)
 
@@ -90,8 +93,10 @@ class Recognizer:
         embedding: bool = False,
         *,
         sample_rate: int | None = None,
+        head: Head | None = None,
     ) -> Result:
-        return self.predict_batch([self.load(audio, sample_rate)], granularity, embedding)[0]
+        """`head` (`Head.load(DIR)`, from `emoserve train-head`): its labels on the clip as `result.head`."""
+        return self.predict_batch([self.load(audio, sample_rate)], granularity, embedding, head=head)[0]
 
     def predict_many(
         self,
@@ -102,6 +107,7 @@ class Recognizer:
         batch_size: int = MAX_BATCH_SIZE,
         max_batch_samples: int = MAX_BATCH_SAMPLES,
         max_padding: float | None = MAX_PADDING,
+        head: Head | None = None,
     ) -> list[Result]:
         """Results in input order; clips are batched by similar length to limit padding."""
         clips = [self.load(a) for a in audios]
@@ -109,35 +115,50 @@ class Recognizer:
         lengths = [len(c.samples) for c in clips]
         for batch in length_batches(lengths, batch_size, max_batch_samples, max_padding):
             for i, result in zip(
-                batch, self.predict_batch([clips[i] for i in batch], granularity, embedding), strict=True
+                batch,
+                self.predict_batch([clips[i] for i in batch], granularity, embedding, head=head),
+                strict=True,
             ):
                 results[i] = result
         return [r for r in results if r is not None]
 
-    def timeline(self, source: Any, **options: Any) -> Timeline:
+    def timeline(self, source: Any, *, head: Head | None = None, **options: Any) -> Timeline:
         """The emotion timeline of a recording of any length: its speech segments (silero-vad, or the
         caller's `spans`), each scored as `predict()` scores that slice, and a time-weighted summary.
         Options are `Recording`'s: channels ("mix" | "separate"), vad (VadSettings), spans,
-        max_seconds (None: no limit), name, progress (called with audio seconds done, total)."""
+        max_seconds (None: no limit), name, progress (called with audio seconds done, total). A `head`
+        scores each segment with your labels too."""
         from emoserve.audio.segments import Recording
         from emoserve.inference.timeline import build_timeline, score_segments
 
         job = Recording(source, **options)
-        return build_timeline(job, score_segments(self, job), self.info.name, self.random_weights)
+        scorer = self.with_head(head) if head else self
+        return build_timeline(job, score_segments(scorer, job), self.info.name, self.random_weights)
 
-    def iter_timeline(self, source: Any, **options: Any) -> Iterator[TimelineSegment]:
+    def iter_timeline(
+        self, source: Any, *, head: Head | None = None, **options: Any
+    ) -> Iterator[TimelineSegment]:
         """`timeline()`'s segments, each yielded as soon as it is scored."""
         from emoserve.audio.segments import Recording
         from emoserve.inference.timeline import score_segments
 
-        yield from score_segments(self, Recording(source, **options))
+        yield from score_segments(self.with_head(head) if head else self, Recording(source, **options))
+
+    def with_head(self, head: Head) -> Recognizer:
+        """This recognizer, its results carrying `head`'s (for the code that scores through predict_many:
+        timelines)."""
+        head.check_model(self.info)
+        return WithHead(self, head)
 
     def predict_batch(
-        self, clips: Sequence[Audio], granularity: Granularity, embedding: bool
+        self, clips: Sequence[Audio], granularity: Granularity, embedding: bool, *, head: Head | None = None
     ) -> list[Result]:
-        """One padded forward pass over `clips`; each result equals the clip's one-at-a-time result."""
+        """One padded forward pass over `clips`; each result equals the clip's one-at-a-time result. A
+        `head` runs on each clip's utterance embedding (`result.head`)."""
         if granularity not in GRANULARITIES:
             raise ValueError(f"granularity is {granularity!r}; choose 'utterance' or 'frame'")
+        if head is not None:
+            head.check_model(self.info)
         if not clips:
             return []
         waves, lengths = pad([c.samples for c in clips])
@@ -155,15 +176,16 @@ class Recognizer:
             emb = None
             if embedding:
                 emb = out.frames[i, :n] if out.frames is not None else out.pooled[i]
-            results.append(
-                self._result(
-                    clip,
-                    granularity,
-                    scores[i],
-                    frame_scores[i, :n] if frame_scores is not None else None,
-                    emb,
-                )
+            result = self._result(
+                clip,
+                granularity,
+                scores[i],
+                frame_scores[i, :n] if frame_scores is not None else None,
+                emb,
             )
+            if head is not None:
+                result = dataclasses.replace(result, head=head_result(head, out.pooled[i]))
+            results.append(result)
         return results
 
     def _result(
@@ -208,6 +230,19 @@ class Recognizer:
                 )
             )
         return out
+
+
+class WithHead(Recognizer):
+    """A recognizer whose every result carries one head's (`Recognizer.with_head`)."""
+
+    def __init__(self, recognizer: Recognizer, head: Head) -> None:
+        self.__dict__.update(recognizer.__dict__)
+        self.head = head
+
+    def predict_batch(
+        self, clips: Sequence[Audio], granularity: Granularity, embedding: bool, *, head: Head | None = None
+    ) -> list[Result]:
+        return super().predict_batch(clips, granularity, embedding, head=head or self.head)
 
 
 def length_batches(

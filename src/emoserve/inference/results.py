@@ -26,6 +26,18 @@ class FrameResult:
 
 
 @dataclass(frozen=True)
+class HeadResult:
+    """A head of your own labels (`emoserve train-head`) on the utterance embedding, beside the nine."""
+
+    name: str  # the head's name (its directory's, or the NAME of --head NAME=DIR)
+    label: str
+    confidence: float
+    scores: dict[str, float]  # the head's label -> probability, in its label order
+    label_zh: str | None = None
+    emoji: str | None = None
+
+
+@dataclass(frozen=True)
 class Result:
     emotion: str  # English key, e.g. "happy"
     label_zh: str
@@ -39,6 +51,7 @@ class Result:
     frames: list[FrameResult] | None = None  # granularity "frame": one per 20 ms frame
     # utterance (dim,) or frame (frames, dim): upstream's `feats`
     embedding: np.ndarray | None = field(default=None, repr=False, compare=False)
+    head: HeadResult | None = None  # asked for with a head: its labels on this clip
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready fields (the embedding is left out: it is written as .npy by callers)."""
@@ -73,9 +86,28 @@ def _summary(segments: Sequence[TimelineSegment]) -> dict[str, Any]:
     seconds = {label: 0.0 for label in labels}
     for s in segments:
         seconds[s.emotion] += s.duration_s
-    return {
+    out: dict[str, Any] = {
         "speech_s": round(speech, 6),
         "segments": len(segments),
+        "distribution": {label: round(float(p), 6) for label, p in zip(labels, distribution, strict=True)},
+        "seconds": {label: round(v, 6) for label, v in seconds.items()},
+        "dominant": max(seconds, key=lambda label: seconds[label]),
+    }
+    if all(s.head is not None for s in segments):
+        out["head"] = _head_summary(segments, weights, speech)
+    return out
+
+
+def _head_summary(segments: Sequence[TimelineSegment], weights: np.ndarray, speech: float) -> dict[str, Any]:
+    """The same figures for the head's labels: time-weighted distribution, seconds on top, dominant."""
+    heads = [s.head for s in segments if s.head is not None]
+    labels = list(heads[0].scores)
+    distribution = weights @ [[h.scores[label] for label in labels] for h in heads] / speech
+    seconds = {label: 0.0 for label in labels}
+    for s, h in zip(segments, heads, strict=True):
+        seconds[h.label] += s.duration_s
+    return {
+        "name": heads[0].name,
         "distribution": {label: round(float(p), 6) for label, p in zip(labels, distribution, strict=True)},
         "seconds": {label: round(v, 6) for label, v in seconds.items()},
         "dominant": max(seconds, key=lambda label: seconds[label]),
@@ -93,6 +125,7 @@ def scored(segment: Segment, result: Result) -> TimelineSegment:
         confidence=result.confidence,
         scores=result.scores,
         split=segment.split,
+        head=result.head,
     )
 
 
@@ -107,6 +140,7 @@ class TimelineSegment:
     confidence: float
     scores: dict[str, float]
     split: bool  # a piece of speech longer than max_segment_s
+    head: HeadResult | None = None  # asked for with a head: its labels on this segment
 
     @property
     def duration_s(self) -> float:
