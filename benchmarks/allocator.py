@@ -8,7 +8,7 @@ Each side runs in a fresh process on the onnx backend (arena off, as served), si
    after the first call and after the last one, and the peak (VmHWM).
 2. Distinct shapes: single clips of distinct lengths (1-2 s, to the sample) straight into the ONNX
    Runtime session, and through the backend, which pads a batch to one of 32 widths per octave
-   (`onnx_backend.bucket_width`). Reported: RSS growth per 100 distinct lengths, at rest (with
+   (`model.interface.bucket_width`). Reported: RSS growth per 100 distinct lengths, at rest (with
    memory.py's settings on both sides, so that only the session's own state remains).
 """
 
@@ -76,8 +76,9 @@ def child(job: dict[str, Any]) -> None:
     import numpy as np
 
     from emoserve import system as memory
-    from emoserve.inference.onnx_backend import OnnxBackend, bucket_width
+    from emoserve.inference.onnx_backend import OnnxBackend
     from emoserve.model.entry import read_entry
+    from emoserve.model.interface import bucket_width
 
     served = job["side"] != "glibc as it comes"
     if served:

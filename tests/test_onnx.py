@@ -216,7 +216,7 @@ def test_arbitrary_lengths_reach_onnx_runtime_as_a_bounded_set_of_widths(
     """ONNX Runtime keeps a memory plan per input shape for the session's life (~10 KB each): a batch
     is padded to one of 32 widths per octave, so traffic of any lengths makes few shapes; the results
     are those of the unpadded clips."""
-    from emoserve.inference.onnx_backend import bucket_width
+    from emoserve.model.interface import bucket_width
 
     for n in (1, 319, 320, 321, 10_240, 16_001, 47_999, 959_999):
         assert n <= bucket_width(n) < max(n * 33 / 32, n + 320)

@@ -12,19 +12,14 @@ from pathlib import Path
 
 import numpy as np
 
-from emoserve.model.interface import OUTPUTS, UTTERANCE_OUTPUTS, Outputs, open_session, session_options
-
-# ONNX Runtime keeps a memory plan for each input shape it has run, for the session's life (~10 KB
-# each, docs/benchmarks.md section 6): traffic of arbitrary lengths would grow that without bound. So a
-# batch is padded up to one of 32 widths per octave (at most 1/32 more samples, 1.6% on average).
-WIDTHS_PER_OCTAVE_LOG2 = 5
-MIN_WIDTH_STEP = 320  # one 20 ms frame at 16 kHz
-
-
-def bucket_width(samples: int) -> int:
-    """The padded width of a batch whose longest clip has `samples`: >= samples, < samples * 33/32."""
-    step = max(MIN_WIDTH_STEP, 1 << max(0, samples.bit_length() - 1 - WIDTHS_PER_OCTAVE_LOG2))
-    return -(-samples // step) * step
+from emoserve.model.interface import (
+    OUTPUTS,
+    UTTERANCE_OUTPUTS,
+    Outputs,
+    open_session,
+    pad_to_bucket,
+    session_options,
+)
 
 
 class OnnxBackend:
@@ -40,8 +35,8 @@ class OnnxBackend:
 
     def run(self, waves: np.ndarray, lengths: np.ndarray, frames: bool) -> Outputs:
         names = OUTPUTS if frames else UTTERANCE_OUTPUTS
-        if (width := bucket_width(waves.shape[1])) > waves.shape[1]:  # `lengths` keep the real ones
-            waves = np.pad(waves, ((0, 0), (0, width - waves.shape[1])))
+        # ONNX Runtime keeps state per input shape (~10 KB each, docs/benchmarks.md section 6)
+        waves = pad_to_bucket(waves)
         got = dict(
             zip(names, self.session.run(list(names), {"waves": waves, "lengths": lengths}), strict=True)
         )

@@ -5,13 +5,14 @@ Runs on CPUs and GPUs (float16/bfloat16 on GPUs only); on a CPU the onnx backend
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from emoserve.model.convert import load_entry
-from emoserve.model.interface import Outputs
+from emoserve.model.interface import Outputs, pad_to_bucket
 from emoserve.model.network import Emotion2vec
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -29,6 +30,8 @@ class TorchBackend:
         torch_dtype = pick_dtype(dtype, chosen)
         if chosen.type == "cpu":
             torch.set_num_threads(threads)
+        else:
+            use_expandable_segments()
         model, _ = load_entry(entry, chosen, torch_dtype)
         return cls(model)
 
@@ -42,6 +45,8 @@ class TorchBackend:
 
     def run(self, waves: np.ndarray, lengths: np.ndarray, frames: bool) -> Outputs:
         device = self.model.proj.weight.device
+        if device.type == "cuda":
+            waves = pad_to_bucket(waves)  # the caching allocator's blocks: a few sizes, not one per length
         with torch.inference_mode():
             logits, pooled, frame_logits, frame_embeddings, frame_lengths = self.model.outputs(
                 torch.from_numpy(waves).to(device), torch.from_numpy(lengths).to(device)
@@ -53,6 +58,15 @@ class TorchBackend:
                 frame_embeddings.cpu().numpy() if frames else None,
                 frame_lengths.cpu().numpy(),
             )
+
+
+def use_expandable_segments() -> None:
+    """The CUDA caching allocator with expandable segments (unless PYTORCH_CUDA_ALLOC_CONF says
+    otherwise): batches of many different sizes grow one segment instead of leaving reserved blocks that
+    fit no later request. Effective only before the process's first CUDA allocation."""
+    if "PYTORCH_CUDA_ALLOC_CONF" in os.environ or torch.cuda.is_initialized():
+        return
+    os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
 
 
 def pick_device(device: str) -> torch.device:

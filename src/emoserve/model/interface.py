@@ -51,6 +51,26 @@ def pad(samples: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     return waves, lengths
 
 
+# A runtime that keeps state per input shape (ONNX Runtime's kernels and plans; torch's CUDA caching
+# allocator, whose blocks of a thousand different sizes fragment its pool) would grow with traffic of
+# arbitrary lengths. So a batch is padded up to one of 32 widths per octave (at most 1/32 more samples,
+# 1.6% on average); padding is masked, so the results are those of the unpadded batch.
+WIDTHS_PER_OCTAVE_LOG2 = 5
+MIN_WIDTH_STEP = 320  # one 20 ms frame at 16 kHz
+
+
+def bucket_width(samples: int) -> int:
+    """The padded width of a batch whose longest clip has `samples`: >= samples, < samples * 33/32."""
+    step = max(MIN_WIDTH_STEP, 1 << max(0, samples.bit_length() - 1 - WIDTHS_PER_OCTAVE_LOG2))
+    return -(-samples // step) * step
+
+
+def pad_to_bucket(waves: np.ndarray) -> np.ndarray:
+    """`waves` (batch, samples) zero-padded to `bucket_width` (the lengths keep the real ones)."""
+    width = bucket_width(waves.shape[1])
+    return np.pad(waves, ((0, 0), (0, width - waves.shape[1]))) if width > waves.shape[1] else waves
+
+
 def session_options(
     threads: int, *, optimise: bool = False, prepack: bool = False, arena: bool = False
 ) -> Any:

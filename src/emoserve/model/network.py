@@ -202,9 +202,10 @@ class Emotion2vec(nn.Module):
     # -- heads -------------------------------------------------------------------------------------
 
     def pool(self, features: Features) -> Tensor:
-        """Mean over each item's real frames: the utterance embedding (batch, dim)."""
-        total = features.frames.sum(dim=1)
-        return total / features.lengths[:, None].to(total.dtype)
+        """Mean over each item's real frames: the utterance embedding (batch, dim), summed in float32 (a
+        float16 sum over a minute's 3000 frames overflows at 65504)."""
+        total = features.frames.float().sum(dim=1)
+        return (total / features.lengths[:, None].to(total.dtype)).to(features.frames.dtype)
 
     def outputs(self, waves: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """Everything a result needs, in float32: what the torch backend runs and the ONNX graph holds, in
