@@ -299,6 +299,8 @@ def add_setting_flags(p: argparse.ArgumentParser) -> None:
             p.add_argument(
                 s.flag, dest=s.name, action=argparse.BooleanOptionalAction, default=None, help=help_text
             )
+        elif s.repeatable:
+            p.add_argument(s.flag, dest=s.name, action="append", metavar=s.metavar, help=help_text)
         else:
             p.add_argument(s.flag, dest=s.name, default=None, metavar=s.metavar, help=help_text)
 

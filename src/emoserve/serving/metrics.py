@@ -81,6 +81,12 @@ class Metrics:
             ["kind"],
             registry=r,
         )
+        self.head_results_total = Counter(
+            "emoserve_head_results",
+            "Results of a served head of your own labels (clips and timeline segments), by head and label",
+            ["head", "label"],
+            registry=r,
+        )
         # Long recordings (/v1/timeline and the UI's tab)
         self.timeline_duration_seconds = Histogram(
             "emoserve_timeline_duration_seconds",

@@ -42,6 +42,7 @@ if TYPE_CHECKING:
     from emoserve.constants import Granularity
     from emoserve.inference.recognizer import Recognizer
     from emoserve.inference.results import Result, TimelineSegment
+    from emoserve.model.head import Head
     from emoserve.serving.engine import Engine, RequestTiming
 
 log = logging.getLogger(__name__)
@@ -90,6 +91,7 @@ class Service:
         # parameters, max_audio_s), set once the model is loaded
         self.model_summary: dict[str, Any] | None = None
         self.random_weights: bool | None = None  # the predictions are meaningless: warn; None until loaded
+        self.heads: dict[str, Head] = {}  # --head NAME=DIR, loaded with the model (serving/heads.py)
         # the longest clip and recording accepted: the settings, or the defaults for the device
         self.max_audio_s = settings.effective_max_audio_s("cpu")  # until the device is known
         self.max_timeline_s = settings.effective_max_timeline_s("cpu")
@@ -207,6 +209,10 @@ class Service:
         self.random_weights = recognizer.random_weights
         self._model_path = recognizer.info.path
         self.model_summary = model_summary(recognizer, self.max_audio_s)
+        from emoserve.serving.heads import served_heads
+
+        self.heads = served_heads(s, recognizer)
+        self.model_summary["heads"] = [head.summary() for head in self.heads.values()]
         log.info(
             "model loaded in %.2f s: %s on the %s backend, %s (%s)%s",
             seconds,
@@ -442,9 +448,19 @@ class Service:
         return engine
 
     async def recognize(
-        self, audio: Audio, granularity: Granularity = "utterance", embedding: bool = False
+        self,
+        audio: Audio,
+        granularity: Granularity = "utterance",
+        embedding: bool = False,
+        head: str | None = None,
     ) -> tuple[Result, RequestTiming]:
-        return await self._engine().submit_timed(audio, granularity, embedding)
+        """`head`: a served head's name (422 if unknown); its result comes as `result.head`."""
+        from emoserve.serving.heads import apply_head, pick_head
+
+        if (chosen := pick_head(self.heads, head)) is None:
+            return await self._engine().submit_timed(audio, granularity, embedding)
+        result, timing = await self._engine().submit_timed(audio, granularity, True)
+        return apply_head(result, chosen, embedding, self.metrics), timing
 
     def open_timeline(self, source: Any, *, name: str | None = None, **options: Any) -> Recording:
         """Open a recording for `timeline` (blocking: run it in a thread), within max_timeline_s."""
@@ -453,14 +469,23 @@ class Service:
         limit_s, setting = self.max_timeline_s, TIMELINE_LIMIT_SETTING
         return Recording(source, name=name, max_seconds=limit_s, limit_setting=setting, **options)
 
-    async def timeline(self, job: Recording) -> AsyncIterator[TimelineSegment]:
-        """The job's scored segments in the order they were found (see the class docstring)."""
-        engine = self._engine()
+    async def timeline(self, job: Recording, head: str | None = None) -> AsyncIterator[TimelineSegment]:
+        """The job's scored segments in the order they were found (see the class docstring); with a served
+        `head`'s result each."""
+        from emoserve.serving.heads import apply_head, pick_head
+
+        engine, chosen = self._engine(), pick_head(self.heads, head)
+
+        async def score(audio: Audio) -> Result:
+            if chosen is None:
+                return await _submit_segment(engine, audio)
+            return apply_head(await _submit_segment(engine, audio, True), chosen, False, self.metrics)
+
         started, scored_n = time.perf_counter(), 0
         self.metrics.timelines_in_progress.inc()
         try:
             async with contextlib.aclosing(
-                scored_in_order(job, lambda audio: _submit_segment(engine, audio))
+                scored_in_order(job, score)
             ) as segments:
                 async for segment in segments:
                     self._last_used = time.monotonic()
@@ -497,7 +522,7 @@ async def scored_in_order(
         await asyncio.gather(*(task for _, task in sent), return_exceptions=True)
 
 
-async def _submit_segment(engine: Engine, audio: Audio) -> Result:
+async def _submit_segment(engine: Engine, audio: Audio, embedding: bool = False) -> Result:
     """One segment as a background request; a full queue (other users' traffic) is waited out for up to
     TIMELINE_QUEUE_WAIT_S rather than failing a long recording part-way."""
     from emoserve.errors import QueueFull
@@ -505,7 +530,7 @@ async def _submit_segment(engine: Engine, audio: Audio) -> Result:
     deadline = time.monotonic() + TIMELINE_QUEUE_WAIT_S
     while True:
         try:
-            return await engine.submit(audio, background=True)
+            return await engine.submit(audio, embedding=embedding, background=True)
         except QueueFull as error:
             if time.monotonic() >= deadline:
                 raise

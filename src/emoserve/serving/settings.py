@@ -102,6 +102,27 @@ def _integers(raw: str) -> tuple[int, ...]:
     return tuple(_integer(p) for p in parts)
 
 
+def _head_specs(raw: str) -> tuple[tuple[str, str], ...]:
+    """`NAME=DIR[,NAME=DIR...]` (a bare DIR is named after its folder) -> ((name, dir), ...); each DIR must
+    hold a head (head.json), each name once."""
+    specs: dict[str, str] = {}
+    for part in (p.strip() for p in raw.split(",")):
+        if not part:
+            continue
+        name, sep, folder = part.partition("=")
+        if not sep:
+            name, folder = Path(part).name, part
+        name, folder = name.strip(), folder.strip()
+        if not name or not folder:
+            raise ValueError(f"{part!r} is not NAME=DIR (a head directory from `emoserve train-head`)")
+        if name in specs:
+            raise ValueError(f"the head name {name!r} is given twice")
+        if not (Path(folder) / "head.json").is_file():
+            raise ValueError(f"{folder} is not a head directory (no head.json; see `emoserve train-head`)")
+        specs[name] = folder
+    return tuple(specs.items())
+
+
 def _choice(*choices: str) -> Callable[[str], str]:
     def parse_choice(raw: str) -> str:
         if raw.strip().lower() not in choices:
@@ -140,8 +161,11 @@ def _setting(
     *,
     check: Callable[[Any], str | None] | None = None,
     metavar: str | None = None,
+    flag: str | None = None,
 ) -> Any:
-    return field(default=default, metadata={"parse": parse, "help": help, "check": check, "metavar": metavar})
+    """`flag`: the command-line flag when it is not the field's name (a repeatable one: --head)."""
+    metadata = {"parse": parse, "help": help, "check": check, "metavar": metavar, "flag": flag}
+    return field(default=default, metadata=metadata)
 
 
 @dataclass(frozen=True)
@@ -168,6 +192,14 @@ class Settings:
     )
     threads: int | None = _setting(
         None, _optional(_integer, "auto"), "CPU threads (default: physical cores)", check=_at_least(1)
+    )
+    heads: tuple[tuple[str, str], ...] = _setting(
+        (),
+        _head_specs,
+        "serve a head of your own labels beside the nine emotions (`emoserve train-head`): NAME=DIR, "
+        "repeatable; the variable takes NAME=DIR,NAME=DIR. Asked for with ?head=NAME",
+        metavar="NAME=DIR",
+        flag="--head",
     )
     # Listening
     host: str = _setting("127.0.0.1", _text, "interface to listen on; 0.0.0.0 for all (only when asked)")
@@ -303,18 +335,20 @@ class SettingInfo:
     is_bool: bool
     help: str
     metavar: str | None
+    repeatable: bool = False  # the flag may be given more than once (its values are joined with commas)
 
 
 def setting_infos() -> Iterator[SettingInfo]:
     for f in dataclasses.fields(Settings):
         yield SettingInfo(
             name=f.name,
-            flag="--" + f.name.replace("_", "-"),
+            flag=f.metadata["flag"] or "--" + f.name.replace("_", "-"),
             env=ENV_PREFIX + f.name.upper(),
             default=f.default,
             is_bool=f.metadata["parse"] is _boolean,
             help=f.metadata["help"],
             metavar=f.metadata["metavar"],
+            repeatable=f.metadata["flag"] is not None,
         )
 
 
@@ -336,6 +370,8 @@ def load_settings(
 
 
 def _read(f: dataclasses.Field[Any], key: str, raw: object) -> Any:
+    if isinstance(raw, list | tuple) and all(isinstance(item, str) for item in raw):
+        raw = ",".join(raw)  # a repeatable flag's values
     try:
         value = raw if isinstance(raw, bool) or not isinstance(raw, str) else f.metadata["parse"](raw)
     except ValueError as err:
