@@ -98,7 +98,9 @@ def test_every_setting_has_a_flag_and_a_variable(capsys: pytest.CaptureFixture[s
     assert {i.name for i in infos} == {f.name for f in dataclasses.fields(Settings)}
     for info in infos:
         assert info.env == "EMOSERVE_" + info.name.upper()
-        assert info.flag == "--" + info.name.replace("_", "-")
+        # a repeatable flag is named in the singular: --head NAME=DIR, EMOSERVE_HEADS
+        singular = "--" + info.name.replace("_", "-").removesuffix("s")
+        assert info.flag == ("--" + info.name.replace("_", "-") if not info.repeatable else singular)
         assert info.flag in help_text and info.env in help_text
 
 

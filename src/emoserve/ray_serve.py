@@ -207,10 +207,10 @@ class RecognitionDeployment:
             raise RuntimeError(f"emoserve service {self.service.state}")
 
     async def recognize(
-        self, audio: Audio, granularity: Granularity, embedding: bool
+        self, audio: Audio, granularity: Granularity, embedding: bool, head: str | None = None
     ) -> tuple[Result, RequestTiming]:
         """For the web UI's handle: the same path as /v1/recognize after decoding."""
-        return await self.service.recognize(audio, granularity, embedding)
+        return await self.service.recognize(audio, granularity, embedding, head)
 
     def status(self) -> ModelStatus:
         """For the web UI's replica, which follows it."""
@@ -283,11 +283,15 @@ class RemoteService:
         return decode_clip(source, name, self.status.max_audio_s)
 
     async def recognize(
-        self, audio: Audio, granularity: Granularity = "utterance", embedding: bool = False
+        self,
+        audio: Audio,
+        granularity: Granularity = "utterance",
+        embedding: bool = False,
+        head: str | None = None,
     ) -> tuple[Result, RequestTiming]:
         try:
             result: tuple[Result, RequestTiming] = await self.handle.recognize.remote(
-                audio, granularity, embedding
+                audio, granularity, embedding, head
             )
         except RayTaskError as error:
             raise domain_error(error) from None

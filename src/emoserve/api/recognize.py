@@ -30,7 +30,11 @@ if TYPE_CHECKING:
 RECOGNIZE = "/v1/recognize"
 UPLOAD_SETTING = "this server's max_upload_mb: --max-upload-mb / EMOSERVE_MAX_UPLOAD_MB"
 RECOGNIZE_BODY = audio_request_body(
-    {"granularity": {"type": "string", "enum": list(GRANULARITIES)}, "embedding": {"type": "boolean"}}
+    {
+        "granularity": {"type": "string", "enum": list(GRANULARITIES)},
+        "embedding": {"type": "boolean"},
+        "head": {"type": "string", "description": "a served head's name (GET /v1/model lists them)"},
+    }
 )
 
 router = APIRouter(route_class=MappedErrorsRoute)
@@ -52,16 +56,20 @@ async def recognize(
         Query(description="utterance (default) or frame (one per 20 ms)"),
     ] = None,
     embedding: Annotated[bool | None, Query(description="also return the embedding (default false)")] = None,
+    head: Annotated[
+        str | None,
+        Query(description="also a head of your own labels, by name (GET /v1/model lists them)"),
+    ] = None,
 ) -> JSONResponse:
     started = time.perf_counter()
     upload = await read_upload(request, UploadLimit(service.settings.max_upload_bytes, UPLOAD_SETTING))
-    options = recognition_options(granularity, embedding, upload.fields)
+    options = recognition_options(granularity, embedding, upload.fields, head)
     await service.wait_ready(service.settings.ready_wait_s)
     decode_started = time.perf_counter()
     audio = await run_in_threadpool(service.decode, upload.data, upload.name)
     decode_s = time.perf_counter() - decode_started
     result, timing = await until_disconnected(
-        request, service.recognize(audio, options.granularity, options.embedding)
+        request, service.recognize(audio, options.granularity, options.embedding, options.head)
     )
     total_s = time.perf_counter() - started
     service.metrics.observe_request(
@@ -74,16 +82,20 @@ async def recognize(
 class Options:
     granularity: Granularity
     embedding: bool
+    head: str | None = None
 
 
-def recognition_options(granularity: str | None, embedding: bool | None, fields: dict[str, str]) -> Options:
+def recognition_options(
+    granularity: str | None, embedding: bool | None, fields: dict[str, str], head: str | None = None
+) -> Options:
     """Query parameters (validated by FastAPI) win over multipart form fields (validated here)."""
     chosen = granularity if granularity is not None else fields.get("granularity", "utterance")
     if chosen not in GRANULARITIES:
         raise ApiError("invalid_parameter", f"granularity is {chosen!r}; choose 'utterance' or 'frame'")
     if embedding is None:
         embedding = form_bool("embedding", fields.get("embedding", "false"))
-    return Options(chosen, embedding)  # checked against GRANULARITIES (a Literal tuple: mypy narrows)
+    head = head if head is not None else fields.get("head") or None
+    return Options(chosen, embedding, head)  # checked against GRANULARITIES (a Literal tuple: mypy narrows)
 
 
 def recognition_body(result: Result, embedding: bool, timing: dict[str, float]) -> dict[str, Any]:

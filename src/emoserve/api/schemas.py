@@ -14,7 +14,7 @@ from pydantic import BaseModel, Field
 
 from emoserve.constants import Channels, Granularity
 from emoserve.errors import CODES
-from emoserve.inference.results import FrameResult, Result, Timeline, TimelineSegment
+from emoserve.inference.results import FrameResult, HeadResult, Result, Timeline, TimelineSegment
 
 
 class ResultModel(BaseModel):
@@ -27,6 +27,15 @@ class FrameOut(ResultModel):
     emotion: str
     confidence: float
     scores: dict[str, float]
+
+
+class HeadOut(ResultModel):
+    name: str = Field(description="the head asked for (`head=NAME`); /v1/model lists the served ones")
+    label: str
+    confidence: float
+    scores: dict[str, float] = Field(description="the head's label -> probability, in its label order")
+    label_zh: str | None
+    emoji: str | None
 
 
 class TimingOut(BaseModel):
@@ -50,6 +59,7 @@ class RecognitionOut(ResultModel):
     random_weights: bool
     frames: list[FrameOut] | None
     embedding: list[float] | list[list[float]] | None  # (dim,) utterance, (frames, dim) frame
+    head: HeadOut | None = Field(description="with `head=NAME`: your own labels on the clip, else null")
     timing: TimingOut
 
 
@@ -63,6 +73,7 @@ class TimelineSegmentOut(ResultModel):
     confidence: float
     scores: dict[str, float]
     split: bool = Field(description="a piece of speech longer than max_segment_s")
+    head: HeadOut | None = Field(description="with `head=NAME`: your own labels on the segment, else null")
 
 
 class TimelineOut(ResultModel):
@@ -76,7 +87,8 @@ class TimelineOut(ResultModel):
     segments: list[TimelineSegmentOut]
     summary: dict[str, Any] = Field(
         description="over the speech: speech_s, segments, distribution (time-weighted mean scores), "
-        "seconds (on top, per emotion), dominant; and the same per speaker under `speakers`"
+        "seconds (on top, per emotion), dominant; the same per speaker under `speakers`; with `head=NAME`, "
+        "`head`: its name and the same figures for its labels"
     )
 
 
@@ -84,6 +96,7 @@ RESULT_MODELS: dict[type, type[ResultModel]] = {
     Result: RecognitionOut,
     FrameResult: FrameOut,
     TimelineSegment: TimelineSegmentOut,
+    HeadResult: HeadOut,
     Timeline: TimelineOut,
 }
 

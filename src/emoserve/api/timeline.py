@@ -27,6 +27,7 @@ from emoserve.api.uploads import SpooledUpload, UploadLimit, spool_upload, until
 from emoserve.constants import CHANNEL_MODES, MAX_SPANS_BYTES, Channels
 from emoserve.errors import ApiError, EmoserveError
 from emoserve.inference.formats import segment_record, summary_record
+from emoserve.serving.heads import pick_head
 from emoserve.serving.service import Service
 
 if TYPE_CHECKING:
@@ -44,7 +45,8 @@ TIMELINE_BODY = audio_request_body(
             "type": "string",
             "description": "your own segments instead of the VAD: a JSON list of "
             "{start_s, end_s[, speaker]}, or RTTM (text or a file)",
-        }
+        },
+        "head": {"type": "string", "description": "a served head's name (GET /v1/model lists them)"},
     }
 )
 
@@ -75,6 +77,10 @@ async def timeline(
     min_speech_ms: Annotated[float | None, Query(description="shortest speech kept (250)")] = None,
     min_silence_ms: Annotated[float | None, Query(description="pause that ends a segment (300)")] = None,
     pad_ms: Annotated[float | None, Query(description="padding around each segment (100)")] = None,
+    head: Annotated[
+        str | None,
+        Query(description="also a head of your own labels on each segment, by name; 422 if unknown"),
+    ] = None,
 ) -> Response:
     query = {
         "channels": channels,
@@ -83,17 +89,19 @@ async def timeline(
         "min_speech_ms": min_speech_ms,
         "min_silence_ms": min_silence_ms,
         "pad_ms": pad_ms,
+        "head": head,
     }
     limit = UploadLimit(service.settings.max_timeline_upload_bytes, UPLOAD_SETTING)
     upload = await spool_upload(request, limit, text_files=("segments",), max_text_bytes=MAX_SPANS_BYTES)
     try:
         options = timeline_options(query, upload.fields)
         await service.wait_ready(service.settings.ready_wait_s)
+        pick_head(service.heads, options.head)  # an unknown head: 422 before any work
         job = await asyncio.to_thread(open_job, service, upload, options)
     except BaseException:
         upload.remove()
         raise
-    run = TimelineRun(service, job, upload)
+    run = TimelineRun(service, job, upload, options.head)
     if NDJSON in request.headers.get("accept", ""):
         return StreamingResponse(run.ndjson(), media_type=NDJSON, background=BackgroundTask(run.close))
     try:
@@ -108,6 +116,7 @@ class TimelineOptions:
     channels: Channels
     vad: VadSettings
     spans: list[Span] | None
+    head: str | None = None
 
 
 def timeline_options(query: dict[str, Any], fields: dict[str, str]) -> TimelineOptions:
@@ -142,7 +151,7 @@ def timeline_options(query: dict[str, Any], fields: dict[str, str]) -> TimelineO
     except ValueError as error:
         raise ApiError("invalid_parameter", str(error)) from None
     spans = read_spans(fields["segments"], "segments") if fields.get("segments") else None
-    return TimelineOptions(cast(Channels, channels), vad, spans)
+    return TimelineOptions(cast(Channels, channels), vad, spans, pick("head") or None)
 
 
 def open_job(service: Service, upload: SpooledUpload, options: TimelineOptions) -> Recording:
@@ -154,13 +163,15 @@ def open_job(service: Service, upload: SpooledUpload, options: TimelineOptions) 
 class TimelineRun:
     """One request's timeline: scoring, and the temporary file's removal however it ends."""
 
-    def __init__(self, service: Service, job: Recording, upload: SpooledUpload) -> None:
-        self.service, self.job, self.upload = service, job, upload
+    def __init__(
+        self, service: Service, job: Recording, upload: SpooledUpload, head: str | None = None
+    ) -> None:
+        self.service, self.job, self.upload, self.head = service, job, upload, head
         self._closed = False
         self._iterator: AsyncIterator[TimelineSegment] | None = None
 
     def _scored(self) -> AsyncIterator[TimelineSegment]:
-        self._iterator = self.service.timeline(self.job)
+        self._iterator = self.service.timeline(self.job, self.head)
         return self._iterator
 
     def timeline(self, segments: list[TimelineSegment]) -> Timeline:

@@ -56,7 +56,7 @@ def clip_tab(service: UIService, outputs: UIOutputs, concurrency_limit: int | No
     gr.Markdown("Upload or record a clip, then press **Recognise**.")
     with gr.Row():
         with gr.Column(scale=1):
-            inputs = _inputs()
+            inputs = _inputs([name for name, _ in service.settings.heads])
         with gr.Column(scale=1):
             views = _result_views()
     with gr.Row():
@@ -66,9 +66,17 @@ def clip_tab(service: UIService, outputs: UIOutputs, concurrency_limit: int | No
     async def recognise(audio: str | None, granularity: str, embedding: bool) -> tuple[Any, ...]:
         return render(await recognize(service, outputs, audio, granularity, embedding))
 
+    # A server with heads (--head NAME=DIR) offers them: /recognize then takes `head` too
+    async def recognise_with_head(
+        audio: str | None, granularity: str, embedding: bool, head: str
+    ) -> tuple[Any, ...]:
+        chosen = None if head == NO_HEAD else head
+        return render(await recognize(service, outputs, audio, granularity, embedding, chosen))
+
+    handler: Any = recognise_with_head if inputs.head is not None else recognise
     inputs.start.click(
-        recognise,
-        inputs=[inputs.audio, inputs.granularity, inputs.embedding],
+        handler,
+        inputs=[inputs.audio, inputs.granularity, inputs.embedding, *([inputs.head] if inputs.head else [])],
         outputs=views,
         api_name="recognize",
         concurrency_limit=concurrency_limit,
@@ -81,6 +89,10 @@ class _Inputs:
     granularity: gr.Radio
     embedding: gr.Checkbox
     start: gr.Button
+    head: gr.Dropdown | None  # only when the server serves heads
+
+
+NO_HEAD = "none: the nine emotions only"
 
 
 def audio_input(label: str, elem_id: str) -> gr.Audio:
@@ -89,7 +101,7 @@ def audio_input(label: str, elem_id: str) -> gr.Audio:
     return gr.Audio(sources=["upload", "microphone"], type="filepath", label=label, elem_id=elem_id)
 
 
-def _inputs() -> _Inputs:
+def _inputs(heads: list[str]) -> _Inputs:
     audio = audio_input(f"Audio ({UPLOAD_FORMATS}; click, drop or record)", "audio-input")
     granularity = gr.Radio(
         [("utterance: one label for the clip", "utterance"), ("frame: a 20 ms timeline", "frame")],
@@ -98,6 +110,14 @@ def _inputs() -> _Inputs:
         elem_id="granularity",
     )
     embedding = gr.Checkbox(False, label="Extract embedding (embedding.npy)", elem_id="embedding")
+    head = None
+    if heads:
+        head = gr.Dropdown(
+            [NO_HEAD, *heads],
+            value=heads[0],
+            label="Your labels (a head from emoserve train-head)",
+            elem_id="head",
+        )
     start = gr.Button("Recognise", variant="primary", elem_id="start-button")
     gr.Examples(
         [[str(EXAMPLES_DIR / name)] for name, _ in EXAMPLES],
@@ -105,7 +125,7 @@ def _inputs() -> _Inputs:
         example_labels=[label for _, label in EXAMPLES],
         label="Example clips",
     )
-    return _Inputs(audio, granularity, embedding, start)
+    return _Inputs(audio, granularity, embedding, start, head)
 
 
 def _result_views() -> list[gr.components.Component]:
@@ -139,7 +159,12 @@ def _details() -> list[gr.components.Component]:
 
 
 async def recognize(
-    service: UIService, outputs: UIOutputs, path: str | None, chosen: str, with_embedding: bool
+    service: UIService,
+    outputs: UIOutputs,
+    path: str | None,
+    chosen: str,
+    with_embedding: bool,
+    head: str | None = None,
 ) -> ClipResult:
     """decode -> engine -> save; every failure becomes a gr.Error that the page shows."""
     started = time.perf_counter()
@@ -151,7 +176,7 @@ async def recognize(
     with page_errors(service):
         audio = await asyncio.to_thread(service.decode, path, file_name)
         decode_s = time.perf_counter() - started
-        result, timing = await service.recognize(audio, granularity, with_embedding)
+        result, timing = await service.recognize(audio, granularity, with_embedding, head)
     extra = _saved_fields(file_name, audio)
     saved = await outputs.save("result", lambda store: store.save(result, audio.samples, extra=extra))
     clip = ClipResult(
@@ -238,7 +263,19 @@ def result_card(result: Result) -> str:
         f'<div id="result-emotion" style="font-size:28px;font-weight:700">{html.escape(result.emotion)}'
         f" · {html.escape(result.label_zh)}</div>"
         f'<div id="result-confidence" style="font-size:18px">confidence {result.confidence:.1%}</div>'
-        f"{warning}</div>"
+        f"{head_card(result)}{warning}</div>"
+    )
+
+
+def head_card(result: Result) -> str:
+    """The head's result under the nine emotions' (when one was chosen)."""
+    head = result.head
+    if head is None:
+        return ""
+    names = " · ".join(html.escape(x) for x in (head.emoji, head.label, head.label_zh) if x)
+    return (
+        '<div id="result-head" style="margin-top:10px;font-size:20px">'
+        f"{html.escape(head.name)}: <b>{names}</b> {head.confidence:.1%}</div>"
     )
 
 
@@ -260,6 +297,7 @@ def processing_log(clip: ClipResult) -> str:
         f"total {clip.total_s:.3f} s",
         f"result: {result.emotion} ({result.label_zh}) {result.confidence:.3f}, {result.granularity}"
         + (f", {len(result.frames)} frames" if result.frames else ""),
+        *([f"head {h.name}: {h.label} {h.confidence:.3f}"] if (h := result.head) else []),
         f"model: {result.model}"
         + (" (RANDOM WEIGHTS: meaningless predictions)" if result.random_weights else ""),
         saved_line(clip.saved.folder if clip.saved else None, clip.persistent),

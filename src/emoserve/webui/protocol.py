@@ -43,7 +43,7 @@ class UIService(Protocol):
     decode: a clip (the uploaded file's path) within this server's max_audio_s (blocking; the UI runs
         it in a thread); its errors are EmoserveErrors whose messages name the setting.
     recognize: the service's recognition (decoded audio -> the shared batching engine), as the API's;
-        it raises ServiceUnavailable when not ready.
+        it raises ServiceUnavailable when not ready. `head`: a served head's name (settings.heads).
     model_name: shown in the banner; None until the model is loaded.
     random_weights: the model's predictions are meaningless: the UI warns loudly. None until loaded.
     open_timeline: opens a long recording (blocking; the UI runs it in a thread); the file's errors and
@@ -63,7 +63,11 @@ class UIService(Protocol):
     def require_ready(self) -> None: ...
     def decode(self, source: str | os.PathLike[str] | bytes, name: str | None = ...) -> Audio: ...
     async def recognize(
-        self, audio: Audio, granularity: Granularity = "utterance", embedding: bool = False
+        self,
+        audio: Audio,
+        granularity: Granularity = "utterance",
+        embedding: bool = False,
+        head: str | None = None,
     ) -> tuple[Result, RequestTiming]: ...
 
     @property
