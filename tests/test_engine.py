@@ -20,7 +20,7 @@ from emoserve.constants import SAMPLE_RATE, Granularity
 from emoserve.errors import EngineStopped, QueueFull, WarmupError
 from emoserve.inference.recognizer import Recognizer
 from emoserve.inference.results import Result
-from emoserve.serving.engine import Engine, EngineConfig, EngineObserver
+from emoserve.serving.engine import BATCHING_PAYS, Engine, EngineConfig, EngineObserver, choose_batching
 from emoserve.serving.warmup import warm_up
 
 from .conftest import wave
@@ -282,16 +282,26 @@ def test_submit_blocking_serves_threads() -> None:
         assert engine.submit_blocking(silence(1, "x"), timeout_s=5).emotion == "x"
 
 
-def test_each_model_call_gives_its_freed_memory_back(monkeypatch: pytest.MonkeyPatch) -> None:
-    from emoserve.serving import engine as engines
-
-    trims: list[int] = []
-    recognizer = FakeRecognizer()
-    monkeypatch.setattr(engines, "trim", lambda: trims.append(len(recognizer.calls)))
-    with running(recognizer, max_batch_size=4, max_wait_ms=5) as engine:
-        engine.submit_blocking(silence(1, "x"), timeout_s=5)
-        engine.submit_blocking(silence(2, "y"), timeout_s=5)
-    assert trims == [1, 2]  # after each call, once its results are out (memory.py)
+def test_batching_auto_batches_only_where_it_was_measured_to_pay(tiny_recognizer: Recognizer) -> None:
+    onnx_cpu = choose_batching("auto", 8, "onnx", "cpu")
+    assert onnx_cpu.max_batch_size == 1
+    assert "section 13" in onnx_cpu.reason and "--batching on" in onnx_cpu.reason
+    assert choose_batching("auto", 8, "torch", "cuda").max_batch_size == 8
+    assert choose_batching("on", 8, "onnx", "cpu").max_batch_size == 8
+    assert choose_batching("off", 8, "torch", "cuda").max_batch_size == 1
+    with pytest.raises(ValueError, match="batching is 'sometimes'; choose from auto, on, off"):
+        choose_batching("sometimes", 8, "onnx", "cpu")
+    # the engine runs what the choice says: a burst of requests, one clip per model call
+    engine = Engine(tiny_recognizer, EngineConfig(max_batch_size=8, batching="auto", max_wait_ms=50))
+    pays, _ = BATCHING_PAYS[(tiny_recognizer.backend.name, tiny_recognizer.device_type)]
+    assert engine.config.max_batch_size == (8 if pays else 1) == engine.batching.max_batch_size
+    engine.start()
+    try:
+        requests = engine._enqueue([window(i) for i in range(4)], "utterance", embedding=False)
+        sizes = {request.future.result(30)[1].batch_size for request in requests}
+    finally:
+        engine.stop(5)
+    assert sizes == ({4} if pays else {1})
 
 
 # ---------------------------------------------------------------------------------------------- failures

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import logging
 import math
 import threading
@@ -23,6 +24,7 @@ from typing import Protocol
 
 from emoserve.audio.decode import Audio
 from emoserve.constants import (
+    BATCHING_CHOICES,
     GRANULARITIES,
     MAX_BATCH_SECONDS,
     MAX_BATCH_SIZE,
@@ -43,9 +45,55 @@ SCORE_SUM_TOL = 1e-3  # a float32 softmax over a few labels sums to 1 within ~1e
 FRAME_MEAN_TOL = 1e-4  # the fixture README's float32 embedding tolerance
 
 
+# Whether one model call of several clips costs less than the same clips one at a time, measured per
+# (backend, device type) with benchmarks/batching.py. Where it does not, batching "auto" runs one clip per
+# call: a batch would only make each of its clips slower, and a request no longer waits max_wait_ms for
+# company.
+BATCHING_PAYS: dict[tuple[str, str], tuple[bool, str]] = {
+    ("onnx", "cpu"): (
+        False,
+        "a batch of clips on the onnx backend on a CPU costs as much as the same clips one at a time or "
+        "more (1.00-1.04x on a 2-core AMD EPYC, 1.33-1.38x on another CPU: docs/benchmarks.md section 13)",
+    ),
+    ("torch", "cpu"): (
+        True,
+        "a batch of equal clips on the torch backend on a CPU costs 0.74-0.94x the same clips one at a "
+        "time (docs/benchmarks.md section 3)",
+    ),
+    ("torch", "cuda"): (True, "a GPU runs a batch of clips in about the time of one"),
+}
+
+
+@dataclass(frozen=True)
+class Batching:
+    """The batch size the engine runs, and why (the log and GET /v1/model say it)."""
+
+    max_batch_size: int
+    reason: str
+
+    def to_dict(self) -> dict[str, object]:
+        return {"max_batch_size": self.max_batch_size, "reason": self.reason}
+
+
+def choose_batching(setting: str, max_batch_size: int, backend: str, device_type: str) -> Batching:
+    """`setting` "on": up to max_batch_size; "off": 1; "auto": where BATCHING_PAYS says it pays."""
+    if setting not in BATCHING_CHOICES:
+        raise ValueError(f"batching is {setting!r}; choose from {', '.join(BATCHING_CHOICES)}")
+    if setting != "auto" or max_batch_size == 1:
+        size = 1 if setting == "off" else max_batch_size
+        return Batching(size, f"batching {setting}, max_batch_size {max_batch_size}")
+    pays, evidence = BATCHING_PAYS.get((backend, device_type), (True, "not measured on this hardware"))
+    if pays:
+        return Batching(max_batch_size, f"batching: up to {max_batch_size} clips per model call: {evidence}")
+    return Batching(1, f"batching off: one clip per model call: {evidence}; --batching on to batch anyway")
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     max_batch_size: int = MAX_BATCH_SIZE
+    # "on": batches of up to max_batch_size; "off": one clip per call; "auto": batch only where it pays
+    # on the model's backend and device (`choose_batching`)
+    batching: str = "on"
     max_wait_ms: float = MAX_WAIT_MS
     max_batch_seconds: float = MAX_BATCH_SECONDS
     max_queue: int = MAX_QUEUE
@@ -118,7 +166,12 @@ class Engine:
         observer: EngineObserver | None = None,
     ) -> None:
         self.recognizer = recognizer  # read-only use outside the worker: labels, info, device, dtype
-        self.config = config
+        self.batching = (
+            choose_batching("auto", config.max_batch_size, recognizer.backend.name, recognizer.device_type)
+            if config.batching == "auto"
+            else choose_batching(config.batching, config.max_batch_size, "", "")
+        )
+        self.config = dataclasses.replace(config, max_batch_size=self.batching.max_batch_size)
         self._observer = observer
         self._max_batch_samples = max(1, int(config.max_batch_seconds * SAMPLE_RATE))
         background_s = config.max_background_batch_seconds or config.max_batch_seconds
@@ -283,7 +336,7 @@ class Engine:
     # ------------------------------------------------------------------------------------------- worker
 
     def _work(self) -> None:
-        log.info("engine worker started: %s", self.config)
+        log.info("engine worker started: %s; %s", self.config, self.batching.reason)
         while (batch := self._next_batch()) is not None:
             try:
                 self._run(batch)

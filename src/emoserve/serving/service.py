@@ -230,12 +230,15 @@ class Service:
         s = self.settings
         config = EngineConfig(
             max_batch_size=s.max_batch_size,
+            batching=s.batching,
             max_wait_ms=s.max_wait_ms,
             max_batch_seconds=s.max_batch_seconds,
             max_queue=s.max_queue,
             max_background_batch_seconds=segment_batch_seconds(recognizer.device_type),
         )
         engine = Engine(recognizer, config, observer=self.metrics)
+        if self.model_summary is not None:
+            self.model_summary["batching"] = engine.batching.to_dict()
         engine.start()
         return engine
 
@@ -251,7 +254,11 @@ class Service:
         if not self.examples:
             raise RuntimeError(f"no example clips in {EXAMPLES_DIR} to warm up with; reinstall emoserve")
         clips = [load_audio(path, max_seconds=None) for path in self.examples]
-        sizes = self.settings.effective_warmup_batch_sizes(engine.recognizer.device_type)
+        sizes = [
+            size
+            for size in self.settings.effective_warmup_batch_sizes(engine.recognizer.device_type)
+            if size <= engine.config.max_batch_size  # batching off where it does not pay
+        ]
         # Batches hold clips of similar length only (max_padding), as the engine groups requests: one
         # clip of each length group alone, then the batch sizes on the largest group.
         groups = length_groups(clips, engine.config.max_padding)

@@ -19,6 +19,7 @@ from typing import Any
 
 from emoserve.constants import (
     BACKENDS,
+    BATCHING_CHOICES,
     DTYPES,
     FALSE_WORDS,
     HUBS,
@@ -238,6 +239,12 @@ class Settings:
     )
     # The batching engine (engine.EngineConfig)
     max_batch_size: int = _setting(MAX_BATCH_SIZE, _integer, "clips per model call", check=_at_least(1))
+    batching: str = _setting(
+        "auto",
+        _choice(*BATCHING_CHOICES),
+        "batch clips in one model call: auto (only where it pays on the backend and device: measured, "
+        "docs/benchmarks.md), on, off",
+    )
     max_wait_ms: float = _setting(
         MAX_WAIT_MS, _number, "how long the first request of a batch waits for company", check=_at_least(0)
     )
