@@ -96,6 +96,8 @@ class Recognizer:
         head: Head | None = None,
     ) -> Result:
         """`head` (`Head.load(DIR)`, from `emoserve train-head`): its labels on the clip as `result.head`."""
+        if head is not None:
+            head.check_model(self.info)  # before any decoding
         return self.predict_batch([self.load(audio, sample_rate)], granularity, embedding, head=head)[0]
 
     def predict_many(
@@ -110,6 +112,8 @@ class Recognizer:
         head: Head | None = None,
     ) -> list[Result]:
         """Results in input order; clips are batched by similar length to limit padding."""
+        if head is not None:
+            head.check_model(self.info)
         clips = [self.load(a) for a in audios]
         results: list[Result | None] = [None] * len(clips)
         lengths = [len(c.samples) for c in clips]
