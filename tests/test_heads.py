@@ -385,6 +385,22 @@ def test_cli_train_head_then_predict_with_it(
     assert "train it again on this model" in capsys.readouterr().err
 
 
+def test_predict_segments_with_a_head(trained: Any, manifest: Path, tmp_path: Path) -> None:
+    spans = tmp_path / "spans.json"
+    spans.write_text(json.dumps([{"start_s": 0.0, "end_s": 0.5}, {"start_s": 0.5, "end_s": 1.0}]))
+    clip = str(manifest.parent / "spk1_high_3.wav")
+    common = ["--segments-from", str(spans), "--head", str(trained[0].path), "-m", str(FIXTURE / "model")]
+    out = tmp_path / "timeline.jsonl"
+    assert main(["predict", clip, *common, "--backend", "torch", "-o", str(out)]) == 0
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [line["head"]["name"] for line in lines if line["type"] == "segment"] == ["tones", "tones"]
+    assert lines[-1]["type"] == "summary" and lines[-1]["summary"]["head"]["dominant"] in CLASSES
+    csv_out = tmp_path / "timeline.csv"
+    assert main(["predict", clip, *common, "--backend", "torch", "--format", "csv", "-o", str(csv_out)]) == 0
+    header = csv_out.read_text().splitlines()[0].split(",")
+    assert {"head", "head_label", "head_confidence", "head_score_low"} <= set(header)
+
+
 def test_one_class_data_is_a_clear_cli_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     manifest = write_labelled_set(tmp_path, speakers=2, per_class=2)
     lines = [line for line in manifest.read_text().splitlines() if ",low," in line or line.startswith("path")]

@@ -415,9 +415,10 @@ def predict_timelines(
             bar.reset()
             return show
 
+        scorer = recognizer.with_head(head) if head is not None else recognizer
         timelines = file_timelines(
-            recognizer, files, batch_size=args.batch_size, progress=progress,
-            channels=args.channels, vad=vad, spans=spans, head=head,
+            scorer, files, batch_size=args.batch_size, progress=progress,
+            channels=args.channels, vad=vad, spans=spans,
         )  # fmt: skip
         for file, item in timelines:
             if isinstance(item, EmoserveError):
