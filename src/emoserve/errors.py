@@ -30,6 +30,7 @@ CODES: dict[str, Code] = {
     "malformed_audio": Code(400, "a damaged file, or one whose format changes part-way"),
     "audio_too_short": Code(400, "shorter than the model's shortest input"),
     "audio_too_long": Code(413, "longer than this server's limit (the message names the setting)"),
+    "invalid_frame": Code(400, "a live stream's binary message that is not whole samples of its encoding"),
     # the request
     "invalid_parameter": Code(422, "a parameter with a bad value; the message names it"),
     "missing_file": Code(422, "a multipart request without its `file` part"),
@@ -119,6 +120,7 @@ AUDIO_ERRORS = {  # AudioError.reason -> its code
     "too_short": "audio_too_short",
     "too_long": "audio_too_long",
     "bad_argument": "invalid_parameter",
+    "bad_frame": "invalid_frame",
 }
 
 

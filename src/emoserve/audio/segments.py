@@ -68,9 +68,16 @@ class Segmenter:
     is cut in the second half of its window at the quietest 50 ms, inside a pause silero heard when there
     is one; the pieces are marked `split`."""
 
-    def __init__(self, settings: VadSettings = DEFAULT_VAD, speaker: str | None = None) -> None:
+    def __init__(
+        self,
+        settings: VadSettings = DEFAULT_VAD,
+        speaker: str | None = None,
+        on_start: Callable[[int], None] | None = None,
+    ) -> None:
+        """`on_start(sample)`: called when silero opens a region (its padded start), for live streams."""
         self.settings = settings
         self.speaker = speaker
+        self.on_start = on_start
         per_ms = SAMPLE_RATE / 1000
         self._min_speech = settings.min_speech_ms * per_ms
         self._min_silence = settings.min_silence_ms * per_ms
@@ -87,6 +94,15 @@ class Segmenter:
     @property
     def samples_seen(self) -> int:
         return self._audio.end
+
+    @property
+    def open_start(self) -> int | None:
+        """Where the open region's next segment starts (after a cut: the cut), None outside speech."""
+        return None if self._open is None else self._open.start
+
+    def audio(self, start: int, end: int) -> np.ndarray:
+        """Samples [start, end) of what is held: from `open_start` on, while a region is open."""
+        return self._audio.slice(start, end).copy()
 
     def push(self, samples: np.ndarray, probs: np.ndarray) -> list[Segment]:
         """Add samples and the probabilities of the frames they completed; the segments now finished."""
@@ -149,6 +165,8 @@ class Segmenter:
             else:
                 out = self._segment(closed, closed.raw_end + self._pad)
         self._open = _Region(start=start, raw_start=raw_start)
+        if self.on_start is not None:
+            self.on_start(start)
         return out
 
     def _cut(self, region: _Region, reached: int) -> list[Segment]:

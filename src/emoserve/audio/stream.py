@@ -103,42 +103,69 @@ class AudioStream:
 
     def blocks(self) -> Iterator[np.ndarray]:
         rate, display = self.info.sample_rate, self.display
-        resampler = None
-        if rate != SAMPLE_RATE:
-            resampler = soxr.ResampleStream(
-                rate, SAMPLE_RATE, self.out_channels, dtype="float32", quality="HQ"
-            )
+        to16k = To16k(rate, self.out_channels, mix=self.channels == "mix")
         limit = None if self.limit is None else self.limit.samples(rate)
-        n_in = n_out = 0
-        held = np.zeros((0, self.out_channels), np.float32)
         for block in self._reader.blocks(max(1, int(self._block_s * rate))):
-            if limit is not None and n_in + len(block) > limit:
+            if limit is not None and to16k.samples_in + len(block) > limit:
                 assert self.limit is not None
                 raise_too_long(display, self.limit, self.info.duration_s)
             check_finite(block, display)
-            n_in += len(block)
-            x = block.mean(axis=1, dtype=np.float32, keepdims=True) if self.channels == "mix" else block
-            if resampler is not None:
-                x = resampler.resample_chunk(np.ascontiguousarray(x, np.float32))
-            held = np.concatenate([held, x])
-            if len(held) > HOLD_BACK:
-                out, held = held[:-HOLD_BACK], held[-HOLD_BACK:]
-                n_out += len(out)
+            if len(out := to16k.push(block)):
                 yield out
-        if n_in == 0:
+        if to16k.samples_in == 0:
             raise AudioError(
                 f"{display} contains no audio samples; send a non-empty recording",
                 source=display,
                 reason="empty",
             )
-        if resampler is not None:
-            tail = resampler.resample_chunk(np.zeros((0, self.out_channels), np.float32), last=True)
+        if len(tail := to16k.finish()):
+            yield tail
+
+
+class To16k:
+    """Blocks of (frames, channels) float32 at `rate` in, 16 kHz blocks out: mixed down to one channel
+    (`mix`, the mean as `load_audio` takes it) and resampled by soxr's streaming resampler (HQ, librosa's
+    soxr_hq); `finish()` gives the rest, cut or padded to the length librosa gives the whole signal. Block
+    sizes change nothing: a file read in blocks and PCM pushed as it arrives give the same samples."""
+
+    def __init__(self, rate: int, channels: int, *, mix: bool) -> None:
+        self.rate, self.mix = rate, mix
+        self.channels = 1 if mix else channels
+        self.samples_in = 0  # frames pushed, at `rate`
+        self.samples_out = 0  # 16 kHz samples given out
+        self._resampler = None
+        if rate != SAMPLE_RATE:
+            self._resampler = soxr.ResampleStream(
+                rate, SAMPLE_RATE, self.channels, dtype="float32", quality="HQ"
+            )
+        self._held = np.zeros((0, self.channels), np.float32)
+
+    def push(self, block: np.ndarray) -> np.ndarray:
+        """The 16 kHz samples (samples, channels) now final (possibly none)."""
+        self.samples_in += len(block)
+        x = block.mean(axis=1, dtype=np.float32, keepdims=True) if self.mix else block
+        if self._resampler is not None:
+            x = self._resampler.resample_chunk(np.ascontiguousarray(x, np.float32))
+        held = np.concatenate([self._held, x])
+        if len(held) <= HOLD_BACK:
+            self._held = held
+            return np.zeros((0, self.channels), np.float32)
+        out, self._held = held[:-HOLD_BACK], held[-HOLD_BACK:]
+        self.samples_out += len(out)
+        return out
+
+    def finish(self) -> np.ndarray:
+        held = self._held
+        if self._resampler is not None:
+            tail = self._resampler.resample_chunk(np.zeros((0, self.channels), np.float32), last=True)
             held = np.concatenate([held, tail])
-        want = -(-n_in * SAMPLE_RATE // rate) - n_out  # librosa's length for the whole file
+        want = -(-self.samples_in * SAMPLE_RATE // self.rate) - self.samples_out  # librosa's length
         if len(held) < want:
-            held = np.concatenate([held, np.zeros((want - len(held), self.out_channels), np.float32)])
-        if want > 0:
-            yield np.ascontiguousarray(held[:want])
+            held = np.concatenate([held, np.zeros((want - len(held), self.channels), np.float32)])
+        self._held = np.zeros((0, self.channels), np.float32)
+        out = np.ascontiguousarray(held[: max(want, 0)])
+        self.samples_out += len(out)
+        return out
 
 
 # --------------------------------------------------------------------------------------------- readers

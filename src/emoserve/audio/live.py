@@ -1,0 +1,166 @@
+"""Live audio: raw PCM as it arrives, cut as a recording's timeline cuts it, with interim windows.
+
+    PCM (bytes in an encoding, or float32 arrays; channels interleaved) -> To16k (mixed down, soxr's
+    streaming resampler, as a file is read) -> SileroVad -> Segmenter, a VAD frame at a time
+    -> events: SpeechStart (silero opened an utterance), InterimWindow (the open utterance's last
+       window_s, every hop_s of its speech), Segment (an utterance, or a piece of long speech, finished)
+
+`end()` flushes the resampler, the VAD's last frame and the open utterance. The cut is the timeline's own
+(`Recording.segments`), so a file streamed in messages of any size gives the segments /v1/timeline gives
+for it. Memory holds the open utterance (at most max_segment_s) and less than a VAD frame of audio.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from emoserve.audio.decode import check_finite
+from emoserve.audio.segments import Segmenter
+from emoserve.audio.stream import To16k
+from emoserve.audio.vad import DEFAULT_VAD, FRAME, Segment, SileroVad, Vad, VadSettings
+from emoserve.constants import SAMPLE_RATE
+from emoserve.errors import AudioError
+
+ENCODINGS: dict[str, np.dtype[Any]] = {"pcm_s16le": np.dtype("<i2"), "pcm_f32le": np.dtype("<f4")}
+S16_SCALE = 32768.0  # what libsndfile divides 16-bit PCM by: a WAV file's samples, exactly
+NO_PROBS = np.zeros(0, np.float32)
+
+
+@dataclass(frozen=True)
+class SpeechStart:
+    start: int  # 16 kHz samples from the stream's first one: the utterance's padded start
+
+
+@dataclass(frozen=True)
+class InterimWindow:
+    start: int
+    end: int  # the audio received so far
+    samples: np.ndarray
+
+
+LiveEvent = SpeechStart | InterimWindow | Segment
+
+
+class LiveCutter:
+    """One live stream's cut. `feed(data)` and `end()` return the events in the order they happened."""
+
+    def __init__(
+        self,
+        *,
+        sample_rate: int = SAMPLE_RATE,
+        encoding: str = "pcm_s16le",
+        channels: int = 1,
+        vad: VadSettings = DEFAULT_VAD,
+        hop_s: float = 1.0,
+        window_s: float = 10.0,
+        vad_factory: Callable[[], Vad] = SileroVad,
+        name: str = "<stream>",
+    ) -> None:
+        if encoding not in ENCODINGS:
+            raise ValueError(f"encoding is {encoding!r}; choose from {', '.join(ENCODINGS)}")
+        if sample_rate < 1 or channels < 1:
+            raise ValueError(f"sample_rate {sample_rate} and channels {channels} must be positive")
+        if not 0 < hop_s <= window_s:
+            raise ValueError(f"hop_s is {hop_s} and window_s {window_s}: 0 < hop_s <= window_s")
+        self.name, self.encoding, self.channels = name, encoding, channels
+        self._dtype = ENCODINGS[encoding]
+        self._to16k = To16k(sample_rate, channels, mix=True)
+        self._vad = vad_factory()
+        self._segmenter = Segmenter(vad, on_start=self._started)
+        self._hop, self._window = round(hop_s * SAMPLE_RATE), round(window_s * SAMPLE_RATE)
+        self._partial = b""  # the bytes of an interleaved frame not complete yet
+        self._frame_fill = 0  # samples of the VAD frame in progress already given to the segmenter
+        self._start_at: int | None = None
+        self._next_interim = 0
+        self.ended = False
+
+    @property
+    def samples(self) -> int:
+        """16 kHz samples cut so far."""
+        return self._segmenter.samples_seen
+
+    @property
+    def duration_s(self) -> float:
+        return self.samples / SAMPLE_RATE
+
+    @property
+    def in_speech(self) -> bool:
+        return self._segmenter.open_start is not None
+
+    def feed(self, data: bytes | bytearray | memoryview | np.ndarray) -> list[LiveEvent]:
+        """More audio: bytes in the stream's encoding (any length that is whole samples: a frame may end
+        between channels), or a float32 array (samples,) or (samples, channels)."""
+        if self.ended:
+            raise RuntimeError("this stream has ended; open a new one")
+        block = self._decode(data)
+        check_finite(block, self.name)
+        return self._cut(self._to16k.push(block)[:, 0])
+
+    def end(self) -> list[LiveEvent]:
+        """No more audio: the resampler's tail, the VAD's last frame, and the open utterance."""
+        if self.ended:
+            return []
+        self.ended = True
+        events = self._cut(self._to16k.finish()[:, 0])
+        self._start_at = None
+        events += self._segmenter.finish(self._vad.flush())
+        if self._start_at is not None:  # the last frame opened an utterance: it is in what finish gave
+            events.insert(len(events) - 1, SpeechStart(self._start_at))
+        return events
+
+    def _decode(self, data: bytes | bytearray | memoryview | np.ndarray) -> np.ndarray:
+        if isinstance(data, np.ndarray):
+            x = np.asarray(data, np.float32)
+            return x.reshape(-1, self.channels) if x.ndim == 1 else x
+        width = self._dtype.itemsize
+        if len(data) % width:
+            raise AudioError(
+                f"a message of {len(data)} bytes is not whole {self.encoding} samples ({width} bytes "
+                "each): it was left out; send whole samples",
+                source=self.name,
+                reason="bad_frame",
+            )
+        raw = self._partial + bytes(data)
+        whole = len(raw) // (width * self.channels) * width * self.channels
+        self._partial = raw[whole:]
+        x = np.frombuffer(raw[:whole], self._dtype).reshape(-1, self.channels).astype(np.float32)
+        return x / np.float32(S16_SCALE) if self.encoding == "pcm_s16le" else x
+
+    def _cut(self, samples: np.ndarray) -> list[LiveEvent]:
+        """Give the segmenter a VAD frame at a time, so that a start is told in its place among segments;
+        then at most one reading, of the audio up to the end of the message (a message of a minute gives
+        one reading, not a pile of them)."""
+        events: list[LiveEvent] = []
+        at = 0
+        for p in self._vad.probabilities(samples):
+            take = FRAME - self._frame_fill
+            events += self._push(samples[at : at + take], np.array([p], np.float32))
+            at, self._frame_fill = at + take, 0
+        if at < len(samples):
+            events += self._push(samples[at:], NO_PROBS)
+            self._frame_fill += len(samples) - at
+        return events + self._interim()
+
+    def _push(self, samples: np.ndarray, probs: np.ndarray) -> list[LiveEvent]:
+        self._start_at = None
+        events: list[LiveEvent] = list(self._segmenter.push(samples, probs))
+        if self._start_at is not None:
+            events.append(SpeechStart(self._start_at))
+            self._next_interim = self._start_at + self._hop
+        return events
+
+    def _started(self, start: int) -> None:
+        self._start_at = start
+
+    def _interim(self) -> list[LiveEvent]:
+        start, now = self._segmenter.open_start, self.samples
+        if start is None or now < self._next_interim:
+            return []
+        # the next reading a hop_s of speech after this one, however many hops a large message spanned
+        self._next_interim += ((now - self._next_interim) // self._hop + 1) * self._hop
+        low = max(start, now - self._window)
+        return [InterimWindow(low, now, self._segmenter.audio(low, now))]
