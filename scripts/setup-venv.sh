@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Create or refresh .venv for emoserve. Quick when nothing changed: a stamp of pyproject.toml and
 # this script is compared, and pip runs only when it differs.
-#   scripts/setup-venv.sh [EXTRAS]     e.g. scripts/setup-venv.sh test
+#   scripts/setup-venv.sh [EXTRAS]     e.g. scripts/setup-venv.sh test,ray,train (as ./test.sh does)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
