@@ -20,7 +20,14 @@ from emoserve.constants import SAMPLE_RATE, Granularity
 from emoserve.errors import EngineStopped, QueueFull, WarmupError
 from emoserve.inference.recognizer import Recognizer
 from emoserve.inference.results import Result
-from emoserve.serving.engine import BATCHING_PAYS, Engine, EngineConfig, EngineObserver, choose_batching
+from emoserve.serving.engine import (
+    BATCHING_PAYS,
+    Engine,
+    EngineConfig,
+    EngineObserver,
+    Priority,
+    choose_batching,
+)
 from emoserve.serving.warmup import warm_up
 
 from .conftest import wave
@@ -208,26 +215,30 @@ def test_batches_are_cut_by_length_and_by_padded_seconds() -> None:
     assert sorted(fake.calls) == [["long"], ["short0", "short1"], ["short2", "short3"]]
 
 
-def test_interactive_requests_go_before_background_ones() -> None:
-    """A long recording's segments (background) wait while a person's clip is queued; among themselves,
-    and once no interactive request waits, first come first served. Background calls hold at most
-    max_background_batch_seconds of padded audio."""
+def test_requests_go_by_priority_then_first_come_first_served() -> None:
+    """A person's clip, then a live stream's segment, then its interim, then a long recording's segments
+    (which among themselves go first come first served); each priority batches only with itself, and
+    below a person's clip a call holds at most max_background_batch_seconds of padded audio."""
     fake = FakeRecognizer(threading.Event())
 
     async def scenario(engine: Engine) -> None:
-        first = asyncio.create_task(engine.submit(silence(1, "seg0"), background=True))
+        def submit(name: str, priority: Priority) -> asyncio.Task[Result]:
+            return asyncio.create_task(engine.submit(silence(1, name), priority=priority))
+
+        first = submit("seg0", Priority.TIMELINE)
         await wait_until(lambda: engine.in_flight == 1)
-        segs = [asyncio.create_task(engine.submit(silence(1, f"seg{i}"), background=True)) for i in (1, 2, 3)]
-        await wait_until(lambda: engine.queue_depth == 3)
-        person = asyncio.create_task(engine.submit(silence(1, "person")))  # alone, though seg1-3 fit
-        await wait_until(lambda: engine.queue_depth == 4)
+        later = [submit(f"seg{i}", Priority.TIMELINE) for i in (1, 2, 3)]
+        later += [submit("interim", Priority.STREAM_INTERIM), submit("stream", Priority.STREAM_SEGMENT)]
+        await wait_until(lambda: engine.queue_depth == 5)
+        person = submit("person", Priority.CLIP)  # alone, though seg1-3 fit in its call
+        await wait_until(lambda: engine.queue_depth == 6)
         assert fake.gate is not None
         fake.gate.set()
-        await asyncio.gather(first, person, *segs)
+        await asyncio.gather(first, person, *later)
 
     with running(fake, max_batch_size=4, max_wait_ms=0, max_background_batch_seconds=2.0) as engine:
         run(scenario(engine))
-    assert fake.calls == [["seg0"], ["person"], ["seg1", "seg2"], ["seg3"]]
+    assert fake.calls == [["seg0"], ["person"], ["stream"], ["interim"], ["seg1", "seg2"], ["seg3"]]
 
 
 # ------------------------------------------------------------------------------------------ back-pressure

@@ -30,7 +30,7 @@ from emoserve.inference.recognizer import Recognizer
 from emoserve.inference.results import FrameResult, Result, TimelineSegment, scored
 from emoserve.inference.timeline import score_segments
 from emoserve.model.labels import EMOTION_COLOURS
-from emoserve.serving.engine import Engine, EngineConfig, RequestTiming
+from emoserve.serving.engine import Engine, EngineConfig, Priority, RequestTiming
 from emoserve.serving.phase import Phase, unavailable
 from emoserve.serving.service import Service, decode_clip
 from emoserve.serving.settings import Settings
@@ -130,7 +130,7 @@ class FakeService:
             for n, segment in enumerate(job.segments()):
                 if n == self.timeline_fails_after:
                     raise QueueFull(1.0)
-                result = await self.engine.submit(job.clip(segment), background=True)
+                result = await self.engine.submit(job.clip(segment), priority=Priority.TIMELINE)
                 given += 1
                 yield scored(segment, result)
         finally:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import dataclasses
+import enum
 import logging
 import math
 import threading
@@ -98,8 +99,8 @@ class EngineConfig:
     max_batch_seconds: float = MAX_BATCH_SECONDS
     max_queue: int = MAX_QUEUE
     max_padding: float = MAX_PADDING  # join a batch only while padding is at most this x real samples
-    # padded seconds of a model call of background requests (None: max_batch_seconds). On a CPU a batch
-    # gains little and an interactive request that arrives waits for the whole call.
+    # padded seconds of a model call of requests below Priority.CLIP (None: max_batch_seconds). On a CPU
+    # a batch gains little and an interactive request that arrives waits for the whole call.
     max_background_batch_seconds: float | None = None
 
     def __post_init__(self) -> None:
@@ -135,13 +136,25 @@ class EngineObserver(Protocol):
         return None
 
 
+class Priority(enum.IntEnum):
+    """Who waits on a request, highest first: a person's clip, a live stream's segment, a live stream's
+    interim reading, a long recording's segment. The worker takes the oldest request of the highest
+    priority queued; requests batch only with their own priority (a lower one riding along would make the
+    higher one wait for it)."""
+
+    CLIP = 0
+    STREAM_SEGMENT = 1
+    STREAM_INTERIM = 2
+    TIMELINE = 3
+
+
 @dataclass(eq=False)  # identity equality: the queue removes this very request
 class _Request:
     audio: Audio
     granularity: Granularity
     embedding: bool
     submitted_at: float  # time.monotonic()
-    background: bool = False  # a timeline's segment: interactive requests go first
+    priority: Priority = Priority.CLIP
     future: concurrent.futures.Future[tuple[Result, RequestTiming]] = field(
         default_factory=concurrent.futures.Future
     )
@@ -238,12 +251,12 @@ class Engine:
         granularity: Granularity = "utterance",
         embedding: bool = False,
         *,
-        background: bool = False,
+        priority: Priority = Priority.CLIP,
     ) -> tuple[Result, RequestTiming]:
         """Awaitable from any event loop. Cancelling the awaiting task drops a request that is still
-        queued; one already in a model call completes and its result is discarded. A `background`
-        request (a segment of a long recording) waits while interactive ones are queued."""
-        (request,) = self._enqueue([audio], granularity, embedding, background=background)
+        queued; one already in a model call completes and its result is discarded. A request waits while
+        requests of a higher `priority` are queued."""
+        (request,) = self._enqueue([audio], granularity, embedding, priority=priority)
         return await asyncio.wrap_future(request.future)
 
     async def submit(
@@ -252,9 +265,9 @@ class Engine:
         granularity: Granularity = "utterance",
         embedding: bool = False,
         *,
-        background: bool = False,
+        priority: Priority = Priority.CLIP,
     ) -> Result:
-        return (await self.submit_timed(audio, granularity, embedding, background=background))[0]
+        return (await self.submit_timed(audio, granularity, embedding, priority=priority))[0]
 
     def submit_blocking(
         self,
@@ -276,7 +289,12 @@ class Engine:
     # ----------------------------------------------------------------------------------------- queueing
 
     def _enqueue(
-        self, audios: Sequence[Audio], granularity: Granularity, embedding: bool, *, background: bool = False
+        self,
+        audios: Sequence[Audio],
+        granularity: Granularity,
+        embedding: bool,
+        *,
+        priority: Priority = Priority.CLIP,
     ) -> list[_Request]:
         """Queue all of `audios` at once (so that warm-up can hand the worker a whole batch)."""
         if granularity not in GRANULARITIES:
@@ -288,7 +306,7 @@ class Engine:
                     f"got {type(audio).__name__}"
                 )
         now = time.monotonic()
-        requests = [_Request(audio, granularity, embedding, now, background) for audio in audios]
+        requests = [_Request(audio, granularity, embedding, now, priority) for audio in audios]
         with self._cond:
             self._check_accepting()
             if len(self._queue) + len(requests) > self.config.max_queue:
@@ -377,17 +395,15 @@ class Engine:
     def _take_batch(self) -> list[_Request]:
         """The oldest request and those that may share its model call (lock held). Only requests with
         the same (granularity, embedding) share a call, so each result equals its one-at-a-time result;
-        the oldest is always served, so nothing starves - except that background requests wait while an
-        interactive one is queued (a person waits on those; a long recording's segments can), and
-        batch only with each other."""
-        oldest = next((r for r in self._queue if not r.background), self._queue[0])
-        # background requests batch among themselves: riding along with a person's request would make
-        # that person wait for them
-        candidates = [r for r in self._queue if r.key == oldest.key and r.background == oldest.background]
+        the oldest is always served, so nothing starves - except that a request waits while one of a
+        higher priority is queued (`Priority`), and batches only with its own priority."""
+        top = min(r.priority for r in self._queue)
+        oldest = next(r for r in self._queue if r.priority == top)
+        candidates = [r for r in self._queue if r.key == oldest.key and r.priority == top]
         groups = length_batches(
             [r.n_samples for r in candidates],
             self.config.max_batch_size,
-            self._max_background_samples if oldest.background else self._max_batch_samples,
+            self._max_batch_samples if top == Priority.CLIP else self._max_background_samples,
             self.config.max_padding,
         )
         first = candidates.index(oldest)

@@ -530,14 +530,15 @@ async def scored_in_order(
 
 
 async def _submit_segment(engine: Engine, audio: Audio, embedding: bool = False) -> Result:
-    """One segment as a background request; a full queue (other users' traffic) is waited out for up to
-    TIMELINE_QUEUE_WAIT_S rather than failing a long recording part-way."""
+    """One segment at the timeline's priority (after everything else); a full queue (other users'
+    traffic) is waited out for up to TIMELINE_QUEUE_WAIT_S rather than failing a long recording part-way."""
     from emoserve.errors import QueueFull
+    from emoserve.serving.engine import Priority
 
     deadline = time.monotonic() + TIMELINE_QUEUE_WAIT_S
     while True:
         try:
-            return await engine.submit(audio, embedding=embedding, background=True)
+            return await engine.submit(audio, embedding=embedding, priority=Priority.TIMELINE)
         except QueueFull as error:
             if time.monotonic() >= deadline:
                 raise
