@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -149,3 +150,41 @@ def test_bad_parameters_say_what_to_change() -> None:
         LiveCutter(encoding="mp3")
     with pytest.raises(ValueError, match="0 < hop_s <= window_s"):
         LiveCutter(hop_s=5, window_s=2)
+
+
+# ------------------------------------------------------------------------------------- the library session
+
+READING_FIELDS = {"emotion", "label_zh", "emoji", "confidence", "scores"}
+SEGMENT_FIELDS = {"start_s", "end_s", "speaker", "split", "head", *READING_FIELDS}  # a timeline segment's
+
+
+def test_recognizer_stream_gives_the_timeline_and_every_message(tiny_recognizer: Any, speech: Path) -> None:
+    timeline = tiny_recognizer.timeline(speech)
+    session = tiny_recognizer.stream(hop_s=0.5)
+    pcm = sf.read(speech, dtype="int16")[0].tobytes()
+    messages = [session.first]
+    for at in range(0, len(pcm), 2 * 1600):
+        messages += session.feed(pcm[at : at + 2 * 1600])
+    messages += session.end()
+    assert [m["seq"] for m in messages] == list(range(len(messages)))
+    kinds = [m["type"] for m in messages]
+    assert kinds[0] == "ready" and kinds[-1] == "summary" and "interim" in kinds
+    ready = messages[0]
+    assert ready["model"] == timeline.model and ready["random_weights"] is tiny_recognizer.random_weights
+    assert [label["en"] for label in ready["labels"]] == [label.en for label in tiny_recognizer.labels]
+    assert ready["parameters"]["hop_s"] == 0.5 and ready["parameters"]["encoding"] == "pcm_s16le"
+    got = [m for m in messages if m["type"] == "segment"]
+    assert len(got) == len(timeline.segments) == kinds.count("speech_start")
+    for message, want in zip(got, timeline.segments, strict=True):
+        assert set(message) == {"type", "seq", "skipped", *SEGMENT_FIELDS}
+        got_at = (message["start_s"], message["end_s"], message["emotion"])
+        assert got_at == (want.start_s, want.end_s, want.emotion)
+        for label, score in want.scores.items():
+            assert message["scores"][label] == pytest.approx(score, abs=1e-5)
+        assert message["skipped"] == 0
+    for interim in (m for m in messages if m["type"] == "interim"):
+        assert set(interim) == {"type", "seq", "start_s", "end_s", "skipped", *READING_FIELDS}
+        assert sum(interim["scores"].values()) == pytest.approx(1, abs=1e-4)
+    summary = messages[-1]
+    assert summary["summary"] == timeline.summary and summary["duration_s"] == timeline.duration_s
+    assert summary["speech_s"] == timeline.speech_s

@@ -423,15 +423,20 @@ class Recording:
 
     def clip(self, segment: Segment) -> Audio:
         """A segment as the model's input: what `predict()` gets for that slice of the audio."""
-        return Audio(
-            samples=segment.samples,
-            source=f"{self.file}@{segment.start_s:.2f}s",
-            original_sample_rate=SAMPLE_RATE,
-            original_channels=1,
-            decoder="array",
-            container=None,
-            resampled=False,
-        )
+        return clip_audio(segment.samples, f"{self.file}@{segment.start_s:.2f}s")
+
+
+def clip_audio(samples: np.ndarray, source: str) -> Audio:
+    """16 kHz mono samples cut from a longer stream, as the model's input."""
+    return Audio(
+        samples=samples,
+        source=source,
+        original_sample_rate=SAMPLE_RATE,
+        original_channels=1,
+        decoder="array",
+        container=None,
+        resampled=False,
+    )
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,7 @@ from emoserve.model.labels import Label
 from emoserve.system import physical_cores, return_freed_memory, trim
 
 if TYPE_CHECKING:
+    from emoserve.inference.live import LiveSession
     from emoserve.inference.results import Timeline, TimelineSegment
     from emoserve.model.head import Head
 
@@ -147,6 +148,27 @@ class Recognizer:
         from emoserve.inference.timeline import score_segments
 
         yield from score_segments(self.with_head(head) if head else self, Recording(source, **options))
+
+    def stream(self, *, head: Head | None = None, **options: Any) -> LiveSession:
+        """A live stream scored here: `feed(pcm)` and `end()` return the messages of the stream protocol
+        (docs/streaming.md; `first` is its `ready`): speech_start, interim readings, each utterance's
+        segment (what `timeline()` gives for the same audio) and the summary. Options are StreamOptions'
+        (sample_rate, encoding, channels, hop_s, window_s, vad, granularity, embedding)."""
+        from emoserve.inference.live import LiveSession, StreamOptions
+
+        chosen = StreamOptions(**options)
+
+        def score(audio: Audio, interim: bool) -> Result:
+            granularity = "utterance" if interim else chosen.granularity
+            return self.predict(audio, granularity, chosen.embedding and not interim, head=head)
+
+        return LiveSession(
+            score,
+            chosen,
+            model=self.info.name,
+            random_weights=self.random_weights,
+            labels=[label.to_dict() for label in self.labels],
+        )
 
     def with_head(self, head: Head) -> Recognizer:
         """This recognizer, its results carrying `head`'s (for the code that scores through predict_many:

@@ -43,6 +43,10 @@ class Label:
     def emoji(self) -> str:
         return EMOJI.get(self.en, "❔")
 
+    def to_dict(self) -> dict[str, str]:
+        """As GET /v1/model and a live stream's `ready` list it."""
+        return {"en": self.en, "zh": self.zh, "emoji": self.emoji}
+
     @property
     def masked(self) -> bool:
         """Older revisions name unusable classes `unuse_N`; their logits are set to -inf."""

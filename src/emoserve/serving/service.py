@@ -559,7 +559,7 @@ def model_summary(recognizer: Recognizer, max_audio_s: float) -> dict[str, Any]:
     return {
         "name": info.name,
         "random_weights": info.random_weights,
-        "labels": [{"en": label.en, "zh": label.zh, "emoji": label.emoji} for label in recognizer.labels],
+        "labels": [label.to_dict() for label in recognizer.labels],
         "config": info.config.to_dict(),
         "backend": recognizer.backend.name,
         "device": recognizer.device,
