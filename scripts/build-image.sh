@@ -8,12 +8,15 @@
 # cpu: torch's CPU wheel (as scripts/setup-venv.sh installs it); onnx: no torch, serves entries that
 # were converted elsewhere. The CUDA image: the Dockerfile's `cuda` target.
 #
-# Caches (EMOSERVE_IMAGE_CACHE, default .cache/image): the wheels, keyed by the dependencies; the root
-# filesystem, keyed by every input (Debian suite and mirror, wheels, the project's files, the install
-# step, SOURCE_DATE_EPOCH). A second run with nothing changed only packs (or reuses) the archive.
-# Reproducible where the tools allow: SOURCE_DATE_EPOCH (default: the last commit's time) for
+# Two layers, as the uv pattern has it: Debian + the dependencies (slow to build, rarely changed), then
+# the project. Caches (EMOSERVE_IMAGE_CACHE, default .cache/image): the wheels, keyed by the dependency
+# list; the base layer (and its gzip), keyed by the Debian suite and mirror, the wheels, the install
+# step and SOURCE_DATE_EPOCH; the project's layer, keyed by its files. A change of the source rebuilds
+# only the project's layer; nothing changed: the archive is reused.
+# Reproducible where the tools allow: SOURCE_DATE_EPOCH (default: the last commit to the image's inputs) for
 # mmdebstrap's files and the archive, bytecode that does not depend on file times.
 set -euo pipefail
+umask 022
 cd "$(dirname "$0")/.."
 
 target="${1:-cpu}"
@@ -33,7 +36,10 @@ cache="${EMOSERVE_IMAGE_CACHE:-.cache/image}"
 torch_version="$(sed -n 's/^torch_version="\(.*\)"$/\1/p' scripts/setup-venv.sh)"
 torch_cpu_index="${EMOSERVE_TORCH_INDEX:-https://download.pytorch.org/whl/cpu}"
 version="$(python3 -c 'import tomllib; print(tomllib.load(open("pyproject.toml", "rb"))["project"]["version"])')"
-export SOURCE_DATE_EPOCH="${SOURCE_DATE_EPOCH:-$(git log -1 --format=%ct 2>/dev/null || echo 0)}"
+# the time of the last commit to what decides the image's contents besides the source, not of the last
+# commit: that would change with every commit and rebuild the base layer for nothing
+inputs=(deploy/container pyproject.toml scripts/build-image.sh scripts/setup-venv.sh)
+export SOURCE_DATE_EPOCH="${SOURCE_DATE_EPOCH:-$(git log -1 --format=%ct -- "${inputs[@]}" 2>/dev/null || echo 0)}"
 out="dist/emoserve-${version}-${target}.oci.tar"
 mkdir -p "$cache" dist
 started=$SECONDS
@@ -62,32 +68,19 @@ if [[ ! -f "$wheels/.complete" ]]; then
     touch "$wheels/.complete"
 fi
 
-# 2. the project's wheel, keyed by its files (tracked and new, as in the working tree)
-source_key="$(git ls-files -z -co --exclude-standard pyproject.toml README.md src | sort -z \
-    | xargs -0 sha256sum | key)"
-project="$cache/project-$source_key"
-if ! ls "$project"/emoserve-*.whl >/dev/null 2>&1; then
-    say "building the project's wheel"
-    rm -rf "$project" && mkdir -p "$project/src"
-    # from a copy, so that the build leaves nothing (build/, *.egg-info) in the working tree
-    git ls-files -z -co --exclude-standard pyproject.toml README.md src | xargs -0 cp --parents -t "$project/src"
-    "${pip[@]}" wheel --quiet --no-deps --no-build-isolation -w "$project" "$project/src" >&2
-    rm -rf "$project/src"
-fi
-
-# 3. the root filesystem: Debian + the venv, keyed by every input
-rootfs_key="$(cat deploy/container/install.sh deploy/container/healthcheck.py \
-    | sha256sum - <(echo "$suite $mirror $target $SOURCE_DATE_EPOCH $wheels $source_key") | key)"
-rootfs="$cache/rootfs-$target-$rootfs_key.tar"
-if [[ ! -f "$rootfs" ]]; then
-    say "building the root filesystem (mmdebstrap $suite, unshare mode)"
+# 2. the base layer: Debian + the venv with every dependency, keyed by all that goes into it
+base_key="$(cat deploy/container/install.sh deploy/container/healthcheck.py \
+    | sha256sum - <(echo "$suite $mirror $target $SOURCE_DATE_EPOCH $wheels") | key)"
+base="$cache/base-$target-$base_key.tar"
+if [[ ! -f "$base" ]]; then
+    say "building the base layer (mmdebstrap $suite, unshare mode)"
     stage="$(mktemp -d "$cache/.stage-XXXXXX")"
     chmod 755 "$stage"  # read from inside mmdebstrap's user namespace
-    partial="$cache/.partial-$(basename "$rootfs")"  # mmdebstrap writes a tarball when the name ends .tar
+    partial="$cache/.partial-$(basename "$base")"  # mmdebstrap writes a tarball when the name ends .tar
     trap 'rm -rf "$stage" "$partial"' EXIT
     cp -l "$wheels"/*.whl "$wheels"/requirements.txt "$wheels"/torch-version "$stage"/ 2>/dev/null \
         || cp "$wheels"/*.whl "$wheels"/requirements.txt "$wheels"/torch-version "$stage"/
-    cp "$project"/emoserve-*.whl deploy/container/healthcheck.py deploy/container/install.sh "$stage"/
+    cp deploy/container/healthcheck.py deploy/container/install.sh "$stage"/
     # unshare mode: an unprivileged user namespace, /dev and /proc mounted only inside it (root mode
     # once replaced the host's /dev/null with a regular file)
     nice -n 10 mmdebstrap --mode=unshare --variant=minbase --include=python3 --quiet \
@@ -99,23 +92,53 @@ if [[ ! -f "$rootfs" ]]; then
         --customize-hook="chroot \"\$1\" sh /tmp/build/install.sh $target /tmp/build" \
         --customize-hook='rm -rf "$1/tmp/build" "$1"/tmp/* "$1/var/cache/ldconfig/aux-cache"' \
         "$suite" "$partial" "$mirror" >&2
-    mv "$partial" "$rootfs"
+    mv "$partial" "$base"
     rm -rf "$stage"
     trap - EXIT
-    # older root filesystems of this target are not needed again
-    find "$cache" -maxdepth 1 -name "rootfs-$target-*.tar" ! -name "$(basename "$rootfs")" -delete
+    # older base layers of this target are not needed again
+    find "$cache" -maxdepth 1 -name "base-$target-*.tar*" ! -name "$(basename "$base")*" -delete
 fi
 
-# 4. the archive, unless it is already this root filesystem's
-stamp="$out.rootfs"
-if [[ -f "$out" && -f "$stamp" && "$(cat "$stamp")" == "$(basename "$rootfs")" ]]; then
+# 3. the project's layer: its wheel, installed into /opt/emoserve by the build host's pip (the same
+# Python minor version as the image's, so the same bytecode), keyed by its files as in the working tree
+source_key="$(git ls-files -z -co --exclude-standard pyproject.toml README.md src | sort -z \
+    | xargs -0 sha256sum | key)"
+project="$cache/project-$source_key.tar"
+if [[ ! -f "$project" ]]; then
+    say "building the project's layer"
+    host_python="$("$python" -c 'import sys; print("%d.%d" % sys.version_info[:2])')"
+    [[ "$host_python" == "$python_version" ]] \
+        || { echo "build-image: $python is Python $host_python; the image's is $python_version" >&2; exit 1; }
+    work="$(mktemp -d "$cache/.project-XXXXXX")"
+    trap 'rm -rf "$work"' EXIT
+    mkdir -p "$work/src" "$work/wheel" "$work/layer"
+    # from a copy, so that the build leaves nothing (build/, *.egg-info) in the working tree
+    git ls-files -z -co --exclude-standard pyproject.toml README.md src | xargs -0 cp --parents -t "$work/src"
+    "${pip[@]}" wheel --quiet --no-deps --no-build-isolation -w "$work/wheel" "$work/src" >&2
+    PIP_CONFIG_FILE=/dev/null "${pip[@]}" install --quiet --no-deps --no-compile --no-warn-script-location \
+        --root "$work/layer" --prefix /opt/emoserve "$work"/wheel/emoserve-*.whl
+    sed -i '1s|^#!.*|#!/opt/emoserve/bin/python|' "$work/layer/opt/emoserve/bin/emoserve"
+    "$python" -m compileall -q --invalidation-mode unchecked-hash -s "$work/layer" -p / "$work/layer/opt" >/dev/null
+    tar --sort=name --mtime="@$SOURCE_DATE_EPOCH" --owner=0 --group=0 --numeric-owner --format=posix \
+        --pax-option=exthdr.name=%d/PaxHeaders/%f,delete=atime,delete=ctime \
+        -C "$work/layer" -cf "$project.partial" opt
+    mv "$project.partial" "$project"
+    rm -rf "$work"
+    trap - EXIT
+    find "$cache" -maxdepth 1 -name "project-*.tar*" ! -name "$(basename "$project")*" -delete
+fi
+
+# 4. the archive, unless it already holds these layers
+stamp="$out.layers"
+layers="$(basename "$base") $(basename "$project")"
+if [[ -f "$out" && -f "$stamp" && "$(cat "$stamp")" == "$layers" ]]; then
     say "$out is up to date"
 else
     say "packing $out"
-    python3 deploy/container/oci.py "$rootfs" deploy/container/Dockerfile "$target" \
-        "emoserve:${version}-${target}" "$out" > "$out.json"
-    basename "$rootfs" > "$stamp"
+    python3 deploy/container/oci.py deploy/container/Dockerfile "$target" "emoserve:${version}-${target}" \
+        "$out" "$base" "$project" > "$out.json"
+    echo "$layers" > "$stamp"
 fi
 say "done: $out $(python3 -c 'import json, sys
 r = json.load(open(sys.argv[1]))
-print("(layer %.0f MB gzip, %.0f MB unpacked)" % (r["layer_gzip_bytes"] / 1e6, r["rootfs_bytes"] / 1e6))' "$out.json")"
+print("(%.0f MB compressed, %.0f MB unpacked)" % (r["compressed_bytes"] / 1e6, r["unpacked_bytes"] / 1e6))' "$out.json")"

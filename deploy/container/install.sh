@@ -3,6 +3,8 @@
 # installs emoserve into the venv /opt/emoserve from a folder of wheels, offline, then strips what a
 # running server does not need. The same script for both builds, so the two images hold the same files.
 #   install.sh TARGET WHEELS      TARGET: cpu | cuda (with torch) or onnx (without torch)
+# The project itself is installed when WHEELS holds its wheel (the Dockerfile); scripts/build-image.sh
+# leaves it out and adds it as a layer of its own, so that a change of the source rebuilds only that.
 # WHEELS holds every wheel, the project's wheel (emoserve-*.whl), pip's wheel, requirements.txt (the
 # project's dependencies without torch and silero-vad), torch-version and healthcheck.py.
 set -eu
@@ -26,12 +28,13 @@ case "$target" in
     onnx) pip -r "$wheels/requirements.txt" ;;
     *) echo "install.sh: unknown target $target (cpu, cuda, onnx)" >&2; exit 2 ;;
 esac
-pip --no-deps "$wheels"/emoserve-*.whl
 if [ "$target" = onnx ]; then pip --no-deps silero-vad; fi
+if ls "$wheels"/emoserve-*.whl >/dev/null 2>&1; then pip --no-deps "$wheels"/emoserve-*.whl; fi
 
 site="$(echo "$venv"/lib/python3*/site-packages)"
 # the test suites some wheels ship (never imported at run time), and C headers for building extensions
-rm -rf "$site"/*/tests "$site"/*/*/tests "$site"/torch/include "$site"/numpy/_core/include
+find "$site" -depth -type d -name tests -exec rm -rf {} +
+rm -rf "$site"/torch/include "$site"/numpy/_core/include
 find "$venv" -name '*.pyc' -delete
 # bytecode once, here: the root filesystem may be read-only at run time; unchecked-hash pycs do not
 # depend on file times, so a rebuild gives the same bytes

@@ -1,7 +1,11 @@
-"""Pack a root filesystem tarball as a one-layer OCI image archive (`podman load`, `docker load`), with the
-image config of a Dockerfile stage, so that scripts/build-image.sh needs no container tool and no registry.
+"""Pack layer tarballs (a root filesystem, then what goes over it) as an OCI image archive (`podman load`,
+`docker load`), with the image config of a Dockerfile stage, so that scripts/build-image.sh needs no
+container tool and no registry.
 
-    python3 deploy/container/oci.py ROOTFS.tar deploy/container/Dockerfile TARGET NAME:TAG OUT.oci.tar
+    python3 deploy/container/oci.py deploy/container/Dockerfile TARGET NAME:TAG OUT.oci.tar LAYER.tar...
+
+Each layer's gzip and digests are kept beside it (LAYER.tar.gz, LAYER.tar.json) and reused while the
+tarball is unchanged: a cached base layer is compressed once.
 
 The archive holds an OCI image layout (oci-layout, index.json, blobs/sha256/...) and Docker's
 manifest.json beside it, as `docker save` writes since Docker 25. Every time stamp is SOURCE_DATE_EPOCH
@@ -17,11 +21,9 @@ import json
 import os
 import re
 import shlex
-import shutil
 import subprocess
 import sys
 import tarfile
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -84,7 +86,12 @@ def duration_ns(text: str) -> int:
 def healthcheck(args: str) -> dict[str, Any]:
     options, _, command = args.partition("CMD")
     check: dict[str, Any] = {"Test": ["CMD", *json.loads(command)]}
-    names = {"interval": "Interval", "timeout": "Timeout", "start-period": "StartPeriod", "retries": "Retries"}
+    names = {
+        "interval": "Interval",
+        "timeout": "Timeout",
+        "start-period": "StartPeriod",
+        "retries": "Retries",
+    }
     for option in options.split():
         key, _, value = option.lstrip("-").partition("=")
         check[names[key]] = int(value) if key == "retries" else duration_ns(value)
@@ -140,100 +147,117 @@ def json_blob(value: Any) -> bytes:
     return json.dumps(value, sort_keys=True, separators=(",", ":")).encode()
 
 
-def gzip_layer(rootfs: Path, out: Path) -> None:
-    """gzip -n (no name, no time): the same tar gives the same bytes. Level 6: gzip's default."""
-    with rootfs.open("rb") as src, out.open("wb") as dst:
+def gzip_layer(layer: Path) -> tuple[Path, dict[str, Any]]:
+    """LAYER.tar.gz and its facts (diff_id, digest, sizes), made once per tarball. gzip -n (no name, no
+    time): the same tar gives the same bytes; level 6, gzip's default."""
+    packed, facts_file = layer.with_name(layer.name + ".gz"), layer.with_name(layer.name + ".json")
+    stamp = {"tar_bytes": layer.stat().st_size, "tar_mtime_ns": layer.stat().st_mtime_ns}
+    if facts_file.exists() and packed.exists():
+        facts = json.loads(facts_file.read_text())
+        if all(facts.get(k) == v for k, v in stamp.items()):
+            return packed, facts
+    partial = packed.with_name(packed.name + ".partial")
+    with layer.open("rb") as src, partial.open("wb") as dst:
         subprocess.run(["gzip", "-n", "-6", "-c"], stdin=src, stdout=dst, check=True)
+    partial.rename(packed)
+    facts = stamp | {
+        "diff_id": f"sha256:{sha256_file(layer)}",
+        "digest": sha256_file(packed),
+        "gzip_bytes": packed.stat().st_size,
+    }
+    facts_file.write_text(json.dumps(facts))
+    return packed, facts
 
 
-def pack(rootfs: Path, dockerfile: Path, target: str, ref: str, out: Path) -> dict[str, Any]:
+def pack(dockerfile: Path, target: str, ref: str, out: Path, layers: list[Path]) -> dict[str, Any]:
     epoch = int(os.environ.get("SOURCE_DATE_EPOCH", "0"))
     created = dt.datetime.fromtimestamp(epoch, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     name, _, tag = ref.rpartition(":")
-    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".oci-") as tmp:
-        layer = Path(tmp) / "layer.tar.gz"
-        gzip_layer(rootfs, layer)
-        layer_digest = sha256_file(layer)
-        config = {
-            "created": created,
-            "architecture": "amd64",
-            "os": "linux",
-            "config": image_config(dockerfile, target),
-            "rootfs": {"type": "layers", "diff_ids": [f"sha256:{sha256_file(rootfs)}"]},
-            "history": [{"created": created, "created_by": f"scripts/build-image.sh {target}"}],
-        }
-        config_bytes = json_blob(config)
-        config_digest = hashlib.sha256(config_bytes).hexdigest()
-        manifest_bytes = json_blob(
-            {
-                "schemaVersion": 2,
-                "mediaType": OCI_MANIFEST,
-                "config": descriptor(OCI_CONFIG, config_digest, len(config_bytes)),
-                "layers": [descriptor(OCI_LAYER, layer_digest, layer.stat().st_size)],
-            }
-        )
-        manifest_digest = hashlib.sha256(manifest_bytes).hexdigest()
-        annotations = {
-            "org.opencontainers.image.ref.name": tag,
-            "io.containerd.image.name": f"docker.io/library/{name}:{tag}",  # what `docker load` tags
-        }
-        index = {
+    packed = [gzip_layer(layer) for layer in layers]
+    config = {
+        "created": created,
+        "architecture": "amd64",
+        "os": "linux",
+        "config": image_config(dockerfile, target),
+        "rootfs": {"type": "layers", "diff_ids": [facts["diff_id"] for _, facts in packed]},
+        "history": [
+            {"created": created, "created_by": f"scripts/build-image.sh {target}: {layer.name}"}
+            for layer in layers
+        ],
+    }
+    config_bytes = json_blob(config)
+    config_digest = hashlib.sha256(config_bytes).hexdigest()
+    manifest_bytes = json_blob(
+        {
             "schemaVersion": 2,
-            "mediaType": "application/vnd.oci.image.index.v1+json",
-            "manifests": [
-                descriptor(OCI_MANIFEST, manifest_digest, len(manifest_bytes), annotations=annotations)
-            ],
+            "mediaType": OCI_MANIFEST,
+            "config": descriptor(OCI_CONFIG, config_digest, len(config_bytes)),
+            "layers": [descriptor(OCI_LAYER, facts["digest"], facts["gzip_bytes"]) for _, facts in packed],
         }
-        docker_manifest = [
-            {
-                "Config": f"blobs/sha256/{config_digest}",
-                "RepoTags": [ref],
-                "Layers": [f"blobs/sha256/{layer_digest}"],
-            }
-        ]
-        partial = out.with_name(f".{out.name}.partial")
-        with tarfile.open(partial, "w", format=tarfile.PAX_FORMAT) as archive:
-
-            def add(path: str, data: bytes | None = None, file: Path | None = None) -> None:
-                info = tarfile.TarInfo(path)
-                info.mtime, info.mode, info.uname, info.gname = epoch, 0o644, "root", "root"
-                if data is None and file is None:
-                    info.type, info.mode = tarfile.DIRTYPE, 0o755
-                    archive.addfile(info)
-                    return
-                if file is not None:
-                    info.size = file.stat().st_size
-                    with file.open("rb") as f:
-                        archive.addfile(info, f)
-                else:
-                    assert data is not None
-                    info.size = len(data)
-                    archive.addfile(info, io.BytesIO(data))
-
-            add("blobs")
-            add("blobs/sha256")
-            add(f"blobs/sha256/{config_digest}", config_bytes)
-            add(f"blobs/sha256/{layer_digest}", file=layer)
-            add(f"blobs/sha256/{manifest_digest}", manifest_bytes)
-            add("index.json", json_blob(index))
-            add("manifest.json", json_blob(docker_manifest))
-            add("oci-layout", json_blob({"imageLayoutVersion": "1.0.0"}))
-        shutil.move(partial, out)
-        return {
-            "ref": ref,
-            "archive_bytes": out.stat().st_size,
-            "layer_gzip_bytes": layer.stat().st_size,
-            "rootfs_bytes": rootfs.stat().st_size,
-            "manifest_digest": f"sha256:{manifest_digest}",
+    )
+    manifest_digest = hashlib.sha256(manifest_bytes).hexdigest()
+    annotations = {
+        "org.opencontainers.image.ref.name": tag,
+        "io.containerd.image.name": f"docker.io/library/{name}:{tag}",  # what `docker load` tags
+    }
+    index = {
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": [
+            descriptor(OCI_MANIFEST, manifest_digest, len(manifest_bytes), annotations=annotations)
+        ],
+    }
+    docker_manifest = [
+        {
+            "Config": f"blobs/sha256/{config_digest}",
+            "RepoTags": [ref],
+            "Layers": [f"blobs/sha256/{facts['digest']}" for _, facts in packed],
         }
+    ]
+    partial = out.with_name(f".{out.name}.partial")
+    with tarfile.open(partial, "w", format=tarfile.PAX_FORMAT) as archive:
+
+        def add(path: str, data: bytes | None = None, file: Path | None = None) -> None:
+            info = tarfile.TarInfo(path)
+            info.mtime, info.mode, info.uname, info.gname = epoch, 0o644, "root", "root"
+            if data is None and file is None:
+                info.type, info.mode = tarfile.DIRTYPE, 0o755
+                archive.addfile(info)
+            elif file is not None:
+                info.size = file.stat().st_size
+                with file.open("rb") as f:
+                    archive.addfile(info, f)
+            else:
+                assert data is not None
+                info.size = len(data)
+                archive.addfile(info, io.BytesIO(data))
+
+        add("blobs")
+        add("blobs/sha256")
+        add(f"blobs/sha256/{config_digest}", config_bytes)
+        for layer_gz, facts in packed:
+            add(f"blobs/sha256/{facts['digest']}", file=layer_gz)
+        add(f"blobs/sha256/{manifest_digest}", manifest_bytes)
+        add("index.json", json_blob(index))
+        add("manifest.json", json_blob(docker_manifest))
+        add("oci-layout", json_blob({"imageLayoutVersion": "1.0.0"}))
+    os.replace(partial, out)
+    return {
+        "ref": ref,
+        "archive_bytes": out.stat().st_size,
+        "compressed_bytes": sum(facts["gzip_bytes"] for _, facts in packed),
+        "unpacked_bytes": sum(facts["tar_bytes"] for _, facts in packed),
+        "layers": [facts for _, facts in packed],
+        "manifest_digest": f"sha256:{manifest_digest}",
+    }
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 5:
+    if len(argv) < 5:
         print(__doc__, file=sys.stderr)
         return 2
-    rootfs, dockerfile, target, ref, out = argv
-    print(json.dumps(pack(Path(rootfs), Path(dockerfile), target, ref, Path(out))))
+    dockerfile, target, ref, out, *layers = argv
+    print(json.dumps(pack(Path(dockerfile), target, ref, Path(out), [Path(layer) for layer in layers])))
     return 0
 
 
