@@ -497,3 +497,32 @@ def test_a_head_for_another_model_fails_start_up(trained: Any, tmp_path: Path) -
     service = Service(dataclasses.replace(LIVE, heads=(("other", str(other)),)))
     service.start().join(60)
     assert service.phase == "failed" and "1024-d embeddings" in str(service.reason)
+
+
+# Building Gradio Blocks outside a server leaves its own event loop and sockets for the collector
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.filterwarnings("ignore::pandas.errors.Pandas4Warning")
+def test_the_web_ui_offers_the_served_heads(trained: Any, manifest: Path, tiny_recognizer: Any) -> None:
+    """The Clip and Long-recording tabs get a head choice (their Gradio API events a `head` parameter)
+    when the server has heads, and render the head's result; without heads nothing changes."""
+    from emoserve.audio.vad import Segment
+    from emoserve.inference.results import scored
+    from emoserve.webui.app import build_ui
+    from emoserve.webui.charts import segment_table
+    from emoserve.webui.clip import result_card
+
+    from .test_webui import FakeService, ui_settings
+
+    settings = dataclasses.replace(ui_settings(None), heads=(("tones", str(trained[0].path)),))
+    for with_heads, ui_settings_ in ((True, settings), (False, ui_settings(None))):
+        config = build_ui(FakeService(None, ui_settings_)).get_config_file()
+        ids = {c.get("props", {}).get("elem_id") for c in config["components"]}
+        assert ({"head", "tl-head"} <= ids) is with_heads
+        inputs = {d["api_name"]: len(d["inputs"]) for d in config["dependencies"] if d.get("api_name")}
+        assert (inputs["recognize"], inputs["timeline"]) == ((4, 6) if with_heads else (3, 5))
+    result = tiny_recognizer.predict(
+        str(manifest.parent / "spk0_noise_0.wav"), head=Head.load(trained[0].path)
+    )
+    assert 'id="result-head"' in result_card(result) and "tones: <b>noise</b>" in result_card(result)
+    segment = scored(Segment(0, SR, np.zeros(SR, np.float32)), result)
+    assert list(segment_table([segment])["tones (yours)"]) == [f"noise {result.head.confidence:.2f}"]

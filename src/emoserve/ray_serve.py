@@ -302,13 +302,13 @@ class RemoteService:
         limit_s, setting = self.status.max_timeline_s, TIMELINE_LIMIT_SETTING
         return Recording(source, name=name, max_seconds=limit_s, limit_setting=setting, **options)
 
-    async def timeline(self, job: Recording) -> AsyncIterator[TimelineSegment]:
+    async def timeline(self, job: Recording, head: str | None = None) -> AsyncIterator[TimelineSegment]:
         """The job's segments, cut on a thread of this replica, each recognised on the model deployment
-        as `recognize` sends a clip; at most TIMELINE_IN_FLIGHT at once, yielded in the order found."""
+        as `recognize` sends a clip (with `head`); at most TIMELINE_IN_FLIGHT at once, in the order found."""
         self.require_ready()
 
         async def score(audio: Audio) -> Result:
-            result, _ = await self.recognize(audio)
+            result, _ = await self.recognize(audio, head=head)
             return result
 
         async with contextlib.aclosing(scored_in_order(job, score)) as segments:

@@ -77,7 +77,8 @@ def timeline_frame(result: Result, max_points: int = MAX_TIMELINE_POINTS) -> pd.
 
 
 def segment_table(segments: Sequence[TimelineSegment]) -> pd.DataFrame:
-    return pd.DataFrame(
+    """A row per segment; with a head's results, a column of them too (named after the head)."""
+    table = pd.DataFrame(
         [
             (
                 round(s.start_s, 2),
@@ -91,6 +92,11 @@ def segment_table(segments: Sequence[TimelineSegment]) -> pd.DataFrame:
         ],
         columns=list(TABLE_COLUMNS),
     )
+    named = [s.head for s in segments if s.head is not None]
+    if named and len(named) == len(segments):
+        cells = [f"{h.emoji or ''} {h.label} {h.confidence:.2f}".strip() for h in named]
+        table[f"{named[0].name} (yours)"] = cells
+    return table
 
 
 def distribution_frame(summary: dict[str, Any]) -> pd.DataFrame:

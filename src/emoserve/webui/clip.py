@@ -176,7 +176,10 @@ async def recognize(
     with page_errors(service):
         audio = await asyncio.to_thread(service.decode, path, file_name)
         decode_s = time.perf_counter() - started
-        result, timing = await service.recognize(audio, granularity, with_embedding, head)
+        if head is None:  # a service without heads (and a fake one) takes three arguments
+            result, timing = await service.recognize(audio, granularity, with_embedding)
+        else:
+            result, timing = await service.recognize(audio, granularity, with_embedding, head)
     extra = _saved_fields(file_name, audio)
     saved = await outputs.save("result", lambda store: store.save(result, audio.samples, extra=extra))
     clip = ClipResult(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import html
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
@@ -28,7 +29,7 @@ from emoserve.webui.charts import (
     segment_table,
     timeline_svg,
 )
-from emoserve.webui.clip import audio_input
+from emoserve.webui.clip import NO_HEAD, audio_input
 from emoserve.webui.protocol import UIService
 from emoserve.webui.saved import SavedTimeline, UIOutputs, saved_line
 from emoserve.webui.status import (
@@ -64,7 +65,7 @@ def long_recording_tab(service: UIService, outputs: UIOutputs) -> None:
     )
     with gr.Row():
         with gr.Column(scale=1):
-            inputs = _inputs()
+            inputs = _inputs([name for name, _ in service.settings.heads])
         with gr.Column(scale=1):
             views = _summary_views()
     views += _detail_views()
@@ -77,9 +78,25 @@ def long_recording_tab(service: UIService, outputs: UIOutputs) -> None:
         async for values in timeline_updates(service, outputs, request):
             yield values
 
+    # A server with heads (--head NAME=DIR) offers them: /timeline then takes `head` too
+    async def build_with_head(
+        audio: str | None,
+        channels: str,
+        max_segment_s: float,
+        threshold: float,
+        segments: str | None,
+        head: str,
+    ) -> AsyncIterator[tuple[Any, ...]]:
+        request = timeline_request(service, audio, channels, max_segment_s, threshold, segments)
+        request = dataclasses.replace(request, head=None if head == NO_HEAD else head)
+        async for values in timeline_updates(service, outputs, request):
+            yield values
+
+    handler: Any = build_with_head if inputs.head is not None else build
     run = inputs.start.click(
-        build,
-        inputs=[inputs.audio, inputs.channels, inputs.max_segment, inputs.threshold, inputs.segments],
+        handler,
+        inputs=[inputs.audio, inputs.channels, inputs.max_segment, inputs.threshold, inputs.segments]
+        + ([inputs.head] if inputs.head is not None else []),
         outputs=views,
         api_name="timeline",
         concurrency_limit=TIMELINE_CONCURRENCY,
@@ -98,9 +115,10 @@ class _Inputs:
     segments: gr.File
     start: gr.Button
     stop: gr.Button
+    head: gr.Dropdown | None  # only when the server serves heads
 
 
-def _inputs() -> _Inputs:
+def _inputs(heads: list[str]) -> _Inputs:
     audio = audio_input(f"Recording ({UPLOAD_FORMATS})", "tl-audio")
     channels = gr.Radio(CHANNEL_CHOICES, value="mix", label="Channels", elem_id="tl-channels")
     with gr.Row():
@@ -120,10 +138,18 @@ def _inputs() -> _Inputs:
         type="filepath",
         elem_id="tl-segments",
     )
+    head = None
+    if heads:
+        head = gr.Dropdown(
+            [NO_HEAD, *heads],
+            value=heads[0],
+            label="Your labels on each segment (a head from emoserve train-head)",
+            elem_id="tl-head",
+        )
     with gr.Row():
         start = gr.Button("Build timeline", variant="primary", elem_id="tl-start")
         stop = gr.Button("Stop", variant="stop", elem_id="tl-stop")
-    return _Inputs(audio, channels, max_segment, threshold, segments, start, stop)
+    return _Inputs(audio, channels, max_segment, threshold, segments, start, stop, head)
 
 
 def _summary_views() -> list[gr.components.Component]:
@@ -165,6 +191,7 @@ class TimelineRequest:
     channels: Channels
     vad: VadSettings
     spans: list[Span] | None
+    head: str | None = None  # a served head's name
 
 
 def timeline_request(
@@ -202,7 +229,7 @@ async def timeline_updates(
     with page_errors(service):
         yield _running_views(job, segments, started, with_results=True)
         sent_at, sent_count = time.monotonic(), 0
-        async with contextlib.aclosing(_paced(service.timeline(job), TICK_S)) as paced:
+        async with contextlib.aclosing(_paced(scored_segments(service, job, request.head), TICK_S)) as paced:
             async for segment in paced:
                 if segment is not None:
                     segments.append(segment)
@@ -214,6 +241,11 @@ async def timeline_updates(
         timeline = build_timeline(job, segments, service.model_name or "", bool(service.random_weights))
     saved = await outputs.save("timeline", lambda store: store.save_timeline(timeline))
     yield finished_views(timeline, saved, outputs.persistent, time.perf_counter() - started)
+
+
+def scored_segments(service: UIService, job: Recording, head: str | None) -> AsyncIterator[TimelineSegment]:
+    """The service's segments, with a head's results when one was chosen."""
+    return service.timeline(job, head) if head else service.timeline(job)
 
 
 async def _open_timeline(service: UIService, request: TimelineRequest) -> Recording:
