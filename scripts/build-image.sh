@@ -115,8 +115,10 @@ if [[ ! -f "$project" ]]; then
     # from a copy, so that the build leaves nothing (build/, *.egg-info) in the working tree
     git ls-files -z -co --exclude-standard pyproject.toml README.md src | xargs -0 cp --parents -t "$work/src"
     "${pip[@]}" wheel --quiet --no-deps --no-build-isolation -w "$work/wheel" "$work/src" >&2
-    PIP_CONFIG_FILE=/dev/null "${pip[@]}" install --quiet --no-deps --no-compile --no-warn-script-location \
-        --root "$work/layer" --prefix /opt/emoserve "$work"/wheel/emoserve-*.whl
+    # --ignore-installed: else pip uninstalls the build host's own (editable) emoserve from .venv before
+    # installing under --root (it did, once)
+    PIP_CONFIG_FILE=/dev/null "${pip[@]}" install --quiet --no-deps --ignore-installed --no-compile \
+        --no-warn-script-location --root "$work/layer" --prefix /opt/emoserve "$work"/wheel/emoserve-*.whl
     sed -i '1s|^#!.*|#!/opt/emoserve/bin/python|' "$work/layer/opt/emoserve/bin/emoserve"
     "$python" -m compileall -q --invalidation-mode unchecked-hash -s "$work/layer" -p / "$work/layer/opt" >/dev/null
     tar --sort=name --mtime="@$SOURCE_DATE_EPOCH" --owner=0 --group=0 --numeric-owner --format=posix \
