@@ -46,6 +46,11 @@ CODES: dict[str, Code] = {
     "draining": Code(503, "the server is shutting down; another instance should answer"),
     "start_up_failed": Code(503, "the model could not be loaded; an operator has to act"),
     "queue_full": Code(503, "too many requests waiting; retry after Retry-After"),
+    "too_many_streams": Code(503, "max_streams live streams are open; retry after Retry-After"),
+    "stream_too_long": Code(413, "a live stream longer than max_stream_s"),
+    "stream_idle": Code(408, "a live stream that sent nothing for stream_idle_s"),
+    "frame_too_large": Code(413, "a live stream's message over 1 MiB"),
+    "invalid_message": Code(400, "a live stream's text message that is not JSON, or of an unknown type"),
     "replica_lost": Code(503, "the model replica that held the request died (Ray Serve)"),
     # the model
     "model_unavailable": Code(500, "a model that cannot be found, downloaded, converted or loaded"),

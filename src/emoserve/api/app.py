@@ -17,6 +17,8 @@ import asyncio
 import functools
 import logging
 import signal
+import threading
+import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from types import FrameType
@@ -32,6 +34,7 @@ from emoserve.api.middleware import ApiKeyMiddleware, HeaderLimitMiddleware, Met
 from emoserve.api.recognize import RECOGNIZE
 from emoserve.api.recognize import router as recognize_router
 from emoserve.api.schemas import error_responses
+from emoserve.api.stream import router as stream_router
 from emoserve.api.timeline import TIMELINE
 from emoserve.api.timeline import router as timeline_router
 from emoserve.api.warmup import is_warmup_request, loopback_url, warm_routes
@@ -98,7 +101,7 @@ def create_app(settings: Settings, svc: Service | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.service = svc
-    for routes in (recognize_router, timeline_router, router):
+    for routes in (recognize_router, timeline_router, stream_router, router):
         app.include_router(routes)
     add_error_handlers(app)
     if settings.api_key:
@@ -148,15 +151,26 @@ class DrainingServer(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, service: Service) -> None:
         super().__init__(config)
         self.service = service
+        self._ending_streams = False
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         """uvicorn's, except that the signal is not raised again after the shutdown: a drained service
-        exits 0 rather than dying of SIGTERM (143)."""
+        exits 0 rather than dying of SIGTERM (143); and open live streams end first (their last segment,
+        the summary, close 1001), within drain_timeout_s: uvicorn's shutdown would close them at once."""
         self.service.begin_drain()
         if self.should_exit and sig == signal.SIGINT:
             self.force_exit = True  # a second Ctrl-C: stop waiting for requests in flight
-        else:
+        elif self.service.open_streams and not self._ending_streams:
+            self._ending_streams = True
+            threading.Thread(target=self._exit_after_streams, name="emoserve-drain", daemon=True).start()
+        elif not self._ending_streams:
             self.should_exit = True
+
+    def _exit_after_streams(self) -> None:
+        deadline = time.monotonic() + self.service.settings.drain_timeout_s
+        while self.service.open_streams and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self.should_exit = True
 
     def request_exit(self) -> None:
         self.should_exit = True

@@ -9,7 +9,7 @@ import binascii
 import hmac
 from collections.abc import Callable
 
-from starlette.datastructures import Headers
+from starlette.datastructures import Headers, QueryParams
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from emoserve.api.errors import error_json
@@ -92,23 +92,30 @@ class ApiKeyMiddleware:
         if scope["type"] not in ("http", "websocket") or scope["path"] in self.open_paths:
             await self.app(scope, receive, send)
             return
-        if self.allowed(Headers(scope=scope)):
+        # a browser cannot set headers on a WebSocket: there the key may come as ?api_key=KEY
+        websocket = scope["type"] == "websocket"
+        query_key = QueryParams(scope["query_string"]).get("api_key") if websocket else None
+        if self.allowed(Headers(scope=scope), query_key):
             await self.app(scope, receive, send)
             return
         error = ApiError(
             "unauthorized", "missing or wrong API key: send 'Authorization: Bearer KEY' or 'X-API-Key: KEY'"
         )
         if scope["type"] == "websocket":
-            self.metrics.count_error(error.code)  # a closed socket: no response to render
-            await send({"type": "websocket.close", "code": 1008})  # policy violation
+            if "websocket.http.response" not in scope.get("extensions", {}):
+                self.metrics.count_error(error.code)  # a closed socket: no response to render
+                await send({"type": "websocket.close", "code": 1008})  # policy violation
+                return
+            # the handshake answered with the 401 itself (the WebSocket denial response)
+            await error_json(error, self.metrics)(scope, receive, _as_denial(send))
             return
         api = scope["path"].startswith("/v1/")
         response = error_json(error, self.metrics)
         response.headers["WWW-Authenticate"] = 'Bearer realm="emoserve"' if api else 'Basic realm="emoserve"'
         await response(scope, receive, send)
 
-    def allowed(self, headers: Headers) -> bool:
-        candidates = [headers.get("x-api-key")]
+    def allowed(self, headers: Headers, query_key: str | None = None) -> bool:
+        candidates = [headers.get("x-api-key"), query_key]
         scheme, _, credentials = headers.get("authorization", "").partition(" ")
         if scheme.lower() == "bearer":
             candidates.append(credentials.strip())
@@ -123,3 +130,12 @@ def basic_password(credentials: str) -> str | None:
     except (binascii.Error, UnicodeDecodeError):
         return None
     return decoded.partition(":")[2]
+
+
+def _as_denial(send: Send) -> Send:
+    """An HTTP response on a WebSocket handshake: its messages named as the ASGI extension names them."""
+
+    async def deny(message: Message) -> None:
+        await send({**message, "type": "websocket." + message["type"]})
+
+    return deny

@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from emoserve.audio.live import InterimWindow, LiveCutter, LiveEvent, SpeechStart
+from emoserve.audio.live import ENCODINGS, InterimWindow, LiveCutter, LiveEvent, SpeechStart
 from emoserve.audio.segments import clip_audio
 from emoserve.audio.vad import DEFAULT_VAD, Segment, VadSettings
 from emoserve.constants import SAMPLE_RATE, Granularity
@@ -52,6 +52,10 @@ class StreamOptions:
             hop_s=self.hop_s,
             window_s=self.window_s,
         )
+
+    def seconds(self, n_bytes: int) -> float:
+        """Seconds of audio in `n_bytes` of the stream's PCM."""
+        return n_bytes / (ENCODINGS[self.encoding].itemsize * self.channels * self.sample_rate)
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -103,6 +103,28 @@ class Metrics:
         self.timelines_in_progress = Gauge(
             "emoserve_timelines_in_progress", "Timeline requests being processed now", registry=r
         )
+        # Live streams (GET /v1/stream)
+        self.streams_active = Gauge("emoserve_streams_active", "Live streams open now", registry=r)
+        self.streams_total = Counter(
+            "emoserve_streams",
+            "Live streams asked for, by outcome: opened, or refused_<why> (full, not_ready, draining)",
+            ["outcome"],
+            registry=r,
+        )
+        self.stream_audio_seconds_total = Counter(
+            "emoserve_stream_audio_seconds", "Seconds of audio received by live streams", registry=r
+        )
+        self.stream_interims_total = Counter(
+            "emoserve_stream_interims", "Interim readings of live streams, by outcome: sent or skipped",
+            ["outcome"],
+            registry=r,
+        )
+        self.stream_segment_latency_seconds = Histogram(
+            "emoserve_stream_segment_latency_seconds",
+            "Seconds from the audio that closed an utterance arriving to its `segment` being sent",
+            buckets=LATENCY_BUCKETS_S,
+            registry=r,
+        )
         # The engine
         self.batch_size = Histogram(
             "emoserve_batch_size", "Clips per model call", buckets=BATCH_SIZE_BUCKETS, registry=r

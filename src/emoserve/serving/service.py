@@ -40,10 +40,12 @@ if TYPE_CHECKING:
     from emoserve.audio.segments import Recording
     from emoserve.audio.vad import Segment
     from emoserve.constants import Granularity
+    from emoserve.inference.live import StreamOptions
     from emoserve.inference.recognizer import Recognizer
     from emoserve.inference.results import Result, TimelineSegment
     from emoserve.model.head import Head
-    from emoserve.serving.engine import Engine, RequestTiming
+    from emoserve.serving.engine import Engine, Priority, RequestTiming
+    from emoserve.serving.live import LiveStream
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +57,7 @@ TIMELINE_IN_FLIGHT = 8
 # what a too-long error tells the user to change: this server's own settings, not the library's max_seconds
 CLIP_LIMIT_SETTING = "this server's max_audio_s: --max-audio-s / EMOSERVE_MAX_AUDIO_S"
 TIMELINE_LIMIT_SETTING = "this server's max_timeline_s: --max-timeline-s / EMOSERVE_MAX_TIMELINE_S"
+STREAM_RETRY_AFTER_S = 5.0  # a refused live stream: streams last minutes, but some end every few seconds
 KEEP_WARM_SECONDS = 1.0  # audio length of a keep-warm inference: enough to touch every layer
 UTTERANCE: Granularity = "utterance"
 
@@ -117,6 +120,7 @@ class Service:
         self._files_warned = False
         self._rebuilt = False  # the model files were converted again while serving
         self._start_thread: threading.Thread | None = None
+        self._streams = 0  # live streams open
         self.metrics.set_state("starting")
 
     # ------------------------------------------------------------------------------------------ state
@@ -411,6 +415,11 @@ class Service:
         return unavailable(self.phase, self.reason, self.timings()["since_start_s"])
 
     @property
+    def open_streams(self) -> int:
+        """Live streams open now (GET /v1/stream)."""
+        return self._streams
+
+    @property
     def accepting(self) -> bool:
         """Requests are served: ready, or warmed up and answering the routes' own warm-up requests (an
         outside request that comes then is served too, rather than kept waiting for "ready")."""
@@ -460,14 +469,71 @@ class Service:
         granularity: Granularity = "utterance",
         embedding: bool = False,
         head: str | None = None,
+        priority: Priority | None = None,
     ) -> tuple[Result, RequestTiming]:
-        """`head`: a served head's name (422 if unknown); its result comes as `result.head`."""
+        """`head`: a served head's name (422 if unknown); its result comes as `result.head`. `priority`:
+        the engine's (a person's clip by default)."""
+        from emoserve.serving.engine import Priority
         from emoserve.serving.heads import apply_head, pick_head
 
-        if (chosen := pick_head(self.heads, head)) is None:
-            return await self._engine().submit_timed(audio, granularity, embedding)
-        result, timing = await self._engine().submit_timed(audio, granularity, True)
+        engine, chosen = self._engine(), pick_head(self.heads, head)
+        priority = Priority.CLIP if priority is None else priority
+        if chosen is None:
+            return await engine.submit_timed(audio, granularity, embedding, priority=priority)
+        result, timing = await engine.submit_timed(audio, granularity, True, priority=priority)
         return apply_head(result, chosen, embedding, self.metrics), timing
+
+    @contextlib.asynccontextmanager
+    async def live_stream(self, options: StreamOptions) -> AsyncIterator[LiveStream]:
+        """A live stream on the shared engine (serving/live.py), closed on leaving. Refused with the 503
+        that fits when requests are not accepted, or with too_many_streams beyond max_streams."""
+        from emoserve.serving.engine import Priority
+        from emoserve.serving.heads import pick_head
+        from emoserve.serving.live import LiveStream
+
+        if not self.accepting:
+            error = self.unavailable()
+            self.metrics.streams_total.labels(f"refused_{error.code}").inc()
+            raise error
+        if self._streams >= self.settings.max_streams:
+            self.metrics.streams_total.labels("refused_full").inc()
+            raise ServiceUnavailable(
+                "too_many_streams",
+                f"{self._streams} live streams are open, this server's most (max_streams: --max-streams / "
+                "EMOSERVE_MAX_STREAMS); retry later or use another instance",
+                STREAM_RETRY_AFTER_S,
+            )
+        pick_head(self.heads, options.head)  # an unknown head: 422 before the stream opens
+
+        async def score(audio: Audio, interim: bool) -> Result:
+            self._last_used = time.monotonic()
+            if interim:  # best effort: a full queue skips the reading
+                reading = self.recognize(audio, "utterance", False, options.head, Priority.STREAM_INTERIM)
+                return (await reading)[0]
+            return await _submit_waiting(
+                lambda: self.recognize(
+                    audio, options.granularity, options.embedding, options.head, Priority.STREAM_SEGMENT
+                )
+            )
+
+        assert self.model_summary is not None  # accepting: loaded
+        stream = LiveStream(
+            options,
+            score,
+            model=str(self.model_summary["name"]),
+            random_weights=bool(self.random_weights),
+            labels=list(self.model_summary["labels"]),
+            metrics=self.metrics,
+        )
+        self._streams += 1
+        self.metrics.streams_total.labels("opened").inc()
+        self.metrics.streams_active.inc()
+        try:
+            yield stream
+        finally:
+            await stream.close()
+            self._streams -= 1
+            self.metrics.streams_active.dec()
 
     def open_timeline(self, source: Any, *, name: str | None = None, **options: Any) -> Recording:
         """Open a recording for `timeline` (blocking: run it in a thread), within max_timeline_s."""
@@ -530,15 +596,25 @@ async def scored_in_order(
 
 
 async def _submit_segment(engine: Engine, audio: Audio, embedding: bool = False) -> Result:
-    """One segment at the timeline's priority (after everything else); a full queue (other users'
-    traffic) is waited out for up to TIMELINE_QUEUE_WAIT_S rather than failing a long recording part-way."""
-    from emoserve.errors import QueueFull
+    """One segment at the timeline's priority (after everything else), waiting out a full queue."""
     from emoserve.serving.engine import Priority
+
+    return await _submit_waiting(
+        lambda: engine.submit(audio, embedding=embedding, priority=Priority.TIMELINE)
+    )
+
+
+async def _submit_waiting(submit: Callable[[], Awaitable[Any]]) -> Any:
+    """`submit()`'s result; a full queue (other users' traffic) is waited out for up to
+    TIMELINE_QUEUE_WAIT_S rather than failing a recording or a stream part-way. `submit` gives a Result,
+    or (Result, timing), whose Result is returned."""
+    from emoserve.errors import QueueFull
 
     deadline = time.monotonic() + TIMELINE_QUEUE_WAIT_S
     while True:
         try:
-            return await engine.submit(audio, embedding=embedding, priority=Priority.TIMELINE)
+            got = await submit()
+            return got[0] if isinstance(got, tuple) else got
         except QueueFull as error:
             if time.monotonic() >= deadline:
                 raise

@@ -237,6 +237,16 @@ class Settings:
         "largest /v1/timeline upload in MB (spooled to a temporary file, not held in memory)",
         check=_positive,
     )
+    # Live streams (GET /v1/stream)
+    max_streams: int = _setting(
+        16, _integer, "live streams open at once; beyond it a new one is refused (503)", check=_at_least(0)
+    )
+    max_stream_s: float = _setting(
+        4 * 3600.0, _number, "longest live stream in seconds of audio, then closed", check=_positive
+    )
+    stream_idle_s: float = _setting(
+        60.0, _number, "a live stream that sends nothing this long is closed", check=_positive
+    )
     # The batching engine (engine.EngineConfig)
     max_batch_size: int = _setting(MAX_BATCH_SIZE, _integer, "clips per model call", check=_at_least(1))
     batching: str = _setting(

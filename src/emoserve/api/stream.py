@@ -1,0 +1,255 @@
+"""GET /v1/stream: emotion while the person is still speaking, over a WebSocket (docs/streaming.md).
+
+    handshake: query parameters checked (a bad one: an `error`, then close 1008), the API key (headers,
+    or ?api_key= for browsers), the service accepting and under max_streams (else the handshake gets the
+    503 JSON with Retry-After)
+    -> `ready` -> binary messages of PCM -> Service.live_stream (serving/live.py): speech_start, interim,
+       segment; {"type": "end"} -> the last segment and the summary, close 1000
+
+The receive loop reads the next message only once the stream has room (back-pressure: a fast sender is
+slowed, never dropped). Fatal: a message over 1 MiB, audio past max_stream_s, nothing for stream_idle_s,
+the server draining (close 1001 after the summary); each is an `error` with `fatal: true` after the
+stream's segments and summary, then the close.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+from fastapi import APIRouter, WebSocket
+from starlette.websockets import WebSocketDisconnect
+
+from emoserve.api.errors import error_json
+from emoserve.audio.live import ENCODINGS
+from emoserve.audio.vad import VadSettings
+from emoserve.constants import GRANULARITIES, SAMPLE_RATE
+from emoserve.errors import AudioError, EmoserveError
+from emoserve.inference.live import StreamOptions
+from emoserve.serving.live import LiveStream
+from emoserve.serving.service import Service
+
+STREAM = "/v1/stream"
+MAX_MESSAGE_BYTES = 1 << 20
+SAMPLE_RATES = (8_000, 192_000)
+HOP_S = (0.25, 10.0)
+MAX_WINDOW_S = 30.0
+MAX_CHANNELS = 32
+POLL_S = 0.25  # how often a waiting receive looks at the drain and the idle clock
+CLOSE_NORMAL, CLOSE_GOING_AWAY, CLOSE_POLICY, CLOSE_TOO_BIG = 1000, 1001, 1008, 1009
+CLOSE_ERROR, CLOSE_TRY_LATER = 1011, 1013
+
+router = APIRouter()
+
+
+class Refused(Exception):
+    """A fatal problem: the stream gets its segments and summary, then this error, then the close."""
+
+    def __init__(self, code: str, message: str, close: int) -> None:
+        super().__init__(message)
+        self.code, self.close = code, close
+
+
+@router.websocket(STREAM)
+async def stream(websocket: WebSocket) -> None:
+    service: Service = websocket.app.state.service
+    try:
+        options = stream_options(dict(websocket.query_params))
+    except ValueError as error:
+        await websocket.accept()
+        await websocket.send_json(
+            {"type": "error", "seq": 0, "code": "invalid_parameter", "message": str(error), "fatal": True}
+        )
+        await websocket.close(CLOSE_POLICY)
+        service.metrics.count_error("invalid_parameter")
+        return
+    accepted = False
+    try:
+        async with service.live_stream(options) as live:
+            await websocket.accept()
+            accepted = True
+            await websocket.send_json(live.ready_message)
+            await serve_stream(websocket, service, live)
+    except EmoserveError as error:  # refused before the handshake: the 503 (or 422) as the answer
+        if accepted:
+            raise
+        response = error_json(error, service.metrics)
+        if "websocket.http.response" in websocket.scope.get("extensions", {}):
+            await websocket.send_denial_response(response)
+        else:
+            await websocket.accept()
+            await websocket.send_json(
+                {"type": "error", "seq": 0, "code": error.code, "message": str(error), "fatal": True}
+            )
+            await websocket.close(CLOSE_TRY_LATER)
+
+
+async def serve_stream(websocket: WebSocket, service: Service, live: LiveStream) -> None:
+    sender = asyncio.create_task(send_messages(websocket, live))
+    close = CLOSE_NORMAL
+    try:
+        try:
+            await receive_audio(websocket, service, live)
+        except Refused as refused:
+            await live.end()
+            live.error(refused.code, str(refused), fatal=True)
+            close = refused.close
+        try:
+            await sender
+        except EmoserveError as error:  # a segment could not be scored (the model failed, or no room)
+            service.metrics.count_error(error.code)
+            await websocket.send_json(live.messages.error(error.code, str(error), fatal=True))
+            close = CLOSE_ERROR
+        await websocket.close(close)
+    except WebSocketDisconnect:
+        pass  # the client went away: live_stream's exit cancels what it held
+    finally:
+        sender.cancel()
+        await asyncio.gather(sender, return_exceptions=True)
+
+
+async def send_messages(websocket: WebSocket, live: LiveStream) -> None:
+    async for message in live.messages_out():
+        await websocket.send_json(message)
+
+
+async def receive_audio(websocket: WebSocket, service: Service, live: LiveStream) -> None:
+    """Until `end` (then the stream is ended) or a Refused; WebSocketDisconnect when the client leaves."""
+    loop = asyncio.get_running_loop()
+    idle_since = loop.time()
+    receiving: asyncio.Task[Any] | None = None
+    try:
+        while True:
+            if receiving is None:
+                receiving = asyncio.ensure_future(websocket.receive())
+            done, _ = await asyncio.wait([receiving], timeout=POLL_S)
+            if service.phase == "draining":
+                raise Refused(
+                    code="draining",
+                    message="the server is shutting down: the stream ends",
+                    close=CLOSE_GOING_AWAY,
+                )
+            if not done:
+                if loop.time() - idle_since > service.settings.stream_idle_s:
+                    raise Refused(
+                        code="stream_idle",
+                        message=f"nothing received for {service.settings.stream_idle_s:g} s (stream_idle_s): "
+                        'send audio, or {"type": "end"} when done',
+                        close=CLOSE_POLICY,
+                    )
+                continue
+            message, receiving, idle_since = receiving.result(), None, loop.time()
+            if message["type"] == "websocket.disconnect":
+                raise WebSocketDisconnect(message.get("code", 1000))
+            if (data := message.get("bytes")) is not None:
+                await feed(live, service, data)
+            elif await text(live, message.get("text") or ""):
+                await live.end()
+                return
+    finally:
+        if receiving is not None and not receiving.done():
+            receiving.cancel()
+
+
+async def feed(live: LiveStream, service: Service, data: bytes) -> None:
+    if len(data) > MAX_MESSAGE_BYTES:
+        raise Refused(
+            code="frame_too_large",
+            message=f"a message of {len(data)} bytes: at most {MAX_MESSAGE_BYTES} (1 MiB); send smaller ones",
+            close=CLOSE_TOO_BIG,
+        )
+    if live.ended:
+        live.error(code="invalid_message", message='audio after {"type": "end"} was left out', fatal=False)
+        return
+    try:
+        await live.feed(data)
+    except AudioError as error:  # a message that is not whole samples, NaN in f32: that message only
+        service.metrics.count_error(error.code)
+        live.error(error.code, str(error), fatal=False)
+    if live.duration_s > service.settings.max_stream_s:
+        raise Refused(
+            code="stream_too_long",
+            message=f"the stream passed {service.settings.max_stream_s:g} s of audio, this server's "
+            "max_stream_s (--max-stream-s / EMOSERVE_MAX_STREAM_S); open a new stream to go on",
+            close=CLOSE_TOO_BIG,
+        )
+
+
+async def text(live: LiveStream, raw: str) -> bool:
+    """A text message: True for `end`; anything else is an `error` that does not end the stream."""
+    try:
+        message = json.loads(raw)
+    except ValueError:
+        live.error(
+            code="invalid_message", message=f"a text message that is not JSON: {raw[:80]!r}", fatal=False
+        )
+        return False
+    kind = message.get("type") if isinstance(message, dict) else None
+    if kind == "end":
+        return True
+    live.error(
+        code="invalid_message",
+        message=f'unknown message type {kind!r}: the only one is {{"type": "end"}}',
+        fatal=False,
+    )
+    return False
+
+
+def stream_options(query: dict[str, str]) -> StreamOptions:
+    """The query parameters, each checked with a message that names it (ValueError)."""
+    known = {
+        "sample_rate", "encoding", "channels", "hop_s", "window_s", "vad_threshold", "min_speech_ms",
+        "min_silence_ms", "pad_ms", "max_segment_s", "granularity", "embedding", "head", "api_key",
+    }  # fmt: skip
+    if unknown := sorted(set(query) - known):
+        raise ValueError(f"unknown parameter {unknown[0]!r}; the parameters are {', '.join(sorted(known))}")
+    sample_rate = _number(query, "sample_rate", SAMPLE_RATE, int)
+    if not SAMPLE_RATES[0] <= sample_rate <= SAMPLE_RATES[1]:
+        raise ValueError(f"sample_rate is {sample_rate}; it must be {SAMPLE_RATES[0]}-{SAMPLE_RATES[1]}")
+    encoding = query.get("encoding", "pcm_s16le")
+    if encoding not in ENCODINGS:
+        raise ValueError(f"encoding is {encoding!r}; choose from {', '.join(ENCODINGS)}")
+    channels = _number(query, "channels", 1, int)
+    if not 1 <= channels <= MAX_CHANNELS:
+        raise ValueError(f"channels is {channels}; it must be 1-{MAX_CHANNELS}")
+    hop_s = _number(query, "hop_s", 1.0, float)
+    if not HOP_S[0] <= hop_s <= HOP_S[1]:
+        raise ValueError(f"hop_s is {hop_s:g}; it must be {HOP_S[0]:g}-{HOP_S[1]:g}")
+    window_s = _number(query, "window_s", 10.0, float)
+    if not hop_s <= window_s <= MAX_WINDOW_S:
+        raise ValueError(f"window_s is {window_s:g}; it must be hop_s ({hop_s:g}) to {MAX_WINDOW_S:g}")
+    defaults = VadSettings()
+    vad = VadSettings(
+        threshold=_number(query, "vad_threshold", defaults.threshold, float),
+        min_speech_ms=_number(query, "min_speech_ms", defaults.min_speech_ms, float),
+        min_silence_ms=_number(query, "min_silence_ms", defaults.min_silence_ms, float),
+        pad_ms=_number(query, "pad_ms", defaults.pad_ms, float),
+        max_segment_s=_number(query, "max_segment_s", defaults.max_segment_s, float),
+    )
+    granularity = query.get("granularity", "utterance")
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"granularity is {granularity!r}; choose 'utterance' or 'frame'")
+    embedding = query.get("embedding", "false").lower()
+    if embedding not in ("true", "false", "1", "0"):
+        raise ValueError(f"embedding is {embedding!r}; use true or false")
+    return StreamOptions(
+        sample_rate=sample_rate,
+        encoding=encoding,
+        channels=channels,
+        hop_s=hop_s,
+        window_s=window_s,
+        vad=vad,
+        granularity=granularity,
+        embedding=embedding in ("true", "1"),
+        head=query.get("head"),
+    )
+
+
+def _number(query: dict[str, str], name: str, default: Any, kind: type) -> Any:
+    if name not in query:
+        return default
+    try:
+        return kind(query[name])
+    except ValueError:
+        raise ValueError(f"{name} is {query[name]!r}; it must be a number") from None
