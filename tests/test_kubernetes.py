@@ -1,11 +1,15 @@
 """deploy/kubernetes/: the plain Deployment validated against the Kubernetes schema (offline, from
 kubernetes-validate), and both manifests cross-checked against what the code answers: probe paths are
 our routes, ports and flags are what `emoserve serve` takes, every EMOSERVE_* value is a valid setting,
-threads fit the CPU limit, the grace period covers preStop + drain, and the RayService runs the
-applications of deploy/ray/serve.yaml with the proxy callback that emoserve.ray_serve names."""
+threads fit the CPU limit, the grace period covers preStop + drain, the image is the one
+scripts/build-image.sh makes (its entrypoint, user and model volume as deploy/container/Dockerfile says),
+and the RayService runs the applications of deploy/ray/serve.yaml with the proxy callback that
+emoserve.ray_serve names."""
 
 from __future__ import annotations
 
+import importlib.metadata
+import importlib.util
 import math
 from pathlib import Path
 from typing import Any
@@ -17,7 +21,9 @@ from emoserve.api.app import create_app
 from emoserve.cli import parser
 from emoserve.serving.settings import Settings, load_settings
 
-DEPLOY = Path(__file__).parents[1] / "deploy"
+ROOT = Path(__file__).parents[1]
+DEPLOY = ROOT / "deploy"
+VERSION = importlib.metadata.version("emoserve")
 K8S_VERSION = "1.33.0"  # PodLifecycleSleepAction (preStop sleep) is GA from 1.34; beta and on since 1.30
 
 
@@ -38,6 +44,19 @@ def env_of(container: dict[str, Any]) -> dict[str, str]:
     return {e["name"]: e["value"] for e in container.get("env", [])}
 
 
+def image_config(image: str) -> dict[str, Any]:
+    """The config of `image` (emoserve:VERSION-TARGET) as scripts/build-image.sh writes it: read from the
+    Dockerfile's stage TARGET by deploy/container/oci.py, which packs it."""
+    spec = importlib.util.spec_from_file_location("oci", DEPLOY / "container" / "oci.py")
+    assert spec is not None and spec.loader is not None
+    oci = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(oci)
+    name, _, tag = image.partition(":")
+    version, _, target = tag.partition("-")
+    assert (name, version) == ("emoserve", VERSION), image
+    return oci.image_config(DEPLOY / "container" / "Dockerfile", target)
+
+
 @pytest.mark.parametrize("name", ["emoserve.yaml"])
 def test_manifests_are_valid_kubernetes(name: str) -> None:
     kubernetes_validate = pytest.importorskip("kubernetes_validate")
@@ -50,7 +69,8 @@ def test_the_deployment_runs_emoserve_serve_with_valid_settings_and_probes_on_ou
     deployment = by_kind(docs, "Deployment")["spec"]
     pod = deployment["template"]["spec"]
     (container,) = pod["containers"]
-    command = container["args"]
+    image = image_config(container["image"])
+    command = container.get("command", image["Entrypoint"]) + container["args"]
     assert command[:2] == ["emoserve", "serve"]
     flags = vars(parser().parse_args(command[1:]))  # argparse exits on an unknown flag
     environ = env_of(container)
@@ -73,6 +93,15 @@ def test_the_deployment_runs_emoserve_serve_with_valid_settings_and_probes_on_ou
     # shutdown: preStop, then SIGTERM and the drain, all within the grace period
     pre_stop_s = container["lifecycle"]["preStop"]["sleep"]["seconds"]
     assert pod["terminationGracePeriodSeconds"] > pre_stop_s + settings.drain_timeout_s
+    # the image's user, on a read-only root, writing the model volume (at the image's EMOSERVE_HOME) and /tmp
+    uid, gid = (int(part) for part in image["User"].split(":"))
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert (pod["securityContext"]["runAsUser"], pod["securityContext"]["fsGroup"]) == (uid, gid)
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    image_env = dict(item.split("=", 1) for item in image["Env"])
+    mounts = {m["mountPath"] for m in container["volumeMounts"]}
+    assert {environ.get("EMOSERVE_HOME", image_env["EMOSERVE_HOME"]), "/tmp"} <= mounts
+    assert set(image["Volumes"]) <= mounts
     service = by_kind(docs, "Service")
     assert service["spec"]["selector"] == deployment["selector"]["matchLabels"]
     assert service["spec"]["ports"][0]["targetPort"] == "http"
