@@ -7,14 +7,24 @@ from __future__ import annotations
 import csv
 import json
 from collections.abc import Sequence
-from typing import IO, TYPE_CHECKING, Any, Literal
+from typing import IO, Any, Literal, Protocol
 
 from emoserve.constants import Granularity
 from emoserve.errors import EmoserveError
-from emoserve.inference.results import HeadResult, Timeline, TimelineSegment
+from emoserve.inference.results import HeadResult, Result, Timeline, TimelineSegment
 
-if TYPE_CHECKING:
-    from emoserve.inference.files import Outcome
+
+class Outcome(Protocol):
+    """What a line is written from: `files.Outcome` (named here, not imported: files -> recognizer -> ...
+    -> formats would be a circle)."""
+
+    @property
+    def file(self) -> str: ...
+    @property
+    def result(self) -> Result | None: ...
+    @property
+    def error(self) -> str | None: ...
+    def to_dict(self) -> dict[str, object]: ...
 
 Format = Literal["jsonl", "csv", "table"]
 
