@@ -380,7 +380,7 @@ def test_openapi_docs(live: Live) -> None:
     spec = live.client.get("/openapi.json").json()
     recognize = spec["paths"]["/v1/recognize"]["post"]
     assert "multipart/form-data" in recognize["requestBody"]["content"]
-    assert {p["name"] for p in recognize["parameters"]} == {"granularity", "embedding"}
+    assert {p["name"] for p in recognize["parameters"]} == {"granularity", "embedding", "head"}
 
 
 # ------------------------------------------------------------------------------ batching and push-back
