@@ -295,6 +295,16 @@ def test_data_that_cannot_train_a_head_is_refused(tiny_recognizer: Any, tmp_path
         train_head(tiny_recognizer, data(["a", "b"] * 5, ["s1"] * 10), tmp_path / "h")
     few = train_head(tiny_recognizer, data(["a", "b"] * 4), tmp_path / "h")
     assert any("few examples" in w for w in few.warnings)
+    # a speaker who alone has a label: held out, nothing of that label is left to train on
+    lonely = train_head(
+        tiny_recognizer, data(["a", "b"] * 4 + ["c", "c"], ["s1", "s2"] * 4 + ["s3", "s3"]), tmp_path / "h"
+    )
+    assert any("holding out s3 leaves no example of 'c'" in w for w in lonely.warnings)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "thesis.txt").write_text("precious")
+    with pytest.raises(ValueError, match="exists and is not a head directory"):
+        train_head(tiny_recognizer, data(["a", "b"] * 4), tmp_path / "mine")
+    assert (tmp_path / "mine" / "thesis.txt").read_text() == "precious"
     assert not (tmp_path / "h-refused").exists()
 
 

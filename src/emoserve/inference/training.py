@@ -282,11 +282,21 @@ def train_head(
     options: TrainOptions = TrainOptions(),
     label_info: dict[str, dict[str, str]] | None = None,
 ) -> Trained:
-    """Cross-validate, fit on all the data and write the head directory `out` (see the module)."""
+    """Cross-validate, fit on all the data and write the head directory `out` (see the module). An
+    existing `out` is replaced only when it is a head directory (never a folder of other files)."""
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "head.json").is_file())):
+        raise ValueError(f"{out} exists and is not a head directory: choose another --out (it would be lost)")
     warnings = check_trainable(labelled, options)
     started = time.perf_counter()
     report = cross_validate(labelled, options)
     cv_s = time.perf_counter() - started
+    for fold in report["cv"]["folds"]:
+        if missing := sorted(set(labelled.y) - set(fold["train_labels"])):
+            held_out = ", ".join(fold["test_groups"]) or "a fold"
+            warnings.append(
+                f"holding out {held_out} leaves no example of {', '.join(map(repr, missing))} to train on: "
+                "those rows cannot be predicted right there (the figures count them as errors)"
+            )
     pipeline = make_pipeline(options).fit(labelled.x, np.array(labelled.y))
     mean, scale, layers = export_arrays(pipeline)
     classes = [str(c) for c in pipeline.named_steps["classifier"].classes_]
