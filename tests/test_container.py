@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import importlib.metadata
 import json
 import os
 import shutil
@@ -31,7 +32,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import tomllib
 
 from .conftest import skip_or_fail
 
@@ -40,7 +40,7 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).parents[1]
 BUILD = ROOT / "scripts" / "build-image.sh"
 EXAMPLE = ROOT / "src" / "emoserve" / "examples" / "zh_3s_16k.wav"
-PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+PROJECT = importlib.metadata.metadata("emoserve")  # the installed project: pyproject.toml's version, licence
 TARGETS = ["cpu", "onnx"]
 BUILD_TIMEOUT_S = 1800  # cold: Debian packages + ~370 MB of wheels + gzip of the layer
 READY_TIMEOUT_S = 120
@@ -87,31 +87,37 @@ class Image:
     def config(self) -> dict[str, Any]:
         return json.loads(self.blob(self.manifest()["config"]["digest"]))
 
-    def layer_name(self) -> str:
-        (layer,) = self.manifest()["layers"]
-        return f"blobs/sha256/{layer['digest'].removeprefix('sha256:')}"
+    def layer_names(self) -> list[str]:
+        """The layers' blobs, the base first."""
+        return [
+            f"blobs/sha256/{layer['digest'].removeprefix('sha256:')}" for layer in self.manifest()["layers"]
+        ]
 
     def unpack(self, into: Path) -> Path:
-        """The root filesystem, owners kept (we are root here)."""
+        """The root filesystem, its layers one over the other, owners kept (we are root here)."""
         into.mkdir(parents=True)
         with tarfile.open(self.archive) as archive:
-            layer = archive.extractfile(self.layer_name())
-            assert layer is not None
-            untar = subprocess.Popen(
-                ["tar", "-xz", "--numeric-owner", "-C", str(into)], stdin=subprocess.PIPE
-            )
-            assert untar.stdin is not None
-            shutil.copyfileobj(layer, untar.stdin, 1 << 20)
-            untar.stdin.close()
-            assert untar.wait() == 0
+            for name in self.layer_names():
+                layer = archive.extractfile(name)
+                assert layer is not None
+                untar = subprocess.Popen(
+                    ["tar", "-xz", "--numeric-owner", "-C", str(into)], stdin=subprocess.PIPE
+                )
+                assert untar.stdin is not None
+                shutil.copyfileobj(layer, untar.stdin, 1 << 20)
+                untar.stdin.close()
+                assert untar.wait() == 0
         return into
 
     def files(self) -> list[str]:
+        names: list[str] = []
         with tarfile.open(self.archive) as archive:
-            layer = archive.extractfile(self.layer_name())
-            assert layer is not None
-            with tarfile.open(fileobj=gzip.GzipFile(fileobj=layer), mode="r|") as rootfs:
-                return [m.name.removeprefix("./") for m in rootfs]
+            for name in self.layer_names():
+                layer = archive.extractfile(name)
+                assert layer is not None
+                with tarfile.open(fileobj=gzip.GzipFile(fileobj=layer), mode="r|") as rootfs:
+                    names += [m.name.removeprefix("./") for m in rootfs]
+        return names
 
 
 @pytest.fixture(scope="module", params=TARGETS)
@@ -131,7 +137,9 @@ def image(request: pytest.FixtureRequest) -> Image:
     )
     assert is_char_device("/dev/null"), "the build replaced the host's /dev/null"
     assert build.returncode == 0, build.stderr[-4000:]
-    archive = ROOT / "dist" / f"emoserve-{PROJECT['version']}-{target}.oci.tar"
+    # the project's layer is installed by this venv's pip under --root: it must leave this venv alone
+    assert importlib.metadata.version("emoserve") == PROJECT["Version"]
+    archive = ROOT / "dist" / f"emoserve-{PROJECT['Version']}-{target}.oci.tar"
     return Image(archive, target, time.monotonic() - started)
 
 
@@ -149,9 +157,12 @@ def test_the_oci_config_says_what_the_dockerfile_promises(image: Image) -> None:
             "sha256:" + hashlib.sha256(image.blob(descriptor["digest"])).hexdigest() == descriptor["digest"]
         )
     (docker,) = json.loads(image.member("manifest.json"))
-    assert docker["RepoTags"] == [f"emoserve:{PROJECT['version']}-{image.target}"]
+    assert docker["RepoTags"] == [f"emoserve:{PROJECT['Version']}-{image.target}"]
     assert docker["Config"] == f"blobs/sha256/{manifest['config']['digest'].removeprefix('sha256:')}"
-    assert docker["Layers"] == [image.layer_name()]
+    assert docker["Layers"] == image.layer_names()
+    assert len(config_diff_ids := image.config()["rootfs"]["diff_ids"]) == len(docker["Layers"]), (
+        config_diff_ids
+    )
 
     config = image.config()
     assert (config["os"], config["architecture"]) == ("linux", "amd64")
@@ -166,8 +177,8 @@ def test_the_oci_config_says_what_the_dockerfile_promises(image: Image) -> None:
     assert c["Healthcheck"]["StartPeriod"] >= 60 * 10**9  # a first start may convert a model
     assert c["StopSignal"] == "SIGTERM"
     labels = c["Labels"]
-    assert labels["org.opencontainers.image.version"] == PROJECT["version"]
-    assert labels["org.opencontainers.image.licenses"] == PROJECT["license"]["text"]
+    assert labels["org.opencontainers.image.version"] == PROJECT["Version"]
+    assert labels["org.opencontainers.image.licenses"] == PROJECT["License"]
     assert labels["org.opencontainers.image.source"].startswith("https://")
     # reproducible: every time in the archive is SOURCE_DATE_EPOCH, no build-time clock
     with tarfile.open(image.archive) as archive:
@@ -238,8 +249,8 @@ def test_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def runtime() -> list[str] | None:
-    """A container runtime that runs a rootless-style bundle here: crun refuses hybrid cgroup hosts."""
-    for name in ("crun", "runc"):
+    """A container runtime: runc first, as crun 1.8 refuses hosts with hybrid cgroups (v1 + v2)."""
+    for name in ("runc", "crun"):
         if shutil.which(name) is None:
             continue
         probe = subprocess.run([name, "--version"], capture_output=True)
