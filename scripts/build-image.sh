@@ -3,10 +3,11 @@
 # packages (mmdebstrap --mode=unshare: it never touches the host's /dev), the project and its wheels
 # installed into it by deploy/container/install.sh (the Dockerfile's install step), packed as an OCI
 # archive by deploy/container/oci.py with the image config of the Dockerfile's stage of the same name.
-#   scripts/build-image.sh [cpu|onnx]      -> dist/emoserve-<version>-<target>.oci.tar
+#   scripts/build-image.sh [cpu|onnx|ray]      -> dist/emoserve-<version>-<target>.oci.tar
 #   podman load -i dist/emoserve-0.1.0-cpu.oci.tar     (or docker load -i ...)
 # cpu: torch's CPU wheel (as scripts/setup-venv.sh installs it); onnx: no torch, serves entries that
-# were converted elsewhere. The CUDA image: the Dockerfile's `cuda` target.
+# were converted elsewhere; ray: cpu + the ray extra and wget, for KubeRay (its probes run wget).
+# The CUDA image: the Dockerfile's `cuda` target.
 #
 # Two layers, as the uv pattern has it: Debian + the dependencies (slow to build, rarely changed), then
 # the project. Caches (EMOSERVE_IMAGE_CACHE, default .cache/image): the wheels, keyed by the dependency
@@ -21,8 +22,8 @@ cd "$(dirname "$0")/.."
 
 target="${1:-cpu}"
 case "$target" in
-    cpu | onnx) ;;
-    *) echo "usage: scripts/build-image.sh [cpu|onnx]  (CUDA: the Dockerfile's cuda target)" >&2; exit 2 ;;
+    cpu | onnx | ray) ;;
+    *) echo "usage: scripts/build-image.sh [cpu|onnx|ray]  (CUDA: the Dockerfile's cuda target)" >&2; exit 2 ;;
 esac
 for tool in mmdebstrap gzip python3; do
     command -v "$tool" >/dev/null || { echo "build-image: $tool is missing (scripts/setup-system.sh)" >&2; exit 1; }
@@ -51,6 +52,12 @@ pip=("$python" -m pip --disable-pip-version-check)
 requirements="$(python3 -c 'import tomllib
 deps = tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]
 print(*[d for d in deps if not d.startswith(("torch", "silero-vad"))], sep="\n")')"
+debian_packages=python3
+if [[ "$target" == ray ]]; then
+    requirements+=$'\n'"$(python3 -c 'import tomllib
+print(*tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["ray"], sep="\n")')"
+    debian_packages+=,wget
+fi
 wheels="$cache/wheels-$(printf '%s\n' "$requirements" "$torch_version" "$python_version" | key)"
 if [[ ! -f "$wheels/.complete" ]]; then
     say "fetching wheels into $wheels"
@@ -83,7 +90,7 @@ if [[ ! -f "$base" ]]; then
     cp deploy/container/healthcheck.py deploy/container/install.sh "$stage"/
     # unshare mode: an unprivileged user namespace, /dev and /proc mounted only inside it (root mode
     # once replaced the host's /dev/null with a regular file)
-    nice -n 10 mmdebstrap --mode=unshare --variant=minbase --include=python3 --quiet \
+    nice -n 10 mmdebstrap --mode=unshare --variant=minbase --include="$debian_packages" --quiet \
         --dpkgopt='path-exclude=/usr/share/man/*' --dpkgopt='path-exclude=/usr/share/doc/*' \
         --dpkgopt='path-include=/usr/share/doc/*/copyright' --dpkgopt='path-exclude=/usr/share/locale/*' \
         --dpkgopt='path-exclude=/usr/share/info/*' \

@@ -1,7 +1,7 @@
 """The container image, built by scripts/build-image.sh (no container registry) and run.
 
-Each target (cpu: torch's CPU wheel; onnx: no torch) is built once per session (cached under
-.cache/image: seconds when nothing changed), and then:
+Each target (cpu: torch's CPU wheel; onnx: no torch; ray: cpu + the ray extra) is built once per session
+(cached under .cache/image: seconds when nothing changed), and then:
 - the build left the host's /dev/null a character device (mmdebstrap's root mode once replaced it);
 - the archive is a valid OCI layout whose config says what the Dockerfile promises (user, entrypoint,
   env, port, volume, healthcheck, stop signal, labels), and Docker's manifest.json names the same blobs;
@@ -19,6 +19,7 @@ import importlib.metadata
 import json
 import os
 import shutil
+import signal
 import socket
 import stat
 import subprocess
@@ -26,12 +27,13 @@ import tarfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import pytest
+import yaml
 
 from .conftest import skip_or_fail
 
@@ -41,7 +43,9 @@ ROOT = Path(__file__).parents[1]
 BUILD = ROOT / "scripts" / "build-image.sh"
 EXAMPLE = ROOT / "src" / "emoserve" / "examples" / "zh_3s_16k.wav"
 PROJECT = importlib.metadata.metadata("emoserve")  # the installed project: pyproject.toml's version, licence
-TARGETS = ["cpu", "onnx"]
+TARGETS = ["cpu", "onnx", "ray"]
+RAYSERVICE = yaml.safe_load((ROOT / "deploy" / "kubernetes" / "rayservice.yaml").read_text())
+RAY_VERSION = RAYSERVICE["spec"]["rayClusterConfig"]["rayVersion"]
 BUILD_TIMEOUT_S = 1800  # cold: Debian packages + ~370 MB of wheels + gzip of the layer
 READY_TIMEOUT_S = 120
 UID = 1000
@@ -198,7 +202,7 @@ def test_the_image_carries_no_compilers_pip_caches_or_tests(image: Image) -> Non
     assert not [f for f in files if f.startswith(("var/lib/apt/lists/", "var/cache/apt/")) and f[-1] != "/"]
     assert not [f for f in files if f.startswith("usr/share/man/") and f[-1] != "/"]
     torch = [f for f in files if f.startswith(f"{site}/torch/")]
-    assert bool(torch) == (image.target == "cpu")
+    assert bool(torch) == (image.target != "onnx")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -249,7 +253,10 @@ def test_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def runtime() -> list[str] | None:
-    """A container runtime: runc first, as crun 1.8 refuses hosts with hybrid cgroups (v1 + v2)."""
+    """A container runtime: runc first, as crun 1.8 refuses hosts with hybrid cgroups (v1 + v2).
+    EMOSERVE_CONTAINER_RUNTIME=chroot takes the fallback (chroot + setpriv) even where one is there."""
+    if os.environ.get("EMOSERVE_CONTAINER_RUNTIME") == "chroot":
+        return None
     for name in ("runc", "crun"):
         if shutil.which(name) is None:
             continue
@@ -306,46 +313,109 @@ def bundle_config(rootfs: Path, models: Path, config: dict[str, Any], env: dict[
 @dataclass
 class Running:
     process: subprocess.Popen[str]
-    stop: Any
-    exec_in: Any  # argv -> CompletedProcess, run inside the container
+    stop: Callable[[], None]  # SIGTERM to the server
+    exec_in: Callable[[list[str]], subprocess.CompletedProcess[str]]  # argv run inside, as the image's user
+    kill: Callable[[], None]
+
+
+def run_with_runtime(tool: list[str], bundle: Path, state: Path, name: str, log: IO[str]) -> Running:
+    root = [*tool, "--root", str(state)]
+    process = subprocess.Popen(
+        [*root, "run", "--bundle", str(bundle), name], stdout=log, stderr=log, text=True
+    )
+
+    def kill() -> None:
+        subprocess.run([*root, "kill", name, "KILL"], capture_output=True)
+        process.wait(30)
+        subprocess.run([*root, "delete", "--force", name], capture_output=True)
+
+    return Running(
+        process,
+        stop=lambda: subprocess.run([*root, "kill", name, "TERM"], check=True) and None,
+        exec_in=lambda argv: subprocess.run([*root, "exec", name, *argv], capture_output=True, text=True),
+        kill=kill,
+    )
+
+
+CHROOT_MOUNTS = """set -e
+r="$1"; models="$2"; shift 2
+mount --make-rprivate /
+mount --bind "$r" "$r"
+mount --bind "$models" "$r/models"
+mount -t tmpfs -o nosuid,nodev tmpfs "$r/tmp"
+mount -t proc proc "$r/proc"
+mount -t tmpfs -o nosuid,mode=755 tmpfs "$r/dev"
+mkdir "$r/dev/shm" && mount -t tmpfs -o nosuid,nodev tmpfs "$r/dev/shm"  # multiprocessing's locks (gradio)
+for node in null zero full random urandom; do
+    : > "$r/dev/$node"  # on the tmpfs just mounted, never on the host's /dev
+    mount --bind "/dev/$node" "$r/dev/$node"
+done
+mount -o remount,bind,ro "$r"
+exec chroot "$r" "$@"
+"""
+
+
+def run_with_chroot(bundle: Path, config: dict[str, Any], log: IO[str]) -> Running:
+    """No container runtime: a mount and PID namespace of our own (unshare), the root filesystem bound
+    read-only, /models and /tmp writable, host device nodes bound onto a tmpfs /dev (nothing is created
+    on the host's /dev), then chroot + setpriv to the image's user with no capabilities."""
+    process_spec = config["process"]
+    user = process_spec["user"]
+    as_user = [
+        "setpriv", f"--reuid={user['uid']}", f"--regid={user['gid']}", "--clear-groups",
+        "--inh-caps=-all", "--bounding-set=-all", "--no-new-privs",
+        "env", "-i", *process_spec["env"],
+    ]  # fmt: skip
+    models = next(m["source"] for m in config["mounts"] if m["destination"] == "/models")
+    rootfs = config["root"]["path"]
+    launcher = ["unshare", "--mount", "--pid", "--fork", "--kill-child", "sh", "-c", CHROOT_MOUNTS, "sh"]
+    workdir = ["sh", "-c", 'cd "$0" && exec "$@"', process_spec["cwd"]]
+    process = subprocess.Popen(
+        [*launcher, rootfs, models, *as_user, *workdir, *process_spec["args"]],
+        stdout=log,
+        stderr=log,
+        text=True,
+    )
+
+    def server_pid() -> int:  # unshare's child: pid 1 of the namespace, exec'd into the server
+        children = Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()
+        return int(children[0])
+
+    def exec_in(argv: list[str]) -> subprocess.CompletedProcess[str]:
+        enter = ["nsenter", "-t", str(server_pid()), "-m", "-p", "-r", "-w"]
+        return subprocess.run([*enter, *as_user, *argv], capture_output=True, text=True)
+
+    def kill() -> None:
+        process.kill()
+        process.wait(30)
+
+    return Running(process, stop=lambda: os.kill(server_pid(), signal.SIGTERM), exec_in=exec_in, kill=kill)
 
 
 @pytest.fixture
 def container(image: Image, test_model: Path, tmp_path: Path) -> Iterator[tuple[Running, int]]:
-    rootfs = image.unpack(tmp_path / "bundle" / "rootfs")
+    bundle = tmp_path / "bundle"
+    rootfs = image.unpack(bundle / "rootfs")
     port = free_port()
     env = {"EMOSERVE_MODEL": "/models/test-tiny", "EMOSERVE_PORT": str(port), "EMOSERVE_THREADS": "1"}
     config = bundle_config(rootfs, test_model, image.config(), env)
-    (tmp_path / "bundle" / "config.json").write_text(json.dumps(config))
-    name = f"emoserve-test-{os.getpid()}-{image.target}"
+    (bundle / "config.json").write_text(json.dumps(config))
     tool = runtime()
-    if tool is None:
-        skip_or_fail("no container runtime (crun or runc): install Debian's runc")
-    state = ["--root", str(tmp_path / "state")]
-    log = (tmp_path / "container.log").open("w")
-    process = subprocess.Popen(
-        [*tool, *state, "run", "--bundle", str(tmp_path / "bundle"), name],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    running = Running(
-        process,
-        stop=lambda: subprocess.run([*tool, *state, "kill", name, "TERM"], check=True),
-        exec_in=lambda argv: subprocess.run(
-            [*tool, *state, "exec", name, *argv], capture_output=True, text=True
-        ),
-    )
-    try:
-        yield running, port
-    finally:
-        if process.poll() is None:
-            subprocess.run([*tool, *state, "kill", name, "KILL"], capture_output=True)
-            process.wait(30)
-        subprocess.run([*tool, *state, "delete", "--force", name], capture_output=True)
-        log.close()
-        print((tmp_path / "container.log").read_text()[-3000:])
-        assert is_char_device("/dev/null")
+    if tool is None and shutil.which("setpriv") is None:
+        skip_or_fail("neither a container runtime (runc, crun) nor setpriv: install Debian's runc")
+    with (tmp_path / "container.log").open("w") as log:
+        if tool is not None:
+            state, name = tmp_path / "state", f"emoserve-test-{os.getpid()}-{image.target}"
+            running = run_with_runtime(tool, bundle, state, name, log)
+        else:
+            running = run_with_chroot(bundle, config, log)
+        try:
+            yield running, port
+        finally:
+            if running.process.poll() is None:
+                running.kill()
+            print((tmp_path / "container.log").read_text()[-3000:])
+            assert is_char_device("/dev/null")
 
 
 def test_the_image_serves_as_its_user_on_a_read_only_root(
@@ -364,12 +434,18 @@ def test_the_image_serves_as_its_user_on_a_read_only_root(
     )  # real, effective, saved, fs
     assert running.exec_in(["emoserve-healthcheck"]).returncode == 0
 
+    code, body = get(f"{base}/")  # the web UI mounted (gradio needs /dev/shm for its locks)
+    assert code == 200 and b"gradio" in body.lower(), body[:500]
     code, body = get(f"{base}/v1/recognize", data=EXAMPLE.read_bytes(), timeout_s=60)
     assert code == 200, body
     result = json.loads(body)
     assert result["random_weights"] is True and result["emotion"] in result["scores"]
     code, body = get(f"{base}/v1/model")
     assert code == 200 and json.loads(body)["backend"] == "onnx", body
+    if image.target == "ray":  # what deploy/kubernetes/rayservice.yaml runs in it: Ray and KubeRay's wget
+        ray = running.exec_in(["python", "-c", "import ray, emoserve.ray_serve; print(ray.__version__)"])
+        assert ray.stdout.strip() == RAY_VERSION, ray
+        assert running.exec_in(["wget", "--version"]).returncode == 0
 
     # nothing but /models and /tmp is writable (the root is read-only); the server wrote nowhere else
     probe = running.exec_in(["/bin/sh", "-c", "touch /opt/x 2>&1; touch /home/emoserve/x 2>&1; touch /tmp/x"])

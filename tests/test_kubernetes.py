@@ -122,8 +122,12 @@ def test_the_rayservice_runs_the_serve_config_with_the_proxy_callback() -> None:
     assert cluster["rayVersion"] == ray.__version__
     groups = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
     for group in groups:
-        for container in group["template"]["spec"]["containers"]:
+        pod = group["template"]["spec"]
+        for container in pod["containers"]:
             assert env_of(container)["RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"] == PROXY_CALLBACK
+            assert container["image"] == f"emoserve:{VERSION}-ray"  # scripts/build-image.sh ray
+            uid, _ = (int(part) for part in image_config(container["image"])["User"].split(":"))
+            assert pod["securityContext"]["runAsUser"] == uid
     (api,) = [app for app in serve_config["applications"] if app["route_prefix"] == "/"]
     _, options = split_args(api["args"])
     (worker,) = cluster["workerGroupSpecs"][0]["template"]["spec"]["containers"]

@@ -2,7 +2,7 @@
 # Runs INSIDE the image's root filesystem (a Dockerfile RUN, or a chroot during scripts/build-image.sh):
 # installs emoserve into the venv /opt/emoserve from a folder of wheels, offline, then strips what a
 # running server does not need. The same script for both builds, so the two images hold the same files.
-#   install.sh TARGET WHEELS      TARGET: cpu | cuda (with torch) or onnx (without torch)
+#   install.sh TARGET WHEELS      TARGET: cpu | cuda | ray (with torch) or onnx (without torch)
 # The project itself is installed when WHEELS holds its wheel (the Dockerfile); scripts/build-image.sh
 # leaves it out and adds it as a layer of its own, so that a change of the source rebuilds only that.
 # WHEELS holds every wheel, the project's wheel (emoserve-*.whl), pip's wheel, requirements.txt (the
@@ -23,10 +23,10 @@ pip() {
         --no-index --find-links "$wheels" --no-cache-dir --no-compile --disable-pip-version-check "$@"
 }
 case "$target" in
-    cpu | cuda) pip -r "$wheels/requirements.txt" "torch==$(cat "$wheels/torch-version")" silero-vad ;;
+    cpu | cuda | ray) pip -r "$wheels/requirements.txt" "torch==$(cat "$wheels/torch-version")" silero-vad ;;
     # silero-vad declares torch, but emoserve only reads the ONNX file it ships (never imports it)
     onnx) pip -r "$wheels/requirements.txt" ;;
-    *) echo "install.sh: unknown target $target (cpu, cuda, onnx)" >&2; exit 2 ;;
+    *) echo "install.sh: unknown target $target (cpu, cuda, ray, onnx)" >&2; exit 2 ;;
 esac
 if [ "$target" = onnx ]; then pip --no-deps silero-vad; fi
 if ls "$wheels"/emoserve-*.whl >/dev/null 2>&1; then pip --no-deps "$wheels"/emoserve-*.whl; fi
