@@ -39,7 +39,8 @@ torch_cpu_index="${EMOSERVE_TORCH_INDEX:-https://download.pytorch.org/whl/cpu}"
 version="$(python3 -c 'import tomllib; print(tomllib.load(open("pyproject.toml", "rb"))["project"]["version"])')"
 # the time of the last commit to what decides the image's contents besides the source, not of the last
 # commit: that would change with every commit and rebuild the base layer for nothing
-inputs=(deploy/container pyproject.toml scripts/build-image.sh scripts/setup-venv.sh)
+inputs=(deploy/container/install.sh deploy/container/healthcheck.py pyproject.toml scripts/build-image.sh
+    scripts/setup-venv.sh)
 export SOURCE_DATE_EPOCH="${SOURCE_DATE_EPOCH:-$(git log -1 --format=%ct -- "${inputs[@]}" 2>/dev/null || echo 0)}"
 out="dist/emoserve-${version}-${target}.oci.tar"
 mkdir -p "$cache" dist
@@ -139,7 +140,8 @@ fi
 
 # 4. the archive, unless it already holds these layers
 stamp="$out.layers"
-layers="$(basename "$base") $(basename "$project")"
+# the layers and what writes the config (a change of the Dockerfile's ENV repacks, rebuilding nothing)
+layers="$(basename "$base") $(basename "$project") $(cat deploy/container/Dockerfile deploy/container/oci.py | key)"
 if [[ -f "$out" && -f "$stamp" && "$(cat "$stamp")" == "$layers" ]]; then
     say "$out is up to date"
 else
