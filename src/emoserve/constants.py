@@ -31,6 +31,7 @@ MAX_BATCH_SAMPLES = 8 * 15 * SAMPLE_RATE
 # made it grow with the file, docs/benchmarks.md section 13), an interactive request waits for at most one
 # such call, and on a CPU a batch gains little (section 3). A GPU batches segments freely.
 CPU_SEGMENT_BATCH_S = 8.0
+STREAM_ENCODINGS = ("pcm_s16le", "pcm_f32le")  # a live stream's PCM (GET /v1/stream, audio/live.py)
 BATCHING_CHOICES = ("auto", "on", "off")  # the engine's `batching` (serving/engine.py: choose_batching)
 MAX_BATCH_SIZE = 8  # clips per model call (also predict_many's and `emoserve predict`'s default)
 MAX_WAIT_MS = 10.0  # how long the first request of a batch waits for company

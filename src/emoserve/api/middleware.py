@@ -106,8 +106,9 @@ class ApiKeyMiddleware:
                 self.metrics.count_error(error.code)  # a closed socket: no response to render
                 await send({"type": "websocket.close", "code": 1008})  # policy violation
                 return
-            # the handshake answered with the 401 itself (the WebSocket denial response)
-            await error_json(error, self.metrics)(scope, receive, _as_denial(send))
+            # the handshake answered with the 401 itself (the WebSocket denial response: Starlette's
+            # Response sends it as such on a websocket scope)
+            await error_json(error, self.metrics)(scope, receive, send)
             return
         api = scope["path"].startswith("/v1/")
         response = error_json(error, self.metrics)
@@ -131,11 +132,3 @@ def basic_password(credentials: str) -> str | None:
         return None
     return decoded.partition(":")[2]
 
-
-def _as_denial(send: Send) -> Send:
-    """An HTTP response on a WebSocket handshake: its messages named as the ASGI extension names them."""
-
-    async def deny(message: Message) -> None:
-        await send({**message, "type": "websocket." + message["type"]})
-
-    return deny

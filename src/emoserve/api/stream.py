@@ -16,19 +16,19 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, WebSocket
 from starlette.websockets import WebSocketDisconnect
 
 from emoserve.api.errors import error_json
-from emoserve.audio.live import ENCODINGS
-from emoserve.audio.vad import VadSettings
-from emoserve.constants import GRANULARITIES, SAMPLE_RATE
+from emoserve.constants import GRANULARITIES, SAMPLE_RATE, STREAM_ENCODINGS
 from emoserve.errors import AudioError, EmoserveError
-from emoserve.inference.live import StreamOptions
-from emoserve.serving.live import LiveStream
 from emoserve.serving.service import Service
+
+if TYPE_CHECKING:  # numpy and the audio path load with the first stream, not with the server
+    from emoserve.inference.live import StreamOptions
+    from emoserve.serving.live import LiveStream
 
 STREAM = "/v1/stream"
 MAX_MESSAGE_BYTES = 1 << 20
@@ -198,6 +198,9 @@ async def text(live: LiveStream, raw: str) -> bool:
 
 def stream_options(query: dict[str, str]) -> StreamOptions:
     """The query parameters, each checked with a message that names it (ValueError)."""
+    from emoserve.audio.vad import VadSettings
+    from emoserve.inference.live import StreamOptions
+
     known = {
         "sample_rate", "encoding", "channels", "hop_s", "window_s", "vad_threshold", "min_speech_ms",
         "min_silence_ms", "pad_ms", "max_segment_s", "granularity", "embedding", "head", "api_key",
@@ -208,8 +211,8 @@ def stream_options(query: dict[str, str]) -> StreamOptions:
     if not SAMPLE_RATES[0] <= sample_rate <= SAMPLE_RATES[1]:
         raise ValueError(f"sample_rate is {sample_rate}; it must be {SAMPLE_RATES[0]}-{SAMPLE_RATES[1]}")
     encoding = query.get("encoding", "pcm_s16le")
-    if encoding not in ENCODINGS:
-        raise ValueError(f"encoding is {encoding!r}; choose from {', '.join(ENCODINGS)}")
+    if encoding not in STREAM_ENCODINGS:
+        raise ValueError(f"encoding is {encoding!r}; choose from {', '.join(STREAM_ENCODINGS)}")
     channels = _number(query, "channels", 1, int)
     if not 1 <= channels <= MAX_CHANNELS:
         raise ValueError(f"channels is {channels}; it must be 1-{MAX_CHANNELS}")

@@ -22,10 +22,11 @@ from emoserve.audio.decode import check_finite
 from emoserve.audio.segments import Segmenter
 from emoserve.audio.stream import To16k
 from emoserve.audio.vad import DEFAULT_VAD, FRAME, Segment, SileroVad, Vad, VadSettings
-from emoserve.constants import SAMPLE_RATE
+from emoserve.constants import SAMPLE_RATE, STREAM_ENCODINGS
 from emoserve.errors import AudioError
 
-ENCODINGS: dict[str, np.dtype[Any]] = {"pcm_s16le": np.dtype("<i2"), "pcm_f32le": np.dtype("<f4")}
+DTYPES = (np.dtype("<i2"), np.dtype("<f4"))  # of STREAM_ENCODINGS, in order
+ENCODINGS: dict[str, np.dtype[Any]] = dict(zip(STREAM_ENCODINGS, DTYPES, strict=True))
 S16_SCALE = 32768.0  # what libsndfile divides 16-bit PCM by: a WAV file's samples, exactly
 NO_PROBS = np.zeros(0, np.float32)
 

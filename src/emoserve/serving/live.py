@@ -99,6 +99,9 @@ class LiveStream:
             item = await self._out.get()
             if item.kind == "end":
                 yield self.messages.summary(self.duration_s)
+                while not self._out.empty():  # a fatal error told after the summary: the last word
+                    if (after := self._out.get_nowait()).build is not None:
+                        yield after.build()
                 return
             if item.kind == "now":
                 assert item.build is not None

@@ -474,11 +474,22 @@ class Service:
         """`head`: a served head's name (422 if unknown); its result comes as `result.head`. `priority`:
         the engine's (a person's clip by default)."""
         from emoserve.serving.engine import Priority
+
+        priority = Priority.CLIP if priority is None else priority
+        return await self._recognize_on(self._engine(), audio, granularity, embedding, head, priority)
+
+    async def _recognize_on(
+        self,
+        engine: Engine,
+        audio: Audio,
+        granularity: Granularity,
+        embedding: bool,
+        head: str | None,
+        priority: Priority,
+    ) -> tuple[Result, RequestTiming]:
         from emoserve.serving.heads import apply_head, pick_head
 
-        engine, chosen = self._engine(), pick_head(self.heads, head)
-        priority = Priority.CLIP if priority is None else priority
-        if chosen is None:
+        if (chosen := pick_head(self.heads, head)) is None:
             return await engine.submit_timed(audio, granularity, embedding, priority=priority)
         result, timing = await engine.submit_timed(audio, granularity, True, priority=priority)
         return apply_head(result, chosen, embedding, self.metrics), timing
@@ -504,15 +515,24 @@ class Service:
                 STREAM_RETRY_AFTER_S,
             )
         pick_head(self.heads, options.head)  # an unknown head: 422 before the stream opens
+        # the engine of the stream's start: a stream open when draining begins still gets its segments
+        engine = self._engine()
 
         async def score(audio: Audio, interim: bool) -> Result:
             self._last_used = time.monotonic()
             if interim:  # best effort: a full queue skips the reading
-                reading = self.recognize(audio, "utterance", False, options.head, Priority.STREAM_INTERIM)
-                return (await reading)[0]
+                interim_on = self._recognize_on(
+                    engine, audio, UTTERANCE, False, options.head, Priority.STREAM_INTERIM
+                )
+                return (await interim_on)[0]
             return await _submit_waiting(
-                lambda: self.recognize(
-                    audio, options.granularity, options.embedding, options.head, Priority.STREAM_SEGMENT
+                lambda: self._recognize_on(
+                    engine,
+                    audio,
+                    options.granularity,
+                    options.embedding,
+                    options.head,
+                    Priority.STREAM_SEGMENT,
                 )
             )
 
@@ -557,9 +577,7 @@ class Service:
         started, scored_n = time.perf_counter(), 0
         self.metrics.timelines_in_progress.inc()
         try:
-            async with contextlib.aclosing(
-                scored_in_order(job, score)
-            ) as segments:
+            async with contextlib.aclosing(scored_in_order(job, score)) as segments:
                 async for segment in segments:
                     self._last_used = time.monotonic()
                     scored_n += 1
