@@ -369,7 +369,9 @@ def test_timeline_json_round_trips(tiny_recognizer: Any, speech_file: tuple[Path
         "confidence",
         "scores",
         "split",
+        "head",  # None: no head of your own labels was asked for
     }
+    assert body["segments"][0]["head"] is None
 
 
 # ------------------------------------------------------------------------------------------------ memory
