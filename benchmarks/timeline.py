@@ -9,8 +9,8 @@ pauses of 0.5-3 s with low noise, written block by block. Four measurements:
    through predict_many) on 10 and 60 minutes, against the baseline measured in the same run: the sum of
    one-at-a-time `predict()` calls on the very same segments. Target: the pipeline is no slower.
 3. Peak RSS of `emoserve predict FILE --segments` (a fresh process each) on 3, 30 and 180 minutes.
-   Target: growth <= 20 MB from 3 to 180 minutes (issue 16). It runs on the tiny preset: the model's memory does
-   not depend on the file, and the large model would need hours on 180 minutes of a 2-core CPU.
+   Target: growth <= 20 MB from 3 to 180 minutes (issue 16). It runs on the tiny preset: the model's
+   memory does not depend on the file, and the large model would need hours on 180 minutes of 2 cores.
 4. Latency of a 5 s `/v1/recognize` on an `emoserve serve` while a 30-minute timeline streams on the
    same server, against its idle latency measured first on that server. Target: <= 3x.
 """
