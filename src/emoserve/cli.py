@@ -4,6 +4,7 @@ commands that need it, so `emoserve --help` answers at once."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -23,6 +24,8 @@ from emoserve.constants import (
     HUBS,
     MAX_BATCH_SIZE,
     MAX_SEGMENT_S,
+    SAMPLE_RATE,
+    STREAM_ENCODINGS,
     VAD_THRESHOLD,
 )
 from emoserve.model.config import PRESETS
@@ -67,7 +70,7 @@ def parser() -> argparse.ArgumentParser:
     sub = top.add_subparsers(title="commands")
     for add in (
         add_predict, add_evaluate, add_train_head, add_download, add_convert, add_info, add_verify,
-        add_make_test_model, add_serve,
+        add_make_test_model, add_serve, add_stream,
     ):  # fmt: skip
         add(sub)
     return top
@@ -627,6 +630,305 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         return run(settings, RayOptions.parse({"replicas": args.replicas}), args.address)
     return serve(settings)
+
+
+STREAM_FRAME_S = 0.1  # audio per message `emoserve stream` sends (the protocol takes any size up to 1 MiB)
+STREAM_HOP_S = 1.0  # the protocol's defaults (api/stream.py), sent explicitly
+STREAM_WINDOW_S = 10.0
+
+
+def add_stream(sub: Commands) -> None:
+    p = sub.add_parser(
+        "stream",
+        help="live emotion: stream a file or raw PCM from stdin to a server (--url) or to the model here",
+        description="Readings while the person is still speaking (docs/streaming.md): speech_start, an "
+        "interim reading every --hop-s of speech, each utterance's segment (what `predict --segments` "
+        "gives for the same audio), then the summary. One line per message on a terminal, the protocol's "
+        "messages as JSON lines when piped (or --format jsonl). "
+        "E.g. ffmpeg -i talk.m4a -f s16le -ar 16000 -ac 1 - | emoserve stream -",
+    )
+    p.add_argument(
+        "source",
+        metavar="SOURCE",
+        help="an audio file (decoded to 16 kHz mono, sent as pcm_s16le at real-time pace), or - for raw "
+        "PCM on stdin (described by --sample-rate, --encoding, --channels)",
+    )
+    p.add_argument(
+        "--url",
+        help="a server, ws://HOST:PORT (its /v1/stream); without it the model runs in this process",
+    )
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("EMOSERVE_API_KEY"),
+        help="with --url: the server's API key, sent as X-API-Key [EMOSERVE_API_KEY]",
+    )
+    p.add_argument(
+        "--fast", action="store_true", help="send a file as fast as it is taken, not at real-time pace"
+    )
+    p.add_argument(
+        "--format",
+        choices=("jsonl", "text"),
+        help="output (default: text on a terminal, else jsonl: one protocol message per line)",
+    )
+    p.add_argument(
+        "--sample-rate",
+        type=int,
+        default=SAMPLE_RATE,
+        help=f"with -: stdin's sample rate (default {SAMPLE_RATE}; 8000-192000)",
+    )
+    p.add_argument(
+        "--encoding",
+        choices=STREAM_ENCODINGS,
+        default=STREAM_ENCODINGS[0],
+        help=f"with -: stdin's samples (default {STREAM_ENCODINGS[0]})",
+    )
+    p.add_argument(
+        "--channels", type=int, default=1, help="with -: stdin's interleaved channels, mixed (default 1)"
+    )
+    p.add_argument(
+        "--hop-s",
+        type=float,
+        default=STREAM_HOP_S,
+        help=f"an interim reading every this many seconds of speech (default {STREAM_HOP_S:g}; 0.25-10)",
+    )
+    p.add_argument(
+        "--window-s",
+        type=float,
+        default=STREAM_WINDOW_S,
+        help=f"an interim reading covers the utterance's last this many seconds (default "
+        f"{STREAM_WINDOW_S:g})",
+    )
+    g = p.add_argument_group("speech detection", "as `predict --segments` (silero-vad)")
+    g.add_argument(
+        "--vad-threshold",
+        type=float,
+        default=VAD_THRESHOLD,
+        help=f"speech probability (default {VAD_THRESHOLD:g})",
+    )
+    g.add_argument(
+        "--max-segment-s",
+        type=float,
+        default=MAX_SEGMENT_S,
+        help=f"longer speech is cut (default {MAX_SEGMENT_S:g})",
+    )
+    add_model_options(p)
+    p.set_defaults(run=cmd_stream, max_seconds=DEFAULT_MAX_SECONDS)
+
+
+def cmd_stream(args: argparse.Namespace) -> int:
+    """`emoserve stream`: the source's PCM frames -> a server's /v1/stream (--url) or Recognizer.stream
+    here -> each message printed as it comes. 0: the stream ended normally; 1: a fatal `error`."""
+    import json
+
+    from emoserve.api.stream import stream_options
+
+    query = stream_query(args)
+    stream_options(query)  # the server's checks, here first: a bad flag fails before any work
+    frames = stream_frames(args)
+    if args.source != "-" and not args.fast:
+        frames = paced(frames, bytes_per_s=2 * SAMPLE_RATE)
+    fmt = args.format or ("text" if sys.stdout.isatty() else "jsonl")
+    fatal = random = False
+
+    def show(message: dict[str, Any]) -> None:
+        nonlocal fatal, random
+        if message["type"] == "error" and message["fatal"]:
+            fatal = True
+        if fmt == "jsonl":
+            print(json.dumps(message, ensure_ascii=False), flush=True)
+            if message["type"] == "error":
+                print(f"error: {message['code']}: {message['message']}", file=sys.stderr)
+        elif (line := stream_line(message)) is not None:
+            if random and message["type"] in ("interim", "segment"):
+                line += "  (RANDOM WEIGHTS)"
+            print(line, file=sys.stderr if message["type"] == "error" else sys.stdout, flush=True)
+        if message["type"] == "ready" and message["random_weights"]:
+            from emoserve.inference.formats import RANDOM_WARNING
+
+            random = True
+            print(RANDOM_WARNING, file=sys.stderr)
+
+    if args.url:
+        closed = stream_remote(args.url, query, args.api_key, frames, show)
+        return 0 if closed == 1000 and not fatal else 1
+    stream_here(args, query, frames, show)
+    return 1 if fatal else 0
+
+
+def stream_query(args: argparse.Namespace) -> dict[str, str]:
+    """The stream's query parameters (GET /v1/stream) from the flags; a file is sent as 16 kHz s16 mono."""
+    raw = args.source == "-"
+    return {
+        "sample_rate": str(args.sample_rate if raw else SAMPLE_RATE),
+        "encoding": args.encoding if raw else "pcm_s16le",
+        "channels": str(args.channels if raw else 1),
+        "hop_s": f"{args.hop_s:g}",
+        "window_s": f"{args.window_s:g}",
+        "vad_threshold": f"{args.vad_threshold:g}",
+        "max_segment_s": f"{args.max_segment_s:g}",
+    }
+
+
+def stream_frames(args: argparse.Namespace) -> Iterator[bytes]:
+    """SOURCE as messages of about STREAM_FRAME_S of audio: a file decoded by the timeline's streaming
+    decoder (16 kHz mono float -> s16le), or stdin's bytes as they come, cut at whole frames."""
+    if args.source == "-":
+        width = (4 if args.encoding == "pcm_f32le" else 2) * args.channels
+        return stdin_frames(sys.stdin.buffer, max(width, int(args.sample_rate * STREAM_FRAME_S) * width))
+    path = Path(args.source)
+    if not path.is_file():
+        raise FileNotFoundError(f"{args.source}: no such file (give an audio file, or - for PCM on stdin)")
+    return file_frames(path)
+
+
+def file_frames(path: Path, frame_s: float = STREAM_FRAME_S) -> Iterator[bytes]:
+    import numpy as np
+
+    from emoserve.audio.stream import AudioStream
+
+    size = int(SAMPLE_RATE * frame_s)
+    with AudioStream(path, channels="mix", max_seconds=None) as audio:
+        pending = np.zeros(0, np.int16)
+        for block in audio.blocks():
+            pcm = np.clip(np.round(block[:, 0] * 32768.0), -32768, 32767).astype("<i2")
+            pending = np.concatenate([pending, pcm])
+            while len(pending) >= size:
+                yield pending[:size].tobytes()
+                pending = pending[size:]
+        if len(pending):
+            yield pending.tobytes()
+
+
+def stdin_frames(stream: Any, size: int) -> Iterator[bytes]:
+    """Messages of `size` bytes as they arrive (a pipe from ffmpeg or a microphone paces itself)."""
+    while chunk := stream.read(size):
+        yield chunk
+
+
+def paced(
+    frames: Iterator[bytes],
+    bytes_per_s: float,
+    clock: Callable[[], float] | None = None,
+    sleep: Callable[[float], None] | None = None,
+) -> Iterator[bytes]:
+    """Each frame no sooner than its audio's time since the first: a file sent as a live source would."""
+    import time
+
+    clock, sleep = clock or time.monotonic, sleep or time.sleep
+    start, sent = clock(), 0
+    for frame in frames:
+        if (wait := start + sent / bytes_per_s - clock()) > 0:
+            sleep(wait)
+        yield frame
+        sent += len(frame)
+
+
+def stream_here(
+    args: argparse.Namespace,
+    query: dict[str, str],
+    frames: Iterator[bytes],
+    show: Callable[[dict[str, Any]], None],
+) -> None:
+    """Without --url: Recognizer.stream, scored in this process (the model loaded as `predict` does)."""
+    from emoserve.api.stream import stream_options
+    from emoserve.inference.recognizer import load_with
+
+    options = stream_options(query)
+    recognizer = load_with(model_options(args))
+    session = recognizer.stream(
+        sample_rate=options.sample_rate, encoding=options.encoding, channels=options.channels,
+        hop_s=options.hop_s, window_s=options.window_s, vad=options.vad,
+    )  # fmt: skip
+    show(session.first)
+    for frame in frames:
+        for message in session.feed(frame):
+            show(message)
+    for message in session.end():
+        show(message)
+
+
+def stream_remote(
+    url: str,
+    query: dict[str, str],
+    api_key: str | None,
+    frames: Iterator[bytes],
+    show: Callable[[dict[str, Any]], None],
+) -> int | None:
+    """--url: the frames to the server's /v1/stream while a thread shows what comes back; `end` after the
+    last; the server's close code (1000: a normal end)."""
+    import json
+    import threading
+    from urllib.parse import urlencode, urlsplit, urlunsplit
+
+    from websockets.exceptions import ConnectionClosed, InvalidStatus, InvalidURI
+    from websockets.sync.client import connect
+
+    parts = urlsplit(url)
+    scheme = {"http": "ws", "https": "wss"}.get(parts.scheme, parts.scheme)
+    if scheme not in ("ws", "wss") or not parts.netloc:
+        raise ValueError(f"--url is {url!r}; give ws://HOST:PORT (or wss://)")
+    path = parts.path.rstrip("/")
+    path = path if path.endswith("/v1/stream") else f"{path}/v1/stream"
+    target = urlunsplit((scheme, parts.netloc, path, urlencode(query), ""))
+    headers = {"X-API-Key": api_key} if api_key else None
+    try:
+        ws = connect(target, additional_headers=headers, max_size=None, open_timeout=30)
+    except InvalidStatus as err:
+        body = err.response.body.decode("utf-8", "replace").strip() if err.response.body else ""
+        raise ValueError(f"{url} refused the stream: HTTP {err.response.status_code} {body}") from None
+    except (OSError, InvalidURI, TimeoutError) as err:
+        raise ValueError(f"cannot connect to {url}: {err}") from None
+    with ws:
+
+        def read() -> None:
+            with contextlib.suppress(ConnectionClosed):
+                for raw in ws:
+                    show(json.loads(raw))
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        try:
+            for frame in frames:
+                ws.send(frame)
+            ws.send(json.dumps({"type": "end"}))
+        except ConnectionClosed:
+            pass  # the server ended the stream (a fatal error): the reader shows why
+        reader.join()
+    return ws.close_code
+
+
+def stream_line(message: dict[str, Any]) -> str | None:
+    """A protocol message as one line for a person (None: nothing worth a line)."""
+    kind = message["type"]
+    if kind == "ready":
+        p = message["parameters"]
+        random = "  (RANDOM WEIGHTS)" if message["random_weights"] else ""
+        return (
+            f"streaming to {message['model']}{random}: {p['sample_rate']} Hz {p['encoding']}, "
+            f"{p['channels']} channel(s), a reading every {p['hop_s']:g} s of speech"
+        )
+    if kind == "speech_start":
+        return f"{message['start_s']:8.2f} s           speech starts"
+    if kind in ("interim", "segment"):
+        reading = (
+            f"{message['emoji']} {message['emotion']} ({message['label_zh']}) {message['confidence']:.3f}"
+        )
+        when = f"{message['start_s']:8.2f}-{message['end_s']:8.2f} s"
+        if kind == "interim":
+            return f"{when}  ... {reading}"
+        split = "  (split)" if message.get("split") else ""
+        return f"{when}  =>  {reading}  [segment]{split}"
+    if kind == "summary":
+        s = message["summary"]
+        dominant = s["dominant"] or "none (no speech)"
+        return (
+            f"summary: {message['speech_s']:.1f} s of speech in {s['segments']} segments of "
+            f"{message['duration_s']:.1f} s; dominant {dominant}"
+        )
+    if kind == "error":
+        goes_on = "" if message["fatal"] else " (the stream goes on)"
+        return f"error: {message['code']}: {message['message']}{goes_on}"
+    return None
 
 
 if __name__ == "__main__":
