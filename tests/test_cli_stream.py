@@ -166,7 +166,7 @@ def test_real_time_pace_sleeps_until_each_frames_time() -> None:
 
     frames = [b"\x00" * 3200] * 5  # 0.1 s each at 16 kHz s16
     sent = []
-    for frame in paced(iter(frames), 32_000, clock=lambda: now[0], sleep=sleep):
+    for _frame in paced(iter(frames), 32_000, clock=lambda: now[0], sleep=sleep):
         sent.append(now[0])
         now[0] += 0.01  # sending takes 10 ms
     assert sent == pytest.approx([100.0, 100.1, 100.2, 100.3, 100.4])
