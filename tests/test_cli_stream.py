@@ -104,6 +104,34 @@ def test_pcm_on_stdin(
     assert_same_segments(jsonl(out), timeline)
 
 
+class Interrupted(io.RawIOBase):
+    """stdin that gives `data`, then Ctrl-C (as a microphone piped in is stopped)."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        if not self.data:
+            raise KeyboardInterrupt
+        n = min(len(buffer), len(self.data))
+        buffer[:n], self.data = self.data[:n], self.data[n:]
+        return n
+
+
+def test_ctrl_c_ends_the_source_and_the_summary_still_comes(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, speech: Path
+) -> None:
+    pcm = sf.read(speech, dtype="int16")[0].tobytes()
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BufferedReader(Interrupted(pcm))))
+    code, out, err = run(capsys, "stream", "-", "--model", MODEL)
+    assert code == 0, err
+    messages = jsonl(out)
+    assert messages[-1]["type"] == "summary" and messages[-1]["summary"]["segments"] == len(SPEECH)
+
+
 def test_a_server_gives_the_same_segments(
     capsys: pytest.CaptureFixture[str], server: Live, speech: Path, timeline: list[dict[str, Any]]
 ) -> None:

@@ -717,7 +717,8 @@ def add_stream(sub: Commands) -> None:
 
 def cmd_stream(args: argparse.Namespace) -> int:
     """`emoserve stream`: the source's PCM frames -> a server's /v1/stream (--url) or Recognizer.stream
-    here -> each message printed as it comes. 0: the stream ended normally; 1: a fatal `error`."""
+    here -> each message printed as it comes; Ctrl-C ends the source (the last segment and the summary
+    still come). 0: the stream ended normally; 1: a fatal `error`."""
     import json
 
     from emoserve.api.stream import stream_options
@@ -840,9 +841,10 @@ def stream_here(
         hop_s=options.hop_s, window_s=options.window_s, vad=options.vad,
     )  # fmt: skip
     show(session.first)
-    for frame in frames:
-        for message in session.feed(frame):
-            show(message)
+    with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C ends the source: the rest still comes
+        for frame in frames:
+            for message in session.feed(frame):
+                show(message)
     for message in session.end():
         show(message)
 
@@ -888,8 +890,9 @@ def stream_remote(
         reader = threading.Thread(target=read, daemon=True)
         reader.start()
         try:
-            for frame in frames:
-                ws.send(frame)
+            with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C ends the source: the rest still comes
+                for frame in frames:
+                    ws.send(frame)
             ws.send(json.dumps({"type": "end"}))
         except ConnectionClosed:
             pass  # the server ended the stream (a fatal error): the reader shows why
