@@ -1,8 +1,11 @@
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -79,3 +82,25 @@ def skip_or_fail(reason: str) -> None:
     if os.environ.get("EMOSERVE_REQUIRE_TOOLS"):
         pytest.fail(f"{reason} (EMOSERVE_REQUIRE_TOOLS is set)")
     pytest.skip(reason)
+
+
+@contextmanager
+def gradio_loops_closed() -> Iterator[None]:
+    """Build Gradio Blocks in this block: the event loops Gradio opens and never closes (one per lock it
+    makes outside a running loop, gradio.utils.safe_get_lock, each a socketpair) are closed on leaving,
+    rather than reported whenever a garbage collection finds them, in whatever later test that is."""
+    loops: list[asyncio.AbstractEventLoop] = []
+    new_event_loop = asyncio.new_event_loop
+
+    def kept_loop() -> asyncio.AbstractEventLoop:
+        loops.append(new_event_loop())
+        return loops[-1]
+
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(asyncio, "new_event_loop", kept_loop)
+            yield
+    finally:
+        asyncio.set_event_loop(None)
+        for loop in loops:
+            loop.close()

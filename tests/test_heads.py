@@ -509,8 +509,6 @@ def test_a_head_for_another_model_fails_start_up(trained: Any, tmp_path: Path) -
     assert service.phase == "failed" and "1024-d embeddings" in str(service.reason)
 
 
-# Building Gradio Blocks outside a server leaves its own event loop and sockets for the collector
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 @pytest.mark.filterwarnings("ignore::pandas.errors.Pandas4Warning")
 def test_the_web_ui_offers_the_served_heads(trained: Any, manifest: Path, tiny_recognizer: Any) -> None:
     """The Clip and Long-recording tabs get a head choice (their Gradio API events a `head` parameter)
@@ -521,11 +519,13 @@ def test_the_web_ui_offers_the_served_heads(trained: Any, manifest: Path, tiny_r
     from emoserve.webui.charts import segment_table
     from emoserve.webui.clip import result_card
 
+    from .conftest import gradio_loops_closed
     from .test_webui import FakeService, ui_settings
 
     settings = dataclasses.replace(ui_settings(None), heads=(("tones", str(trained[0].path)),))
     for with_heads, ui_settings_ in ((True, settings), (False, ui_settings(None))):
-        config = build_ui(FakeService(None, ui_settings_)).get_config_file()
+        with gradio_loops_closed():
+            config = build_ui(FakeService(None, ui_settings_)).get_config_file()
         ids = {c.get("props", {}).get("elem_id") for c in config["components"]}
         assert ({"head", "tl-head"} <= ids) is with_heads
         inputs = {d["api_name"]: len(d["inputs"]) for d in config["dependencies"] if d.get("api_name")}
