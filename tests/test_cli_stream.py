@@ -36,7 +36,7 @@ def jsonl(out: str) -> list[dict[str, Any]]:
 
 @pytest.fixture(scope="module")
 def speech(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Speech, pauses, speech: 16 kHz 16-bit, so the s16le the command sends is the file's very samples."""
+    """Speech, pauses, speech: 16 kHz 16-bit, so stdin's s16le can be the file's very samples."""
     x, _ = joined(SPEECH, gap_s=0.8)
     path = tmp_path_factory.mktemp("cli-stream") / "speech.wav"
     sf.write(path, x, RATE, subtype="PCM_16")
@@ -140,7 +140,37 @@ def test_a_server_gives_the_same_segments(
     assert code == 0, err
     messages = jsonl(out)
     assert_same_segments(messages, timeline)
-    assert messages[0]["parameters"]["encoding"] == "pcm_s16le"
+    assert messages[0]["parameters"]["encoding"] == "pcm_f32le"  # a file's decoded samples as they are
+
+
+def test_a_wrong_api_key_is_a_clear_error(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, speech: Path
+) -> None:
+    settings = dataclasses.replace(LIVE, api_key="the-key")
+    with live_server(settings, tmp_path) as keyed:
+        url = str(keyed.client.base_url).replace("http://", "ws://")
+        code, out, err = run(capsys, "stream", str(speech), "--fast", "--url", url, "--api-key", "wrong")
+        assert code == 2 and out == ""
+        assert "refused the stream: HTTP 401" in err and "api key" in err.lower()
+        code, out, err = run(capsys, "stream", str(speech), "--fast", "--url", url, "--api-key", "the-key")
+        assert code == 0, err
+        assert jsonl(out)[-1]["type"] == "summary"
+
+
+def test_a_float_file_streams_its_samples_unquantised(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """A 32-bit float source: the stream carries its samples as they are, so its segments and scores are
+    predict's for that file (s16 would round each sample to 1/32768)."""
+    x, _ = joined(SPEECH, gap_s=0.8)
+    path = tmp_path / "float.wav"
+    sf.write(path, (x * 0.7 + 1e-5).astype(np.float32), RATE, subtype="FLOAT")
+    code, out, err = run(capsys, "predict", str(path), "--segments", "--format", "jsonl", "--model", MODEL)
+    assert code == 0, err
+    want = [r for r in jsonl(out) if r["type"] == "segment"]
+    code, out, err = run(capsys, "stream", str(path), "--fast", "--model", MODEL, "--format", "jsonl")
+    assert code == 0, err
+    assert_same_segments(jsonl(out), want)
 
 
 def test_a_server_that_refuses_is_a_clear_error(capsys: pytest.CaptureFixture[str], speech: Path) -> None:
@@ -203,6 +233,6 @@ def test_real_time_pace_sleeps_until_each_frames_time() -> None:
 
 def test_file_frames_are_the_files_samples(speech: Path) -> None:
     frames = list(file_frames(speech))
-    assert {len(f) for f in frames[:-1]} == {3200}
-    pcm = np.frombuffer(b"".join(frames), "<i2")
-    np.testing.assert_array_equal(pcm, sf.read(speech, dtype="int16")[0])
+    assert {len(f) for f in frames[:-1]} == {6400}  # 0.1 s of 16 kHz f32
+    pcm = np.frombuffer(b"".join(frames), "<f4")
+    np.testing.assert_array_equal(pcm, sf.read(speech, dtype="float32")[0])

@@ -116,6 +116,7 @@ def test_every_message_and_its_fields(server: Live, speech: Path) -> None:
     ready = messages[0]
     assert set(ready) == {"type", "seq", "session_id", "model", "random_weights", "labels", "parameters"}
     assert ready["parameters"]["hop_s"] == 0.25 and ready["parameters"]["sample_rate"] == 16_000
+    assert ready["parameters"]["vad_threshold"] == 0.5  # named as the query parameter
     kinds = [m["type"] for m in messages]
     assert kinds.count("speech_start") == kinds.count("segment") and "interim" in kinds
     labels = [label["en"] for label in ready["labels"]]
@@ -156,6 +157,7 @@ def test_every_message_and_its_fields(server: Live, speech: Path) -> None:
         ("colour=blue", "unknown parameter 'colour'"),
         ("vad_threshold=2", "threshold is 2"),
         ("granularity=word", "granularity is 'word'"),
+        ("head=nope", "head is 'nope'"),
     ],
 )
 def test_a_bad_parameter_is_an_error_then_close_1008(server: Live, query: str, says: str) -> None:
@@ -170,6 +172,7 @@ def test_a_bad_parameter_is_an_error_then_close_1008(server: Live, query: str, s
 
 def test_bad_messages_get_errors_and_the_stream_goes_on(server: Live, speech: Path) -> None:
     data = pcm(speech)
+    before = errors_counted(server)
     with connect(ws_url(server)) as ws:
         json.loads(ws.recv())
         ws.send(data[:32_000])
@@ -187,6 +190,22 @@ def test_bad_messages_get_errors_and_the_stream_goes_on(server: Live, speech: Pa
     assert "3 bytes" in errors[0]["message"] and "'pause'" in errors[2]["message"]
     assert len([m for m in messages if m["type"] == "segment"]) == 2 * len(SPEECH)
     assert messages[-1]["type"] == "summary"
+    counted = errors_counted(server)
+    assert counted["invalid_frame"] - before["invalid_frame"] == 1
+    assert counted["invalid_message"] - before["invalid_message"] == 2
+
+
+def errors_counted(server: Live) -> dict[str, float]:
+    """emoserve_errors_total by kind (the error code), from /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    counted: dict[str, float] = {"invalid_frame": 0.0, "invalid_message": 0.0}
+    for family in text_string_to_metric_families(server.client.get("/metrics").text):
+        if family.name == "emoserve_errors":
+            for sample in family.samples:
+                if sample.name.endswith("_total"):
+                    counted[sample.labels["kind"]] = sample.value
+    return counted
 
 
 def test_a_message_over_1_mib_ends_the_stream_and_others_are_served(server: Live, speech: Path) -> None:

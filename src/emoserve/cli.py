@@ -26,6 +26,8 @@ from emoserve.constants import (
     MAX_SEGMENT_S,
     SAMPLE_RATE,
     STREAM_ENCODINGS,
+    STREAM_HOP_S,
+    STREAM_WINDOW_S,
     VAD_THRESHOLD,
 )
 from emoserve.model.config import PRESETS
@@ -633,8 +635,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 STREAM_FRAME_S = 0.1  # audio per message `emoserve stream` sends (the protocol takes any size up to 1 MiB)
-STREAM_HOP_S = 1.0  # the protocol's defaults (api/stream.py), sent explicitly
-STREAM_WINDOW_S = 10.0
 
 
 def add_stream(sub: Commands) -> None:
@@ -650,7 +650,7 @@ def add_stream(sub: Commands) -> None:
     p.add_argument(
         "source",
         metavar="SOURCE",
-        help="an audio file (decoded to 16 kHz mono, sent as pcm_s16le at real-time pace), or - for raw "
+        help="an audio file (decoded to 16 kHz mono, sent as pcm_f32le at real-time pace), or - for raw "
         "PCM on stdin (described by --sample-rate, --encoding, --channels)",
     )
     p.add_argument(
@@ -727,7 +727,7 @@ def cmd_stream(args: argparse.Namespace) -> int:
     stream_options(query)  # the server's checks, here first: a bad flag fails before any work
     frames = stream_frames(args)
     if args.source != "-" and not args.fast:
-        frames = paced(frames, bytes_per_s=2 * SAMPLE_RATE)
+        frames = paced(frames, bytes_per_s=4 * SAMPLE_RATE)
     fmt = args.format or ("text" if sys.stdout.isatty() else "jsonl")
     fatal = random = False
 
@@ -757,11 +757,12 @@ def cmd_stream(args: argparse.Namespace) -> int:
 
 
 def stream_query(args: argparse.Namespace) -> dict[str, str]:
-    """The stream's query parameters (GET /v1/stream) from the flags; a file is sent as 16 kHz s16 mono."""
+    """The stream's query parameters (GET /v1/stream) from the flags; a file is sent as 16 kHz f32 mono
+    (its decoded samples as they are: whatever the file's bit depth, the segments of `predict --segments`)."""
     raw = args.source == "-"
     return {
         "sample_rate": str(args.sample_rate if raw else SAMPLE_RATE),
-        "encoding": args.encoding if raw else "pcm_s16le",
+        "encoding": args.encoding if raw else "pcm_f32le",
         "channels": str(args.channels if raw else 1),
         "hop_s": f"{args.hop_s:g}",
         "window_s": f"{args.window_s:g}",
@@ -772,7 +773,7 @@ def stream_query(args: argparse.Namespace) -> dict[str, str]:
 
 def stream_frames(args: argparse.Namespace) -> Iterator[bytes]:
     """SOURCE as messages of about STREAM_FRAME_S of audio: a file decoded by the timeline's streaming
-    decoder (16 kHz mono float -> s16le), or stdin's bytes as they come, cut at whole frames."""
+    decoder (16 kHz mono float32 -> f32le), or stdin's bytes as they come, cut at whole frames."""
     if args.source == "-":
         width = (4 if args.encoding == "pcm_f32le" else 2) * args.channels
         return stdin_frames(sys.stdin.buffer, max(width, int(args.sample_rate * STREAM_FRAME_S) * width))
@@ -789,10 +790,9 @@ def file_frames(path: Path, frame_s: float = STREAM_FRAME_S) -> Iterator[bytes]:
 
     size = int(SAMPLE_RATE * frame_s)
     with AudioStream(path, channels="mix", max_seconds=None) as audio:
-        pending = np.zeros(0, np.int16)
+        pending = np.zeros(0, "<f4")
         for block in audio.blocks():
-            pcm = np.clip(np.round(block[:, 0] * 32768.0), -32768, 32767).astype("<i2")
-            pending = np.concatenate([pending, pcm])
+            pending = np.concatenate([pending, block[:, 0].astype("<f4")])
             while len(pending) >= size:
                 yield pending[:size].tobytes()
                 pending = pending[size:]

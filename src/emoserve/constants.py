@@ -32,6 +32,8 @@ MAX_BATCH_SAMPLES = 8 * 15 * SAMPLE_RATE
 # such call, and on a CPU a batch gains little (section 3). A GPU batches segments freely.
 CPU_SEGMENT_BATCH_S = 8.0
 STREAM_ENCODINGS = ("pcm_s16le", "pcm_f32le")  # a live stream's PCM (GET /v1/stream, audio/live.py)
+STREAM_HOP_S = 1.0  # a live stream's defaults: an interim reading every this many seconds of speech,
+STREAM_WINDOW_S = 10.0  # over the utterance's last this many seconds
 BATCHING_CHOICES = ("auto", "on", "off")  # the engine's `batching` (serving/engine.py: choose_batching)
 MAX_BATCH_SIZE = 8  # clips per model call (also predict_many's and `emoserve predict`'s default)
 MAX_WAIT_MS = 10.0  # how long the first request of a batch waits for company

@@ -22,7 +22,8 @@ from fastapi import APIRouter, WebSocket
 from starlette.websockets import WebSocketDisconnect
 
 from emoserve.api.errors import error_json
-from emoserve.constants import GRANULARITIES, SAMPLE_RATE, STREAM_ENCODINGS
+from emoserve.api.warmup import is_warmup_request
+from emoserve.constants import GRANULARITIES, SAMPLE_RATE, STREAM_ENCODINGS, STREAM_HOP_S, STREAM_WINDOW_S
 from emoserve.errors import AudioError, EmoserveError
 from emoserve.serving.service import Service
 
@@ -57,32 +58,36 @@ async def stream(websocket: WebSocket) -> None:
     try:
         options = stream_options(dict(websocket.query_params))
     except ValueError as error:
-        await websocket.accept()
-        await websocket.send_json(
-            {"type": "error", "seq": 0, "code": "invalid_parameter", "message": str(error), "fatal": True}
-        )
-        await websocket.close(CLOSE_POLICY)
         service.metrics.count_error("invalid_parameter")
+        await refuse(websocket, "invalid_parameter", str(error), CLOSE_POLICY)
         return
     accepted = False
     try:
-        async with service.live_stream(options) as live:
+        async with service.live_stream(options, counted=not is_warmup_request(websocket.scope)) as live:
             await websocket.accept()
             accepted = True
             await websocket.send_json(live.ready_message)
             await serve_stream(websocket, service, live)
-    except EmoserveError as error:  # refused before the handshake: the 503 (or 422) as the answer
+    except EmoserveError as error:
         if accepted:
             raise
+        if error.status != 503:  # a parameter the service refuses (an unknown head): as a bad parameter
+            service.metrics.count_error(error.code)
+            await refuse(websocket, error.code, str(error), CLOSE_POLICY)
+            return
+        # not now (not ready, draining, max_streams): the 503 with Retry-After as the handshake's answer
         response = error_json(error, service.metrics)
         if "websocket.http.response" in websocket.scope.get("extensions", {}):
             await websocket.send_denial_response(response)
         else:
-            await websocket.accept()
-            await websocket.send_json(
-                {"type": "error", "seq": 0, "code": error.code, "message": str(error), "fatal": True}
-            )
-            await websocket.close(CLOSE_TRY_LATER)
+            await refuse(websocket, error.code, str(error), CLOSE_TRY_LATER)
+
+
+async def refuse(websocket: WebSocket, code: str, message: str, close: int) -> None:
+    """A stream that does not open: accepted only to say why (`error`, fatal), then closed with `close`."""
+    await websocket.accept()
+    await websocket.send_json({"type": "error", "seq": 0, "code": code, "message": message, "fatal": True})
+    await websocket.close(close)
 
 
 async def serve_stream(websocket: WebSocket, service: Service, live: LiveStream) -> None:
@@ -165,7 +170,6 @@ async def feed(live: LiveStream, service: Service, data: bytes) -> None:
     try:
         await live.feed(data)
     except AudioError as error:  # a message that is not whole samples, NaN in f32: that message only
-        service.metrics.count_error(error.code)
         live.error(error.code, str(error), fatal=False)
     if live.duration_s > service.settings.max_stream_s:
         raise Refused(
@@ -216,10 +220,10 @@ def stream_options(query: dict[str, str]) -> StreamOptions:
     channels = _number(query, "channels", 1, int)
     if not 1 <= channels <= MAX_CHANNELS:
         raise ValueError(f"channels is {channels}; it must be 1-{MAX_CHANNELS}")
-    hop_s = _number(query, "hop_s", 1.0, float)
+    hop_s = _number(query, "hop_s", STREAM_HOP_S, float)
     if not HOP_S[0] <= hop_s <= HOP_S[1]:
         raise ValueError(f"hop_s is {hop_s:g}; it must be {HOP_S[0]:g}-{HOP_S[1]:g}")
-    window_s = _number(query, "window_s", 10.0, float)
+    window_s = _number(query, "window_s", STREAM_WINDOW_S, float)
     if not hop_s <= window_s <= MAX_WINDOW_S:
         raise ValueError(f"window_s is {window_s:g}; it must be hop_s ({hop_s:g}) to {MAX_WINDOW_S:g}")
     defaults = VadSettings()

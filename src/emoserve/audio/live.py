@@ -22,7 +22,7 @@ from emoserve.audio.decode import check_finite
 from emoserve.audio.segments import Segmenter
 from emoserve.audio.stream import To16k
 from emoserve.audio.vad import DEFAULT_VAD, FRAME, Segment, SileroVad, Vad, VadSettings
-from emoserve.constants import SAMPLE_RATE, STREAM_ENCODINGS
+from emoserve.constants import SAMPLE_RATE, STREAM_ENCODINGS, STREAM_HOP_S, STREAM_WINDOW_S
 from emoserve.errors import AudioError
 
 DTYPES = (np.dtype("<i2"), np.dtype("<f4"))  # of STREAM_ENCODINGS, in order
@@ -56,8 +56,8 @@ class LiveCutter:
         encoding: str = "pcm_s16le",
         channels: int = 1,
         vad: VadSettings = DEFAULT_VAD,
-        hop_s: float = 1.0,
-        window_s: float = 10.0,
+        hop_s: float = STREAM_HOP_S,
+        window_s: float = STREAM_WINDOW_S,
         vad_factory: Callable[[], Vad] = SileroVad,
         name: str = "<stream>",
     ) -> None:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from emoserve.audio.live import ENCODINGS, InterimWindow, LiveCutter, LiveEvent, SpeechStart
 from emoserve.audio.segments import clip_audio
 from emoserve.audio.vad import DEFAULT_VAD, Segment, VadSettings
-from emoserve.constants import SAMPLE_RATE, Granularity
+from emoserve.constants import SAMPLE_RATE, STREAM_HOP_S, STREAM_WINDOW_S, Granularity
 from emoserve.inference.formats import summary_record
 from emoserve.inference.results import Result, Timeline, TimelineSegment, scored, summarise
 
@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from emoserve.audio.decode import Audio
 
 STREAM_NAME = "<stream>"  # the `file` of a stream's summary
+VAD_PARAMETERS = {"threshold": "vad_threshold"}  # VadSettings' names that differ from the query's
 
 
 @dataclass(frozen=True)
@@ -36,8 +37,8 @@ class StreamOptions:
     sample_rate: int = SAMPLE_RATE
     encoding: str = "pcm_s16le"
     channels: int = 1
-    hop_s: float = 1.0
-    window_s: float = 10.0
+    hop_s: float = STREAM_HOP_S
+    window_s: float = STREAM_WINDOW_S
     vad: VadSettings = DEFAULT_VAD
     granularity: Granularity = "utterance"
     embedding: bool = False
@@ -64,7 +65,7 @@ class StreamOptions:
             "channels": self.channels,
             "hop_s": self.hop_s,
             "window_s": self.window_s,
-            **self.vad.to_dict(),
+            **{VAD_PARAMETERS.get(key, key): value for key, value in self.vad.to_dict().items()},
             "granularity": self.granularity,
             "embedding": self.embedding,
             "head": self.head,

@@ -129,7 +129,9 @@ class LiveStream:
             yield message
 
     def error(self, code: str, message: str, fatal: bool) -> None:
-        """An `error` message, in its place among the others (after what is already on its way)."""
+        """An `error` message, in its place among the others (after what is already on its way), counted
+        in the error metrics by its code."""
+        self._metrics.count_error(code)
         self._out.put_nowait(_Item("now", build=functools.partial(self.messages.error, code, message, fatal)))
 
     async def close(self) -> None:
