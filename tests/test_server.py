@@ -634,6 +634,7 @@ def test_ready_means_the_web_ui_is_mounted_and_every_route_has_answered_once(
         metrics = server.client.get("/metrics").text
         assert 'emoserve_requests_total{route="/v1/recognize"' not in metrics
         assert 'emoserve_requests_total{route="/v1/timeline"' not in metrics
+        assert "emoserve_streams_total{" not in metrics  # the warm-up's stream is not counted either
         assert not [p for p in settings.outputs_dir.iterdir() if not p.name.startswith(".")]
     gc.collect()  # Gradio's leaked loops are reported here, under this test's filter, not in a later test
 

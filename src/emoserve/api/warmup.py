@@ -10,6 +10,7 @@ summing to 1); a route that fails fails the start-up, with the route named.
     POST /v1/recognize                         utterance
     POST /v1/recognize?granularity=frame&embedding=true
     POST /v1/timeline                          JSON, and again as NDJSON
+    GET  /v1/stream                            a WebSocket: the clip as PCM, `end`, its segment and summary
     GET  /v1/model
     the UI's /recognize (Gradio API, when the UI is mounted); its saved folder is deleted afterwards
 
@@ -49,6 +50,7 @@ API_ROUTES = (  # what warm_routes sends, in order, each answered 200 and checke
     "POST /v1/recognize?granularity=frame&embedding=true",
     "POST /v1/timeline",
     "POST /v1/timeline (NDJSON)",
+    "GET /v1/stream (WebSocket)",
     "GET /v1/model",
 )
 UI_ROUTE = "the web UI's recognise"
@@ -93,6 +95,7 @@ def warm_routes(service: Service, base_url: str, ui_mounted: Callable[[], bool])
             raise WarmupError(f"warm-up of POST /v1/timeline (NDJSON): no summary line at the end: {lines}")
         segments = [line for line in lines if line.get("type") == "segment"]
         _check_timeline(segments, labels, "warm-up of POST /v1/timeline (NDJSON)")
+        _warm_stream(base_url, wav, headers, labels)
         _json(client.get("/v1/model"), "GET /v1/model")
     routes = list(API_ROUTES)
     if ui_mounted():
@@ -166,6 +169,34 @@ def _check_timeline(segments: Sequence[dict[str, Any]], labels: Sequence[str], w
 
     for segment in segments:
         check_scores(segment["scores"], labels, f"{where}, segment at {segment['start_s']:g} s")
+
+
+def _warm_stream(base_url: str, wav: bytes, headers: dict[str, str], labels: Sequence[str]) -> None:
+    """GET /v1/stream as a client streams: the clip's samples, then a pause that closes its utterance,
+    then `end`; every message until the summary, each segment's scores checked."""
+    import numpy as np
+    import soundfile as sf
+    from websockets.exceptions import WebSocketException
+    from websockets.sync.client import connect
+
+    from emoserve.constants import SAMPLE_RATE
+
+    where = "warm-up of GET /v1/stream"
+    samples, _ = sf.read(io.BytesIO(wav), dtype="int16")
+    pcm = np.concatenate([samples, np.zeros(SAMPLE_RATE, np.int16)]).astype("<i2").tobytes()
+    url = "ws" + base_url.removeprefix("http") + "/v1/stream"
+    try:
+        with connect(url, additional_headers=headers, open_timeout=REQUEST_TIMEOUT_S) as ws:
+            messages = [json.loads(ws.recv(REQUEST_TIMEOUT_S))]
+            ws.send(pcm)
+            ws.send(json.dumps({"type": "end"}))
+            while messages[-1]["type"] not in ("summary", "error"):
+                messages.append(json.loads(ws.recv(REQUEST_TIMEOUT_S)))
+    except (OSError, TimeoutError, WebSocketException) as error:
+        raise WarmupError(f"{where}: {error or type(error).__name__}") from error
+    if messages[0]["type"] != "ready" or messages[-1]["type"] != "summary":
+        raise WarmupError(f"{where}: not ready ... summary: {messages}")
+    _check_timeline([m for m in messages if m["type"] == "segment"], labels, where)
 
 
 def _warm_ui(service: Service, base_url: str, wav: bytes, headers: dict[str, str]) -> None:

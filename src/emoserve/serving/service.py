@@ -499,9 +499,10 @@ class Service:
         return apply_head(result, chosen, embedding, self.metrics), timing
 
     @contextlib.asynccontextmanager
-    async def live_stream(self, options: StreamOptions) -> AsyncIterator[LiveStream]:
+    async def live_stream(self, options: StreamOptions, counted: bool = True) -> AsyncIterator[LiveStream]:
         """A live stream on the shared engine (serving/live.py), closed on leaving. Refused with the 503
-        that fits when requests are not accepted, or with too_many_streams beyond max_streams."""
+        that fits when requests are not accepted, or with too_many_streams beyond max_streams.
+        `counted=False` (the routes' warm-up): the stream's figures go to a registry of their own."""
         from emoserve.serving.engine import Priority
         from emoserve.serving.heads import pick_head
         from emoserve.serving.live import LiveStream
@@ -541,23 +542,24 @@ class Service:
             )
 
         assert self.model_summary is not None  # accepting: loaded
+        metrics = self.metrics if counted else Metrics(self.settings.max_queue)
         stream = LiveStream(
             options,
             score,
             model=str(self.model_summary["name"]),
             random_weights=bool(self.random_weights),
             labels=list(self.model_summary["labels"]),
-            metrics=self.metrics,
+            metrics=metrics,
         )
         self._streams += 1
-        self.metrics.streams_total.labels("opened").inc()
-        self.metrics.streams_active.inc()
+        metrics.streams_total.labels("opened").inc()
+        metrics.streams_active.inc()
         try:
             yield stream
         finally:
             await stream.close()
             self._streams -= 1
-            self.metrics.streams_active.dec()
+            metrics.streams_active.dec()
 
     def open_timeline(self, source: Any, *, name: str | None = None, **options: Any) -> Recording:
         """Open a recording for `timeline` (blocking: run it in a thread), within max_timeline_s."""
