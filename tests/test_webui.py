@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import csv
 import errno
 import json
@@ -26,11 +27,14 @@ from emoserve.audio.segments import Recording, Span
 from emoserve.audio.vad import DEFAULT_VAD, VadSettings
 from emoserve.constants import EXAMPLES_DIR, Channels, Granularity
 from emoserve.errors import AudioError, QueueFull
+from emoserve.inference.live import StreamOptions
 from emoserve.inference.recognizer import Recognizer
 from emoserve.inference.results import FrameResult, Result, TimelineSegment, scored
 from emoserve.inference.timeline import score_segments
-from emoserve.model.labels import EMOTION_COLOURS
+from emoserve.model.labels import EMOTION_COLOURS, PUBLISHED_LABELS, parse_label
 from emoserve.serving.engine import Engine, EngineConfig, Priority, RequestTiming
+from emoserve.serving.live import LiveStream
+from emoserve.serving.metrics import Metrics
 from emoserve.serving.phase import Phase, unavailable
 from emoserve.serving.service import Service, decode_clip
 from emoserve.serving.settings import Settings
@@ -40,7 +44,7 @@ from emoserve.webui.app import mount_ui
 from emoserve.webui.protocol import UIService
 from emoserve.webui.saved import OutputStore, UIOutputs
 
-from .conftest import skip_or_fail, wave
+from .conftest import gradio_loops_closed, skip_or_fail, wave
 
 CHROMIUM = Path("/usr/bin/chromium")
 EXAMPLE = EXAMPLES_DIR / "en_3s_44k.mp3"
@@ -90,6 +94,8 @@ class FakeService:
     timeline_fails_after: int | None = None  # segments scored before timeline() raises QueueFull
     timelines_running: int = 0
     timelines_closed: list[int] = field(default_factory=list)  # segments each timeline() gave, at its end
+    streams_open: int = 0
+    streams_opened: int = 0
 
     def require_ready(self) -> None:
         """As Service.require_ready: the 503 that fits the phase."""
@@ -136,6 +142,31 @@ class FakeService:
         finally:
             self.timelines_running -= 1
             self.timelines_closed.append(given)
+
+
+    @contextlib.asynccontextmanager
+    async def live_stream(self, options: StreamOptions) -> AsyncIterator[LiveStream]:
+        """As Service.live_stream: the stream's readings and segments through the engine."""
+        self.require_ready()
+        engine = self.engine
+        assert engine is not None
+
+        async def score(audio: Audio, interim: bool) -> Result:
+            priority = Priority.STREAM_INTERIM if interim else Priority.STREAM_SEGMENT
+            return await engine.submit(audio, priority=priority)
+
+        labels = [parse_label(token).to_dict() for token in PUBLISHED_LABELS]
+        model, random = self.model_name or "", bool(self.random_weights)
+        stream = LiveStream(
+            options, score, model=model, random_weights=random, labels=labels, metrics=Metrics(8)
+        )
+        self.streams_open += 1
+        self.streams_opened += 1
+        try:
+            yield stream
+        finally:
+            await stream.close()
+            self.streams_open -= 1
 
 
 def make_service(
@@ -563,22 +594,8 @@ def live_ui(engine: Engine, tmp_path_factory: pytest.TempPathFactory) -> Iterato
 
     service = FakeService(engine, ui_settings(tmp_path_factory.mktemp("outputs")))
     app = FastAPI()
-    # Gradio opens event loops (socketpairs) that it never closes, each replacing the last as this thread's
-    # loop (gradio.utils.safe_get_lock): they are closed here, rather than reported (an error here) whenever
-    # a garbage collection finds them, e.g. inside an import, which Python 3.11 then fails with a KeyError.
-    loops: list[asyncio.AbstractEventLoop] = []
-    new_event_loop = asyncio.new_event_loop
-
-    def kept_loop() -> asyncio.AbstractEventLoop:
-        loops.append(new_event_loop())
-        return loops[-1]
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(asyncio, "new_event_loop", kept_loop)
+    with gradio_loops_closed():
         mount_ui(app, service, path="/")
-    asyncio.set_event_loop(None)
-    for loop in loops:
-        loop.close()
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -592,24 +609,32 @@ def live_ui(engine: Engine, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     thread.join(10)
 
 
+BROWSER_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+
+
 @pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
+def playwright() -> Iterator[Any]:
+    """One Playwright per module: its sync API runs one at a time in a thread."""
     if not CHROMIUM.exists():
         skip_or_fail(f"{CHROMIUM} is missing: install Debian's chromium to drive the UI in a real browser")
     from playwright.sync_api import sync_playwright
 
-    args = [
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--no-first-run",
-    ]
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=args)
-        yield browser
-        browser.close()
+        yield playwright
+
+
+@pytest.fixture(scope="module")
+def browser(playwright: Any) -> Iterator[Any]:
+    browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=BROWSER_ARGS)
+    yield browser
+    browser.close()
 
 
 def open_page(browser: Any, url: str) -> Any:
@@ -785,4 +810,54 @@ def test_browser_builds_the_timeline_of_a_long_recording(
         assert time.monotonic() < deadline, "the stopped run was not closed"
         time.sleep(0.05)
     assert service.timelines_closed[-1] < len(expected)
+    page.close()
+
+
+@pytest.fixture(scope="module")
+def microphone(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """What Chromium's fake microphone plays, again and again: two utterances, each with a pause after."""
+    return joined_recording(tmp_path_factory.mktemp("microphone") / "speech.wav", RECORDING_CLIPS[:2])
+
+
+@pytest.fixture
+def browser_with_microphone(playwright: Any, microphone: Path) -> Iterator[Any]:
+    """Chromium whose microphone is `microphone` (a WAV file, looped), allowed without asking."""
+    args = [
+        *BROWSER_ARGS,
+        "--use-fake-ui-for-media-stream",
+        "--use-fake-device-for-media-stream",
+        f"--use-file-for-fake-audio-capture={microphone}",
+    ]
+    browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=args)
+    yield browser
+    browser.close()
+
+
+def test_browser_live_tab_reads_the_microphone_while_it_plays(
+    browser_with_microphone: Any, live_ui: tuple[str, FakeService]
+) -> None:
+    """The Live tab in a real browser, its microphone fed from a WAV file: readings appear while the
+    audio plays, each utterance joins the strip when its pause comes, Stop gives the summary and frees
+    the stream."""
+    url, service = live_ui
+    opened = service.streams_opened
+    page = open_page(browser_with_microphone, url)
+    page.get_by_role("tab", name="Live").click()
+    page.locator("#live-audio").get_by_role("button", name="Record").click()
+
+    page.locator('#live-emotion[data-state="interim"]').wait_for()  # a reading while the person speaks
+    labels = {parse_label(token).en for token in PUBLISHED_LABELS}
+    assert page.locator("#live-emotion").get_attribute("data-emotion") in labels
+    assert "RANDOM WEIGHTS" in page.locator("#live-random").inner_text()
+    page.locator("#live-svg rect.tl-segment").first.wait_for()  # the first utterance's pause came
+    assert service.streams_open == 1 and service.streams_opened == opened + 1
+    assert "Streaming 48000 Hz" in page.locator("#live-state").inner_text()
+
+    page.locator("#live-audio").get_by_role("button", name="Stop").click()
+    page.locator('#live-state[data-state="done"]').wait_for()
+    assert "Stream ended" in page.locator("#live-state").inner_text()
+    deadline = time.monotonic() + 10
+    while service.streams_open:
+        assert time.monotonic() < deadline, "the stopped stream was not closed"
+        time.sleep(0.05)
     page.close()

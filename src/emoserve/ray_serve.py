@@ -65,8 +65,10 @@ if TYPE_CHECKING:
 
     from emoserve.audio.decode import Audio
     from emoserve.constants import Granularity
+    from emoserve.inference.live import StreamOptions
     from emoserve.inference.results import Result, TimelineSegment
     from emoserve.serving.engine import RequestTiming
+    from emoserve.serving.live import LiveStream
 
 log = logging.getLogger(__name__)
 
@@ -242,6 +244,7 @@ class RemoteService:
         self.handle = model
         limits = settings.effective_max_audio_s(), settings.effective_max_timeline_s()  # until it answers
         self.status = ModelStatus("starting", None, None, *limits)
+        self._stream_metrics = Metrics(settings.max_queue)
         self._stopping = threading.Event()
         threading.Thread(target=self._follow, name="emoserve-ui-status", daemon=True).start()
 
@@ -314,6 +317,37 @@ class RemoteService:
         async with contextlib.aclosing(scored_in_order(job, score)) as segments:
             async for segment in segments:
                 yield segment
+
+    @contextlib.asynccontextmanager
+    async def live_stream(self, options: StreamOptions) -> AsyncIterator[LiveStream]:
+        """The Live tab's stream (the session of /v1/stream), cut on this replica; each reading and segment
+        recognised on the model deployment as `recognize` sends a clip. Counted in a registry of its own:
+        the UI replica has no /metrics (the model replicas count the requests)."""
+        from emoserve.serving.live import LiveStream
+
+        self.require_ready()
+        summary = self.status.model_summary
+        assert summary is not None  # ready: loaded
+
+        async def score(audio: Audio, interim: bool) -> Result:
+            granularity = "utterance" if interim else options.granularity
+            result, _ = await self.recognize(
+                audio, granularity, options.embedding and not interim, options.head
+            )
+            return result
+
+        stream = LiveStream(
+            options,
+            score,
+            model=str(summary["name"]),
+            random_weights=bool(summary["random_weights"]),
+            labels=list(summary["labels"]),
+            metrics=self._stream_metrics,
+        )
+        try:
+            yield stream
+        finally:
+            await stream.close()
 
 
 def domain_error(error: RayTaskError) -> Exception:

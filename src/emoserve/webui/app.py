@@ -1,8 +1,10 @@
-"""The Gradio web UI, mounted at "/" by the server and sharing its batching engine. Two tabs:
+"""The Gradio web UI, mounted at "/" by the server and sharing its batching engine. Three tabs:
 
     Clip (clip.py): one clip, recognised as the API recognises it, with its result card and log
     Long recording (long_recording.py): a recording cut into speech segments, each one recognised,
         streamed to the page as a timeline
+    Live (live.py): the microphone as a live stream: the emotion while the person speaks, each
+        utterance's segment when they pause
 
 The UI reads the service through `UIService` only (protocol.py), so that it runs on any object with those
 members (the server's Service, the Ray UI replica's RemoteService, or a small fake in the tests). It saves
@@ -18,6 +20,7 @@ import gradio as gr
 
 from emoserve.constants import EXAMPLES_DIR
 from emoserve.webui.clip import clip_tab
+from emoserve.webui.live import live_tab
 from emoserve.webui.long_recording import long_recording_tab
 from emoserve.webui.protocol import UIService
 from emoserve.webui.saved import UIOutputs
@@ -53,6 +56,9 @@ def build_ui(
                 clip_tab(service, outputs, concurrency_limit)
             with gr.Tab("Long recording", id="long", elem_id="tab-long"):
                 long_recording_tab(service, outputs)
+            with gr.Tab("Live", id="live", elem_id="tab-live"):
+                live = live_tab(service, service.settings.max_streams)
+        demo.unload(live.unload)
         refresh_status(demo, service, banner)
     demo.queue(max_size=QUEUE_MAX)
     weakref.finalize(demo, outputs.close)

@@ -112,14 +112,14 @@ def distribution_frame(summary: dict[str, Any]) -> pd.DataFrame:
     )
 
 
-def timeline_svg(segments: Sequence[TimelineSegment], duration_s: float) -> str:
+def timeline_svg(segments: Sequence[TimelineSegment], duration_s: float, svg_id: str = "tl-svg") -> str:
     """One bar per segment on a row per speaker (channel), coloured by emotion; hover for details."""
     rows = sorted({s.speaker for s in segments}, key=lambda sp: (sp is not None, sp or "")) or [None]
     duration_s = max([duration_s, *(s.end_s for s in segments), 1e-9])
     scale = (PLOT_WIDTH - PLOT_LEFT - PLOT_RIGHT) / duration_s  # user units per second
     height = len(rows) * ROW_H + AXIS_H
     parts = [
-        f'<svg id="tl-svg" viewBox="0 0 {PLOT_WIDTH} {height}" width="100%" '
+        f'<svg id="{svg_id}" viewBox="0 0 {PLOT_WIDTH} {height}" width="100%" '
         'xmlns="http://www.w3.org/2000/svg" style="font:12px sans-serif">',
         *(_row_name(i, speaker) for i, speaker in enumerate(rows)),
         *(_bar(s, rows.index(s.speaker), scale) for s in segments),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import AsyncIterator, Sequence
+from contextlib import AbstractAsyncContextManager
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
@@ -16,8 +17,10 @@ if TYPE_CHECKING:
     from emoserve.audio.segments import Recording, Span
     from emoserve.audio.vad import VadSettings
     from emoserve.constants import Channels, Granularity
+    from emoserve.inference.live import StreamOptions
     from emoserve.inference.results import Result, TimelineSegment
     from emoserve.serving.engine import RequestTiming
+    from emoserve.serving.live import LiveStream
     from emoserve.serving.phase import Phase
     from emoserve.serving.settings import Settings
 
@@ -50,6 +53,8 @@ class UIService(Protocol):
         max_timeline_s are raised here, as EmoserveErrors.
     timeline: the job's scored segments as they come, through the shared engine; leaving the iteration
         early stops the decoding.
+    live_stream: a live stream of the microphone (the /v1/stream route's session, scored through the
+        shared engine), closed on leaving; it raises ServiceUnavailable when not ready or full.
     metrics: UI recognitions are observed under the route ROUTE_UI (timelines by the service itself);
         None: not reported.
     """
@@ -85,5 +90,6 @@ class UIService(Protocol):
     ) -> Recording: ...
 
     def timeline(self, job: Recording, head: str | None = None) -> AsyncIterator[TimelineSegment]: ...
+    def live_stream(self, options: StreamOptions) -> AbstractAsyncContextManager[LiveStream]: ...
     @property
     def metrics(self) -> UIMetrics | None: ...
