@@ -26,6 +26,7 @@ BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
         ("soak.py", "RSS growth, first to last minute"),
         ("allocator.py", "RSS growth per 100 lengths"),
         ("timeline.py", "pipeline / one-at-a-time"),
+        ("stream.py", "streams behind real time"),
         ("start_path.py --against HEAD", "modules loaded by that import"),
         ("gpu.py --device cpu", "32 clients / 1 client"),
     ],
