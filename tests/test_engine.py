@@ -17,7 +17,7 @@ import torch
 
 from emoserve.audio.decode import Audio
 from emoserve.constants import SAMPLE_RATE, Granularity
-from emoserve.errors import EngineStopped, QueueFull, WarmupError
+from emoserve.errors import EngineStopped, Preempted, QueueFull, WarmupError
 from emoserve.inference.recognizer import Recognizer
 from emoserve.inference.results import Result
 from emoserve.serving.engine import (
@@ -239,6 +239,104 @@ def test_requests_go_by_priority_then_first_come_first_served() -> None:
     with running(fake, max_batch_size=4, max_wait_ms=0, max_background_batch_seconds=2.0) as engine:
         run(scenario(engine))
     assert fake.calls == [["seg0"], ["person"], ["stream"], ["interim"], ["seg1", "seg2"], ["seg3"]]
+
+
+class Interruptible(FakeRecognizer):
+    """As ONNX Runtime's terminate flag does: `interrupt()` makes the call in progress raise."""
+
+    def __init__(self) -> None:
+        super().__init__(threading.Event())
+        self.interrupted: list[list[str]] = []
+        self._stop = False
+
+    def interrupt(self) -> bool:
+        self.interrupted.append(self.calls[-1])
+        self._stop = True
+        assert self.gate is not None
+        self.gate.set()
+        return True
+
+    def predict_batch(
+        self, clips: Sequence[Audio], granularity: Granularity, embedding: bool
+    ) -> list[Result]:
+        results = super().predict_batch(clips, granularity, embedding)
+        if self._stop:
+            self._stop = False
+            assert self.gate is not None
+            self.gate.clear()
+            raise RuntimeError("Exiting due to terminate flag being set to true")
+        return results
+
+
+def test_an_interim_reading_in_progress_is_stopped_for_more_urgent_work() -> None:
+    """A live stream's interim reading is best effort: a stream's segment or a person's clip arriving
+    while it runs stops its model call (Preempted: skipped, not retried); nothing else is stopped, and
+    what is stopped for is served next."""
+    fake = Interruptible()
+
+    async def scenario(engine: Engine) -> list[Any]:
+        def submit(name: str, priority: Priority) -> asyncio.Task[Result]:
+            return asyncio.create_task(engine.submit(silence(1, name), priority=priority))
+
+        outcomes: list[Any] = []
+        for urgent in (Priority.STREAM_SEGMENT, Priority.CLIP):
+            interim = submit("interim", Priority.STREAM_INTERIM)
+            await wait_until(lambda: engine.in_flight == 1)
+            served = submit(urgent.name, urgent)
+            outcomes += await asyncio.gather(interim, return_exceptions=True)
+            assert fake.gate is not None
+            fake.gate.set()
+            outcomes.append((await served).emotion)
+            fake.gate.clear()
+        for busy, later in (
+            (Priority.TIMELINE, Priority.CLIP),
+            (Priority.STREAM_INTERIM, Priority.TIMELINE),
+        ):
+            first = submit(busy.name, busy)
+            await wait_until(lambda: engine.in_flight == 1)
+            second = submit(later.name, later)
+            await wait_until(lambda: engine.queue_depth == 1)
+            assert fake.gate is not None
+            fake.gate.set()
+            outcomes += [(await first).emotion, (await second).emotion]
+            fake.gate.clear()
+        return outcomes
+
+    with running(fake, max_batch_size=4, max_wait_ms=0) as engine:
+        outcomes = run(scenario(engine))
+        assert engine.preempted == 2
+    assert isinstance(outcomes[0], Preempted) and outcomes[1] == "STREAM_SEGMENT"
+    assert isinstance(outcomes[2], Preempted) and outcomes[3] == "CLIP"
+    assert outcomes[4:] == ["TIMELINE", "CLIP", "STREAM_INTERIM", "TIMELINE"]
+    assert fake.interrupted == [["interim"], ["interim"]]  # a long recording's call is never stopped
+
+
+def test_the_onnx_backend_stops_a_call_in_progress_and_stays_usable(tiny_onnx: Recognizer) -> None:
+    backend = tiny_onnx.backend
+    waves = np.random.default_rng(0).standard_normal((4, 120 * SAMPLE_RATE)).astype(np.float32) * 0.1
+    lengths = np.full(4, waves.shape[1], np.int64)
+    assert backend.interrupt() is False  # nothing in progress
+    outcome: list[BaseException | None] = []
+
+    def call() -> None:
+        try:
+            backend.run(waves, lengths, frames=False)
+            outcome.append(None)
+        except Exception as error:
+            outcome.append(error)
+
+    thread = threading.Thread(target=call)
+    started = time.monotonic()
+    thread.start()
+    while not backend.interrupt():  # until the call is under way
+        assert thread.is_alive(), "the call ended before it could be stopped: give it more audio"
+        time.sleep(0.001)
+    thread.join(30)
+    assert time.monotonic() - started < 5
+    (error,) = outcome
+    assert error is not None and "terminate" in str(error)
+    clip = silence(1, "after")
+    assert tiny_onnx.predict_batch([clip], "utterance", False)[0].scores  # the session still answers
 
 
 # ------------------------------------------------------------------------------------------ back-pressure

@@ -226,9 +226,9 @@ def test_arbitrary_lengths_reach_onnx_runtime_as_a_bounded_set_of_widths(
     session, widths = model.backend.session, set()
 
     class Spy:
-        def run(self, names: Any, feeds: dict[str, np.ndarray]) -> Any:
+        def run(self, names: Any, feeds: dict[str, np.ndarray], options: Any = None) -> Any:
             widths.add(feeds["waves"].shape[1])
-            return session.run(names, feeds)
+            return session.run(names, feeds, options)
 
     model.backend.session = Spy()
     full = wave("en_7s_16k.flac")

@@ -52,6 +52,7 @@ CODES: dict[str, Code] = {
     "frame_too_large": Code(413, "a live stream's message over 1 MiB"),
     "invalid_message": Code(400, "a live stream's text message that is not JSON, or of an unknown type"),
     "replica_lost": Code(503, "the model replica that held the request died (Ray Serve)"),
+    "preempted": Code(503, "a live stream's interim reading stopped part-way for more urgent work (skipped)"),
     # the model
     "model_unavailable": Code(500, "a model that cannot be found, downloaded, converted or loaded"),
     "invalid_model_config": Code(500, "a config.yaml that describes no model this code can run"),
@@ -201,6 +202,16 @@ class EngineStopped(EmoserveError):
 
     def __init__(self, message: str) -> None:
         super().__init__(message, retry_after_s=DRAINING_RETRY_AFTER_S)
+
+
+class Preempted(EmoserveError):
+    """A model call of best-effort work (live streams' interim readings) stopped part-way because more
+    urgent work arrived (the engine's `Priority`); the reading is skipped, never retried."""
+
+    code = "preempted"
+
+    def __init__(self) -> None:
+        super().__init__("stopped for more urgent work", retry_after_s=0.0)
 
 
 class WarmupError(EmoserveError):

@@ -27,6 +27,8 @@ class Backend(Protocol):
 
     def run(self, waves: np.ndarray, lengths: np.ndarray, frames: bool) -> Outputs: ...
 
+    # optional: `interrupt() -> bool` stops the call in progress from another thread (OnnxBackend)
+
 
 def choose_backend(backend: str, device: str, dtype: str, info: ModelInfo) -> str:
     """ "torch" or "onnx" for these options, or a ValueError saying which options do not go together."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 
 from emoserve.model.interface import (
     OUTPUTS,
@@ -23,6 +24,9 @@ from emoserve.model.interface import (
 
 
 class OnnxBackend:
+    """`interrupt()` (from another thread) stops the call in progress within a few milliseconds: ONNX
+    Runtime checks its run's terminate flag between nodes; the call raises, the session stays usable."""
+
     name = "onnx"
     device = "cpu"
 
@@ -32,14 +36,26 @@ class OnnxBackend:
         self.dtype = dtype
         self.threads = threads
         self.session = open_session(graph, threads, options=session_options(threads, **options))
+        self._running: ort.RunOptions | None = None  # the call in progress, for `interrupt`
 
     def run(self, waves: np.ndarray, lengths: np.ndarray, frames: bool) -> Outputs:
         names = OUTPUTS if frames else UTTERANCE_OUTPUTS
         # ONNX Runtime keeps state per input shape (~10 KB each, docs/benchmarks.md section 6)
         waves = pad_to_bucket(waves)
-        got = dict(
-            zip(names, self.session.run(list(names), {"waves": waves, "lengths": lengths}), strict=True)
-        )
+        self._running = running = ort.RunOptions()
+        try:
+            outputs = self.session.run(list(names), {"waves": waves, "lengths": lengths}, running)
+        finally:
+            self._running = None
+        got = dict(zip(names, outputs, strict=True))
         return Outputs(
             got["logits"], got["pooled"], got.get("frame_logits"), got.get("frames"), got["frame_lengths"]
         )
+
+    def interrupt(self) -> bool:
+        """Stop the model call in progress, if any (it raises); True: one was asked to stop."""
+        running = self._running
+        if running is None:
+            return False
+        running.terminate = True
+        return True

@@ -176,6 +176,12 @@ class Recognizer:
         head.check_model(self.info)
         return WithHead(self, head)
 
+    def interrupt(self) -> bool:
+        """Stop the model call in progress from another thread (it raises), where the backend can: the
+        onnx backend can, torch cannot. True: a call was asked to stop."""
+        interrupt = getattr(self.backend, "interrupt", None)
+        return bool(interrupt()) if interrupt is not None else False
+
     def predict_batch(
         self, clips: Sequence[Audio], granularity: Granularity, embedding: bool, *, head: Head | None = None
     ) -> list[Result]:

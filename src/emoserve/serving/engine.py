@@ -34,7 +34,7 @@ from emoserve.constants import (
     SAMPLE_RATE,
     Granularity,
 )
-from emoserve.errors import EngineStopped, QueueFull
+from emoserve.errors import EngineStopped, Preempted, QueueFull
 from emoserve.inference.recognizer import MAX_PADDING, Recognizer, length_batches
 from emoserve.inference.results import Result
 
@@ -148,6 +148,11 @@ class Priority(enum.IntEnum):
     TIMELINE = 3
 
 
+# Work whose model call is stopped part-way (where the backend can) when more urgent work arrives: a live
+# reading is best effort, and a new one comes a hop_s later; its requests fail with Preempted.
+PREEMPTIBLE = frozenset({Priority.STREAM_INTERIM})
+
+
 @dataclass(eq=False)  # identity equality: the queue removes this very request
 class _Request:
     audio: Audio
@@ -195,6 +200,9 @@ class Engine:
         self._stopping = False
         self._in_flight = 0
         self._model_calls = 0
+        self._running_priority: Priority | None = None  # of the model call in progress
+        self._preempting = False  # that call was asked to stop (PREEMPTIBLE)
+        self.preempted = 0  # requests whose call was stopped for more urgent work
         self._recent_call_s: deque[float] = deque(maxlen=RECENT_BATCHES)
         self._reported_depth: int | None = None  # worker only
         self._failed_hooks: set[str] = set()  # worker only
@@ -313,6 +321,10 @@ class Engine:
                 raise QueueFull(self._retry_after_s())
             self._queue.extend(requests)
             self._cond.notify_all()
+            running = self._running_priority
+            if running in PREEMPTIBLE and priority < running and not self._preempting:
+                # under the lock: the worker cannot start another call before this one is stopped
+                self._preempting = bool(getattr(self.recognizer, "interrupt", lambda: False)())
         for request in requests:  # the callback must not hold the request: that would make a cycle
             request.future.add_done_callback(self._forget_if_cancelled)  # (request -> future -> request)
         return requests
@@ -380,6 +392,7 @@ class Engine:
                 else:
                     batch = self._take_batch()
                     self._in_flight = len(batch)
+                    self._running_priority = batch[0].priority if batch else None
                 depth = len(self._queue)
             self._report_depth(depth)  # outside the lock: a slow observer must not block submit
             if batch:
@@ -420,12 +433,20 @@ class Engine:
         finally:
             with self._cond:
                 self._in_flight = 0
+                self._running_priority, self._preempting = None, False
 
     def _predict(self, batch: list[_Request], started: float) -> None:
         """One model call for `batch`; if it raises, each request alone, so only the culprit fails."""
         try:
             results = self._call_model(batch)
         except Exception as error:
+            with self._cond:
+                preempted = self._preempting
+            if preempted:  # stopped for more urgent work: best effort, not retried
+                self.preempted += len(batch)
+                for request in batch:
+                    request.future.set_exception(Preempted())
+                return
             if len(batch) == 1:
                 log.warning("request %r failed: %s", batch[0].audio.source, error, exc_info=True)
                 batch[0].future.set_exception(error)
