@@ -17,7 +17,7 @@ time over the level's wall time (2.0 = both cores).
 
 Baselines measured in the same run: the model time of each segment (its audio as /v1/recognize, the
 server's `timing.inference_s`, median of 3, idle), and a 5 s /v1/recognize at idle against the same beside
-4 streams (one request at a time, for the whole level).
+4 streams (a level of its own after the others: one request every BESIDE_EVERY_S, one at a time).
 
 Targets (issue 15, this 2-core CPU): 4 streams with segment latency p95 <= 1.0 s and no stream behind;
 one stream's segment latency p50 <= 1.2x the model time of those segments + 50 ms; /v1/recognize beside
@@ -62,7 +62,14 @@ PAUSE_S = 1.0
 STAGGER_S = 0.37
 LATE_S = 0.5
 LAG_S = 3.0
+MODEL_METRICS = (
+    "emoserve_batch_duration_seconds_count",
+    "emoserve_batch_duration_seconds_sum",
+    "emoserve_audio_seconds_total",
+)
 RECOGNIZE_CLIP_S = 5.0
+BESIDE = 4  # streams beside which a person's clips are timed (a level of its own)
+BESIDE_EVERY_S = 3.0  # one 5 s clip every this many seconds (a person's pace), one at a time
 HOP_S = 1.0  # the protocol's default (sent explicitly)
 TARGETS = {"p95_at_4": 1.0, "one_stream_factor": 1.2, "one_stream_plus_s": 0.05, "recognize_ratio": 3.0}
 EXAMPLES = Path(__file__).resolve().parent.parent / "src" / "emoserve" / "examples"
@@ -164,6 +171,9 @@ class Level:
     wall_s: float
     cpu_s: float
     recognize_s: list[float]  # 5 s /v1/recognize latencies during the level (4 streams only)
+    model_calls: float = 0.0  # from the server's /metrics, during the level
+    model_s: float = 0.0
+    model_audio_s: float = 0.0
 
     def latencies(self, the_plan: Plan) -> list[float]:
         out = []
@@ -174,9 +184,14 @@ class Level:
         return out
 
     def behind(self, the_plan: Plan) -> int:
-        return sum(1 for r in self.runs if r.error or max(r.late, default=0) > LATE_S
-                   or max(Level(1, [r], 0, 0, []).latencies(the_plan), default=0) > LAG_S
-                   or len(r.segments()) != len(the_plan.closing_frame))
+        return sum(
+            1
+            for r in self.runs
+            if r.error
+            or max(r.late, default=0) > LATE_S
+            or max(Level(1, [r], 0, 0, []).latencies(the_plan), default=0) > LAG_S
+            or len(r.segments()) != len(the_plan.closing_frame)
+        )
 
     def interims(self) -> int:
         return sum(1 for r in self.runs for _, m in r.messages if m["type"] == "interim")
@@ -195,27 +210,32 @@ def cpu_seconds(pid: int) -> float:
 
 def run_level(server: Server, n: int, the_plan: Plan, wav: bytes | None) -> Level:
     runs = [StreamRun() for _ in range(n)]
+    before = [server.metric(m) for m in MODEL_METRICS]
     start = time.perf_counter() + 1.0  # every connection open before the first frame
     cpu_before, wall_before = cpu_seconds(server.pid), time.perf_counter()
-    threads = [threading.Thread(target=run_stream, args=(server.port, the_plan, start + i * STAGGER_S, run))
-               for i, run in enumerate(runs)]
+    threads = [
+        threading.Thread(target=run_stream, args=(server.port, the_plan, start + i * STAGGER_S, run))
+        for i, run in enumerate(runs)
+    ]
     for thread in threads:
         thread.start()
     recognize_s: list[float] = []
-    if wav is not None:  # a person's clip beside the streams, one at a time while they run
+    if wav is not None:  # a person's clip beside the streams, one every BESIDE_EVERY_S while they run
         client = Client(server.port)
         time.sleep(max(0.0, start - time.perf_counter()) + 2.0)
         while any(t.is_alive() for t in threads):
             reply = client.recognize(wav)
             if reply.status == 200:
                 recognize_s.append(reply.seconds)
-            time.sleep(0.5)
+            time.sleep(max(0.0, BESIDE_EVERY_S - reply.seconds))
         client.close()
     for thread in threads:
         thread.join()
     server.check_alive()
     wall = time.perf_counter() - wall_before
-    return Level(n, runs, wall, cpu_seconds(server.pid) - cpu_before, recognize_s)
+    cpu = cpu_seconds(server.pid) - cpu_before
+    calls, model_s, audio_s = (server.metric(m) - b for m, b in zip(MODEL_METRICS, before, strict=True))
+    return Level(n, runs, wall, cpu, recognize_s, calls, model_s, audio_s)
 
 
 def model_times(server: Server, the_plan: Plan) -> list[float]:
@@ -256,14 +276,25 @@ def memory(model: Path, minutes: float) -> None:
     marks = sorted({m for m in (1, 3, 10, 30, 60, 120, 180) if m <= len(rss)} | {len(rss)})
     table(["minutes of audio", *map(str, marks)], [["RSS (MB)", *(f"{rss[m - 1]:.0f}" for m in marks)]])
     base = rss[min(3, len(rss)) - 1]
-    print(f"RSS growth, minute {min(3, len(rss))} -> {len(rss)}: {rss[-1] - base:+.1f} MB "
-          f"({len(session.messages.segments)} segments; {wall:.0f} s to stream {minutes:g} minutes)")
+    print(
+        f"RSS growth, minute {min(3, len(rss))} -> {len(rss)}: {rss[-1] - base:+.1f} MB "
+        f"({len(session.messages.segments)} segments; {wall:.0f} s to stream {minutes:g} minutes)"
+    )
 
 
 def main() -> None:
     p = parser(__doc__, default_runs=1)
-    p.add_argument("--memory", type=float, metavar="MINUTES",
-                   help="instead: the RSS of one stream of MINUTES of audio, in this process")
+    p.add_argument(
+        "--levels",
+        type=lambda v: tuple(int(x) for x in v.split(",")),
+        help=f"numbers of streams, e.g. 1,4 (default {','.join(map(str, LEVELS))})",
+    )
+    p.add_argument(
+        "--memory",
+        type=float,
+        metavar="MINUTES",
+        help="instead: the RSS of one stream of MINUTES of audio, in this process",
+    )
     args = p.parse_args()
     runs = run_count(args)
     header("Live streams", args, runs)
@@ -273,33 +304,44 @@ def main() -> None:
         return
     seconds = QUICK_STREAM_S if args.quick else STREAM_S
     the_plan = plan(speech_and_pauses(seconds))
-    levels = (1, 2) if args.quick else LEVELS
+    levels = args.levels or ((1, 2) if args.quick else LEVELS)
     wav = clip_wav(RECOGNIZE_CLIP_S)
     port = free_port()
     argv = serve_argv(model.entry, port, "--no-ui", "--max-streams", str(max(LEVELS) + 2))
-    print(f"- server: `emoserve serve --model <slim entry> --device cpu --no-ui --max-streams "
-          f"{max(LEVELS) + 2}` (other settings default)")
-    print(f"- each stream: {seconds:g} s, {len(the_plan.segment_audio)} utterances "
-          f"({the_plan.speech_s:.1f} s of speech), {FRAME_S * 1000:.0f} ms messages at real-time pace, "
-          f"hop_s {HOP_S:g}; streams start {STAGGER_S:g} s apart\n")
+    print(
+        f"- server: `emoserve serve --model <slim entry> --device cpu --no-ui --max-streams "
+        f"{max(LEVELS) + 2}` (other settings default)"
+    )
+    print(
+        f"- each stream: {seconds:g} s, {len(the_plan.segment_audio)} utterances "
+        f"({the_plan.speech_s:.1f} s of speech), {FRAME_S * 1000:.0f} ms messages at real-time pace, "
+        f"hop_s {HOP_S:g}; streams start {STAGGER_S:g} s apart\n"
+    )
     results: dict[int, list[Level]] = {n: [] for n in levels}
     with running_server("stream", argv, port) as server:
         server.wait_for("/readyz")
         idle_recognize(server, wav, 1)  # untimed
         model_s = model_times(server, the_plan)
         idle_before = idle_recognize(server, wav, 3 if args.quick else 8)
+        beside_n = BESIDE if BESIDE in levels else min(levels)
+        beside: list[Level] = []
         for i in range(runs):
             for n in levels:
-                beside = wav if n == 4 or (args.quick and n == 2) else None
-                results[n].append(run_level(server, n, the_plan, beside))
+                results[n].append(run_level(server, n, the_plan, None))
                 print(f"run {i + 1}/{runs}: {n} streams in {results[n][-1].wall_s:.1f} s", file=sys.stderr)
                 time.sleep(1.0)
+            beside.append(run_level(server, beside_n, the_plan, wav))
         idle_after = idle_recognize(server, wav, 3 if args.quick else 8)
-    report(results, the_plan, model_s, idle_before + idle_after, args.quick)
+    report(results, the_plan, model_s, idle_before + idle_after, (beside_n, beside))
 
 
-def report(results: dict[int, list[Level]], the_plan: Plan, model_s: list[float], idle: list[float],
-           quick: bool) -> None:
+def report(
+    results: dict[int, list[Level]],
+    the_plan: Plan,
+    model_s: list[float],
+    idle: list[float],
+    beside_run: tuple[int, list[Level]],
+) -> None:
     rows, held = [], 0
     for n, levels in results.items():
         latencies = [x for level in levels for x in level.latencies(the_plan)]
@@ -309,45 +351,88 @@ def report(results: dict[int, list[Level]], the_plan: Plan, model_s: list[float]
         speech = the_plan.speech_s * n * len(levels)
         if not behind and not errors:
             held = max(held, n)
-        rows.append([
-            n, len(latencies), f"{percentile(latencies, 50):.3f}", f"{percentile(latencies, 95):.3f}",
-            f"{interims / speech:.2f} / {1 / HOP_S:.2f}", sum(level.skipped() for level in levels),
-            f"{behind} of {n * len(levels)}" + (f" ({errors[0]})" if errors else ""),
-            f"{median([level.cpu_s / level.wall_s for level in levels]):.2f}",
-        ])
-    print("Segment latency: from sending the message that closed the utterance to the `segment`'s "
-          "arrival, seconds. Interims per second of speech against 1 / hop_s.\n")
-    table(["streams", "segments", "latency p50", "latency p95", "interims/s (achieved / hop)",
-           "interims skipped", "streams behind real time", "server CPU (cores)"], rows)
-    print(f"Interim readings due per stream by the cut: {the_plan.interims_due} "
-          f"({the_plan.interims_due / the_plan.speech_s:.2f} per second of speech).")
+        rows.append(
+            [
+                n,
+                len(latencies),
+                f"{percentile(latencies, 50):.3f}",
+                f"{percentile(latencies, 95):.3f}",
+                f"{interims / speech:.2f} / {1 / HOP_S:.2f}",
+                sum(level.skipped() for level in levels),
+                f"{behind} of {n * len(levels)}" + (f" ({errors[0]})" if errors else ""),
+                f"{median([level.cpu_s / level.wall_s for level in levels]):.2f}",
+                f"{median([level.model_s / level.wall_s for level in levels]):.2f}",
+                f"{median([level.model_s / level.model_audio_s for level in levels]):.3f}",
+                f"{median([level.model_calls for level in levels]):.0f}",
+            ]
+        )
+    print(
+        "Segment latency: from sending the message that closed the utterance to the `segment`'s "
+        "arrival, seconds. Interims per second of speech against 1 / hop_s.\n"
+    )
+    table(
+        [
+            "streams",
+            "segments",
+            "latency p50",
+            "latency p95",
+            "interims/s (achieved / hop)",
+            "interims skipped",
+            "streams behind real time",
+            "server CPU (cores)",
+            "model busy (s/s)",
+            "model s per audio s",
+            "model calls",
+        ],
+        rows,
+    )
+    print(
+        f"Interim readings due per stream by the cut: {the_plan.interims_due} "
+        f"({the_plan.interims_due / the_plan.speech_s:.2f} per second of speech)."
+    )
     print(f"Largest number of streams held in real time: {held}.\n")
 
     one = results[1][0] if 1 in results else None
     checks = []
     if one is not None:
-        pairs = [(lat, model_s[i % len(model_s)]) for level in results[1]
-                 for i, lat in enumerate(level.latencies(the_plan))]
+        pairs = [
+            (lat, model_s[i % len(model_s)])
+            for level in results[1]
+            for i, lat in enumerate(level.latencies(the_plan))
+        ]
         p50, model_p50 = percentile([a for a, _ in pairs], 50), percentile([b for _, b in pairs], 50)
         bound = TARGETS["one_stream_factor"] * model_p50 + TARGETS["one_stream_plus_s"]
-        checks.append([f"1 stream: latency p50 <= {TARGETS['one_stream_factor']:g}x model time + 50 ms",
-                       f"{p50:.3f} s vs model time p50 {model_p50:.3f} s -> bound {bound:.3f} s: "
-                       f"{'met' if p50 <= bound else 'NOT met'}"])
+        checks.append(
+            [
+                f"1 stream: latency p50 <= {TARGETS['one_stream_factor']:g}x model time + 50 ms",
+                f"{p50:.3f} s vs model time p50 {model_p50:.3f} s -> bound {bound:.3f} s: "
+                f"{'met' if p50 <= bound else 'NOT met'}",
+            ]
+        )
     if 4 in results:
         latencies = [x for level in results[4] for x in level.latencies(the_plan)]
         p95, behind = percentile(latencies, 95), sum(level.behind(the_plan) for level in results[4])
         ok = p95 <= TARGETS["p95_at_4"] and not behind
-        checks.append([f"4 streams: p95 <= {TARGETS['p95_at_4']:g} s, none behind",
-                       f"p95 {p95:.3f} s, {behind} behind: {'met' if ok else 'NOT met'}"])
-    beside_level = 4 if 4 in results else (2 if quick else None)
-    if beside_level is not None:
-        beside = [x for level in results[beside_level] for x in level.recognize_s]
-        ratio = median(beside) / median(idle)
-        checks.append([f"5 s /v1/recognize beside {beside_level} streams / idle (<= "
-                       f"{TARGETS['recognize_ratio']:g}x)",
-                       f"{median(beside):.3f} / {median(idle):.3f} s = {ratio:.2f} "
-                       f"({len(beside)} beside, {len(idle)} idle, bracketing the run): "
-                       f"{'met' if ratio <= TARGETS['recognize_ratio'] else 'NOT met'}"])
+        checks.append(
+            [
+                f"4 streams: p95 <= {TARGETS['p95_at_4']:g} s, none behind",
+                f"p95 {p95:.3f} s, {behind} behind: {'met' if ok else 'NOT met'}",
+            ]
+        )
+    beside_level, levels_beside = beside_run
+    beside = [x for level in levels_beside for x in level.recognize_s]
+    ratio = median(beside) / median(idle)
+    latencies = [x for level in levels_beside for x in level.latencies(the_plan)]
+    checks.append(
+        [
+            f"5 s /v1/recognize beside {beside_level} streams / idle (<= {TARGETS['recognize_ratio']:g}x)",
+            f"{median(beside):.3f} / {median(idle):.3f} s = {ratio:.2f} "
+            f"({len(beside)} beside, {len(idle)} idle, bracketing the run; the streams' segment "
+            f"latency meanwhile p50 {percentile(latencies, 50):.3f} s, "
+            f"p95 {percentile(latencies, 95):.3f} s): "
+            f"{'met' if ratio <= TARGETS['recognize_ratio'] else 'NOT met'}",
+        ]
+    )
     table(["check", "result"], checks)
     print(f"{load_average()} at the end. Server log: .bench/serve/stream.log")
 
