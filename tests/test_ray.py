@@ -338,6 +338,60 @@ def test_the_web_ui_builds_a_long_recordings_timeline_on_the_model_replicas(
 
 
 @pytest.mark.ray
+def test_a_live_stream_through_serves_proxy_and_the_ui_replica_gives_the_timelines_segments(
+    deployed: Deployed, tmp_path: Path
+) -> None:
+    """GET /v1/stream through Serve's proxy (a WebSocket through the FastAPI ingress) on a model replica,
+    and the Live tab's stream on the UI replica (its cut there, each segment scored on the model
+    deployment): both give the segments and scores of /v1/timeline for the same audio."""
+    import soundfile as sf
+    from ray import serve
+    from websockets.sync.client import connect
+
+    from emoserve.inference.live import StreamOptions
+    from emoserve.ray_serve import API_APP, RECOGNITION, RemoteService, split_args
+
+    from .test_webui import joined_recording
+
+    recording = joined_recording(tmp_path / "talk.wav", ("zh_3s_16k.wav", "en_3s_44k.mp3"))
+    pcm = sf.read(recording, dtype="int16")[0].tobytes()
+    timeline = deployed.client.post("/v1/timeline", content=recording.read_bytes()).json()["segments"]
+    assert len(timeline) == 2
+    with connect(deployed.url.replace("http://", "ws://") + "/v1/stream", open_timeout=60) as ws:
+        messages = [json.loads(ws.recv(60))]
+        for at in range(0, len(pcm), 6400):
+            ws.send(pcm[at : at + 6400])
+        ws.send(json.dumps({"type": "end"}))
+        messages += [json.loads(raw) for raw in ws]
+        assert ws.close_code == 1000
+    assert messages[0]["type"] == "ready" and messages[-1]["type"] == "summary"
+
+    remote = RemoteService(split_args(APP_ARGS)[0], serve.get_deployment_handle(RECOGNITION.name, API_APP))
+
+    async def in_the_ui() -> list[dict[str, Any]]:
+        async with remote.live_stream(StreamOptions()) as live:
+            for at in range(0, len(pcm), 3200):
+                await live.feed(pcm[at : at + 3200])
+            await live.end()
+            return [message async for message in live.messages_out()]
+
+    try:
+        wait_until(lambda: remote.phase == "ready", 30, "the UI's service to see the model deployment ready")
+        ui_messages = asyncio.run(in_the_ui())
+    finally:
+        remote.close()
+    for got in (messages, ui_messages):
+        segments = [m for m in got if m["type"] == "segment"]
+        spans = [(t["start_s"], t["end_s"]) for t in timeline]
+        assert [(s["start_s"], s["end_s"]) for s in segments] == spans
+        for segment, want in zip(segments, timeline, strict=True):
+            np.testing.assert_allclose(
+                list(segment["scores"].values()), list(want["scores"].values()), atol=SCORE_TOL
+            )
+        assert got[-1]["type"] == "summary" and got[-1]["summary"]["segments"] == 2
+
+
+@pytest.mark.ray
 def test_the_ui_gets_a_replica_error_with_its_code_status_and_retry_after(ray_cluster: RayCluster) -> None:
     import ray
     from ray.exceptions import RayTaskError
