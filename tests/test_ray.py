@@ -370,10 +370,15 @@ def test_a_live_stream_through_serves_proxy_and_the_ui_replica_gives_the_timelin
 
     async def in_the_ui() -> list[dict[str, Any]]:
         async with remote.live_stream(StreamOptions()) as live:
+            # read while feeding: a stream is not fed more while 2 segments wait for their scores
+            reading = asyncio.create_task(collect(live.messages_out()))
             for at in range(0, len(pcm), 3200):
                 await live.feed(pcm[at : at + 3200])
             await live.end()
-            return [message async for message in live.messages_out()]
+            return await asyncio.wait_for(reading, 60)
+
+    async def collect(messages: Any) -> list[dict[str, Any]]:
+        return [message async for message in messages]
 
     try:
         wait_until(lambda: remote.phase == "ready", 30, "the UI's service to see the model deployment ready")

@@ -70,8 +70,8 @@ def live_tab(service: UIService, concurrency_limit: int | None) -> LiveWindows:
         if window is not None and chunk is not None:
             try:
                 await window.feed(chunk)
-            except EmoserveError as error:
-                await windows.close(request.session_hash or "")
+            except EmoserveError as error:  # not ready, too many streams: said once, until Record again
+                await window.close()
                 raise ui_error(service, error) from None
         return render(window, service)
 
