@@ -70,7 +70,7 @@ MODEL_METRICS = (
 RECOGNIZE_CLIP_S = 5.0
 BESIDE = 4  # streams beside which a person's clips are timed (a level of its own)
 BESIDE_EVERY_S = 3.0  # one 5 s clip every this many seconds (a person's pace), one at a time
-HOP_S = 1.0  # the protocol's default (sent explicitly)
+HOP_S = 1.0  # the protocol's default, sent explicitly (--hop-s: an experiment)
 TARGETS = {"p95_at_4": 1.0, "one_stream_factor": 1.2, "one_stream_plus_s": 0.05, "recognize_ratio": 3.0}
 EXAMPLES = Path(__file__).resolve().parent.parent / "src" / "emoserve" / "examples"
 
@@ -283,11 +283,18 @@ def memory(model: Path, minutes: float) -> None:
 
 
 def main() -> None:
+    global HOP_S
     p = parser(__doc__, default_runs=1)
     p.add_argument(
         "--levels",
         type=lambda v: tuple(int(x) for x in v.split(",")),
         help=f"numbers of streams, e.g. 1,4 (default {','.join(map(str, LEVELS))})",
+    )
+    p.add_argument(
+        "--hop-s",
+        type=float,
+        default=HOP_S,
+        help=f"the streams' hop_s (default {HOP_S:g}; 10: about no interims, an experiment)",
     )
     p.add_argument(
         "--memory",
@@ -296,6 +303,7 @@ def main() -> None:
         help="instead: the RSS of one stream of MINUTES of audio, in this process",
     )
     args = p.parse_args()
+    HOP_S = args.hop_s
     runs = run_count(args)
     header("Live streams", args, runs)
     model = bench_model(args.preset)
