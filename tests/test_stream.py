@@ -24,7 +24,17 @@ from emoserve.inference.live import StreamOptions
 from emoserve.serving.live import MAX_PENDING_SEGMENTS, LiveStream
 from emoserve.serving.metrics import Metrics
 
-from .test_server import LIVE, MODEL, Live, app_client, first_answer, live_server, serve_process, wait_for
+from .test_server import (
+    LIVE,
+    MODEL,
+    Live,
+    app_client,
+    first_answer,
+    gated_model,
+    live_server,
+    serve_process,
+    wait_for,
+)
 from .test_timeline import RATE, SPEECH, joined
 
 SCORE_TOL = 1e-5  # the issue's: a stream's scores are the timeline's
@@ -193,6 +203,32 @@ def test_bad_messages_get_errors_and_the_stream_goes_on(server: Live, speech: Pa
     counted = errors_counted(server)
     assert counted["invalid_frame"] - before["invalid_frame"] == 1
     assert counted["invalid_message"] - before["invalid_message"] == 2
+
+
+def test_messages_after_end_get_errors_before_the_summary(server: Live, speech: Path) -> None:
+    """After `end` the server still reads until its summary is out: audio, or another message, sent then
+    is left out with its (non-fatal) error, told before the summary; the stream still closes 1000."""
+    first_utterance = pcm(speech)[: int(2.5 * RATE) * 2]  # 0.8 s of pause, then into the first clip
+    before = errors_counted(server)
+    with gated_model(server.service) as gate, connect(ws_url(server)) as ws:
+        json.loads(ws.recv())
+        ws.send(first_utterance)
+        ws.send(json.dumps({"type": "end"}))  # the open utterance's segment waits for the gate
+        ws.send(b"\x00\x00" * 1600)
+        ws.send(json.dumps({"type": "end"}))
+        wait_for(lambda: errors_counted(server)["invalid_message"] - before["invalid_message"] == 2, 10,
+                 "the two late messages to be read")  # fmt: skip
+        gate.set()
+        messages = received_until_closed(ws)
+        assert ws.close_code == 1000
+    assert [m["type"] for m in messages] == ["speech_start", "segment", "error", "error", "summary"]
+    errors = [m for m in messages if m["type"] == "error"]
+    assert [e["message"] for e in errors] == [
+        'audio after {"type": "end"} was left out',
+        'a message after {"type": "end"} was left out',
+    ]
+    assert all(e["fatal"] is False for e in errors)
+    assert [m["seq"] for m in messages] == list(range(1, len(messages) + 1))
 
 
 def errors_counted(server: Live) -> dict[str, float]:

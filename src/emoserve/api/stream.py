@@ -100,18 +100,30 @@ async def serve_stream(websocket: WebSocket, service: Service, live: LiveStream)
             await live.end()
             live.error(refused.code, str(refused), fatal=True)
             close = refused.close
+        late = asyncio.create_task(after_end(websocket, live))
         try:
             await sender
         except EmoserveError as error:  # a segment could not be scored (the model failed, or no room)
             service.metrics.count_error(error.code)
             await websocket.send_json(live.messages.error(error.code, str(error), fatal=True))
             close = CLOSE_ERROR
+        finally:
+            late.cancel()
+            await asyncio.gather(late, return_exceptions=True)
         await websocket.close(close)
     except WebSocketDisconnect:
         pass  # the client went away: live_stream's exit cancels what it held
     finally:
         sender.cancel()
         await asyncio.gather(sender, return_exceptions=True)
+
+
+async def after_end(websocket: WebSocket, live: LiveStream) -> None:
+    """After `end`, until the summary is out: what the client still sends is left out, each message with
+    its `error` (not fatal), told before the summary."""
+    while (message := await websocket.receive())["type"] != "websocket.disconnect":
+        what = "audio" if message.get("bytes") is not None else "a message"
+        live.error("invalid_message", f'{what} after {{"type": "end"}} was left out', fatal=False)
 
 
 async def send_messages(websocket: WebSocket, live: LiveStream) -> None:
@@ -164,9 +176,6 @@ async def feed(live: LiveStream, service: Service, data: bytes) -> None:
             message=f"a message of {len(data)} bytes: at most {MAX_MESSAGE_BYTES} (1 MiB); send smaller ones",
             close=CLOSE_TOO_BIG,
         )
-    if live.ended:
-        live.error(code="invalid_message", message='audio after {"type": "end"} was left out', fatal=False)
-        return
     try:
         await live.feed(data)
     except AudioError as error:  # a message that is not whole samples, NaN in f32: that message only

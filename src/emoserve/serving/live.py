@@ -42,6 +42,7 @@ class _Item:
     build: Callable[[], dict[str, Any]] | None = None
     score: asyncio.Task[Result] | None = None
     arrived: float = 0.0  # when the audio that produced the event arrived (segment latency)
+    fatal: bool = False  # an error that ends the stream: told after the summary
 
 
 class LiveStream:
@@ -98,10 +99,13 @@ class LiveStream:
         while True:
             item = await self._out.get()
             if item.kind == "end":
+                # errors queued meanwhile: the stream's own before its summary, a fatal one after it
+                after = [(i.build, i.fatal) for i in self._drain() if i.build is not None]
+                for build, _ in (told for told in after if not told[1]):
+                    yield build()
                 yield self.messages.summary(self.duration_s)
-                while not self._out.empty():  # a fatal error told after the summary: the last word
-                    if (after := self._out.get_nowait()).build is not None:
-                        yield after.build()
+                for build, _ in (told for told in after if told[1]):
+                    yield build()
                 return
             if item.kind == "now":
                 assert item.build is not None
@@ -132,7 +136,8 @@ class LiveStream:
         """An `error` message, in its place among the others (after what is already on its way), counted
         in the error metrics by its code."""
         self._metrics.count_error(code)
-        self._out.put_nowait(_Item("now", build=functools.partial(self.messages.error, code, message, fatal)))
+        build = functools.partial(self.messages.error, code, message, fatal)
+        self._out.put_nowait(_Item("now", build=build, fatal=fatal))
 
     async def close(self) -> None:
         for task in self._tasks:
@@ -158,6 +163,9 @@ class LiveStream:
                     self._room.clear()
                 score = self._task(self._score(segment_audio(event), False))
                 self._out.put_nowait(_Item("segment", event, score=score, arrived=arrived))
+
+    def _drain(self) -> list[_Item]:
+        return [self._out.get_nowait() for _ in range(self._out.qsize())]
 
     def _task(self, score: Awaitable[Result]) -> asyncio.Task[Result]:
         task = asyncio.ensure_future(score)
