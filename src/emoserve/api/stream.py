@@ -211,7 +211,7 @@ async def text(live: LiveStream, raw: str) -> bool:
 
 def stream_options(query: dict[str, str]) -> StreamOptions:
     """The query parameters, each checked with a message that names it (ValueError)."""
-    from emoserve.audio.vad import VadSettings
+    from emoserve.audio.vad import VAD_PARAMETERS, VadSettings
     from emoserve.inference.live import StreamOptions
 
     known = {
@@ -237,11 +237,10 @@ def stream_options(query: dict[str, str]) -> StreamOptions:
         raise ValueError(f"window_s is {window_s:g}; it must be hop_s ({hop_s:g}) to {MAX_WINDOW_S:g}")
     defaults = VadSettings()
     vad = VadSettings(
-        threshold=_number(query, "vad_threshold", defaults.threshold, float),
-        min_speech_ms=_number(query, "min_speech_ms", defaults.min_speech_ms, float),
-        min_silence_ms=_number(query, "min_silence_ms", defaults.min_silence_ms, float),
-        pad_ms=_number(query, "pad_ms", defaults.pad_ms, float),
-        max_segment_s=_number(query, "max_segment_s", defaults.max_segment_s, float),
+        **{
+            field: _number(query, name, getattr(defaults, field), float)
+            for name, field in VAD_PARAMETERS.items()
+        }
     )
     granularity = query.get("granularity", "utterance")
     if granularity not in GRANULARITIES:

@@ -121,6 +121,8 @@ class TimelineOptions:
 
 def timeline_options(query: dict[str, Any], fields: dict[str, str]) -> TimelineOptions:
     """Query parameters win over form fields; every value is checked here with a message that names it."""
+    from emoserve.audio.segments import read_spans
+    from emoserve.audio.vad import VAD_PARAMETERS, VadSettings
 
     def pick(name: str) -> Any:
         return query[name] if query.get(name) is not None else fields.get(name)
@@ -129,13 +131,7 @@ def timeline_options(query: dict[str, Any], fields: dict[str, str]) -> TimelineO
     if channels not in CHANNEL_MODES:
         raise ApiError("invalid_parameter", f"channels is {channels!r}; choose 'mix' or 'separate'")
     vad_args: dict[str, float] = {}
-    for name, key in (
-        ("max_segment_s", "max_segment_s"),
-        ("vad_threshold", "threshold"),
-        ("min_speech_ms", "min_speech_ms"),
-        ("min_silence_ms", "min_silence_ms"),
-        ("pad_ms", "pad_ms"),
-    ):
+    for name, key in VAD_PARAMETERS.items():
         raw = pick(name)
         if raw is None or raw == "":
             continue
@@ -143,9 +139,6 @@ def timeline_options(query: dict[str, Any], fields: dict[str, str]) -> TimelineO
             vad_args[key] = float(raw)
         except ValueError:
             raise ApiError("invalid_parameter", f"{name} is {raw!r}; it must be a number") from None
-    from emoserve.audio.segments import read_spans
-    from emoserve.audio.vad import VadSettings
-
     try:
         vad = VadSettings(**vad_args)
     except ValueError as error:

@@ -59,6 +59,14 @@ class VadSettings:
 
 
 DEFAULT_VAD = VadSettings()
+# The query parameters that set VadSettings' fields (GET /v1/timeline, GET /v1/stream): parameter -> field
+VAD_PARAMETERS = {
+    "vad_threshold": "threshold",
+    "min_speech_ms": "min_speech_ms",
+    "min_silence_ms": "min_silence_ms",
+    "pad_ms": "pad_ms",
+    "max_segment_s": "max_segment_s",
+}
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from emoserve.audio.live import ENCODINGS, InterimWindow, LiveCutter, LiveEvent, SpeechStart
 from emoserve.audio.segments import clip_audio
-from emoserve.audio.vad import DEFAULT_VAD, Segment, VadSettings
+from emoserve.audio.vad import DEFAULT_VAD, VAD_PARAMETERS, Segment, VadSettings
 from emoserve.constants import SAMPLE_RATE, STREAM_HOP_S, STREAM_WINDOW_S, Granularity
 from emoserve.inference.formats import summary_record
 from emoserve.inference.results import Result, Timeline, TimelineSegment, scored, summarise
@@ -27,7 +27,6 @@ if TYPE_CHECKING:
     from emoserve.audio.decode import Audio
 
 STREAM_NAME = "<stream>"  # the `file` of a stream's summary
-VAD_PARAMETERS = {"threshold": "vad_threshold"}  # VadSettings' names that differ from the query's
 
 
 @dataclass(frozen=True)
@@ -65,7 +64,7 @@ class StreamOptions:
             "channels": self.channels,
             "hop_s": self.hop_s,
             "window_s": self.window_s,
-            **{VAD_PARAMETERS.get(key, key): value for key, value in self.vad.to_dict().items()},
+            **{name: getattr(self.vad, field) for name, field in VAD_PARAMETERS.items()},
             "granularity": self.granularity,
             "embedding": self.embedding,
             "head": self.head,
