@@ -100,11 +100,11 @@ class LiveStream:
             item = await self._out.get()
             if item.kind == "end":
                 # errors queued meanwhile: the stream's own before its summary, a fatal one after it
-                after = [(i.build, i.fatal) for i in self._drain() if i.build is not None]
-                for build, _ in (told for told in after if not told[1]):
+                after = [self._out.get_nowait() for _ in range(self._out.qsize())]
+                for build in [i.build for i in after if i.build is not None and not i.fatal]:
                     yield build()
                 yield self.messages.summary(self.duration_s)
-                for build, _ in (told for told in after if told[1]):
+                for build in [i.build for i in after if i.build is not None and i.fatal]:
                     yield build()
                 return
             if item.kind == "now":
@@ -163,9 +163,6 @@ class LiveStream:
                     self._room.clear()
                 score = self._task(self._score(segment_audio(event), False))
                 self._out.put_nowait(_Item("segment", event, score=score, arrived=arrived))
-
-    def _drain(self) -> list[_Item]:
-        return [self._out.get_nowait() for _ in range(self._out.qsize())]
 
     def _task(self, score: Awaitable[Result]) -> asyncio.Task[Result]:
         task = asyncio.ensure_future(score)
