@@ -67,7 +67,7 @@ def live_tab(service: UIService, concurrency_limit: int | None) -> LiveWindows:
 
     async def heard(chunk: str | None, request: gr.Request) -> tuple[str, str, str]:
         window = windows.get(request.session_hash or "")
-        if window is not None and chunk is not None:
+        if chunk is not None:
             try:
                 await window.feed(chunk)
             except EmoserveError as error:  # not ready, too many streams: said once, until Record again
@@ -81,8 +81,7 @@ def live_tab(service: UIService, concurrency_limit: int | None) -> LiveWindows:
 
     async def stopped(request: gr.Request) -> tuple[str, str, str]:
         window = windows.get(request.session_hash or "")
-        if window is not None:
-            await window.stop()
+        await window.stop()
         return render(window, service)
 
     microphone.start_recording(started, outputs=views, api_visibility="undocumented")
@@ -115,8 +114,8 @@ class LiveWindows:
         self._windows[session] = LiveWindow(self.service)
         return self._windows[session]
 
-    def get(self, session: str) -> LiveWindow | None:
-        """The window's stream; a chunk without Record having been seen (a late start event) opens one."""
+    def get(self, session: str) -> LiveWindow:
+        """The window's stream; without Record having been seen (a late start event), a new one."""
         window = self._windows.get(session)
         return window if window is not None else self.new(session)
 
