@@ -185,6 +185,21 @@ def metric_by_replica(text: str, name: str, **labels: str) -> dict[str, float]:
     return values
 
 
+def metric_of_each_replica(client: httpx.Client, name: str, **labels: str) -> dict[str, float]:
+    """replica -> value of `name`, asking /metrics until both replicas answered (or 60 s passed).
+
+    Every /metrics answer comes from one replica, and Serve's router picks between two at random only
+    while neither is busier: asked one at a time, one replica can answer twenty times in a row (CI saw
+    it). Bursts of concurrent requests make the router spread them."""
+    seen: dict[str, float] = {}
+    deadline = time.monotonic() + 60
+    with ThreadPoolExecutor(8) as pool:
+        while len(seen) < 2 and time.monotonic() < deadline:
+            for text in pool.map(lambda _: client.get("/metrics").text, range(8)):
+                seen |= metric_by_replica(text, name, **labels)
+    return seen
+
+
 # ----------------------------------------------------------------------------------------------- Serve
 
 
@@ -201,13 +216,10 @@ def test_two_replicas_on_two_nodes_answer_as_the_single_process_server(
     for got, want in zip(on_ray, alone * 4, strict=True):
         assert got.status_code == want.status_code == 200, got.text
         assert_same_body(got.json(), want.json())
-    # each replica answered some of them (every /metrics answer comes from one replica: ask a few times)
-    served: dict[str, float] = {}
-    for _ in range(20):
-        text = deployed.client.get("/metrics").text
-        served |= metric_by_replica(text, "emoserve_requests_total", route="/v1/recognize", status="200")
-        if len(served) == 2:
-            break
+    # each replica answered some of them
+    served = metric_of_each_replica(
+        deployed.client, "emoserve_requests_total", route="/v1/recognize", status="200"
+    )
     assert len(served) == 2 and all(n > 0 for n in served.values()), served
 
 
@@ -242,12 +254,10 @@ def test_errors_probes_and_metrics_are_the_single_process_ones(deployed: Deploye
 def test_a_replica_is_routed_to_only_after_its_warm_up(deployed: Deployed) -> None:
     """Serve routes to a replica once its constructor returned, and the constructor waits for warm-up:
     every replica that answers has warmed up, and the very first requests found them ready."""
-    seen: dict[str, float] = {}
     for _ in range(20):
-        text = deployed.client.get("/metrics").text
-        seen |= metric_by_replica(text, "emoserve_warmup_seconds")
         ready = deployed.client.get("/readyz")
         assert ready.status_code == 200 and ready.json()["timings"]["warmup_s"] > 0, ready.text
+    seen = metric_of_each_replica(deployed.client, "emoserve_warmup_seconds")
     assert len(seen) == 2 and all(seconds > 0 for seconds in seen.values()), seen
 
 
