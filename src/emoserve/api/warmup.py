@@ -12,7 +12,8 @@ summing to 1); a route that fails fails the start-up, with the route named.
     POST /v1/timeline                          JSON, and again as NDJSON
     GET  /v1/stream                            a WebSocket: the clip as PCM, `end`, its segment and summary
     GET  /v1/model
-    the UI's /recognize (Gradio API, when the UI is mounted); its saved folder is deleted afterwards
+    the UI's /recognize (when the UI is mounted: Gradio's config, upload, queue join and event stream,
+                        as a browser's click); its saved folder is deleted afterwards
 
 Nothing is imported here until the warm-up runs (the server's import stays light). The requests carry
 `WARMUP_HEADER`, so that the metrics leave them out while the service is not ready.
@@ -25,7 +26,6 @@ import io
 import json
 import logging
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -144,6 +144,7 @@ def warmup_wav(service: Service) -> bytes:
 
 def _ok(reply: httpx.Response, route: str) -> httpx.Response:
     if reply.status_code != 200:
+        reply.read()  # a streamed reply's body, for the message
         raise WarmupError(f"warm-up of {route}: HTTP {reply.status_code}: {reply.text[:500]}")
     return reply
 
@@ -200,25 +201,54 @@ def _warm_stream(base_url: str, wav: bytes, headers: dict[str, str], labels: Seq
 
 
 def _warm_ui(service: Service, base_url: str, wav: bytes, headers: dict[str, str]) -> None:
-    """The web UI's recognise through Gradio's own API, as a browser's click goes; then its saved folder,
-    which no user asked for, is deleted."""
-    from gradio_client import Client, handle_file
+    """The web UI's recognise as a browser's click sends it: Gradio's config, the clip's upload, a queue
+    join for the Recognize button's event and its result from the queue's event stream (a whole
+    gradio_client would spend most of a second on its own start: its API info, its threads). The
+    recognition's saved folder, which no user asked for, is deleted afterwards."""
+    import uuid
 
-    with tempfile.TemporaryDirectory(prefix="emoserve-warm-up-") as folder:
-        clip = Path(folder) / "warm-up.wav"
-        clip.write_bytes(wav)
-        client = Client(
-            f"{base_url}/", headers=headers, verbose=False, analytics_enabled=False, download_files=False
-        )
-        try:
-            *_, log_text, _files = client.predict(
-                audio=handle_file(str(clip)), granularity="utterance", embedding=False, api_name="/recognize"
-            )
-        except Exception as error:
-            raise WarmupError(f"warm-up of the web UI's recognise: {error}") from error
-        finally:
-            client.close()
-    for line in str(log_text).splitlines():
+    import httpx
+
+    where = "warm-up of the web UI's recognise"
+    with httpx.Client(base_url=base_url, headers=headers, timeout=REQUEST_TIMEOUT_S) as client:
+        config = _json(client.get("/config"), "GET /config")
+        event = next((d for d in config["dependencies"] if d.get("api_name") == "recognize"), None)
+        if event is None:
+            raise WarmupError(f"{where}: the UI's config has no /recognize event")
+        api = config.get("api_prefix", "/gradio_api")
+        upload = {"files": ("warm-up.wav", wav, "audio/wav")}
+        paths = _json(client.post(f"{api}/upload", files=upload), f"POST {api}/upload")
+        audio = {"path": paths[0], "orig_name": "warm-up.wav", "meta": {"_type": "gradio.FileData"}}
+        data: list[Any] = [audio, "utterance", False]
+        if len(event["inputs"]) > len(data):  # the head dropdown of a server with heads
+            from emoserve.webui.clip import NO_HEAD
+
+            data.append(NO_HEAD)
+        session = uuid.uuid4().hex
+        join = {"data": data, "fn_index": event["id"], "trigger_id": event["targets"][0][0],
+                "session_hash": session, "event_data": None}
+        _ok(client.post(f"{api}/queue/join", json=join), f"POST {api}/queue/join")
+        outputs = _queue_result(client, f"{api}/queue/data", session, where)
+    log_text = outputs[-2]
+    if not isinstance(log_text, str):
+        raise WarmupError(f"{where}: no log text among its outputs: {outputs}")
+    for line in log_text.splitlines():
         saved = Path(line.removeprefix(SAVED_PREFIX)) if line.startswith(SAVED_PREFIX) else None
         if saved is not None and saved.parent == Path(service.settings.outputs_dir) and saved.is_dir():
             shutil.rmtree(saved, ignore_errors=True)
+
+
+def _queue_result(client: httpx.Client, url: str, session: str, where: str) -> list[Any]:
+    """The outputs of the one event `session` joined, read from Gradio's event stream (server-sent
+    events, one JSON message per `data:` line) until its `process_completed`."""
+    with client.stream("GET", url, params={"session_hash": session}) as reply:
+        _ok(reply, f"GET {url}")
+        for line in reply.iter_lines():
+            if not line.startswith("data:"):
+                continue
+            message = json.loads(line.removeprefix("data:"))
+            if message.get("msg") == "process_completed":
+                if not message.get("success"):
+                    raise WarmupError(f"{where}: {message.get('output', {}).get('error') or message}")
+                return list(message["output"]["data"])
+    raise WarmupError(f"{where}: the event stream ended before the result")
