@@ -11,6 +11,11 @@ A padded batch computes on padding too: the waste is reported as padded / real s
 encoder and linear layers, linear in length) and padded / real attention cells (quadratic in frames),
 from the forward passes `predict_many` really made. A control without padding (4 clips of exactly 5 s)
 shows what batching itself gains on this machine, with no target.
+
+The other way to use both cores for two clips at once: `--side-by-side` also scores the control clips
+with two one-thread recognizers (one per core, the weights shared through the page cache), each on its
+own thread taking half of the clips, against the same baseline (one at a time, one recognizer with a
+thread per core). It is what "an engine worker per core" would give, with no target.
 """
 
 from __future__ import annotations
@@ -54,20 +59,33 @@ def main() -> None:
     p = parser(__doc__, default_runs=5)
     p.add_argument("--backend", choices=("onnx", "torch"), default="onnx",
                    help="the backend measured (default onnx, the CPU's default)")
+    p.add_argument("--side-by-side", action="store_true",
+                   help="also: the control clips on two one-thread recognizers at once (see above)")
     args = p.parse_args()
     runs = run_count(args)
     header(f"Batching: predict_many vs one at a time ({args.backend} backend)", args, runs)
     recognizer = load_recognizer(bench_model(args.preset).entry, backend=args.backend)
     mixed = compare(recognizer, mixed_clips(), runs)
-    control = compare(recognizer, [(synthetic_clip(CONTROL_SECONDS, seed=i), SAMPLE_RATE)
-                                   for i in range(CONTROL_CLIPS)], runs)
+    control = compare(recognizer, control_clips(), runs)
     config = recognizer.info.config
     report(mixed, f"{MIXED_CLIPS} mixed clips", config)
     report(control, f"control: {CONTROL_CLIPS} x {CONTROL_SECONDS:g} s, no padding", config)
-    table(["figure", "value", "target"], [
+    rows = [
         ["batch / one at a time, mixed clips", f"{ratio(mixed):.3f}", verdict(ratio(mixed), TARGET)],
         ["batch / one at a time, control", f"{ratio(control):.3f}", "none (control)"],
-    ])
+    ]
+    if args.side_by_side:
+        entry = bench_model(args.preset).entry
+        workers = [load_recognizer(entry, backend=args.backend, threads=1) for _ in range(2)]
+        side, single = side_by_side(recognizer, workers, control_clips(), runs)
+        print("## control clips on two one-thread recognizers side by side\n")
+        table(["", "median (s)", "min-max (s)"], [
+            ["2 threads x 1-thread recognizer", f"{median(side):.2f}", f"{min(side):.2f}-{max(side):.2f}"],
+            ["one at a time (baseline)", f"{median(single):.2f}", f"{min(single):.2f}-{max(single):.2f}"],
+        ])
+        rows.append(["side by side / one at a time, control", f"{median(side) / median(single):.3f}",
+                     "none (control)"])
+    table(["figure", "value", "target"], rows)
     threads = recognizer.backend.threads if args.backend == "onnx" else torch_threads()
     print(f"Backend: {recognizer.backend.name}, {threads} threads. {load_average()} at the end.")
 
@@ -81,6 +99,36 @@ def mixed_clips() -> list[tuple[Any, int]]:
 
     seconds = np.random.default_rng(SEED).uniform(*MIXED_SECONDS, size=MIXED_CLIPS)
     return [(synthetic_clip(float(s), seed=i), SAMPLE_RATE) for i, s in enumerate(seconds)]
+
+
+def control_clips() -> list[tuple[Any, int]]:
+    return [(synthetic_clip(CONTROL_SECONDS, seed=i), SAMPLE_RATE) for i in range(CONTROL_CLIPS)]
+
+
+def side_by_side(
+    recognizer: Any, workers: list[Any], clips: list[tuple[Any, int]], runs: int
+) -> tuple[list[float], list[float]]:
+    """Seconds for `clips` split between `workers` (each on its own thread) and, alternating, one at a
+    time on `recognizer`; after one untimed round of each."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    halves = [clips[i :: len(workers)] for i in range(len(workers))]
+
+    def both() -> None:
+        with ThreadPoolExecutor(len(workers)) as pool:
+            list(pool.map(lambda w, part: [w.predict(c) for c in part], workers, halves))
+
+    def one_at_a_time() -> None:
+        for clip in clips:
+            recognizer.predict(clip)
+
+    both(), one_at_a_time()
+    times: dict[str, list[float]] = {"side": [], "single": []}
+    for i in range(runs):
+        order = [("side", both), ("single", one_at_a_time)]
+        for name, fn in order if i % 2 == 0 else order[::-1]:
+            times[name].append(timed(fn))
+    return times["side"], times["single"]
 
 
 def compare(recognizer: Any, clips: list[tuple[Any, int]], runs: int) -> Comparison:

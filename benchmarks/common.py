@@ -104,12 +104,14 @@ def run_child(script: str, job: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
-def load_recognizer(entry: Path, backend: str = "torch", dtype: str = "float32") -> Any:
+def load_recognizer(
+    entry: Path, backend: str = "torch", dtype: str = "float32", threads: int | None = None
+) -> Any:
     """`emoserve.load_model` on the CPU, as a user would call it, on the given backend."""
     import emoserve
 
     os.environ["EMOSERVE_HOME"] = str(BENCH_HOME)
-    return emoserve.load_model(str(entry), backend=backend, device="cpu", dtype=dtype)
+    return emoserve.load_model(str(entry), backend=backend, device="cpu", dtype=dtype, threads=threads)
 
 
 def warm_page_cache(*paths: Path) -> None:

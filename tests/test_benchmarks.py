@@ -19,7 +19,7 @@ BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
         ("cold_start.py", "spawn -> first result, onnx / torch backend"),
         ("latency.py", "onnx / torch"),
         ("onnx_options.py", "file-backed"),
-        ("batching.py", "batch / one at a time"),
+        ("batching.py --side-by-side", "side by side / one at a time"),
         ("serve_start.py", "the web UI's recognise (Gradio API), first / steady"),
         ("serve_load.py", "only 200"),
         ("serve_memory.py", "RSS after"),
