@@ -266,20 +266,23 @@ class Service:
         # Batches hold clips of similar length only (max_padding), as the engine groups requests: one
         # clip of each length group alone, then the batch sizes on the largest group.
         groups = length_groups(clips, engine.config.max_padding)
-        # Both granularities (and the frame/utterance agreement check) on the shortest length; on torch
-        # the longer lengths once, in "frame", which runs the whole model and both heads: on a CPU a
-        # second pass there costs start-up seconds and warms nothing new.
-        reports = [warm_up(engine, groups[0][:1], [1])]
-        if engine.recognizer.backend.name != "onnx":
-            # ONNX Runtime (its memory pattern off, model/interface.py) costs the same for every length
-            # from its first run: there one length warms them all, and the other lengths were ~1.5 s of
-            # a 2-core start (docs/benchmarks.md section 13); torch's kernels and allocator warm per size
-            reports += [warm_up(engine, group[:1], [1], granularities=("frame",)) for group in groups[1:]]
-        if batched := [size for size in sizes if size > 1]:
-            reports.append(warm_up(engine, max(groups, key=len), batched))
         shortest = min(clips, key=lambda clip: len(clip.samples))
         samples = shortest.samples[: int(KEEP_WARM_SECONDS * SAMPLE_RATE)].copy()
         self._keep_warm_clip = dataclasses.replace(shortest, samples=samples)
+        # Both granularities (and the frame/utterance agreement check) on the shortest length; on torch
+        # the longer lengths once, in "frame", which runs the whole model and both heads: on a CPU a
+        # second pass there costs start-up seconds and warms nothing new.
+        if engine.recognizer.backend.name == "onnx":
+            # ONNX Runtime (its memory pattern off, model/interface.py) costs the same for every length
+            # from its first run: there one length warms them all, so the keep-warm clip's second is
+            # enough (the other lengths were ~1.5 s of a 2-core start, docs/benchmarks.md section 13,
+            # and the 3 s clip ~0.9 s more than this one, section 14.3)
+            reports = [warm_up(engine, [self._keep_warm_clip], [1])]
+        else:  # torch's kernels and allocator warm per size
+            reports = [warm_up(engine, groups[0][:1], [1])]
+            reports += [warm_up(engine, group[:1], [1], granularities=("frame",)) for group in groups[1:]]
+        if batched := [size for size in sizes if size > 1]:
+            reports.append(warm_up(engine, max(groups, key=len), batched))
         seconds = time.monotonic() - started
         self._time("warmup_s", seconds)
         self.metrics.warmup_seconds.set(seconds)
