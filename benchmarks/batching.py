@@ -64,7 +64,8 @@ def main() -> None:
     args = p.parse_args()
     runs = run_count(args)
     header(f"Batching: predict_many vs one at a time ({args.backend} backend)", args, runs)
-    recognizer = load_recognizer(bench_model(args.preset).entry, backend=args.backend)
+    entry = bench_model(args.preset).entry
+    recognizer = load_recognizer(entry, backend=args.backend)
     mixed = compare(recognizer, mixed_clips(), runs)
     control = compare(recognizer, control_clips(), runs)
     config = recognizer.info.config
@@ -75,13 +76,13 @@ def main() -> None:
         ["batch / one at a time, control", f"{ratio(control):.3f}", "none (control)"],
     ]
     if args.side_by_side:
-        entry = bench_model(args.preset).entry
         workers = [load_recognizer(entry, backend=args.backend, threads=1) for _ in range(2)]
         side, single = side_by_side(recognizer, workers, control_clips(), runs)
         print("## control clips on two one-thread recognizers side by side\n")
-        table(["", "median (s)", "min-max (s)"], [
-            ["2 threads x 1-thread recognizer", f"{median(side):.2f}", f"{min(side):.2f}-{max(side):.2f}"],
-            ["one at a time (baseline)", f"{median(single):.2f}", f"{min(single):.2f}-{max(single):.2f}"],
+        audio_s = CONTROL_CLIPS * CONTROL_SECONDS
+        table(["", "median (s)", "min-max (s)", "audio s / s"], [
+            ["2 threads x 1-thread recognizer", *figures(side, audio_s)],
+            ["one at a time (baseline)", *figures(single, audio_s)],
         ])
         rows.append(["side by side / one at a time, control", f"{median(side) / median(single):.3f}",
                      "none (control)"])
@@ -116,40 +117,41 @@ def side_by_side(
 
     def both() -> None:
         with ThreadPoolExecutor(len(workers)) as pool:
-            list(pool.map(lambda w, part: [w.predict(c) for c in part], workers, halves))
+            list(pool.map(one_at_a_time, workers, halves))
 
-    def one_at_a_time() -> None:
-        for clip in clips:
-            recognizer.predict(clip)
+    both()
+    one_at_a_time(recognizer, clips)
+    return alternate(both, lambda: one_at_a_time(recognizer, clips), runs)
 
-    both(), one_at_a_time()
-    times: dict[str, list[float]] = {"side": [], "single": []}
+
+def one_at_a_time(recognizer: Any, clips: list[tuple[Any, int]]) -> list[Any]:
+    return [recognizer.predict(clip) for clip in clips]
+
+
+def alternate(
+    first: Callable[[], Any], second: Callable[[], Any], runs: int
+) -> tuple[list[float], list[float]]:
+    """Seconds of each call over `runs` rounds, which goes first swapping every round."""
+    times: tuple[list[float], list[float]] = ([], [])
     for i in range(runs):
-        order = [("side", both), ("single", one_at_a_time)]
-        for name, fn in order if i % 2 == 0 else order[::-1]:
-            times[name].append(timed(fn))
-    return times["side"], times["single"]
+        order = [(times[0], first), (times[1], second)]
+        for seconds, fn in order if i % 2 == 0 else order[::-1]:
+            seconds.append(timed(fn))
+    return times
 
 
 def compare(recognizer: Any, clips: list[tuple[Any, int]], runs: int) -> Comparison:
     def batched() -> list[Any]:
         return list(recognizer.predict_many(clips, batch_size=BATCH_SIZE))
 
-    def one_at_a_time() -> list[Any]:
-        return [recognizer.predict(clip) for clip in clips]
-
     passes, batch_results = spy_forward_passes(recognizer, batched)  # also the warm-up of both
     difference = max(
         abs(a.scores[k] - b.scores[k])
-        for a, b in zip(batch_results, one_at_a_time(), strict=True)
+        for a, b in zip(batch_results, one_at_a_time(recognizer, clips), strict=True)
         for k in a.scores
     )
-    times: dict[str, list[float]] = {"batch": [], "single": []}
-    for i in range(runs):
-        order = [("batch", batched), ("single", one_at_a_time)]
-        for name, fn in order if i % 2 == 0 else order[::-1]:
-            times[name].append(timed(fn))
-    return Comparison([len(c[0]) for c in clips], times["batch"], times["single"], passes, difference)
+    batch_s, single_s = alternate(batched, lambda: one_at_a_time(recognizer, clips), runs)
+    return Comparison([len(c[0]) for c in clips], batch_s, single_s, passes, difference)
 
 
 def spy_forward_passes(recognizer: Any, call: Callable[[], list[Any]]) -> tuple[list[list[int]], list[Any]]:

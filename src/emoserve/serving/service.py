@@ -248,7 +248,8 @@ class Service:
 
     def _warm_up(self, engine: Engine) -> None:
         """Decode the bundled clips as requests are decoded and run them through the engine: each length
-        alone, then the batch sizes (both granularities, outputs checked by engine.warm_up)."""
+        alone (on onnx one short length, which warms them all), then the batch sizes (both
+        granularities, outputs checked by engine.warm_up)."""
         self._set_state("warming")
         started = time.monotonic()
         from emoserve.audio.decode import load_audio
