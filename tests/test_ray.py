@@ -359,7 +359,7 @@ def test_a_live_stream_through_serves_proxy_and_the_ui_replica_gives_the_timelin
     from ray import serve
     from websockets.sync.client import connect
 
-    from emoserve.inference.live import StreamOptions
+    from emoserve.inference.protocol import StreamOptions
     from emoserve.ray_serve import API_APP, RECOGNITION, RemoteService, split_args
 
     from .test_webui import joined_recording

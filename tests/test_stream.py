@@ -20,7 +20,7 @@ import soundfile as sf
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 
-from emoserve.inference.live import StreamOptions
+from emoserve.inference.protocol import StreamOptions
 from emoserve.serving.live import MAX_PENDING_SEGMENTS, LiveStream
 from emoserve.serving.metrics import Metrics
 

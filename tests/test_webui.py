@@ -27,7 +27,7 @@ from emoserve.audio.segments import Recording, Span
 from emoserve.audio.vad import DEFAULT_VAD, VadSettings
 from emoserve.constants import EXAMPLES_DIR, Channels, Granularity
 from emoserve.errors import AudioError, QueueFull
-from emoserve.inference.live import StreamOptions
+from emoserve.inference.protocol import StreamOptions
 from emoserve.inference.recognizer import Recognizer
 from emoserve.inference.results import FrameResult, Result, TimelineSegment, scored
 from emoserve.inference.timeline import score_segments

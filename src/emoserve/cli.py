@@ -721,10 +721,10 @@ def cmd_stream(args: argparse.Namespace) -> int:
     still come). 0: the stream ended normally; 1: a fatal `error`."""
     import json
 
-    from emoserve.api.stream import stream_options
+    from emoserve.inference.protocol import StreamOptions
 
     query = stream_query(args)
-    stream_options(query)  # the server's checks, here first: a bad flag fails before any work
+    StreamOptions.from_query(query)  # the server's checks, here first: a bad flag fails before any work
     frames = stream_frames(args)
     if args.source != "-" and not args.fast:
         frames = paced(frames, bytes_per_s=4 * SAMPLE_RATE)
@@ -831,10 +831,10 @@ def stream_here(
     show: Callable[[dict[str, Any]], None],
 ) -> None:
     """Without --url: Recognizer.stream, scored in this process (the model loaded as `predict` does)."""
-    from emoserve.api.stream import stream_options
+    from emoserve.inference.protocol import StreamOptions
     from emoserve.inference.recognizer import load_with
 
-    options = stream_options(query)
+    options = StreamOptions.from_query(query)
     recognizer = load_with(model_options(args))
     session = recognizer.stream(
         sample_rate=options.sample_rate, encoding=options.encoding, channels=options.channels,

@@ -31,6 +31,7 @@ MAX_BATCH_SAMPLES = 8 * 15 * SAMPLE_RATE
 # made it grow with the file, docs/benchmarks.md section 13), an interactive request waits for at most one
 # such call, and on a CPU a batch gains little (section 3). A GPU batches segments freely.
 CPU_SEGMENT_BATCH_S = 8.0
+STREAM_PATH = "/v1/stream"  # the live stream's route: the server's, and where its clients connect
 STREAM_ENCODINGS = ("pcm_s16le", "pcm_f32le")  # a live stream's PCM (GET /v1/stream, audio/live.py)
 STREAM_HOP_S = 1.0  # a live stream's defaults: an interim reading every this many seconds of speech,
 STREAM_WINDOW_S = 10.0  # over the utterance's last this many seconds

@@ -65,7 +65,7 @@ if TYPE_CHECKING:
 
     from emoserve.audio.decode import Audio
     from emoserve.constants import Granularity
-    from emoserve.inference.live import StreamOptions
+    from emoserve.inference.protocol import StreamOptions
     from emoserve.inference.results import Result, TimelineSegment
     from emoserve.serving.engine import RequestTiming
     from emoserve.serving.live import LiveStream

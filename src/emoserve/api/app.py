@@ -2,7 +2,8 @@
 
     POST /v1/recognize  one clip's emotion (recognize.py)
     POST /v1/timeline   a long recording's emotion timeline, JSON or streamed NDJSON (timeline.py)
-    GET  /v1/model      name, random_weights, labels, config, device, dtype, parameters
+    GET  /v1/model      name, random_weights, labels, config, device, dtype, parameters (model.py)
+    GET  /v1/stream     a live stream over a WebSocket (stream.py)
     GET  /healthz       200 as soon as the process serves HTTP (liveness), whatever the state
     GET  /readyz        200 once warmed up; otherwise 503 with the state and the timings so far
     GET  /metrics       Prometheus text;  /docs  OpenAPI;  /  the Gradio UI, once mounted (webui/mount.py)
@@ -31,9 +32,10 @@ from fastapi.responses import JSONResponse, Response
 from emoserve import __version__
 from emoserve.api.errors import MappedErrorsRoute, ServiceDep, add_error_handlers
 from emoserve.api.middleware import ApiKeyMiddleware, HeaderLimitMiddleware, MetricsMiddleware
+from emoserve.api.model import MODEL
+from emoserve.api.model import router as model_router
 from emoserve.api.recognize import RECOGNIZE
 from emoserve.api.recognize import router as recognize_router
-from emoserve.api.schemas import error_responses
 from emoserve.api.stream import router as stream_router
 from emoserve.api.timeline import TIMELINE
 from emoserve.api.timeline import router as timeline_router
@@ -44,19 +46,11 @@ from emoserve.webui.mount import mount_while_loading
 
 log = logging.getLogger(__name__)
 
-MODEL = "/v1/model"
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})  # never behind the API key
 ROUTES = frozenset({RECOGNIZE, TIMELINE, MODEL, *OPEN_PATHS, "/docs", "/openapi.json"})  # metric labels
 H11_BUFFER_BYTES = 1 << 20  # uvicorn (h11) answers a bare 400 to a larger request head; below it, our 431
 
 router = APIRouter(route_class=MappedErrorsRoute)
-
-
-@router.get(MODEL, summary="The loaded model", responses=error_responses(401, 503))
-async def model(service: ServiceDep) -> dict[str, Any]:
-    if service.model_summary is None:
-        raise service.unavailable()
-    return service.model_summary
 
 
 @router.get("/healthz", summary="Liveness: the process serves HTTP")
@@ -101,7 +95,7 @@ def create_app(settings: Settings, svc: Service | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.service = svc
-    for routes in (recognize_router, timeline_router, stream_router, router):
+    for routes in (recognize_router, timeline_router, stream_router, model_router, router):
         app.include_router(routes)
     add_error_handlers(app)
     if settings.api_key:

@@ -131,4 +131,3 @@ def basic_password(credentials: str) -> str | None:
     except (binascii.Error, UnicodeDecodeError):
         return None
     return decoded.partition(":")[2]
-

@@ -23,20 +23,15 @@ from starlette.websockets import WebSocketDisconnect
 
 from emoserve.api.errors import error_json
 from emoserve.api.warmup import is_warmup_request
-from emoserve.constants import GRANULARITIES, SAMPLE_RATE, STREAM_ENCODINGS, STREAM_HOP_S, STREAM_WINDOW_S
+from emoserve.constants import STREAM_PATH
 from emoserve.errors import AudioError, EmoserveError
 from emoserve.serving.service import Service
 
 if TYPE_CHECKING:  # numpy and the audio path load with the first stream, not with the server
-    from emoserve.inference.live import StreamOptions
+    from emoserve.inference.protocol import ErrorMessage
     from emoserve.serving.live import LiveStream
 
-STREAM = "/v1/stream"
 MAX_MESSAGE_BYTES = 1 << 20
-SAMPLE_RATES = (8_000, 192_000)
-HOP_S = (0.25, 10.0)
-MAX_WINDOW_S = 30.0
-MAX_CHANNELS = 32
 POLL_S = 0.25  # how often a waiting receive looks at the drain and the idle clock
 CLOSE_NORMAL, CLOSE_GOING_AWAY, CLOSE_POLICY, CLOSE_TOO_BIG = 1000, 1001, 1008, 1009
 CLOSE_ERROR, CLOSE_TRY_LATER = 1011, 1013
@@ -52,11 +47,13 @@ class Refused(Exception):
         self.code, self.close = code, close
 
 
-@router.websocket(STREAM)
+@router.websocket(STREAM_PATH)
 async def stream(websocket: WebSocket) -> None:
+    from emoserve.inference.protocol import StreamOptions
+
     service: Service = websocket.app.state.service
     try:
-        options = stream_options(dict(websocket.query_params))
+        options = StreamOptions.from_query(websocket.query_params)
     except ValueError as error:
         service.metrics.count_error("invalid_parameter")
         await refuse(websocket, "invalid_parameter", str(error), CLOSE_POLICY)
@@ -85,8 +82,9 @@ async def stream(websocket: WebSocket) -> None:
 
 async def refuse(websocket: WebSocket, code: str, message: str, close: int) -> None:
     """A stream that does not open: accepted only to say why (`error`, fatal), then closed with `close`."""
+    first: ErrorMessage = {"type": "error", "seq": 0, "code": code, "message": message, "fatal": True}
     await websocket.accept()
-    await websocket.send_json({"type": "error", "seq": 0, "code": code, "message": message, "fatal": True})
+    await websocket.send_json(first)
     await websocket.close(close)
 
 
@@ -191,6 +189,8 @@ async def feed(live: LiveStream, service: Service, data: bytes) -> None:
 
 async def text(live: LiveStream, raw: str) -> bool:
     """A text message: True for `end`; anything else is an `error` that does not end the stream."""
+    from emoserve.inference.protocol import END
+
     try:
         message = json.loads(raw)
     except ValueError:
@@ -199,72 +199,11 @@ async def text(live: LiveStream, raw: str) -> bool:
         )
         return False
     kind = message.get("type") if isinstance(message, dict) else None
-    if kind == "end":
+    if kind == END:
         return True
     live.error(
         code="invalid_message",
-        message=f'unknown message type {kind!r}: the only one is {{"type": "end"}}',
+        message=f'unknown message type {kind!r}: the only one is {{"type": "{END}"}}',
         fatal=False,
     )
     return False
-
-
-def stream_options(query: dict[str, str]) -> StreamOptions:
-    """The query parameters, each checked with a message that names it (ValueError)."""
-    from emoserve.audio.vad import VAD_PARAMETERS, VadSettings
-    from emoserve.inference.live import StreamOptions
-
-    known = {
-        "sample_rate", "encoding", "channels", "hop_s", "window_s", "vad_threshold", "min_speech_ms",
-        "min_silence_ms", "pad_ms", "max_segment_s", "granularity", "embedding", "head", "api_key",
-    }  # fmt: skip
-    if unknown := sorted(set(query) - known):
-        raise ValueError(f"unknown parameter {unknown[0]!r}; the parameters are {', '.join(sorted(known))}")
-    sample_rate = _number(query, "sample_rate", SAMPLE_RATE, int)
-    if not SAMPLE_RATES[0] <= sample_rate <= SAMPLE_RATES[1]:
-        raise ValueError(f"sample_rate is {sample_rate}; it must be {SAMPLE_RATES[0]}-{SAMPLE_RATES[1]}")
-    encoding = query.get("encoding", "pcm_s16le")
-    if encoding not in STREAM_ENCODINGS:
-        raise ValueError(f"encoding is {encoding!r}; choose from {', '.join(STREAM_ENCODINGS)}")
-    channels = _number(query, "channels", 1, int)
-    if not 1 <= channels <= MAX_CHANNELS:
-        raise ValueError(f"channels is {channels}; it must be 1-{MAX_CHANNELS}")
-    hop_s = _number(query, "hop_s", STREAM_HOP_S, float)
-    if not HOP_S[0] <= hop_s <= HOP_S[1]:
-        raise ValueError(f"hop_s is {hop_s:g}; it must be {HOP_S[0]:g}-{HOP_S[1]:g}")
-    window_s = _number(query, "window_s", STREAM_WINDOW_S, float)
-    if not hop_s <= window_s <= MAX_WINDOW_S:
-        raise ValueError(f"window_s is {window_s:g}; it must be hop_s ({hop_s:g}) to {MAX_WINDOW_S:g}")
-    defaults = VadSettings()
-    vad = VadSettings(
-        **{
-            field: _number(query, name, getattr(defaults, field), float)
-            for name, field in VAD_PARAMETERS.items()
-        }
-    )
-    granularity = query.get("granularity", "utterance")
-    if granularity not in GRANULARITIES:
-        raise ValueError(f"granularity is {granularity!r}; choose 'utterance' or 'frame'")
-    embedding = query.get("embedding", "false").lower()
-    if embedding not in ("true", "false", "1", "0"):
-        raise ValueError(f"embedding is {embedding!r}; use true or false")
-    return StreamOptions(
-        sample_rate=sample_rate,
-        encoding=encoding,
-        channels=channels,
-        hop_s=hop_s,
-        window_s=window_s,
-        vad=vad,
-        granularity=granularity,
-        embedding=embedding in ("true", "1"),
-        head=query.get("head"),
-    )
-
-
-def _number(query: dict[str, str], name: str, default: Any, kind: type) -> Any:
-    if name not in query:
-        return default
-    try:
-        return kind(query[name])
-    except ValueError:
-        raise ValueError(f"{name} is {query[name]!r}; it must be a number") from None

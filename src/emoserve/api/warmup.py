@@ -27,10 +27,14 @@ import json
 import logging
 import shutil
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from emoserve.api.model import MODEL
+from emoserve.api.recognize import RECOGNIZE
+from emoserve.api.timeline import TIMELINE
+from emoserve.constants import SAMPLE_RATE, STREAM_PATH
 from emoserve.errors import WarmupError
 
 if TYPE_CHECKING:
@@ -45,13 +49,14 @@ WARMUP_HEADER = "x-emoserve-warmup"
 WARMUP_HEADER_BYTES = WARMUP_HEADER.encode()
 CLIP_S = 0.6  # the model path is warm already: a short clip is enough for the HTTP path (and cheap)
 REQUEST_TIMEOUT_S = 120.0
+RECOGNIZE_FRAMES = f"{RECOGNIZE}?granularity=frame&embedding=true"
 API_ROUTES = (  # what warm_routes sends, in order, each answered 200 and checked
-    "POST /v1/recognize",
-    "POST /v1/recognize?granularity=frame&embedding=true",
-    "POST /v1/timeline",
-    "POST /v1/timeline (NDJSON)",
-    "GET /v1/stream (WebSocket)",
-    "GET /v1/model",
+    f"POST {RECOGNIZE}",
+    f"POST {RECOGNIZE_FRAMES}",
+    f"POST {TIMELINE}",
+    f"POST {TIMELINE} (NDJSON)",
+    f"GET {STREAM_PATH} (WebSocket)",
+    f"GET {MODEL}",
 )
 UI_ROUTE = "the web UI's recognise"
 SAVED_PREFIX = "saved to: "  # the UI log's line that names the recognition's saved folder (webui/clip.py)
@@ -69,7 +74,6 @@ def loopback_url(host: str, port: int) -> str:
 def warm_routes(service: Service, base_url: str, ui_mounted: Callable[[], bool]) -> None:
     """Every route once, checked (WarmupError names the route that failed); the UI's last, once
     `ui_mounted()` (which waits for its mount) says it is there."""
-    import httpx
 
     from emoserve.serving.warmup import check_scores
 
@@ -78,30 +82,38 @@ def warm_routes(service: Service, base_url: str, ui_mounted: Callable[[], bool])
     labels = [label["en"] for label in (service.model_summary or {}).get("labels", [])]
     headers = warmup_headers(service)
     files = {"file": ("warm-up.wav", wav, "audio/wav")}
-    with (
-        httpx.Client(base_url=base_url, headers=headers, timeout=REQUEST_TIMEOUT_S) as client,
-        _transport_errors(base_url),
-    ):
-        body = _json(client.post("/v1/recognize", files=files), "POST /v1/recognize")
-        check_scores(body["scores"], labels, "warm-up of POST /v1/recognize")
-        where = "POST /v1/recognize?granularity=frame&embedding=true"
-        body = _json(client.post("/v1/recognize?granularity=frame&embedding=true", files=files), where)
-        _check_frames(body, labels, f"warm-up of {where}")
-        body = _json(client.post("/v1/timeline", files=files), "POST /v1/timeline")
-        _check_timeline(body["segments"], labels, "warm-up of POST /v1/timeline")
-        reply = client.post("/v1/timeline", files=files, headers={"accept": "application/x-ndjson"})
-        lines = [json.loads(line) for line in _ok(reply, "POST /v1/timeline (NDJSON)").text.splitlines()]
+    with loopback_client(base_url, headers) as client, _transport_errors(base_url):
+        recognize, frames, timeline, ndjson, _, model = API_ROUTES
+        body = _json(client.post(RECOGNIZE, files=files), recognize)
+        check_scores(body["scores"], labels, f"warm-up of {recognize}")
+        body = _json(client.post(RECOGNIZE_FRAMES, files=files), frames)
+        _check_frames(body, labels, f"warm-up of {frames}")
+        body = _json(client.post(TIMELINE, files=files), timeline)
+        _check_timeline(body["segments"], labels, f"warm-up of {timeline}")
+        reply = client.post(TIMELINE, files=files, headers={"accept": "application/x-ndjson"})
+        lines = [json.loads(line) for line in _ok(reply, ndjson).text.splitlines()]
         if not lines or lines[-1].get("type") != "summary":
-            raise WarmupError(f"warm-up of POST /v1/timeline (NDJSON): no summary line at the end: {lines}")
+            raise WarmupError(f"warm-up of {ndjson}: no summary line at the end: {lines}")
         segments = [line for line in lines if line.get("type") == "segment"]
-        _check_timeline(segments, labels, "warm-up of POST /v1/timeline (NDJSON)")
+        _check_timeline(segments, labels, f"warm-up of {ndjson}")
         _warm_stream(base_url, wav, headers, labels)
-        _json(client.get("/v1/model"), "GET /v1/model")
+        _json(client.get(MODEL), model)
     routes = list(API_ROUTES)
     if ui_mounted():
         _warm_ui(service, base_url, wav, headers)
         routes.append(UI_ROUTE)
     log.info("routes warmed up over loopback in %.2f s: %s", time.monotonic() - started, "; ".join(routes))
+
+
+def loopback_client(base_url: str, headers: dict[str, str]) -> httpx.Client:
+    """An HTTP client for the server's own address: nothing from the environment (no proxy, and no CA
+    bundle: `SSL_CERT_FILE` naming a missing file, a host's variable leaking into a container, must not
+    stop a server that only talks to itself over plain HTTP)."""
+    import httpx
+
+    return httpx.Client(
+        base_url=base_url, headers=headers, timeout=REQUEST_TIMEOUT_S, trust_env=False, verify=False
+    )
 
 
 def is_warmup_request(scope: Scope) -> bool:
@@ -133,7 +145,6 @@ def warmup_wav(service: Service) -> bytes:
     import soundfile as sf
 
     from emoserve.audio.decode import load_audio
-    from emoserve.constants import SAMPLE_RATE
 
     clips = [load_audio(path, max_seconds=None) for path in service.examples]
     samples = min(clips, key=lambda clip: len(clip.samples)).samples[: int(CLIP_S * SAMPLE_RATE)]
@@ -165,7 +176,7 @@ def _check_frames(body: dict[str, Any], labels: Sequence[str], where: str) -> No
         raise WarmupError(f"{where}: no embedding in the answer")
 
 
-def _check_timeline(segments: Sequence[dict[str, Any]], labels: Sequence[str], where: str) -> None:
+def _check_timeline(segments: Sequence[Mapping[str, Any]], labels: Sequence[str], where: str) -> None:
     from emoserve.serving.warmup import check_scores
 
     for segment in segments:
@@ -180,17 +191,18 @@ def _warm_stream(base_url: str, wav: bytes, headers: dict[str, str], labels: Seq
     from websockets.exceptions import WebSocketException
     from websockets.sync.client import connect
 
-    from emoserve.constants import SAMPLE_RATE
+    from emoserve.inference.protocol import End, StreamMessage
 
-    where = "warm-up of GET /v1/stream"
+    where = f"warm-up of GET {STREAM_PATH}"
     samples, _ = sf.read(io.BytesIO(wav), dtype="int16")
     pcm = np.concatenate([samples, np.zeros(SAMPLE_RATE, np.int16)]).astype("<i2").tobytes()
-    url = "ws" + base_url.removeprefix("http") + "/v1/stream"
+    url = "ws" + base_url.removeprefix("http") + STREAM_PATH
+    messages: list[StreamMessage] = []
     try:
         with connect(url, additional_headers=headers, open_timeout=REQUEST_TIMEOUT_S) as ws:
-            messages = [json.loads(ws.recv(REQUEST_TIMEOUT_S))]
+            messages.append(json.loads(ws.recv(REQUEST_TIMEOUT_S)))
             ws.send(pcm)
-            ws.send(json.dumps({"type": "end"}))
+            ws.send(json.dumps(End(type="end")))
             while messages[-1]["type"] not in ("summary", "error"):
                 messages.append(json.loads(ws.recv(REQUEST_TIMEOUT_S)))
     except (OSError, TimeoutError, WebSocketException) as error:
@@ -207,10 +219,8 @@ def _warm_ui(service: Service, base_url: str, wav: bytes, headers: dict[str, str
     recognition's saved folder, which no user asked for, is deleted afterwards."""
     import uuid
 
-    import httpx
-
     where = "warm-up of the web UI's recognise"
-    with httpx.Client(base_url=base_url, headers=headers, timeout=REQUEST_TIMEOUT_S) as client:
+    with loopback_client(base_url, headers) as client:
         config = _json(client.get("/config"), "GET /config")
         event = next((d for d in config["dependencies"] if d.get("api_name") == "recognize"), None)
         if event is None:
@@ -225,8 +235,13 @@ def _warm_ui(service: Service, base_url: str, wav: bytes, headers: dict[str, str
 
             data.append(NO_HEAD)
         session = uuid.uuid4().hex
-        join = {"data": data, "fn_index": event["id"], "trigger_id": event["targets"][0][0],
-                "session_hash": session, "event_data": None}
+        join = {
+            "data": data,
+            "fn_index": event["id"],
+            "trigger_id": event["targets"][0][0],
+            "session_hash": session,
+            "event_data": None,
+        }
         _ok(client.post(f"{api}/queue/join", json=join), f"POST {api}/queue/join")
         outputs = _queue_result(client, f"{api}/queue/data", session, where)
     log_text = outputs[-2]

@@ -1,9 +1,10 @@
-"""Live streams scored: the messages of the stream protocol (docs/streaming.md), and the library's session.
+"""Live streams scored: the builders of the stream protocol's messages (their types: inference/protocol.py),
+and the library's session.
 
     LiveCutter events (audio/live.py) -> scored -> messages: ready, speech_start, interim, segment,
     summary, error; each with `type` and `seq` (0, 1, 2, ... per stream), times in seconds of stream audio
 
-The message builders here are the one home of their shapes: the server's stream (serving/live.py, scored
+The builders here are the one place messages are made: the server's stream (serving/live.py, scored
 through the engine), the WebSocket route and `Recognizer.stream` (scored in the caller's thread) use them.
 A `segment` has the fields of a timeline segment (`TimelineSegment.to_dict`), the `summary` those of a
 timeline's summary line (`formats.summary_record`).
@@ -16,11 +17,21 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from emoserve.audio.live import ENCODINGS, InterimWindow, LiveCutter, LiveEvent, SpeechStart
+from emoserve.audio.live import InterimWindow, LiveEvent, SpeechStart
 from emoserve.audio.segments import clip_audio
-from emoserve.audio.vad import DEFAULT_VAD, VAD_PARAMETERS, Segment, VadSettings
-from emoserve.constants import SAMPLE_RATE, STREAM_HOP_S, STREAM_WINDOW_S, Granularity
+from emoserve.audio.vad import Segment
+from emoserve.constants import SAMPLE_RATE
 from emoserve.inference.formats import summary_record
+from emoserve.inference.protocol import (
+    ErrorMessage,
+    InterimMessage,
+    ReadyMessage,
+    SegmentMessage,
+    SpeechStartMessage,
+    StreamMessage,
+    StreamOptions,
+    SummaryMessage,
+)
 from emoserve.inference.results import Result, Timeline, TimelineSegment, scored, summarise
 
 if TYPE_CHECKING:
@@ -29,52 +40,10 @@ if TYPE_CHECKING:
 STREAM_NAME = "<stream>"  # the `file` of a stream's summary
 
 
-@dataclass(frozen=True)
-class StreamOptions:
-    """What a client chooses for its stream (the query parameters of GET /v1/stream)."""
-
-    sample_rate: int = SAMPLE_RATE
-    encoding: str = "pcm_s16le"
-    channels: int = 1
-    hop_s: float = STREAM_HOP_S
-    window_s: float = STREAM_WINDOW_S
-    vad: VadSettings = DEFAULT_VAD
-    granularity: Granularity = "utterance"
-    embedding: bool = False
-    head: str | None = None
-
-    def cutter(self) -> LiveCutter:
-        return LiveCutter(
-            sample_rate=self.sample_rate,
-            encoding=self.encoding,
-            channels=self.channels,
-            vad=self.vad,
-            hop_s=self.hop_s,
-            window_s=self.window_s,
-        )
-
-    def seconds(self, n_bytes: int) -> float:
-        """Seconds of audio in `n_bytes` of the stream's PCM."""
-        return n_bytes / (ENCODINGS[self.encoding].itemsize * self.channels * self.sample_rate)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "sample_rate": self.sample_rate,
-            "encoding": self.encoding,
-            "channels": self.channels,
-            "hop_s": self.hop_s,
-            "window_s": self.window_s,
-            **{name: getattr(self.vad, field) for name, field in VAD_PARAMETERS.items()},
-            "granularity": self.granularity,
-            "embedding": self.embedding,
-            "head": self.head,
-        }
-
-
 @dataclass
-class Messages:
-    """A stream's outgoing messages: numbered, and the running state they report (interims skipped, the
-    scored segments for the summary)."""
+class StreamMessages:
+    """A stream's outgoing messages, built: numbered, and the running state they report (interims skipped,
+    the scored segments for the summary)."""
 
     options: StreamOptions
     model: str
@@ -84,46 +53,55 @@ class Messages:
     segments: list[TimelineSegment] = field(default_factory=list)
     _seq: int = 0
 
-    def _next(self, kind: str, body: dict[str, Any]) -> dict[str, Any]:
-        message = {"type": kind, "seq": self._seq, **body}
+    def _seq_next(self) -> int:
         self._seq += 1
-        return message
+        return self._seq - 1
 
-    def ready(self, labels: Sequence[dict[str, str]]) -> dict[str, Any]:
-        return self._next(
-            "ready",
-            {
-                "session_id": self.session_id,
-                "model": self.model,
-                "random_weights": self.random_weights,
-                "labels": list(labels),
-                "parameters": self.options.to_dict(),
-            },
+    def ready(self, labels: Sequence[dict[str, str]]) -> ReadyMessage:
+        return ReadyMessage(
+            type="ready",
+            seq=self._seq_next(),
+            session_id=self.session_id,
+            model=self.model,
+            random_weights=self.random_weights,
+            labels=list(labels),
+            parameters=self.options.to_dict(),
         )
 
-    def speech_start(self, event: SpeechStart) -> dict[str, Any]:
-        return self._next("speech_start", {"start_s": round(event.start / SAMPLE_RATE, 6)})
+    def speech_start(self, event: SpeechStart) -> SpeechStartMessage:
+        return SpeechStartMessage(
+            type="speech_start", seq=self._seq_next(), start_s=round(event.start / SAMPLE_RATE, 6)
+        )
 
-    def interim(self, window: InterimWindow, result: Result) -> dict[str, Any]:
-        body = {
-            "start_s": round(window.start / SAMPLE_RATE, 6),
-            "end_s": round(window.end / SAMPLE_RATE, 6),
-            **_reading(result),
-            "skipped": self.skipped,
-        }
-        return self._next("interim", body)
+    def interim(self, window: InterimWindow, result: Result) -> InterimMessage:
+        message = InterimMessage(
+            type="interim",
+            seq=self._seq_next(),
+            start_s=round(window.start / SAMPLE_RATE, 6),
+            end_s=round(window.end / SAMPLE_RATE, 6),
+            emotion=result.emotion,
+            label_zh=result.label_zh,
+            emoji=result.emoji,
+            confidence=result.confidence,
+            scores=result.scores,
+            skipped=self.skipped,
+        )
+        if result.head is not None:
+            message["head"] = asdict(result.head)
+        return message
 
-    def segment(self, segment: Segment, result: Result) -> dict[str, Any]:
+    def segment(self, segment: Segment, result: Result) -> SegmentMessage:
         timed = scored(segment, result)
         self.segments.append(timed)
-        body = timed.to_dict()
+        message: SegmentMessage = {"type": "segment", "seq": self._seq_next(), **timed.to_dict()}  # type: ignore[typeddict-item]
+        message["skipped"] = self.skipped
         if result.frames is not None:
-            body["frames"] = [asdict(frame) for frame in result.frames]
+            message["frames"] = [asdict(frame) for frame in result.frames]
         if self.options.embedding and result.embedding is not None:
-            body["embedding"] = result.embedding.tolist()
-        return self._next("segment", {**body, "skipped": self.skipped})
+            message["embedding"] = result.embedding.tolist()
+        return message
 
-    def summary(self, duration_s: float) -> dict[str, Any]:
+    def summary(self, duration_s: float) -> SummaryMessage:
         segments = sorted(self.segments, key=lambda s: s.start_s)
         timeline = Timeline(
             file=STREAM_NAME,
@@ -137,24 +115,10 @@ class Messages:
             summary=summarise(segments),
         )
         record = summary_record(timeline)
-        record.pop("type")
-        return self._next("summary", record)
+        return {**record, "type": "summary", "seq": self._seq_next()}  # type: ignore[typeddict-item]
 
-    def error(self, code: str, message: str, fatal: bool) -> dict[str, Any]:
-        return self._next("error", {"code": code, "message": message, "fatal": fatal})
-
-
-def _reading(result: Result) -> dict[str, Any]:
-    body = {
-        "emotion": result.emotion,
-        "label_zh": result.label_zh,
-        "emoji": result.emoji,
-        "confidence": result.confidence,
-        "scores": result.scores,
-    }
-    if result.head is not None:
-        body["head"] = asdict(result.head)
-    return body
+    def error(self, code: str, message: str, fatal: bool) -> ErrorMessage:
+        return ErrorMessage(type="error", seq=self._seq_next(), code=code, message=message, fatal=fatal)
 
 
 class LiveSession:
@@ -173,19 +137,19 @@ class LiveSession:
     ) -> None:
         self.options = options
         self.cutter = options.cutter()
-        self.messages = Messages(options, model, random_weights)
+        self.messages = StreamMessages(options, model, random_weights)
         self._score = score
         self.first = self.messages.ready(labels)
 
-    def feed(self, data: Any) -> list[dict[str, Any]]:
+    def feed(self, data: Any) -> list[StreamMessage]:
         return self._scored(self.cutter.feed(data))
 
-    def end(self) -> list[dict[str, Any]]:
+    def end(self) -> list[StreamMessage]:
         out = self._scored(self.cutter.end())
         return [*out, self.messages.summary(self.cutter.duration_s)]
 
-    def _scored(self, events: list[LiveEvent]) -> list[dict[str, Any]]:
-        out = []
+    def _scored(self, events: list[LiveEvent]) -> list[StreamMessage]:
+        out: list[StreamMessage] = []
         for event in events:
             if isinstance(event, SpeechStart):
                 out.append(self.messages.speech_start(event))

@@ -154,7 +154,8 @@ class Recognizer:
         (docs/streaming.md; `first` is its `ready`): speech_start, interim readings, each utterance's
         segment (what `timeline()` gives for the same audio) and the summary. Options are StreamOptions'
         (sample_rate, encoding, channels, hop_s, window_s, vad, granularity, embedding)."""
-        from emoserve.inference.live import LiveSession, StreamOptions
+        from emoserve.inference.live import LiveSession
+        from emoserve.inference.protocol import StreamOptions
 
         chosen = StreamOptions(**options)
 

@@ -21,11 +21,12 @@ import functools
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Literal
 
 from emoserve.audio.live import InterimWindow, LiveEvent, SpeechStart
 from emoserve.audio.vad import Segment
-from emoserve.inference.live import Messages, StreamOptions, segment_audio, window_audio
+from emoserve.inference.live import StreamMessages, segment_audio, window_audio
+from emoserve.inference.protocol import ErrorMessage, ReadyMessage, StreamMessage, StreamOptions
 from emoserve.serving.metrics import Metrics
 
 if TYPE_CHECKING:
@@ -37,16 +38,16 @@ MAX_PENDING_SEGMENTS = 2  # segments cut and waiting for their scores; beyond, t
 
 @dataclass
 class _Item:
-    kind: str  # "now" (a message built when its turn comes: `build`) | "interim" | "segment" | "end"
+    kind: Literal["now", "interim", "segment", "end"]  # now: a message built when its turn comes (`build`)
     event: LiveEvent | None = None
-    build: Callable[[], dict[str, Any]] | None = None
+    build: Callable[[], StreamMessage] | None = None
     score: asyncio.Task[Result] | None = None
     arrived: float = 0.0  # when the audio that produced the event arrived (segment latency)
     fatal: bool = False  # an error that ends the stream: told after the summary
 
 
 class LiveStream:
-    """One client's stream on a Service (`Service.open_stream`). Feed and end from one task; read
+    """One client's stream on a Service (`Service.live_stream`). Feed and end from one task; read
     `messages()` from another; `close()` always (it cancels what is in flight)."""
 
     def __init__(
@@ -61,8 +62,8 @@ class LiveStream:
     ) -> None:
         self.options = options
         self.cutter = options.cutter()
-        self.messages = Messages(options, model, random_weights)
-        self.ready_message = self.messages.ready(labels)
+        self.messages = StreamMessages(options, model, random_weights)
+        self.ready_message: ReadyMessage = self.messages.ready(labels)
         self._score = score
         self._metrics = metrics
         self._out: asyncio.Queue[_Item] = asyncio.Queue()
@@ -94,7 +95,7 @@ class LiveStream:
         self._dispatch(await asyncio.to_thread(self.cutter.end), time.monotonic())
         self._out.put_nowait(_Item("end"))
 
-    async def messages_out(self) -> AsyncIterator[dict[str, Any]]:
+    async def messages_out(self) -> AsyncIterator[StreamMessage]:
         """The stream's messages after `ready`, in order, until the summary."""
         while True:
             item = await self._out.get()
@@ -136,7 +137,7 @@ class LiveStream:
         """An `error` message, in its place among the others (after what is already on its way), counted
         in the error metrics by its code."""
         self._metrics.count_error(code)
-        build = functools.partial(self.messages.error, code, message, fatal)
+        build: Callable[[], ErrorMessage] = functools.partial(self.messages.error, code, message, fatal)
         self._out.put_nowait(_Item("now", build=build, fatal=fatal))
 
     async def close(self) -> None:
@@ -173,4 +174,3 @@ class LiveStream:
     def _skip(self) -> None:
         self.messages.skipped += 1
         self._metrics.stream_interims_total.labels("skipped").inc()
-

@@ -40,7 +40,7 @@ if TYPE_CHECKING:
     from emoserve.audio.segments import Recording
     from emoserve.audio.vad import Segment
     from emoserve.constants import Granularity
-    from emoserve.inference.live import StreamOptions
+    from emoserve.inference.protocol import StreamOptions
     from emoserve.inference.recognizer import Recognizer
     from emoserve.inference.results import Result, TimelineSegment
     from emoserve.model.head import Head

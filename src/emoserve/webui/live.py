@@ -19,7 +19,7 @@ import contextlib
 import html
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import gradio as gr
 import numpy as np
@@ -31,6 +31,7 @@ from emoserve.webui.protocol import UIService
 from emoserve.webui.status import ui_error
 
 if TYPE_CHECKING:
+    from emoserve.inference.protocol import Reading, SummaryMessage
     from emoserve.inference.results import TimelineSegment
     from emoserve.serving.live import LiveStream
 
@@ -135,9 +136,9 @@ class LiveWindow:
     service: UIService
     live: LiveStream | None = None
     error: str | None = None
-    current: dict[str, Any] | None = None  # the last interim or segment
+    current: Reading | None = None  # the last interim or segment
     speaking: bool = False
-    summary: dict[str, Any] | None = None
+    summary: SummaryMessage | None = None
     stopped: bool = False
     sample_rate: int = 0
     _stack: contextlib.AsyncExitStack = field(default_factory=contextlib.AsyncExitStack)
@@ -183,7 +184,7 @@ class LiveWindow:
         await self._stack.aclose()
 
     async def _open(self, sample_rate: int, channels: int) -> None:
-        from emoserve.inference.live import StreamOptions
+        from emoserve.inference.protocol import StreamOptions
 
         options = StreamOptions(sample_rate=sample_rate, encoding="pcm_s16le", channels=channels)
         self.live = await self._stack.enter_async_context(self.service.live_stream(options))
@@ -193,16 +194,17 @@ class LiveWindow:
     async def _read(self) -> None:
         assert self.live is not None
         async for message in self.live.messages_out():
-            kind = message["type"]
-            if kind == "speech_start":
-                self.speaking = True
-            elif kind in ("interim", "segment"):
-                self.current = message
-                self.speaking = kind == "interim"
-            elif kind == "summary":
-                self.summary = message
-            elif kind == "error":
-                self.error = message["message"]
+            match message["type"]:
+                case "speech_start":
+                    self.speaking = True
+                case "interim":
+                    self.current, self.speaking = message, True
+                case "segment":
+                    self.current, self.speaking = message, False
+                case "summary":
+                    self.summary = message
+                case "error":
+                    self.error = message["message"]
 
     async def _watch_idle(self) -> None:
         """A window that stops sending without Stop (its connection lost) frees its stream."""

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from emoserve.audio.segments import Recording, Span
     from emoserve.audio.vad import VadSettings
     from emoserve.constants import Channels, Granularity
-    from emoserve.inference.live import StreamOptions
+    from emoserve.inference.protocol import StreamOptions
     from emoserve.inference.results import Result, TimelineSegment
     from emoserve.serving.engine import RequestTiming
     from emoserve.serving.live import LiveStream

@@ -1,0 +1,282 @@
+"""The live stream's protocol (docs/streaming.md) as types: what a client chooses (`StreamOptions`, with its
+own checks: `StreamOptions.from_query`), and one typed message per `type` each way.
+
+    client -> server: binary PCM, and the text message `End`
+    server -> client: `ReadyMessage`, `SpeechStartMessage`, `InterimMessage`, `SegmentMessage`,
+                      `SummaryMessage`, `ErrorMessage`; each with `type` and `seq` (0, 1, 2, ... per stream)
+
+Every surface speaks it through these names: the route (api/stream.py), the served stream
+(serving/live.py), the library's session and its message builders (inference/live.py), the stream client
+(`emoserve stream`), the Live tab, the tests. A consumer matches on `message["type"]`, which narrows the
+union to one message's fields. The server imports it with its first stream, not at start (numpy comes
+with VadSettings).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, Any, Literal, NotRequired, TypedDict, get_args
+
+from emoserve.audio.vad import DEFAULT_VAD, VAD_PARAMETERS, VadSettings
+from emoserve.constants import (
+    FALSE_WORDS,
+    GRANULARITIES,
+    SAMPLE_RATE,
+    STREAM_ENCODINGS,
+    STREAM_HOP_S,
+    STREAM_WINDOW_S,
+    TRUE_WORDS,
+    Granularity,
+)
+
+if TYPE_CHECKING:
+    from emoserve.audio.live import LiveCutter
+
+# ------------------------------------------------------------------------------------------- options
+
+SAMPLE_RATES = (8_000, 192_000)  # Hz: what a stream may send (anything but 16 kHz is resampled)
+HOP_S = (0.25, 10.0)  # seconds of speech between interim readings
+MAX_WINDOW_S = 30.0  # an interim reading's window, at most (an utterance is at most max_segment_s)
+STREAM_MAX_CHANNELS = 32  # interleaved channels a stream may send, mixed to mono
+BYTES_PER_SAMPLE = {"pcm_s16le": 2, "pcm_f32le": 4}  # of STREAM_ENCODINGS
+AUTH_PARAMETER = "api_key"  # read by the API key middleware, for clients that cannot set headers
+
+
+@dataclass(frozen=True)
+class StreamOptions:
+    """What a client chooses for its stream (the query parameters of GET /v1/stream), checked when made
+    (ValueError naming the option)."""
+
+    sample_rate: int = SAMPLE_RATE
+    encoding: str = "pcm_s16le"
+    channels: int = 1
+    hop_s: float = STREAM_HOP_S
+    window_s: float = STREAM_WINDOW_S
+    vad: VadSettings = DEFAULT_VAD
+    granularity: Granularity = "utterance"
+    embedding: bool = False
+    head: str | None = None
+
+    def __post_init__(self) -> None:
+        self.check()
+
+    @classmethod
+    def from_query(cls, query: Mapping[str, str]) -> StreamOptions:
+        """The query parameters of GET /v1/stream (strings), each checked: ValueError naming it."""
+        known = {*(f.name for f in fields(cls) if f.name != "vad"), *VAD_PARAMETERS, AUTH_PARAMETER}
+        if unknown := sorted(set(query) - known):
+            raise ValueError(
+                f"unknown parameter {unknown[0]!r}; the parameters are {', '.join(sorted(known))}"
+            )
+        granularity = query.get("granularity", "utterance")
+        if granularity not in GRANULARITIES:
+            raise ValueError(f"granularity is {granularity!r}; choose from {', '.join(GRANULARITIES)}")
+        return cls(
+            sample_rate=_number(query, "sample_rate", SAMPLE_RATE, int),
+            encoding=query.get("encoding", "pcm_s16le"),
+            channels=_number(query, "channels", 1, int),
+            hop_s=_number(query, "hop_s", STREAM_HOP_S, float),
+            window_s=_number(query, "window_s", STREAM_WINDOW_S, float),
+            vad=VadSettings(
+                **{
+                    attribute: _number(query, name, getattr(DEFAULT_VAD, attribute), float)
+                    for name, attribute in VAD_PARAMETERS.items()
+                }
+            ),
+            granularity=granularity,  # checked above
+            embedding=_boolean(query, "embedding"),
+            head=query.get("head"),
+        )
+
+    def to_query(self) -> dict[str, str]:
+        """The options as GET /v1/stream's query parameters (what a client sends): the inverse of
+        `from_query`, with every parameter named."""
+        return {name: _word(value) for name, value in self.to_dict().items() if value is not None}
+
+    def check(self) -> None:
+        """ValueError naming the option that is out of range."""
+        low, high = SAMPLE_RATES
+        if not low <= self.sample_rate <= high:
+            raise ValueError(f"sample_rate is {self.sample_rate}; it must be {low}-{high}")
+        if self.encoding not in STREAM_ENCODINGS:
+            raise ValueError(f"encoding is {self.encoding!r}; choose from {', '.join(STREAM_ENCODINGS)}")
+        if not 1 <= self.channels <= STREAM_MAX_CHANNELS:
+            raise ValueError(f"channels is {self.channels}; it must be 1-{STREAM_MAX_CHANNELS}")
+        if not HOP_S[0] <= self.hop_s <= HOP_S[1]:
+            raise ValueError(f"hop_s is {self.hop_s:g}; it must be {HOP_S[0]:g}-{HOP_S[1]:g}")
+        if not self.hop_s <= self.window_s <= MAX_WINDOW_S:
+            raise ValueError(
+                f"window_s is {self.window_s:g}; it must be hop_s ({self.hop_s:g}) to {MAX_WINDOW_S:g}"
+            )
+
+    def cutter(self) -> LiveCutter:
+        from emoserve.audio.live import LiveCutter
+
+        return LiveCutter(
+            sample_rate=self.sample_rate,
+            encoding=self.encoding,
+            channels=self.channels,
+            vad=self.vad,
+            hop_s=self.hop_s,
+            window_s=self.window_s,
+        )
+
+    def seconds(self, n_bytes: int) -> float:
+        """Seconds of audio in `n_bytes` of the stream's PCM."""
+        return n_bytes / (BYTES_PER_SAMPLE[self.encoding] * self.channels * self.sample_rate)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The effective parameters (`ready`'s `parameters`): every one, defaults included."""
+        return {
+            "sample_rate": self.sample_rate,
+            "encoding": self.encoding,
+            "channels": self.channels,
+            "hop_s": self.hop_s,
+            "window_s": self.window_s,
+            **{name: getattr(self.vad, attribute) for name, attribute in VAD_PARAMETERS.items()},
+            "granularity": self.granularity,
+            "embedding": self.embedding,
+            "head": self.head,
+        }
+
+
+def _number(query: Mapping[str, str], name: str, default: Any, kind: type) -> Any:
+    if name not in query:
+        return default
+    try:
+        return kind(query[name])
+    except ValueError:
+        raise ValueError(f"{name} is {query[name]!r}; it must be a number") from None
+
+
+def _boolean(query: Mapping[str, str], name: str) -> bool:
+    word = query.get(name, "false").strip().lower()
+    if word not in TRUE_WORDS | FALSE_WORDS:
+        raise ValueError(f"{name} is {query[name]!r}; use true or false")
+    return word in TRUE_WORDS
+
+
+def _word(value: Any) -> str:
+    return (
+        str(value).lower()
+        if isinstance(value, bool)
+        else f"{value:g}"
+        if isinstance(value, float)
+        else str(value)
+    )
+
+
+# ------------------------------------------------------------------------------------------ messages
+
+MessageType = Literal["ready", "speech_start", "interim", "segment", "summary", "error"]
+MESSAGE_TYPES: tuple[MessageType, ...] = get_args(MessageType)
+END = "end"  # the one text message a client sends
+
+
+class End(TypedDict):
+    """client -> server: no more audio; the open utterance's segment and the summary follow."""
+
+    type: Literal["end"]
+
+
+class ReadyMessage(TypedDict):
+    """First, once the stream is accepted."""
+
+    type: Literal["ready"]
+    seq: int
+    session_id: str  # hex
+    model: str  # its name
+    random_weights: bool  # true: a test model, its readings are meaningless
+    labels: list[dict[str, str]]  # [{en, zh, emoji}]: the order of every `scores`
+    parameters: dict[str, Any]  # the effective parameters, defaults included (StreamOptions.to_dict)
+
+
+class SpeechStartMessage(TypedDict):
+    """The VAD opened an utterance."""
+
+    type: Literal["speech_start"]
+    seq: int
+    start_s: float
+
+
+class InterimMessage(TypedDict):
+    """Every `hop_s` of speech while an utterance is open (best effort: skipped when scoring lags)."""
+
+    type: Literal["interim"]
+    seq: int
+    start_s: float  # the reading's window: the utterance's last window_s
+    end_s: float
+    emotion: str
+    label_zh: str
+    emoji: str
+    confidence: float
+    scores: dict[str, float]  # label -> probability
+    head: NotRequired[dict[str, Any]]  # with ?head=
+    skipped: int  # interims skipped so far in this stream
+
+
+class SegmentMessage(TypedDict):
+    """An utterance ended (a pause, a cut at max_segment_s, or `end`): a /v1/timeline segment's fields."""
+
+    type: Literal["segment"]
+    seq: int
+    start_s: float
+    end_s: float
+    speaker: str | None  # null
+    emotion: str
+    label_zh: str
+    emoji: str
+    confidence: float
+    scores: dict[str, float]
+    split: bool  # true: long speech cut here
+    head: dict[str, Any] | None  # null without ?head=
+    skipped: int
+    frames: NotRequired[list[dict[str, Any]]]  # with granularity=frame
+    embedding: NotRequired[list[float]]  # with embedding=true
+
+
+class SummaryMessage(TypedDict):
+    """After `end`, and before a fatal error's close: the timeline's summary line."""
+
+    type: Literal["summary"]
+    seq: int
+    file: str  # "<stream>"
+    duration_s: float  # audio received
+    speech_s: float
+    model: str
+    random_weights: bool
+    channels: str  # "mix"
+    vad: dict[str, Any] | None  # the VAD parameters
+    summary: dict[str, Any]  # speech_s, segments, distribution, seconds, dominant: as /v1/timeline's
+
+
+class ErrorMessage(TypedDict):
+    """A bad message, a limit, a failure (docs/streaming.md's error table)."""
+
+    type: Literal["error"]
+    seq: int
+    code: str  # from errors.CODES
+    message: str  # what happened and what to do
+    fatal: bool  # true: the server closes next
+
+
+StreamMessage = (
+    ReadyMessage | SpeechStartMessage | InterimMessage | SegmentMessage | SummaryMessage | ErrorMessage
+)
+Reading = (
+    InterimMessage | SegmentMessage
+)  # a reading of the emotion: the open utterance's, or a finished one's
+MESSAGES: dict[MessageType, type] = {
+    "ready": ReadyMessage,
+    "speech_start": SpeechStartMessage,
+    "interim": InterimMessage,
+    "segment": SegmentMessage,
+    "summary": SummaryMessage,
+    "error": ErrorMessage,
+}
+
+
+def is_fatal(message: StreamMessage) -> bool:
+    """An error after which the server closes the stream."""
+    return message["type"] == "error" and message["fatal"]
