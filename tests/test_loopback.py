@@ -9,7 +9,7 @@ from emoserve.api.warmup import loopback_client
 
 
 class Answer(http.server.BaseHTTPRequestHandler):
-    def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+    def do_GET(self) -> None:
         self.send_response(200)
         self.end_headers()
         self.wfile.write(b"here")

@@ -36,7 +36,7 @@ from emoserve.api.app import H11_BUFFER_BYTES, DrainingServer, create_app
 from emoserve.api.middleware import MAX_HEADER_BYTES
 from emoserve.api.schemas import RecognitionOut
 from emoserve.api.warmup import API_ROUTES, UI_ROUTE, warm_routes
-from emoserve.serving.service import Service
+from emoserve.serving.service import Hooks, Service
 from emoserve.serving.settings import Settings
 
 from .conftest import EMBEDDING_TOL, FIXTURE, SCORE_TOL, wave
@@ -136,7 +136,13 @@ def live_server(
     env = pytest.MonkeyPatch()
     env.setenv("EMOSERVE_HOME", str(home))
     torch_threads = _torch_threads()
-    service = Service(settings)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    hooks = Hooks()
+    if warm_routes_at is not None:
+        hooks = Hooks(warm_routes=functools.partial(warm_routes, base_url=warm_routes_at(url)))
+    service = Service(settings, hooks=hooks)
     config = uvicorn.Config(
         create_app(settings, service),
         log_level="warning",
@@ -144,11 +150,6 @@ def live_server(
         h11_max_incomplete_event_size=H11_BUFFER_BYTES,  # as server.serve configures it
     )
     server = DrainingServer(config, service)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    if warm_routes_at is not None:
-        service.warm_routes = functools.partial(warm_routes, service, warm_routes_at(url))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     try:

@@ -51,13 +51,9 @@ from emoserve.constants import FALSE_WORDS, TRUE_WORDS
 from emoserve.errors import LOADING_RETRY_AFTER_S, EmoserveError, SettingsError
 from emoserve.serving.metrics import Metrics
 from emoserve.serving.phase import Phase, unavailable
-from emoserve.serving.service import (
-    TIMELINE_LIMIT_SETTING,
-    Service,
-    decode_clip,
-    scored_in_order,
-)
+from emoserve.serving.service import Service, decode_clip
 from emoserve.serving.settings import Settings, load_settings
+from emoserve.serving.timeline import open_recording, scored_in_order
 from emoserve.system import PROCESS_STARTED_AT
 
 if TYPE_CHECKING:
@@ -302,8 +298,7 @@ class RemoteService:
 
     def open_timeline(self, source: Any, *, name: str | None = None, **options: Any) -> Recording:
         """As Service.open_timeline (blocking), within the model deployment's max_timeline_s."""
-        limit_s, setting = self.status.max_timeline_s, TIMELINE_LIMIT_SETTING
-        return Recording(source, name=name, max_seconds=limit_s, limit_setting=setting, **options)
+        return open_recording(source, self.status.max_timeline_s, name=name, **options)
 
     async def timeline(self, job: Recording, head: str | None = None) -> AsyncIterator[TimelineSegment]:
         """The job's segments, cut on a thread of this replica, each recognised on the model deployment

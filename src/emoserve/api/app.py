@@ -40,7 +40,7 @@ from emoserve.api.stream import router as stream_router
 from emoserve.api.timeline import TIMELINE
 from emoserve.api.timeline import router as timeline_router
 from emoserve.api.warmup import is_warmup_request, loopback_url, warm_routes
-from emoserve.serving.service import Service
+from emoserve.serving.service import Hooks, Service
 from emoserve.serving.settings import Settings
 from emoserve.webui.mount import mount_while_loading
 
@@ -77,10 +77,11 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     """Start-up: the model's thread, and the UI's beside it (ready waits for both). Shutdown: drain."""
     svc: Service = app.state.service
     async with AsyncExitStack() as ui_lifespan:
+        prepare_ui = None
         if svc.settings.ui:
             loop = asyncio.get_running_loop()
-            svc.prepare_ui = functools.partial(mount_while_loading, app, svc, loop, ui_lifespan)
-        svc.start()
+            prepare_ui = functools.partial(mount_while_loading, app, svc, loop, ui_lifespan)
+        svc.start(prepare_ui)
         yield
         await asyncio.to_thread(svc.shutdown, svc.settings.drain_timeout_s)
 
@@ -116,7 +117,12 @@ def create_app(settings: Settings, svc: Service | None = None) -> FastAPI:
 
 def serve(settings: Settings) -> int:
     """Run the service until SIGTERM/Ctrl-C (exit status 0) or a failed start-up (1)."""
-    service = Service(settings)
+    server: DrainingServer
+    hooks = Hooks(
+        warm_routes=functools.partial(warm_routes, base_url=loopback_url(settings.host, settings.port)),
+        on_failure=lambda: server.request_exit(),  # the server is made below, before anything starts
+    )
+    service = Service(settings, hooks=hooks)
     config = uvicorn.Config(
         create_app(settings, service),
         host=settings.host,
@@ -129,8 +135,6 @@ def serve(settings: Settings) -> int:
         h11_max_incomplete_event_size=H11_BUFFER_BYTES,
     )
     server = DrainingServer(config, service)
-    service.warm_routes = functools.partial(warm_routes, service, loopback_url(settings.host, settings.port))
-    service.on_failure = server.request_exit
     server.run()
     if service.phase == "failed":
         log.error("exiting: %s", service.state)

@@ -71,9 +71,10 @@ def loopback_url(host: str, port: int) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
-def warm_routes(service: Service, base_url: str, ui_mounted: Callable[[], bool]) -> None:
-    """Every route once, checked (WarmupError names the route that failed); the UI's last, once
-    `ui_mounted()` (which waits for its mount) says it is there."""
+def warm_routes(service: Service, ui_mounted: Callable[[], bool], base_url: str) -> None:
+    """Every route once at `base_url` (the server's own), checked (WarmupError names the route that
+    failed); the UI's last, once `ui_mounted()` (which waits for its mount) says it is there. The
+    service's `Hooks.warm_routes`, with `base_url` bound."""
 
     from emoserve.serving.warmup import check_scores
 

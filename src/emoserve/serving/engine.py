@@ -499,4 +499,3 @@ class Engine:
             else:
                 self._failed_hooks.add(hook)
                 log.exception("engine observer %s failed (later failures are logged at debug level)", hook)
-

@@ -115,7 +115,8 @@ class Metrics:
             "emoserve_stream_audio_seconds", "Seconds of audio received by live streams", registry=r
         )
         self.stream_interims_total = Counter(
-            "emoserve_stream_interims", "Interim readings of live streams, by outcome: sent or skipped",
+            "emoserve_stream_interims",
+            "Interim readings of live streams, by outcome: sent or skipped",
             ["outcome"],
             registry=r,
         )

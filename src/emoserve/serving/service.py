@@ -1,47 +1,46 @@
 """The service's life: starting -> loading -> warming -> ready | failed: <reason>; draining on shutdown.
 
     api.app.serve(settings): uvicorn starts at once (so /healthz answers within 2 s of process start), and
-    the FastAPI lifespan calls Service.start(), whose thread loads the model, starts the engine and warms
-    it up through the real path (serving/warmup.py: decode the bundled clips -> engine -> model, at the
-    batch sizes traffic uses, outputs checked) while the web UI mounts beside it; then, accepting requests
-    but not yet ready, the server sends its own to every route over loopback (`warm_routes`, set by
-    api.app.serve: api/warmup.py), so that the first outside request costs what the next ones do; then
-    /readyz says 200.
+    the FastAPI lifespan calls Service.start(prepare_ui), whose thread runs the start-up steps
+    (serving/startup.py: load the model, start the engine; serving/warmup.py: the real path, decode the
+    bundled clips -> engine -> model, at the batch sizes traffic uses, outputs checked) while the web UI
+    mounts beside it; then, accepting requests but not yet ready, the server sends its own to every route
+    over loopback (`Hooks.warm_routes`, given by api.app.serve: api/warmup.py), so that the first outside
+    request costs what the next ones do; then /readyz says 200.
     SIGTERM/Ctrl-C: state draining (/readyz 503, new requests 503), uvicorn finishes the requests in
     flight, the lifespan stops the engine, exit 0.
 
-Nothing heavy is imported at module level: numpy, the decoders, the backend and the engine load in the
-start-up thread.
+Requests go through here to the engine: clips (`recognize`), recordings (`timeline`: serving/timeline.py)
+and live streams (`live_stream`: serving/live.py). Nothing heavy is imported at module level: numpy, the
+decoders, the backend and the engine load in the start-up thread.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import os
 import threading
 import time
-from collections import deque
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from emoserve.constants import EXAMPLES_DIR, segment_batch_seconds
-from emoserve.errors import EmoserveError, ServiceUnavailable
+from emoserve.errors import ServiceUnavailable
 from emoserve.serving.metrics import Metrics
 from emoserve.serving.phase import SETTLED, Phase, unavailable
 from emoserve.serving.settings import Settings
+from emoserve.serving.startup import example_clips, failure_reason
+from emoserve.serving.timeline import open_recording, scored_in_order, submit_segment, submit_waiting
 from emoserve.system import PROCESS_STARTED_AT
 
 if TYPE_CHECKING:
     from emoserve.audio.decode import Audio
     from emoserve.audio.segments import Recording
-    from emoserve.audio.vad import Segment
     from emoserve.constants import Granularity
     from emoserve.inference.protocol import StreamOptions
-    from emoserve.inference.recognizer import Recognizer
     from emoserve.inference.results import Result, TimelineSegment
     from emoserve.model.head import Head
     from emoserve.serving.engine import Engine, Priority, RequestTiming
@@ -49,21 +48,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-TIMELINE_QUEUE_WAIT_S = 120.0  # a timeline's segment waits this long for room in a full queue, then 503
 READY_POLL_S = 0.05  # how often a request waiting for ready looks again
-# At most this many segments of one recording wait in the engine (queued or running), so that one long
-# file cannot fill the queue that the other users share.
-TIMELINE_IN_FLIGHT = 8
 # what a too-long error tells the user to change: this server's own settings, not the library's max_seconds
 CLIP_LIMIT_SETTING = "this server's max_audio_s: --max-audio-s / EMOSERVE_MAX_AUDIO_S"
-TIMELINE_LIMIT_SETTING = "this server's max_timeline_s: --max-timeline-s / EMOSERVE_MAX_TIMELINE_S"
 STREAM_RETRY_AFTER_S = 5.0  # a refused live stream: streams last minutes, but some end every few seconds
-KEEP_WARM_SECONDS = 1.0  # audio length of a keep-warm inference: enough to touch every layer
 UTTERANCE: Granularity = "utterance"
-
-
-def example_clips() -> tuple[Path, ...]:
-    return tuple(sorted(p for p in EXAMPLES_DIR.iterdir() if p.is_file() and not p.name.startswith(".")))
 
 
 def decode_clip(source: str | os.PathLike[str] | bytes, name: str | None, max_audio_s: float) -> Audio:
@@ -75,6 +64,19 @@ def decode_clip(source: str | os.PathLike[str] | bytes, name: str | None, max_au
     return load_audio(source, max_seconds=max_audio_s, name=name, limit_setting=CLIP_LIMIT_SETTING)
 
 
+@dataclass(frozen=True)
+class Hooks:
+    """What the layer above gives the service when it builds it (api.app.serve)."""
+
+    # Run after the engine's warm-up, before "ready", with requests accepted: the server sends its own
+    # requests over loopback to every route a user hits first (api/warmup.py). Its arguments: the
+    # service, and a function that waits for the UI (Service.start's prepare_ui) and says whether it is
+    # mounted.
+    warm_routes: Callable[[Service, Callable[[], bool]], None] | None = None
+    # What to do when start-up fails (unless settings.stay_up): the server exits.
+    on_failure: Callable[[], None] | None = None
+
+
 class Service:
     """One model served to the HTTP API and the web UI; both use this object, never the model directly.
 
@@ -82,13 +84,17 @@ class Service:
     Requests: `decode` a clip (blocking), `await recognize(audio, granularity, embedding)` through the
     shared batching engine (ServiceUnavailable or QueueFull when it cannot), `open_timeline` (blocking:
     a recording's errors come before any work) and `timeline(job)`, the recording's segments through the
-    engine as background requests. `await wait_ready(timeout_s)`; `begin_drain()`, then `shutdown()`.
-    The phase is `phase` (serving/phase.py) and `reason`; `state` is both in one string, for people.
+    engine as background requests, `live_stream(options)` (a live stream on the engine). `await
+    wait_ready(timeout_s)`; `begin_drain()`, then `shutdown()`. The phase is `phase` (serving/phase.py)
+    and `reason`; `state` is both in one string, for people.
     """
 
-    def __init__(self, settings: Settings, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self, settings: Settings, metrics: Metrics | None = None, hooks: Hooks | None = None
+    ) -> None:
         self.settings = settings
         self.metrics = metrics or Metrics(max_queue=settings.max_queue)
+        self.hooks = hooks or Hooks()
         self.engine: Engine | None = None  # set once ready (warm-up done); None before and after a failure
         # what GET /v1/model answers (name, random_weights, labels, config, device, dtype, backend,
         # parameters, max_audio_s), set once the model is loaded
@@ -100,16 +106,6 @@ class Service:
         self.max_timeline_s = settings.effective_max_timeline_s("cpu")
         self.examples = example_clips()  # the bundled clips: the warm-up's, the UI's example
         self.ui_error: str | None = None  # why the web UI could not be mounted, if it could not
-        # What to do when start-up fails (unless settings.stay_up): serve() makes the server exit.
-        self.on_failure: Callable[[], None] | None = None
-        # Run on a thread of its own beside the model's load and warm-up; "ready" waits for it (the server
-        # mounts the web UI here, so that readiness costs the slower of the two, not their sum).
-        self.prepare_ui: Callable[[], None] | None = None
-        # Run after the engine's warm-up, before "ready", with requests accepted: the server sends its own
-        # requests over loopback to every route a user hits first (api/warmup.py), so that the first
-        # outside request costs what the next ones do. Its argument waits for the UI (prepare_ui) to be
-        # done, and says whether it is mounted.
-        self.warm_routes: Callable[[Callable[[], bool]], None] | None = None
         self._phase: tuple[Phase, str | None] = ("starting", None)  # replaced whole: readable from any thread
         self._timings: dict[str, float] = {}
         self._last_used = time.monotonic()
@@ -162,25 +158,28 @@ class Service:
 
     # ------------------------------------------------------------------------------------- start-up
 
-    def start(self) -> threading.Thread:
-        """Load, warm up and become ready in a background thread (called by the server's lifespan). Once
-        only: a second call returns the same thread (a Ray Serve replica starts it before the lifespan)."""
+    def start(self, prepare_ui: Callable[[], None] | None = None) -> threading.Thread:
+        """Load, warm up and become ready in a background thread (called by the server's lifespan).
+        `prepare_ui` runs on a thread of its own beside the model's load and warm-up, and "ready" waits
+        for it (the server mounts the web UI there, so that readiness costs the slower of the two, not
+        their sum). Once only: a second call returns the same thread (a Ray Serve replica starts it
+        before the lifespan)."""
         if self._start_thread is None:
-            thread = threading.Thread(target=self._start_up, name="emoserve-start-up", daemon=True)
+            thread = threading.Thread(
+                target=self._start_up, args=(prepare_ui,), name="emoserve-start-up", daemon=True
+            )
             self._start_thread = thread
             thread.start()
         return self._start_thread
 
-    def _start_up(self) -> None:
+    def _start_up(self, prepare_ui: Callable[[], None] | None) -> None:
         engine: Engine | None = None
         ui = None
-        if self.prepare_ui is not None:
-            ui = threading.Thread(target=self.prepare_ui, name="emoserve-ui", daemon=True)
+        if prepare_ui is not None:
+            ui = threading.Thread(target=prepare_ui, name="emoserve-ui", daemon=True)
             ui.start()
         try:
-            recognizer = self._load()
-            engine = self._start_engine(recognizer)
-            self._warm_up(engine)
+            engine = self._load_and_warm_up()
             self._answer_own_requests(engine, ui)
             if ui is not None:
                 ui.join()
@@ -188,117 +187,50 @@ class Service:
             self.engine = None
             if engine is not None:
                 engine.stop(timeout_s=0)
-            self._fail(error)
+            self._set_state("failed", failure_reason(error))
             self._settled.set()
-            if self.on_failure is not None and not self.settings.stay_up:
-                self.on_failure()
+            if self.hooks.on_failure is not None and not self.settings.stay_up:
+                self.hooks.on_failure()
             return
         self._become_ready(engine)
         self._settled.set()
 
-    def _load(self, reason: str | None = None) -> Recognizer:
-        self._set_state("loading", reason)
-        started = time.monotonic()
-        from emoserve.inference.recognizer import load_with
-
-        s = self.settings
-        recognizer = load_with(s.model_options(), progress=False)
-        seconds = time.monotonic() - started
-        self._time("model_load_s", seconds)
-        self.metrics.model_load_seconds.set(seconds)
-        self.metrics.watch_device(recognizer.device)
-        self.max_audio_s = s.effective_max_audio_s(recognizer.device_type)
-        self.max_timeline_s = s.effective_max_timeline_s(recognizer.device_type)
-        recognizer.max_seconds = self.max_audio_s
-        self.random_weights = recognizer.random_weights
-        self._model_path = recognizer.info.path
-        self.model_summary = model_summary(recognizer, self.max_audio_s)
-        from emoserve.serving.heads import served_heads
-
-        self.heads = served_heads(s, recognizer)
-        self.model_summary["heads"] = [head.summary() for head in self.heads.values()]
-        log.info(
-            "model loaded in %.2f s: %s on the %s backend, %s (%s)%s",
-            seconds,
-            recognizer.info.name,
-            recognizer.backend.name,
-            recognizer.device,
-            self.model_summary["dtype"],
-            ", RANDOM weights" if recognizer.random_weights else "",
-        )
-        return recognizer
-
-    def _start_engine(self, recognizer: Recognizer) -> Engine:
-        from emoserve.serving.engine import Engine, EngineConfig
-
-        s = self.settings
-        config = EngineConfig(
-            max_batch_size=s.max_batch_size,
-            batching=s.batching,
-            max_wait_ms=s.max_wait_ms,
-            max_batch_seconds=s.max_batch_seconds,
-            max_queue=s.max_queue,
-            max_background_batch_seconds=segment_batch_seconds(recognizer.device_type),
-        )
-        engine = Engine(recognizer, config, observer=self.metrics)
-        if self.model_summary is not None:
-            self.model_summary["batching"] = engine.batching.to_dict()
-        engine.start()
-        return engine
-
-    def _warm_up(self, engine: Engine) -> None:
-        """Decode the bundled clips as requests are decoded and run them through the engine: each length
-        alone (on onnx one short length, which warms them all), then the batch sizes (both
-        granularities, outputs checked by engine.warm_up)."""
-        self._set_state("warming")
-        started = time.monotonic()
+    def _load_and_warm_up(self, reason: str | None = None) -> Engine:
+        """serving/startup.py's steps, their figures kept: the model (`loading`), the engine, the
+        warm-up (`warming`). The engine returned is warm; on an error nothing is left running."""
         from emoserve.audio.decode import load_audio
-        from emoserve.constants import SAMPLE_RATE
-        from emoserve.serving.warmup import warm_up
+        from emoserve.serving.startup import load, start_engine
+        from emoserve.serving.warmup import warm_up_engine
 
-        if not self.examples:
-            raise RuntimeError(f"no example clips in {EXAMPLES_DIR} to warm up with; reinstall emoserve")
-        clips = [load_audio(path, max_seconds=None) for path in self.examples]
-        sizes = [
-            size
-            for size in self.settings.effective_warmup_batch_sizes(engine.recognizer.device_type)
-            if size <= engine.config.max_batch_size  # batching off where it does not pay
-        ]
-        # Batches hold clips of similar length only (max_padding), as the engine groups requests: one
-        # clip of each length group alone, then the batch sizes on the largest group.
-        groups = length_groups(clips, engine.config.max_padding)
-        shortest = min(clips, key=lambda clip: len(clip.samples))
-        samples = shortest.samples[: int(KEEP_WARM_SECONDS * SAMPLE_RATE)].copy()
-        self._keep_warm_clip = dataclasses.replace(shortest, samples=samples)
-        # Both granularities (and the frame/utterance agreement check) on the shortest length; on torch
-        # the longer lengths once, in "frame", which runs the whole model and both heads: on a CPU a
-        # second pass there costs start-up seconds and warms nothing new.
-        if engine.recognizer.backend.name == "onnx":
-            # ONNX Runtime (its memory pattern off, model/interface.py) costs the same for every length
-            # from its first run: there one length warms them all, so the keep-warm clip's second is
-            # enough (the other lengths were ~1.5 s of a 2-core start, docs/benchmarks.md section 13,
-            # and the 3 s clip ~0.9 s more than this one, section 14.3)
-            reports = [warm_up(engine, [self._keep_warm_clip], [1])]
-        else:  # torch's kernels and allocator warm per size
-            reports = [warm_up(engine, groups[0][:1], [1])]
-            reports += [warm_up(engine, group[:1], [1], granularities=("frame",)) for group in groups[1:]]
-        if batched := [size for size in sizes if size > 1]:
-            reports.append(warm_up(engine, max(groups, key=len), batched))
+        self._set_state("loading", reason)
+        loaded = load(self.settings, self.metrics)
+        self._time("model_load_s", loaded.seconds)
+        self.max_audio_s, self.max_timeline_s = loaded.max_audio_s, loaded.max_timeline_s
+        self.random_weights = loaded.recognizer.random_weights
+        self._model_path = loaded.recognizer.info.path
+        self.model_summary, self.heads = loaded.summary, loaded.heads
+        engine = start_engine(self.settings, loaded.recognizer, self.metrics)
+        self.model_summary["batching"] = engine.batching.to_dict()
+        try:
+            self._set_state("warming")
+            started = time.monotonic()
+            if not self.examples:
+                raise RuntimeError("no example clips to warm up with; reinstall emoserve")
+            clips = [load_audio(path, max_seconds=None) for path in self.examples]
+            self._keep_warm_clip = warm_up_engine(engine, self.settings, clips)
+        except BaseException:
+            engine.stop(timeout_s=0)
+            raise
         seconds = time.monotonic() - started
         self._time("warmup_s", seconds)
         self.metrics.warmup_seconds.set(seconds)
-        log.info(
-            "warm-up finished in %.2f s: %d clips, %d model calls, (batch, samples) %s",
-            seconds,
-            len(clips),
-            sum(report.calls for report in reports),
-            sorted({shape for report in reports for shape in report.shapes}),
-        )
+        return engine
 
     def _answer_own_requests(self, engine: Engine, ui: threading.Thread | None) -> None:
-        """Accept requests (still "warming") and run `warm_routes`, which sends the server's own."""
+        """Accept requests (still "warming") and run `hooks.warm_routes`, which sends the server's own."""
         self.engine = engine
-        if self.warm_routes is None or not self._set_state("warming", "answering its own requests"):
+        warm_routes = self.hooks.warm_routes
+        if warm_routes is None or not self._set_state("warming", "answering its own requests"):
             return
 
         def ui_mounted() -> bool:
@@ -308,7 +240,7 @@ class Service:
             return self.ui_error is None
 
         started = time.monotonic()
-        self.warm_routes(ui_mounted)
+        warm_routes(self, ui_mounted)
         self._time("routes_warmup_s", time.monotonic() - started)
 
     def _become_ready(self, engine: Engine) -> None:
@@ -330,22 +262,19 @@ class Service:
             threading.Thread(target=self._verify_model, name="emoserve-verify", daemon=True).start()
 
     def _verify_model(self) -> None:
-        """Hash the model files (at the lowest CPU priority, beside the first requests). A file that has
-        changed since its conversion cannot be trusted: the service stops serving it at once, converts
-        the entry again from its source and serves again, or, with no source left, turns failed."""
-        from emoserve.model.entry import check_entry, read_manifest
+        """Hash the model files beside the first requests. A file that has changed since its conversion
+        cannot be trusted: the service stops serving it at once, converts the entry again from its source
+        and serves again, or, with no source left, turns failed."""
+        from emoserve.serving.startup import verify_files
 
         path = self._model_path
         assert path is not None
-        if not read_manifest(path).get("files"):
-            log.warning("%s has no content hashes (converted by an older emoserve): not verified", path)
-            return
-        with contextlib.suppress(OSError, AttributeError):  # Linux: per-thread niceness
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
         started = time.monotonic()
-        problems = check_entry(path, full=True)
+        problems = verify_files(path)
         self._time("verify_s", time.monotonic() - started)
-        if problems:
+        if problems is None:
+            log.warning("%s has no content hashes (converted by an older emoserve): not verified", path)
+        elif problems:
             self._rebuild(path, f"model files damaged: {problems[0]} ({path})")
         else:
             log.info("model files verified in %.1f s", time.monotonic() - started)
@@ -358,31 +287,17 @@ class Service:
         engine, self.engine = self.engine, None
         if engine is not None:
             engine.stop(timeout_s=0)  # queued requests: 503; none more gets these numbers
-        engine = None
         try:
             if not rebuild(path, what):
                 log.error("%s; convert or download the model again", what)
                 self._set_state("failed", what)
                 return
             self._rebuilt = True
-            engine = self._start_engine(self._load(f"{what}; converted again, loading it"))
-            self._warm_up(engine)
+            engine = self._load_and_warm_up(f"{what}; converted again, loading it")
         except Exception as error:
-            if engine is not None:
-                engine.stop(timeout_s=0)
-            self._fail(error)
+            self._set_state("failed", failure_reason(error))
             return
         self._become_ready(engine)
-
-    def _fail(self, error: Exception) -> None:
-        message = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        if isinstance(error, EmoserveError | ValueError | OSError):
-            reason = message or type(error).__name__
-            log.error("start-up failed: %s", reason)
-        else:  # a bug somewhere below: the type helps, and so does the traceback
-            reason = f"{type(error).__name__}: {message}" if message else type(error).__name__
-            log.exception("start-up failed: %s", reason)
-        self._set_state("failed", reason)
 
     def _keep_warm(self) -> None:
         """After keep_warm_s without a recognition, one tiny inference, so that caches, the allocator and
@@ -534,7 +449,7 @@ class Service:
                     engine, audio, UTTERANCE, False, options.head, Priority.STREAM_INTERIM
                 )
                 return (await interim_on)[0]
-            return await _submit_waiting(
+            return await submit_waiting(
                 lambda: self._recognize_on(
                     engine,
                     audio,
@@ -567,10 +482,7 @@ class Service:
 
     def open_timeline(self, source: Any, *, name: str | None = None, **options: Any) -> Recording:
         """Open a recording for `timeline` (blocking: run it in a thread), within max_timeline_s."""
-        from emoserve.audio.segments import Recording
-
-        limit_s, setting = self.max_timeline_s, TIMELINE_LIMIT_SETTING
-        return Recording(source, name=name, max_seconds=limit_s, limit_setting=setting, **options)
+        return open_recording(source, self.max_timeline_s, name=name, **options)
 
     async def timeline(self, job: Recording, head: str | None = None) -> AsyncIterator[TimelineSegment]:
         """The job's scored segments in the order they were found (see the class docstring); with a served
@@ -581,8 +493,8 @@ class Service:
 
         async def score(audio: Audio) -> Result:
             if chosen is None:
-                return await _submit_segment(engine, audio)
-            return apply_head(await _submit_segment(engine, audio, True), chosen, False, self.metrics)
+                return await submit_segment(engine, audio)
+            return apply_head(await submit_segment(engine, audio, True), chosen, False, self.metrics)
 
         started, scored_n = time.perf_counter(), 0
         self.metrics.timelines_in_progress.inc()
@@ -595,132 +507,3 @@ class Service:
         finally:
             self.metrics.timelines_in_progress.dec()  # however it ended: what it did still counts
             self.metrics.observe_timeline(job.duration_s, scored_n, time.perf_counter() - started)
-
-
-async def scored_in_order(
-    job: Recording, score: Callable[[Audio], Awaitable[Result]], depth: int = TIMELINE_IN_FLIGHT
-) -> AsyncGenerator[TimelineSegment, None]:
-    """The job's segments, cut on a thread of their own (`SegmentFeed`), each scored by `score` with at
-    most `depth` in flight, yielded in the order they were found. Leaving early (a client that went away)
-    stops the cutting and cancels what is in flight. The engine's and Ray Serve's UI replica's timelines."""
-    from emoserve.inference.results import scored
-
-    feed = SegmentFeed(job, depth=depth)
-    sent: deque[tuple[Segment, asyncio.Task[Result]]] = deque()
-    try:
-        while (segment := await feed.get()) is not None:
-            sent.append((segment, asyncio.ensure_future(score(job.clip(segment)))))
-            if len(sent) == depth:
-                segment, task = sent.popleft()
-                yield scored(segment, await task)
-        while sent:
-            segment, task = sent.popleft()
-            yield scored(segment, await task)
-    finally:
-        feed.stop()
-        for _, task in sent:
-            task.cancel()
-        await asyncio.gather(*(task for _, task in sent), return_exceptions=True)
-
-
-async def _submit_segment(engine: Engine, audio: Audio, embedding: bool = False) -> Result:
-    """One segment at the timeline's priority (after everything else), waiting out a full queue."""
-    from emoserve.serving.engine import Priority
-
-    return await _submit_waiting(
-        lambda: engine.submit(audio, embedding=embedding, priority=Priority.TIMELINE)
-    )
-
-
-async def _submit_waiting(submit: Callable[[], Awaitable[Any]]) -> Any:
-    """`submit()`'s result; a full queue (other users' traffic) is waited out for up to
-    TIMELINE_QUEUE_WAIT_S rather than failing a recording or a stream part-way. `submit` gives a Result,
-    or (Result, timing), whose Result is returned."""
-    from emoserve.errors import QueueFull
-
-    deadline = time.monotonic() + TIMELINE_QUEUE_WAIT_S
-    while True:
-        try:
-            got = await submit()
-            return got[0] if isinstance(got, tuple) else got
-        except QueueFull as error:
-            if time.monotonic() >= deadline:
-                raise
-            await asyncio.sleep(min(1.0, error.retry_after_s or 1.0))
-
-
-def length_groups(clips: list[Audio], max_padding: float) -> list[list[Audio]]:
-    """Clips grouped as one padded batch may hold them (the engine's length rule), shortest first."""
-    from emoserve.inference.recognizer import length_batches
-
-    lengths = [len(clip.samples) for clip in clips]
-    groups = length_batches(lengths, len(clips), max_batch_samples=sum(lengths), max_padding=max_padding)
-    return [[clips[i] for i in group] for group in groups]
-
-
-def model_summary(recognizer: Recognizer, max_audio_s: float) -> dict[str, Any]:
-    info = recognizer.info
-    return {
-        "name": info.name,
-        "random_weights": info.random_weights,
-        "labels": [label.to_dict() for label in recognizer.labels],
-        "config": info.config.to_dict(),
-        "backend": recognizer.backend.name,
-        "device": recognizer.device,
-        "dtype": recognizer.dtype,
-        "parameters": info.num_parameters,
-        "max_audio_s": max_audio_s,
-    }
-
-
-class SegmentFeed:
-    """`job.segments()` on a thread of its own (decoding and the VAD block the event loop otherwise),
-    handed to a coroutine through at most `depth` waiting segments; `stop()` ends the thread at its next
-    segment and closes the file, whatever it was doing."""
-
-    _END = object()
-
-    def __init__(self, job: Recording, depth: int = TIMELINE_IN_FLIGHT) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._items: asyncio.Queue[Any] = asyncio.Queue()
-        self._slots = threading.Semaphore(depth)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(job,), name="emoserve-timeline", daemon=True)
-        self._thread.start()
-
-    async def get(self) -> Segment | None:
-        """The next segment, None at the end; the job's error (a damaged file) is raised here."""
-        item = await self._items.get()
-        self._slots.release()
-        if item is self._END:
-            return None
-        if isinstance(item, BaseException):
-            raise item
-        return item
-
-    def stop(self) -> None:
-        self._stop.set()
-
-    def _run(self, job: Recording) -> None:
-        segments = job.segments()
-        try:
-            for segment in segments:
-                if not self._put(segment):
-                    return
-            self._put(self._END)
-        except Exception as error:
-            self._put(error)
-        finally:
-            segments.close()
-
-    def _put(self, item: object) -> bool:
-        while not self._slots.acquire(timeout=0.1):
-            if self._stop.is_set():
-                return False
-        if self._stop.is_set():
-            return False
-        try:
-            self._loop.call_soon_threadsafe(self._items.put_nowait, item)
-        except RuntimeError:  # the loop is closed: nobody is waiting any more
-            return False
-        return True

@@ -1,8 +1,13 @@
 """Warm-up: the real audio path through the engine before "ready", with checks that the outputs can be right.
+
+warm_up_engine(engine, settings, clips): what the service runs (each length alone, or on onnx one short
+length; then the batch sizes traffic uses) -> warm_up(engine, clips, batch_sizes): the model calls,
+both granularities, outputs checked
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -12,14 +17,68 @@ from dataclasses import dataclass
 import numpy as np
 
 from emoserve.audio.decode import Audio
-from emoserve.constants import GRANULARITIES, Granularity
+from emoserve.constants import GRANULARITIES, SAMPLE_RATE, Granularity
 from emoserve.errors import WarmupError
 from emoserve.inference.results import Result
 from emoserve.serving.engine import FRAME_MEAN_TOL, SCORE_SUM_TOL, Engine
+from emoserve.serving.settings import Settings
 
 log = logging.getLogger(__name__)
 
 # ------------------------------------------------------------------------------------------------ warm-up
+
+
+KEEP_WARM_SECONDS = 1.0  # audio length of a keep-warm inference: enough to touch every layer
+
+
+def warm_up_engine(engine: Engine, settings: Settings, clips: Sequence[Audio]) -> Audio:
+    """The decoded bundled clips through the engine: each length alone (on onnx one short length, which
+    warms them all), then the batch sizes (both granularities, outputs checked by `warm_up`). Returns
+    the keep-warm clip (the shortest one's first KEEP_WARM_SECONDS)."""
+    started = time.monotonic()
+    sizes = [
+        size
+        for size in settings.effective_warmup_batch_sizes(engine.recognizer.device_type)
+        if size <= engine.config.max_batch_size  # batching off where it does not pay
+    ]
+    # Batches hold clips of similar length only (max_padding), as the engine groups requests: one
+    # clip of each length group alone, then the batch sizes on the largest group.
+    groups = length_groups(clips, engine.config.max_padding)
+    shortest = min(clips, key=lambda clip: len(clip.samples))
+    keep_warm = dataclasses.replace(
+        shortest, samples=shortest.samples[: int(KEEP_WARM_SECONDS * SAMPLE_RATE)].copy()
+    )
+    # Both granularities (and the frame/utterance agreement check) on the shortest length; on torch
+    # the longer lengths once, in "frame", which runs the whole model and both heads: on a CPU a
+    # second pass there costs start-up seconds and warms nothing new.
+    if engine.recognizer.backend.name == "onnx":
+        # ONNX Runtime (its memory pattern off, model/interface.py) costs the same for every length
+        # from its first run: there one length warms them all, so the keep-warm clip's second is
+        # enough (the other lengths were ~1.5 s of a 2-core start, docs/benchmarks.md section 13,
+        # and the 3 s clip ~0.9 s more than this one, section 14.3)
+        reports = [warm_up(engine, [keep_warm], [1])]
+    else:  # torch's kernels and allocator warm per size
+        reports = [warm_up(engine, groups[0][:1], [1])]
+        reports += [warm_up(engine, group[:1], [1], granularities=("frame",)) for group in groups[1:]]
+    if batched := [size for size in sizes if size > 1]:
+        reports.append(warm_up(engine, max(groups, key=len), batched))
+    log.info(
+        "warm-up finished in %.2f s: %d clips, %d model calls, (batch, samples) %s",
+        time.monotonic() - started,
+        len(clips),
+        sum(report.calls for report in reports),
+        sorted({shape for report in reports for shape in report.shapes}),
+    )
+    return keep_warm
+
+
+def length_groups(clips: Sequence[Audio], max_padding: float) -> list[list[Audio]]:
+    """Clips grouped as one padded batch may hold them (the engine's length rule), shortest first."""
+    from emoserve.inference.recognizer import length_batches
+
+    lengths = [len(clip.samples) for clip in clips]
+    groups = length_batches(lengths, len(clips), max_batch_samples=sum(lengths), max_padding=max_padding)
+    return [[clips[i] for i in group] for group in groups]
 
 
 @dataclass(frozen=True)
