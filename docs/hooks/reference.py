@@ -103,9 +103,9 @@ def settings_page() -> str:
     return (
         "# Settings\n\n"
         + GENERATED_NOTE.format(source="`emoserve.serving.settings.setting_infos()`")
-        + "\nEvery setting of `emoserve serve` (and `./run.sh`, which passes its arguments on) is a flag and an "
-        "`EMOSERVE_*` environment variable. They are read once at start-up: a flag wins over the variable, "
-        "the variable over the default, and a bad value stops the start with an error that names the flag "
+        + "\nEvery setting of `emoserve serve` (and `./run.sh`, which passes its arguments on) is a flag "
+        "and an `EMOSERVE_*` environment variable. They are read once at start-up: a flag wins over the "
+        "variable, the variable over the default, and a bad value stops the start with an error that names the flag "
         "or the variable. A switch takes `true/false`, `1/0`, `yes/no` or `on/off` as a variable. "
         "Ray Serve takes the same settings by name (see [Scaling out](../guides/scaling-out.md)).\n\n"
         + table(("flag", "variable", "default", "what it does"), rows)
@@ -282,7 +282,10 @@ def operation_section(method: str, path: str, op: dict[str, Any]) -> str:
         kinds = ", ".join(code(kind) for kind in body.get("content", {}))
         out.append(f"Request body ({'required' if body.get('required') else 'optional'}): {kinds}.\n\n")
     responses = op.get("responses", {})
-    rows = [(status, answer.get("description", ""), response_model(answer)) for status, answer in responses.items()]
+    rows = [
+        (status, answer.get("description", ""), response_model(answer))
+        for status, answer in responses.items()
+    ]
     out.append(table(("status", "meaning", "body"), rows) + "\n")
     return "".join(out)
 
