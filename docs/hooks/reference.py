@@ -105,9 +105,9 @@ def settings_page() -> str:
         + GENERATED_NOTE.format(source="`emoserve.serving.settings.setting_infos()`")
         + "\nEvery setting of `emoserve serve` (and `./run.sh`, which passes its arguments on) is a flag "
         "and an `EMOSERVE_*` environment variable. They are read once at start-up: a flag wins over the "
-        "variable, the variable over the default, and a bad value stops the start with an error that names the flag "
-        "or the variable. A switch takes `true/false`, `1/0`, `yes/no` or `on/off` as a variable. "
-        "Ray Serve takes the same settings by name (see [Scaling out](../guides/scaling-out.md)).\n\n"
+        "variable, the variable over the default, and a bad value stops the start with an error that "
+        "names the flag or the variable. A switch takes `true/false`, `1/0`, `yes/no` or `on/off` as a "
+        "variable. Ray Serve takes the same settings by name (see [Scaling out](../guides/scaling-out.md)).\n\n"
         + table(("flag", "variable", "default", "what it does"), rows)
     )
 
