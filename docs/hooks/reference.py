@@ -107,7 +107,8 @@ def settings_page() -> str:
         "and an `EMOSERVE_*` environment variable. They are read once at start-up: a flag wins over the "
         "variable, the variable over the default, and a bad value stops the start with an error that "
         "names the flag or the variable. A switch takes `true/false`, `1/0`, `yes/no` or `on/off` as a "
-        "variable. Ray Serve takes the same settings by name (see [Scaling out](../guides/scaling-out.md)).\n\n"
+        "variable. Ray Serve takes the same settings by name "
+        "(see [Scaling out](../guides/scaling-out.md)).\n\n"
         + table(("flag", "variable", "default", "what it does"), rows)
     )
 
