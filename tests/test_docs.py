@@ -108,6 +108,19 @@ def test_the_errors_page_has_every_code_with_its_status(site: Path) -> None:
         assert re.search(rf"<code>{name}</code></td>\s*<td>{code.status}</td>", html), name
 
 
+def test_the_stream_messages_page_has_every_type_and_field(site: Path) -> None:
+    import typing
+
+    from emoserve.inference.protocol import MESSAGES
+
+    html = page(site, "reference/stream-messages")
+    for kind, message in MESSAGES.items():
+        section = html[html.index(f'id="{kind}"') :]
+        section = section[: section.find("<h2", 1)]  # up to the next message's heading
+        for name in typing.get_type_hints(message):
+            assert f"<code>{name}</code>" in section, (kind, name)
+
+
 def test_the_metrics_page_has_every_metric(site: Path) -> None:
     from prometheus_client import CollectorRegistry
 

@@ -8,7 +8,8 @@ dependency fewer. Each page is built from the object that the running code reads
 - errors.md     `emoserve.errors.CODES`: every error code, its HTTP status and meaning;
 - metrics.md    a `Metrics` on a registry of its own: every metric's name, type, help and labels;
 - cli.md        `emoserve.cli.parser()`: the `--help` of the program and of each command;
-- http-api.md   the app's OpenAPI schema (`create_app(...).openapi()`), also written as openapi.json.
+- http-api.md   the app's OpenAPI schema (`create_app(...).openapi()`), also written as openapi.json;
+- stream-messages.md  `emoserve.inference.protocol.MESSAGES`: the live stream's message types and fields.
 
 Nothing here loads a model or imports torch: settings, errors and the CLI are light by design, `Metrics`
 needs prometheus-client only, and `create_app` builds a `Service` whose model loads in the app's lifespan,
@@ -62,6 +63,7 @@ def pages() -> dict[str, str]:
         "cli.md": cli_page(),
         "http-api.md": http_api_page(schema),
         "openapi.json": json.dumps(schema, indent=2, ensure_ascii=False) + "\n",
+        "stream-messages.md": stream_messages_page(),
     }
 
 
@@ -307,3 +309,44 @@ def response_model(answer: dict[str, Any]) -> str:
         model = schema_type(media.get("schema", {}))
         kinds.append(f"{kind} ({model})" if model else kind)
     return ", ".join(kinds)
+
+
+# --------------------------------------------------------------------------------------- stream messages
+
+
+def stream_messages_page() -> str:
+    import typing
+
+    from emoserve.inference.protocol import MESSAGES, End
+
+    sections = []
+    for kind, message in [*MESSAGES.items(), ("end", End)]:
+        hints = typing.get_type_hints(message, include_extras=True)
+        rows = [
+            (code(name), code(type_text(hint)), "when asked" if optional(hint) else "yes")
+            for name, hint in hints.items()
+        ]
+        who = "client -> server" if message is End else "server -> client"
+        doc = " ".join((message.__doc__ or "").split())
+        sections.append(f"## `{kind}`\n\n{who}: {doc}\n\n" + table(("field", "type", "always"), rows))
+    return (
+        "# Stream messages\n\n"
+        + GENERATED_NOTE.format(source="`emoserve.inference.protocol`: one `TypedDict` per message type")
+        + "\nThe JSON text messages of `GET /v1/stream`, as the library types them; what each field means, "
+        "the parameters, errors and close codes are in [the protocol](../streaming.md).\n\n"
+        + "\n".join(sections)
+    )
+
+
+def optional(hint: object) -> bool:
+    """A NotRequired field (`__required_keys__` does not know it under postponed annotations on 3.11)."""
+    import typing
+
+    return typing.get_origin(hint) is typing.NotRequired
+
+
+def type_text(hint: object) -> str:
+    """A type as Python writes it, without the module paths and the NotRequired/Literal wrappers."""
+    text = hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
+    text = re.sub(r"^NotRequired\[(.*)\]$", r"\1", text)
+    return re.sub(r"Literal\['(\w+)'\]", r'"\1"', text)
