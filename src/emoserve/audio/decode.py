@@ -32,9 +32,9 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 LIBRARY_LIMIT_SETTING = "max_seconds / --max-seconds"  # what a too-long error names, unless told otherwise
 
-# A 2-D array is (samples, channels) unless its first axis has at most MAX_CHANNELS entries and its
-# second axis more: then it is (channels, samples), the torch/torchaudio layout.
-MAX_CHANNELS = 8
+# A 2-D array is (samples, channels) unless its first axis has at most ORIENTATION_MAX_CHANNELS entries and
+# its second axis more: then it is (channels, samples), the torch/torchaudio layout.
+ORIENTATION_MAX_CHANNELS = 8
 
 SUPPORTED = "wav, flac, ogg, mp3, m4a/aac, opus, webm and other ffmpeg formats"
 
@@ -121,7 +121,7 @@ def check_no_rate(sample_rate: int | None, display: str) -> None:
 def to_mono(x: np.ndarray) -> np.ndarray:
     """Average the channels: (samples,), (samples, channels) or (channels, samples) -> (samples,) float32.
 
-    The 2-D orientation follows the MAX_CHANNELS rule; integer PCM is scaled to [-1, 1) first.
+    The 2-D orientation follows the ORIENTATION_MAX_CHANNELS rule; integer PCM is scaled to [-1, 1) first.
     """
     return _mix_down(_as_samples_by_channels(_pcm_to_float32(np.asarray(x), "<array>"), "<array>"))
 
@@ -430,7 +430,7 @@ def _as_samples_by_channels(x: np.ndarray, display: str) -> np.ndarray:
     if x.ndim == 1:
         return x[:, None]
     if x.ndim == 2:
-        if x.shape[0] <= MAX_CHANNELS < x.shape[1]:
+        if x.shape[0] <= ORIENTATION_MAX_CHANNELS < x.shape[1]:
             return x.T  # (channels, samples), the torch layout
         return x
     raise AudioError(

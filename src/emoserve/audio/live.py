@@ -25,8 +25,8 @@ from emoserve.audio.vad import DEFAULT_VAD, FRAME, Segment, SileroVad, Vad, VadS
 from emoserve.constants import SAMPLE_RATE, STREAM_ENCODINGS, STREAM_HOP_S, STREAM_WINDOW_S
 from emoserve.errors import AudioError
 
-DTYPES = (np.dtype("<i2"), np.dtype("<f4"))  # of STREAM_ENCODINGS, in order
-ENCODINGS: dict[str, np.dtype[Any]] = dict(zip(STREAM_ENCODINGS, DTYPES, strict=True))
+PCM_DTYPES = (np.dtype("<i2"), np.dtype("<f4"))  # numpy's, of STREAM_ENCODINGS in order
+ENCODINGS: dict[str, np.dtype[Any]] = dict(zip(STREAM_ENCODINGS, PCM_DTYPES, strict=True))
 S16_SCALE = 32768.0  # what libsndfile divides 16-bit PCM by: a WAV file's samples, exactly
 NO_PROBS = np.zeros(0, np.float32)
 

@@ -269,8 +269,6 @@ class SpanCutter:
         return self._audio.slice(start, end)
 
 
-
-
 def read_spans(text: str, source: str = "<segments>") -> list[Span]:
     """Segments from JSON (a list of {start_s, end_s[, speaker]}, or {"segments": [...]}) or RTTM."""
     stripped = text.strip()

@@ -164,4 +164,3 @@ def new_session() -> Any:
     return ort.InferenceSession(
         str(silero_model_path()), sess_options=options, providers=["CPUExecutionProvider"]
     )
-

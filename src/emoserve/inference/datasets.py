@@ -33,10 +33,6 @@ class Dataset:
     def labels(self) -> list[str]:
         return sorted({item.label for item in self.items})
 
-    @property
-    def has_groups(self) -> bool:
-        return any(item.group is not None for item in self.items)
-
     def skip(self, path: str, reason: str) -> None:
         self.skipped.append({"path": path, "reason": reason})
 

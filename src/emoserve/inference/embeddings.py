@@ -19,20 +19,10 @@ from pathlib import Path
 import numpy as np
 
 from emoserve.constants import MAX_BATCH_SIZE
-from emoserve.files import atomic_write
+from emoserve.files import atomic_write, sha256_file
 from emoserve.inference.files import score_outcomes
 from emoserve.inference.recognizer import Recognizer
 from emoserve.model.head import model_identity
-
-HASH_BLOCK = 1 << 20
-
-
-def file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(HASH_BLOCK):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def model_key(recognizer: Recognizer) -> str:
@@ -92,7 +82,7 @@ def utterance_embeddings(
     shas: dict[str, str] = {}
     for i, file in enumerate(files):
         try:
-            sha = file_sha256(file)
+            sha = sha256_file(Path(file))
         except OSError as error:
             errors[i] = f"{file}: {error.strerror or error}"
             continue

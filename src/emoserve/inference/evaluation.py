@@ -11,8 +11,6 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
-SUMMARY_KEYS = ("accuracy", "balanced_accuracy", "f1_macro", "f1_weighted")
-
 
 def sklearn_metrics() -> Any:
     try:

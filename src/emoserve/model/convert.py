@@ -39,6 +39,7 @@ from emoserve.model.network import Emotion2vec
 
 log = logging.getLogger(__name__)
 
+
 def convert(
     model_dir: Path, entry: Path, *, name: str | None = None, onnx: bool | None = None, int8: bool = False
 ) -> Path:
@@ -93,8 +94,6 @@ def load_entry(
 
 def add_onnx(entry: Path, dtype: str = "float32") -> ModelInfo:
     """Export the `dtype` graph into an existing entry (an older one, or int8 on demand) and record it."""
-    from emoserve.model.convert import load_entry
-
     model, _ = load_entry(entry)
     record = onnx_record(model, entry, dtype)
     manifest = read_manifest(entry)
