@@ -933,6 +933,3 @@ def stream_line(message: dict[str, Any]) -> str | None:
         return f"error: {message['code']}: {message['message']}{goes_on}"
     return None
 
-
-if __name__ == "__main__":
-    sys.exit(main())
