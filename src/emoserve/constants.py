@@ -49,6 +49,11 @@ Hub = Literal["auto", "hf", "ms"]
 HUBS: tuple[Hub, ...] = ("auto", "hf", "ms")
 DEFAULT_MODEL = "emotion2vec_plus_large"
 
+# A head's classifier (`emoserve train-head --classifier`, a head's `kind`): here, not in model/head.py,
+# so that the command line offers the choices without importing numpy
+Classifier = Literal["logistic", "mlp"]
+CLASSIFIERS: tuple[Classifier, ...] = ("logistic", "mlp")
+
 
 def segment_batch_seconds(device_type: str) -> float | None:
     """The most audio in one model call of a recording's segments on `device_type` (None: no bound)."""
