@@ -42,8 +42,11 @@ MAX_QUEUE = 64  # waiting requests; beyond it submit raises QueueFull
 
 
 # The model options (`load_model`, `emoserve serve`/`predict`, Ray): one list each
-BACKENDS = ("auto", "torch", "onnx")
-DTYPES = ("float32", "float16", "bfloat16", "int8")  # half precision on GPUs (torch), int8 on CPUs (onnx)
+Backend = Literal["auto", "torch", "onnx"]
+BACKENDS: tuple[Backend, ...] = ("auto", "torch", "onnx")
+# half precision on GPUs (torch), int8 on CPUs (onnx)
+Dtype = Literal["float32", "float16", "bfloat16", "int8"]
+DTYPES: tuple[Dtype, ...] = ("float32", "float16", "bfloat16", "int8")
 # where a missing model is downloaded from: "auto" tries Hugging Face, then ModelScope
 Hub = Literal["auto", "hf", "ms"]
 HUBS: tuple[Hub, ...] = ("auto", "hf", "ms")
