@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import io
 import json
@@ -15,7 +16,10 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from emoserve.cli import file_frames, main, paced
+from emoserve.cli import main, parser
+from emoserve.cli.stream import api_key, file_frames, paced
+from emoserve.inference.protocol import StreamMessage, StreamOptions
+from emoserve.inference.stream_client import StreamClient, StreamRefused, stream_url
 
 from .conftest import FIXTURE, SCORE_TOL
 from .test_server import LIVE, Live, live_server
@@ -236,3 +240,50 @@ def test_file_frames_are_the_files_samples(speech: Path) -> None:
     assert {len(f) for f in frames[:-1]} == {6400}  # 0.1 s of 16 kHz f32
     pcm = np.frombuffer(b"".join(frames), "<f4")
     np.testing.assert_array_equal(pcm, sf.read(speech, dtype="float32")[0])
+
+
+def test_the_stream_client_is_a_library(server: Live, speech: Path, timeline: list[dict[str, Any]]) -> None:
+    """`inference/stream_client.py` without the command line: one task sends, another receives."""
+    url = str(server.client.base_url)  # http://: taken as ws://
+
+    async def stream() -> tuple[list[StreamMessage], int | None]:
+        async with await StreamClient.connect(url, StreamOptions(encoding="pcm_f32le")) as client:
+
+            async def send() -> None:
+                for frame in file_frames(speech):
+                    await client.send(frame)
+                await client.end()
+
+            sending = asyncio.create_task(send())
+            messages = [message async for message in client]
+            await sending
+        return messages, client.close_code
+
+    messages, closed = asyncio.run(stream())
+    assert closed == 1000
+    assert_same_segments(messages, timeline)
+
+
+def test_the_stream_client_says_why_a_server_refuses(tmp_path: Path) -> None:
+    settings = dataclasses.replace(LIVE, api_key="the-key")
+    with live_server(settings, tmp_path) as keyed, pytest.raises(StreamRefused) as refused:
+        asyncio.run(StreamClient.connect(str(keyed.client.base_url), api_key="wrong"))
+    assert refused.value.status == 401 and "api key" in refused.value.body.lower()
+
+
+def test_stream_urls() -> None:
+    options = StreamOptions(sample_rate=8000, hop_s=0.5, embedding=True)
+    url = stream_url("http://h:1", options)
+    assert url.startswith("ws://h:1/v1/stream?sample_rate=8000&encoding=pcm_s16le&channels=1&hop_s=0.5&")
+    assert url.endswith("&granularity=utterance&embedding=true")  # head: not set, not sent
+    assert stream_url("wss://h/emo/v1/stream/") == "wss://h/emo/v1/stream"
+    with pytest.raises(ValueError, match="give ws://HOST:PORT"):
+        stream_url("h:1")
+
+
+def test_the_api_key_falls_back_to_its_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EMOSERVE_API_KEY", "from-the-variable")
+    assert api_key(parser().parse_args(["stream", "-"])) == "from-the-variable"
+    assert api_key(parser().parse_args(["stream", "-", "--api-key", "flag"])) == "flag"
+    monkeypatch.setenv("EMOSERVE_API_KEY", "")  # empty: no key, as for the server
+    assert api_key(parser().parse_args(["stream", "-"])) is None

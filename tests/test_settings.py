@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 from pathlib import Path
 
 import pytest
 
 from emoserve.cli import main, parser
+from emoserve.cli.shared import model_options
 from emoserve.errors import SettingsError
+from emoserve.inference.options import ModelOptions, Option, option_fields
 from emoserve.serving.settings import CPU_MAX_AUDIO_S, GPU_MAX_AUDIO_S, Settings, load_settings, setting_infos
 
 
@@ -113,3 +116,72 @@ def test_warm_up_batch_sizes_default_by_hardware() -> None:
     s = load_settings(environ={"EMOSERVE_MAX_BATCH_SIZE": "4"})
     assert s.effective_warmup_batch_sizes("cpu") == (1,)
     assert s.effective_warmup_batch_sizes("cuda") == (1, 2, 4)
+
+
+# ------------------------------------------------------- the model options: declared once in ModelOptions
+
+MODEL_COMMANDS = ("predict", "evaluate", "train-head", "stream")
+
+
+def command_flags(command: str) -> dict[str, argparse.Action]:
+    sub = next(a for a in parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return {flag: action for action in sub.choices[command]._actions for flag in action.option_strings}
+
+
+def other_value(f: dataclasses.Field[object], option: Option) -> str:
+    """A value of the option that is not its default."""
+    return next(c for c in option.choices if c != f.default) if option.choices else "7"
+
+
+def test_each_model_option_is_declared_once_for_settings_and_flags() -> None:
+    """ModelOptions' declarations reach the server's settings and every command that loads a model: the
+    same default, choices, help and variable."""
+    infos = {i.name: i for i in setting_infos()}
+    declared = list(option_fields())
+    assert {f.name for f, _ in declared} == {"model", "hub", "backend", "device", "dtype", "threads"}
+    for f, option in declared:
+        info = infos[f.name]
+        assert (info.default, info.help, info.env) == (f.default, option.help, f"EMOSERVE_{f.name.upper()}")
+        for command in MODEL_COMMANDS:
+            flags = command_flags(command)
+            if not option.on_commands:
+                assert info.flag not in flags
+                continue
+            action = flags[info.flag]
+            assert action.dest == f.name and action.default is None  # None: the variable, else the default
+            assert tuple(action.choices or ()) == option.choices
+            shown = "" if f.default is None else f"; default {f.default}"
+            assert action.help == f"{option.help} [{info.env}{shown}]"
+    assert command_flags("predict")["-m"].dest == "model"
+
+
+@pytest.mark.parametrize("command", MODEL_COMMANDS)
+def test_model_flags_over_their_variables_over_the_defaults(
+    command: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    argv = [command, "x"] if command != "train-head" else [command, "x", "--out", "h"]
+    for f, _ in option_fields():
+        monkeypatch.delenv(f"EMOSERVE_{f.name.upper()}", raising=False)
+    assert model_options(parser().parse_args(argv)) == ModelOptions()
+    for f, option in option_fields():
+        if option.on_commands:
+            monkeypatch.setenv(f"EMOSERVE_{f.name.upper()}", other_value(f, option))
+    from_variables = model_options(parser().parse_args(argv))
+    for f, option in option_fields():
+        want = other_value(f, option) if option.on_commands else f.default
+        assert getattr(from_variables, f.name) == want, f.name
+    assert model_options(parser().parse_args([*argv, "--backend", "auto"])).backend == "auto"  # the flag wins
+
+
+def test_a_bad_model_variable_fails_a_command_naming_it(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("EMOSERVE_DTYPE", "float64")
+    assert main(["predict", "x.wav"]) == 2
+    assert "error: EMOSERVE_DTYPE: 'float64' is not one of float32" in capsys.readouterr().err
+
+
+def test_the_server_passes_on_every_model_option() -> None:
+    environ = {f"EMOSERVE_{f.name.upper()}": other_value(f, o) for f, o in option_fields()}
+    options = load_settings(environ=environ).model_options()
+    assert options == ModelOptions(**{f.name: other_value(f, o) for f, o in option_fields()} | {"threads": 7})

@@ -35,6 +35,11 @@ STREAM_PATH = "/v1/stream"  # the live stream's route: the server's, and where i
 STREAM_ENCODINGS = ("pcm_s16le", "pcm_f32le")  # a live stream's PCM (GET /v1/stream, audio/live.py)
 STREAM_HOP_S = 1.0  # a live stream's defaults: an interim reading every this many seconds of speech,
 STREAM_WINDOW_S = 10.0  # over the utterance's last this many seconds
+# and its limits (inference/protocol.py's StreamOptions checks them; the CLI's help names them)
+STREAM_SAMPLE_RATES = (8_000, 192_000)  # Hz: what a stream may send (anything but 16 kHz is resampled)
+STREAM_HOP_S_RANGE = (0.25, 10.0)  # seconds of speech between interim readings
+STREAM_MAX_WINDOW_S = 30.0  # an interim reading's window, at most (an utterance is at most max_segment_s)
+STREAM_MAX_CHANNELS = 32  # interleaved channels a stream may send, mixed to mono
 BATCHING_CHOICES = ("auto", "on", "off")  # the engine's `batching` (serving/engine.py: choose_batching)
 MAX_BATCH_SIZE = 8  # clips per model call (also predict_many's and `emoserve predict`'s default)
 MAX_WAIT_MS = 10.0  # how long the first request of a batch waits for company
@@ -43,12 +48,20 @@ MAX_QUEUE = 64  # waiting requests; beyond it submit raises QueueFull
 
 
 # The model options (`load_model`, `emoserve serve`/`predict`, Ray): one list each
-BACKENDS = ("auto", "torch", "onnx")
-DTYPES = ("float32", "float16", "bfloat16", "int8")  # half precision on GPUs (torch), int8 on CPUs (onnx)
+Backend = Literal["auto", "torch", "onnx"]
+BACKENDS: tuple[Backend, ...] = ("auto", "torch", "onnx")
+# half precision on GPUs (torch), int8 on CPUs (onnx)
+Dtype = Literal["float32", "float16", "bfloat16", "int8"]
+DTYPES: tuple[Dtype, ...] = ("float32", "float16", "bfloat16", "int8")
 # where a missing model is downloaded from: "auto" tries Hugging Face, then ModelScope
 Hub = Literal["auto", "hf", "ms"]
 HUBS: tuple[Hub, ...] = ("auto", "hf", "ms")
 DEFAULT_MODEL = "emotion2vec_plus_large"
+
+# A head's classifier (`emoserve train-head --classifier`, a head's `kind`): here, not in model/head.py,
+# so that the command line offers the choices without importing numpy
+Classifier = Literal["logistic", "mlp"]
+CLASSIFIERS: tuple[Classifier, ...] = ("logistic", "mlp")
 
 
 def segment_batch_seconds(device_type: str) -> float | None:

@@ -1,5 +1,4 @@
-"""The backend protocol (a network that runs a padded batch) and the choice between torch and ONNX Runtime.
-"""
+"""The backend protocol (a network that runs a padded batch) and the choice between torch and ONNX Runtime."""
 
 from __future__ import annotations
 
@@ -14,6 +13,7 @@ from emoserve.model.entry import ModelInfo, read_entry
 from emoserve.model.interface import Outputs
 
 log = logging.getLogger(__name__)
+
 
 class Backend(Protocol):
     """Runs the network on a zero-padded batch: waves (batch, samples) float32, lengths (batch,) int64."""

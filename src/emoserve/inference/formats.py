@@ -1,5 +1,5 @@
-"""Output lines for clips and timelines: JSON lines, CSV rows and the terminal table, one builder for each
-line shape, used by the CLI and the HTTP API's NDJSON stream alike.
+"""Output lines for clips, timelines and live streams: JSON lines, CSV rows and the terminal table, one
+builder for each line shape, used by the CLI and the HTTP API's NDJSON stream alike.
 """
 
 from __future__ import annotations
@@ -7,11 +7,14 @@ from __future__ import annotations
 import csv
 import json
 from collections.abc import Sequence
-from typing import IO, Any, Literal, Protocol
+from typing import IO, TYPE_CHECKING, Any, Literal, Protocol
 
 from emoserve.constants import Granularity
 from emoserve.errors import EmoserveError
 from emoserve.inference.results import HeadResult, Result, Timeline, TimelineSegment
+
+if TYPE_CHECKING:
+    from emoserve.inference.protocol import Reading, StreamMessage
 
 
 class Outcome(Protocol):
@@ -25,6 +28,7 @@ class Outcome(Protocol):
     @property
     def error(self) -> str | None: ...
     def to_dict(self) -> dict[str, object]: ...
+
 
 Format = Literal["jsonl", "csv", "table"]
 
@@ -43,6 +47,8 @@ CLIP_CSV_FIELDS = [
     "embedding",
     "error",
 ]
+
+
 def score_column(label: str) -> str:
     """The CSV column of one label's score, for clips and segments alike."""
     return f"score_{label}"
@@ -72,6 +78,7 @@ def head_text(head: HeadResult | None) -> str:
 
 
 RANDOM_WARNING = "WARNING: this model has RANDOM weights (a test model): its predictions are meaningless."
+RANDOM_MARK = "  (RANDOM WEIGHTS)"  # the end of each line scored by such a model
 
 
 class OutcomeWriter:
@@ -120,7 +127,7 @@ def clip_table_line(outcome: Outcome) -> str:
     runners_up = sorted(r.scores.items(), key=lambda kv: -kv[1])[1:3]
     others = ", ".join(f"{k} {v:.2f}" for k, v in runners_up)
     head = f"{r.emoji} {r.emotion} ({r.label_zh}) {r.confidence:.3f}"
-    random = "  (RANDOM WEIGHTS)" if r.random_weights else ""
+    random = RANDOM_MARK if r.random_weights else ""
     return f"{outcome.file}  {head}  {r.duration_s:.2f} s  [{others}]{head_text(r.head)}{random}"
 
 
@@ -147,18 +154,22 @@ def segment_csv_row(file: str, segment: TimelineSegment) -> dict[str, Any]:
 def segment_table_line(file: str, segment: TimelineSegment, random_weights: bool) -> str:
     speaker = f"  [{segment.speaker}]" if segment.speaker else ""
     split = "  (split)" if segment.split else ""
-    random = "  (RANDOM WEIGHTS)" if random_weights else ""
+    random = RANDOM_MARK if random_weights else ""
     head = f"{segment.emoji} {segment.emotion} ({segment.label_zh}) {segment.confidence:.3f}"
     own = head_text(segment.head)
     return f"{file}  {segment.start_s:8.2f}-{segment.end_s:8.2f} s{speaker}  {head}{own}{split}{random}"
 
 
 def summary_line(timeline: Timeline) -> str:
-    s = timeline.summary
-    dominant = s["dominant"] or "none (no speech)"
+    return f"{timeline.file}  {summary_text(timeline.summary, timeline.speech_s, timeline.duration_s)}"
+
+
+def summary_text(summary: dict[str, Any], speech_s: float, duration_s: float) -> str:
+    """A recording's or a live stream's summary in words."""
+    dominant = summary["dominant"] or "none (no speech)"
     return (
-        f"{timeline.file}  summary: {timeline.speech_s:.1f} s of speech in {s['segments']} segments "
-        f"of {timeline.duration_s:.1f} s; dominant {dominant}"
+        f"summary: {speech_s:.1f} s of speech in {summary['segments']} segments of {duration_s:.1f} s; "
+        f"dominant {dominant}"
     )
 
 
@@ -226,3 +237,38 @@ class TimelineWriter:
 
     def _line(self, text: str) -> None:
         self.out.write(text + "\n")
+
+
+# ------------------------------------------------------------------------------ a live stream's lines
+
+
+def stream_line(message: StreamMessage) -> str:
+    """A live stream's protocol message (docs/streaming.md) as one line for a person."""
+    match message["type"]:
+        case "ready":
+            p = message["parameters"]
+            random = RANDOM_MARK if message["random_weights"] else ""
+            return (
+                f"streaming to {message['model']}{random}: {p['sample_rate']} Hz {p['encoding']}, "
+                f"{p['channels']} channel(s), a reading every {p['hop_s']:g} s of speech"
+            )
+        case "speech_start":
+            return f"{message['start_s']:8.2f} s           speech starts"
+        case "interim":
+            return f"{reading_when(message)}  ... {reading_text(message)}"
+        case "segment":
+            split = "  (split)" if message["split"] else ""
+            return f"{reading_when(message)}  =>  {reading_text(message)}  [segment]{split}"
+        case "summary":
+            return summary_text(message["summary"], message["speech_s"], message["duration_s"])
+        case "error":
+            goes_on = "" if message["fatal"] else " (the stream goes on)"
+            return f"error: {message['code']}: {message['message']}{goes_on}"
+
+
+def reading_text(message: Reading) -> str:
+    return f"{message['emoji']} {message['emotion']} ({message['label_zh']}) {message['confidence']:.3f}"
+
+
+def reading_when(message: Reading) -> str:
+    return f"{message['start_s']:8.2f}-{message['end_s']:8.2f} s"

@@ -25,6 +25,10 @@ from emoserve.constants import (
     SAMPLE_RATE,
     STREAM_ENCODINGS,
     STREAM_HOP_S,
+    STREAM_HOP_S_RANGE,
+    STREAM_MAX_CHANNELS,
+    STREAM_MAX_WINDOW_S,
+    STREAM_SAMPLE_RATES,
     STREAM_WINDOW_S,
     TRUE_WORDS,
     Granularity,
@@ -35,10 +39,6 @@ if TYPE_CHECKING:
 
 # ------------------------------------------------------------------------------------------- options
 
-SAMPLE_RATES = (8_000, 192_000)  # Hz: what a stream may send (anything but 16 kHz is resampled)
-HOP_S = (0.25, 10.0)  # seconds of speech between interim readings
-MAX_WINDOW_S = 30.0  # an interim reading's window, at most (an utterance is at most max_segment_s)
-STREAM_MAX_CHANNELS = 32  # interleaved channels a stream may send, mixed to mono
 BYTES_PER_SAMPLE = {"pcm_s16le": 2, "pcm_f32le": 4}  # of STREAM_ENCODINGS
 AUTH_PARAMETER = "api_key"  # read by the API key middleware, for clients that cannot set headers
 
@@ -96,18 +96,19 @@ class StreamOptions:
 
     def check(self) -> None:
         """ValueError naming the option that is out of range."""
-        low, high = SAMPLE_RATES
+        low, high = STREAM_SAMPLE_RATES
         if not low <= self.sample_rate <= high:
             raise ValueError(f"sample_rate is {self.sample_rate}; it must be {low}-{high}")
         if self.encoding not in STREAM_ENCODINGS:
             raise ValueError(f"encoding is {self.encoding!r}; choose from {', '.join(STREAM_ENCODINGS)}")
         if not 1 <= self.channels <= STREAM_MAX_CHANNELS:
             raise ValueError(f"channels is {self.channels}; it must be 1-{STREAM_MAX_CHANNELS}")
-        if not HOP_S[0] <= self.hop_s <= HOP_S[1]:
-            raise ValueError(f"hop_s is {self.hop_s:g}; it must be {HOP_S[0]:g}-{HOP_S[1]:g}")
-        if not self.hop_s <= self.window_s <= MAX_WINDOW_S:
+        shortest, longest = STREAM_HOP_S_RANGE
+        if not shortest <= self.hop_s <= longest:
+            raise ValueError(f"hop_s is {self.hop_s:g}; it must be {shortest:g}-{longest:g}")
+        if not self.hop_s <= self.window_s <= STREAM_MAX_WINDOW_S:
             raise ValueError(
-                f"window_s is {self.window_s:g}; it must be hop_s ({self.hop_s:g}) to {MAX_WINDOW_S:g}"
+                f"window_s is {self.window_s:g}; it must be hop_s ({self.hop_s:g}) to {STREAM_MAX_WINDOW_S:g}"
             )
 
     def cutter(self) -> LiveCutter:
@@ -171,7 +172,7 @@ def _word(value: Any) -> str:
 
 MessageType = Literal["ready", "speech_start", "interim", "segment", "summary", "error"]
 MESSAGE_TYPES: tuple[MessageType, ...] = get_args(MessageType)
-END = "end"  # the one text message a client sends
+END: Literal["end"] = "end"  # the one text message a client sends
 
 
 class End(TypedDict):

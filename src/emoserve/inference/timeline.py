@@ -19,6 +19,7 @@ from emoserve.audio.segments import Progress, Recording
 from emoserve.audio.vad import Segment
 from emoserve.constants import MAX_BATCH_SAMPLES, SAMPLE_RATE, segment_batch_seconds
 from emoserve.errors import EmoserveError
+from emoserve.inference.formats import TimelineWriter
 from emoserve.inference.results import Result, Timeline, TimelineSegment, scored, summarise
 from emoserve.model.entry import ModelInfo
 
@@ -107,3 +108,28 @@ def file_timelines(
             yield job.file, build_timeline(job, scored, recognizer.info.name, recognizer.random_weights)
         except EmoserveError as error:
             yield file, error
+
+
+def write_timelines(
+    recognizer: Scorer,
+    files: Sequence[str],
+    writer: TimelineWriter,
+    *,
+    batch_size: int = TIMELINE_BATCH_SIZE,
+    progress: Callable[[int, str], Progress | None] = lambda n, file: None,
+    on_error: Callable[[str, EmoserveError], None] = lambda file, error: None,
+    **options: Any,
+) -> int:
+    """`file_timelines` written out as they come (`emoserve predict --segments`): a line per segment, then
+    the file's summary, or its error (also given to `on_error`); the number of files that failed."""
+    failed = 0
+    for file, item in file_timelines(recognizer, files, batch_size=batch_size, progress=progress, **options):
+        if isinstance(item, EmoserveError):
+            failed += 1
+            writer.error(file, item)
+            on_error(file, item)
+        elif isinstance(item, Timeline):
+            writer.summary(item)
+        else:
+            writer.segment(file, item, recognizer.random_weights)
+    return failed

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from emoserve import __version__
-from emoserve.constants import MAX_BATCH_SIZE
+from emoserve.constants import CLASSIFIERS, MAX_BATCH_SIZE, Classifier
 from emoserve.inference.datasets import Dataset
 from emoserve.inference.embeddings import EmbeddingCache, utterance_embeddings
 from emoserve.inference.evaluation import classification_report, confusion_png, sklearn_metrics
@@ -35,7 +35,6 @@ from emoserve.model.head import Head, HeadLabel, model_identity, save_head
 
 log = logging.getLogger(__name__)
 
-CLASSIFIERS = ("logistic", "mlp")
 # Up to this many groups each is held out once (IEMOCAP's 5 sessions, EmoDB's 10 speakers); with more,
 # group k-fold: a fold per group would fit the pipeline hundreds of times for little change in the figures.
 MAX_LOGO_GROUPS = 10
@@ -46,7 +45,7 @@ REPORT_FILE, CONFUSION_FILE = "report.json", "confusion.png"
 
 @dataclass(frozen=True)
 class TrainOptions:
-    classifier: str = "logistic"
+    classifier: Classifier = "logistic"
     folds: int = 5
     c: float = 1.0  # inverse regularisation strength (logistic regression)
     hidden: int = 256  # hidden units (mlp)

@@ -31,7 +31,6 @@ HEAD_FORMAT = "emoserve-head"
 HEAD_VERSION = 1
 WEIGHTS_FILE = "head.safetensors"
 META_FILE = "head.json"
-KINDS = ("logistic", "mlp")
 
 
 @dataclass(frozen=True)

@@ -12,28 +12,26 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from emoserve.constants import (
-    BACKENDS,
     BATCHING_CHOICES,
-    DTYPES,
     FALSE_WORDS,
-    HUBS,
     MAX_BATCH_SECONDS,
     MAX_BATCH_SIZE,
     MAX_QUEUE,
     MAX_WAIT_MS,
     TRUE_WORDS,
+    Backend,
+    Dtype,
     Hub,
 )
 from emoserve.errors import SettingsError
-from emoserve.inference.options import ModelOptions
+from emoserve.inference.options import ModelOptions, env_name, option_fields
 
-ENV_PREFIX = "EMOSERVE_"
 MB = 1_000_000  # bytes; upload limits are in decimal megabytes, as HTTP clients and proxies count them
 # Attention cost grows with the square of the length (spec section 6): on a CPU a 60 s clip of the large
 # model already takes seconds, and on a GPU 120 s (6,000 frames) keeps the attention scores near 2 GB.
@@ -169,31 +167,25 @@ def _setting(
     return field(default=default, metadata=metadata)
 
 
+def _model_setting(
+    name: str, parse: Callable[[str], Any] | None = None, *, check: Callable[[Any], str | None] | None = None
+) -> Any:
+    """A setting declared in `ModelOptions` (inference/options.py): its default, help and metavar come from
+    there; said here is only how a string becomes its value (default: one of its choices)."""
+    f, option = next((f, option) for f, option in option_fields() if f.name == name)
+    parse = parse or _choice(*option.choices)
+    return _setting(f.default, parse, option.help, check=check, metavar=option.metavar)
+
+
 @dataclass(frozen=True)
 class Settings:
-    # The model
-    model: str | None = _setting(
-        None,
-        _optional(_text),
-        "model directory or name (default: emotion2vec_plus_large from the cache, downloaded when "
-        "possible, else - loudly - random weights); a model named explicitly never falls back",
-        metavar="DIR|NAME",
-    )
-    hub: Hub = _setting("auto", _choice(*HUBS), "where to download a missing model from")  # noqa: RUF009
-    backend: str = _setting(
-        "auto",
-        _choice(*BACKENDS),
-        "onnx (ONNX Runtime, CPU, no torch), torch, or auto: onnx on a CPU when the model has its graph",
-    )
-    device: str = _setting("auto", _text, "auto (CUDA when present), cpu, cuda, cuda:N")
-    dtype: str = _setting(
-        "float32",
-        _choice(*DTYPES),
-        "float16/bfloat16 on a GPU only (torch); int8 on a CPU only (onnx)",
-    )
-    threads: int | None = _setting(
-        None, _optional(_integer, "auto"), "CPU threads (default: physical cores)", check=_at_least(1)
-    )
+    # The model: each option declared in ModelOptions (inference/options.py)
+    model: str | None = _model_setting("model", _optional(_text))
+    hub: Hub = _model_setting("hub")  # noqa: RUF009
+    backend: Backend = _model_setting("backend")  # noqa: RUF009
+    device: str = _model_setting("device", _text)
+    dtype: Dtype = _model_setting("dtype")  # noqa: RUF009
+    threads: int | None = _model_setting("threads", _optional(_integer, "auto"), check=_at_least(1))
     heads: tuple[tuple[str, str], ...] = _setting(
         (),
         _head_specs,
@@ -312,7 +304,7 @@ class Settings:
         return int(self.max_upload_mb * MB)
 
     def model_options(self) -> ModelOptions:
-        return ModelOptions(self.model, self.backend, self.device, self.dtype, self.hub, threads=self.threads)
+        return ModelOptions(**{f.name: getattr(self, f.name) for f, _ in option_fields()})
 
     def effective_max_audio_s(self, device_type: str = "cpu") -> float:
         """`max_audio_s`, or the default sized for the hardware when it was not set."""
@@ -360,7 +352,7 @@ def setting_infos() -> Iterator[SettingInfo]:
         yield SettingInfo(
             name=f.name,
             flag=f.metadata["flag"] or "--" + f.name.replace("_", "-"),
-            env=ENV_PREFIX + f.name.upper(),
+            env=env_name(f.name),
             default=f.default,
             is_bool=f.metadata["parse"] is _boolean,
             help=f.metadata["help"],
@@ -374,16 +366,28 @@ def load_settings(
 ) -> Settings:
     """Settings from `flags` (setting name -> raw string, a bool for switches, or None when not given),
     then `environ` (default: os.environ), then the defaults. Raises SettingsError naming the key."""
+    return Settings(**read_settings([f.name for f in dataclasses.fields(Settings)], flags, environ))
+
+
+def read_settings(
+    names: Iterable[str], flags: Mapping[str, object] | None = None, environ: Mapping[str, str] | None = None
+) -> dict[str, Any]:
+    """Some settings only, read as `load_settings` reads them all: the values set by a flag or a variable,
+    by name (the rest keep their defaults). For a command's own copies of some settings: `emoserve
+    predict`'s model flags, `emoserve stream`'s --api-key."""
     flags = flags or {}
     environ = os.environ if environ is None else environ
+    wanted = set(names)
     values: dict[str, Any] = {}
     for f, info in zip(dataclasses.fields(Settings), setting_infos(), strict=True):
+        if f.name not in wanted:
+            continue
         flag_value = flags.get(f.name)
         if flag_value is not None:
             values[f.name] = _read(f, info.flag, flag_value)
         elif info.env in environ:
             values[f.name] = _read(f, info.env, environ[info.env])
-    return Settings(**values)
+    return values
 
 
 def _read(f: dataclasses.Field[Any], key: str, raw: object) -> Any:
