@@ -29,9 +29,9 @@ import pytest
 
 from emoserve.errors import SettingsError
 from emoserve.serving.settings import Settings
-
-from .conftest import EMBEDDING_TOL, FIXTURE, SCORE_TOL
-from .test_server import LIVE, assert_error, live_server
+from tests.support.paths import FIXTURE, ROOT
+from tests.support.reference import EMBEDDING_TOL, SCORE_TOL
+from tests.support.server import LIVE, assert_error, live_server
 
 MODEL = FIXTURE / "model"
 AUDIO = FIXTURE / "audio"
@@ -318,8 +318,7 @@ def test_the_web_ui_builds_a_long_recordings_timeline_on_the_model_replicas(
     from emoserve.serving.settings import CPU_MAX_TIMELINE_S
     from emoserve.webui.long_recording import timeline_request, timeline_updates
     from emoserve.webui.saved import UIOutputs
-
-    from .test_webui import joined_recording
+    from tests.support.webui import joined_recording
 
     recording = joined_recording(tmp_path / "meeting.wav")  # 19 s
     ui_settings = dataclasses.replace(split_args(APP_ARGS)[0], max_timeline_s=5.0, save_outputs=False)
@@ -361,8 +360,7 @@ def test_a_live_stream_through_serves_proxy_and_the_ui_replica_gives_the_timelin
 
     from emoserve.inference.live import StreamOptions
     from emoserve.ray_serve import API_APP, RECOGNITION, RemoteService, split_args
-
-    from .test_webui import joined_recording
+    from tests.support.webui import joined_recording
 
     recording = joined_recording(tmp_path / "talk.wav", ("zh_3s_16k.wav", "en_3s_44k.mp3"))
     pcm = sf.read(recording, dtype="int16")[0].tobytes()
@@ -582,7 +580,7 @@ def test_serve_yaml_builds_the_two_applications() -> None:
 
     from emoserve.ray_serve import API_APP, UI_APP, UI_PREFIX, split_args
 
-    config = yaml.safe_load((Path(__file__).parents[1] / "deploy" / "ray" / "serve.yaml").read_text())
+    config = yaml.safe_load((ROOT / "deploy" / "ray" / "serve.yaml").read_text())
     apps = {app["name"]: app for app in config["applications"]}
     assert apps[API_APP]["import_path"] == "emoserve.ray_serve:build_app"
     assert apps[API_APP]["route_prefix"] == "/"

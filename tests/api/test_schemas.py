@@ -16,8 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from emoserve.api.schemas import RESULT_MODELS, RecognitionOut, ResultModel, TimelineOut
 from emoserve.inference import results
 from emoserve.inference.results import Result, Timeline
-
-from .test_server import LIVE, live_server
+from tests.support.server import LIVE, live_server
 
 EXAMPLES = 25  # per operation, in ./test.sh
 

@@ -23,10 +23,10 @@ from websockets.sync.client import ClientConnection, connect
 from emoserve.inference.live import StreamOptions
 from emoserve.serving.live import MAX_PENDING_SEGMENTS, LiveStream
 from emoserve.serving.metrics import Metrics
-
-from .test_server import (
+from tests.support.audio import RATE, SPEECH, joined
+from tests.support.paths import MODEL
+from tests.support.server import (
     LIVE,
-    MODEL,
     Live,
     app_client,
     first_answer,
@@ -35,7 +35,6 @@ from .test_server import (
     serve_process,
     wait_for,
 )
-from .test_timeline import RATE, SPEECH, joined
 
 SCORE_TOL = 1e-5  # the issue's: a stream's scores are the timeline's
 
@@ -343,6 +342,7 @@ def test_a_fast_sender_is_not_read_while_segments_wait_for_the_model(speech: Pat
         live = LiveStream(
             StreamOptions(), score, model="m", random_weights=True, labels=[], metrics=Metrics(8)
         )
+
         async def send() -> list[dict[str, Any]]:  # as the route sends: all along
             return [m async for m in live.messages_out()]
 

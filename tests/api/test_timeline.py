@@ -25,11 +25,10 @@ import soundfile as sf
 from emoserve.api.schemas import TimelineOut, TimelineSegmentOut
 from emoserve.cli import main
 from emoserve.serving.settings import Settings
-
-from .conftest import SCORE_TOL
-from .test_audio import encode_with_pyav
-from .test_server import CLIP, LIVE, MODEL, Live, assert_error, gated_model, live_server, wait_for
-from .test_timeline import SPEECH, joined
+from tests.support.audio import SPEECH, encode_with_pyav, joined
+from tests.support.paths import CLIP, MODEL
+from tests.support.reference import SCORE_TOL
+from tests.support.server import LIVE, Live, assert_error, gated_model, live_server, wait_for
 
 TIMELINE_LIVE = dataclasses.replace(LIVE, max_timeline_s=120.0, max_timeline_upload_mb=4.0)
 

@@ -18,10 +18,9 @@ from emoserve.audio import decode as audio_module
 from emoserve.audio.decode import Audio, load_audio, resample, to_mono
 from emoserve.constants import MIN_SAMPLES, SAMPLE_RATE
 from emoserve.errors import AudioError
+from tests.support.audio import encode_with_pyav
+from tests.support.paths import AUDIO, WAVES
 
-FIXTURES = Path(__file__).parent / "fixtures" / "emotion2vec-tiny"
-AUDIO = FIXTURES / "audio"
-WAVES = FIXTURES / "waves"
 # Formats the reference decoded with the same libsndfile as ours, so they must match bit for bit.
 LOSSLESS_MATCH_CLIPS = sorted(p.name for p in AUDIO.glob("*") if p.suffix in {".wav", ".flac", ".ogg"})
 STEREO_44K = "en_3s_44k_stereo.wav"
@@ -48,22 +47,6 @@ def lag_and_correlation(x: np.ndarray, y: np.ndarray, max_lag: int) -> tuple[int
     a, b = (x[lag:], y) if lag >= 0 else (x, y[-lag:])
     n = min(len(a), len(b))
     return lag, float(np.corrcoef(a[:n], b[:n])[0, 1])
-
-
-def encode_with_pyav(
-    path: Path, container: str, codec: str, samples: np.ndarray, sample_rate: int, codec_rate: int
-) -> None:
-    """Write (samples, channels) float32 audio with PyAV's own encoders (no system ffmpeg)."""
-    layout = {1: "mono", 2: "stereo"}[samples.shape[1]]
-    with av.open(str(path), "w", format=container) as out:
-        stream = out.add_stream(codec, rate=codec_rate, layout=layout)
-        assert isinstance(stream, av.AudioStream)
-        frame = av.AudioFrame.from_ndarray(samples.reshape(1, -1), format="flt", layout=layout)  # packed
-        frame.sample_rate = sample_rate
-        # Timestamps let the muxer write the encoder delay (mp4 edit list, Opus pre-skip) for the decoder.
-        frame.pts, frame.time_base = 0, Fraction(1, sample_rate)
-        for packet in [*stream.encode(frame), *stream.encode(None)]:
-            out.mux(packet)
 
 
 def encode_pcm_with_pyav(path: Path, container: str, codec: str, sample_format: str, pcm: np.ndarray) -> None:

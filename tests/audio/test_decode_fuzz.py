@@ -13,9 +13,8 @@ from hypothesis import strategies as st
 
 from emoserve.audio.decode import Audio, load_audio
 from emoserve.errors import AudioError
-
-from .conftest import FIXTURE
-from .test_audio import encode_with_pyav
+from tests.support.audio import encode_with_pyav
+from tests.support.paths import FIXTURE
 
 SECONDS_PER_DECODE = 10.0  # a generous bound on a loaded 2-core runner; valid clips take milliseconds
 EXAMPLES = 100  # per format in ./test.sh (a few seconds)

@@ -14,8 +14,7 @@ from emoserve.audio.live import InterimWindow, LiveCutter, LiveEvent, SpeechStar
 from emoserve.audio.segments import Recording
 from emoserve.audio.vad import Segment, VadSettings
 from emoserve.errors import AudioError
-
-from .test_timeline import RATE, SPEECH, joined
+from tests.support.audio import RATE, SPEECH, joined
 
 # message sizes in samples at 16 kHz: 10 ms, an odd 20.9 ms, a VAD frame and a bit, 100 ms, 1 s
 SIZES = (160, 334, 517, 1600, 16_000)

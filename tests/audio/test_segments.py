@@ -20,35 +20,12 @@ from emoserve.audio.stream import AudioStream
 from emoserve.audio.vad import FRAME, SileroVad, VadSettings
 from emoserve.errors import AudioError
 from emoserve.inference.results import summarise
-
-from .conftest import FIXTURE, SCORE_TOL
+from tests.support.audio import RATE, SPEECH, clip, joined
+from tests.support.paths import FIXTURE
+from tests.support.reference import SCORE_TOL
 
 AUDIO = FIXTURE / "audio"
-RATE = 16_000
-# clips whose speech has no pause of 300 ms or more inside: one segment each
-SPEECH = ("en_3s_8k.wav", "zh_3s_16k.wav", "en_1s_16k.wav", "en_3s_44k_stereo.wav")
-GAP_S = 1.5
 EDGE_TOL_S = 0.3  # segment bounds vs where a clip was put: silero's frames, padding, quiet clip edges
-
-
-def clip(name: str) -> np.ndarray:
-    return load_audio(AUDIO / name).samples
-
-
-def joined(
-    names: tuple[str, ...], gap_s: float = GAP_S, seed: int = 0
-) -> tuple[np.ndarray, list[tuple[float, float]]]:
-    """Clips separated by `gap_s` of silence, with low noise everywhere; where each clip lies (seconds)."""
-    rng = np.random.default_rng(seed)
-    gap = np.zeros(int(gap_s * RATE), np.float32)
-    parts, truth, at = [gap], [], len(gap)
-    for name in names:
-        c = clip(name)
-        truth.append((at / RATE, (at + len(c)) / RATE))
-        parts += [c, gap]
-        at += len(c) + len(gap)
-    x = np.concatenate(parts)
-    return (x + rng.normal(0, 1e-3, len(x))).astype(np.float32), truth
 
 
 @pytest.fixture(scope="module")

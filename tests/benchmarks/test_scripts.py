@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
+from tests.support.paths import ROOT
+
+BENCHMARKS = ROOT / "benchmarks"
 
 
 @pytest.mark.slow

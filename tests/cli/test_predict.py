@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from emoserve.cli import main
-
-from .conftest import FIXTURE, SCORE_TOL, expected
+from tests.support.paths import FIXTURE
+from tests.support.reference import SCORE_TOL, expected
 
 MODEL = str(FIXTURE / "model")
 
@@ -212,7 +212,7 @@ def test_bad_model_is_a_clear_error(capsys: pytest.CaptureFixture[str], tmp_path
 def recording(tmp_path: Path) -> Path:
     import soundfile as sf
 
-    from .test_timeline import SPEECH, joined
+    from tests.support.audio import SPEECH, joined
 
     x, _ = joined(SPEECH)
     path = tmp_path / "call.wav"

@@ -16,10 +16,10 @@ import pytest
 import soundfile as sf
 
 from emoserve.cli import file_frames, main, paced
-
-from .conftest import FIXTURE, SCORE_TOL
-from .test_server import LIVE, Live, live_server
-from .test_timeline import RATE, SPEECH, joined
+from tests.support.audio import RATE, SPEECH, joined
+from tests.support.paths import FIXTURE
+from tests.support.reference import SCORE_TOL
+from tests.support.server import LIVE, Live, live_server
 
 MODEL = str(FIXTURE / "model")
 

@@ -35,11 +35,11 @@ from typing import IO, Any
 import pytest
 import yaml
 
-from .conftest import skip_or_fail
+from tests.support.environment import skip_or_fail
+from tests.support.paths import ROOT
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).parents[1]
 BUILD = ROOT / "scripts" / "build-image.sh"
 EXAMPLE = ROOT / "src" / "emoserve" / "examples" / "zh_3s_16k.wav"
 PROJECT = importlib.metadata.metadata("emoserve")  # the installed project: pyproject.toml's version, licence

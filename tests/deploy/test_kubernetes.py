@@ -11,7 +11,6 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import math
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,8 +19,8 @@ import yaml
 from emoserve.api.app import create_app
 from emoserve.cli import parser
 from emoserve.serving.settings import Settings, load_settings
+from tests.support.paths import ROOT
 
-ROOT = Path(__file__).parents[1]
 DEPLOY = ROOT / "deploy"
 VERSION = importlib.metadata.version("emoserve")
 K8S_VERSION = "1.33.0"  # PodLifecycleSleepAction (preStop sleep) is GA from 1.34; beta and on since 1.30

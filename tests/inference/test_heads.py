@@ -46,8 +46,7 @@ from emoserve.inference.training import (
 )
 from emoserve.model.head import META_FILE, WEIGHTS_FILE, Head
 from emoserve.serving.settings import load_settings
-
-from .conftest import FIXTURE
+from tests.support.paths import FIXTURE
 
 SR = 16_000
 CLASSES = ("low", "high", "noise")
@@ -467,8 +466,7 @@ def test_a_served_head_over_http(
     trained: Any, manifest: Path, tmp_path: Path, tiny_recognizer: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
     from emoserve.api.warmup import UI_ROUTE
-
-    from .test_server import LIVE, live_server
+    from tests.support.server import LIVE, live_server
 
     caplog.set_level(logging.INFO, logger="emoserve.api.warmup")
     settings = dataclasses.replace(
@@ -513,8 +511,7 @@ def test_a_head_for_another_model_fails_start_up(trained: Any, tmp_path: Path) -
     import shutil
 
     from emoserve.serving.service import Service
-
-    from .test_server import LIVE
+    from tests.support.server import LIVE
 
     other = tmp_path / "other"
     shutil.copytree(trained[0].path, other)
@@ -535,9 +532,8 @@ def test_the_web_ui_offers_the_served_heads(trained: Any, manifest: Path, tiny_r
     from emoserve.webui.app import build_ui
     from emoserve.webui.charts import segment_table
     from emoserve.webui.clip import result_card
-
-    from .conftest import gradio_loops_closed
-    from .test_webui import FakeService, ui_settings
+    from tests.support.environment import gradio_loops_closed
+    from tests.support.webui import FakeService, ui_settings
 
     settings = dataclasses.replace(ui_settings(None), heads=(("tones", str(trained[0].path)),))
     for with_heads, ui_settings_ in ((True, settings), (False, ui_settings(None))):

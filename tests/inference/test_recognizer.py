@@ -7,8 +7,8 @@ import pytest
 
 from emoserve.inference.recognizer import Recognizer, length_batches
 from emoserve.inference.results import Result
-
-from .conftest import CLIPS, EMBEDDING_TOL, FIXTURE, SCORE_TOL, expected, wave
+from tests.support.paths import FIXTURE
+from tests.support.reference import CLIPS, EMBEDDING_TOL, SCORE_TOL, expected, wave
 
 LABELS = ["angry", "disgusted", "fearful", "happy", "neutral", "other", "sad", "surprised", "unknown"]
 

@@ -21,8 +21,8 @@ from emoserve.model.cache import describe, resolve
 from emoserve.model.convert import convert, load_entry
 from emoserve.model.network import Emotion2vec
 from emoserve.model.testing import make_test_model
-
-from .conftest import FIXTURE, copy_fixture, wave
+from tests.support.paths import FIXTURE
+from tests.support.reference import copy_fixture, wave
 
 AUDIO = weights._AUDIO
 
@@ -145,9 +145,7 @@ def test_directory_is_converted_once_and_again_when_it_changes(tmp_path: Path) -
 
 
 def test_a_cached_name_needs_no_network(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    convert(
-        FIXTURE / "model", tmp_path / "models" / "emotion2vec_plus_base", name="emotion2vec_plus_base"
-    )
+    convert(FIXTURE / "model", tmp_path / "models" / "emotion2vec_plus_base", name="emotion2vec_plus_base")
 
     def offline(*_args: object, **_kw: object) -> None:
         raise AssertionError("the network was used although the model is cached")

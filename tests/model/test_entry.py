@@ -23,8 +23,8 @@ from emoserve.model.convert import convert
 from emoserve.model.entry import check_entry, read_manifest
 from emoserve.model.interface import Outputs
 from emoserve.model.testing import published_config_yaml
-
-from .conftest import FIXTURE, copy_fixture, wave
+from tests.support.paths import FIXTURE
+from tests.support.reference import copy_fixture, wave
 
 CLIP = FIXTURE / "audio" / "zh_3s_16k.wav"
 
@@ -141,7 +141,7 @@ def test_the_cli_fails_only_the_file_with_non_finite_outputs(tiny_recognizer: Re
 
 
 def test_the_server_answers_500_with_a_code_for_non_finite_outputs(tmp_path: Path) -> None:
-    from .test_server import LIVE, assert_error, live_server
+    from tests.support.server import LIVE, assert_error, live_server
 
     with live_server(LIVE, tmp_path / "home") as live:
         engine = live.service.engine
@@ -177,7 +177,7 @@ def hold_verification(monkeypatch: pytest.MonkeyPatch) -> threading.Event:
 def test_the_server_turns_failed_when_its_model_files_change_and_their_source_is_gone(
     tmp_path: Path, hold_verification: threading.Event
 ) -> None:
-    from .test_server import LIVE, assert_error, live_server, wait_for
+    from tests.support.server import LIVE, assert_error, live_server, wait_for
 
     entry = convert(copy_fixture(tmp_path), tmp_path / "entry")
     shutil.rmtree(tmp_path / "model")
@@ -195,7 +195,7 @@ def test_the_server_turns_failed_when_its_model_files_change_and_their_source_is
 def test_the_server_converts_changed_model_files_again_from_their_source_and_serves_again(
     tmp_path: Path, hold_verification: threading.Event, tiny_recognizer: Recognizer
 ) -> None:
-    from .test_server import LIVE, live_server, wait_for
+    from tests.support.server import LIVE, live_server, wait_for
 
     entry = convert(copy_fixture(tmp_path), tmp_path / "entry")
     settings = dataclasses.replace(LIVE, model=str(entry), verify_model=True)
@@ -302,7 +302,7 @@ def test_only_the_work_directories_of_dead_processes_are_swept(tmp_path: Path) -
 
 
 def test_a_model_deleted_while_serving_keeps_serving_and_readyz_says_so(tmp_path: Path) -> None:
-    from .test_server import LIVE, live_server
+    from tests.support.server import LIVE, live_server
 
     entry = convert(FIXTURE / "model", tmp_path / "entry")
     settings = dataclasses.replace(LIVE, model=str(entry))

@@ -23,8 +23,8 @@ from emoserve.inference.recognizer import Recognizer, load_model
 from emoserve.model import export as onnx_export
 from emoserve.model.convert import convert
 from emoserve.model.entry import read_entry
-
-from .conftest import FIXTURE, SCORE_TOL, copy_fixture, wave
+from tests.support.paths import FIXTURE
+from tests.support.reference import SCORE_TOL, copy_fixture, wave
 
 CLIP = FIXTURE / "audio" / "zh_3s_16k.wav"
 
@@ -197,7 +197,7 @@ def test_the_service_runs_on_the_onnx_backend(
     tiny_onnx_entry: Path, tiny_recognizer: Recognizer, tmp_path: Path
 ) -> None:
     """Warm-up (with its output checks), the engine, the API and /v1/model, unchanged on onnx."""
-    from .test_server import LIVE, assert_same_result, live_server
+    from tests.support.server import LIVE, assert_same_result, live_server
 
     settings = dataclasses.replace(LIVE, model=str(tiny_onnx_entry), backend="onnx")
     with live_server(settings, tmp_path / "home") as live:

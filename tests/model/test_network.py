@@ -11,8 +11,8 @@ from emoserve.errors import ConfigError
 from emoserve.model.checkpoint import read_published
 from emoserve.model.config import PRESETS, ModelConfig, parse_conv_spec
 from emoserve.model.network import Emotion2vec, alibi_slopes, normalize_waveform
-
-from .conftest import FIXTURE, wave
+from tests.support.paths import FIXTURE
+from tests.support.reference import wave
 
 # float32 activations of a different but equivalent computation order; the end-to-end scores
 # are held to the README's tighter 1e-5 in test_recognizer.

@@ -29,8 +29,7 @@ from emoserve.serving.engine import (
     choose_batching,
 )
 from emoserve.serving.warmup import warm_up
-
-from .conftest import wave
+from tests.support.reference import wave
 
 T = TypeVar("T")
 

@@ -5,15 +5,15 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
-from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from emoserve.serving.metrics import Metrics
 from emoserve.system import resident_memory_bytes
+from tests.support.paths import ROOT
 
-RULES_DIR = Path(__file__).parents[1] / "deploy" / "prometheus"
+RULES_DIR = ROOT / "deploy" / "prometheus"
 PROMISED = (  # the list (section 5)
     "emoserve_model_load_seconds",
     "emoserve_warmup_seconds",
