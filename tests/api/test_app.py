@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -89,6 +90,15 @@ def test_openapi_docs(live: Live) -> None:
     assert {p["name"] for p in recognize["parameters"]} == {"granularity", "embedding", "head"}
 
 
+def refuses_connections(server: Live) -> bool:
+    url = server.client.base_url
+    try:
+        socket.create_connection((url.host, url.port), timeout=1).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
 def test_sigterm_drains_requests_in_flight(tmp_path: Path) -> None:
     with live_server(LIVE, tmp_path) as server, ThreadPoolExecutor(2) as pool:
         data = wav_bytes(windows(1)[0])
@@ -99,7 +109,9 @@ def test_sigterm_drains_requests_in_flight(tmp_path: Path) -> None:
             wait_for(lambda: engine.in_flight + engine.queue_depth == 2, 10, "two requests in the engine")
             server.server.handle_exit(signal.SIGTERM, None)  # what uvicorn's signal handler calls
             assert server.service.state == "draining"
-            time.sleep(0.2)
+            # uvicorn's shutdown under way: it has closed its listener, and asked every connection to end
+            # once its response is sent; the requests held in the model are still waiting for theirs
+            wait_for(lambda: refuses_connections(server), 10, "the server to stop accepting connections")
             assert not any(f.done() for f in in_flight)
             gate.set()
             assert [f.result().status_code for f in in_flight] == [200, 200]

@@ -7,7 +7,6 @@ import dataclasses
 import gc
 import math
 import socket
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -210,11 +209,14 @@ def test_a_client_that_hangs_up_mid_upload_is_counted_not_a_traceback(
         line = next((x for x in text.splitlines() if 'kind="client_disconnected"' in x), "x 0")
         return float(line.split()[-1])
 
-    before = disconnects()
+    def in_progress() -> float | None:
+        return live.service.metrics.registry.get_sample_value("emoserve_in_flight_requests")
+
+    before, idle = disconnects(), in_progress()
     url = live.client.base_url
     with socket.create_connection((url.host, url.port)) as sock:
         sock.sendall(b"POST /v1/recognize HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n" + b"\0" * 10)
-        time.sleep(0.2)
+        wait_for(lambda: in_progress() == idle + 1, 10, "the route to be reading the upload")
     wait_for(lambda: disconnects() == before + 1, 10, "the hang-up to be counted")
     assert "Exception in ASGI application" not in caplog.text
 

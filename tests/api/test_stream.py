@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import dataclasses
 import json
@@ -20,9 +19,6 @@ import soundfile as sf
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 
-from emoserve.inference.live import StreamOptions
-from emoserve.serving.live import MAX_PENDING_SEGMENTS, LiveStream
-from emoserve.serving.metrics import Metrics
 from tests.support.audio import RATE, SPEECH, joined
 from tests.support.paths import MODEL
 from tests.support.server import (
@@ -320,55 +316,3 @@ def test_sigterm_ends_open_streams_with_their_summary_then_1001(tmp_path: Path, 
     assert [m["type"] for m in messages[-2:]] == ["summary", "error"]
     assert messages[-1]["code"] == "draining" and messages[-1]["fatal"] is True
     assert any(m["type"] == "segment" for m in messages)
-
-
-# --------------------------------------------------------------------- back-pressure, in the server's stream
-
-
-def test_a_fast_sender_is_not_read_while_segments_wait_for_the_model(speech: Path) -> None:
-    """Back-pressure: with the model held, `feed` does not return once MAX_PENDING_SEGMENTS segments wait,
-    so the route stops reading the socket; released, everything comes out, nothing dropped."""
-
-    async def scenario() -> tuple[int, int, list[dict[str, Any]]]:
-        gate = asyncio.Event()
-        scored = 0
-
-        async def score(audio: Any, interim: bool) -> Any:
-            nonlocal scored
-            await gate.wait()
-            scored += 1
-            return fake_result(audio)
-
-        live = LiveStream(
-            StreamOptions(), score, model="m", random_weights=True, labels=[], metrics=Metrics(8)
-        )
-
-        async def send() -> list[dict[str, Any]]:  # as the route sends: all along
-            return [m async for m in live.messages_out()]
-
-        sending = asyncio.ensure_future(send())
-        feeding = asyncio.ensure_future(feed_all(live, pcm(speech)))
-        await asyncio.sleep(2.0)
-        fed, held = live.cutter.samples, live._pending
-        gate.set()
-        await asyncio.wait_for(feeding, 60)
-        await live.end()
-        return fed, held, await asyncio.wait_for(sending, 60)
-
-    fed, held, messages = asyncio.run(scenario())
-    total = len(pcm(speech)) // 2
-    assert held == MAX_PENDING_SEGMENTS and fed < total  # stopped reading, holding only what it may
-    assert len([m for m in messages if m["type"] == "segment"]) == 2 * len(SPEECH)
-
-
-async def feed_all(live: LiveStream, data: bytes) -> None:
-    for at in range(0, len(data), 3200):
-        await live.feed(data[at : at + 3200])
-
-
-def fake_result(audio: Any) -> Any:
-    from emoserve.inference.results import Result
-
-    return Result(
-        "neutral", "中立", "😐", 1.0, {"neutral": 1.0}, len(audio.samples) / RATE, "utterance", "m", True
-    )

@@ -12,7 +12,6 @@ import os
 import socket
 import tempfile
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ import soundfile as sf
 
 from emoserve.api.schemas import TimelineOut, TimelineSegmentOut
 from emoserve.cli import main
+from emoserve.serving.service import TIMELINE_IN_FLIGHT
 from emoserve.serving.settings import Settings
 from tests.support.audio import SPEECH, encode_with_pyav, joined
 from tests.support.paths import CLIP, MODEL
@@ -45,6 +45,17 @@ def recording(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("recording") / "call.wav"
     sf.write(path, x, 16_000, subtype="PCM_16")
     return path
+
+
+def timelines_in_progress(live: Live) -> float | None:
+    return live.service.metrics.registry.get_sample_value("emoserve_timelines_in_progress")
+
+
+def too_long_count(live: Live) -> float:
+    counted = live.service.metrics.registry.get_sample_value(
+        "emoserve_errors_total", {"kind": "audio_too_long"}
+    )
+    return counted or 0.0
 
 
 def upload(path: Path) -> dict[str, Any]:
@@ -170,35 +181,47 @@ def test_limits_are_413_and_bad_input_4xx(live: Live, recording: Path, tmp_path:
 
 def test_a_client_that_goes_away_cancels_the_rest(live: Live, tmp_path: Path) -> None:
     """With the model held, a client reads nothing and hangs up: its queued segments leave the queue,
-    decoding stops, the temporary file goes, and the server serves the next request."""
+    decoding stops, the temporary file goes, and the server serves the next request - which is then the
+    only work left: no segment of the recording beyond those already in the model ever reaches it."""
     x, _ = joined(SPEECH * 4)
     path = tmp_path / "long.wav"
     sf.write(path, x, 16_000, subtype="PCM_16")
     engine = live.service.engine
     assert engine is not None
+    recognizer = engine.recognizer
     body = path.read_bytes()
     head = (
         f"POST /v1/timeline HTTP/1.1\r\nHost: x\r\nAccept: application/x-ndjson\r\n"
         f"Content-Type: audio/wav\r\nContent-Length: {len(body)}\r\n\r\n"
     ).encode()
-    with gated_model(live.service) as gate:
-        sock = socket.create_connection((live.client.base_url.host, live.client.base_url.port))
-        sock.sendall(head + body)
-        wait_for(lambda: engine.queue_depth + engine.in_flight >= 2, 10, "segments in the engine")
-        assert engine.queue_depth + engine.in_flight <= 8  # at most SEGMENTS_IN_FLIGHT of one recording
-        sock.close()  # hang up mid-request
-        wait_for(lambda: engine.queue_depth == 0, 10, "the queued segments to be dropped")
-        gate.set()
-    wait_for(lambda: spooled_files() == [], 10, "the upload's temporary file to be removed")
-    wait_for(
-        lambda: live.service.metrics.timelines_in_progress._value.get() == 0,
-        10,
-        "the timeline to be counted done",
-    )
-    calls = engine.model_calls
-    time.sleep(0.5)
-    assert engine.model_calls == calls  # nothing more of it runs
-    assert live.client.post("/v1/recognize", content=CLIP.read_bytes()).status_code == 200
+    calls: list[list[str]] = []  # the sources of each model call, from the hang-up's test on
+    original = recognizer.predict_batch
+
+    def recorded(clips: Any, *args: Any, **kwargs: Any) -> Any:
+        calls.append([clip.source for clip in clips])
+        return original(clips, *args, **kwargs)
+
+    recognizer.predict_batch = recorded  # type: ignore[method-assign]
+    try:
+        with gated_model(live.service) as gate:
+            sock = socket.create_connection((live.client.base_url.host, live.client.base_url.port))
+            sock.sendall(head + body)
+            # a call of segments is held in the model and more wait in the queue
+            wait_for(lambda: engine.in_flight >= 1 and engine.queue_depth >= 1, 10, "segments in the engine")
+            assert engine.queue_depth + engine.in_flight <= TIMELINE_IN_FLIGHT  # of one recording
+            in_model = engine.in_flight  # held by the gate: the one worker starts nothing else meanwhile
+            sock.close()  # hang up mid-request
+            wait_for(lambda: engine.queue_depth == 0, 10, "the queued segments to be dropped")
+            gate.set()
+        wait_for(lambda: spooled_files() == [], 10, "the upload's temporary file to be removed")
+        wait_for(lambda: timelines_in_progress(live) == 0, 10, "the timeline to be counted done")
+        assert live.client.post("/v1/recognize", content=CLIP.read_bytes()).status_code == 200
+    finally:
+        recognizer.predict_batch = original  # type: ignore[method-assign]
+    assert (engine.queue_depth, engine.in_flight) == (0, 0)  # nothing of it waits to run later
+    assert calls[-1] == ["<request body>"], calls  # the next request ran alone, after the timeline ended
+    segments = [source for call in calls for source in call if "@" in source]  # "<file>@<start>s"
+    assert len(segments) <= in_model, (in_model, calls)  # nothing more of it ran
 
 
 def test_single_clips_go_before_a_long_recordings_segments(live: Live, recording: Path) -> None:
@@ -318,13 +341,12 @@ def test_a_too_long_recording_names_the_timeline_limit_in_every_format(
     encode_with_pyav(m4a, "mp4", "aac", x[:, None], 16_000, 16_000)
     settings = dataclasses.replace(TIMELINE_LIVE, max_timeline_s=5.0, max_audio_s=10.0)
     with live_server(settings, tmp_path / "home") as server:
-        counted = server.service.metrics.errors_total.labels("audio_too_long")
         for path in (recording, mp3, m4a):
             for ndjson in (False, True):
-                before = counted._value.get()
+                before = too_long_count(server)
                 error = too_long_error(server.client, path, ndjson)
                 assert_names_the_timeline_limit(error["message"])
-                assert counted._value.get() == before + 1, (path.name, ndjson)
+                assert too_long_count(server) == before + 1, (path.name, ndjson)
         clip = assert_error(
             server.client.post("/v1/recognize", files=upload(recording)), 413, "audio_too_long"
         )

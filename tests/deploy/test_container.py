@@ -237,7 +237,7 @@ def wait_for(url: str, status: int, timeout_s: float, alive: Any) -> float:
 
 
 @pytest.fixture(scope="module")
-def test_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def served_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The project's random-weight test model, converted with its ONNX graph (the onnx image has no
     torch to convert it), in a cache folder the container's user owns, as a volume would be."""
     from emoserve.model.convert import convert
@@ -393,12 +393,12 @@ def run_with_chroot(bundle: Path, config: dict[str, Any], log: IO[str]) -> Runni
 
 
 @pytest.fixture
-def container(image: Image, test_model: Path, tmp_path: Path) -> Iterator[tuple[Running, int]]:
+def container(image: Image, served_models: Path, tmp_path: Path) -> Iterator[tuple[Running, int]]:
     bundle = tmp_path / "bundle"
     rootfs = image.unpack(bundle / "rootfs")
     port = free_port()
     env = {"EMOSERVE_MODEL": "/models/test-tiny", "EMOSERVE_PORT": str(port), "EMOSERVE_THREADS": "1"}
-    config = bundle_config(rootfs, test_model, image.config(), env)
+    config = bundle_config(rootfs, served_models, image.config(), env)
     (bundle / "config.json").write_text(json.dumps(config))
     tool = runtime()
     if tool is None and shutil.which("setpriv") is None:

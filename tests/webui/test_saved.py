@@ -107,9 +107,12 @@ def test_id_clash_is_retried(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
 def test_retention_by_count_keeps_the_newest(tmp_path: Path) -> None:
     store = OutputStore(tmp_path, keep=3)
     saved = []
-    for _ in range(5):
+    # The store orders folders by mtime: each saved one gets its own, increasing, in the past - set,
+    # not waited for (a filesystem's mtime may be coarse) - so each new folder is the newest.
+    past_ns = time.time_ns() - 3600 * 10**9
+    for n in range(5):
         saved.append(store.save(make_result(), SAMPLES[:800]).folder)
-        time.sleep(0.002)  # distinct mtimes, which order the folders
+        os.utime(saved[-1], ns=(past_ns + n * 10**9, past_ns + n * 10**9))
     assert store.folders() == saved[2:]
     assert entries(tmp_path) == sorted(f.name for f in saved[2:])
 
