@@ -1,4 +1,4 @@
-"""The web UI: its pieces directly, then the real page in a headless Chromium against a live server."""
+"""The web UI mounted (webui/app.py): its Gradio API, and the real page in headless Chromium."""
 
 from __future__ import annotations
 
