@@ -27,8 +27,7 @@ from emoserve.errors import (
     WarmupError,
     WeightsError,
 )
-
-SRC = Path(__file__).resolve().parents[1] / "src" / "emoserve"
+from tests.support.paths import SRC
 
 ERRORS: list[EmoserveError] = [
     AudioError("a.wav: too long", source="a.wav", reason="too_long"),

@@ -10,9 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import FIXTURE
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.support.paths import FIXTURE, ROOT
 
 
 def test_the_import_contracts_hold() -> None:
