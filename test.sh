@@ -5,6 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 scripts/setup-venv.sh test,ray,train,docs
 scripts/setup-system.sh
-.venv/bin/ruff check src tests benchmarks
+.venv/bin/ruff check src tests benchmarks docs/hooks
+.venv/bin/ruff format --check src tests benchmarks docs/hooks
 .venv/bin/mypy src/emoserve
 .venv/bin/python -m pytest "$@"

@@ -38,8 +38,12 @@ from common import (
 
 MIXED_CALLS = 24
 DISTINCT_LENGTHS = 300
-SIDES = [("mixed", "glibc as it comes"), ("mixed", "memory.py"), ("shapes", "raw session"),
-         ("shapes", "bucketed widths")]
+SIDES = [
+    ("mixed", "glibc as it comes"),
+    ("mixed", "memory.py"),
+    ("shapes", "raw session"),
+    ("shapes", "bucketed widths"),
+]
 
 
 def main() -> None:
@@ -61,15 +65,30 @@ def main() -> None:
     def med(i: int, key: str) -> float:
         return median([r[key] for r in results[i]])
 
-    table(["mixed batches", "calls (s)", "RSS at rest, after call 1 (MB)", "after the last (MB)",
-           "peak (MB)"],
-          [[SIDES[i][1], f"{med(i, 'seconds'):.1f}", f"{med(i, 'first_mb'):.0f}", f"{med(i, 'last_mb'):.0f}",
-            f"{med(i, 'peak_mb'):.0f}"] for i in (0, 1)])
-    print(f"memory.py / glibc as it comes: calls {med(1, 'seconds') / med(0, 'seconds'):.2f}x, "
-          f"RSS at rest after the last call {med(1, 'last_mb') / med(0, 'last_mb'):.2f}x\n")
-    table(["distinct lengths", "widths run", "RSS growth per 100 lengths (MB)"],
-          [[SIDES[i][1], f"{med(i, 'widths'):.0f}", f"{med(i, 'growth_mb') * 100 / med(i, 'lengths'):.2f}"]
-           for i in (2, 3)])
+    table(
+        ["mixed batches", "calls (s)", "RSS at rest, after call 1 (MB)", "after the last (MB)", "peak (MB)"],
+        [
+            [
+                SIDES[i][1],
+                f"{med(i, 'seconds'):.1f}",
+                f"{med(i, 'first_mb'):.0f}",
+                f"{med(i, 'last_mb'):.0f}",
+                f"{med(i, 'peak_mb'):.0f}",
+            ]
+            for i in (0, 1)
+        ],
+    )
+    print(
+        f"memory.py / glibc as it comes: calls {med(1, 'seconds') / med(0, 'seconds'):.2f}x, "
+        f"RSS at rest after the last call {med(1, 'last_mb') / med(0, 'last_mb'):.2f}x\n"
+    )
+    table(
+        ["distinct lengths", "widths run", "RSS growth per 100 lengths (MB)"],
+        [
+            [SIDES[i][1], f"{med(i, 'widths'):.0f}", f"{med(i, 'growth_mb') * 100 / med(i, 'lengths'):.2f}"]
+            for i in (2, 3)
+        ],
+    )
 
 
 def child(job: dict[str, Any]) -> None:
@@ -104,8 +123,16 @@ def child(job: dict[str, Any]) -> None:
                 memory.trim()
             if call == 0:
                 first = rest_mb()
-        print(json.dumps({"seconds": round(time.perf_counter() - started, 2), "first_mb": round(first),
-                          "last_mb": round(rest_mb()), "peak_mb": round(proc_status_bytes("VmHWM") / MB)}))
+        print(
+            json.dumps(
+                {
+                    "seconds": round(time.perf_counter() - started, 2),
+                    "first_mb": round(first),
+                    "last_mb": round(rest_mb()),
+                    "peak_mb": round(proc_status_bytes("VmHWM") / MB),
+                }
+            )
+        )
         return
     memory.return_freed_memory()  # both sides: only the session's own state is left to grow
     lengths = rng.sample(range(SAMPLE_RATE, 2 * SAMPLE_RATE), 20 if job["quick"] else DISTINCT_LENGTHS)
@@ -122,8 +149,11 @@ def child(job: dict[str, Any]) -> None:
         memory.trim()
         if i == 0:
             before = rest_mb()
-    print(json.dumps({"growth_mb": round(rest_mb() - before, 2), "lengths": len(lengths) - 1,
-                      "widths": len(widths)}))
+    print(
+        json.dumps(
+            {"growth_mb": round(rest_mb() - before, 2), "lengths": len(lengths) - 1, "widths": len(widths)}
+        )
+    )
 
 
 if __name__ == "__main__":

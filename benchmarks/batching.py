@@ -57,10 +57,17 @@ class Comparison:
 
 def main() -> None:
     p = parser(__doc__, default_runs=5)
-    p.add_argument("--backend", choices=("onnx", "torch"), default="onnx",
-                   help="the backend measured (default onnx, the CPU's default)")
-    p.add_argument("--side-by-side", action="store_true",
-                   help="also: the control clips on two one-thread recognizers at once (see above)")
+    p.add_argument(
+        "--backend",
+        choices=("onnx", "torch"),
+        default="onnx",
+        help="the backend measured (default onnx, the CPU's default)",
+    )
+    p.add_argument(
+        "--side-by-side",
+        action="store_true",
+        help="also: the control clips on two one-thread recognizers at once (see above)",
+    )
     args = p.parse_args()
     runs = run_count(args)
     header(f"Batching: predict_many vs one at a time ({args.backend} backend)", args, runs)
@@ -80,12 +87,20 @@ def main() -> None:
         side, single = side_by_side(recognizer, workers, control_clips(), runs)
         print("## control clips on two one-thread recognizers side by side\n")
         audio_s = CONTROL_CLIPS * CONTROL_SECONDS
-        table(["", "median (s)", "min-max (s)", "audio s / s"], [
-            ["2 threads x 1-thread recognizer", *figures(side, audio_s)],
-            ["one at a time (baseline)", *figures(single, audio_s)],
-        ])
-        rows.append(["side by side / one at a time, control", f"{median(side) / median(single):.3f}",
-                     "none (control)"])
+        table(
+            ["", "median (s)", "min-max (s)", "audio s / s"],
+            [
+                ["2 threads x 1-thread recognizer", *figures(side, audio_s)],
+                ["one at a time (baseline)", *figures(single, audio_s)],
+            ],
+        )
+        rows.append(
+            [
+                "side by side / one at a time, control",
+                f"{median(side) / median(single):.3f}",
+                "none (control)",
+            ]
+        )
     table(["figure", "value", "target"], rows)
     threads = recognizer.backend.threads if args.backend == "onnx" else torch_threads()
     print(f"Backend: {recognizer.backend.name}, {threads} threads. {load_average()} at the end.")
@@ -176,14 +191,19 @@ def report(c: Comparison, title: str, config: Any) -> None:
     audio_s = sum(c.lengths) / SAMPLE_RATE
     print(f"## {title}\n")
     print(f"Clips (s): {', '.join(f'{n / SAMPLE_RATE:.2f}' for n in c.lengths)}; {audio_s:.1f} s of audio.\n")
-    table(["", "median (s)", "min-max (s)", "audio s / s"], [
-        [f"predict_many(batch_size={BATCH_SIZE}), 1 call", *figures(c.batch_s, audio_s)],
-        [f"predict x {len(c.lengths)} (baseline)", *figures(c.single_s, audio_s)],
-    ])
+    table(
+        ["", "median (s)", "min-max (s)", "audio s / s"],
+        [
+            [f"predict_many(batch_size={BATCH_SIZE}), 1 call", *figures(c.batch_s, audio_s)],
+            [f"predict x {len(c.lengths)} (baseline)", *figures(c.single_s, audio_s)],
+        ],
+    )
     sizes = ", ".join(str(len(p)) for p in c.passes)
     print(f"predict_many made {len(c.passes)} forward pass(es), of {sizes} clips (length-sorted groups).")
-    print(f"Padding waste: padded / real samples = {padding(c.passes, lambda n: n):.2f}; padded / real "
-          f"attention cells (tokens^2) = {padding(c.passes, lambda n: tokens(config, n) ** 2):.2f}.")
+    print(
+        f"Padding waste: padded / real samples = {padding(c.passes, lambda n: n):.2f}; padded / real "
+        f"attention cells (tokens^2) = {padding(c.passes, lambda n: tokens(config, n) ** 2):.2f}."
+    )
     print(f"Largest |batched - one at a time| score difference: {c.difference:.2e}.\n")
 
 

@@ -50,8 +50,14 @@ MODES = ("torch", "ours", "onnx", "baseline")
 WARMUP_S = 1.0  # the warm-up inference both sides run before they count as ready
 CLIP_S = 5.0  # the "real" clip of the first-call check
 OVERHEAD_MB = 600  # allowed beyond the fp32 weights: interpreter, torch, activations
-TARGETS = {"beyond_import": 0.25, "start_to_ready": 0.5, "peak_rss": 0.5, "first_call": 1.2,
-           "onnx_first_result": 0.4, "onnx_peak_rss": 1.0}
+TARGETS = {
+    "beyond_import": 0.25,
+    "start_to_ready": 0.5,
+    "peak_rss": 0.5,
+    "first_call": 1.2,
+    "onnx_first_result": 0.4,
+    "onnx_peak_rss": 1.0,
+}
 
 
 def main() -> None:
@@ -64,17 +70,27 @@ def main() -> None:
     results: dict[str, list[dict[str, Any]]] = {mode: [] for mode in MODES}
     for i in range(runs):
         # rotate the order so drift hits every mode alike
-        for mode in MODES[i % len(MODES):] + MODES[: i % len(MODES)]:
+        for mode in MODES[i % len(MODES) :] + MODES[: i % len(MODES)]:
             results[mode].append(child(mode, model, steady))
             print(f"run {i + 1}/{runs} {mode:8s} {summary(results[mode][-1])}", file=sys.stderr)
     report(results, model)
 
 
 def child(mode: str, model: BenchModel, steady: int) -> dict[str, Any]:
-    job = {"mode": mode, "path": str(model.published if mode == "baseline" else model.entry),
-           "warmup_s": WARMUP_S, "clip_s": CLIP_S, "steady": steady, "started": time.time()}
-    done = subprocess.run([sys.executable, str(CHILD), json.dumps(job)], capture_output=True, text=True,
-                          env=os.environ | {"EMOSERVE_HOME": str(BENCH_HOME)})
+    job = {
+        "mode": mode,
+        "path": str(model.published if mode == "baseline" else model.entry),
+        "warmup_s": WARMUP_S,
+        "clip_s": CLIP_S,
+        "steady": steady,
+        "started": time.time(),
+    }
+    done = subprocess.run(
+        [sys.executable, str(CHILD), json.dumps(job)],
+        capture_output=True,
+        text=True,
+        env=os.environ | {"EMOSERVE_HOME": str(BENCH_HOME)},
+    )
     if done.returncode != 0:
         sys.exit(f"the {mode} child failed ({done.returncode}):\n{done.stderr}")
     result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
@@ -98,23 +114,54 @@ def report(results: dict[str, list[dict[str, Any]]], model: BenchModel) -> None:
             if "t_ready" in r and "t_import_torch" in r:
                 r["beyond_import"] = r["t_ready"] - r["t_import_torch"]
     print("Medians over fresh processes (min-max in brackets); seconds from the parent's spawn.\n")
-    table(["", "ours (torch backend)", "ours (onnx backend)", "baseline"], [
-        ["`import torch` alone (floor)", spread("torch", "t_import_torch"), "-", "(same floor)"],
-        ["start -> torch imported", spread("ours", "t_import_torch"), "never",
-         spread("baseline", "t_import_torch")],
-        ["start -> weights loaded", spread("ours", "t_loaded"), spread("onnx", "t_loaded"),
-         spread("baseline", "t_loaded")],
-        ["start -> ready = first result (1 s clip)", spread("ours", "t_ready"), spread("onnx", "t_ready"),
-         spread("baseline", "t_ready")],
-        ["beyond import (ready - torch imported)", spread("ours", "beyond_import"), "-",
-         spread("baseline", "beyond_import")],
-        ["peak RSS at ready (MB)", spread("ours", "peak_rss_mb", ".0f"), spread("onnx", "peak_rss_mb", ".0f"),
-         spread("baseline", "peak_rss_mb", ".0f")],
-        [f"first {CLIP_S:g} s call after ready (s)", spread("ours", "first_call_s", ".3f"),
-         spread("onnx", "first_call_s", ".3f"), "-"],
-        [f"steady {CLIP_S:g} s call, median (s)", spread("ours", "steady_call_s", ".3f"),
-         spread("onnx", "steady_call_s", ".3f"), "-"],
-    ])
+    table(
+        ["", "ours (torch backend)", "ours (onnx backend)", "baseline"],
+        [
+            ["`import torch` alone (floor)", spread("torch", "t_import_torch"), "-", "(same floor)"],
+            [
+                "start -> torch imported",
+                spread("ours", "t_import_torch"),
+                "never",
+                spread("baseline", "t_import_torch"),
+            ],
+            [
+                "start -> weights loaded",
+                spread("ours", "t_loaded"),
+                spread("onnx", "t_loaded"),
+                spread("baseline", "t_loaded"),
+            ],
+            [
+                "start -> ready = first result (1 s clip)",
+                spread("ours", "t_ready"),
+                spread("onnx", "t_ready"),
+                spread("baseline", "t_ready"),
+            ],
+            [
+                "beyond import (ready - torch imported)",
+                spread("ours", "beyond_import"),
+                "-",
+                spread("baseline", "beyond_import"),
+            ],
+            [
+                "peak RSS at ready (MB)",
+                spread("ours", "peak_rss_mb", ".0f"),
+                spread("onnx", "peak_rss_mb", ".0f"),
+                spread("baseline", "peak_rss_mb", ".0f"),
+            ],
+            [
+                f"first {CLIP_S:g} s call after ready (s)",
+                spread("ours", "first_call_s", ".3f"),
+                spread("onnx", "first_call_s", ".3f"),
+                "-",
+            ],
+            [
+                f"steady {CLIP_S:g} s call, median (s)",
+                spread("ours", "steady_call_s", ".3f"),
+                spread("onnx", "steady_call_s", ".3f"),
+                "-",
+            ],
+        ],
+    )
     weights_mb = parameters(model.entry) * 4 / MB
     rss_limit = weights_mb + OVERHEAD_MB
     ratios = {
@@ -126,37 +173,71 @@ def report(results: dict[str, list[dict[str, Any]]], model: BenchModel) -> None:
         "onnx_peak_rss": med("onnx", "peak_rss_mb") / med("ours", "peak_rss_mb"),
         "onnx_first_call": med("onnx", "first_call_s") / med("onnx", "steady_call_s"),
     }
-    table(["figure", "value", "target"], [
-        ["beyond import, ours / baseline", f"{ratios['beyond_import']:.3f}",
-         verdict(ratios["beyond_import"], TARGETS["beyond_import"])],
-        ["start -> ready, ours / baseline", f"{ratios['start_to_ready']:.3f}",
-         verdict(ratios["start_to_ready"], TARGETS["start_to_ready"])],
-        ["peak RSS, ours / baseline", f"{ratios['peak_rss']:.3f}",
-         verdict(ratios["peak_rss"], TARGETS["peak_rss"])],
-        [f"peak RSS ours vs fp32 weights ({weights_mb:.0f} MB) + {OVERHEAD_MB} MB",
-         f"{med('ours', 'peak_rss_mb'):.0f} MB",
-         verdict(round(med("ours", "peak_rss_mb")), round(rss_limit))],
-        [f"first {CLIP_S:g} s call after ready / steady median", f"{ratios['first_call']:.3f}",
-         verdict(ratios["first_call"], TARGETS["first_call"])],
-        ["spawn -> first result, onnx / torch backend", f"{ratios['onnx_first_result']:.3f}",
-         verdict(ratios["onnx_first_result"], TARGETS["onnx_first_result"])],
-        ["peak RSS, onnx / torch backend", f"{ratios['onnx_peak_rss']:.3f}",
-         verdict(ratios["onnx_peak_rss"], TARGETS["onnx_peak_rss"])],
-        [f"onnx: first {CLIP_S:g} s call after ready / steady median", f"{ratios['onnx_first_call']:.3f}",
-         verdict(ratios["onnx_first_call"], TARGETS["first_call"])],
-    ])
+    table(
+        ["figure", "value", "target"],
+        [
+            [
+                "beyond import, ours / baseline",
+                f"{ratios['beyond_import']:.3f}",
+                verdict(ratios["beyond_import"], TARGETS["beyond_import"]),
+            ],
+            [
+                "start -> ready, ours / baseline",
+                f"{ratios['start_to_ready']:.3f}",
+                verdict(ratios["start_to_ready"], TARGETS["start_to_ready"]),
+            ],
+            [
+                "peak RSS, ours / baseline",
+                f"{ratios['peak_rss']:.3f}",
+                verdict(ratios["peak_rss"], TARGETS["peak_rss"]),
+            ],
+            [
+                f"peak RSS ours vs fp32 weights ({weights_mb:.0f} MB) + {OVERHEAD_MB} MB",
+                f"{med('ours', 'peak_rss_mb'):.0f} MB",
+                verdict(round(med("ours", "peak_rss_mb")), round(rss_limit)),
+            ],
+            [
+                f"first {CLIP_S:g} s call after ready / steady median",
+                f"{ratios['first_call']:.3f}",
+                verdict(ratios["first_call"], TARGETS["first_call"]),
+            ],
+            [
+                "spawn -> first result, onnx / torch backend",
+                f"{ratios['onnx_first_result']:.3f}",
+                verdict(ratios["onnx_first_result"], TARGETS["onnx_first_result"]),
+            ],
+            [
+                "peak RSS, onnx / torch backend",
+                f"{ratios['onnx_peak_rss']:.3f}",
+                verdict(ratios["onnx_peak_rss"], TARGETS["onnx_peak_rss"]),
+            ],
+            [
+                f"onnx: first {CLIP_S:g} s call after ready / steady median",
+                f"{ratios['onnx_first_call']:.3f}",
+                verdict(ratios["onnx_first_call"], TARGETS["first_call"]),
+            ],
+        ],
+    )
     print(f"The onnx child imported torch: {any(r['torch_imported'] for r in results['onnx'])}.")
-    print(f"First {CLIP_S:g} s call after ready: {spread('ours', 'first_call_s', '.3f')} s; steady median of "
-          f"the following calls: {spread('ours', 'steady_call_s', '.3f')} s.")
+    print(
+        f"First {CLIP_S:g} s call after ready: {spread('ours', 'first_call_s', '.3f')} s; steady median of "
+        f"the following calls: {spread('ours', 'steady_call_s', '.3f')} s."
+    )
     threads = {mode: results[mode][0]["threads"] for mode in ("ours", "onnx", "baseline")}
-    print(f"Threads: {threads['ours']} (torch backend), {threads['onnx']} (onnx), {threads['baseline']} "
-          f"(baseline). {load_average()} at the end.")
-    print(f"Files: model.pt {size_mb(model.published / 'model.pt')} MB (weights + training state), "
-          f"model.safetensors {size_mb(model.entry / 'model.safetensors')} MB, "
-          f"model.onnx.data {size_mb(model.entry / 'model.onnx.data')} MB.")
-    print(f"One-time conversion, outside the timing (`emoserve convert`, whole command including interpreter "
-          f"start, import torch and the ONNX export with its checks): {model.conversion_s:.1f} s, "
-          f"measured {model.converted_at}.")
+    print(
+        f"Threads: {threads['ours']} (torch backend), {threads['onnx']} (onnx), {threads['baseline']} "
+        f"(baseline). {load_average()} at the end."
+    )
+    print(
+        f"Files: model.pt {size_mb(model.published / 'model.pt')} MB (weights + training state), "
+        f"model.safetensors {size_mb(model.entry / 'model.safetensors')} MB, "
+        f"model.onnx.data {size_mb(model.entry / 'model.onnx.data')} MB."
+    )
+    print(
+        f"One-time conversion, outside the timing (`emoserve convert`, whole command including interpreter "
+        f"start, import torch and the ONNX export with its checks): {model.conversion_s:.1f} s, "
+        f"measured {model.converted_at}."
+    )
     print("Page cache: warm for both (each file read once before measuring; dropping it needs root).")
 
 

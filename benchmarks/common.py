@@ -45,11 +45,16 @@ PRESETS = ("tiny", "seed", "base", "large")  # emoserve.model.config.PRESETS (st
 
 def parser(description: str | None, default_runs: int) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--runs", type=int, default=default_runs,
-                   help=f"measurements per figure (default {default_runs})")
+    p.add_argument(
+        "--runs", type=int, default=default_runs, help=f"measurements per figure (default {default_runs})"
+    )
     p.add_argument("--quick", action="store_true", help="one run and fewer calls: a smoke test, not figures")
-    p.add_argument("--preset", choices=PRESETS, default="large",
-                   help="architecture of the random-weight model (default large; tiny runs in seconds)")
+    p.add_argument(
+        "--preset",
+        choices=PRESETS,
+        default="large",
+        help="architecture of the random-weight model (default large; tiny runs in seconds)",
+    )
     return p
 
 
@@ -88,16 +93,21 @@ def bench_model(preset: str) -> BenchModel:
 def emoserve_cli(*argv: str) -> str:
     """Run `emoserve ARGV` in its own process (so its memory never counts here); its stdout."""
     env = os.environ | {"EMOSERVE_HOME": str(BENCH_HOME)}
-    done = subprocess.run([sys.executable, "-m", "emoserve.cli", *argv], env=env, check=True,
-                          stdout=subprocess.PIPE, text=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "emoserve.cli", *argv], env=env, check=True, stdout=subprocess.PIPE, text=True
+    )
     return done.stdout
 
 
 def run_child(script: str, job: dict[str, Any]) -> dict[str, Any]:
     """Run `script --child JOB` (JSON) in a fresh interpreter with the benchmark cache; the JSON object
     it prints last. A failed child ends the benchmark with its stderr."""
-    done = subprocess.run([sys.executable, script, "--child", json.dumps(job)], capture_output=True,
-                          text=True, env=os.environ | {"EMOSERVE_HOME": str(BENCH_HOME)})
+    done = subprocess.run(
+        [sys.executable, script, "--child", json.dumps(job)],
+        capture_output=True,
+        text=True,
+        env=os.environ | {"EMOSERVE_HOME": str(BENCH_HOME)},
+    )
     if done.returncode != 0:
         sys.exit(f"child failed:\n{done.stderr}")
     result: dict[str, Any] = json.loads(done.stdout.splitlines()[-1])
@@ -217,8 +227,21 @@ def free_port() -> int:
 def serve_argv(model: Path, port: int, *extra: str, device: str = "cpu") -> list[str]:
     """`emoserve serve` in this interpreter, on `device` (the CPU by default), on `port` of the loopback
     interface."""
-    return [sys.executable, "-m", "emoserve.cli", "serve", "--model", str(model), "--host", LOCALHOST,
-            "--port", str(port), "--device", device, *extra]
+    return [
+        sys.executable,
+        "-m",
+        "emoserve.cli",
+        "serve",
+        "--model",
+        str(model),
+        "--host",
+        LOCALHOST,
+        "--port",
+        str(port),
+        "--device",
+        device,
+        *extra,
+    ]
 
 
 @dataclass(frozen=True)
@@ -248,12 +271,19 @@ class Client:
     def recognize(self, wav: bytes, path: str = "/v1/recognize") -> Reply:
         """POST the clip as the multipart field `file`, as `curl -F file=@clip.wav` does."""
         boundary = "emoserve-bench-boundary"
-        body = (f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="clip.wav"\r\n'
-                f"Content-Type: audio/wav\r\n\r\n").encode() + wav + f"\r\n--{boundary}--\r\n".encode()
+        body = (
+            (
+                f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="clip.wav"\r\n'
+                f"Content-Type: audio/wav\r\n\r\n"
+            ).encode()
+            + wav
+            + f"\r\n--{boundary}--\r\n".encode()
+        )
         return self.request("POST", path, body, {"Content-Type": f"multipart/form-data; boundary={boundary}"})
 
-    def request(self, method: str, path: str, body: bytes | None = None,
-                headers: dict[str, str] | None = None) -> Reply:
+    def request(
+        self, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None
+    ) -> Reply:
         """One request; raises OSError (connection refused, reset, ...), after which the next call
         connects again."""
         if self._conn is not None and self._conn.sock is not None and dropped(self._conn.sock):
@@ -300,8 +330,9 @@ class Server:
         self._log = self.log_path.open("wb")
         env = os.environ | {"EMOSERVE_HOME": str(BENCH_HOME), "PYTHONUNBUFFERED": "1"}
         self.started = time.perf_counter()  # just before the spawn: interpreter start counts
-        self.proc = subprocess.Popen(list(argv), stdout=self._log, stderr=subprocess.STDOUT, env=env,
-                                     cwd=REPO)
+        self.proc = subprocess.Popen(
+            list(argv), stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=REPO
+        )
 
     @property
     def pid(self) -> int:
@@ -325,8 +356,9 @@ class Server:
                 except OSError:
                     pass  # not listening yet
                 if time.perf_counter() > deadline:
-                    raise RuntimeError(f"{self.name}: {path} not 200 within {timeout_s:g} s\n"
-                                       f"{self.log_tail()}")
+                    raise RuntimeError(
+                        f"{self.name}: {path} not 200 within {timeout_s:g} s\n{self.log_tail()}"
+                    )
                 time.sleep(interval_s)
         finally:
             client.close()
@@ -395,7 +427,7 @@ def header(title: str, args: argparse.Namespace, runs: int) -> None:
         "date": time.strftime("%Y-%m-%d %H:%M %Z"),
         "machine": f"{os.cpu_count()} CPUs, {cpu_model()}, {platform.machine()}",
         "python / torch / onnxruntime": f"{platform.python_version()} / torch {version('torch')} / "
-                                        f"onnxruntime {version('onnxruntime')}",
+        f"onnxruntime {version('onnxruntime')}",
         "model": f"RANDOM weights, preset {args.preset}",
         "runs": f"{runs}{' (--quick)' if args.quick else ''}",
         "load": load_average(),

@@ -47,7 +47,7 @@ def main() -> None:
     for i, seconds in enumerate(CLIP_SECONDS):
         clip = (synthetic_clip(seconds, seed=int(seconds)), 16_000)
         results = {}
-        for name in names[i % len(names):] + names[: i % len(names)]:
+        for name in names[i % len(names) :] + names[: i % len(names)]:
             recognizer = recognizers[name]
             results[name] = recognizer.predict(clip)  # warm-up: this length's first call is not counted
             times = [timed(partial(recognizer.predict, clip)) for _ in range(runs)]
@@ -57,21 +57,39 @@ def main() -> None:
         base_rtf = medians[name][CLIP_SECONDS[0]] / CLIP_SECONDS[0]
         print(f"**{name}**\n")
         headers = ["clip (s)", "median latency (s)", "min-max (s)", "real-time factor", "RTF / RTF at 1 s"]
-        table(headers, [
-            [f"{s:g}", f"{medians[name][s]:.3f}", f"{spreads[name][s][0]:.3f}-{spreads[name][s][1]:.3f}",
-             f"{medians[name][s] / s:.3f}", f"{medians[name][s] / s / base_rtf:.2f}"]
-            for s in CLIP_SECONDS
-        ])
+        table(
+            headers,
+            [
+                [
+                    f"{s:g}",
+                    f"{medians[name][s]:.3f}",
+                    f"{spreads[name][s][0]:.3f}-{spreads[name][s][1]:.3f}",
+                    f"{medians[name][s] / s:.3f}",
+                    f"{medians[name][s] / s / base_rtf:.2f}",
+                ]
+                for s in CLIP_SECONDS
+            ],
+        )
     rows = []
     for s in CLIP_SECONDS:
         onnx_ratio = medians["onnx"][s] / medians["torch"][s]
-        rows.append([f"{s:g}", f"{onnx_ratio:.3f}", verdict(onnx_ratio, TARGETS[s]) if s in TARGETS else "-",
-                     f"{medians['onnx int8'][s] / medians['torch'][s]:.3f}"])
+        rows.append(
+            [
+                f"{s:g}",
+                f"{onnx_ratio:.3f}",
+                verdict(onnx_ratio, TARGETS[s]) if s in TARGETS else "-",
+                f"{medians['onnx int8'][s] / medians['torch'][s]:.3f}",
+            ]
+        )
     table(["clip (s)", "onnx / torch", "target", "int8 / torch"], rows)
-    print(f"int8 vs onnx float32, largest score difference per clip: {', '.join(f'{d:.2e}' for d in deltas)} "
-          "(random weights: real weights may differ; see `emoserve info`).")
-    print(f"Threads: torch {torch_threads()}, onnx {recognizers['onnx'].backend.threads}. "
-          f"{load_average()} at the end.")
+    print(
+        f"int8 vs onnx float32, largest score difference per clip: {', '.join(f'{d:.2e}' for d in deltas)} "
+        "(random weights: real weights may differ; see `emoserve info`)."
+    )
+    print(
+        f"Threads: torch {torch_threads()}, onnx {recognizers['onnx'].backend.threads}. "
+        f"{load_average()} at the end."
+    )
 
 
 if __name__ == "__main__":

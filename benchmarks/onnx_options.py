@@ -46,24 +46,43 @@ def main() -> None:
     results: dict[int, list[dict[str, Any]]] = {i: [] for i in range(len(CONFIGS))}
     for run in range(runs):
         order = list(range(len(CONFIGS)))
-        for i in order[run % len(order):] + order[: run % len(order)]:
+        for i in order[run % len(order) :] + order[: run % len(order)]:
             job = CONFIGS[i] | {"entry": str(model.entry), "steady": 1 if args.quick else args.steady}
             results[i].append(run_child(__file__, job))
             print(f"run {run + 1}/{runs} {CONFIGS[i]} {results[i][-1]}", file=sys.stderr)
     rows = []
     for i, config in enumerate(CONFIGS):
+
         def med(key: str, i: int = i) -> float:
             return median([r[key] for r in results[i]])
 
-        rows.append([
-            f"prepack {'on' if config['prepack'] else 'off'}, arena {'on' if config['arena'] else 'off'}",
-            f"{med('session_s'):.3f}", f"{med('steady_5s'):.3f}", f"{med('call_15s'):.3f}",
-            f"{med('peak_rss_mb'):.0f}", f"{med('file_mb'):.0f}", f"{med('anon_mb'):.0f}",
-        ])
-    table(["options", "session (s)", "5 s call, median (s)", "15 s call (s)", "peak RSS (MB)",
-           "file-backed now (MB)", "anonymous now (MB)"], rows)
-    print("File-backed pages are the memory-mapped weights: shared by every process that maps the entry. "
-          f"Anonymous pages are private. {load_average()} at the end.")
+        rows.append(
+            [
+                f"prepack {'on' if config['prepack'] else 'off'}, arena {'on' if config['arena'] else 'off'}",
+                f"{med('session_s'):.3f}",
+                f"{med('steady_5s'):.3f}",
+                f"{med('call_15s'):.3f}",
+                f"{med('peak_rss_mb'):.0f}",
+                f"{med('file_mb'):.0f}",
+                f"{med('anon_mb'):.0f}",
+            ]
+        )
+    table(
+        [
+            "options",
+            "session (s)",
+            "5 s call, median (s)",
+            "15 s call (s)",
+            "peak RSS (MB)",
+            "file-backed now (MB)",
+            "anonymous now (MB)",
+        ],
+        rows,
+    )
+    print(
+        "File-backed pages are the memory-mapped weights: shared by every process that maps the entry. "
+        f"Anonymous pages are private. {load_average()} at the end."
+    )
 
 
 def child(job: dict[str, Any]) -> None:
@@ -94,11 +113,18 @@ def child(job: dict[str, Any]) -> None:
     recognizer.predict((synthetic_clip(15.0, seed=3), 16_000))
     call_15s = time.perf_counter() - t
     rollup = smaps_rollup()
-    print(json.dumps({
-        "session_s": session_s, "steady_5s": float(np.median(steady)), "call_15s": call_15s,
-        "peak_rss_mb": peak_rss_mb(), "file_mb": rollup["Rss"] - rollup["Anonymous"],
-        "anon_mb": rollup["Anonymous"],
-    }))
+    print(
+        json.dumps(
+            {
+                "session_s": session_s,
+                "steady_5s": float(np.median(steady)),
+                "call_15s": call_15s,
+                "peak_rss_mb": peak_rss_mb(),
+                "file_mb": rollup["Rss"] - rollup["Anonymous"],
+                "anon_mb": rollup["Anonymous"],
+            }
+        )
+    )
 
 
 def smaps_rollup() -> dict[str, float]:

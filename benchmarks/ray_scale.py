@@ -79,14 +79,27 @@ def main() -> None:
     model = bench_model(args.preset)
     wav = clip_wav(CLIP_S)
     home = Path(tempfile.mkdtemp(prefix="ray-home-"))  # Ray's auth token goes under ~/.ray
-    os.environ.update({
-        "HOME": str(home), "EMOSERVE_HOME": str(BENCH_HOME),
-        "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": "emoserve.ray_serve:proxy_middlewares",
-    })
+    os.environ.update(
+        {
+            "HOME": str(home),
+            "EMOSERVE_HOME": str(BENCH_HOME),
+            "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": "emoserve.ray_serve:proxy_middlewares",
+        }
+    )
     levels: dict[str, dict[int, Level]] = {"one process": one_process(model.entry, wav, level_s)}
     started = time.perf_counter()
-    subprocess.run([str(RAY_BIN), "start", "--head", f"--num-cpus={CORES}", "--include-dashboard=false",
-                    "--disable-usage-stats"], check=True, capture_output=True)
+    subprocess.run(
+        [
+            str(RAY_BIN),
+            "start",
+            "--head",
+            f"--num-cpus={CORES}",
+            "--include-dashboard=false",
+            "--disable-usage-stats",
+        ],
+        check=True,
+        capture_output=True,
+    )
     ray_start_s = time.perf_counter() - started
     try:
         import ray
@@ -133,8 +146,13 @@ def deploy(entry: Path, replicas: int, port: int, wav: bytes) -> float:
     from emoserve.ray_serve import API_APP, build_app
 
     started = time.perf_counter()
-    args = {"model": str(entry), "device": "cpu", "replicas": str(replicas),
-            "num_cpus": str(CORES / replicas), "ui": "false"}
+    args = {
+        "model": str(entry),
+        "device": "cpu",
+        "replicas": str(replicas),
+        "num_cpus": str(CORES / replicas),
+        "ui": "false",
+    }
     serve.run(build_app(args), name=API_APP, route_prefix="/")
     reply = Client(port).recognize(wav)
     assert reply.status == 200, reply.body[:300]
@@ -205,49 +223,109 @@ def bulk_scoring(entry: Path, quick: bool) -> dict[str, float | str]:
     for name, extra in (("local", []), ("ray", ["--ray", "--address", "auto", "--actors", "2"])):
         out = folder.parent / f"ray-bulk-{name}.jsonl"
         started = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "emoserve.cli", "predict", str(folder), "--model", str(entry),
-                        "--device", "cpu", "-o", str(out), *extra], check=True, capture_output=True,
-                       timeout=900)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "emoserve.cli",
+                "predict",
+                str(folder),
+                "--model",
+                str(entry),
+                "--device",
+                "cpu",
+                "-o",
+                str(out),
+                *extra,
+            ],
+            check=True,
+            capture_output=True,
+            timeout=900,
+        )
         seconds[name] = time.perf_counter() - started
         outputs[name] = [json.loads(line) for line in out.read_text().splitlines()]
     pairs = list(zip(outputs["local"], outputs["ray"], strict=True))
     same = all((a["file"], a["emotion"]) == (b["file"], b["emotion"]) for a, b in pairs)
     scores = max(abs(a["scores"][k] - b["scores"][k]) for a, b in pairs for k in a["scores"])
-    return {"clips": count, "local_s": seconds["local"], "ray_s": seconds["ray"],
-            "same": "yes" if same else "NO", "max_score_diff": scores}
+    return {
+        "clips": count,
+        "local_s": seconds["local"],
+        "ray_s": seconds["ray"],
+        "same": "yes" if same else "NO",
+        "max_score_diff": scores,
+    }
 
 
-def report(ray_start_s: float, starts: dict[str, float], levels: dict[str, dict[int, Level]],
-           memory: list[tuple[int, float, float]], kill: tuple[float, Counter[str]],
-           bulk: dict[str, float | str]) -> None:
+def report(
+    ray_start_s: float,
+    starts: dict[str, float],
+    levels: dict[str, dict[int, Level]],
+    memory: list[tuple[int, float, float]],
+    kill: tuple[float, Counter[str]],
+    bulk: dict[str, float | str],
+) -> None:
     print("## Start\n")
-    table(["step", "seconds"], [["`ray start --head` (returns once the node is up)", f"{ray_start_s:.1f}"],
-                                *[[f"deploy {k} -> first 200", f"{v:.1f}"] for k, v in starts.items()]])
+    table(
+        ["step", "seconds"],
+        [
+            ["`ray start --head` (returns once the node is up)", f"{ray_start_s:.1f}"],
+            *[[f"deploy {k} -> first 200", f"{v:.1f}"] for k, v in starts.items()],
+        ],
+    )
     print(f"## Load ({CLIP_S:g} s clips; ratios against one process at the same client count)\n")
     rows = []
     for name, by_clients in levels.items():
         for n, level in by_clients.items():
             base = levels["one process"][n]  # the first run of it; the last shows the drift
-            rows.append([name, n, ", ".join(f"{k}: {v}" for k, v in sorted(level.statuses().items())),
-                         f"{level.throughput():.2f}", f"{level.latency(50):.2f}", f"{level.latency(95):.2f}",
-                         f"{level.throughput() / base.throughput():.2f}",
-                         f"{level.latency(95) / base.latency(95):.2f}"])
-    table(["server", "clients", "statuses", "requests/s", "p50 (s)", "p95 (s)", "throughput ratio",
-           "p95 ratio"], rows)
+            rows.append(
+                [
+                    name,
+                    n,
+                    ", ".join(f"{k}: {v}" for k, v in sorted(level.statuses().items())),
+                    f"{level.throughput():.2f}",
+                    f"{level.latency(50):.2f}",
+                    f"{level.latency(95):.2f}",
+                    f"{level.throughput() / base.throughput():.2f}",
+                    f"{level.latency(95) / base.latency(95):.2f}",
+                ]
+            )
+    table(
+        [
+            "server",
+            "clients",
+            "statuses",
+            "requests/s",
+            "p50 (s)",
+            "p95 (s)",
+            "throughput ratio",
+            "p95 ratio",
+        ],
+        rows,
+    )
     print("## Memory of the 2 replicas\n")
     table(["replica pid", "RSS (MiB)", "PSS (MiB)"], [[p, f"{r:.0f}", f"{s:.0f}"] for p, r, s in memory])
     print("## A replica SIGKILLed under 8 clients\n")
     replaced_s, statuses = kill
-    table(["replaced after (s)", "statuses of all replies"],
-          [[f"{replaced_s:.1f}", ", ".join(f"{k}: {v}" for k, v in sorted(statuses.items()))]])
+    table(
+        ["replaced after (s)", "statuses of all replies"],
+        [[f"{replaced_s:.1f}", ", ".join(f"{k}: {v}" for k, v in sorted(statuses.items()))]],
+    )
     print(f"## Bulk scoring: {bulk['clips']} clips of {CLIP_BULK_S:g} s\n")
-    table(["command", "seconds", "clips/s"], [
-        ["emoserve predict DIR", f"{bulk['local_s']:.1f}", f"{bulk['clips'] / bulk['local_s']:.2f}"],  # type: ignore[operator]
-        ["emoserve predict DIR --ray --address auto --actors 2", f"{bulk['ray_s']:.1f}",
-         f"{bulk['clips'] / bulk['ray_s']:.2f}"],  # type: ignore[operator]
-    ])
-    print(f"Same files, order and emotions: {bulk['same']}; largest score difference "
-          f"{bulk['max_score_diff']:.1e}.\n")
+    table(
+        ["command", "seconds", "clips/s"],
+        [
+            ["emoserve predict DIR", f"{bulk['local_s']:.1f}", f"{bulk['clips'] / bulk['local_s']:.2f}"],  # type: ignore[operator]
+            [
+                "emoserve predict DIR --ray --address auto --actors 2",
+                f"{bulk['ray_s']:.1f}",
+                f"{bulk['clips'] / bulk['ray_s']:.2f}",
+            ],  # type: ignore[operator]
+        ],
+    )
+    print(
+        f"Same files, order and emotions: {bulk['same']}; largest score difference "
+        f"{bulk['max_score_diff']:.1e}.\n"
+    )
     print(f"{load_average()} at the end.")
 
 

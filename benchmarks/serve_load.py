@@ -76,8 +76,9 @@ class Level:
 
 def main() -> None:
     p = parser(__doc__, default_runs=1)
-    p.add_argument("--max-queue", type=int, default=MAX_QUEUE,
-                   help=f"the server's --max-queue (default {MAX_QUEUE})")
+    p.add_argument(
+        "--max-queue", type=int, default=MAX_QUEUE, help=f"the server's --max-queue (default {MAX_QUEUE})"
+    )
     p.add_argument("--no-ui", action="store_true", help="start the server with --no-ui (a variant)")
     args = p.parse_args()
     runs = run_count(args)
@@ -87,8 +88,10 @@ def main() -> None:
     port = free_port()
     extra = ["--max-queue", str(args.max_queue), *(["--no-ui"] if args.no_ui else [])]
     argv = serve_argv(model.entry, port, *extra)
-    print(f"- server: `emoserve serve --model <slim entry> --device cpu {' '.join(extra)}` "
-          f"(web UI {'off' if args.no_ui else 'on'}; other settings default)\n")
+    print(
+        f"- server: `emoserve serve --model <slim entry> --device cpu {' '.join(extra)}` "
+        f"(web UI {'off' if args.no_ui else 'on'}; other settings default)\n"
+    )
     levels: dict[int, list[Level]] = {n: [] for n in CLIENTS}
     with running_server("load", argv, port) as server:
         server.wait_for("/readyz")
@@ -99,8 +102,11 @@ def main() -> None:
             for n in (*CLIENTS, 1):  # 1 client again at the end: the baseline brackets the run (drift)
                 duration = QUICK_DURATION_S if args.quick else DURATION_S[n]
                 levels[n].append(run_level(server, n, wav, duration))
-                print(f"run {i + 1}/{runs} {n:2d} clients: {levels[n][-1].statuses()} in "
-                      f"{levels[n][-1].wall_s:.1f} s", file=sys.stderr)
+                print(
+                    f"run {i + 1}/{runs} {n:2d} clients: {levels[n][-1].statuses()} in "
+                    f"{levels[n][-1].wall_s:.1f} s",
+                    file=sys.stderr,
+                )
                 time.sleep(PAUSE_S)  # let the server settle between levels
     report(levels, args.max_queue)
 
@@ -167,23 +173,49 @@ def report(levels: dict[int, list[Level]], max_queue: int) -> None:
     rows = []
     for n in CLIENTS:
         statuses = sum((lv.statuses() for lv in levels[n]), Counter())
-        rows.append([
-            n, sum(len(lv.replies) for lv in levels[n]),
-            ", ".join(f"{k}: {v}" for k, v in sorted(statuses.items())),
-            f"{med(n, 'throughput'):.2f}", f"{med(n, 'throughput') * CLIP_S:.1f}",
-            f"{med(n, 'p50'):.2f}", f"{med(n, 'p95'):.2f}", f"{med(n, 'batch'):.1f}",
-            f"{med(n, 'throughput') / base_throughput:.2f}", f"{med(n, 'p50') / base_p50:.2f}",
-        ])
-    print(f"Medians over runs; {CLIP_S:g} s clips; latency of the 200 replies, in seconds. Ratios are "
-          "against 1 client (the baseline, same server, same run).\n")
-    table(["clients", "requests", "statuses", "requests/s", "audio s/s", "p50 (s)", "p95 (s)",
-           "clips per model call", "throughput ratio", "p50 ratio"], rows)
-    print(f"Duration per level: {', '.join(f'{n} clients {levels[n][0].wall_s:.0f} s' for n in CLIENTS)} "
-          "(to the last reply).")
+        rows.append(
+            [
+                n,
+                sum(len(lv.replies) for lv in levels[n]),
+                ", ".join(f"{k}: {v}" for k, v in sorted(statuses.items())),
+                f"{med(n, 'throughput'):.2f}",
+                f"{med(n, 'throughput') * CLIP_S:.1f}",
+                f"{med(n, 'p50'):.2f}",
+                f"{med(n, 'p95'):.2f}",
+                f"{med(n, 'batch'):.1f}",
+                f"{med(n, 'throughput') / base_throughput:.2f}",
+                f"{med(n, 'p50') / base_p50:.2f}",
+            ]
+        )
+    print(
+        f"Medians over runs; {CLIP_S:g} s clips; latency of the 200 replies, in seconds. Ratios are "
+        "against 1 client (the baseline, same server, same run).\n"
+    )
+    table(
+        [
+            "clients",
+            "requests",
+            "statuses",
+            "requests/s",
+            "audio s/s",
+            "p50 (s)",
+            "p95 (s)",
+            "clips per model call",
+            "throughput ratio",
+            "p50 ratio",
+        ],
+        rows,
+    )
+    print(
+        f"Duration per level: {', '.join(f'{n} clients {levels[n][0].wall_s:.0f} s' for n in CLIENTS)} "
+        "(to the last reply)."
+    )
     first, last = levels[1][0], levels[1][-1]
-    print(f"1 client at the start of the run: {first.throughput():.2f} requests/s, p50 "
-          f"{first.latency(50):.2f} s; at the end: {last.throughput():.2f} requests/s, p50 "
-          f"{last.latency(50):.2f} s (the 1-client row is the median of all of them: drift shows here).")
+    print(
+        f"1 client at the start of the run: {first.throughput():.2f} requests/s, p50 "
+        f"{first.latency(50):.2f} s; at the end: {last.throughput():.2f} requests/s, p50 "
+        f"{last.latency(50):.2f} s (the 1-client row is the median of all of them: drift shows here)."
+    )
     push_back = med(PUSH_BACK_AT, "push_back")
     if push_back == push_back:  # not NaN: there were 503s
         print(f"A 503 at {PUSH_BACK_AT} clients came back in {push_back * 1000:.0f} ms (median).")
@@ -198,17 +230,24 @@ def checks(levels: dict[int, list[Level]], max_queue: int) -> list[list[str]]:
         bad = {k: v for lv in levels[n] for k, v in lv.statuses().items() if k != "200"}
         rows.append([f"{n} clients: only 200", "met" if not bad else f"NOT met: {bad}"])
     replies = [r for lv in levels[PUSH_BACK_AT] for r in lv.replies]
-    other = Counter(str(r.status) if r.status else f"error: {r.error}"
-                    for r in replies if r.status not in (200, 503))
+    other = Counter(
+        str(r.status) if r.status else f"error: {r.error}" for r in replies if r.status not in (200, 503)
+    )
     no_header = sum(1 for r in replies if r.status == 503 and not r.retry_after)
     pushed = sum(1 for r in replies if r.status == 503)
     rows += [
-        [f"{PUSH_BACK_AT} clients: nothing but 200 and 503",
-         "met" if not other else f"NOT met: {dict(other)}"],
-        [f"{PUSH_BACK_AT} clients: every 503 has Retry-After",
-         "met" if not no_header else f"NOT met: {no_header} without"],
-        [f"{PUSH_BACK_AT} clients: the queue (max_queue {max_queue}) was hit",
-         f"met: {pushed} x 503" if pushed else "NOT met: no 503 (the server kept up, or max_queue is big)"],
+        [
+            f"{PUSH_BACK_AT} clients: nothing but 200 and 503",
+            "met" if not other else f"NOT met: {dict(other)}",
+        ],
+        [
+            f"{PUSH_BACK_AT} clients: every 503 has Retry-After",
+            "met" if not no_header else f"NOT met: {no_header} without",
+        ],
+        [
+            f"{PUSH_BACK_AT} clients: the queue (max_queue {max_queue}) was hit",
+            f"met: {pushed} x 503" if pushed else "NOT met: no 503 (the server kept up, or max_queue is big)",
+        ],
     ]
     return rows
 

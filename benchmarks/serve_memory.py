@@ -45,8 +45,9 @@ TARGET = 1.05  # RSS after TOTAL / RSS after the first STEP
 
 def main() -> None:
     p = parser(__doc__, default_runs=1)
-    p.add_argument("--clip-s", type=float, default=None,
-                   help="clip length in seconds (default 5, 1 on large)")
+    p.add_argument(
+        "--clip-s", type=float, default=None, help="clip length in seconds (default 5, 1 on large)"
+    )
     p.add_argument("--no-ui", action="store_true", help="start the server with --no-ui (a variant)")
     args = p.parse_args()
     runs = run_count(args)
@@ -85,8 +86,10 @@ def trajectory(server: Server, wav: bytes, step: int, total: int, ui: bool) -> l
         for client in clients:
             client.close()
     elapsed = time.perf_counter() - started
-    print(f"{total} requests in {elapsed:.0f} s ({total / elapsed:.1f}/s, settling pauses included), "
-          "all answered 200.")
+    print(
+        f"{total} requests in {elapsed:.0f} s ({total / elapsed:.1f}/s, settling pauses included), "
+        "all answered 200."
+    )
     return points
 
 
@@ -124,15 +127,22 @@ def report(trajectories: list[list[tuple[int, float]]], step: int, clip_s: float
     counts = [n for n, _ in trajectories[0]]
     by_count = {n: median([dict(t)[n] for t in trajectories]) for n in counts}
     first, last = by_count[step], by_count[counts[-1]]
-    print(f"VmRSS of the server process in MB (decimal), median over runs; {clip_s:g} s clips; the baseline "
-          f"is the RSS after the first {step} requests.\n")
-    table(["requests done", "VmRSS (MB)", f"ratio to RSS after {step}"],
-          [[n, f"{mb:.0f}", f"{mb / first:.3f}" if n >= step else "-"] for n, mb in by_count.items()])
+    print(
+        f"VmRSS of the server process in MB (decimal), median over runs; {clip_s:g} s clips; the baseline "
+        f"is the RSS after the first {step} requests.\n"
+    )
+    table(
+        ["requests done", "VmRSS (MB)", f"ratio to RSS after {step}"],
+        [[n, f"{mb:.0f}", f"{mb / first:.3f}" if n >= step else "-"] for n, mb in by_count.items()],
+    )
     ratio = last / first
-    table(["figure", "value", "target"], [
-        [f"RSS after {counts[-1]} / RSS after {step} (ratio)", f"{ratio:.3f}", verdict(ratio, TARGET)],
-        [f"growth from {step} to {counts[-1]} requests", f"{last - first:+.0f} MB", "-"],
-    ])
+    table(
+        ["figure", "value", "target"],
+        [
+            [f"RSS after {counts[-1]} / RSS after {step} (ratio)", f"{ratio:.3f}", verdict(ratio, TARGET)],
+            [f"growth from {step} to {counts[-1]} requests", f"{last - first:+.0f} MB", "-"],
+        ],
+    )
     print("RSS at 0 is at ready with the web UI mounted, before any request.")
     print(f"{load_average()} at the end. Server logs: .bench/serve/memory-*.log")
 

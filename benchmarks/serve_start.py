@@ -55,15 +55,22 @@ from common import (
 
 LAZY_APP = Path(__file__).resolve().parent / "_lazy_app.py"
 KINDS = ("ours", "ours_no_ui", "torch_no_ui", "baseline")
-NAMES = {"ours": "ours (UI)", "ours_no_ui": "ours (--no-ui)", "torch_no_ui": "torch backend (--no-ui)",
-         "baseline": "baseline (lazy app)"}
+NAMES = {
+    "ours": "ours (UI)",
+    "ours_no_ui": "ours (--no-ui)",
+    "torch_no_ui": "torch backend (--no-ui)",
+    "baseline": "baseline (lazy app)",
+}
 EXTRA_FLAGS = {"ours": (), "ours_no_ui": ("--no-ui",), "torch_no_ui": ("--no-ui", "--backend", "torch")}
 CLIP_S = 5.0
 UI_MOUNTED = re.compile(r"web UI mounted at / in ([0-9.]+) s")  # the server's log line
 TARGETS = {"healthz_s": 2.0, "first_vs_steady": 1.1, "first_result_vs_baseline": 0.4, "ready_with_ui_s": 3.0}
 # the routes measured after the process's first request (each: its first request, then its steady ones)
-OTHER_ROUTES = {"frame": "POST /v1/recognize?granularity=frame", "timeline": "POST /v1/timeline",
-                "ui": "the web UI's recognise (Gradio API)"}
+OTHER_ROUTES = {
+    "frame": "POST /v1/recognize?granularity=frame",
+    "timeline": "POST /v1/timeline",
+    "ui": "the web UI's recognise (Gradio API)",
+}
 
 
 def main() -> None:
@@ -79,7 +86,7 @@ def main() -> None:
     results: dict[str, list[dict[str, Any]]] = {kind: [] for kind in KINDS}
     for i in range(runs):
         # rotate the order so drift hits every kind alike
-        for kind in KINDS[i % len(KINDS):] + KINDS[: i % len(KINDS)]:
+        for kind in KINDS[i % len(KINDS) :] + KINDS[: i % len(KINDS)]:
             path = model.published if kind == "baseline" else model.entry
             results[kind].append(one_process(kind, path, wav, steady, f"start-{kind}-{i + 1}", i))
             print(f"run {i + 1}/{runs} {kind:10s} {summary(results[kind][-1])}", file=sys.stderr)
@@ -118,8 +125,9 @@ def one_process(kind: str, model: Path, wav: bytes, steady: int, name: str, run:
         return out
 
 
-def other_routes(kind: str, client: Client, wav: bytes, steady: int, server: Server,
-                 run: int) -> dict[str, float]:
+def other_routes(
+    kind: str, client: Client, wav: bytes, steady: int, server: Server, run: int
+) -> dict[str, float]:
     """After the process's first request (POST /v1/recognize): each other route's first request, then its
     steady latency (median of `steady`), the routes in an order that rotates run by run. The UI's
     recognise goes through Gradio's API (gradio_client: the handler a browser's click runs)."""
@@ -134,18 +142,20 @@ def other_routes(kind: str, client: Client, wav: bytes, steady: int, server: Ser
 
         clip = SERVE_LOG_DIR / "start-clip.wav"
         clip.write_bytes(wav)
-        ui = GradioClient(f"http://{LOCALHOST}:{server.port}/", verbose=False, analytics_enabled=False,
-                          download_files=False)
+        ui = GradioClient(
+            f"http://{LOCALHOST}:{server.port}/", verbose=False, analytics_enabled=False, download_files=False
+        )
 
         def ui_recognise() -> float:
             started = time.perf_counter()
-            ui.predict(audio=handle_file(str(clip)), granularity="utterance", embedding=False,
-                       api_name="/recognize")
+            ui.predict(
+                audio=handle_file(str(clip)), granularity="utterance", embedding=False, api_name="/recognize"
+            )
             return time.perf_counter() - started
 
         calls["ui"] = ui_recognise
     names = list(calls)
-    names = names[run % len(names):] + names[: run % len(names)]
+    names = names[run % len(names) :] + names[: run % len(names)]
     out = {}
     try:
         for route in names:
@@ -188,8 +198,9 @@ def report(results: dict[str, list[dict[str, Any]]], steady: int) -> None:
             for route in OTHER_ROUTES:
                 if f"first_{route}_s" in r:
                     r[f"first_vs_steady_{route}"] = r[f"first_{route}_s"] / r[f"steady_{route}_s"]
-    print("Medians over fresh processes (min-max in brackets); seconds from the spawn of the server "
-          "process.\n")
+    print(
+        "Medians over fresh processes (min-max in brackets); seconds from the spawn of the server process.\n"
+    )
     rows = [
         ("start -> /healthz 200", "t_healthz", ".2f"),
         ("start -> /readyz 200", "t_ready", ".2f"),
@@ -201,12 +212,16 @@ def report(results: dict[str, list[dict[str, Any]]], steady: int) -> None:
         ("start -> / answers 200 (polled after the first result)", "t_ui", ".2f"),
         (f"steady latency, median of {steady} (s)", "steady_s", ".3f"),
         ("first request / steady", "first_vs_steady", ".2f"),
-        *((f"  {OTHER_ROUTES[route]}: first / steady", f"first_vs_steady_{route}", ".2f")
-          for route in OTHER_ROUTES),
+        *(
+            (f"  {OTHER_ROUTES[route]}: first / steady", f"first_vs_steady_{route}", ".2f")
+            for route in OTHER_ROUTES
+        ),
         ("peak RSS of the server (MB)", "peak_rss_mb", ".0f"),
     ]
-    table(["", *(NAMES[k] for k in KINDS)], [[label, *(spread(k, key, fmt) for k in KINDS)]
-                                             for label, key, fmt in rows])
+    table(
+        ["", *(NAMES[k] for k in KINDS)],
+        [[label, *(spread(k, key, fmt) for k in KINDS)] for label, key, fmt in rows],
+    )
     print("For the baseline the first request includes loading the model; ours' comes after /readyz.\n")
     figures = []
     for kind in ("ours", "ours_no_ui", "torch_no_ui"):
@@ -216,21 +231,39 @@ def report(results: dict[str, list[dict[str, Any]]], steady: int) -> None:
         start_ratio = med(kind, "t_first_result") / med("baseline", "t_first_result")
         figures += [
             [f"{name}: start -> /healthz (s)", f"{healthz:.2f}", verdict(healthz, TARGETS["healthz_s"])],
-            [f"{name}: first request after ready / steady (ratio)", f"{first_ratio:.3f}",
-             verdict(first_ratio, TARGETS["first_vs_steady"])],
-            *([f"{name}: {OTHER_ROUTES[route]}, first / steady", f"{ratio:.3f}",
-               verdict(ratio, TARGETS["first_vs_steady"])]
-              for route in OTHER_ROUTES if (ratio := route_ratio(kind, route)) is not None),
-            [f"{name}: start -> first result, ratio to baseline", f"{start_ratio:.3f}",
-             verdict(start_ratio, TARGETS["first_result_vs_baseline"])],
+            [
+                f"{name}: first request after ready / steady (ratio)",
+                f"{first_ratio:.3f}",
+                verdict(first_ratio, TARGETS["first_vs_steady"]),
+            ],
+            *(
+                [
+                    f"{name}: {OTHER_ROUTES[route]}, first / steady",
+                    f"{ratio:.3f}",
+                    verdict(ratio, TARGETS["first_vs_steady"]),
+                ]
+                for route in OTHER_ROUTES
+                if (ratio := route_ratio(kind, route)) is not None
+            ),
+            [
+                f"{name}: start -> first result, ratio to baseline",
+                f"{start_ratio:.3f}",
+                verdict(start_ratio, TARGETS["first_result_vs_baseline"]),
+            ],
         ]
     if "ours" in results and results["ours"] and "t_ui" in results["ours"][0]:
         ready_ui = med("ours", "t_ready")
-        figures.append([f"{NAMES['ours']}: start -> /readyz (s)", f"{ready_ui:.2f}",
-                        verdict(ready_ui, TARGETS["ready_with_ui_s"])])
+        figures.append(
+            [
+                f"{NAMES['ours']}: start -> /readyz (s)",
+                f"{ready_ui:.2f}",
+                verdict(ready_ui, TARGETS["ready_with_ui_s"]),
+            ]
+        )
     onnx_vs_torch = med("ours_no_ui", "t_first_result") / med("torch_no_ui", "t_first_result")
-    figures.append(["start -> first result, onnx / torch backend (both --no-ui)", f"{onnx_vs_torch:.3f}",
-                    "(no target)"])
+    figures.append(
+        ["start -> first result, onnx / torch backend (both --no-ui)", f"{onnx_vs_torch:.3f}", "(no target)"]
+    )
     table(["figure (ratios of medians)", "value", "target"], figures)
     print("Backends: " + ", ".join(f"{NAMES[k]}: {results[k][0].get('backend')}" for k in KINDS[:3]) + ".")
     baseline_ratio = med("baseline", "first_s") / med("baseline", "steady_s")
@@ -242,8 +275,9 @@ def report(results: dict[str, list[dict[str, Any]]], steady: int) -> None:
 def same_scores(results: dict[str, list[dict[str, Any]]]) -> str:
     """Ours and the baseline must agree: the largest score difference over all processes."""
     reference = next(iter(results["baseline"] or results["ours"]))["scores"]
-    diff = max(abs(r["scores"][k] - v)
-               for runs in results.values() for r in runs for k, v in reference.items())
+    diff = max(
+        abs(r["scores"][k] - v) for runs in results.values() for r in runs for k, v in reference.items()
+    )
     return f"largest score difference {diff:.1e} ({'ok' if diff < 1e-4 else 'DIFFERENT'})"
 
 

@@ -180,49 +180,98 @@ def main() -> None:
 def hang_up(port: int, wav: bytes) -> None:
     """Send a whole request, then close the connection without reading the answer."""
     boundary = "soak"
-    body = (f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="clip.wav"\r\n\r\n'
-            ).encode() + wav + f"\r\n--{boundary}--\r\n".encode()
-    head = (f"POST /v1/recognize HTTP/1.1\r\nHost: {LOCALHOST}\r\nContent-Length: {len(body)}\r\n"
-            f"Content-Type: multipart/form-data; boundary={boundary}\r\n\r\n").encode()
+    body = (
+        (f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="clip.wav"\r\n\r\n').encode()
+        + wav
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    head = (
+        f"POST /v1/recognize HTTP/1.1\r\nHost: {LOCALHOST}\r\nContent-Length: {len(body)}\r\n"
+        f"Content-Type: multipart/form-data; boundary={boundary}\r\n\r\n"
+    ).encode()
     with socket.create_connection((LOCALHOST, port), timeout=10) as sock:
         sock.sendall(head + body)
         time.sleep(0.05)
 
 
-def report(minutes: dict[int, Minute], sample_s: float, ramp_s: float, idle_before: list[float],
-           idle_after: list[float]) -> None:
+def report(
+    minutes: dict[int, Minute],
+    sample_s: float,
+    ramp_s: float,
+    idle_before: list[float],
+    idle_after: list[float],
+) -> None:
     ordered = [minutes[k] for k in sorted(minutes)]
     rows = []
     for i, m in enumerate(ordered):
         p50 = percentile(m.accepted_s, 50)
         p99 = percentile(m.accepted_s, 99)
         rss = [f"{f(m.rss_mb):.0f}" if m.rss_mb else "-" for f in (median, max)]
-        rows.append([i + 1, ", ".join(f"{k}: {v}" for k, v in sorted(m.statuses.items())),
-                     f"{p50:.2f}", f"{p99:.2f}", f"{min(m.floor_mb):.0f}" if m.floor_mb else "-", *rss,
-                     f"{m.peak_mb:.0f}"])
-    table(["minute", "statuses", "p50 accepted (s)", "p99 accepted (s)", "RSS floor (MB)", "RSS median (MB)",
-           "RSS max (MB)", "RSS peak (MB)"], rows)
+        rows.append(
+            [
+                i + 1,
+                ", ".join(f"{k}: {v}" for k, v in sorted(m.statuses.items())),
+                f"{p50:.2f}",
+                f"{p99:.2f}",
+                f"{min(m.floor_mb):.0f}" if m.floor_mb else "-",
+                *rss,
+                f"{m.peak_mb:.0f}",
+            ]
+        )
+    table(
+        [
+            "minute",
+            "statuses",
+            "p50 accepted (s)",
+            "p99 accepted (s)",
+            "RSS floor (MB)",
+            "RSS median (MB)",
+            "RSS max (MB)",
+            "RSS peak (MB)",
+        ],
+        rows,
+    )
     samples = sum(len(m.rss_mb) for m in ordered)
-    print(f"RSS sampled every {sample_s:g} s ({samples} samples; minute 1's floor from {ramp_s:g} s on). "
-          f"At idle: "
-          f"{min(idle_before):.0f}-{max(idle_before):.0f} MB before the load, "
-          f"{min(idle_after):.0f}-{max(idle_after):.0f} MB after it ({len(idle_after)} samples each side).\n")
+    print(
+        f"RSS sampled every {sample_s:g} s ({samples} samples; minute 1's floor from {ramp_s:g} s on). "
+        f"At idle: "
+        f"{min(idle_before):.0f}-{max(idle_before):.0f} MB before the load, "
+        f"{min(idle_after):.0f}-{max(idle_after):.0f} MB after it ({len(idle_after)} samples each side).\n"
+    )
     total = sum((m.statuses for m in ordered), Counter())
-    unexpected = {k: v for k, v in total.items()
-                  if not (k in ("200", "503", "hung up") or (k.isdigit() and 400 <= int(k) < 500))}
+    unexpected = {
+        k: v
+        for k, v in total.items()
+        if not (k in ("200", "503", "hung up") or (k.isdigit() and 400 <= int(k) < 500))
+    }
     with_rss = [m for m in ordered if m.floor_mb]
     growth = min(with_rss[-1].floor_mb) / min(with_rss[0].floor_mb) - 1 if len(with_rss) > 1 else float("nan")
     full = [m for m in ordered if m.accepted_s]
-    p99_ratio = (percentile(full[-1].accepted_s, 99) / percentile(full[0].accepted_s, 99)
-                 if len(full) > 1 else float("nan"))
-    table(["check", "value", "target"], [
-        ["statuses: only 200, 4xx and 503 with Retry-After", str(unexpected or "none other"),
-         "met" if not unexpected else "NOT met"],
-        ["RSS growth, first to last minute (per-minute floor)", f"{growth:+.3%}",
-         verdict(growth, TARGETS["rss_growth"])],
-        ["p99 accepted, last minute / first minute", f"{p99_ratio:.2f}",
-         verdict(p99_ratio, TARGETS["p99_ratio"])],
-    ])
+    p99_ratio = (
+        percentile(full[-1].accepted_s, 99) / percentile(full[0].accepted_s, 99)
+        if len(full) > 1
+        else float("nan")
+    )
+    table(
+        ["check", "value", "target"],
+        [
+            [
+                "statuses: only 200, 4xx and 503 with Retry-After",
+                str(unexpected or "none other"),
+                "met" if not unexpected else "NOT met",
+            ],
+            [
+                "RSS growth, first to last minute (per-minute floor)",
+                f"{growth:+.3%}",
+                verdict(growth, TARGETS["rss_growth"]),
+            ],
+            [
+                "p99 accepted, last minute / first minute",
+                f"{p99_ratio:.2f}",
+                verdict(p99_ratio, TARGETS["p99_ratio"]),
+            ],
+        ],
+    )
     print(f"{load_average()} at the end. Server log: .bench/serve/soak.log")
 
 

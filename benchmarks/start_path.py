@@ -41,8 +41,11 @@ SERVER_MODULE = {"packages": "emoserve.api.app", "flat": "emoserve.server"}
 def worktree(rev: str) -> Path:
     path = BENCH_DIR / f"tree-{rev}"
     if not (path / "src" / "emoserve").is_dir():
-        subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(path), rev], check=True,
-                       capture_output=True)
+        subprocess.run(
+            ["git", "-C", str(REPO), "worktree", "add", "--detach", str(path), rev],
+            check=True,
+            capture_output=True,
+        )
     return path
 
 
@@ -56,14 +59,17 @@ def env_for(src: Path) -> dict[str, str]:
 
 def spawn_seconds(src: Path, code: str) -> tuple[float, str]:
     started = time.perf_counter()
-    done = subprocess.run([sys.executable, "-c", code], env=env_for(src), capture_output=True, text=True,
-                          check=True)
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env_for(src), capture_output=True, text=True, check=True
+    )
     return time.perf_counter() - started, done.stdout.strip()
 
 
 def help_seconds(src: Path) -> float:
-    code = ("import sys\nfrom emoserve.cli import main\ntry: main(['--help'])\nexcept SystemExit: pass\n"
-            "assert 'torch' not in sys.modules and 'numpy' not in sys.modules, 'the CLI loaded numpy/torch'")
+    code = (
+        "import sys\nfrom emoserve.cli import main\ntry: main(['--help'])\nexcept SystemExit: pass\n"
+        "assert 'torch' not in sys.modules and 'numpy' not in sys.modules, 'the CLI loaded numpy/torch'"
+    )
     return spawn_seconds(src, code)[0]
 
 
@@ -74,9 +80,11 @@ def server_import(src: Path) -> tuple[float, int]:
 
 
 def library_seconds(src: Path, entry: Path) -> float:
-    code = ("import numpy as np, emoserve\n"
-            f"rec = emoserve.load_model({str(entry)!r}, device='cpu', progress=False)\n"
-            "rec.predict((np.zeros(16000, np.float32), 16000))")
+    code = (
+        "import numpy as np, emoserve\n"
+        f"rec = emoserve.load_model({str(entry)!r}, device='cpu', progress=False)\n"
+        "rec.predict((np.zeros(16000, np.float32), 16000))"
+    )
     return spawn_seconds(src, code)[0]
 
 
@@ -104,7 +112,7 @@ def main() -> None:
     entry = bench_model(args.preset).entry
     figures: dict[str, dict[str, list[float]]] = {name: {} for name in trees}
     for n in range(runs):
-        for name, src in (trees.items() if n % 2 == 0 else reversed(trees.items())):
+        for name, src in trees.items() if n % 2 == 0 else reversed(trees.items()):
             got = figures[name]
             got.setdefault("help", []).append(help_seconds(src))
             seconds, modules = server_import(src)
@@ -116,12 +124,14 @@ def main() -> None:
             got.setdefault("readyz", []).append(readyz)
     this, other = figures["this tree"], figures[args.against]
     rows = []
-    for key, label in [("help", "spawn -> `emoserve --help` done (s)"),
-                       ("import", "spawn -> the server's module imported (s)"),
-                       ("modules", "modules loaded by that import"),
-                       ("library", "spawn -> load_model + first 1 s result (s)"),
-                       ("healthz", "spawn -> /healthz 200, `serve --no-ui` (s)"),
-                       ("readyz", "spawn -> /readyz 200, `serve --no-ui` (s)")]:
+    for key, label in [
+        ("help", "spawn -> `emoserve --help` done (s)"),
+        ("import", "spawn -> the server's module imported (s)"),
+        ("modules", "modules loaded by that import"),
+        ("library", "spawn -> load_model + first 1 s result (s)"),
+        ("healthz", "spawn -> /healthz 200, `serve --no-ui` (s)"),
+        ("readyz", "spawn -> /readyz 200, `serve --no-ui` (s)"),
+    ]:
         a, b = median(this[key]), median(other[key])
         rows.append([label, f"{a:.3f}", f"{b:.3f}", f"{a / b:.3f}"])
     table(["median of runs", "this tree", args.against, "ratio"], rows)

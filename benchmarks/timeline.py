@@ -62,8 +62,9 @@ def recording(path: Path, minutes: float, seed: int = 0) -> Path:
 
     if path.is_file() and path.stat().st_size > 0:
         return path
-    clips = [load_audio(p).samples for p in sorted(EXAMPLES_DIR.iterdir())
-             if p.suffix in (".wav", ".flac", ".mp3")]
+    clips = [
+        load_audio(p).samples for p in sorted(EXAMPLES_DIR.iterdir()) if p.suffix in (".wav", ".flac", ".mp3")
+    ]
     rng = np.random.default_rng(seed)
     total = int(minutes * 60 * SAMPLE_RATE)
     tmp = path.with_suffix(".part.wav")
@@ -129,8 +130,20 @@ def peak_rss_mb(model: Path, path: Path) -> tuple[float, float]:
     )
     started = time.perf_counter()
     done = subprocess.run(
-        [sys.executable, "-c", code, "predict", str(path), "--segments", "--model", str(model),
-         "-o", "/dev/null", "--format", "jsonl"],
+        [
+            sys.executable,
+            "-c",
+            code,
+            "predict",
+            str(path),
+            "--segments",
+            "--model",
+            str(model),
+            "-o",
+            "/dev/null",
+            "--format",
+            "jsonl",
+        ],
         env={"EMOSERVE_HOME": str(BENCH_HOME), "PATH": "/usr/bin:/bin"},
         stderr=subprocess.PIPE,
         text=True,
@@ -155,8 +168,12 @@ def latency_beside_a_timeline(model: Path, path: Path, calls: int) -> tuple[floa
         def stream() -> None:
             try:
                 with path.open("rb") as body:
-                    conn.request("POST", "/v1/timeline", body=body,
-                                 headers={"Accept": "application/x-ndjson", "Content-Type": "audio/wav"})
+                    conn.request(
+                        "POST",
+                        "/v1/timeline",
+                        body=body,
+                        headers={"Accept": "application/x-ndjson", "Content-Type": "audio/wav"},
+                    )
                     for line in conn.getresponse():
                         received.append(json.loads(line))
             except (OSError, AttributeError, http.client.HTTPException):
@@ -196,8 +213,10 @@ def main() -> None:
     if "vad" in sections:
         minutes = 1.0 if quick else 10.0
         per_hour, segments = vad_cost(recording(work / f"{minutes:g}min.wav", minutes), minutes)
-        print(f"**VAD**: decode + silero-vad + segmentation of {minutes:g} min ({segments} segments): "
-              f"{per_hour:.1f} s per hour of audio ({3600 / per_hour:.0f}x real time).\n")
+        print(
+            f"**VAD**: decode + silero-vad + segmentation of {minutes:g} min ({segments} segments): "
+            f"{per_hour:.1f} s per hour of audio ({3600 / per_hour:.0f}x real time).\n"
+        )
 
     if "pipeline" in sections:
         recognizer = load_recognizer(model.entry, backend="auto")
@@ -208,12 +227,35 @@ def main() -> None:
                 recognizer, recording(work / f"{m:g}min.wav", m)
             )
             ratio = pipeline_s / alone_s
-            rows.append([f"{m:g}", n, f"{vad_s:.1f}", f"{pipeline_s:.1f}", f"{pipeline_s / audio_s:.3f}",
-                         f"{alone_s:.1f}", f"{ratio:.3f}", verdict(ratio, TARGETS["pipeline_ratio"])])
-        print(f"**Pipeline** ({args.preset}, {recognizer.backend.name} backend; both sides include the "
-              "decode + VAD seconds):\n")
-        table(["minutes", "segments", "decode + VAD (s)", "pipeline (s)", "RTF", "one-at-a-time (s)",
-               "pipeline / one-at-a-time", "target"], rows)
+            rows.append(
+                [
+                    f"{m:g}",
+                    n,
+                    f"{vad_s:.1f}",
+                    f"{pipeline_s:.1f}",
+                    f"{pipeline_s / audio_s:.3f}",
+                    f"{alone_s:.1f}",
+                    f"{ratio:.3f}",
+                    verdict(ratio, TARGETS["pipeline_ratio"]),
+                ]
+            )
+        print(
+            f"**Pipeline** ({args.preset}, {recognizer.backend.name} backend; both sides include the "
+            "decode + VAD seconds):\n"
+        )
+        table(
+            [
+                "minutes",
+                "segments",
+                "decode + VAD (s)",
+                "pipeline (s)",
+                "RTF",
+                "one-at-a-time (s)",
+                "pipeline / one-at-a-time",
+                "target",
+            ],
+            rows,
+        )
 
     if "rss" in sections:
         tiny = bench_model("tiny")
@@ -223,19 +265,24 @@ def main() -> None:
             rss.append((m, peak, seconds))
         growth = rss[-1][1] - rss[0][1]
         print("**Peak RSS** of `emoserve predict FILE --segments` (tiny preset, a fresh process each):\n")
-        table(["minutes", "peak RSS (MB)", "wall (s)"],
-              [[f"{m:g}", f"{p:.0f}", f"{s:.1f}"] for m, p, s in rss])
-        print(f"Growth from {rss[0][0]:g} to {rss[-1][0]:g} min: {growth:+.0f} MB "
-              f"(target {verdict(growth, TARGETS['rss_growth_mb'])}, MB).\n")
+        table(
+            ["minutes", "peak RSS (MB)", "wall (s)"], [[f"{m:g}", f"{p:.0f}", f"{s:.1f}"] for m, p, s in rss]
+        )
+        print(
+            f"Growth from {rss[0][0]:g} to {rss[-1][0]:g} min: {growth:+.0f} MB "
+            f"(target {verdict(growth, TARGETS['rss_growth_mb'])}, MB).\n"
+        )
 
     if "latency" in sections:
         minutes = 3.0 if quick else 30.0
         long = recording(work / f"{minutes:g}min.wav", minutes)
         idle, busy, during = latency_beside_a_timeline(model.entry, long, 2 if quick else LATENCY_CALLS)
         ratio = busy / idle
-        print(f"**5 s /v1/recognize beside a {minutes:g}-minute timeline** ({args.preset}): "
-              f"idle median {idle:.3f} s, during the timeline {busy:.3f} s ({during} segments streamed "
-              f"meanwhile): {ratio:.2f}x (target {verdict(ratio, TARGETS['latency_ratio'])}).\n")
+        print(
+            f"**5 s /v1/recognize beside a {minutes:g}-minute timeline** ({args.preset}): "
+            f"idle median {idle:.3f} s, during the timeline {busy:.3f} s ({during} segments streamed "
+            f"meanwhile): {ratio:.2f}x (target {verdict(ratio, TARGETS['latency_ratio'])}).\n"
+        )
     print(f"{load_average()} at the end.")
 
 

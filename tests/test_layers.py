@@ -23,18 +23,33 @@ def test_the_import_contracts_hold() -> None:
     assert "Contracts: 5 kept, 0 broken." in done.stdout, done.stdout[-2000:]
 
 
-def test_the_contracts_would_catch_an_upward_import_inside_a_function(tmp_path: Path) -> None:
-    """The check is not blind to a function-local import that hides an upward arrow."""
+def lint_a_copy(tmp_path: Path, path: str, added: str) -> subprocess.CompletedProcess[str]:
+    """import-linter on a copy of the package in which `path` (under src/emoserve) ends with `added`."""
     package = tmp_path / "src" / "emoserve"
     package.parent.mkdir(parents=True)
     subprocess.run(["cp", "-r", str(ROOT / "src" / "emoserve"), str(package.parent)], check=True)
-    audio = package / "audio" / "decode.py"
-    audio.write_text(audio.read_text() + "\n\ndef _up() -> None:\n    from emoserve.serving import service\n")
+    module = package / path
+    module.write_text((module.read_text() if module.exists() else "") + added)
     (tmp_path / "pyproject.toml").write_text((ROOT / "pyproject.toml").read_text())
     lint = Path(sys.executable).with_name("lint-imports")
     env = {"PYTHONPATH": str(tmp_path / "src"), "PATH": "/usr/bin:/bin"}
-    done = subprocess.run([str(lint), "--no-cache"], cwd=tmp_path, capture_output=True, text=True, env=env)
+    return subprocess.run([str(lint), "--no-cache"], cwd=tmp_path, capture_output=True, text=True, env=env)
+
+
+def test_the_contracts_would_catch_an_upward_import_inside_a_function(tmp_path: Path) -> None:
+    """The check is not blind to a function-local import that hides an upward arrow."""
+    done = lint_a_copy(
+        tmp_path, "audio/decode.py", "\n\ndef _up() -> None:\n    from emoserve.serving import service\n"
+    )
     assert done.returncode != 0 and "emoserve.audio is not allowed to import emoserve.serving" in done.stdout
+
+
+@pytest.mark.parametrize("path", ["inference/new_backend.py", "serving/new_part.py", "api/new_route.py"])
+def test_a_new_module_that_imports_torch_is_caught_the_day_it_is_added(tmp_path: Path, path: str) -> None:
+    """The torch contract is by pattern: a module nobody listed is checked too."""
+    done = lint_a_copy(tmp_path, path, "import torch\n")
+    module = "emoserve." + path.removesuffix(".py").replace("/", ".")
+    assert done.returncode != 0 and f"{module} -> torch" in done.stdout, done.stdout[-2000:]
 
 
 TORCH_FREE = """

@@ -23,7 +23,7 @@ import ray
 import ray.data
 
 from emoserve.constants import Granularity
-from emoserve.inference.files import EmbeddingNames, Outcome, save_embedding, score_outcomes
+from emoserve.inference.corpus import EmbeddingNames, Outcome, save_embedding, score_outcomes
 from emoserve.inference.options import ModelOptions
 from emoserve.inference.recognizer import load_with
 

@@ -124,7 +124,7 @@ def test_predict_glob_writes_csv(capsys: pytest.CaptureFixture[str], folder: Pat
 def test_interrupted_output_leaves_no_half_written_file(
     monkeypatch: pytest.MonkeyPatch, folder: Path, tmp_path: Path
 ) -> None:
-    from emoserve.inference import files as batch
+    from emoserve.inference import corpus as batch
 
     def explode(*_args: object, **_kw: object):  # type: ignore[no-untyped-def]
         yield batch.Outcome("x.wav", error="first")

@@ -16,7 +16,7 @@ import yaml
 
 from emoserve.cli import main
 from emoserve.errors import ModelOutputError, WeightsError
-from emoserve.inference.files import score_files
+from emoserve.inference.corpus import score_files
 from emoserve.inference.recognizer import Recognizer, load_model
 from emoserve.model.config import PRESETS, ModelConfig
 from emoserve.model.convert import convert

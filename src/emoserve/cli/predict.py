@@ -23,7 +23,7 @@ from emoserve.constants import CHANNEL_MODES, DEFAULT_MAX_SECONDS, GRANULARITIES
 
 if TYPE_CHECKING:
     from emoserve.cli.shared import Commands
-    from emoserve.inference.files import Outcome
+    from emoserve.inference.corpus import Outcome
     from emoserve.inference.formats import Format
 
 AUDIO_BAR = "{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} s of audio [{elapsed}<{remaining}]"
@@ -90,7 +90,7 @@ def add_timeline_flags(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from emoserve.inference.files import expand_inputs
+    from emoserve.inference.corpus import expand_inputs
     from emoserve.inference.recognizer import load_with
 
     files = expand_inputs(args.paths)
@@ -113,7 +113,7 @@ def predict_clips(args: argparse.Namespace, recognizer: Any, files: list[str], f
     """A result per file as it is scored (here or on Ray), with a progress bar in files."""
     from tqdm import tqdm
 
-    from emoserve.inference.files import score_files
+    from emoserve.inference.corpus import score_files
     from emoserve.inference.formats import OutcomeWriter
 
     options: dict[str, Any] = {

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from emoserve.inference.files import AUDIO_EXTENSIONS
+from emoserve.inference.corpus import AUDIO_EXTENSIONS
 
 MANIFEST_SUFFIXES = {".csv": ",", ".tsv": "\t", ".jsonl": None, ".ndjson": None}
 

@@ -20,7 +20,7 @@ import numpy as np
 
 from emoserve.constants import MAX_BATCH_SIZE
 from emoserve.files import atomic_write, sha256_file
-from emoserve.inference.files import score_outcomes
+from emoserve.inference.corpus import score_outcomes
 from emoserve.inference.recognizer import Recognizer
 from emoserve.model.head import model_identity
 

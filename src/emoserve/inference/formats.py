@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 
 
 class Outcome(Protocol):
-    """What a line is written from: `files.Outcome` (named here, not imported: files -> recognizer -> ...
+    """What a line is written from: `corpus.Outcome` (named here, not imported: corpus -> recognizer -> ...
     -> formats would be a circle)."""
 
     @property

@@ -100,7 +100,7 @@ def evaluate_nine(
 ) -> dict[str, Any]:
     """The model's nine-class predictions against the dataset's labels mapped by `label_map` (a label
     not in the map is taken as it is); rows whose label is not one of the model's are skipped."""
-    from emoserve.inference.files import score_outcomes
+    from emoserve.inference.corpus import score_outcomes
 
     known = {label.en for label in recognizer.labels}
     skipped = list(dataset.skipped)

@@ -30,6 +30,7 @@ from emoserve.model.entry import (
 
 log = logging.getLogger(__name__)
 
+
 def ensure_intact(entry: Path) -> Path:
     """The cheap check at load. A damaged entry is rebuilt from its source directory when that is still
     there (with a warning), else refused with what to do."""

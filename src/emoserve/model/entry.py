@@ -172,4 +172,3 @@ def _check_safetensors_header(path: Path, tensors: dict[str, list[int]]) -> list
     if 8 + size + end != path.stat().st_size:
         return [f"{path.name} is {path.stat().st_size:,} bytes, its header says {8 + size + end:,}"]
     return []
-

@@ -30,7 +30,6 @@ CHECKED_FILE = "model.pt"
 MAX_REASON_CHARS = 300
 
 
-
 @dataclass(frozen=True)
 class HubIds:
     hf: str

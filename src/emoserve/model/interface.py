@@ -22,10 +22,10 @@ class Outputs(NamedTuple):
     frame_lengths: np.ndarray  # (batch,) real frames per item
 
 
-
 INPUTS = ("waves", "lengths")  # (batch, samples) float32 zero-padded, (batch,) int64
 OUTPUTS = Outputs._fields  # logits, pooled, frame_logits, frames, frame_lengths
 UTTERANCE_OUTPUTS = ("logits", "pooled", "frame_lengths")
+
 
 def finite(out: Outputs, i: int) -> bool:
     """Whether every output of item `i` (its real frames only) is a finite number."""

@@ -1,5 +1,5 @@
-"""Random-weight models in the published layout: what the tests, the benchmarks and the offline fallback run.
-"""
+"""Random-weight models in the published layout: what the tests, the benchmarks and the offline
+fallback run."""
 
 from __future__ import annotations
 
