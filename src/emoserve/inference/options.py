@@ -38,6 +38,7 @@ def _option(default: Any, help: str, **declared: Any) -> Any:
 
 @dataclass(frozen=True)
 class ModelOptions:
+    # the fields in the order they had before they were declared here (callers may pass them by position)
     model: str | None = _option(
         None,
         f"model directory or name (default: {DEFAULT_MODEL} from the cache, downloaded when possible, else "
@@ -45,7 +46,6 @@ class ModelOptions:
         metavar="DIR|NAME",
         short="-m",
     )
-    hub: Hub = _option("auto", "where to download a missing model from", choices=HUBS)  # noqa: RUF009
     backend: Backend = _option(  # noqa: RUF009
         "auto",
         "onnx (ONNX Runtime, CPU, no torch), torch, or auto: onnx on a CPU when the model has its graph, "
@@ -56,9 +56,10 @@ class ModelOptions:
     dtype: Dtype = _option(  # noqa: RUF009
         "float32", "float16/bfloat16 on a GPU only (torch); int8 on a CPU only (onnx)", choices=DTYPES
     )
-    threads: int | None = _option(None, "CPU threads (default: physical cores)", on_commands=False)
+    hub: Hub = _option("auto", "where to download a missing model from", choices=HUBS)  # noqa: RUF009
     # Not a declared option: each command says its own limit (--max-seconds), the server its max_audio_s
     max_seconds: float | None = DEFAULT_MAX_SECONDS
+    threads: int | None = _option(None, "CPU threads (default: physical cores)", on_commands=False)
 
 
 def option_fields() -> Iterator[tuple[dataclasses.Field[Any], Option]]:
