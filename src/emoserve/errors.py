@@ -3,9 +3,9 @@
 Each failure derives from `EmoserveError`, which carries a stable `code` (for programs, metric labels and
 logs), the HTTP `status` it maps to, a message for people and, for 503s, when to retry. `CODES` is the
 one list of codes with their status and meaning: the API publishes it as an enum in its OpenAPI schema,
-a test checks every raise site against it, and a code is never renamed without a note in the README. The
-API, the web UI, the CLI and the metrics map errors by these fields, never by class names. Imports
-nothing of emoserve, so every module can use it.
+a test checks every raise site against it, and a code is never renamed without a note in
+docs/changelog.md. The API, the web UI, the CLI and the metrics map errors by these fields, never by
+class names. Imports nothing of emoserve, so every module can use it.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import NamedTuple
 
 class Code(NamedTuple):
     status: int  # the HTTP status
-    meaning: str  # for the README and the OpenAPI description
+    meaning: str  # for the error-code reference page and the OpenAPI description
 
 
 CODES: dict[str, Code] = {
