@@ -46,3 +46,17 @@ def tiny_onnx(tiny_onnx_entry: Path):
     from emoserve.inference.recognizer import load_model
 
     return load_model(tiny_onnx_entry, backend="onnx", threads=1, progress=False)
+
+
+@pytest.fixture(scope="session")
+def speech(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Speech and pauses (the fixture's speech twice, 0.8 s apart) as a 16-bit WAV, as a client's
+    microphone would send it: the live streams' input."""
+    import soundfile as sf
+
+    from tests.support.audio import RATE, SPEECH, joined
+
+    x, _ = joined((*SPEECH, *SPEECH), gap_s=0.8)
+    path = tmp_path_factory.mktemp("speech") / "speech.wav"
+    sf.write(path, x, RATE, subtype="PCM_16")
+    return path

@@ -19,7 +19,7 @@ import soundfile as sf
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 
-from tests.support.audio import RATE, SPEECH, joined
+from tests.support.audio import RATE, SPEECH
 from tests.support.paths import MODEL
 from tests.support.server import (
     LIVE,
@@ -33,14 +33,6 @@ from tests.support.server import (
 )
 
 SCORE_TOL = 1e-5  # the issue's: a stream's scores are the timeline's
-
-
-@pytest.fixture(scope="module")
-def speech(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    x, _ = joined((*SPEECH, *SPEECH), gap_s=0.8)
-    path = tmp_path_factory.mktemp("stream") / "speech.wav"
-    sf.write(path, x, RATE, subtype="PCM_16")
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -14,19 +14,10 @@ from emoserve.audio.live import InterimWindow, LiveCutter, LiveEvent, SpeechStar
 from emoserve.audio.segments import Recording
 from emoserve.audio.vad import Segment, VadSettings
 from emoserve.errors import AudioError
-from tests.support.audio import RATE, SPEECH, joined
+from tests.support.audio import RATE, SPEECH
 
 # message sizes in samples at 16 kHz: 10 ms, an odd 20.9 ms, a VAD frame and a bit, 100 ms, 1 s
 SIZES = (160, 334, 517, 1600, 16_000)
-
-
-@pytest.fixture(scope="module")
-def speech(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Speech and pauses as a 16-bit WAV, as a client's microphone would send it."""
-    x, _ = joined((*SPEECH, *SPEECH), gap_s=0.8)
-    path = tmp_path_factory.mktemp("live") / "speech.wav"
-    sf.write(path, x, RATE, subtype="PCM_16")
-    return path
 
 
 def streamed(path: Path, message_bytes: int, **options: object) -> list[LiveEvent]:

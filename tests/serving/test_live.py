@@ -13,15 +13,7 @@ import soundfile as sf
 from emoserve.inference.protocol import StreamOptions
 from emoserve.serving.live import MAX_PENDING_SEGMENTS, LiveStream
 from emoserve.serving.metrics import Metrics
-from tests.support.audio import RATE, SPEECH, joined
-
-
-@pytest.fixture(scope="module")
-def speech(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    x, _ = joined((*SPEECH, *SPEECH), gap_s=0.8)
-    path = tmp_path_factory.mktemp("stream") / "speech.wav"
-    sf.write(path, x, RATE, subtype="PCM_16")
-    return path
+from tests.support.audio import RATE, SPEECH
 
 
 def pcm(path: Path) -> bytes:
