@@ -1,4 +1,4 @@
-"""`emoserve predict`: files, folders and globs scored (`inference/files.score_files`, or Ray Data with
+"""`emoserve predict`: files, folders and globs scored (`inference/corpus.score_files`, or Ray Data with
 --ray), or with --segments each file's emotion timeline (`inference/timeline.write_timelines`)."""
 
 from __future__ import annotations
