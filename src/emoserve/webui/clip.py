@@ -70,7 +70,7 @@ def clip_tab(service: UIService, outputs: UIOutputs, concurrency_limit: int | No
     async def recognise_with_head(
         audio: str | None, granularity: str, embedding: bool, head: str
     ) -> tuple[Any, ...]:
-        chosen = None if head == NO_HEAD else head
+        chosen = chosen_head(head)
         return render(await recognize(service, outputs, audio, granularity, embedding, chosen))
 
     handler: Any = recognise_with_head if inputs.head is not None else recognise
@@ -95,6 +95,18 @@ class _Inputs:
 NO_HEAD = "none: the nine emotions only"
 
 
+def head_input(heads: list[str], label: str, elem_id: str) -> gr.Dropdown | None:
+    """The served heads to pick from (the first by default, or none), on a server that has any."""
+    if not heads:
+        return None
+    return gr.Dropdown([NO_HEAD, *heads], value=heads[0], label=label, elem_id=elem_id)
+
+
+def chosen_head(picked: str) -> str | None:
+    """The head the dropdown names, None for the nine emotions only."""
+    return None if picked == NO_HEAD else picked
+
+
 def audio_input(label: str, elem_id: str) -> gr.Audio:
     """An upload or a recording, as its file's path: a clip's log reports the file's own rate and
     channels; a long recording's path goes to open_timeline, which streams the file."""
@@ -110,14 +122,7 @@ def _inputs(heads: list[str]) -> _Inputs:
         elem_id="granularity",
     )
     embedding = gr.Checkbox(False, label="Extract embedding (embedding.npy)", elem_id="embedding")
-    head = None
-    if heads:
-        head = gr.Dropdown(
-            [NO_HEAD, *heads],
-            value=heads[0],
-            label="Your labels (a head from emoserve train-head)",
-            elem_id="head",
-        )
+    head = head_input(heads, "Your labels (a head from emoserve train-head)", "head")
     start = gr.Button("Recognise", variant="primary", elem_id="start-button")
     gr.Examples(
         [[str(EXAMPLES_DIR / name)] for name, _ in EXAMPLES],

@@ -29,7 +29,7 @@ from emoserve.webui.charts import (
     segment_table,
     timeline_svg,
 )
-from emoserve.webui.clip import NO_HEAD, audio_input
+from emoserve.webui.clip import audio_input, chosen_head, head_input
 from emoserve.webui.protocol import UIService
 from emoserve.webui.saved import SavedTimeline, UIOutputs, saved_line
 from emoserve.webui.status import (
@@ -88,7 +88,7 @@ def long_recording_tab(service: UIService, outputs: UIOutputs) -> None:
         head: str,
     ) -> AsyncIterator[tuple[Any, ...]]:
         request = timeline_request(service, audio, channels, max_segment_s, threshold, segments)
-        request = dataclasses.replace(request, head=None if head == NO_HEAD else head)
+        request = dataclasses.replace(request, head=chosen_head(head))
         async for values in timeline_updates(service, outputs, request):
             yield values
 
@@ -138,14 +138,7 @@ def _inputs(heads: list[str]) -> _Inputs:
         type="filepath",
         elem_id="tl-segments",
     )
-    head = None
-    if heads:
-        head = gr.Dropdown(
-            [NO_HEAD, *heads],
-            value=heads[0],
-            label="Your labels on each segment (a head from emoserve train-head)",
-            elem_id="tl-head",
-        )
+    head = head_input(heads, "Your labels on each segment (a head from emoserve train-head)", "tl-head")
     with gr.Row():
         start = gr.Button("Build timeline", variant="primary", elem_id="tl-start")
         stop = gr.Button("Stop", variant="stop", elem_id="tl-stop")
