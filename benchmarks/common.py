@@ -426,8 +426,8 @@ def header(title: str, args: argparse.Namespace, runs: int) -> None:
     facts = {
         "date": time.strftime("%Y-%m-%d %H:%M %Z"),
         "machine": f"{os.cpu_count()} CPUs, {cpu_model()}, {platform.machine()}",
-        "python / torch / onnxruntime": f"{platform.python_version()} / torch {version('torch')} / "
-        f"onnxruntime {version('onnxruntime')}",
+        "python / torch / onnxruntime / openvino": f"{platform.python_version()} / torch "
+        f"{version('torch')} / onnxruntime {version('onnxruntime')} / openvino {_version('openvino')}",
         "model": f"RANDOM weights, preset {args.preset}",
         "runs": f"{runs}{' (--quick)' if args.quick else ''}",
         "load": load_average(),
@@ -436,6 +436,13 @@ def header(title: str, args: argparse.Namespace, runs: int) -> None:
     for key, value in facts.items():
         print(f"- {key}: {value}")
     print()
+
+
+def _version(package: str) -> str:
+    try:
+        return version(package)
+    except Exception:
+        return "not installed"
 
 
 def load_average() -> str:

@@ -13,10 +13,14 @@ from tests.support.paths import FIXTURE
 @pytest.fixture(autouse=True)
 def _cache_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Every test gets an empty model cache, never the user's; conversions skip the ONNX export
-    (~20 s even for the tiny model) except where a test asks for it (tests/model/test_export.py)."""
+    (~20 s even for the tiny model) except where a test asks for it (tests/model/test_export.py). The
+    commands and servers a test starts run float32 (EMOSERVE_DTYPE): their results are compared with
+    the reference's and the library's float32 numbers, whatever this machine's CPU has (`--dtype auto`
+    would take bfloat16 on one with native bf16; tests/inference/test_precision.py tests that choice)."""
     home = tmp_path_factory.mktemp("emoserve-home")
     monkeypatch.setenv("EMOSERVE_HOME", str(home))
     monkeypatch.setenv("EMOSERVE_EXPORT_ONNX", "0")
+    monkeypatch.setenv("EMOSERVE_DTYPE", "float32")
     return home
 
 
@@ -28,7 +32,8 @@ def tiny_recognizer(tmp_path_factory: pytest.TempPathFactory):
     mp.setenv("EMOSERVE_HOME", str(tmp_path_factory.mktemp("tiny-home")))
     mp.setenv("EMOSERVE_EXPORT_ONNX", "0")
     try:
-        yield load_model(FIXTURE / "model", backend="torch", device="cpu", progress=False)
+        # float32 explicitly: the reference's numbers (`auto` may take bfloat16 on this machine's CPU)
+        yield load_model(FIXTURE / "model", backend="torch", device="cpu", dtype="float32", progress=False)
     finally:
         mp.undo()
 
@@ -45,7 +50,15 @@ def tiny_onnx_entry(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_onnx(tiny_onnx_entry: Path):
     from emoserve.inference.recognizer import load_model
 
-    return load_model(tiny_onnx_entry, backend="onnx", threads=1, progress=False)
+    return load_model(tiny_onnx_entry, backend="onnx", dtype="float32", threads=1, progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_openvino(tiny_onnx_entry: Path):
+    """The fixture model on OpenVINO at float32 (its compiled model cached in the entry)."""
+    from emoserve.inference.recognizer import load_model
+
+    return load_model(tiny_onnx_entry, backend="openvino", dtype="float32", threads=1, progress=False)
 
 
 @pytest.fixture(scope="session")

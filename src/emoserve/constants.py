@@ -48,11 +48,13 @@ MAX_QUEUE = 64  # waiting requests; beyond it submit raises QueueFull
 
 
 # The model options (`load_model`, `emoserve serve`/`predict`, Ray): one list each
-Backend = Literal["auto", "torch", "onnx"]
-BACKENDS: tuple[Backend, ...] = ("auto", "torch", "onnx")
-# half precision on GPUs (torch), int8 on CPUs (onnx)
-Dtype = Literal["float32", "float16", "bfloat16", "int8"]
-DTYPES: tuple[Dtype, ...] = ("float32", "float16", "bfloat16", "int8")
+Backend = Literal["auto", "torch", "onnx", "openvino"]
+BACKENDS: tuple[Backend, ...] = ("auto", "torch", "onnx", "openvino")
+# auto: the fastest precision the machine has natively whose agreement with float32 was measured and
+# passed (inference/precision.py); bfloat16 on CPUs with native bf16 (openvino, torch) and on GPUs,
+# float16 on GPUs (torch), int8 on CPUs (onnx, opt-in only)
+Dtype = Literal["auto", "float32", "float16", "bfloat16", "int8"]
+DTYPES: tuple[Dtype, ...] = ("auto", "float32", "float16", "bfloat16", "int8")
 # where a missing model is downloaded from: "auto" tries Hugging Face, then ModelScope
 Hub = Literal["auto", "hf", "ms"]
 HUBS: tuple[Hub, ...] = ("auto", "hf", "ms")

@@ -1,5 +1,5 @@
-"""Facts about this machine and process, from the operating system: physical cores, the process's age and
-resident memory, and giving freed memory back to the system.
+"""Facts about this machine and process, from the operating system: physical cores, the CPU's flags, the
+process's age and resident memory, and giving freed memory back to the system.
 
 Giving freed memory back, in a long-running process (glibc; elsewhere nothing is done).
 
@@ -72,6 +72,20 @@ def physical_cores() -> int:
     except OSError:
         pass
     return max(1, min(logical, len(cores) or logical))
+
+
+def cpu_flags(cpuinfo: str | os.PathLike[str] = "/proc/cpuinfo") -> frozenset[str]:
+    """The CPU's feature flags (`flags` of the first processor in /proc/cpuinfo: avx512_bf16, amx_bf16, ...);
+    empty where the file is not there (not Linux) or lists none."""
+    try:
+        with open(cpuinfo, encoding="ascii", errors="replace") as lines:
+            for line in lines:
+                key, _, value = line.partition(":")
+                if key.strip() == "flags":
+                    return frozenset(value.split())
+    except OSError:
+        pass
+    return frozenset()
 
 
 def process_age_s() -> float:

@@ -23,13 +23,12 @@ def assert_matches_reference(result: Result, clip: str, granularity: str) -> Non
     np.testing.assert_allclose(result.embedding, ref["feats"], atol=EMBEDDING_TOL, rtol=0, err_msg=clip)
 
 
-@pytest.fixture(params=["torch", "onnx"])
+@pytest.fixture(params=["torch", "onnx", "openvino"])
 def backend(request: pytest.FixtureRequest) -> Recognizer:
-    """The fixture model on each backend: both are held to the reference's tolerances."""
-    recognizer: Recognizer = request.getfixturevalue(
-        "tiny_recognizer" if request.param == "torch" else "tiny_onnx"
-    )
-    assert recognizer.backend.name == request.param
+    """The fixture model on each backend at float32: all are held to the reference's tolerances."""
+    fixture = {"torch": "tiny_recognizer", "onnx": "tiny_onnx", "openvino": "tiny_openvino"}[request.param]
+    recognizer: Recognizer = request.getfixturevalue(fixture)
+    assert (recognizer.backend.name, recognizer.dtype) == (request.param, "float32")
     return recognizer
 
 

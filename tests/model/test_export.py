@@ -44,9 +44,12 @@ def test_conversion_records_a_checked_graph(tiny_onnx_entry: Path) -> None:
     assert not [p.name for p in tiny_onnx_entry.iterdir() if p.name.startswith(".")]  # no work files left
 
 
-def test_the_onnx_backend_never_imports_torch(tiny_onnx_entry: Path, tiny_recognizer: Recognizer) -> None:
+@pytest.mark.parametrize("runtime", ["onnx", "openvino"])
+def test_the_graph_backends_never_import_torch(
+    tiny_onnx_entry: Path, tiny_recognizer: Recognizer, runtime: str
+) -> None:
     """As in an environment without torch: importing it fails, and load + predict (both granularities,
-    embeddings, a padded batch) still work and give the torch backend's numbers; `auto` picks onnx."""
+    embeddings, a padded batch) still work and give the torch backend's numbers at float32."""
     code = f"""
 import importlib.abc, json, sys
 class NoTorch(importlib.abc.MetaPathFinder):
@@ -56,7 +59,7 @@ class NoTorch(importlib.abc.MetaPathFinder):
 sys.meta_path.insert(0, NoTorch())
 import numpy as np
 import emoserve
-rec = emoserve.load_model({str(tiny_onnx_entry)!r}, threads=1)
+rec = emoserve.load_model({str(tiny_onnx_entry)!r}, backend={runtime!r}, dtype="float32", threads=1)
 frame = rec.predict({str(CLIP)!r}, "frame", embedding=True)
 batch = rec.predict_many([(np.load({str(FIXTURE / "waves" / "en_1s_16k.wav.npz")!r})["wave"], 16000),
                           {str(CLIP)!r}], batch_size=2, max_padding=None)
@@ -67,16 +70,21 @@ print(json.dumps({{"backend": rec.backend.name, "torch": "torch" in sys.modules,
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     got = json.loads(done.stdout.splitlines()[-1])
-    assert got["backend"] == "onnx" and got["torch"] is False
+    assert got["backend"] == runtime and got["torch"] is False
     want = tiny_recognizer.predict(CLIP, "frame", embedding=True)
     assert got["frames"] == len(want.frames or []) and tuple(got["emb"]) == want.embedding.shape
     np.testing.assert_allclose(list(got["frame"].values()), scores(want), atol=SCORE_TOL)
     np.testing.assert_allclose(list(got["batch"][1].values()), scores(want), atol=SCORE_TOL)
 
 
-def test_auto_picks_onnx_on_a_cpu_when_the_graph_is_there(tiny_onnx_entry: Path) -> None:
-    assert load_model(tiny_onnx_entry, threads=1).backend.name == "onnx"
-    assert load_model(tiny_onnx_entry, backend="torch", threads=1).backend.name == "torch"
+def test_auto_picks_the_fastest_runtime_installed_on_a_cpu_when_the_graph_is_there(
+    tiny_onnx_entry: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """float32: openvino, then onnx (backend.FASTEST, measured); torch when asked for."""
+    assert load_model(tiny_onnx_entry, dtype="float32", threads=1).backend.name == "openvino"
+    assert load_model(tiny_onnx_entry, backend="torch", dtype="float32", threads=1).backend.name == "torch"
+    monkeypatch.setattr(backend, "openvino_installed", lambda: False)
+    assert load_model(tiny_onnx_entry, dtype="float32", threads=1).backend.name == "onnx"
 
 
 def test_an_entry_without_a_graph_runs_on_torch_and_says_so(
@@ -84,7 +92,7 @@ def test_an_entry_without_a_graph_runs_on_torch_and_says_so(
 ) -> None:
     entry = convert(FIXTURE / "model", tmp_path / "entry", onnx=False)
     with caplog.at_level(logging.WARNING, "emoserve"):
-        rec = load_model(entry)
+        rec = load_model(entry, dtype="float32")
     assert rec.backend.name == "torch"
     [line] = [
         r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING and "ONNX" in r.getMessage()
@@ -92,17 +100,20 @@ def test_an_entry_without_a_graph_runs_on_torch_and_says_so(
     assert "emoserve convert" in line
 
 
-def test_without_onnxruntime_auto_falls_back_to_torch_with_one_line(
+def test_without_a_graph_runtime_auto_falls_back_to_torch_with_one_line(
     tiny_onnx_entry: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     monkeypatch.setattr(backend, "onnxruntime_installed", lambda: False)
+    monkeypatch.setattr(backend, "openvino_installed", lambda: False)
     with caplog.at_level(logging.INFO, "emoserve"):
-        rec = load_model(tiny_onnx_entry, threads=1)
+        rec = load_model(tiny_onnx_entry, dtype="float32", threads=1)
     assert rec.backend.name == "torch"
-    lines = [r.getMessage() for r in caplog.records if "onnxruntime" in r.getMessage()]
-    assert len(lines) == 1 and "not installed" in lines[0]
+    lines = [r.getMessage() for r in caplog.records if "not installed" in r.getMessage()]
+    assert len(lines) == 1 and "openvino and onnxruntime are" in lines[0]
     with pytest.raises(ValueError, match="needs onnxruntime"):
         load_model(tiny_onnx_entry, backend="onnx")
+    with pytest.raises(ValueError, match="needs openvino"):
+        load_model(tiny_onnx_entry, backend="openvino")
 
 
 @pytest.mark.parametrize(
@@ -110,6 +121,10 @@ def test_without_onnxruntime_auto_falls_back_to_torch_with_one_line(
     [
         ({"backend": "torch", "dtype": "int8"}, "int8 runs on the onnx backend"),
         ({"backend": "onnx", "device": "cuda"}, "runs on the CPU"),
+        ({"backend": "openvino", "device": "cuda"}, "runs on the CPU"),
+        ({"backend": "openvino", "dtype": "int8"}, "int8 runs on the onnx backend"),
+        ({"backend": "onnx", "dtype": "bfloat16", "device": "cpu"}, "onnx backend runs float32 or int8"),
+        ({"device": "cpu", "dtype": "float16"}, "float16 is for GPUs"),
         ({"backend": "tensorrt"}, "backend is 'tensorrt'"),
         ({"dtype": "int4"}, "dtype is 'int4'"),
     ],
@@ -124,7 +139,7 @@ def test_options_that_do_not_go_together_are_refused(
 def test_int8_is_close_to_float32_and_its_deltas_are_reported(
     tiny_onnx_entry: Path, tiny_onnx: Recognizer, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    rec = load_model(tiny_onnx_entry, dtype="int8", threads=1)
+    rec = load_model(tiny_onnx_entry, dtype="int8", threads=1)  # int8 only when asked for: onnx
     assert (rec.backend.name, rec.dtype) == ("onnx", "int8")
     for clip in ("en_1s_16k.wav", "zh_3s_16k.wav"):
         got, want = rec.predict((wave(clip), 16000)), tiny_onnx.predict((wave(clip), 16000))
@@ -156,7 +171,7 @@ def test_a_failed_export_leaves_a_working_entry_that_says_why(
     assert info.onnx_graph() is None and "exporter exploded" in info.onnx["float32"]["error"]
     assert not list(entry.glob("*.onnx*"))
     with caplog.at_level(logging.WARNING, "emoserve"):
-        assert load_model(entry).backend.name == "torch"
+        assert load_model(entry, dtype="float32").backend.name == "torch"
     assert any("exporter exploded" in r.getMessage() for r in caplog.records)
     with pytest.raises(ValueError, match="exporter exploded"):
         load_model(entry, backend="onnx")
@@ -186,10 +201,10 @@ def test_a_changed_source_is_converted_and_exported_again(
     monkeypatch.setattr(onnx_export, "write_onnx", fake_write)
     monkeypatch.setenv("EMOSERVE_EXPORT_ONNX", "1")
     model_dir = copy_fixture(tmp_path)
-    entry = load_model(model_dir, backend="torch").info.path
+    entry = load_model(model_dir, backend="torch", dtype="float32").info.path
     assert (entry / "model.onnx").read_text() == "graph 0"
     os.utime(model_dir / "model.pt", ns=(1, 1))  # "changed": another mtime
-    assert load_model(model_dir, backend="torch").info.path == entry
+    assert load_model(model_dir, backend="torch", dtype="float32").info.path == entry
     assert (entry / "model.onnx").read_text() == "graph 1" and len(exports) == 2
 
 

@@ -36,6 +36,7 @@ from .reference import EMBEDDING_TOL, SCORE_TOL, wave
 LIVE = Settings(
     model=str(MODEL),
     device="cpu",
+    dtype="float32",  # the reference's numbers: results are compared with the library's at float32
     # the tiny model's ops take microseconds; a second thread mostly waits (tests/serving/test_engine.py)
     threads=1,
     ui=False,

@@ -48,13 +48,18 @@ class ModelOptions:
     )
     backend: Backend = _option(  # noqa: RUF009
         "auto",
-        "onnx (ONNX Runtime, CPU, no torch), torch, or auto: onnx on a CPU when the model has its graph, "
-        "else torch",
+        "openvino or onnx (CPU, no torch), torch, or auto: on a CPU the fastest runtime installed for the "
+        "dtype (measured) that can run the model, torch on a GPU",
         choices=BACKENDS,
     )
     device: str = _option("auto", "auto (CUDA when present), cpu, cuda, cuda:N")
     dtype: Dtype = _option(  # noqa: RUF009
-        "float32", "float16/bfloat16 on a GPU only (torch); int8 on a CPU only (onnx)", choices=DTYPES
+        "auto",
+        "auto: the fastest precision this machine has natively whose agreement with float32 was measured "
+        "and passed (bfloat16 on a CPU with AMX or AVX512-BF16, else float32; never int8); float32: the "
+        "reference's numbers; bfloat16 on such a CPU (openvino, torch) or a GPU; float16 on a GPU; int8 on "
+        "a CPU (onnx, opt-in)",
+        choices=DTYPES,
     )
     hub: Hub = _option("auto", "where to download a missing model from", choices=HUBS)  # noqa: RUF009
     # Not a declared option: each command says its own limit (--max-seconds), the server its max_audio_s

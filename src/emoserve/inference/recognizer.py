@@ -29,9 +29,10 @@ from emoserve.constants import (
     Hub,
 )
 from emoserve.errors import ModelOutputError
-from emoserve.inference.backend import Backend, choose_backend, onnx_graph
+from emoserve.inference.backend import Backend, open_backend
 from emoserve.inference.heads import head_result
 from emoserve.inference.options import ModelOptions
+from emoserve.inference.precision import choose_precision
 from emoserve.inference.results import FrameResult, Result
 from emoserve.model.cache import ensure_intact, resolve
 from emoserve.model.entry import ModelInfo, read_entry
@@ -56,10 +57,18 @@ MAX_PADDING = 0.05
 class Recognizer:
     """One loaded model. Not thread-safe: share it between threads through an engine."""
 
-    def __init__(self, backend: Backend, info: ModelInfo, *, max_seconds: float | None = DEFAULT_MAX_SECONDS):
+    def __init__(
+        self,
+        backend: Backend,
+        info: ModelInfo,
+        *,
+        max_seconds: float | None = DEFAULT_MAX_SECONDS,
+        reason: str = "",
+    ):
         self.backend = backend
         self.info = info
         self.max_seconds = max_seconds
+        self.reason = reason  # why this backend and dtype (`load_model`'s choice): the log, GET /v1/model
         self.labels: tuple[Label, ...] = tuple(label for label in info.labels if not label.masked)
         # labels named `unuse_*` get -inf logits: the same as a softmax over the others alone
         self._kept = np.array([i for i, label in enumerate(info.labels) if not label.masked])
@@ -179,7 +188,7 @@ class Recognizer:
 
     def interrupt(self) -> bool:
         """Stop the model call in progress from another thread (it raises), where the backend can: the
-        onnx backend can, torch cannot. True: a call was asked to stop."""
+        onnx backend can; torch and openvino cannot. True: a call was asked to stop."""
         interrupt = getattr(self.backend, "interrupt", None)
         return bool(interrupt()) if interrupt is not None else False
 
@@ -311,7 +320,7 @@ def load_model(
     *,
     backend: str = "auto",
     device: str = "auto",
-    dtype: str = "float32",
+    dtype: str = "auto",
     hub: Hub = "auto",
     max_seconds: float | None = DEFAULT_MAX_SECONDS,
     threads: int | None = None,
@@ -319,29 +328,29 @@ def load_model(
 ) -> Recognizer:
     """Resolve `model` (directory or name; default emotion2vec_plus_large) and load it ready to use.
 
-    `backend`: "onnx" (ONNX Runtime, CPU, no torch imported), "torch", or "auto": onnx on a CPU when
-    onnxruntime is installed and the entry has its graph, else torch (always torch on a GPU).
-    `dtype` "int8" (dynamically quantized matmuls) is onnx-only; float16/bfloat16 are torch on a GPU."""
+    `dtype` "auto": the fastest precision this machine has natively whose agreement with float32 was
+    measured and passed (bfloat16 on a CPU with native bf16, else float32; `inference/precision.py`);
+    "float32" gives the reference's numbers; "bfloat16" on such a CPU (openvino, torch) or a GPU;
+    "float16" on a GPU; "int8" (dynamically quantized matmuls, onnx) only when asked for.
+    `backend`: "openvino" or "onnx" (CPU, no torch imported), "torch", or "auto": on a CPU the fastest
+    runtime installed for the dtype (`backend.FASTEST`, measured) that can run the entry, torch on a GPU."""
     if backend not in BACKENDS:
         raise ValueError(f"backend is {backend!r}; choose from {', '.join(BACKENDS)}")
     if dtype not in DTYPES:
         raise ValueError(f"dtype is {dtype!r}; choose from {', '.join(DTYPES)}")
     entry = ensure_intact(resolve(model, hub_name=hub, progress=progress))
     info = read_entry(entry)
-    chosen = choose_backend(backend, device, dtype, info)
-    runner: Backend
-    if chosen == "onnx":
-        from emoserve.inference.onnx_backend import OnnxBackend
-
-        runner = OnnxBackend(onnx_graph(info, dtype), dtype, threads or physical_cores())
-    else:
-        from emoserve.inference.torch_backend import TorchBackend
-
-        runner = TorchBackend.load(entry, device=device, dtype=dtype, threads=threads or physical_cores())
-    log.info("%s runs on the %s backend (%s, %s)", info.name, runner.name, runner.device, runner.dtype)
+    threads = threads or physical_cores()
+    dtype, chosen, why = choose_precision(backend, device, dtype, info, threads)
+    runner = open_backend(chosen, dtype, info, device, threads)
+    how = "as asked" if backend == chosen else f"the fastest installed for {dtype} that runs this model"
+    reason = f"dtype {why}; backend {chosen}: {how}"
+    log.info(
+        "%s runs on the %s backend (%s, %s): %s", info.name, runner.name, runner.device, runner.dtype, reason
+    )
     if info.random_weights:
         log.warning("%s has RANDOM weights: its predictions are meaningless", info.name)
-    return Recognizer(runner, info, max_seconds=max_seconds)
+    return Recognizer(runner, info, max_seconds=max_seconds, reason=reason)
 
 
 def load_with(options: ModelOptions, *, progress: bool = True) -> Recognizer:

@@ -1,6 +1,7 @@
 """The PyTorch backend: the network of `model/network.py` with weights memory-mapped from a cache entry.
 
-Runs on CPUs and GPUs (float16/bfloat16 on GPUs only); on a CPU the onnx backend is usually faster.
+Runs on CPUs and GPUs: float16 on GPUs, bfloat16 on GPUs and on CPUs with native bf16 (the weights cast
+to bf16 at load; `inference/precision.py` checks the CPU); on a CPU openvino or onnx is usually faster.
 """
 
 from __future__ import annotations
@@ -85,6 +86,6 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype not in TORCH_DTYPES:
         choices = ", ".join(TORCH_DTYPES)
         raise ValueError(f"dtype {dtype!r} is not for the torch backend; choose from {choices}")
-    if device.type == "cpu" and dtype != "float32":
-        raise ValueError(f"dtype {dtype} is for GPUs; on the CPU use float32")
+    if device.type == "cpu" and dtype == "float16":
+        raise ValueError("dtype float16 is for GPUs; on the CPU use float32 (or bfloat16 where it is native)")
     return TORCH_DTYPES[dtype]

@@ -25,6 +25,7 @@ from emoserve.model.entry import (
     is_published_dir,
     is_random_dir,
     read_entry,
+    read_manifest,
     source_stamp,
 )
 
@@ -204,7 +205,9 @@ def describe(model: str | os.PathLike[str] | None) -> dict[str, Any]:
     if is_entry(path):
         info = read_entry(path)
         config, labels, params, random = info.config, info.labels, info.num_parameters, info.random_weights
-        extra: dict[str, Any] = {"source": info.source, "onnx": info.onnx}
+        # agreement: each lower precision's measured agreement with float32 (inference/precision.py)
+        agreement = read_manifest(path).get("agreement", {})
+        extra: dict[str, Any] = {"source": info.source, "onnx": info.onnx, "agreement": agreement}
     elif is_published_dir(path):
         from emoserve.model.checkpoint import read_published
 

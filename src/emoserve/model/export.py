@@ -28,7 +28,7 @@ import torch
 
 from emoserve.constants import FALSE_WORDS, SAMPLE_RATE
 from emoserve.errors import ExportError
-from emoserve.model.interface import INPUTS, OUTPUTS, open_session, pad, softmax
+from emoserve.model.interface import INPUTS, OUTPUTS, open_session, pad, softmax, speech_like
 from emoserve.model.network import Emotion2vec
 from emoserve.system import physical_cores
 
@@ -108,7 +108,7 @@ def _quiet_exporter() -> Iterator[None]:
 
 def export(model: Emotion2vec, path: Path) -> Path:
     lengths = torch.tensor([SAMPLE_RATE, SAMPLE_RATE * 3 // 4])
-    waves = torch.from_numpy(_speech_like(np.random.default_rng(0), SAMPLE_RATE))[None].repeat(2, 1)
+    waves = torch.from_numpy(speech_like(np.random.default_rng(0), SAMPLE_RATE))[None].repeat(2, 1)
     batch, samples = torch.export.Dim("batch", min=1), torch.export.Dim("samples", min=400)
     with _quiet_exporter():
         program = torch.onnx.export(
@@ -193,7 +193,7 @@ def parity(model: Emotion2vec, graph: Path, dtype: str) -> dict[str, float]:
     worst = {"scores": 0.0, "frame_scores": 0.0, "embeddings": 0.0}
     scale = 1.0
     for seconds in ([1.0], [2.0, 1.3]):
-        clips = [_speech_like(rng, int(s * SAMPLE_RATE)) for s in seconds]
+        clips = [speech_like(rng, int(s * SAMPLE_RATE)) for s in seconds]
         waves, lengths = pad(clips)
         with torch.inference_mode():
             want = [t.numpy() for t in model.outputs(torch.from_numpy(waves), torch.from_numpy(lengths))]
@@ -229,12 +229,3 @@ def parity(model: Emotion2vec, graph: Path, dtype: str) -> dict[str, float]:
                 f"and {worst['embeddings']:.3g} in embeddings (tolerance {EMBEDDING_TOL * scale:.3g})"
             )
     return {key: float(f"{value:.3g}") for key, value in worst.items()}
-
-
-def _speech_like(rng: np.random.Generator, n: int) -> np.ndarray:
-    """A voiced, syllable-paced test signal with a little noise (no real speech is needed: only the
-    two paths' agreement on it)."""
-    t = np.arange(n) / SAMPLE_RATE
-    pitch = 2 * np.pi * np.cumsum(140 + 40 * np.sin(2 * np.pi * 0.7 * t)) / SAMPLE_RATE
-    voiced = sum(np.sin(k * pitch) / k for k in range(1, 6)) * (0.55 + 0.45 * np.sin(2 * np.pi * 4 * t))
-    return (0.2 * voiced + 0.01 * rng.standard_normal(n)).astype(np.float32)

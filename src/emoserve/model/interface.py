@@ -11,6 +11,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from emoserve.constants import SAMPLE_RATE
+
 
 class Outputs(NamedTuple):
     """A backend's answer for one padded batch, all numpy float32 but the lengths."""
@@ -108,3 +110,12 @@ def open_session(graph: Path, threads: int, *, optimise: bool = False, options: 
     return ort.InferenceSession(
         str(graph), options or session_options(threads, optimise=optimise), providers=["CPUExecutionProvider"]
     )
+
+
+def speech_like(rng: np.random.Generator, n: int) -> np.ndarray:
+    """A voiced, syllable-paced test signal with a little noise (no real speech is needed: only the
+    two paths' agreement on it)."""
+    t = np.arange(n) / SAMPLE_RATE
+    pitch = 2 * np.pi * np.cumsum(140 + 40 * np.sin(2 * np.pi * 0.7 * t)) / SAMPLE_RATE
+    voiced = sum(np.sin(k * pitch) / k for k in range(1, 6)) * (0.55 + 0.45 * np.sin(2 * np.pi * 4 * t))
+    return (0.2 * voiced + 0.01 * rng.standard_normal(n)).astype(np.float32)

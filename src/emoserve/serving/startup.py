@@ -63,13 +63,14 @@ def load(settings: Settings, metrics: Metrics) -> Loaded:
     heads = served_heads(settings, recognizer)
     summary["heads"] = [head.summary() for head in heads.values()]
     log.info(
-        "model loaded in %.2f s: %s on the %s backend, %s (%s)%s",
+        "model loaded in %.2f s: %s on the %s backend, %s (%s)%s; %s",
         seconds,
         recognizer.info.name,
         recognizer.backend.name,
         recognizer.device,
         summary["dtype"],
         ", RANDOM weights" if recognizer.random_weights else "",
+        recognizer.reason,
     )
     max_timeline_s = settings.effective_max_timeline_s(recognizer.device_type)
     return Loaded(recognizer, summary, heads, max_audio_s, max_timeline_s, seconds)
@@ -85,6 +86,7 @@ def model_summary(recognizer: Recognizer, max_audio_s: float) -> dict[str, Any]:
         "backend": recognizer.backend.name,
         "device": recognizer.device,
         "dtype": recognizer.dtype,
+        "reason": recognizer.reason,  # why this backend and dtype (`--dtype auto`, `--backend auto`)
         "parameters": info.num_parameters,
         "max_audio_s": max_audio_s,
     }
