@@ -198,7 +198,8 @@ class Recognizer:
         try:
             out = self.backend.run(waves, lengths, frames=granularity == "frame")
         finally:
-            trim()  # the call's activations are freed: their pages go back to the system (system.py)
+            if self.device_type == "cpu":  # on a GPU the activations live in device memory: nothing to trim
+                trim()  # the call's activations are freed: their pages go back to the system (system.py)
         if bad := [clip.source for i, clip in enumerate(clips) if not finite(out, i)]:
             raise ModelOutputError(bad)
         scores = softmax(out.logits[:, self._kept])
