@@ -135,3 +135,76 @@ def _status(url: str) -> int:
         return httpx.get(url, timeout=5).status_code
     except httpx.TransportError:
         return 0
+
+
+def image_packages_needed() -> dict[str, str]:
+    """The GPU image's distributions that emoserve (without extras) reaches through distributions the device
+    has (the image's and the carried wheels'), at this environment's versions: what a simulated device
+    installs before the wheels. A dependency neither there nor carried (gradio, PyAV) is not followed."""
+    from importlib.metadata import PackageNotFoundError, requires, version
+
+    from packaging.requirements import Requirement
+
+    image, wheels = listed(IMAGE_LIST), listed(WHEELS_LIST)
+    needed: dict[str, str] = {}
+    seen: set[str] = set()
+    todo = ["emoserve"]
+    while todo:
+        name = todo.pop()
+        for text in requires(name) or []:
+            requirement = Requirement(text)
+            if requirement.marker is not None and not requirement.marker.evaluate({"extra": ""}):
+                continue
+            dep = normalized(requirement.name)
+            if dep in seen or dep not in image | wheels:
+                continue
+            seen.add(dep)
+            try:
+                pinned = version(dep)
+            except PackageNotFoundError:
+                continue
+            if dep in image and dep not in wheels:
+                needed[dep] = pinned
+            todo.append(dep)
+    return needed
+
+
+@dataclass(frozen=True)
+class SimulatedDevice:
+    python: Path  # a virtual environment's interpreter: the image's packages emoserve needs, nothing else
+    wheels: Path  # what scripts/device-wheels.sh fetches, for this interpreter's version
+
+
+def simulated_device(cache_root: Path) -> SimulatedDevice:
+    """A clean virtual environment standing in for the GPU machine's Python (CPU torch instead of CUDA's,
+    this interpreter's version instead of 3.12), and the carried wheels fetched by the real script. Kept
+    under `cache_root`, keyed by everything that goes into it: a rerun with nothing changed takes seconds."""
+    import hashlib
+
+    packages = image_packages_needed()
+    python_version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    recipe = json.dumps(
+        [packages, python_version, WHEELS_LIST.read_text(), (SCRIPTS / "device-wheels.sh").read_text()]
+    )
+    home = cache_root / hashlib.sha256(recipe.encode()).hexdigest()[:16]
+    device = SimulatedDevice(home / "venv" / "bin" / "python", home / "wheels")
+    if (home / "done").exists():
+        return device
+    if home.exists():
+        import shutil
+
+        shutil.rmtree(home)
+    home.mkdir(parents=True)
+    run = {"check": True, "capture_output": True, "text": True, "timeout": 1200}
+    subprocess.run([sys.executable, "-m", "venv", str(home / "venv")], **run)
+    pins = [f"{name}=={version}" for name, version in sorted(packages.items())]
+    pip = [str(device.python), "-m", "pip", "install", "--quiet", "--no-deps", "--disable-pip-version-check"]
+    subprocess.run([*pip, *pins], **run)
+    env = os.environ | {
+        "WHEELS_DIR": str(device.wheels),
+        "VERSIONS_PYTHON": sys.executable,  # this environment's versions, as .venv's on the real run
+        "DEVICE_PYTHON_VERSION": python_version,
+    }
+    subprocess.run(["bash", str(SCRIPTS / "device-wheels.sh")], env=env, cwd=ROOT, **run)
+    (home / "done").write_text(recipe)
+    return device
