@@ -163,7 +163,7 @@ def image_packages_needed() -> dict[str, str]:
                 pinned = version(dep)
             except PackageNotFoundError:
                 continue
-            if dep in image and dep not in wheels:
+            if dep in image:  # also when carried (anyio, typing_extensions): the image has its own
                 needed[dep] = pinned
             todo.append(dep)
     return needed
