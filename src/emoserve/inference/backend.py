@@ -28,6 +28,7 @@ class Backend(Protocol):
     def run(self, waves: np.ndarray, lengths: np.ndarray, frames: bool) -> Outputs: ...
 
     # optional: `interrupt() -> bool` stops the call in progress from another thread (OnnxBackend)
+    # optional: `padded_width(samples) -> int`, the width `run` pads a batch of `samples` to (both backends)
 
 
 def choose_backend(backend: str, device: str, dtype: str, info: ModelInfo) -> str:

@@ -70,6 +70,12 @@ class Recognizer:
     def device(self) -> str:
         return self.backend.device
 
+    def padded_width(self, samples: int) -> int:
+        """The samples the model computes for a batch whose longest clip has `samples`: the backend's
+        padding to a few widths included (model/interface.py)."""
+        padded_width = getattr(self.backend, "padded_width", None)
+        return int(padded_width(samples)) if padded_width is not None else samples
+
     @property
     def device_type(self) -> str:
         return self.backend.device.partition(":")[0]

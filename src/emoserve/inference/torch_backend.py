@@ -14,7 +14,7 @@ import torch
 
 from emoserve.inference.backend import warn_if_cuda_unusable
 from emoserve.model.convert import load_entry
-from emoserve.model.interface import CUDA_WIDTHS_PER_OCTAVE_LOG2, Outputs, pad_to_bucket
+from emoserve.model.interface import CUDA_WIDTHS_PER_OCTAVE_LOG2, Outputs, bucket_width, pad_to_bucket
 from emoserve.model.network import Emotion2vec
 
 log = logging.getLogger(__name__)
@@ -47,6 +47,10 @@ class TorchBackend:
     @property
     def dtype(self) -> str:
         return str(self.model.proj.weight.dtype).removeprefix("torch.")
+
+    def padded_width(self, samples: int) -> int:
+        on_cuda = self.model.proj.weight.device.type == "cuda"
+        return bucket_width(samples, CUDA_WIDTHS_PER_OCTAVE_LOG2) if on_cuda else samples
 
     def run(self, waves: np.ndarray, lengths: np.ndarray, frames: bool) -> Outputs:
         device = self.model.proj.weight.device
