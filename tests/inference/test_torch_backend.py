@@ -61,10 +61,15 @@ def no_allocator_variables(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture
 def float32_math_restored() -> Any:
-    matmul, conv = torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision
+    cudnn = torch.backends.cudnn
+    matmul, conv, rnn = (
+        torch.backends.cuda.matmul.fp32_precision,
+        cudnn.conv.fp32_precision,
+        cudnn.rnn.fp32_precision,
+    )
     yield
     torch.backends.cuda.matmul.fp32_precision = matmul
-    torch.backends.cudnn.conv.fp32_precision = conv
+    cudnn.conv.fp32_precision, cudnn.rnn.fp32_precision = conv, rnn
 
 
 # ------------------------------------------------------------------------------------------------ device
@@ -190,6 +195,7 @@ def test_float32_on_cuda_is_ieee_for_matmuls_and_convolutions(
     monkeypatch.setattr(torch_backend, "load_entry", tiny_model)
     TorchBackend.load(FIXTURE / "model", device="cuda", dtype="float32", threads=1)
     assert torch_backend.float32_math() == {"matmul": "ieee", "conv": "ieee"}
+    assert torch.backends.cudnn.rnn.fp32_precision == "ieee"  # the cuDNN flags agree
 
 
 def test_the_cpu_leaves_float32_math_alone(

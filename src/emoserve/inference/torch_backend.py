@@ -106,7 +106,11 @@ def set_float32_math() -> dict[str, str]:
     cores anyway. The `fp32_precision` switches are torch 2.9+'s (the `allow_tf32` flags warn there).
     Returns the settings in effect, for the log and the benchmark's header."""
     torch.backends.cuda.matmul.fp32_precision = "ieee"
+    # conv and rnn alike, so that the cuDNN flags agree (pytorch/pytorch#179445). Once these are set, torch
+    # 2.13 raises on a read of the legacy `cudnn.allow_tf32` ("a mix of the legacy and new APIs"): nothing
+    # in emoserve reads the legacy flags
     torch.backends.cudnn.conv.fp32_precision = "ieee"  # type: ignore[attr-defined]  # not in torch's stubs
+    torch.backends.cudnn.rnn.fp32_precision = "ieee"  # type: ignore[attr-defined]
     settings = float32_math()
     log.info("CUDA float32 math: matmul %(matmul)s, convolution %(conv)s (TF32 off)", settings)
     return settings
