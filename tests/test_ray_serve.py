@@ -85,6 +85,23 @@ def test_app_arguments_are_settings_or_ray_options_and_bad_ones_name_their_key()
 
 
 @pytest.mark.ray
+def test_replicas_ask_for_a_gpu_share_when_told() -> None:
+    """Ray hides the GPUs from an actor that asks for none: without num_gpus a replica on a GPU node serves
+    on the CPU (review cuda-2026-12 A5). Fractions share a GPU."""
+    from emoserve.ray_serve import RayOptions, deployment_options, split_args
+
+    _, options = split_args({"num_gpus": "0.5", "num_cpus": "2"})
+    assert options.num_gpus == 0.5
+    actor = deployment_options(Settings(), options)["ray_actor_options"]
+    assert actor == {"num_cpus": 2.0, "num_gpus": 0.5}
+    assert deployment_options(Settings(), RayOptions())["ray_actor_options"] == {"num_cpus": 1.0}
+    with pytest.raises(SettingsError, match=r"^num_gpus: -1.0 is out of range"):
+        split_args({"num_gpus": "-1"})
+    with pytest.raises(SettingsError, match=r"^num_gpus: 1 GPU per replica, but device is cpu"):
+        split_args({"num_gpus": "1", "device": "cpu"})
+
+
+@pytest.mark.ray
 def test_serve_options_are_sized_from_the_service_settings() -> None:
     from emoserve.ray_serve import RayOptions, deployment_options
 

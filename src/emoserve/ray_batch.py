@@ -62,13 +62,17 @@ def score_files(
     batch_size: int = 8,
     actors: int | None = None,
     cpus_per_actor: float = 1.0,
+    gpus_per_actor: float = 0.0,
 ) -> Iterator[Outcome]:
     """batch.score_files on the Ray cluster this process is connected to (`connect` first): outcomes
     in input order, embeddings written here as `<stem>.npy`. `actors` defaults to as many as the
-    cluster's CPUs hold."""
+    cluster's CPUs hold (and its GPUs, when each actor takes `gpus_per_actor`)."""
     names = EmbeddingNames(embeddings_dir) if embeddings_dir else None
     if actors is None:
-        actors = max(1, math.floor(ray.cluster_resources().get("CPU", 1.0) / cpus_per_actor))
+        resources = ray.cluster_resources()
+        actors = max(1, math.floor(resources.get("CPU", 1.0) / cpus_per_actor))
+        if gpus_per_actor:
+            actors = max(1, min(actors, math.floor(resources.get("GPU", 0.0) / gpus_per_actor)))
     context = ray.data.DataContext.get_current()
     context.execution_options.preserve_order = True  # the CLI writes in input order, as it streams
     context.enable_progress_bars = False  # the CLI has its own
@@ -81,6 +85,9 @@ def score_files(
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=min(actors, blocks)),  # an idle actor only loads a model
         num_cpus=cpus_per_actor,
+        # a GPU share when the actors run on GPUs: an actor that asks for none sees no GPU (Ray empties
+        # its CUDA_VISIBLE_DEVICES) and scores on the CPU
+        num_gpus=gpus_per_actor or None,
     )
     for row in scored.iter_rows():
         outcome: Outcome = pickle.loads(row["outcome"])

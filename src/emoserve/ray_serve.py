@@ -88,6 +88,10 @@ class RayOptions:
     min_replicas: int | None = None  # with max_replicas: autoscaling
     max_replicas: int | None = None
     num_cpus: float = 1.0  # per replica; also its torch threads
+    # GPUs per replica, fractional to share one (0.5: two replicas on a GPU). Ray hides the GPUs from an
+    # actor that asks for none (CUDA_VISIBLE_DEVICES empty), so without this a replica on a GPU node
+    # serves on the CPU.
+    num_gpus: float = 0.0
     ui: bool = True  # also deploy the web UI application at /ui
 
     @classmethod
@@ -104,7 +108,7 @@ class RayOptions:
                 values[f.name] = word in TRUE_WORDS
                 continue
             try:
-                values[f.name] = float(word) if f.name == "num_cpus" else int(word)
+                values[f.name] = float(word) if f.name in ("num_cpus", "num_gpus") else int(word)
             except ValueError:
                 raise SettingsError(f"{f.name}: {value!r} is not a number") from None
         options = cls(**values)
@@ -116,6 +120,10 @@ class RayOptions:
             raise SettingsError(f"replicas: {self.replicas} is out of range; it must be at least 1")
         if not self.num_cpus > 0:
             raise SettingsError(f"num_cpus: {self.num_cpus} is out of range; it must be positive")
+        if not self.num_gpus >= 0:
+            raise SettingsError(
+                f"num_gpus: {self.num_gpus} is out of range; it must be 0 or more (0.5 shares a GPU)"
+            )
         if self.min_replicas is not None and self.max_replicas is None:
             raise SettingsError("min_replicas: autoscaling needs max_replicas too")
         if self.max_replicas is not None and not 0 <= (self.min_replicas or 0) <= self.max_replicas:
@@ -141,7 +149,17 @@ def split_args(args: Mapping[str, object]) -> tuple[Settings, RayOptions]:
     except SettingsError as error:  # named by its flag (--max-queue): say the key as it was written
         key, _, problem = str(error).partition(": ")
         raise SettingsError(f"{key.removeprefix('--').replace('-', '_')}: {problem}") from None
-    return settings, RayOptions.parse({k: v for k, v in args.items() if k in RAY_KEYS})
+    options = RayOptions.parse({k: v for k, v in args.items() if k in RAY_KEYS})
+    if options.num_gpus and settings.device == "cpu":
+        raise SettingsError(
+            f"num_gpus: {options.num_gpus:g} GPU per replica, but device is cpu; use auto or cuda"
+        )
+    return settings, options
+
+
+def actor_resources(num_cpus: float, num_gpus: float) -> dict[str, float]:
+    """What a replica or a Ray Data actor asks Ray for: its CPUs, and its share of a GPU when it has one."""
+    return {"num_cpus": num_cpus, **({"num_gpus": num_gpus} if num_gpus else {})}
 
 
 def deployment_options(settings: Settings, options: RayOptions) -> dict[str, Any]:
@@ -158,7 +176,7 @@ def deployment_options(settings: Settings, options: RayOptions) -> dict[str, Any
         }
     return {
         **scaling,
-        "ray_actor_options": {"num_cpus": options.num_cpus},
+        "ray_actor_options": actor_resources(options.num_cpus, options.num_gpus),
         # every request a replica holds fits its engine queue plus the batch in the model
         "max_ongoing_requests": settings.max_queue + settings.max_batch_size,
         "max_queued_requests": settings.max_queue,

@@ -29,7 +29,7 @@ BENCHMARKS = ROOT / "benchmarks"
         ("timeline.py", "pipeline / one-at-a-time"),
         ("stream.py", "streams behind real time"),
         ("start_path.py --against HEAD", "modules loaded by that import"),
-        ("gpu.py --device cpu", "32 clients / 1 client"),
+        # gpu.py: through scripts/gpu-run.sh on a simulated device, test_gpu_run.py
     ],
 )
 def test_benchmark_runs(script: str, figure: str) -> None:

@@ -134,3 +134,13 @@ def test_the_rayservice_runs_the_serve_config_with_the_proxy_callback() -> None:
     assert worker_cpus >= options.num_cpus  # a replica fits on a worker
     max_cpus = worker_cpus * cluster["workerGroupSpecs"][0]["maxReplicas"]
     assert options.replicas * options.num_cpus <= max_cpus
+
+
+def test_the_cuda_image_asks_the_nvidia_runtime_for_cuda() -> None:
+    """Unset, NVIDIA_DRIVER_CAPABILITIES means utility only: no libcuda in the container, torch sees no GPU
+    and `auto` serves on the CPU (review cuda-2026-12 A2). The CPU images leave the variables alone."""
+    env = dict(item.split("=", 1) for item in image_config(f"emoserve:{VERSION}-cuda")["Env"])
+    assert env["NVIDIA_VISIBLE_DEVICES"] == "all"
+    assert {"compute", "utility"} <= set(env["NVIDIA_DRIVER_CAPABILITIES"].split(","))
+    cpu_env = dict(item.split("=", 1) for item in image_config(f"emoserve:{VERSION}-cpu")["Env"])
+    assert "NVIDIA_DRIVER_CAPABILITIES" not in cpu_env

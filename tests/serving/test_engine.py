@@ -585,3 +585,25 @@ def test_warm_up_fails_on_a_broken_model(
         pytest.raises(WarmupError, match=message),
     ):
         warm_up(engine, [window(0)], [1])
+
+
+def test_padded_seconds_count_the_backends_own_padding(tiny_recognizer: Recognizer) -> None:
+    """emoserve_padded_audio_seconds: the width the backend pads a batch to (on CUDA 4 widths per octave,
+    model/interface.py), not only the longest clip (review cuda-2026-12 B6)."""
+    from emoserve.model.interface import CUDA_WIDTHS_PER_OCTAVE_LOG2, bucket_width
+
+    class PadsAsOnCuda:
+        name, device, dtype = "torch", "cuda:0", "float32"
+
+        def padded_width(self, samples: int) -> int:
+            return bucket_width(samples, CUDA_WIDTHS_PER_OCTAVE_LOG2)
+
+        def run(self, waves: np.ndarray, lengths: np.ndarray, frames: bool) -> Any:
+            return tiny_recognizer.backend.run(waves, lengths, frames)
+
+    observer = RecordingObserver()
+    clip = window(0)  # 16,000 samples: padded to 16,384 on CUDA
+    with running(Recognizer(PadsAsOnCuda(), tiny_recognizer.info), observer, max_batch_size=1) as engine:  # type: ignore[arg-type]
+        run(engine.submit(clip))
+    assert observer.batches == [(1, pytest.approx(1.0), pytest.approx(16_384 / SAMPLE_RATE))]
+    assert tiny_recognizer.padded_width(16_000) == 16_000  # the CPU's torch backend pads nothing

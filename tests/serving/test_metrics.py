@@ -100,9 +100,14 @@ def test_gpu_memory_gauges_only_on_cuda(monkeypatch: pytest.MonkeyPatch) -> None
     assert "emoserve_gpu_memory_allocated_bytes" not in families(metrics)
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 123)
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 456)
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 789)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1_000, 80_000))
     metrics.watch_device("cuda:0")
     assert samples(metrics, "emoserve_gpu_memory_allocated_bytes") == {(): 123}
     assert samples(metrics, "emoserve_gpu_max_memory_allocated_bytes") == {(): 456}
+    assert samples(metrics, "emoserve_gpu_memory_reserved_bytes") == {(): 789}
+    assert samples(metrics, "emoserve_gpu_device_free_bytes") == {(): 1_000}
+    assert samples(metrics, "emoserve_gpu_device_total_bytes") == {(): 80_000}
 
 
 PROMTOOL = shutil.which("promtool")

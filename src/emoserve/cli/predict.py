@@ -64,6 +64,12 @@ def add_commands(sub: Commands) -> None:
     p.add_argument("--ray", action="store_true", help="score on a Ray cluster with Ray Data (emoserve[ray])")
     add_ray_address(p)
     p.add_argument("--actors", type=int, help="with --ray: model actors (default: one per cluster CPU)")
+    p.add_argument(
+        "--gpus-per-actor",
+        type=float,
+        default=0.0,
+        help="with --ray: GPUs per model actor, fractional to share one (0.5); default 0, the CPU",
+    )
     p.set_defaults(run=cmd_predict)
 
 
@@ -96,6 +102,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
     files = expand_inputs(args.paths)
     if not files:
         raise ValueError(f"no audio files found in {' '.join(args.paths)}")
+    if args.gpus_per_actor and not args.ray:
+        raise ValueError("--gpus-per-actor sizes Ray Data's actors; add --ray")
+    if args.gpus_per_actor < 0:
+        raise ValueError(
+            f"--gpus-per-actor is {args.gpus_per_actor:g}; it must be 0 or more (0.5 shares a GPU)"
+        )
     recognizer = load_with(model_options(args))
     warn_if_random(recognizer)
     head = load_checked_head(args.head, recognizer) if args.head else None
@@ -198,4 +210,6 @@ def ray_outcomes(args: argparse.Namespace, files: list[str], options: dict[str, 
     from emoserve.ray_batch import connect, score_files
 
     connect(args.address)
-    return score_files(files, model_options(args), actors=args.actors, **options)
+    return score_files(
+        files, model_options(args), actors=args.actors, gpus_per_actor=args.gpus_per_actor, **options
+    )

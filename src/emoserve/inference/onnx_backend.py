@@ -17,6 +17,7 @@ from emoserve.model.interface import (
     OUTPUTS,
     UTTERANCE_OUTPUTS,
     Outputs,
+    bucket_width,
     open_session,
     pad_to_bucket,
     session_options,
@@ -37,6 +38,9 @@ class OnnxBackend:
         self.threads = threads
         self.session = open_session(graph, threads, options=session_options(threads, **options))
         self._running: ort.RunOptions | None = None  # the call in progress, for `interrupt`
+
+    def padded_width(self, samples: int) -> int:
+        return bucket_width(samples)
 
     def run(self, waves: np.ndarray, lengths: np.ndarray, frames: bool) -> Outputs:
         names = OUTPUTS if frames else UTTERANCE_OUTPUTS

@@ -17,7 +17,14 @@ from typing import Any
 import numpy as np
 import openvino as ov
 
-from emoserve.model.interface import INPUTS, OUTPUTS, UTTERANCE_OUTPUTS, Outputs, pad_to_bucket
+from emoserve.model.interface import (
+    INPUTS,
+    OUTPUTS,
+    UTTERANCE_OUTPUTS,
+    Outputs,
+    bucket_width,
+    pad_to_bucket,
+)
 
 CACHE_DIR = "openvino-cache"  # inside the entry: the compiled models, one blob per graph, precision, CPU
 PRECISION_HINTS = {"float32": "f32", "bfloat16": "bf16"}
@@ -63,6 +70,9 @@ class OpenVinoBackend:
         self._inputs = [_port(self.compiled.inputs, name) for name in INPUTS]
         self._outputs = {name: _port(self.compiled.outputs, name) for name in OUTPUTS}
         self._request = self.compiled.create_infer_request()
+
+    def padded_width(self, samples: int) -> int:
+        return bucket_width(samples)
 
     def run(self, waves: np.ndarray, lengths: np.ndarray, frames: bool) -> Outputs:
         # a bounded set of input widths, as on ONNX Runtime (model/interface.py): the CPU plugin keeps

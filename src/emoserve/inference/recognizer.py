@@ -79,6 +79,12 @@ class Recognizer:
     def device(self) -> str:
         return self.backend.device
 
+    def padded_width(self, samples: int) -> int:
+        """The samples the model computes for a batch whose longest clip has `samples`: the backend's
+        padding to a few widths included (model/interface.py)."""
+        padded_width = getattr(self.backend, "padded_width", None)
+        return int(padded_width(samples)) if padded_width is not None else samples
+
     @property
     def device_type(self) -> str:
         return self.backend.device.partition(":")[0]
@@ -207,7 +213,8 @@ class Recognizer:
         try:
             out = self.backend.run(waves, lengths, frames=granularity == "frame")
         finally:
-            trim()  # the call's activations are freed: their pages go back to the system (system.py)
+            if self.device_type == "cpu":  # on a GPU the activations live in device memory: nothing to trim
+                trim()  # the call's activations are freed: their pages go back to the system (system.py)
         if bad := [clip.source for i, clip in enumerate(clips) if not finite(out, i)]:
             raise ModelOutputError(bad)
         scores = softmax(out.logits[:, self._kept])

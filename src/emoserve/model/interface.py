@@ -59,17 +59,36 @@ def pad(samples: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
 # 1.6% on average); padding is masked, so the results are those of the unpadded batch.
 WIDTHS_PER_OCTAVE_LOG2 = 5
 MIN_WIDTH_STEP = 320  # one 20 ms frame at 16 kHz
+# On CUDA every new width costs cuDNN execution plans for each convolution (CPU time and host memory that
+# stay, pytorch/pytorch#104701) and new GEMM kernels: 32 widths per octave are ~380 shapes up to 120 s, more
+# than a warm-up can run. 4 per octave are ~40 (`bucket_widths`), which the CUDA warm-up runs one by one
+# (serving/warmup.py), so the first request of any length costs what the next does. The price is padding:
+# at most 1/4 more samples, about 12% on average, which a GPU spends mostly on idle lanes at short widths.
+CUDA_WIDTHS_PER_OCTAVE_LOG2 = 2
 
 
-def bucket_width(samples: int) -> int:
-    """The padded width of a batch whose longest clip has `samples`: >= samples, < samples * 33/32."""
-    step = max(MIN_WIDTH_STEP, 1 << max(0, samples.bit_length() - 1 - WIDTHS_PER_OCTAVE_LOG2))
+def bucket_width(samples: int, per_octave_log2: int = WIDTHS_PER_OCTAVE_LOG2) -> int:
+    """The padded width of a batch whose longest clip has `samples`: >= samples, and below
+    samples * (1 + 2**-per_octave_log2) (32 widths per octave by default: < samples * 33/32)."""
+    step = max(MIN_WIDTH_STEP, 1 << max(0, samples.bit_length() - 1 - per_octave_log2))
     return -(-samples // step) * step
 
 
-def pad_to_bucket(waves: np.ndarray) -> np.ndarray:
+def bucket_widths(max_samples: int, per_octave_log2: int = WIDTHS_PER_OCTAVE_LOG2) -> list[int]:
+    """Every width `bucket_width` gives for a batch of 1 to `max_samples` samples, ascending. Octave by
+    octave, as `bucket_width` computes its step (the 320-sample floor makes the last width of a low octave,
+    e.g. 2240 for 1921-2047, larger than the next octave's first, 2048)."""
+    widths: set[int] = set()
+    for bits in range(1, max_samples.bit_length() + 1):
+        low, high = 1 << (bits - 1), min(max_samples, (1 << bits) - 1)
+        step = max(MIN_WIDTH_STEP, 1 << max(0, bits - 1 - per_octave_log2))
+        widths.update(range(-(-low // step) * step, -(-high // step) * step + 1, step))
+    return sorted(widths)
+
+
+def pad_to_bucket(waves: np.ndarray, per_octave_log2: int = WIDTHS_PER_OCTAVE_LOG2) -> np.ndarray:
     """`waves` (batch, samples) zero-padded to `bucket_width` (the lengths keep the real ones)."""
-    width = bucket_width(waves.shape[1])
+    width = bucket_width(waves.shape[1], per_octave_log2)
     return np.pad(waves, ((0, 0), (0, width - waves.shape[1]))) if width > waves.shape[1] else waves
 
 

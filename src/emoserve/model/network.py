@@ -10,6 +10,7 @@ frames only.
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +33,15 @@ class ConvLayer(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:  # (batch, channels, time) -> (batch, channels, time')
         x = self.conv(x)
+        if lean_path(x):
+            # torch's CUDA layer_norm accumulates half inputs in float32 and rounds its output once, as
+            # upstream's Fp32LayerNorm does, without float32 copies of the model's largest activation (the
+            # first layer's (batch, 512, samples / 5)). The weights are the model's dtype either way.
+            x = F.layer_norm(
+                x.transpose(1, 2), self.norm.normalized_shape, self.norm.weight, self.norm.bias, self.norm.eps
+            )
+            return F.gelu(x.transpose(1, 2))
+        # on the CPU exactly the ONNX graph's operations (the parity tests hold the two at 1e-5)
         x = F.layer_norm(
             x.transpose(1, 2).float(),
             self.norm.normalized_shape,
@@ -92,6 +102,26 @@ def alibi_slopes(heads: int) -> list[float]:
     return alibi_slopes(lower) + alibi_slopes(2 * lower)[0::2][: heads - lower]
 
 
+# SDPA's memory-efficient CUDA kernel (the one that takes an additive mask) wants every stride of the mask but
+# the last to be a multiple of 8 elements; otherwise it pads a copy of the mask in each call, that is in each
+# of the blocks (`preprocess_mask`, aten/src/ATen/native/transformers/cuda/attention.cu). So the CUDA mask
+# is a slice of a buffer whose rows are rounded up to MASK_ALIGNMENT.
+MASK_ALIGNMENT = 8
+# The ALiBi bias of a width, (heads, tokens, tokens) in the activation dtype, is kept for the widths seen
+# last, up to this many bytes: 30 s of audio is 73 MB for the large model in float16, 120 s 1.2 GB (not kept).
+BIAS_CACHE_BYTES = 256 * 2**20
+
+
+def lean_path(x: Tensor) -> bool:
+    """Whether the forward takes its CUDA formulation (mask and LayerNorm in the activation dtype, the
+    bias cached); the CPU keeps the ONNX graph's operations, whose numbers the parity tests pin."""
+    return x.is_cuda
+
+
+def aligned_width(tokens: int) -> int:
+    return -(-tokens // MASK_ALIGNMENT) * MASK_ALIGNMENT
+
+
 # ---------------------------------------------------------------------------------------------
 # The model
 
@@ -128,6 +158,17 @@ class Emotion2vec(nn.Module):
         self.prenet = nn.ModuleList(Block(d, c.num_heads, c.mlp_ratio, eps) for _ in range(c.prenet_depth))
         self.blocks = nn.ModuleList(Block(d, c.num_heads, c.mlp_ratio, eps) for _ in range(c.depth))
         self.proj = nn.Linear(d, c.num_labels)
+        # The CUDA path's ALiBi state (the CPU path builds its mask as the ONNX graph does). The slopes are
+        # float32 on the model's device, not a buffer: `.to(dtype=float16)` would round them, and the
+        # model is built on the meta device (convert.py); `_apply` puts them where the weights go.
+        self._slopes = torch.tensor(alibi_slopes(c.num_alibi_heads))
+        self._bias_cache: OrderedDict[tuple[object, ...], Tensor] = OrderedDict()
+
+    def _apply(self, fn, recurse=True):  # nn.Module's own (untyped) signature
+        super()._apply(fn, recurse)
+        self._slopes = torch.tensor(alibi_slopes(self.config.num_alibi_heads), device=self.alibi_scale.device)
+        self._bias_cache.clear()
+        return self
 
     # -- the pipeline, spec section 4 -------------------------------------------------------------
 
@@ -178,7 +219,10 @@ class Emotion2vec(nn.Module):
         batch, frames, _ = x.shape
         extra = self.config.num_extra_tokens
         x = torch.cat([self.extra_tokens.expand(batch, -1, -1), x], dim=1)  # (batch, extra + frames, dim)
-        mask = self.attention_mask(frames, padded).to(x.dtype)
+        if lean_path(x):
+            mask = self.cuda_attention_mask(frames, padded, x.dtype)
+        else:
+            mask = self.attention_mask(frames, padded).to(x.dtype)
         x = self.prenet_norm(x)
         for block in self.prenet:
             x = block(x, mask)
@@ -199,12 +243,57 @@ class Emotion2vec(nn.Module):
         keys = F.pad(padded, (extra, 0))[:, None, None, :]  # (batch, 1, 1, tokens)
         return bias.masked_fill(keys, float("-inf"))
 
+    def cuda_attention_mask(self, frames: int, padded: Tensor, dtype: torch.dtype) -> Tensor:
+        """`attention_mask` for CUDA, built once per forward in the activation dtype: the width's ALiBi bias
+        (cached) plus -inf on padded keys, written into rows of `aligned_width(tokens)` elements so that
+        SDPA's memory-efficient kernel takes it as it is in every block. (batch, heads, tokens, tokens).
+        Runs on any device (the tests compare it with `attention_mask` on the CPU)."""
+        extra = self.config.num_extra_tokens
+        batch, tokens = padded.shape[0], frames + extra
+        bias = self.alibi_bias(tokens, dtype, padded.device)  # (heads, tokens, tokens)
+        keys = torch.zeros(batch, 1, 1, tokens, dtype=dtype, device=padded.device)
+        keys.masked_fill_(F.pad(padded, (extra, 0))[:, None, None, :], float("-inf"))
+        mask = torch.empty(
+            batch, bias.shape[0], tokens, aligned_width(tokens), dtype=dtype, device=padded.device
+        )
+        return torch.add(bias, keys, out=mask[..., :tokens])
+
+    def alibi_bias(self, tokens: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+        """The ALiBi bias of `tokens` (zero for the extra tokens): -|i - j| * slope * scale per head, computed
+        in float32 and rounded once to `dtype`, as `attention_mask` then `.to(dtype)` does. (heads, tokens,
+        tokens), a view of rows `aligned_width(tokens)` long. No host-device copy: the slopes live on the
+        device (`_apply`), the distances come from `arange` there. Kept per width while inference runs."""
+        key = (tokens, dtype, device, id(self.alibi_scale), self.alibi_scale._version)
+        if (cached := self._bias_cache.get(key)) is not None:
+            self._bias_cache.move_to_end(key)
+            return cached
+        extra, frames = self.config.num_extra_tokens, tokens - self.config.num_extra_tokens
+        slopes = self._slopes if self._slopes.device == device else self._slopes.to(device)
+        scale = self.alibi_scale.float().clamp_min(0).view(-1)  # (heads,)
+        pos = torch.arange(frames, device=device)
+        distance = (pos[None, :] - pos[:, None]).abs().float()  # (frames, frames)
+        bias = torch.zeros(slopes.shape[0], tokens, aligned_width(tokens), dtype=dtype, device=device)
+        # one float32 product per element, rounded into the half-precision buffer (no float32 copy per head)
+        torch.mul(distance[None], (-slopes * scale).view(-1, 1, 1), out=bias[:, extra:, extra:tokens])
+        bias = bias[..., :tokens]
+        if not torch.is_grad_enabled():
+            self._keep_bias(key, bias)
+        return bias
+
+    def _keep_bias(self, key: tuple[object, ...], bias: Tensor) -> None:
+        size = bias.untyped_storage().nbytes()
+        if size > BIAS_CACHE_BYTES:
+            return
+        self._bias_cache[key] = bias
+        while sum(b.untyped_storage().nbytes() for b in self._bias_cache.values()) > BIAS_CACHE_BYTES:
+            self._bias_cache.popitem(last=False)
+
     # -- heads -------------------------------------------------------------------------------------
 
     def pool(self, features: Features) -> Tensor:
         """Mean over each item's real frames: the utterance embedding (batch, dim), summed in float32 (a
         float16 sum over a minute's 3000 frames overflows at 65504)."""
-        total = features.frames.float().sum(dim=1)
+        total = features.frames.sum(dim=1, dtype=torch.float32)
         return (total / features.lengths[:, None].to(total.dtype)).to(features.frames.dtype)
 
     def outputs(self, waves: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -224,6 +313,13 @@ class Emotion2vec(nn.Module):
             features.frames.float(),
             features.lengths,
         )
+
+    def utterance_outputs(self, waves: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """`outputs` for utterance requests (`interface.UTTERANCE_OUTPUTS`): logits, pooled, frame_lengths,
+        without the head on every frame or a float32 copy of the frames."""
+        features = self(waves, lengths)
+        pooled = self.pool(features)
+        return self.proj(pooled).float(), pooled.float(), features.lengths
 
 
 def normalize_waveform(waves: Tensor, lengths: Tensor, eps: float) -> Tensor:

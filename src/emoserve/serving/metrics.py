@@ -240,3 +240,18 @@ class _GpuMemoryCollector(Collector):
             "Peak GPU memory held by tensors (torch.cuda.max_memory_allocated)",
             torch.cuda.max_memory_allocated(self.device),
         )
+        # what the process holds from the driver: the caching allocator keeps freed blocks (it never gives
+        # them back here), so this, not the allocated figure, is what stays after a long clip
+        yield GaugeMetricFamily(
+            "emoserve_gpu_memory_reserved_bytes",
+            "GPU memory the caching allocator holds from the driver (torch.cuda.memory_reserved)",
+            torch.cuda.memory_reserved(self.device),
+        )
+        # the whole device as the driver counts it: CUDA contexts, cuDNN/cuBLAS workspaces, other processes
+        free, total = torch.cuda.mem_get_info(self.device)
+        yield GaugeMetricFamily(
+            "emoserve_gpu_device_free_bytes", "Free memory of the GPU, all processes (cudaMemGetInfo)", free
+        )
+        yield GaugeMetricFamily(
+            "emoserve_gpu_device_total_bytes", "Total memory of the GPU (cudaMemGetInfo)", total
+        )

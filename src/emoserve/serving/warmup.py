@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from emoserve.audio.decode import Audio
-from emoserve.constants import GRANULARITIES, SAMPLE_RATE, Granularity
+from emoserve.constants import GRANULARITIES, MIN_SAMPLES, SAMPLE_RATE, Granularity
 from emoserve.errors import WarmupError
 from emoserve.inference.results import Result
 from emoserve.serving.engine import FRAME_MEAN_TOL, SCORE_SUM_TOL, Engine
@@ -62,6 +62,9 @@ def warm_up_engine(engine: Engine, settings: Settings, clips: Sequence[Audio]) -
         reports += [warm_up(engine, group[:1], [1], granularities=("frame",)) for group in groups[1:]]
     if batched := [size for size in sizes if size > 1]:
         reports.append(warm_up(engine, max(groups, key=len), batched))
+    if engine.recognizer.device_type == "cuda":
+        max_samples = int(settings.effective_max_audio_s("cuda") * SAMPLE_RATE)
+        reports.append(warm_up_widths(engine, keep_warm, cuda_warmup_lengths(max_samples)))
     log.info(
         "warm-up finished in %.2f s: %d clips, %d model calls, (batch, samples) %s",
         time.monotonic() - started,
@@ -70,6 +73,46 @@ def warm_up_engine(engine: Engine, settings: Settings, clips: Sequence[Audio]) -
         sorted({shape for report in reports for shape in report.shapes}),
     )
     return keep_warm
+
+
+def cuda_warmup_lengths(max_samples: int) -> list[int]:
+    """One clip length per padded width the torch backend runs on CUDA (`CUDA_WIDTHS_PER_OCTAVE_LOG2`, ~40 up
+    to 120 s) for clips of MIN_SAMPLES to `max_samples`: each width itself, the last one `max_samples`."""
+    from emoserve.model.interface import CUDA_WIDTHS_PER_OCTAVE_LOG2, bucket_width, bucket_widths
+
+    def longest(width: int) -> int:  # the longest clip padded to `width` (below it at an octave's top)
+        samples = min(width, max_samples)
+        if bucket_width(samples, CUDA_WIDTHS_PER_OCTAVE_LOG2) != width:
+            samples = (1 << (width.bit_length() - 1)) - 1  # e.g. 2240: 1921-2047, the octave below 2048
+        return samples
+
+    first = bucket_width(MIN_SAMPLES, CUDA_WIDTHS_PER_OCTAVE_LOG2)
+    widths = [w for w in bucket_widths(max_samples, CUDA_WIDTHS_PER_OCTAVE_LOG2) if w >= first]
+    return [longest(width) for width in widths]
+
+
+def warm_up_widths(engine: Engine, clip: Audio, lengths: Sequence[int]) -> WarmupReport:
+    """On CUDA: one call (batch 1, "frame": the whole model and both heads) at each of `lengths`, `clip`
+    repeated to fill it, outputs checked. A new width costs cuDNN plans and kernel loads on its first call;
+    after this no request's first call does. Batched shapes are warmed at the bundled clips' widths only
+    (the batch sizes above): widths times batch sizes would be hundreds of calls."""
+    labels = [label.en for label in engine.recognizer.labels]
+    calls_before, started = engine.model_calls, time.monotonic()
+    shapes: set[tuple[int, int]] = set()
+    for samples in lengths:
+        audio = dataclasses.replace(
+            clip, samples=np.resize(clip.samples, samples), source=f"{samples} samples"
+        )
+        (run,) = _run_warm_up_batch(engine, [audio], "frame", 1)
+        _check_result(run.result, labels, f"warm-up at {samples} samples")
+        shapes.add(run.shape)
+    report = WarmupReport(
+        time.monotonic() - started, engine.model_calls - calls_before, tuple(sorted(shapes))
+    )
+    log.info(
+        "warm-up of %d widths on CUDA: %d model calls in %.2f s", len(lengths), report.calls, report.seconds
+    )
+    return report
 
 
 def length_groups(clips: Sequence[Audio], max_padding: float) -> list[list[Audio]]:
