@@ -66,8 +66,8 @@ def test_auto_takes_float32_on_a_cpu_without_bf16(
     info = read_entry(tiny_onnx_entry)
     assert choose_dtype("auto", "cpu", info, 1, flags=INTEL_SKYLAKE)[:2] == ("float32", None)
     monkeypatch.setattr(precision, "cpu_flags", lambda: INTEL_SKYLAKE)
-    rec = load_model(tiny_onnx_entry, device="cpu", threads=1)
-    assert (rec.backend.name, rec.dtype) == ("openvino", "float32")  # the fastest float32 runtime
+    rec = load_model(tiny_onnx_entry, device="cpu", dtype="auto", threads=1)
+    assert (rec.backend.name, rec.dtype) == ("onnx", "float32")  # the first float32 runtime (FASTEST)
     assert "no native bfloat16" in rec.reason
 
 
@@ -130,8 +130,8 @@ def test_a_precision_that_fails_its_agreement_is_never_chosen(
     monkeypatch.setattr(precision, "cpu_flags", lambda: AMD_ZEN4)
     monkeypatch.setattr(precision, "open_backend", opener)
     with caplog.at_level(logging.INFO, "emoserve"):
-        rec = load_model(entry, device="cpu", threads=1)
-    assert (rec.backend.name, rec.dtype) == ("openvino", "float32") and opened == ["float32", "bfloat16"]
+        rec = load_model(entry, device="cpu", dtype="auto", threads=1)
+    assert (rec.backend.name, rec.dtype) == ("onnx", "float32") and opened == ["float32", "bfloat16"]
     [warning] = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert (
         "bfloat16 on openvino failed its agreement check" in warning and "largest score difference" in warning
@@ -140,7 +140,9 @@ def test_a_precision_that_fails_its_agreement_is_never_chosen(
     record = read_manifest(entry)["agreement"]["openvino/bfloat16"]
     assert record["passed"] is False and record["max_score_diff"] > precision.MAX_SCORE_DIFF
     assert record["clips"] == len(precision.GENERATED_SECONDS) + 3  # and the bundled examples
-    assert load_model(entry, device="cpu", threads=1).dtype == "float32" and len(opened) == 2  # recorded
+    assert (
+        load_model(entry, device="cpu", dtype="auto", threads=1).dtype == "float32" and len(opened) == 2
+    )  # recorded
     assert main(["info", str(entry)]) == 0
 
 
@@ -166,7 +168,7 @@ def test_bf16_agrees_with_float32_on_the_fixture(
     """Measured for real on this CPU: auto takes bfloat16, its record passed, and every fixture clip's
     scores are within MAX_SCORE_DIFF of float32's with the same top emotion where the lead is clear."""
     entry = entry_copy(tiny_onnx_entry, tmp_path)
-    rec = load_model(entry, backend=backend, device="cpu", threads=1)
+    rec = load_model(entry, backend=backend, device="cpu", dtype="auto", threads=1)
     assert (rec.backend.name, rec.dtype) == (backend, "bfloat16"), rec.reason
     assert read_manifest(entry)["agreement"][f"{backend}/bfloat16"]["passed"] is True
     for clip in CLIPS:

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import emoserve.inference.backend as backend
+import emoserve.inference.gpu as gpu
 import emoserve.inference.torch_backend as torch_backend
 from emoserve.inference.torch_backend import (
     ALLOCATOR_VARIABLES,
@@ -92,7 +93,7 @@ def test_a_device_index_past_the_gpus_is_refused_in_one_sentence(monkeypatch: py
 
 def test_cuda_without_a_gpu_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     FakeCuda(monkeypatch, count=0)
-    monkeypatch.setattr(backend, "gpu_driver_files", lambda: [])
+    monkeypatch.setattr(gpu, "gpu_driver_files", lambda: [])
     with pytest.raises(ValueError, match="no CUDA GPU is available"):
         pick_device("cuda")
     assert pick_device("auto") == torch.device("cpu")
@@ -218,19 +219,19 @@ def driver_files(monkeypatch: pytest.MonkeyPatch) -> Any:
     real_exists = Path.exists
 
     def exists(path: Path) -> bool:
-        return str(path) in present if str(path) in backend.GPU_DRIVER_FILES else real_exists(path)
+        return str(path) in present if str(path) in gpu.GPU_DRIVER_FILES else real_exists(path)
 
     monkeypatch.setattr(Path, "exists", exists)
-    monkeypatch.setattr(backend, "_warned", [])
+    monkeypatch.setattr(gpu, "_warned", [])
     return present
 
 
 def test_wsl2_counts_as_a_gpu_driver(monkeypatch: pytest.MonkeyPatch, driver_files: set[str]) -> None:
     """WSL2 has /dev/dxg and no /dev/nvidiactl (review A3)."""
     FakeCuda(monkeypatch)
-    assert not backend.gpu_present()
+    assert not gpu.gpu_present()
     driver_files.add("/dev/dxg")
-    assert backend.gpu_present()
+    assert gpu.gpu_present()
 
 
 def test_a_driver_without_usable_cuda_is_said_loudly_once(
@@ -240,7 +241,7 @@ def test_a_driver_without_usable_cuda_is_said_loudly_once(
     FakeCuda(monkeypatch, count=0)
     driver_files.add("/dev/nvidiactl")
     with caplog.at_level(logging.WARNING, logger=backend.__name__):
-        assert not backend.gpu_present()
+        assert not gpu.gpu_present()
         assert pick_device("auto") == torch.device("cpu")
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1
@@ -248,13 +249,14 @@ def test_a_driver_without_usable_cuda_is_said_loudly_once(
     assert "NVIDIA_DRIVER_CAPABILITIES" in warnings[0].getMessage()
 
 
-def test_auto_chooses_torch_on_a_gpu_and_onnx_without(
+def test_auto_chooses_torch_on_a_gpu_and_the_fastest_cpu_runtime_without(
     monkeypatch: pytest.MonkeyPatch, driver_files: set[str], tiny_onnx_entry: Path
 ) -> None:
     from emoserve.model.entry import read_entry
 
     FakeCuda(monkeypatch)
     info = read_entry(tiny_onnx_entry)
-    assert backend.choose_backend("auto", "auto", "float32", info) == "onnx"
+    cpu_runtime = backend.choose_backend("auto", "auto", "float32", info)
+    assert cpu_runtime in backend.GRAPH_BACKENDS and cpu_runtime == backend.fastest_backend("float32", info)
     driver_files.add("/dev/dxg")
     assert backend.choose_backend("auto", "auto", "float32", info) == "torch"

@@ -68,7 +68,7 @@ def test_flags_win_over_environment_variables() -> None:
         ({"EMOSERVE_MAX_UPLOAD_MB": "nan"}, "EMOSERVE_MAX_UPLOAD_MB: 'nan' is not a finite number"),
         ({"EMOSERVE_MAX_AUDIO_S": "-1"}, "EMOSERVE_MAX_AUDIO_S: -1.0 is out of range; it must be positive"),
         ({"EMOSERVE_UI": "maybe"}, "EMOSERVE_UI: 'maybe' is not a boolean"),
-        ({"EMOSERVE_DTYPE": "float64"}, "EMOSERVE_DTYPE: 'float64' is not one of float32, float16, bfloat16"),
+        ({"EMOSERVE_DTYPE": "float64"}, "EMOSERVE_DTYPE: 'float64' is not one of auto, float32"),
         ({"EMOSERVE_WARMUP_BATCH_SIZES": "1,0"}, "EMOSERVE_WARMUP_BATCH_SIZES: (1, 0) holds a size below 1"),
     ],
 )
@@ -178,7 +178,7 @@ def test_a_bad_model_variable_fails_a_command_naming_it(
 ) -> None:
     monkeypatch.setenv("EMOSERVE_DTYPE", "float64")
     assert main(["predict", "x.wav"]) == 2
-    assert "error: EMOSERVE_DTYPE: 'float64' is not one of float32" in capsys.readouterr().err
+    assert "error: EMOSERVE_DTYPE: 'float64' is not one of auto, float32" in capsys.readouterr().err
 
 
 def test_the_server_passes_on_every_model_option() -> None:

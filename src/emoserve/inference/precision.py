@@ -26,7 +26,8 @@ from typing import Any
 import numpy as np
 
 from emoserve.constants import EXAMPLES_DIR, SAMPLE_RATE
-from emoserve.inference.backend import Backend, choose_backend, gpu_present, open_backend
+from emoserve.inference.backend import Backend, choose_backend, open_backend
+from emoserve.inference.gpu import gpu_present
 from emoserve.model.entry import ModelInfo, read_manifest, write_manifest
 from emoserve.model.interface import pad, softmax, speech_like
 from emoserve.system import cpu_flags

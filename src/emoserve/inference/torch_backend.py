@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from emoserve.inference.backend import warn_if_cuda_unusable
+from emoserve.inference.gpu import warn_if_cuda_unusable
 from emoserve.model.convert import load_entry
 from emoserve.model.interface import CUDA_WIDTHS_PER_OCTAVE_LOG2, Outputs, bucket_width, pad_to_bucket
 from emoserve.model.network import Emotion2vec
