@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import numpy as np
 import pytest
 import soundfile as sf
 from websockets.exceptions import ConnectionClosed, InvalidStatus
@@ -25,6 +24,7 @@ from tests.support.server import (
     LIVE,
     Live,
     app_client,
+    assert_same_segments,
     first_answer,
     gated_model,
     live_server,
@@ -97,12 +97,7 @@ def test_a_stream_gives_the_timelines_segments_and_scores(server: Live, speech: 
     assert [m["seq"] for m in messages] == list(range(len(messages)))
     segments = [m for m in messages if m["type"] == "segment"]
     assert len(segments) == len(timeline["segments"]) == 2 * len(SPEECH)
-    for got, want in zip(segments, timeline["segments"], strict=True):
-        for key in ("start_s", "end_s", "speaker", "emotion", "split"):
-            assert got[key] == want[key], key
-        np.testing.assert_allclose(
-            list(got["scores"].values()), list(want["scores"].values()), atol=SCORE_TOL
-        )
+    assert_same_segments(segments, timeline["segments"], ("start_s", "end_s", "speaker", "emotion", "split"))
     summary = messages[-1]
     assert summary["type"] == "summary" and summary["summary"]["dominant"] == timeline["summary"]["dominant"]
     assert summary["duration_s"] == pytest.approx(timeline["duration_s"], abs=1e-6)

@@ -27,8 +27,15 @@ from emoserve.serving.settings import Settings
 from emoserve.serving.timeline import TIMELINE_IN_FLIGHT
 from tests.support.audio import SPEECH, encode_with_pyav, joined
 from tests.support.paths import CLIP, MODEL
-from tests.support.reference import SCORE_TOL
-from tests.support.server import LIVE, Live, assert_error, gated_model, live_server, wait_for
+from tests.support.server import (
+    LIVE,
+    Live,
+    assert_error,
+    assert_same_segments,
+    gated_model,
+    live_server,
+    wait_for,
+)
 
 TIMELINE_LIVE = dataclasses.replace(LIVE, max_timeline_s=120.0, max_timeline_upload_mb=4.0)
 
@@ -94,15 +101,7 @@ def test_json_timeline_equals_the_library(live: Live, recording: Path, tiny_reco
     assert body["file"] == "call.wav" and body["duration_s"] == want["duration_s"]
     assert body["random_weights"] == want["random_weights"] and body["vad"] == want["vad"]
     assert len(body["segments"]) == len(SPEECH) == len(want["segments"])
-    for got, expected in zip(body["segments"], want["segments"], strict=True):
-        assert (got["start_s"], got["end_s"], got["emotion"]) == (
-            expected["start_s"],
-            expected["end_s"],
-            expected["emotion"],
-        )
-        np.testing.assert_allclose(
-            list(got["scores"].values()), list(expected["scores"].values()), atol=SCORE_TOL
-        )
+    assert_same_segments(body["segments"], want["segments"])
     assert body["summary"]["dominant"] == want["summary"]["dominant"]
     assert spooled_files() == []  # the upload's temporary file is gone
 

@@ -22,8 +22,7 @@ from emoserve.inference.protocol import StreamMessage, StreamOptions
 from emoserve.inference.stream_client import StreamClient, StreamRefused, stream_url
 from tests.support.audio import RATE, SPEECH, joined
 from tests.support.paths import FIXTURE
-from tests.support.reference import SCORE_TOL
-from tests.support.server import LIVE, Live, live_server
+from tests.support.server import LIVE, Live, assert_same_segments, live_server
 
 MODEL = str(FIXTURE / "model")
 
@@ -67,18 +66,12 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
         yield live
 
 
-def assert_same_segments(messages: list[dict[str, Any]], timeline: list[dict[str, Any]]) -> None:
+def assert_stream_of(timeline: list[dict[str, Any]], messages: list[Any]) -> None:
     assert [m["seq"] for m in messages] == list(range(len(messages)))
     assert messages[0]["type"] == "ready" and messages[-1]["type"] == "summary"
     segments = [m for m in messages if m["type"] == "segment"]
     assert len(segments) == len(timeline) == len(SPEECH)
-    for got, want in zip(segments, timeline, strict=True):
-        for key in ("start_s", "end_s", "emotion", "split"):
-            assert got[key] == want[key], key
-        assert list(got["scores"]) == list(want["scores"])
-        np.testing.assert_allclose(
-            list(got["scores"].values()), list(want["scores"].values()), atol=SCORE_TOL
-        )
+    assert_same_segments(segments, timeline, ("start_s", "end_s", "emotion", "split"))
 
 
 def test_a_file_in_process_gives_predict_segments(
@@ -87,7 +80,7 @@ def test_a_file_in_process_gives_predict_segments(
     code, out, err = run(capsys, "stream", str(speech), "--fast", "--model", MODEL)  # piped: jsonl
     assert code == 0, err
     messages = jsonl(out)
-    assert_same_segments(messages, timeline)
+    assert_stream_of(timeline, messages)
     kinds = {m["type"] for m in messages}
     assert kinds == {"ready", "speech_start", "interim", "segment", "summary"}
     assert messages[0]["random_weights"] is False and "RANDOM" not in err
@@ -105,7 +98,7 @@ def test_pcm_on_stdin(
         capsys, "stream", "-", "--sample-rate", "16000", "--encoding", "pcm_s16le", "--model", MODEL
     )
     assert code == 0, err
-    assert_same_segments(jsonl(out), timeline)
+    assert_stream_of(timeline, jsonl(out))
 
 
 class Interrupted(io.RawIOBase):
@@ -143,7 +136,7 @@ def test_a_server_gives_the_same_segments(
     code, out, err = run(capsys, "stream", str(speech), "--fast", "--url", url, "--format", "jsonl")
     assert code == 0, err
     messages = jsonl(out)
-    assert_same_segments(messages, timeline)
+    assert_stream_of(timeline, messages)
     assert messages[0]["parameters"]["encoding"] == "pcm_f32le"  # a file's decoded samples as they are
 
 
@@ -174,7 +167,7 @@ def test_a_float_file_streams_its_samples_unquantised(
     want = [r for r in jsonl(out) if r["type"] == "segment"]
     code, out, err = run(capsys, "stream", str(path), "--fast", "--model", MODEL, "--format", "jsonl")
     assert code == 0, err
-    assert_same_segments(jsonl(out), want)
+    assert_stream_of(want, jsonl(out))
 
 
 def test_a_server_that_refuses_is_a_clear_error(capsys: pytest.CaptureFixture[str], speech: Path) -> None:
@@ -261,7 +254,7 @@ def test_the_stream_client_is_a_library(server: Live, speech: Path, timeline: li
 
     messages, closed = asyncio.run(stream())
     assert closed == 1000
-    assert_same_segments(messages, timeline)
+    assert_stream_of(timeline, messages)
 
 
 def test_the_stream_client_says_why_a_server_refuses(tmp_path: Path) -> None:

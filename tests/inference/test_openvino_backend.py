@@ -86,7 +86,7 @@ def test_the_service_a_stream_and_a_timeline_run_on_openvino(
     are the timeline's, and the timeline equal to the library's at float32."""
     import soundfile as sf
 
-    from tests.support.server import LIVE, assert_same_result, live_server
+    from tests.support.server import LIVE, assert_same_result, assert_same_segments, live_server
 
     settings = dataclasses.replace(LIVE, model=str(tiny_onnx_entry), backend="openvino", max_audio_s=60.0)
     with live_server(settings, tmp_path / "home") as live:
@@ -102,15 +102,7 @@ def test_the_service_a_stream_and_a_timeline_run_on_openvino(
         timeline = live.client.post("/v1/timeline", files={"file": speech.read_bytes()}).json()
         want = tiny_recognizer.timeline(speech).to_dict()
         assert len(timeline["segments"]) == len(want["segments"]) == 2 * len(SPEECH)
-        for got, expected in zip(timeline["segments"], want["segments"], strict=True):
-            assert (got["start_s"], got["end_s"], got["emotion"]) == (
-                expected["start_s"],
-                expected["end_s"],
-                expected["emotion"],
-            )
-            np.testing.assert_allclose(
-                list(got["scores"].values()), list(expected["scores"].values()), atol=SCORE_TOL
-            )
+        assert_same_segments(timeline["segments"], want["segments"])
 
         url = str(live.client.base_url).replace("http://", "ws://") + "/v1/stream"
         pcm = bytes(sf.read(speech, dtype="int16")[0].tobytes())

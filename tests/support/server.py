@@ -13,7 +13,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -89,6 +89,22 @@ def assert_same_result(body: dict[str, Any], expected: Any) -> None:
         assert body["embedding"] is None
     else:
         np.testing.assert_allclose(np.array(body["embedding"]), expected.embedding, atol=EMBEDDING_TOL)
+
+
+def assert_same_segments(
+    got: Sequence[Mapping[str, Any]],
+    want: Sequence[Mapping[str, Any]],
+    keys: Sequence[str] = ("start_s", "end_s", "emotion"),
+) -> None:
+    """Timeline segments (or a stream's `segment` messages) equal one for one: `keys` exactly, the scores
+    label by label within the fixture's tolerance."""
+    for one, other in zip(got, want, strict=True):
+        for key in keys:
+            assert one[key] == other[key], key
+        assert list(one["scores"]) == list(other["scores"])
+        np.testing.assert_allclose(
+            list(one["scores"].values()), list(other["scores"].values()), atol=SCORE_TOL
+        )
 
 
 @dataclasses.dataclass
