@@ -51,10 +51,7 @@ class OnnxBackend:
             outputs = self.session.run(list(names), {"waves": waves, "lengths": lengths}, running)
         finally:
             self._running = None
-        got = dict(zip(names, outputs, strict=True))
-        return Outputs(
-            got["logits"], got["pooled"], got.get("frame_logits"), got.get("frames"), got["frame_lengths"]
-        )
+        return Outputs.named(dict(zip(names, outputs, strict=True)))
 
     def interrupt(self) -> bool:
         """Stop the model call in progress, if any (it raises); True: one was asked to stop."""

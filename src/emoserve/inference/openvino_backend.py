@@ -79,14 +79,8 @@ class OpenVinoBackend:
         # compiled kernels per input shape
         waves = pad_to_bucket(waves)
         got = self._request.infer({self._inputs[0]: waves, self._inputs[1]: lengths})
-        picked = {name: got[self._outputs[name]] for name in (OUTPUTS if frames else UTTERANCE_OUTPUTS)}
-        return Outputs(
-            picked["logits"],
-            picked["pooled"],
-            picked.get("frame_logits"),
-            picked.get("frames"),
-            picked["frame_lengths"].astype(np.int64, copy=False),
-        )
+        names = OUTPUTS if frames else UTTERANCE_OUTPUTS
+        return Outputs.named({name: got[self._outputs[name]] for name in names})
 
 
 def _port(ports: Any, name: str) -> Any:

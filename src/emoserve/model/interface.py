@@ -23,6 +23,17 @@ class Outputs(NamedTuple):
     frames: np.ndarray | None  # (batch, frames, dim), when frames were asked for
     frame_lengths: np.ndarray  # (batch,) real frames per item
 
+    @classmethod
+    def named(cls, got: dict[str, np.ndarray]) -> Outputs:
+        """From a graph runtime's outputs by name (OUTPUTS, or UTTERANCE_OUTPUTS without the frames)."""
+        return cls(
+            got["logits"],
+            got["pooled"],
+            got.get("frame_logits"),
+            got.get("frames"),
+            got["frame_lengths"].astype(np.int64, copy=False),
+        )
+
 
 INPUTS = ("waves", "lengths")  # (batch, samples) float32 zero-padded, (batch,) int64
 OUTPUTS = Outputs._fields  # logits, pooled, frame_logits, frames, frame_lengths
