@@ -14,9 +14,10 @@ from tests.support.paths import FIXTURE
 def _cache_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Every test gets an empty model cache, never the user's; conversions skip the ONNX export
     (~20 s even for the tiny model) except where a test asks for it (tests/model/test_export.py). The
-    commands and servers a test starts run float32 (EMOSERVE_DTYPE): their results are compared with
-    the reference's and the library's float32 numbers, whatever this machine's CPU has (`--dtype auto`
-    would take bfloat16 on one with native bf16; tests/inference/test_precision.py tests that choice)."""
+    commands and servers a test starts run float32 (EMOSERVE_DTYPE, the default, pinned against a
+    developer's own variable): their results are compared with the reference's and the library's float32
+    numbers, whatever this machine's CPU has (`--dtype auto` would take bfloat16 on one with native bf16;
+    tests/inference/test_precision.py tests that choice)."""
     home = tmp_path_factory.mktemp("emoserve-home")
     monkeypatch.setenv("EMOSERVE_HOME", str(home))
     monkeypatch.setenv("EMOSERVE_EXPORT_ONNX", "0")
