@@ -1,12 +1,13 @@
 """One fresh process of `cold_start.py` (not a benchmark itself): start -> ready one way, then report.
 
-    python benchmarks/_cold_start_child.py '{"mode": "torch" | "ours" | "onnx" | "baseline",
+    python benchmarks/_cold_start_child.py '{"mode": "torch" | "ours" | "onnx" | "auto" | "baseline",
         "started": <time.time() of the parent just before it spawned us>, "path": ..., "warmup_s": 1.0,
         "clip_s": 5.0, "steady": 10}'
 
 Prints one JSON line with offsets in seconds from `started` (so interpreter start counts) and the peak
 RSS at ready. Only `json`, `sys` and `time` are imported before `import torch`, so the torch floor is pure.
-"onnx" never imports torch (and reports whether anything did).
+"onnx" and "auto" (`--dtype auto --backend auto`, the default) never import torch (and report whether
+anything did).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+
+TORCH_FREE = ("onnx", "auto")
 
 
 def main() -> None:
@@ -27,7 +30,7 @@ def main() -> None:
         return time.perf_counter() - anchor
 
     out: dict[str, Any] = {}
-    if job["mode"] != "onnx":
+    if job["mode"] not in TORCH_FREE:
         import torch
 
         out["t_import_torch"] = now()
@@ -40,9 +43,10 @@ def main() -> None:
         recognizer.predict((synthetic_clip(job["warmup_s"], seed=1), 16_000))
         out["t_ready"] = now()
         out["peak_rss_mb"] = peak_rss_mb()
-        out["threads"] = recognizer.backend.threads if job["mode"] == "onnx" else torch.get_num_threads()
+        out["threads"] = recognizer.backend.threads if job["mode"] in TORCH_FREE else torch.get_num_threads()
         out["torch_imported"] = "torch" in sys.modules
-        if job["mode"] in ("ours", "onnx") and job["steady"] > 0:
+        out["runtime"] = f"{recognizer.backend.name} {recognizer.backend.dtype}"
+        if job["steady"] > 0:
             out |= first_and_steady(recognizer, synthetic_clip(job["clip_s"], seed=2), job["steady"])
     print(json.dumps(out))
 
@@ -50,7 +54,11 @@ def main() -> None:
 def load_ours(entry: Path, mode: str) -> Any:
     import emoserve
 
-    return emoserve.load_model(entry, backend="onnx" if mode == "onnx" else "torch", device="cpu")
+    if mode == "auto":
+        return emoserve.load_model(entry, backend="auto", dtype="auto", device="cpu")
+    return emoserve.load_model(
+        entry, backend="onnx" if mode == "onnx" else "torch", device="cpu", dtype="float32"
+    )
 
 
 def load_baseline(published: Path) -> Any:

@@ -9,10 +9,16 @@ parent spawns it, so interpreter start counts. Three kinds of child, interleaved
             `Recognizer.predict`. Then, already ready: the first call on a 5 s clip and the median of 10
             more of the same clip.
 - onnx:     the same with `backend="onnx"`: ONNX Runtime on the entry's pre-optimised graph, weights
-            memory-mapped, torch never imported.
+            memory-mapped, torch never imported (float32: the default before issue 23).
+- auto:     the same with `dtype="auto", backend="auto"` (the default since issue 23: on a CPU with native
+            bf16, OpenVINO bfloat16), its compiled-model cache warm (kept in the entry by an earlier start).
+- auto_cold: the same with the entry's compiled-model cache removed just before the spawn (the first start
+            after an install or an OpenVINO upgrade). The agreement check with float32 is measured once per
+            entry before the timing (its one-off cost is printed from the manifest).
 - baseline: `Emotion2vec(config)` with random init on the CPU, `torch.load` of the whole published
             model.pt (weights_only=True, no mmap), `from_published` renames, `load_state_dict`, then the
-            same warm-up inference.
+            same warm-up inference. Then the same first and steady 5 s calls: the common path's steady
+            latency, FunASR's way of scoring (plain PyTorch float32).
 
 Peak RSS is VmHWM from /proc/self/status at ready. The page cache cannot be dropped without root, so
 both files are read once before measuring: both sides start with a warm page cache. The one-time
@@ -24,6 +30,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -46,7 +53,7 @@ from common import (
 )
 
 CHILD = Path(__file__).resolve().parent / "_cold_start_child.py"
-MODES = ("torch", "ours", "onnx", "baseline")
+MODES = ("torch", "ours", "onnx", "auto", "auto_cold", "baseline")
 WARMUP_S = 1.0  # the warm-up inference both sides run before they count as ready
 CLIP_S = 5.0  # the "real" clip of the first-call check
 OVERHEAD_MB = 600  # allowed beyond the fp32 weights: interpreter, torch, activations
@@ -57,6 +64,9 @@ TARGETS = {
     "first_call": 1.2,
     "onnx_first_result": 0.4,
     "onnx_peak_rss": 1.0,
+    "auto_first_result": 1.1,  # issue 23: spawn -> first result on the new default <= 1.1x onnx float32's
+    "auto_steady_vs_onnx": 0.5,  # issue 23: the 5 s clip at the new default <= 0.5x onnx float32
+    "auto_steady_vs_baseline": 0.5,  # issue 23: steady latency <= 0.5x the common (FunASR's) path
 }
 
 
@@ -66,6 +76,7 @@ def main() -> None:
     header("Cold start", args, runs)
     model = bench_model(args.preset)
     warm_page_cache(model.published / "model.pt", *model.entry.glob("model.*"))
+    agreement_once(model)
     steady = 2 if args.quick else 10
     results: dict[str, list[dict[str, Any]]] = {mode: [] for mode in MODES}
     for i in range(runs):
@@ -76,9 +87,24 @@ def main() -> None:
     report(results, model)
 
 
+def agreement_once(model: BenchModel) -> None:
+    """`--dtype auto` measures its agreement with float32 once per entry (recorded in the manifest): done
+    here, before the timing, with its one-off cost printed."""
+    child("auto", model, 0)
+    records = json.loads((model.entry / "manifest.json").read_text()).get("agreement", {})
+    for name, record in records.items():
+        print(
+            f"- agreement check {name} (one-off, at the first start of `auto` on this entry): "
+            f"{record['seconds']} s, {record['reason']}"
+        )
+    print()
+
+
 def child(mode: str, model: BenchModel, steady: int) -> dict[str, Any]:
+    if mode == "auto_cold":
+        shutil.rmtree(model.entry / "openvino-cache", ignore_errors=True)
     job = {
-        "mode": mode,
+        "mode": "auto" if mode == "auto_cold" else mode,
         "path": str(model.published if mode == "baseline" else model.entry),
         "warmup_s": WARMUP_S,
         "clip_s": CLIP_S,
@@ -114,52 +140,36 @@ def report(results: dict[str, list[dict[str, Any]]], model: BenchModel) -> None:
             if "t_ready" in r and "t_import_torch" in r:
                 r["beyond_import"] = r["t_ready"] - r["t_import_torch"]
     print("Medians over fresh processes (min-max in brackets); seconds from the parent's spawn.\n")
+    columns = ("ours", "onnx", "auto", "auto_cold", "baseline")
+
+    def row(label: str, key: str, fmt: str = ".2f") -> list[str]:
+        return [label, *(spread(mode, key, fmt) if key in results[mode][0] else "-" for mode in columns)]
+
     table(
-        ["", "ours (torch backend)", "ours (onnx backend)", "baseline"],
         [
-            ["`import torch` alone (floor)", spread("torch", "t_import_torch"), "-", "(same floor)"],
+            "",
+            "ours (torch backend)",
+            "ours (onnx float32)",
+            f"auto ({results['auto'][0]['runtime']}), cache warm",
+            "auto, cache cold",
+            "baseline",
+        ],
+        [
             [
-                "start -> torch imported",
-                spread("ours", "t_import_torch"),
-                "never",
-                spread("baseline", "t_import_torch"),
-            ],
-            [
-                "start -> weights loaded",
-                spread("ours", "t_loaded"),
-                spread("onnx", "t_loaded"),
-                spread("baseline", "t_loaded"),
-            ],
-            [
-                "start -> ready = first result (1 s clip)",
-                spread("ours", "t_ready"),
-                spread("onnx", "t_ready"),
-                spread("baseline", "t_ready"),
-            ],
-            [
-                "beyond import (ready - torch imported)",
-                spread("ours", "beyond_import"),
+                "`import torch` alone (floor)",
+                spread("torch", "t_import_torch"),
                 "-",
-                spread("baseline", "beyond_import"),
-            ],
-            [
-                "peak RSS at ready (MB)",
-                spread("ours", "peak_rss_mb", ".0f"),
-                spread("onnx", "peak_rss_mb", ".0f"),
-                spread("baseline", "peak_rss_mb", ".0f"),
-            ],
-            [
-                f"first {CLIP_S:g} s call after ready (s)",
-                spread("ours", "first_call_s", ".3f"),
-                spread("onnx", "first_call_s", ".3f"),
                 "-",
-            ],
-            [
-                f"steady {CLIP_S:g} s call, median (s)",
-                spread("ours", "steady_call_s", ".3f"),
-                spread("onnx", "steady_call_s", ".3f"),
                 "-",
+                "(same floor)",
             ],
+            row("start -> torch imported", "t_import_torch"),
+            row("start -> weights loaded", "t_loaded"),
+            row("start -> ready = first result (1 s clip)", "t_ready"),
+            row("beyond import (ready - torch imported)", "beyond_import"),
+            row("peak RSS at ready (MB)", "peak_rss_mb", ".0f"),
+            row(f"first {CLIP_S:g} s call after ready (s)", "first_call_s", ".3f"),
+            row(f"steady {CLIP_S:g} s call, median (s)", "steady_call_s", ".3f"),
         ],
     )
     weights_mb = parameters(model.entry) * 4 / MB
@@ -172,6 +182,12 @@ def report(results: dict[str, list[dict[str, Any]]], model: BenchModel) -> None:
         "onnx_first_result": med("onnx", "t_ready") / med("ours", "t_ready"),
         "onnx_peak_rss": med("onnx", "peak_rss_mb") / med("ours", "peak_rss_mb"),
         "onnx_first_call": med("onnx", "first_call_s") / med("onnx", "steady_call_s"),
+        "auto_first_result": med("auto", "t_ready") / med("onnx", "t_ready"),
+        "auto_cold_first_result": med("auto_cold", "t_ready") / med("onnx", "t_ready"),
+        "auto_steady_vs_onnx": med("auto", "steady_call_s") / med("onnx", "steady_call_s"),
+        "auto_steady_vs_baseline": med("auto", "steady_call_s") / med("baseline", "steady_call_s"),
+        "onnx_steady_vs_baseline": med("onnx", "steady_call_s") / med("baseline", "steady_call_s"),
+        "auto_peak_rss": med("auto", "peak_rss_mb") / med("onnx", "peak_rss_mb"),
     }
     table(
         ["figure", "value", "target"],
@@ -216,16 +232,44 @@ def report(results: dict[str, list[dict[str, Any]]], model: BenchModel) -> None:
                 f"{ratios['onnx_first_call']:.3f}",
                 verdict(ratios["onnx_first_call"], TARGETS["first_call"]),
             ],
+            [
+                "spawn -> first result, auto (cache warm) / onnx float32",
+                f"{ratios['auto_first_result']:.3f}",
+                verdict(ratios["auto_first_result"], TARGETS["auto_first_result"]),
+            ],
+            [
+                "spawn -> first result, auto (cache cold) / onnx float32",
+                f"{ratios['auto_cold_first_result']:.3f}",
+                verdict(ratios["auto_cold_first_result"], TARGETS["auto_first_result"]),
+            ],
+            [
+                f"steady {CLIP_S:g} s call, auto / onnx float32",
+                f"{ratios['auto_steady_vs_onnx']:.3f}",
+                verdict(ratios["auto_steady_vs_onnx"], TARGETS["auto_steady_vs_onnx"]),
+            ],
+            [
+                f"steady {CLIP_S:g} s call, auto / baseline (the common path, FunASR's way)",
+                f"{ratios['auto_steady_vs_baseline']:.3f}",
+                verdict(ratios["auto_steady_vs_baseline"], TARGETS["auto_steady_vs_baseline"]),
+            ],
+            [
+                f"steady {CLIP_S:g} s call, onnx float32 / baseline",
+                f"{ratios['onnx_steady_vs_baseline']:.3f}",
+                "-",
+            ],
+            ["peak RSS, auto / onnx float32", f"{ratios['auto_peak_rss']:.3f}", "-"],
         ],
     )
-    print(f"The onnx child imported torch: {any(r['torch_imported'] for r in results['onnx'])}.")
+    for mode in ("onnx", "auto"):
+        print(f"The {mode} child imported torch: {any(r['torch_imported'] for r in results[mode])}.")
     print(
         f"First {CLIP_S:g} s call after ready: {spread('ours', 'first_call_s', '.3f')} s; steady median of "
         f"the following calls: {spread('ours', 'steady_call_s', '.3f')} s."
     )
-    threads = {mode: results[mode][0]["threads"] for mode in ("ours", "onnx", "baseline")}
+    threads = {mode: results[mode][0]["threads"] for mode in ("ours", "onnx", "auto", "baseline")}
     print(
-        f"Threads: {threads['ours']} (torch backend), {threads['onnx']} (onnx), {threads['baseline']} "
+        f"Threads: {threads['ours']} (torch backend), {threads['onnx']} (onnx), {threads['auto']} (auto), "
+        f"{threads['baseline']} "
         f"(baseline). {load_average()} at the end."
     )
     print(

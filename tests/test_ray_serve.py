@@ -584,7 +584,13 @@ def test_predict_ray_scores_with_several_actors_in_input_order(ray_cluster: RayC
 
     files = [str(AUDIO / name) for name in ("en_1s_16k.wav", "zh_3s_16k.wav", "zh_1s_16k.ogg")] * 6
     outcomes = list(
-        score_files(files, ModelOptions(str(MODEL), device="cpu"), batch_size=1, actors=2, cpus_per_actor=0.5)
+        score_files(
+            files,
+            ModelOptions(str(MODEL), device="cpu", dtype="float32"),
+            batch_size=1,
+            actors=2,
+            cpus_per_actor=0.5,
+        )
     )
     assert [o.file for o in outcomes] == files
     durations = [o.result.duration_s for o in outcomes if o.result]

@@ -59,7 +59,7 @@ def test_a_process_with_a_model_gives_freed_batch_memory_back_to_the_system(
     monkeypatch.setattr(recognizer_module, "return_freed_memory", lambda: calls.append("threshold"))
     monkeypatch.setattr(recognizer_module, "trim", lambda: calls.append("trim"))
     # every process that holds a model (the server, a Ray replica, the CLI) makes a Recognizer
-    recognizer = recognizer_module.load_model(str(MODEL), device="cpu")
+    recognizer = recognizer_module.load_model(str(MODEL), device="cpu", dtype="float32")
     assert calls == ["threshold"]
     recognizer.predict_many([CLIP, CLIP], batch_size=1)  # the library's calls, as the engine's
     assert calls == ["threshold", "trim", "trim"]

@@ -362,7 +362,9 @@ def test_the_embeddings_cache_is_reused_and_invalidated(tmp_path: Path, tiny_rec
         changed, synthetic_clip("noise", 0, 9, np.random.default_rng(5)), SR
     )  # the file's content changes
     assert embed_dataset(tiny_recognizer, dataset, cache=cache).computed == 1
-    other = load_model(make_test_model(tmp_path / "m", seed=3), backend="torch", progress=False)
+    other = load_model(
+        make_test_model(tmp_path / "m", seed=3), backend="torch", dtype="float32", progress=False
+    )
     assert embed_dataset(other, dataset, cache=EmbeddingCache(tmp_path / "cache", other)).computed == 6
 
 
@@ -437,7 +439,7 @@ def test_one_class_data_is_a_clear_cli_error(tmp_path: Path, capsys: pytest.Capt
 def test_serving_a_head_never_imports_scikit_learn(trained: Any, manifest: Path) -> None:
     code = (
         "import sys; from emoserve import Head, load_model; "
-        f"rec = load_model({str(FIXTURE / 'model')!r}, backend='torch', progress=False); "
+        f"rec = load_model({str(FIXTURE / 'model')!r}, backend='torch', dtype='float32', progress=False); "
         f"head = Head.load({str(trained[0].path)!r}); "
         f"r = rec.predict({str(manifest.parent / 'spk0_low_0.wav')!r}, head=head); "
         "assert r.head is not None; assert 'sklearn' not in sys.modules, 'sklearn imported'"

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from emoserve.cli import main
-from emoserve.inference import precision
+from emoserve.inference import backend as backend_module
+from emoserve.inference import gpu, precision
 from emoserve.inference.backend import open_backend
 from emoserve.inference.openvino_backend import CACHE_DIR
 from emoserve.inference.precision import Agreement, check_cpu_dtype, choose_dtype, compare, native_bf16
@@ -81,7 +82,8 @@ def passing_record(backend: str) -> dict[str, Any]:
 def test_auto_takes_bf16_on_a_bf16_cpu_when_its_agreement_passed(
     tiny_onnx_entry: Path, tmp_path: Path, flags: frozenset[str]
 ) -> None:
-    """On the fastest bf16 runtime installed (openvino), or torch when asked for; onnx keeps float32."""
+    """On the fastest bf16 runtime installed (openvino); on torch when asked for where torch's bf16 beats
+    float32 (AMX: measured), not where it was measured slower (AVX512-BF16 alone); onnx keeps float32."""
     entry = entry_copy(tiny_onnx_entry, tmp_path)
     manifest = read_manifest(entry)
     manifest["agreement"] = {f"{b}/bfloat16": passing_record(b) for b in ("openvino", "torch")}
@@ -89,8 +91,55 @@ def test_auto_takes_bf16_on_a_bf16_cpu_when_its_agreement_passed(
     info = read_entry(entry)
     dtype, runtime, why = choose_dtype("auto", "cpu", info, 1, flags=flags)
     assert (dtype, runtime) == ("bfloat16", "openvino") and native_bf16(flags) in why
-    assert choose_dtype("torch", "cpu", info, 1, flags=flags)[:2] == ("bfloat16", "torch")
+    torch_bf16 = choose_dtype("torch", "cpu", info, 1, flags=flags)
+    if flags is INTEL_SPR:
+        assert torch_bf16[:2] == ("bfloat16", "torch")
+    else:
+        assert torch_bf16[:2] == ("float32", None) and "only on openvino" in torch_bf16[2]
     assert choose_dtype("onnx", "cpu", info, 1, flags=flags)[:2] == ("float32", None)
+
+
+def test_auto_keeps_float32_where_no_installed_runtime_runs_bf16_faster(
+    tiny_onnx_entry: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without OpenVINO, an AVX512-BF16 CPU keeps float32 (torch's bf16 is slower there); an AMX one
+    takes torch's bf16."""
+    entry = entry_copy(tiny_onnx_entry, tmp_path)
+    manifest = read_manifest(entry)
+    manifest["agreement"] = {"torch/bfloat16": passing_record("torch")}
+    write_manifest(entry, manifest)
+    monkeypatch.setattr(backend_module, "openvino_installed", lambda: False)
+    info = read_entry(entry)
+    dtype, runtime, why = choose_dtype("auto", "cpu", info, 1, flags=AMD_ZEN4)
+    assert (dtype, runtime) == ("float32", None) and "none is installed" in why
+    assert choose_dtype("auto", "cpu", info, 1, flags=INTEL_SPR)[:2] == ("bfloat16", "torch")
+
+
+@pytest.mark.parametrize(
+    ("capability", "half"), [((7, 5), "float16"), ((9, 0), "bfloat16")], ids=["turing", "hopper"]
+)
+def test_auto_takes_half_precision_on_a_gpu_by_capability_when_its_agreement_passed(
+    tiny_onnx_entry: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capability: tuple[int, int],
+    half: str,
+) -> None:
+    """The GPU's record is its own (torch@cuda), apart from torch's on the CPU; a failed one keeps float32."""
+    entry = entry_copy(tiny_onnx_entry, tmp_path)
+    record = passing_record("torch") | {"dtype": half}
+    manifest = read_manifest(entry)
+    manifest["agreement"] = {f"torch@cuda/{half}": record, f"torch/{half}": record | {"passed": False}}
+    write_manifest(entry, manifest)
+    monkeypatch.setattr(gpu, "half_precision", lambda device: (half, f"{capability[0]}.{capability[1]}"))
+    info = read_entry(entry)
+    dtype, runtime, why = choose_dtype("auto", "cuda:0", info, 1)
+    assert (dtype, runtime) == (half, "torch") and f"capability {capability[0]}.{capability[1]}" in why
+    assert choose_dtype("onnx", "cuda:0", info, 1)[:2] == ("float32", None)
+    manifest["agreement"][f"torch@cuda/{half}"]["passed"] = False
+    write_manifest(entry, manifest)
+    dtype, runtime, why = choose_dtype("auto", "cuda:0", read_entry(entry), 1)
+    assert (dtype, runtime) == ("float32", None) and "failed its agreement check" in why
 
 
 def test_a_record_of_another_runtime_version_is_measured_again(tiny_onnx_entry: Path, tmp_path: Path) -> None:
@@ -165,12 +214,19 @@ def test_the_agreement_rule_counts_near_ties_and_fails_clear_flips() -> None:
 def test_bf16_agrees_with_float32_on_the_fixture(
     tiny_onnx_entry: Path, tiny_onnx: Recognizer, tmp_path: Path, backend: str
 ) -> None:
-    """Measured for real on this CPU: auto takes bfloat16, its record passed, and every fixture clip's
-    scores are within MAX_SCORE_DIFF of float32's with the same top emotion where the lead is clear."""
+    """Measured for real on this CPU: the agreement check passes, auto takes bfloat16 where that runtime's
+    bf16 is faster than float32 on this CPU (BF16_RUNTIMES), and every fixture clip's scores are within
+    MAX_SCORE_DIFF of float32's with the same top emotion where the lead is clear."""
     entry = entry_copy(tiny_onnx_entry, tmp_path)
-    rec = load_model(entry, backend=backend, device="cpu", dtype="auto", threads=1)
-    assert (rec.backend.name, rec.dtype) == (backend, "bfloat16"), rec.reason
+    auto = load_model(entry, backend=backend, device="cpu", dtype="auto", threads=1)
+    assert THIS_CPU_BF16 is not None
+    if backend in precision.BF16_RUNTIMES[THIS_CPU_BF16]:
+        assert (auto.backend.name, auto.dtype) == (backend, "bfloat16"), auto.reason
+    else:
+        assert auto.dtype == "float32" and "only on" in auto.reason
+    assert precision.agreement_for(read_entry(entry), backend, "bfloat16", 1).passed
     assert read_manifest(entry)["agreement"][f"{backend}/bfloat16"]["passed"] is True
+    rec = load_model(entry, backend=backend, device="cpu", dtype="bfloat16", threads=1)
     for clip in CLIPS:
         got, want = rec.predict((wave(clip), 16000)), tiny_onnx.predict((wave(clip), 16000))
         diff = np.abs(np.array(list(got.scores.values())) - np.array(list(want.scores.values()))).max()

@@ -56,20 +56,20 @@ def test_checkpoint_mismatch_names_the_tensor(tmp_path: Path, edit, named: str) 
     model_dir = copy_fixture(tmp_path)
     edit_checkpoint(model_dir, edit)
     with pytest.raises(WeightsError, match=named.replace("(", r"\(").replace(")", r"\)")):
-        load_model(model_dir, device="cpu")
+        load_model(model_dir, device="cpu", dtype="float32")
 
 
 def test_training_only_decoder_keys_are_ignored(tmp_path: Path, tiny_recognizer) -> None:  # type: ignore[no-untyped-def]
     model_dir = copy_fixture(tmp_path)
     edit_checkpoint(model_dir, lambda sd: sd.update({f"{AUDIO}decoder.proj.weight": torch.ones(3, 3)}))
-    assert scores(load_model(model_dir, device="cpu")) == scores(tiny_recognizer)
+    assert scores(load_model(model_dir, device="cpu", dtype="float32")) == scores(tiny_recognizer)
 
 
 def test_arbitrary_pickles_are_refused(tmp_path: Path) -> None:
     model_dir = copy_fixture(tmp_path)
     torch.save({"model": {}, "evil": nn.Linear(1, 1)}, model_dir / "model.pt")  # a module: not weights-only
     with pytest.raises(WeightsError, match="not a weights-only checkpoint"):
-        load_model(model_dir, device="cpu")
+        load_model(model_dir, device="cpu", dtype="float32")
 
 
 @pytest.mark.parametrize("damage", ["garbage", "cut"])
@@ -80,7 +80,7 @@ def test_a_damaged_checkpoint_names_the_file(tmp_path: Path, damage: str) -> Non
         b"\x80\x02garbage" * 100 if damage == "garbage" else whole[: len(whole) // 2]
     )
     with pytest.raises(WeightsError, match=r"model\.pt: cannot load"):
-        load_model(model_dir, device="cpu")
+        load_model(model_dir, device="cpu", dtype="float32")
 
 
 def test_unuse_labels_are_masked(tmp_path: Path, tiny_recognizer) -> None:  # type: ignore[no-untyped-def]
@@ -88,7 +88,7 @@ def test_unuse_labels_are_masked(tmp_path: Path, tiny_recognizer) -> None:  # ty
     tokens = (model_dir / "tokens.txt").read_text(encoding="utf-8").splitlines()
     tokens[1], tokens[5] = "unuse_1", "unuse_5"
     (model_dir / "tokens.txt").write_text("\n".join(tokens), encoding="utf-8")
-    masked = scores(load_model(model_dir, device="cpu"))
+    masked = scores(load_model(model_dir, device="cpu", dtype="float32"))
     full = scores(tiny_recognizer)
     assert list(masked) == ["angry", "fearful", "happy", "neutral", "sad", "surprised", "unknown"]
     # softmax with -inf logits = the full softmax renormalised over the kept labels
@@ -199,10 +199,10 @@ def test_make_test_model_is_published_layout_and_marked_random(tmp_path: Path) -
     assert {k: v.shape for k, v in checkpoint["model"].items()} == {
         k: v.shape for k, v in fixture["model"].items()
     }
-    result = load_model(out, device="cpu").predict((wave("en_1s_16k.wav"), 16000))
+    result = load_model(out, device="cpu", dtype="float32").predict((wave("en_1s_16k.wav"), 16000))
     assert result.random_weights is True
     assert result.model == "m"
-    other = load_model(make_test_model(tmp_path / "m2", preset="tiny", seed=4), device="cpu")
+    other = load_model(make_test_model(tmp_path / "m2", preset="tiny", seed=4), device="cpu", dtype="float32")
     assert other.predict((wave("en_1s_16k.wav"), 16000)).scores != result.scores
 
 
@@ -212,7 +212,8 @@ def test_training_state_pads_the_file_like_the_published_one(tmp_path: Path) -> 
     ratio = (padded / "model.pt").stat().st_size / (slim / "model.pt").stat().st_size
     assert 2.8 < ratio < 3.2  # the published large file is 1,945,790,254 B for 649 MB of weights
     assert np.isclose(
-        scores(load_model(padded, device="cpu"))["happy"], scores(load_model(slim, device="cpu"))["happy"]
+        scores(load_model(padded, device="cpu", dtype="float32"))["happy"],
+        scores(load_model(slim, device="cpu", dtype="float32"))["happy"],
     )
 
 

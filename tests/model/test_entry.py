@@ -66,11 +66,11 @@ def test_a_damaged_entry_is_rebuilt_from_its_source(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, tiny_recognizer: Recognizer
 ) -> None:
     model_dir = copy_fixture(tmp_path)
-    entry = load_model(model_dir, backend="torch").info.path
+    entry = load_model(model_dir, backend="torch", dtype="float32").info.path
     with (entry / "model.safetensors").open("r+b") as f:
         f.truncate(1000)  # a download or disk that stopped half-way
     with caplog.at_level(logging.WARNING, "emoserve"):
-        rebuilt = load_model(model_dir, backend="torch")
+        rebuilt = load_model(model_dir, backend="torch", dtype="float32")
     warned = [r.getMessage() for r in caplog.records]
     assert any("damaged" in m and "converting it again" in m for m in warned)
     assert check_entry(rebuilt.info.path, full=True) == []
@@ -80,11 +80,11 @@ def test_a_damaged_entry_is_rebuilt_from_its_source(
 
 def test_a_damaged_entry_without_its_source_is_refused_in_one_sentence(tmp_path: Path) -> None:
     model_dir = copy_fixture(tmp_path)
-    entry = load_model(model_dir, backend="torch").info.path
+    entry = load_model(model_dir, backend="torch", dtype="float32").info.path
     shutil.rmtree(model_dir)
     (entry / "tokens.txt").write_text("garbage")
     with pytest.raises(WeightsError) as caught:
-        load_model(entry, backend="torch")
+        load_model(entry, backend="torch", dtype="float32")
     message = str(caught.value)
     assert "tokens.txt is 7 bytes" in message and "delete this directory" in message
     assert "\n" not in message
@@ -268,7 +268,7 @@ def test_a_conversion_killed_midway_leaves_nothing_that_loads(tmp_path: Path) ->
     process.wait(10)
     assert not out.exists() and list(tmp_path.glob(".entry.*"))  # only the hidden work directory
     with pytest.raises(WeightsError, match="neither a directory nor a known name"):
-        load_model(out)
+        load_model(out, dtype="float32")
     assert convert(FIXTURE / "model", out, onnx=False) == out and check_entry(out, full=True) == []
     assert sorted(p.name for p in tmp_path.iterdir()) == ["entry"]  # the killed one's work is gone
 

@@ -153,7 +153,7 @@ def test_int8_is_close_to_float32_and_its_deltas_are_reported(
 def test_an_entry_without_a_graph_gets_it_from_convert_or_when_onnx_is_asked_for(tmp_path: Path) -> None:
     entry = convert(FIXTURE / "model", tmp_path / "entry", onnx=False)
     assert read_entry(entry).onnx_graph() is None
-    rec = load_model(entry, backend="onnx", threads=1)  # exported once, into the entry
+    rec = load_model(entry, backend="onnx", dtype="float32", threads=1)  # exported once, into the entry
     assert rec.backend.name == "onnx" and read_entry(entry).onnx_graph() is not None
     assert main(["convert", str(entry)]) == 0  # already there: nothing to do, and it says where
     assert read_entry(entry).onnx_graph() is not None
@@ -237,7 +237,7 @@ def test_arbitrary_lengths_reach_onnx_runtime_as_a_bounded_set_of_widths(
         assert n <= bucket_width(n) < max(n * 33 / 32, n + 320)
     assert len({bucket_width(n) for n in range(16_000, 60 * 16_000)}) < 200  # 1 s to 60 s
 
-    model = load_model(tiny_onnx_entry, backend="onnx", threads=1, progress=False)
+    model = load_model(tiny_onnx_entry, backend="onnx", dtype="float32", threads=1, progress=False)
     session, widths = model.backend.session, set()
 
     class Spy:

@@ -52,3 +52,17 @@ def warn_if_cuda_unusable() -> None:
         torch.__version__,
         torch.version.cuda or "none: a CPU build",
     )
+
+
+BF16_MIN_CAPABILITY = (8, 0)  # Ampere: the first GPUs with bfloat16 arithmetic (and SDPA kernels for it)
+
+
+def half_precision(device: str) -> tuple[str, str]:
+    """The half precision `--dtype auto` takes on `device` (a GPU), and its compute capability ("8.0"):
+    bfloat16 from Ampere on (float32's range: no overflow in the attention's sums), float16 before."""
+    import torch
+
+    index = torch.device("cuda" if device == "auto" else device).index
+    capability = torch.cuda.get_device_capability(index)
+    dtype = "bfloat16" if capability >= BF16_MIN_CAPABILITY else "float16"
+    return dtype, f"{capability[0]}.{capability[1]}"

@@ -53,14 +53,12 @@ class ModelOptions:
         choices=BACKENDS,
     )
     device: str = _option("auto", "auto (CUDA when present), cpu, cuda, cuda:N")
-    # float32 stays the default until `auto`'s start cost (the compile, the agreement check on first use,
-    # the memory) is measured against it (issue 23; docs/guides/backends.md)
     dtype: Dtype = _option(  # noqa: RUF009
-        "float32",
-        "float32: the reference's numbers; auto: the fastest precision this machine has natively whose "
-        "agreement with float32 was measured and passed (bfloat16 on a CPU with AMX or AVX512-BF16, else "
-        "float32; never int8); bfloat16 on such a CPU (openvino, torch) or a GPU; float16 on a GPU; int8 on "
-        "a CPU (onnx, opt-in)",
+        "auto",
+        "auto: the fastest precision this machine has natively whose agreement with float32 was measured "
+        "and passed (bfloat16 on a CPU with AMX or AVX512-BF16 where a runtime runs it faster than float32, "
+        "half precision on a GPU, else float32; never int8); float32: the reference's numbers; bfloat16 on "
+        "such a CPU (openvino, torch) or a GPU; float16 on a GPU; int8 on a CPU (onnx, opt-in)",
         choices=DTYPES,
     )
     hub: Hub = _option("auto", "where to download a missing model from", choices=HUBS)  # noqa: RUF009

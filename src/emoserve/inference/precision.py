@@ -1,12 +1,15 @@
 """Which precision a model runs in: the CPU's native bfloat16, and the agreement with float32 that `--dtype
 auto` requires before it takes a lower precision.
 
-    dtype auto -> on a GPU: float32 (half precision by capability: not chosen here yet)
+    dtype auto -> on a GPU: half precision by capability (bfloat16 from compute capability 8.0, Ampere;
+                  float16 before), on torch, if its agreement with float32 on this entry passed
                -> on a CPU with native bf16 (AMX or AVX512-BF16 in its flags): bfloat16 on the fastest
-                  runtime that runs it (openvino, else torch), if its agreement with float32 on this
-                  entry passed; measured once, the first time it is wanted, and recorded in the entry's
-                  manifest (`emoserve info` shows it); a failed check means float32, and the log says why
+                  runtime that runs it faster than float32 on that ISA (BF16_RUNTIMES, measured), if its
+                  agreement with float32 on this entry passed
                -> otherwise float32. Never int8 (opt-in: `--dtype int8`).
+
+Each agreement is measured once, the first time it is wanted, and recorded in the entry's manifest
+(`emoserve info` shows it); a failed check means float32, and the log says why.
 
 The agreement check: generated speech-like clips and the bundled examples, each scored by the same
 runtime in float32 and in the lower precision. It passes when the largest score difference is at most
@@ -38,10 +41,15 @@ NATIVE_BF16_FLAGS = (
     "amx_bf16",
     "avx512_bf16",
 )  # /proc/cpuinfo: Intel AMX tiles, AVX512-BF16 (Intel, AMD Zen 4+)
+# The runtimes whose bfloat16 beats float32 on each native-bf16 ISA, fastest first (measured: issue 23 on
+# an Intel Xeon with AMX, 5 s clip against onnx float32: openvino bf16 0.39x, torch bf16 0.61x;
+# docs/benchmarks.md section 16 on an AMD EPYC with AVX512-BF16 and no AMX: openvino bf16 0.49x, torch bf16
+# 3.1x - slower than float32, so `auto` never takes torch's bf16 there; `--dtype bfloat16` still runs it).
+BF16_RUNTIMES: dict[str, tuple[str, ...]] = {"amx_bf16": ("openvino", "torch"), "avx512_bf16": ("openvino",)}
 MAX_SCORE_DIFF = 5e-3  # the issue's bound on any score's difference from float32
 NEAR_TIE_LEAD = 2 * MAX_SCORE_DIFF  # float32's top-two lead at or under this: a near tie, may flip
 GENERATED_SECONDS = (1.0, 2.0, 3.0, 5.0, 8.0, 12.0)  # the generated clips (seeded: the same every time)
-MANIFEST_KEY = "agreement"  # manifest["agreement"]["openvino/bfloat16"] = Agreement.to_dict()
+MANIFEST_KEY = "agreement"  # manifest["agreement"][record_key(...)] = Agreement.to_dict()
 
 
 def native_bf16(flags: frozenset[str] | None = None) -> str | None:
@@ -68,8 +76,10 @@ def choose_precision(
     """The dtype and backend for these options (never "auto"), and why the dtype; a dtype this CPU cannot
     run, or options that do not go together, are refused (ValueError)."""
     if dtype == "auto":
+        # options that do not go together are said first (float32 runs on every backend)
+        float32 = choose_backend(backend, device, "float32", info)
         dtype, runtime, why = choose_dtype(backend, device, info, threads)
-        return dtype, runtime or choose_backend(backend, device, dtype, info), why
+        return dtype, runtime or float32, why
     chosen = choose_backend(backend, device, dtype, info)  # options that do not go together: said first
     if chosen != "torch" or on_cpu(device):
         check_cpu_dtype(dtype)
@@ -198,20 +208,26 @@ def runtime_version(backend: str) -> str:
         return package
 
 
-def recorded_agreement(info: ModelInfo, backend: str, dtype: str) -> Agreement | None:
+def record_key(backend: str, dtype: str, device: str = "cpu") -> str:
+    """The manifest's key of an agreement: "openvino/bfloat16" on the CPU, "torch@cuda/float16" on a GPU."""
+    return f"{backend}/{dtype}" if device == "cpu" else f"{backend}@cuda/{dtype}"
+
+
+def recorded_agreement(info: ModelInfo, backend: str, dtype: str, device: str = "cpu") -> Agreement | None:
     """The entry's record for `backend` at `dtype`, if it was measured with the runtime installed now."""
-    record = read_manifest(info.path).get(MANIFEST_KEY, {}).get(f"{backend}/{dtype}")
+    record = read_manifest(info.path).get(MANIFEST_KEY, {}).get(record_key(backend, dtype, device))
     if not isinstance(record, dict) or record.get("runtime") != runtime_version(backend):
         return None
     return Agreement.from_dict(record)
 
 
-def record_agreement(info: ModelInfo, agreement: Agreement) -> None:
+def record_agreement(info: ModelInfo, agreement: Agreement, device: str = "cpu") -> None:
     """Into the entry's manifest; an entry that cannot be written (a read-only image) keeps none, and the
     check runs again at the next start."""
     try:
         manifest = read_manifest(info.path)
-        manifest.setdefault(MANIFEST_KEY, {})[f"{agreement.backend}/{agreement.dtype}"] = agreement.to_dict()
+        key = record_key(agreement.backend, agreement.dtype, device)
+        manifest.setdefault(MANIFEST_KEY, {})[key] = agreement.to_dict()
         write_manifest(info.path, manifest)
     except OSError as err:
         log.warning(
@@ -220,48 +236,84 @@ def record_agreement(info: ModelInfo, agreement: Agreement) -> None:
 
 
 def agreement_for(
-    info: ModelInfo, backend: str, dtype: str, threads: int, opener: Callable[..., Backend] | None = None
+    info: ModelInfo,
+    backend: str,
+    dtype: str,
+    threads: int,
+    opener: Callable[..., Backend] | None = None,
+    device: str = "cpu",
 ) -> Agreement:
-    """The entry's recorded agreement of `backend` at `dtype`, measured now (and recorded) when missing."""
-    found = recorded_agreement(info, backend, dtype)
+    """The entry's recorded agreement of `backend` at `dtype` on `device` ("cpu", or a GPU: one record for
+    every GPU), measured now (and recorded) when missing."""
+    found = recorded_agreement(info, backend, dtype, device)
     if found is not None:
         return found
     open_runner = opener or open_backend
     log.info("%s: measuring %s %s against float32 once (the agreement check)", info.name, backend, dtype)
     kept = np.array([i for i, label in enumerate(info.labels) if not label.masked])
     agreement = measure(
-        open_runner(backend, "float32", info, "cpu", threads),
-        open_runner(backend, dtype, info, "cpu", threads),
+        open_runner(backend, "float32", info, device, threads),
+        open_runner(backend, dtype, info, device, threads),
         kept,
     )
-    record_agreement(info, agreement)
+    record_agreement(info, agreement, device)
     return agreement
 
 
 def choose_dtype(
     backend: str, device: str, info: ModelInfo, threads: int, flags: frozenset[str] | None = None
 ) -> tuple[str, str | None, str]:
-    """`--dtype auto`: the precision for these options, the runtime when it took bfloat16 (None: not
-    chosen yet), and why (for the log and GET /v1/model)."""
+    """`--dtype auto`: the precision for these options, the runtime when it took a lower precision (None:
+    not chosen yet), and why (for the log and GET /v1/model)."""
     if not on_cpu(device):
-        return "float32", None, "float32: on a GPU auto keeps float32"
+        return gpu_dtype(backend, device, info, threads)
     flag = native_bf16(flags)
     if flag is None:
         return "float32", None, "float32: this CPU has no native bfloat16 (no amx_bf16 or avx512_bf16 flag)"
-    if backend == "onnx":
-        return "float32", None, "float32: the onnx backend runs float32 (bfloat16 runs on openvino or torch)"
-    runtime = choose_backend(backend, "cpu", "bfloat16", info)
-    agreement = agreement_for(info, runtime, "bfloat16", threads)
+    runtime = bf16_runtime(backend, flag, info)
+    if runtime is None:
+        fast = " or ".join(BF16_RUNTIMES[flag])
+        why = f"float32: bfloat16 is faster than float32 here ({flag}) only on {fast}"
+        if backend == "auto":
+            why += ", and none is installed with the entry's ONNX graph"
+        return "float32", None, why
+    return checked("bfloat16", runtime, "cpu", f"native here ({flag})", info, threads)
+
+
+def bf16_runtime(backend: str, flag: str, info: ModelInfo) -> str | None:
+    """The runtime `auto` runs bfloat16 on for `backend` on a CPU with `flag`: one of BF16_RUNTIMES[flag]
+    that can run the entry, or None (float32 is faster than anything left)."""
+    fast = BF16_RUNTIMES[flag]
+    if backend != "auto":
+        return backend if backend in fast else None
+    chosen = choose_backend("auto", "cpu", "bfloat16", info)  # torch when no graph runtime can
+    return chosen if chosen in fast else None
+
+
+def gpu_dtype(backend: str, device: str, info: ModelInfo, threads: int) -> tuple[str, str | None, str]:
+    """On a GPU: bfloat16 from compute capability 8.0, float16 before (torch), if its agreement passed."""
+    from emoserve.inference.gpu import half_precision
+
+    if backend not in ("auto", "torch"):
+        return "float32", None, "float32: on a GPU only the torch backend runs half precision"
+    dtype, capability = half_precision(device)
+    return checked(dtype, "torch", device, f"compute capability {capability}", info, threads)
+
+
+def checked(
+    dtype: str, runtime: str, device: str, native: str, info: ModelInfo, threads: int
+) -> tuple[str, str | None, str]:
+    """`dtype` on `runtime` if its agreement with float32 on this entry passed, else float32 (logged)."""
+    agreement = agreement_for(info, runtime, dtype, threads, device=device)
     if not agreement.passed:
         log.warning(
-            "%s: bfloat16 on %s failed its agreement check with float32 (%s): running float32",
+            "%s: %s on %s failed its agreement check with float32 (%s): running float32",
             info.name,
+            dtype,
             runtime,
             agreement.reason,
         )
-        why = f"float32: bfloat16 on {runtime} failed its agreement check with float32 ({agreement.reason})"
+        why = f"float32: {dtype} on {runtime} failed its agreement check with float32 ({agreement.reason})"
         return "float32", None, why
-    why = (
-        f"bfloat16: native here ({flag}), its agreement with float32 on {runtime} passed ({agreement.reason})"
-    )
-    return "bfloat16", runtime, why
+    why = f"{dtype}: {native}, its agreement with float32 on {runtime} passed ({agreement.reason})"
+    return dtype, runtime, why

@@ -327,7 +327,7 @@ def load_model(
     *,
     backend: str = "auto",
     device: str = "auto",
-    dtype: str = "float32",
+    dtype: str = "auto",
     hub: Hub = "auto",
     max_seconds: float | None = DEFAULT_MAX_SECONDS,
     threads: int | None = None,
@@ -335,10 +335,11 @@ def load_model(
 ) -> Recognizer:
     """Resolve `model` (directory or name; default emotion2vec_plus_large) and load it ready to use.
 
-    `dtype` "float32" (the default) gives the reference's numbers; "auto": the fastest precision this
-    machine has natively whose agreement with float32 was measured and passed (bfloat16 on a CPU with
-    native bf16, else float32; `inference/precision.py`); "bfloat16" on such a CPU (openvino, torch) or a GPU;
-    "float16" on a GPU; "int8" (dynamically quantized matmuls, onnx) only when asked for.
+    `dtype` "auto" (the default): the fastest precision this machine has natively whose agreement with
+    float32 was measured and passed (bfloat16 on a CPU with native bf16 where a runtime runs it faster,
+    half precision on a GPU, else float32; `inference/precision.py`); "float32" gives the reference's
+    numbers; "bfloat16" on such a CPU (openvino, torch) or a GPU; "float16" on a GPU; "int8" (dynamically
+    quantized matmuls, onnx) only when asked for.
     `backend`: "openvino" or "onnx" (CPU, no torch imported), "torch", or "auto": on a CPU the fastest
     runtime installed for the dtype (`backend.FASTEST`, measured) that can run the entry, torch on a GPU."""
     if backend not in BACKENDS:

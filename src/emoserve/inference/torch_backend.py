@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from emoserve.inference.gpu import warn_if_cuda_unusable
+from emoserve.inference.gpu import BF16_MIN_CAPABILITY, warn_if_cuda_unusable
 from emoserve.model.convert import load_entry
 from emoserve.model.interface import CUDA_WIDTHS_PER_OCTAVE_LOG2, Outputs, bucket_width, pad_to_bucket
 from emoserve.model.network import Emotion2vec
@@ -147,9 +147,6 @@ def pick_device(device: str) -> torch.device:
             f"(cuda:0 to cuda:{count - 1}); use one of those"
         )
     return chosen
-
-
-BF16_MIN_CAPABILITY = (8, 0)  # Ampere: the first GPUs with bfloat16 arithmetic (and SDPA kernels for it)
 
 
 def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
