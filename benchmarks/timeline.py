@@ -13,6 +13,9 @@ pauses of 0.5-3 s with low noise, written block by block. Four measurements:
    memory does not depend on the file, and the large model would need hours on 180 minutes of 2 cores.
 4. Latency of a 5 s `/v1/recognize` on an `emoserve serve` while a 30-minute timeline streams on the
    same server, against its idle latency measured first on that server. Target: <= 3x.
+5. Throughput (issue 23): the whole `Recognizer.timeline` of the 10-minute recording, in audio seconds
+   per second, on the default (`--dtype auto --backend auto`) against onnx float32 (the default before),
+   the two alternating, medians of --runs.
 """
 
 from __future__ import annotations
@@ -120,6 +123,30 @@ def pipeline_vs_one_at_a_time(recognizer: Any, path: Path) -> tuple[float, float
     return vad_s + batched_s, vad_s + alone_s, vad_s, len(segments), job.duration_s
 
 
+def throughput(entry: Path, path: Path, runs: int) -> None:
+    """The whole timeline of `path` on the default and on onnx float32, alternating: audio s per s."""
+    recognizers = {
+        "default (auto)": load_recognizer(entry, backend="auto", dtype="auto"),
+        "onnx float32": load_recognizer(entry, backend="onnx", dtype="float32"),
+    }
+    seconds: dict[str, list[float]] = {name: [] for name in recognizers}
+    audio_s = 0.0
+    for run in range(runs):
+        order = list(recognizers) if run % 2 == 0 else list(reversed(recognizers))
+        for name in order:
+            started = time.perf_counter()
+            timeline = recognizers[name].timeline(path)
+            seconds[name].append(time.perf_counter() - started)
+            audio_s = timeline.duration_s
+    rows = []
+    for name, rec in recognizers.items():
+        took = median(seconds[name])
+        rows.append([name, f"{rec.backend.name} {rec.dtype}", f"{took:.1f}", f"{audio_s / took:.1f}"])
+    table(["", "runtime", "seconds (median)", "audio s per s"], rows)
+    ratio = median(seconds["default (auto)"]) / median(seconds["onnx float32"])
+    print(f"Timeline of {audio_s / 60:.0f} min: default / onnx float32 = {ratio:.3f} (time).\n")
+
+
 def peak_rss_mb(model: Path, path: Path) -> tuple[float, float]:
     """(peak RSS MB, seconds) of `emoserve predict PATH --segments` in its own process: VmHWM of its own
     memory (ru_maxrss would carry the parent's high-water mark across fork and exec)."""
@@ -195,7 +222,7 @@ def latency_beside_a_timeline(model: Path, path: Path, calls: int) -> tuple[floa
     return median(idle), median(busy), during
 
 
-SECTIONS = ("vad", "pipeline", "rss", "latency")
+SECTIONS = ("vad", "pipeline", "rss", "latency", "throughput")
 
 
 def main() -> None:
@@ -209,6 +236,13 @@ def main() -> None:
     work = Path(tempfile.gettempdir()) / "emoserve-bench-timeline"
     work.mkdir(exist_ok=True)
     model = bench_model(args.preset)
+
+    if "throughput" in sections:
+        throughput(
+            model.entry,
+            recording(work / f"{1.0 if quick else 10.0:g}min.wav", 1.0 if quick else 10.0),
+            args.runs,
+        )
 
     if "vad" in sections:
         minutes = 1.0 if quick else 10.0
