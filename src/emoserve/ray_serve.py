@@ -49,6 +49,7 @@ from emoserve.api.recognize import RECOGNIZE
 from emoserve.audio.segments import Recording
 from emoserve.constants import FALSE_WORDS, TRUE_WORDS
 from emoserve.errors import LOADING_RETRY_AFTER_S, EmoserveError, SettingsError
+from emoserve.inference.results import ModelTag
 from emoserve.serving.metrics import Metrics
 from emoserve.serving.phase import Phase, unavailable
 from emoserve.serving.service import Service, decode_clip
@@ -279,6 +280,11 @@ class RemoteService:
         summary = self.status.model_summary
         return None if summary is None else bool(summary["random_weights"])
 
+    @property
+    def model_tag(self) -> ModelTag | None:
+        summary = self.status.model_summary
+        return None if summary is None else ModelTag.from_summary(summary)
+
     def _follow(self) -> None:
         while not self._stopping.is_set():
             try:
@@ -352,8 +358,7 @@ class RemoteService:
         stream = LiveStream(
             options,
             score,
-            model=str(summary["name"]),
-            random_weights=bool(summary["random_weights"]),
+            tag=ModelTag.from_summary(summary),
             labels=list(summary["labels"]),
             metrics=self._stream_metrics,
         )

@@ -50,6 +50,8 @@ def test_multipart_upload_equals_the_recognizer(live: Live, tiny_recognizer: Any
     assert set(body) == set(RecognitionOut.model_fields)  # what /docs promises, no more, no less
     RecognitionOut.model_validate(body)
     assert body["random_weights"] is False
+    about = live.client.get("/v1/model").json()  # what scored it, as chosen (never "auto")
+    assert (body["backend"], body["dtype"]) == (about["backend"], about["dtype"]) == ("torch", "float32")
     timing = body["timing"]
     assert set(timing) == {"decode_s", "queue_s", "inference_s", "total_s"}
     assert all(v >= 0 for v in timing.values())

@@ -100,6 +100,7 @@ def test_json_timeline_equals_the_library(live: Live, recording: Path, tiny_reco
     want = tiny_recognizer.timeline(recording).to_dict()
     assert body["file"] == "call.wav" and body["duration_s"] == want["duration_s"]
     assert body["random_weights"] == want["random_weights"] and body["vad"] == want["vad"]
+    assert (body["backend"], body["dtype"]) == (want["backend"], want["dtype"]) == ("torch", "float32")
     assert len(body["segments"]) == len(SPEECH) == len(want["segments"])
     assert_same_segments(body["segments"], want["segments"])
     assert body["summary"]["dominant"] == want["summary"]["dominant"]

@@ -161,6 +161,8 @@ def test_recognizer_stream_gives_the_timeline_and_every_message(tiny_recognizer:
     assert kinds[0] == "ready" and kinds[-1] == "summary" and "interim" in kinds
     ready = messages[0]
     assert ready["model"] == timeline.model and ready["random_weights"] is tiny_recognizer.random_weights
+    assert (ready["backend"], ready["dtype"]) == (timeline.backend, timeline.dtype) == ("torch", "float32")
+    assert (messages[-1]["backend"], messages[-1]["dtype"]) == ("torch", "float32")  # the summary
     assert [label["en"] for label in ready["labels"]] == [label.en for label in tiny_recognizer.labels]
     assert ready["parameters"]["hop_s"] == 0.5 and ready["parameters"]["encoding"] == "pcm_s16le"
     got = [m for m in messages if m["type"] == "segment"]

@@ -71,6 +71,7 @@ def test_predict_folder_scores_all_but_the_bad_file(
     assert "broken.wav" in err and "1 of 4 files failed" in err
     good = rows["a.wav"]
     assert good["error"] is None and good["random_weights"] is False and good["granularity"] == "utterance"
+    assert (good["backend"], good["dtype"]) == ("torch", "float32")  # EMOSERVE_DTYPE pinned; no ONNX graph
     assert set(good) >= {
         "file",
         "emotion",

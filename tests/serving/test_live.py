@@ -11,6 +11,7 @@ import pytest
 import soundfile as sf
 
 from emoserve.inference.protocol import StreamOptions
+from emoserve.inference.results import ModelTag
 from emoserve.serving.live import MAX_PENDING_SEGMENTS, LiveStream
 from emoserve.serving.metrics import Metrics
 from tests.support.audio import RATE, SPEECH
@@ -46,9 +47,8 @@ def test_a_fast_sender_is_not_read_while_segments_wait_for_the_model(
             waiting -= not interim
             return fake_result(audio)
 
-        live = LiveStream(
-            StreamOptions(), score, model="m", random_weights=True, labels=[], metrics=Metrics(8)
-        )
+        tag = ModelTag("m", True, "torch", "float32")
+        live = LiveStream(StreamOptions(), score, tag=tag, labels=[], metrics=Metrics(8))
 
         async def send() -> list[dict[str, Any]]:  # as the route sends: all along
             return [m async for m in live.messages_out()]

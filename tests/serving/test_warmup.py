@@ -90,3 +90,37 @@ def test_no_malloc_trim_after_a_gpu_call(
     assert trims == []
     tiny_recognizer.predict_batch([clip], "utterance", False)
     assert trims == ["trim"]
+
+
+class Recorded:
+    """A CPU backend under another runtime's name; records the lengths of the clips it runs."""
+
+    device = "cpu"
+    dtype = "float32"
+
+    def __init__(self, inner: Any, name: str) -> None:
+        self.inner, self.name = inner, name
+        self.lengths: list[int] = []
+
+    def run(self, waves: np.ndarray, lengths: np.ndarray, frames: bool) -> Outputs:
+        self.lengths += [int(n) for n in lengths]
+        return self.inner.run(waves, lengths, frames)
+
+
+@pytest.mark.parametrize(("name", "each_length"), [("onnx", False), ("openvino", False), ("torch", True)])
+def test_the_graph_runtimes_warm_one_short_length_and_torch_each_length(
+    tiny_recognizer: Recognizer, name: str, each_length: bool
+) -> None:
+    """ONNX Runtime warms every length with one; OpenVINO's first call per width is paid by whichever
+    length comes (its bundled lengths would cost the start more than they save); torch warms each."""
+    backend = Recorded(tiny_recognizer.backend, name)
+    recognizer = Recognizer(backend, tiny_recognizer.info)  # type: ignore[arg-type]
+    speech = wave("zh_3s_16k.wav")
+    clips = [audio(speech[:SAMPLE_RATE], "one second"), audio(speech, "three seconds")]
+    engine = Engine(recognizer, EngineConfig(max_batch_size=1, max_wait_ms=0))
+    engine.start()
+    try:
+        warm_up_engine(engine, Settings(), clips)
+    finally:
+        engine.stop(10)
+    assert set(backend.lengths) == ({SAMPLE_RATE, len(speech)} if each_length else {SAMPLE_RATE})

@@ -20,7 +20,7 @@ from emoserve.audio.vad import DEFAULT_VAD, VadSettings
 from emoserve.constants import EXAMPLES_DIR, Channels, Granularity
 from emoserve.errors import QueueFull
 from emoserve.inference.protocol import StreamOptions
-from emoserve.inference.results import Result, TimelineSegment, scored
+from emoserve.inference.results import ModelTag, Result, TimelineSegment, scored
 from emoserve.model.labels import PUBLISHED_LABELS, parse_label
 from emoserve.serving.engine import Engine, Priority, RequestTiming
 from emoserve.serving.live import LiveStream
@@ -75,6 +75,14 @@ class FakeService:
     timelines_closed: list[int] = field(default_factory=list)  # segments each timeline() gave, at its end
     streams_open: int = 0
     streams_opened: int = 0
+
+    @property
+    def model_tag(self) -> ModelTag | None:
+        """As Service.model_tag: the engine's recognizer, under this service's name and weights."""
+        if self.engine is None or self.model_name is None:
+            return None
+        recognizer = self.engine.recognizer
+        return ModelTag(self.model_name, bool(self.random_weights), recognizer.backend.name, recognizer.dtype)
 
     def require_ready(self) -> None:
         """As Service.require_ready: the 503 that fits the phase."""
@@ -134,10 +142,8 @@ class FakeService:
             return await engine.submit(audio, priority=priority)
 
         labels = [parse_label(token).to_dict() for token in PUBLISHED_LABELS]
-        model, random = self.model_name or "", bool(self.random_weights)
-        stream = LiveStream(
-            options, score, model=model, random_weights=random, labels=labels, metrics=Metrics(8)
-        )
+        assert self.model_tag is not None
+        stream = LiveStream(options, score, tag=self.model_tag, labels=labels, metrics=Metrics(8))
         self.streams_open += 1
         self.streams_opened += 1
         try:

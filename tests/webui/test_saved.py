@@ -33,6 +33,8 @@ def make_result(embedding: np.ndarray | None = None, granularity: str = "utteran
         granularity=granularity,  # type: ignore[arg-type]
         model="tiny",
         random_weights=True,
+        backend="torch",
+        dtype="float32",
         frames=frames,
         embedding=embedding,
     )

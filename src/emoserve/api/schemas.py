@@ -57,6 +57,8 @@ class RecognitionOut(ResultModel):
     granularity: Granularity
     model: str
     random_weights: bool
+    backend: str = Field(description="the runtime that scored it: onnx, openvino, torch (as chosen)")
+    dtype: str = Field(description="its precision: float32, bfloat16, float16, int8 (as chosen)")
     frames: list[FrameOut] | None
     embedding: list[float] | list[list[float]] | None  # (dim,) utterance, (frames, dim) frame
     head: HeadOut | None = Field(description="with `head=NAME`: your own labels on the clip, else null")
@@ -82,6 +84,8 @@ class TimelineOut(ResultModel):
     speech_s: float
     model: str
     random_weights: bool
+    backend: str = Field(description="the runtime that scored it: onnx, openvino, torch (as chosen)")
+    dtype: str = Field(description="its precision: float32, bfloat16, float16, int8 (as chosen)")
     channels: Channels
     vad: dict[str, Any] | None = Field(description="the VAD settings; null when you gave the segments")
     segments: list[TimelineSegmentOut]

@@ -170,8 +170,8 @@ class TimelineRun:
     def timeline(self, segments: list[TimelineSegment]) -> Timeline:
         from emoserve.inference.timeline import build_timeline
 
-        service = self.service
-        return build_timeline(self.job, segments, service.model_name or "", bool(service.random_weights))
+        assert self.service.model_tag is not None  # scoring: loaded
+        return build_timeline(self.job, segments, self.service.model_tag)
 
     async def collect(self) -> list[TimelineSegment]:
         return [segment async for segment in self._scored()]

@@ -44,6 +44,8 @@ CLIP_CSV_FIELDS = [
     "granularity",
     "model",
     "random_weights",
+    "backend",
+    "dtype",
     "embedding",
     "error",
 ]

@@ -32,7 +32,7 @@ from emoserve.inference.protocol import (
     StreamOptions,
     SummaryMessage,
 )
-from emoserve.inference.results import Result, Timeline, TimelineSegment, scored, summarise
+from emoserve.inference.results import ModelTag, Result, Timeline, TimelineSegment, scored, summarise
 
 if TYPE_CHECKING:
     from emoserve.audio.decode import Audio
@@ -46,8 +46,7 @@ class StreamMessages:
     the scored segments for the summary)."""
 
     options: StreamOptions
-    model: str
-    random_weights: bool
+    tag: ModelTag
     session_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     skipped: int = 0
     segments: list[TimelineSegment] = field(default_factory=list)
@@ -62,8 +61,10 @@ class StreamMessages:
             type="ready",
             seq=self._seq_next(),
             session_id=self.session_id,
-            model=self.model,
-            random_weights=self.random_weights,
+            model=self.tag.model,
+            random_weights=self.tag.random_weights,
+            backend=self.tag.backend,
+            dtype=self.tag.dtype,
             labels=list(labels),
             parameters=self.options.to_dict(),
         )
@@ -107,8 +108,10 @@ class StreamMessages:
             file=STREAM_NAME,
             duration_s=round(duration_s, 6),
             speech_s=round(sum(s.duration_s for s in segments), 6),
-            model=self.model,
-            random_weights=self.random_weights,
+            model=self.tag.model,
+            random_weights=self.tag.random_weights,
+            backend=self.tag.backend,
+            dtype=self.tag.dtype,
             channels="mix",
             vad=self.options.vad.to_dict(),
             segments=segments,
@@ -131,13 +134,12 @@ class LiveSession:
         score: Callable[[Audio, bool], Result],
         options: StreamOptions,
         *,
-        model: str,
-        random_weights: bool,
+        tag: ModelTag,
         labels: Sequence[dict[str, str]],
     ) -> None:
         self.options = options
         self.cutter = options.cutter()
-        self.messages = StreamMessages(options, model, random_weights)
+        self.messages = StreamMessages(options, tag)
         self._score = score
         self.first = self.messages.ready(labels)
 

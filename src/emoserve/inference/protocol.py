@@ -189,6 +189,8 @@ class ReadyMessage(TypedDict):
     session_id: str  # hex
     model: str  # its name
     random_weights: bool  # true: a test model, its readings are meaningless
+    backend: str  # the runtime that scores the stream: onnx, openvino, torch
+    dtype: str  # its precision: float32, bfloat16, float16, int8
     labels: list[dict[str, str]]  # [{en, zh, emoji}]: the order of every `scores`
     parameters: dict[str, Any]  # the effective parameters, defaults included (StreamOptions.to_dict)
 
@@ -247,6 +249,8 @@ class SummaryMessage(TypedDict):
     speech_s: float
     model: str
     random_weights: bool
+    backend: str
+    dtype: str
     channels: str  # "mix"
     vad: dict[str, Any] | None  # the VAD parameters
     summary: dict[str, Any]  # speech_s, segments, distribution, seconds, dominant: as /v1/timeline's

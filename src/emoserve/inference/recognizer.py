@@ -33,7 +33,7 @@ from emoserve.inference.backend import Backend, open_backend
 from emoserve.inference.heads import head_result
 from emoserve.inference.options import ModelOptions
 from emoserve.inference.precision import choose_precision
-from emoserve.inference.results import FrameResult, Result
+from emoserve.inference.results import FrameResult, ModelTag, Result
 from emoserve.model.cache import ensure_intact, resolve
 from emoserve.model.entry import ModelInfo, read_entry
 from emoserve.model.interface import finite, pad, softmax
@@ -97,6 +97,11 @@ class Recognizer:
     def random_weights(self) -> bool:
         return self.info.random_weights
 
+    @property
+    def tag(self) -> ModelTag:
+        """What scores this recognizer's results, as each result names it."""
+        return ModelTag(self.info.name, self.random_weights, self.backend.name, self.backend.dtype)
+
     def load(self, audio: AudioInput | Audio, sample_rate: int | None = None) -> Audio:
         if isinstance(audio, Audio):
             return audio
@@ -153,7 +158,7 @@ class Recognizer:
 
         job = Recording(source, **options)
         scorer = self.with_head(head) if head else self
-        return build_timeline(job, score_segments(scorer, job), self.info.name, self.random_weights)
+        return build_timeline(job, score_segments(scorer, job), self.tag)
 
     def iter_timeline(
         self, source: Any, *, head: Head | None = None, **options: Any
@@ -181,8 +186,7 @@ class Recognizer:
         return LiveSession(
             score,
             chosen,
-            model=self.info.name,
-            random_weights=self.random_weights,
+            tag=self.tag,
             labels=[label.to_dict() for label in self.labels],
         )
 
@@ -255,8 +259,10 @@ class Recognizer:
             scores=self._named(scores),
             duration_s=round(clip.duration_s, 6),
             granularity=granularity,
-            model=self.info.name,
-            random_weights=self.random_weights,
+            model=self.tag.model,
+            random_weights=self.tag.random_weights,
+            backend=self.tag.backend,
+            dtype=self.tag.dtype,
             frames=self._frames(frame_scores) if frame_scores is not None else None,
             embedding=np.ascontiguousarray(emb) if emb is not None else None,
         )

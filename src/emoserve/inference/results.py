@@ -38,6 +38,24 @@ class HeadResult:
 
 
 @dataclass(frozen=True)
+class ModelTag:
+    """What scored a result, as every result names it: the model, whether its weights are random (its
+    readings then mean nothing), and the runtime and precision it ran on (`--backend`, `--dtype` as chosen,
+    never "auto")."""
+
+    model: str
+    random_weights: bool
+    backend: str  # "onnx" | "openvino" | "torch"
+    dtype: str  # "float32" | "bfloat16" | "float16" | "int8"
+
+    @classmethod
+    def from_summary(cls, summary: dict[str, Any]) -> ModelTag:
+        """From what GET /v1/model answers (`Service.model_summary`)."""
+        name, random_weights = str(summary["name"]), bool(summary["random_weights"])
+        return cls(name, random_weights, str(summary["backend"]), str(summary["dtype"]))
+
+
+@dataclass(frozen=True)
 class Result:
     emotion: str  # English key, e.g. "happy"
     label_zh: str
@@ -48,6 +66,8 @@ class Result:
     granularity: Granularity
     model: str
     random_weights: bool
+    backend: str  # the runtime and precision that scored it (ModelTag)
+    dtype: str
     frames: list[FrameResult] | None = None  # granularity "frame": one per 20 ms frame
     # utterance (dim,) or frame (frames, dim): upstream's `feats`
     embedding: np.ndarray | None = field(default=None, repr=False, compare=False)
@@ -157,6 +177,8 @@ class Timeline:
     speech_s: float
     model: str
     random_weights: bool
+    backend: str  # the runtime and precision that scored it (ModelTag)
+    dtype: str
     channels: Channels
     vad: dict[str, Any] | None  # the VAD settings; None when the caller gave the segments
     segments: list[TimelineSegment]

@@ -20,7 +20,7 @@ from emoserve.audio.vad import Segment
 from emoserve.constants import MAX_BATCH_SAMPLES, SAMPLE_RATE, segment_batch_seconds
 from emoserve.errors import EmoserveError
 from emoserve.inference.formats import TimelineWriter
-from emoserve.inference.results import Result, Timeline, TimelineSegment, scored, summarise
+from emoserve.inference.results import ModelTag, Result, Timeline, TimelineSegment, scored, summarise
 from emoserve.model.entry import ModelInfo
 
 
@@ -31,6 +31,8 @@ class Scorer(Protocol):
     def info(self) -> ModelInfo: ...
     @property
     def random_weights(self) -> bool: ...
+    @property
+    def tag(self) -> ModelTag: ...
 
     @property
     def device_type(self) -> str: ...
@@ -68,17 +70,17 @@ def _score(recognizer: Scorer, job: Recording, segments: list[Segment]) -> Itera
         yield scored(segment, result)
 
 
-def build_timeline(
-    recording: Recording, scored: Iterable[TimelineSegment], model: str, random_weights: bool
-) -> Timeline:
+def build_timeline(recording: Recording, scored: Iterable[TimelineSegment], tag: ModelTag) -> Timeline:
     """The recording's timeline once all its segments are scored (in any order): sorted, summarised."""
     segments = sorted(scored, key=lambda s: (s.start_s, s.speaker or ""))
     return Timeline(
         file=recording.file,
         duration_s=round(recording.duration_s, 6),
         speech_s=round(sum(s.duration_s for s in segments), 6),
-        model=model,
-        random_weights=random_weights,
+        model=tag.model,
+        random_weights=tag.random_weights,
+        backend=tag.backend,
+        dtype=tag.dtype,
         channels=recording.channels,
         vad=None if recording.spans is not None else recording.vad.to_dict(),
         segments=segments,
@@ -105,7 +107,7 @@ def file_timelines(
             for segment in score_segments(recognizer, job, batch_size=batch_size):
                 scored.append(segment)
                 yield job.file, segment
-            yield job.file, build_timeline(job, scored, recognizer.info.name, recognizer.random_weights)
+            yield job.file, build_timeline(job, scored, recognizer.tag)
         except EmoserveError as error:
             yield file, error
 

@@ -31,7 +31,7 @@ from emoserve.serving.metrics import Metrics
 
 if TYPE_CHECKING:
     from emoserve.audio.decode import Audio
-    from emoserve.inference.results import Result
+    from emoserve.inference.results import ModelTag, Result
 
 MAX_PENDING_SEGMENTS = 2  # segments cut and waiting for their scores; beyond, the stream is not read
 
@@ -55,14 +55,13 @@ class LiveStream:
         options: StreamOptions,
         score: Callable[[Audio, bool], Awaitable[Result]],
         *,
-        model: str,
-        random_weights: bool,
+        tag: ModelTag,
         labels: list[dict[str, str]],
         metrics: Metrics,
     ) -> None:
         self.options = options
         self.cutter = options.cutter()
-        self.messages = StreamMessages(options, model, random_weights)
+        self.messages = StreamMessages(options, tag)
         self.ready_message: ReadyMessage = self.messages.ready(labels)
         self._score = score
         self._metrics = metrics

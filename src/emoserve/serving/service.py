@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from emoserve.errors import ServiceUnavailable
+from emoserve.inference.results import ModelTag
 from emoserve.serving.metrics import Metrics
 from emoserve.serving.phase import SETTLED, Phase, unavailable
 from emoserve.serving.settings import Settings
@@ -141,6 +142,11 @@ class Service:
     @property
     def model_name(self) -> str | None:
         return None if self.model_summary is None else str(self.model_summary["name"])
+
+    @property
+    def model_tag(self) -> ModelTag | None:
+        """What scores this service's results (None until loaded)."""
+        return None if self.model_summary is None else ModelTag.from_summary(self.model_summary)
 
     def timings(self) -> dict[str, float]:
         return {"since_start_s": round(time.monotonic() - PROCESS_STARTED_AT, 3), **self._timings}
@@ -465,8 +471,7 @@ class Service:
         stream = LiveStream(
             options,
             score,
-            model=str(self.model_summary["name"]),
-            random_weights=bool(self.random_weights),
+            tag=ModelTag.from_summary(self.model_summary),
             labels=list(self.model_summary["labels"]),
             metrics=metrics,
         )

@@ -1,8 +1,8 @@
 """Warm-up: the real audio path through the engine before "ready", with checks that the outputs can be right.
 
-warm_up_engine(engine, settings, clips): what the service runs (each length alone, or on onnx one short
-length; then the batch sizes traffic uses) -> warm_up(engine, clips, batch_sizes): the model calls,
-both granularities, outputs checked
+warm_up_engine(engine, settings, clips): what the service runs (each length alone, or on onnx and
+openvino one short length; then the batch sizes traffic uses) -> warm_up(engine, clips, batch_sizes):
+the model calls, both granularities, outputs checked
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ KEEP_WARM_SECONDS = 1.0  # audio length of a keep-warm inference: enough to touc
 
 
 def warm_up_engine(engine: Engine, settings: Settings, clips: Sequence[Audio]) -> Audio:
-    """The decoded bundled clips through the engine: each length alone (on onnx one short length, which
-    warms them all), then the batch sizes (both granularities, outputs checked by `warm_up`). Returns
+    """The decoded bundled clips through the engine: each length alone (on onnx and openvino one short
+    length), then the batch sizes (both granularities, outputs checked by `warm_up`). Returns
     the keep-warm clip (the shortest one's first KEEP_WARM_SECONDS)."""
     started = time.monotonic()
     sizes = [
@@ -51,11 +51,13 @@ def warm_up_engine(engine: Engine, settings: Settings, clips: Sequence[Audio]) -
     # Both granularities (and the frame/utterance agreement check) on the shortest length; on torch
     # the longer lengths once, in "frame", which runs the whole model and both heads: on a CPU a
     # second pass there costs start-up seconds and warms nothing new.
-    if engine.recognizer.backend.name == "onnx":
+    if engine.recognizer.backend.name in ("onnx", "openvino"):
         # ONNX Runtime (its memory pattern off, model/interface.py) costs the same for every length
         # from its first run: there one length warms them all, so the keep-warm clip's second is
         # enough (the other lengths were ~1.5 s of a 2-core start, docs/benchmarks.md section 13,
-        # and the 3 s clip ~0.9 s more than this one, section 14.3)
+        # and the 3 s clip ~0.9 s more than this one, section 14.3). OpenVINO pays ~60 ms at the first
+        # call of each new padded width, which the bundled clips' lengths do not cover for a user's
+        # lengths either; warming them cost 0.6 s more of the start (section 17): one length too.
         reports = [warm_up(engine, [keep_warm], [1])]
     else:  # torch's kernels and allocator warm per size
         reports = [warm_up(engine, groups[0][:1], [1])]

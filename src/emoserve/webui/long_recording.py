@@ -231,7 +231,8 @@ async def timeline_updates(
                     yield _running_views(job, segments, started, with_results=fresh)
                 if fresh:
                     sent_at, sent_count = time.monotonic(), len(segments)
-        timeline = build_timeline(job, segments, service.model_name or "", bool(service.random_weights))
+        assert service.model_tag is not None  # scoring: loaded
+        timeline = build_timeline(job, segments, service.model_tag)
     saved = await outputs.save("timeline", lambda store: store.save_timeline(timeline))
     yield finished_views(timeline, saved, outputs.persistent, time.perf_counter() - started)
 

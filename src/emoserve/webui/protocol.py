@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from emoserve.audio.vad import VadSettings
     from emoserve.constants import Channels, Granularity
     from emoserve.inference.protocol import StreamOptions
-    from emoserve.inference.results import Result, TimelineSegment
+    from emoserve.inference.results import ModelTag, Result, TimelineSegment
     from emoserve.serving.engine import RequestTiming
     from emoserve.serving.live import LiveStream
     from emoserve.serving.phase import Phase
@@ -49,6 +49,7 @@ class UIService(Protocol):
         it raises ServiceUnavailable when not ready. `head`: a served head's name (settings.heads).
     model_name: shown in the banner; None until the model is loaded.
     random_weights: the model's predictions are meaningless: the UI warns loudly. None until loaded.
+    model_tag: what scores the results (model, random weights, backend, dtype); None until loaded.
     open_timeline: opens a long recording (blocking; the UI runs it in a thread); the file's errors and
         max_timeline_s are raised here, as EmoserveErrors.
     timeline: the job's scored segments as they come, through the shared engine; leaving the iteration
@@ -79,6 +80,8 @@ class UIService(Protocol):
     def model_name(self) -> str | None: ...
     @property
     def random_weights(self) -> bool | None: ...
+    @property
+    def model_tag(self) -> ModelTag | None: ...
     def open_timeline(
         self,
         source: Any,
