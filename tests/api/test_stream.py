@@ -106,7 +106,12 @@ def test_a_stream_gives_the_timelines_segments_and_scores(server: Live, speech: 
 def test_every_message_and_its_fields(server: Live, speech: Path) -> None:
     messages = stream_messages(server, pcm(speech), 3200, "hop_s=0.25", pause_s=0.005)
     ready = messages[0]
-    assert set(ready) == {"type", "seq", "session_id", "model", "random_weights", "labels", "parameters"}
+    assert set(ready) == {"type", "seq", "session_id", "model", "random_weights", "labels", "parameters"} | {
+        "backend",
+        "dtype",
+    }
+    about = server.client.get("/v1/model").json()
+    assert (ready["backend"], ready["dtype"]) == (about["backend"], about["dtype"]) != ("auto", "auto")
     assert ready["parameters"]["hop_s"] == 0.25 and ready["parameters"]["sample_rate"] == 16_000
     assert ready["parameters"]["vad_threshold"] == 0.5  # named as the query parameter
     kinds = [m["type"] for m in messages]

@@ -52,7 +52,18 @@ def timeline(speech: Path) -> list[dict[str, Any]]:
     capture = io.StringIO()
     stdout, sys.stdout = sys.stdout, capture
     try:
-        assert main(["predict", str(speech), "--segments", "--format", "jsonl", "--model", MODEL]) == 0
+        argv = [
+            "predict",
+            str(speech),
+            "--segments",
+            "--format",
+            "jsonl",
+            "--model",
+            MODEL,
+            "--dtype",
+            "float32",
+        ]
+        assert main(argv) == 0  # float32 as asked: a module fixture runs before the autouse pin
     finally:
         sys.stdout = stdout
     rows = jsonl(capture.getvalue())

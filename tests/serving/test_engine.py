@@ -99,7 +99,8 @@ class FakeRecognizer:
             raise TimeoutError("the test never opened the gate")
         if self.bad in sources:
             raise ValueError(f"cannot take {self.bad}")
-        return [Result(c.source, "", "", 1.0, {}, c.duration_s, granularity, "fake", True) for c in clips]
+        tag = ("fake", True, "torch", "float32")
+        return [Result(c.source, "", "", 1.0, {}, c.duration_s, granularity, *tag) for c in clips]
 
 
 class Wrapped:

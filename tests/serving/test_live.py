@@ -81,5 +81,6 @@ def fake_result(audio: Any) -> Any:
     from emoserve.inference.results import Result
 
     return Result(
-        "neutral", "中立", "😐", 1.0, {"neutral": 1.0}, len(audio.samples) / RATE, "utterance", "m", True
+        *("neutral", "中立", "😐", 1.0, {"neutral": 1.0}, len(audio.samples) / RATE, "utterance"),
+        *("m", True, "torch", "float32"),
     )

@@ -21,7 +21,9 @@ def test_long_timelines_are_averaged() -> None:
         for i in range(1000)
     ]
     result = Result(
-        "happy", "开心", "😊", 0.5, dict.fromkeys(labels, 0.5), 20.0, "frame", "tiny", False, frames
+        *("happy", "开心", "😊", 0.5, dict.fromkeys(labels, 0.5), 20.0, "frame"),
+        *("tiny", False, "torch", "float32"),
+        frames,
     )
     table = charts.timeline_frame(result, max_points=100)
     assert table is not None

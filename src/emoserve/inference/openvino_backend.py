@@ -28,6 +28,11 @@ from emoserve.model.interface import (
 
 CACHE_DIR = "openvino-cache"  # inside the entry: the compiled models, one blob per graph, precision, CPU
 PRECISION_HINTS = {"float32": "f32", "bfloat16": "bf16"}
+# The CPU plugin keeps the primitives it made for each input shape (batch x padded width) in a runtime
+# cache of 5000 entries by default: under traffic of many shapes the process grew ~250 MB a minute (the
+# soak, docs/benchmarks.md section 17). 64 entries hold it flat at a cost within the noise on random
+# shapes (0 entries: 22% slower there); the padded widths keep the shapes a server sees few.
+RUNTIME_CACHE_ENTRIES = 64
 
 
 def compile_config(dtype: str, threads: int, cache_dir: Path | None) -> dict[str, Any]:
@@ -40,6 +45,7 @@ def compile_config(dtype: str, threads: int, cache_dir: Path | None) -> dict[str
         "INFERENCE_NUM_THREADS": threads,
         "NUM_STREAMS": 1,
         "PERFORMANCE_HINT": "LATENCY",
+        "CPU_RUNTIME_CACHE_CAPACITY": RUNTIME_CACHE_ENTRIES,
     }
     if cache_dir is not None:
         config["CACHE_DIR"] = str(cache_dir)
