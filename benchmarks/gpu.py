@@ -21,6 +21,8 @@ allocator's peak is reset (and its cache emptied before each table), so no figur
 3. Latency and real-time factor by clip length and batch, per dtype: one `predict_batch` of `batch` copies
    (one model call of exactly that batch; the backend hands numpy back, so each call ends synchronised),
    with the peak and reserved device memory of that row; single 60 s and 120 s clips on a GPU.
+5. `--dtype auto` on the device (issue 23): the precision it chose, why, and its agreement check with
+   float32 (measured here the first time, on the device: the check's seconds and figures).
 4. Memory in this process over 500 clips of mixed length (1-15 s) through `predict_many(batch_size=8)`, per
    dtype: the batch sizes the model actually ran (length grouping splits unequal clips), and after each 100
    clips the allocated, reserved and peak device memory beside the host RSS.
@@ -106,6 +108,7 @@ def main() -> None:
             "memory",
             lambda: memory(entry, args.device, dtypes[:1] + dtypes[2:], 40 if args.quick else MEMORY_CLIPS),
         ),
+        ("auto", lambda: auto(entry, args.device)),
     ]
     for name, section in sections:
         section()
@@ -474,6 +477,31 @@ class CountingBackend:
     def run(self, waves: Any, lengths: Any, frames: bool) -> Any:
         self.sizes[waves.shape[0]] += 1
         return self.inner.run(waves, lengths, frames)
+
+
+def auto(entry: Path, device: str) -> None:
+    """5. `--dtype auto` on the device: its choice, its reason and the agreement record it used."""
+    import emoserve
+    from emoserve.model.entry import read_manifest
+
+    started = time.perf_counter()
+    recognizer = emoserve.load_model(str(entry), backend="torch", device=device, dtype="auto", progress=False)
+    seconds = time.perf_counter() - started
+    records = read_manifest(entry).get("agreement", {})
+    FIGURES["auto"] = {
+        "dtype": recognizer.dtype,
+        "reason": recognizer.reason,
+        "load_s": seconds,
+        "records": records,
+    }
+    print(f"5. `--dtype auto` on {device}: **{recognizer.dtype}** in {seconds:.1f} s (the check included)\n")
+    print(f"- why: {recognizer.reason}")
+    for key, record in records.items():
+        print(
+            f"- agreement {key}: {record.get('reason')} "
+            f"({record.get('seconds')} s, {record.get('clips')} clips)"
+        )
+    print()
 
 
 def memory(entry: Path, device: str, dtypes: tuple[str, ...], n_clips: int) -> None:

@@ -22,7 +22,7 @@ from tests.support.device import (
 from tests.support.paths import ROOT
 
 GPU_RUN = ROOT / "scripts" / "gpu-run.sh"
-SECTIONS = ("seed", "device", "parity", "latency", "memory")  # benchmarks/gpu.py's, in order
+SECTIONS = ("seed", "device", "parity", "latency", "memory", "auto")  # benchmarks/gpu.py's, in order
 
 
 def test_serve_starts_with_the_gpu_image_and_the_carried_wheels_alone(tmp_path: Path) -> None:
@@ -110,6 +110,7 @@ def test_the_prepared_command_runs_every_section_on_a_simulated_device(
         figures["device"]["torch"].startswith("2.")
         and "expandable_segments:True" in figures["device"]["allocator variables"]
     )
+    assert figures["auto"]["dtype"] in ("float32", "bfloat16") and figures["auto"]["reason"]  # on the CPU
 
 
 @pytest.mark.slow
