@@ -59,9 +59,12 @@ def main() -> None:
     p = parser(__doc__, default_runs=5)
     p.add_argument(
         "--backend",
-        choices=("onnx", "torch"),
+        choices=("onnx", "openvino", "torch"),
         default="onnx",
-        help="the backend measured (default onnx, the CPU's default)",
+        help="the backend measured (default onnx)",
+    )
+    p.add_argument(
+        "--dtype", default="float32", help="its precision (default float32; bfloat16 on openvino or torch)"
     )
     p.add_argument(
         "--side-by-side",
@@ -70,9 +73,9 @@ def main() -> None:
     )
     args = p.parse_args()
     runs = run_count(args)
-    header(f"Batching: predict_many vs one at a time ({args.backend} backend)", args, runs)
+    header(f"Batching: predict_many vs one at a time ({args.backend} backend, {args.dtype})", args, runs)
     entry = bench_model(args.preset).entry
-    recognizer = load_recognizer(entry, backend=args.backend)
+    recognizer = load_recognizer(entry, backend=args.backend, dtype=args.dtype)
     mixed = compare(recognizer, mixed_clips(), runs)
     control = compare(recognizer, control_clips(), runs)
     config = recognizer.info.config
@@ -83,7 +86,9 @@ def main() -> None:
         ["batch / one at a time, control", f"{ratio(control):.3f}", "none (control)"],
     ]
     if args.side_by_side:
-        workers = [load_recognizer(entry, backend=args.backend, threads=1) for _ in range(2)]
+        workers = [
+            load_recognizer(entry, backend=args.backend, dtype=args.dtype, threads=1) for _ in range(2)
+        ]
         side, single = side_by_side(recognizer, workers, control_clips(), runs)
         print("## control clips on two one-thread recognizers side by side\n")
         audio_s = CONTROL_CLIPS * CONTROL_SECONDS
@@ -102,7 +107,7 @@ def main() -> None:
             ]
         )
     table(["figure", "value", "target"], rows)
-    threads = recognizer.backend.threads if args.backend == "onnx" else torch_threads()
+    threads = recognizer.backend.threads if args.backend != "torch" else torch_threads()
     print(f"Backend: {recognizer.backend.name}, {threads} threads. {load_average()} at the end.")
 
 

@@ -404,6 +404,8 @@ def test_batching_auto_batches_only_where_it_was_measured_to_pay(tiny_recognizer
     onnx_cpu = choose_batching("auto", 8, "onnx", "cpu")
     assert onnx_cpu.max_batch_size == 1
     assert "section 13" in onnx_cpu.reason and "--batching on" in onnx_cpu.reason
+    openvino_cpu = choose_batching("auto", 8, "openvino", "cpu")
+    assert openvino_cpu.max_batch_size == 1 and "section 17" in openvino_cpu.reason
     assert choose_batching("auto", 8, "torch", "cuda").max_batch_size == 8
     assert choose_batching("on", 8, "onnx", "cpu").max_batch_size == 8
     assert choose_batching("off", 8, "torch", "cuda").max_batch_size == 1

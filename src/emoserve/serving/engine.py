@@ -56,6 +56,12 @@ BATCHING_PAYS: dict[tuple[str, str], tuple[bool, str]] = {
         "a batch of clips on the onnx backend on a CPU costs as much as the same clips one at a time or "
         "more (1.00-1.04x on a 2-core AMD EPYC, 1.33-1.38x on another CPU: docs/benchmarks.md section 13)",
     ),
+    ("openvino", "cpu"): (
+        False,
+        "a batch of mixed clips on the openvino backend (bfloat16) on a CPU costs 1.09x the same clips one "
+        "at a time (4 equal clips: 0.93x) on a 2-core AMD EPYC, and every batch size is one more shape "
+        "for its per-shape cache: docs/benchmarks.md section 17",
+    ),
     ("torch", "cpu"): (
         True,
         "a batch of equal clips on the torch backend on a CPU costs 0.74-0.94x the same clips one at a "
