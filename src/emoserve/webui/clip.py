@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import gradio as gr
 
 from emoserve.constants import EXAMPLES_DIR, GRANULARITIES, SAMPLE_RATE, Granularity
+from emoserve.inference.formats import head_text
 from emoserve.model.labels import EMOTION_COLOURS
 from emoserve.serving.metrics import ROUTE_UI
 from emoserve.webui.charts import scores_frame, timeline_frame
@@ -280,10 +281,14 @@ def head_card(result: Result) -> str:
     head = result.head
     if head is None:
         return ""
+    if head.values is not None:  # a regression head: each target's value
+        values = " · ".join(f"{html.escape(t)} <b>{v:.3f}</b>" for t, v in head.values.items())
+        style = "margin-top:10px;font-size:20px"
+        return f'<div id="result-head" style="{style}">{html.escape(head.name)}: {values}</div>'
     names = " · ".join(html.escape(x) for x in (head.emoji, head.label, head.label_zh) if x)
     return (
         '<div id="result-head" style="margin-top:10px;font-size:20px">'
-        f"{html.escape(head.name)}: <b>{names}</b> {head.confidence:.1%}</div>"
+        f"{html.escape(head.name)}: <b>{names}</b> {head.confidence or 0.0:.1%}</div>"
     )
 
 
@@ -305,7 +310,7 @@ def processing_log(clip: ClipResult) -> str:
         f"total {clip.total_s:.3f} s",
         f"result: {result.emotion} ({result.label_zh}) {result.confidence:.3f}, {result.granularity}"
         + (f", {len(result.frames)} frames" if result.frames else ""),
-        *([f"head {h.name}: {h.label} {h.confidence:.3f}"] if (h := result.head) else []),
+        *([f"head{head_text(h)}"] if (h := result.head) else []),
         f"model: {result.model}"
         + (" (RANDOM WEIGHTS: meaningless predictions)" if result.random_weights else ""),
         saved_line(clip.saved.folder if clip.saved else None, clip.persistent),
