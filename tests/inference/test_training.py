@@ -98,6 +98,7 @@ def test_no_group_is_in_both_the_train_and_the_test_folds() -> None:
         assert sorted(tested) == list(range(140))
 
 
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")  # the MLP's: not the point
 @pytest.mark.parametrize("regressor", ["ridge", "mlp"])
 @pytest.mark.parametrize("targets", [("valence",), TARGETS])
 def test_numpy_values_equal_predict(
@@ -248,10 +249,7 @@ def test_a_regression_head_in_the_library(trained: Any, regression_set: Any, tin
 def test_a_regression_head_served_over_http_and_the_stream(
     trained: Any, regression_set: Any, tmp_path: Path, tiny_recognizer: Any, speech: Path
 ) -> None:
-    import soundfile as sf
-    from websockets.sync.client import connect
-
-    from tests.support.server import LIVE, live_server
+    from tests.support.server import LIVE, live_server, streamed
 
     manifest, _ = regression_set
     head = Head.load(trained.path)
@@ -279,14 +277,7 @@ def test_a_regression_head_served_over_http_and_the_stream(
             )
         assert timeline["summary"]["head"]["values"] == pytest.approx(library.summary["head"]["values"])
 
-        url = str(live.client.base_url).replace("http://", "ws://") + "/v1/stream?head=dims"
-        pcm = sf.read(speech, dtype="int16")[0].tobytes()
-        with connect(url) as ws:
-            messages = [json.loads(ws.recv())]
-            for at in range(0, len(pcm), 32_000):
-                ws.send(pcm[at : at + 32_000])
-            ws.send(json.dumps({"type": "end"}))
-            messages += [json.loads(raw) for raw in ws]
+        messages = streamed(live, speech, "head=dims&hop_s=0.25")
         segments = [m for m in messages if m["type"] == "segment"]
         interims = [m for m in messages if m["type"] == "interim"]
         assert len(segments) == len(timeline["segments"]) and interims

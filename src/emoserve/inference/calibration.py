@@ -126,23 +126,24 @@ def fit_calibration(
         raise ValueError(
             f"{len(y)} rows: a calibration needs at least {2 * CALIBRATION_FOLDS} to be measured"
         )
-    methods: list[Method] = ["temperature"] + (["isotonic"] if len(y) >= ISOTONIC_MIN_ROWS else [])
+    methods: list[Method] = ["temperature", "isotonic"] if len(y) >= ISOTONIC_MIN_ROWS else ["temperature"]
     held_out = {m: out_of_fold(m, p, y, labels, seed) for m in methods}
     losses = {m: log_loss(q, y) for m, q in held_out.items()}
     chosen = min(losses, key=lambda m: losses[m])
     calibration = FITTERS[chosen](p, y, labels)
-    report = {
+    after = figures(held_out[chosen], y)  # out of fold: never on the rows it was fitted on
+    report: dict[str, Any] = {
         "method": chosen,
         "temperature": calibration.temperature,
         "n": len(y),
         "candidates": {m: {"log_loss": round(v, 6)} for m, v in losses.items()},
         "isotonic_tried": len(y) >= ISOTONIC_MIN_ROWS,
         "before": figures(p, y),
-        "after": figures(held_out[chosen], y),  # out of fold: never on the rows it was fitted on
+        "after": after,
         "reliability": {"before": reliability(p, y), "after": reliability(held_out[chosen], y)},
         "ece_bins": ECE_BINS,
+        "ece": after["ece"],
     }
-    report["ece"] = report["after"]["ece"]
     return calibration, report, held_out[chosen]
 
 

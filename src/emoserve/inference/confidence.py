@@ -25,6 +25,7 @@ import numpy as np
 
 from emoserve.errors import HeadError, OptionError
 from emoserve.files import atomic_dir, atomic_write
+from emoserve.model.labels import EMOJI
 
 if TYPE_CHECKING:
     from emoserve.inference.results import FrameResult, HeadResult, Result
@@ -140,8 +141,6 @@ def read_out(
 def _top(scores: dict[str, float], labels: Mapping[str, Label]) -> dict[str, Any]:
     best = max(scores, key=lambda k: scores[k])
     label = labels.get(best)
-    from emoserve.model.labels import EMOJI
-
     return {
         "emotion": best,
         "label_zh": label.zh if label else best,

@@ -168,7 +168,7 @@ def dimension_figures(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, Any]:
     error = y - x
     return {
         "ccc": round(float(2 * cov / denominator), 6) if denominator > 0 else None,
-        "pearson": round(float(cov / np.sqrt(vx * vy)), 6) if vx > 0 and vy > 0 else None,
+        "pearson": round(float(cov / np.sqrt(vx * vy)), 6) if np.ptp(x) > 0 and np.ptp(y) > 0 else None,
         "mae": round(float(np.abs(error).mean()), 6),
         "rmse": round(float(np.sqrt((error**2).mean())), 6),
         "n": len(x),

@@ -239,7 +239,8 @@ class SegmentMessage(TypedDict):
     confidence: float
     scores: dict[str, float]
     split: bool  # true: long speech cut here
-    head: dict[str, Any] | None  # null without ?head=
+    head: dict[str, Any] | None  # null without ?head=; a regression head's `values`
+    calibrated: bool  # the scores are a served calibration's
     skipped: int
     frames: NotRequired[list[dict[str, Any]]]  # with granularity=frame
     embedding: NotRequired[list[float]]  # with embedding=true

@@ -396,7 +396,7 @@ def cross_validate(labelled: Labelled, options: TrainOptions) -> tuple[dict[str,
     for train, test in pairs:
         model = clone(make_pipeline(options)).fit(labelled.x[train], y[train])
         y_pred[test] = model.predict(labelled.x[test])
-        columns = [classes.index(c) for c in model.classes_]
+        columns = np.array([classes.index(c) for c in model.classes_])
         proba[np.ix_(test, columns)] = model.predict_proba(labelled.x[test])
         metrics = sklearn_metrics()
         fold_groups = sorted({g for g in (labelled.groups[i] for i in test) if g is not None})
@@ -473,7 +473,7 @@ def train_head(
     labels = [HeadLabel(c, info.get(c, {}).get("zh"), info.get(c, {}).get("emoji")) for c in classes]
     report["warnings"] = warnings
     report["model"] = model_identity(recognizer.info)
-    meta = {
+    meta: dict[str, Any] = {
         "task": "classification",
         "kind": options.classifier,
         "model": model_identity(recognizer.info),
@@ -570,7 +570,7 @@ def regression_splits(
     """A regression's (train, test) pairs: leave-one-group-out, group k-fold, or shuffled k-fold."""
     from sklearn.model_selection import GroupKFold, KFold, LeaveOneGroupOut
 
-    index = np.zeros(len(labelled.y))
+    index = np.zeros(len(labelled.x))
     if any(labelled.groups):
         groups = np.array(labelled.groups)
         n_groups = len(set(labelled.groups))
@@ -599,6 +599,12 @@ def make_regressor(options: TrainOptions) -> Any:
     return Pipeline([("scale", StandardScaler()), ("regressor", regressor)])
 
 
+def fit_targets(values: np.ndarray) -> np.ndarray:
+    """(n, targets) as scikit-learn takes them: one target as a vector (a column warns, and MLPRegressor
+    would not say it is one)."""
+    return values[:, 0] if values.shape[1] == 1 else values
+
+
 def cross_validate_regression(labelled: Labelled, options: TrainOptions) -> tuple[dict[str, Any], np.ndarray]:
     """Held-out values of every row (each predicted by a pipeline that never saw it, nor its group), the
     report and per fold its test groups and CCC per target; and the held-out values (n, targets)."""
@@ -610,7 +616,7 @@ def cross_validate_regression(labelled: Labelled, options: TrainOptions) -> tupl
     predicted = np.empty_like(y)
     folds = []
     for train, test in pairs:
-        model = clone(make_regressor(options)).fit(labelled.x[train], y[train])
+        model = clone(make_regressor(options)).fit(labelled.x[train], fit_targets(y[train]))
         predicted[test] = np.reshape(model.predict(labelled.x[test]), (len(test), -1))
         fold_groups = sorted({g for g in (labelled.groups[i] for i in test) if g is not None})
         ccc = {
@@ -634,7 +640,7 @@ def train_regression_head(
     started = time.perf_counter()
     report, predicted = cross_validate_regression(labelled, options)
     cv_s = time.perf_counter() - started
-    pipeline = make_regressor(options).fit(labelled.x, labelled.values)
+    pipeline = make_regressor(options).fit(labelled.x, fit_targets(labelled.values))
     mean, scale, layers = export_arrays(pipeline, "regression")
     report["warnings"] = warnings
     report["model"] = model_identity(recognizer.info)
