@@ -85,8 +85,9 @@ def label_subset(text: str | Sequence[str] | None, known: Sequence[str]) -> dict
     else:
         mapping = {name: (name,) for name in dict.fromkeys(names)}
     if unknown := [label for label, sources in mapping.items() if not set(sources) & set(known)]:
+        said = "is not a label" if len(unknown) == 1 else "are not labels"
         raise OptionError(
-            f"labels: {', '.join(map(repr, unknown))} is not a label of this model; its labels are "
+            f"labels: {', '.join(map(repr, unknown))} {said} of this model; its labels are "
             f"{', '.join(known)} (or a named set: {', '.join(LABEL_SETS)})"
         )
     if len(mapping) < 2:
