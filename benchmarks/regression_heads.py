@@ -61,7 +61,8 @@ def candidates(seed: int) -> dict[str, Callable[[], Any]]:
             StandardScaler(), RidgeCV(alphas=RIDGE_ALPHAS, alpha_per_target=True)
         ),
         "MLP 256": lambda: make_pipeline(
-            StandardScaler(), MLPRegressor(hidden_layer_sizes=(256,), alpha=1e-3, max_iter=1000, random_state=seed)
+            StandardScaler(),
+            MLPRegressor(hidden_layer_sizes=(256,), alpha=1e-3, max_iter=1000, random_state=seed),
         ),
         "SVR rbf (not exportable)": lambda: make_pipeline(StandardScaler(), MultiOutputRegressor(SVR(C=3.0))),
     }
