@@ -236,6 +236,13 @@ def test_a_regression_head_in_the_library(trained: Any, regression_set: Any, tin
     values = list((result.head.values or {}).values())
     assert np.abs(np.array(values) - expected_values(trained, tiny_recognizer, clip)).max() < 1e-6
     assert result.to_dict()["head"]["values"] == result.head.values
+    from emoserve.webui.charts import segment_table
+    from emoserve.webui.clip import result_card
+
+    shown = result.head.values or {}
+    assert 'id="result-head"' in result_card(
+        result
+    ) and f"arousal <b>{shown['arousal']:.3f}</b>" in result_card(result)
     spans = [Span(0.0, 0.4), Span(0.4, 1.0)]
     timeline = tiny_recognizer.timeline(clip, spans=spans, head=head)
     weights = np.array([s.duration_s for s in timeline.segments])
@@ -243,6 +250,8 @@ def test_a_regression_head_in_the_library(trained: Any, regression_set: Any, tin
     assert timeline.summary["head"]["kind"] == "regression"
     mean = list(timeline.summary["head"]["values"].values())
     assert np.allclose(mean, weights @ per_segment / weights.sum(), atol=1e-6)  # the time-weighted mean
+    cells = list(segment_table(timeline.segments)["dims (yours)"])
+    assert cells[0] == " ".join(f"{t} {v:.2f}" for t, v in (timeline.segments[0].head.values or {}).items())
 
 
 @pytest.mark.filterwarnings("ignore::ResourceWarning")
@@ -260,6 +269,7 @@ def test_a_regression_head_served_over_http_and_the_stream(
     with live_server(settings, tmp_path / "home") as live:
         (summary,) = live.client.get("/v1/model").json()["heads"]
         assert summary["task"] == "regression" and summary["cv"]["targets"]["arousal"]["ccc"] >= 0.8
+        assert set(summary["ranges"]["valence"]) == {"mean", "std", "min", "max"}
         body = live.client.post("/v1/recognize", params={"head": "dims"}, content=clip.read_bytes()).json()
         assert body["head"]["kind"] == "regression" and body["head"]["label"] is None
         got = np.array(list(body["head"]["values"].values()))

@@ -138,18 +138,17 @@ class Head:
     def summary(self) -> dict[str, Any]:
         """What /v1/model lists of a served head."""
         report = self.meta.get("report", {})
-        if self.task == "regression":
-            cv = {"targets": report.get("targets", {})}
-        else:
-            cv = {k: report.get(k) for k in ("accuracy", "balanced_accuracy", "f1_macro")}
-        return {
+        out = {
             "name": self.name,
             "task": self.task,
             "labels": [{"name": label.name, "zh": label.zh, "emoji": label.emoji} for label in self.labels],
             "kind": self.kind,
             "model": self.model,
-            "cv": cv,
         }
+        if self.task == "regression":  # the training values' range: the scale a client draws values on
+            ranges = self.meta.get("training", {}).get("targets", {})
+            return {**out, "cv": {"targets": report.get("targets", {})}, "ranges": ranges}
+        return {**out, "cv": {k: report.get(k) for k in ("accuracy", "balanced_accuracy", "f1_macro")}}
 
 
 def check_identity(head: Head, model: dict[str, Any]) -> None:

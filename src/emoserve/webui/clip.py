@@ -310,7 +310,7 @@ def processing_log(clip: ClipResult) -> str:
         f"total {clip.total_s:.3f} s",
         f"result: {result.emotion} ({result.label_zh}) {result.confidence:.3f}, {result.granularity}"
         + (f", {len(result.frames)} frames" if result.frames else ""),
-        *([f"head{head_text(h)}"] if (h := result.head) else []),
+        *([f"head {head_text(h).strip()}"] if (h := result.head) else []),
         f"model: {result.model}"
         + (" (RANDOM WEIGHTS: meaningless predictions)" if result.random_weights else ""),
         saved_line(clip.saved.folder if clip.saved else None, clip.persistent),
