@@ -571,3 +571,22 @@ def test_evaluate_reports_coverage_and_suggests_a_threshold(
         str(manifest.parent / "spk0_low_0.wav"), head=Head.load(strict.path), min_confidence=0.0
     ).head
     assert relaxed.label != "uncertain"  # the request's threshold wins
+
+
+def test_evaluate_the_nine_emotions_restricted_to_a_label_subset(
+    manifest: Path, tmp_path: Path, tiny_recognizer: Any
+) -> None:
+    out = tmp_path / "eval"
+    argv = ["evaluate", str(manifest), "-m", str(FIXTURE / "model"), "--backend", "torch", "--no-cache",
+            "--map", "low=sad,high=happy,noise=neutral", "--labels", "happy,neutral,sad",
+            "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    report = json.loads((out / "report.json").read_text())
+    rows = read_dataset(manifest).items
+    y_true = [{"low": "sad", "high": "happy", "noise": "neutral"}[r.label] for r in rows]
+    y_pred = [
+        r.emotion for r in tiny_recognizer.predict_many([r.path for r in rows], labels="happy,neutral,sad")
+    ]
+    assert set(y_pred) <= {"happy", "neutral", "sad"}  # the subset's labels only
+    assert report["accuracy"] == pytest.approx(metrics.accuracy_score(y_true, y_pred), abs=1e-6)
+    assert set(report["confusion_matrix"]["labels"]) <= {"happy", "neutral", "sad"}
