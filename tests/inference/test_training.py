@@ -237,12 +237,21 @@ def test_a_regression_head_in_the_library(trained: Any, regression_set: Any, tin
     assert np.abs(np.array(values) - expected_values(trained, tiny_recognizer, clip)).max() < 1e-6
     assert result.to_dict()["head"]["values"] == result.head.values
     from emoserve.webui.charts import segment_table
-    from emoserve.webui.clip import result_card
+    from emoserve.webui.clip import regression_ranges, result_card
 
     shown = result.head.values or {}
     assert 'id="result-head"' in result_card(
         result
     ) and f"arousal <b>{shown['arousal']:.3f}</b>" in result_card(result)
+    ranges = regression_ranges([("dims", str(trained.path))])
+    card = result_card(
+        dataclasses.replace(result, head=dataclasses.replace(result.head, name="dims")), ranges
+    )
+    assert card.count('class="head-bar"') == 2 and 'class="av-plane"' in card  # bars and the 2-D point
+    scale = ranges["dims"]
+    x = (shown["valence"] - scale["valence"]["min"]) / (scale["valence"]["max"] - scale["valence"]["min"])
+    y = (shown["arousal"] - scale["arousal"]["min"]) / (scale["arousal"]["max"] - scale["arousal"]["min"])
+    assert f'cx="{min(1, max(0, x)) * 120:.1f}" cy="{(1 - min(1, max(0, y))) * 120:.1f}"' in card
     spans = [Span(0.0, 0.4), Span(0.4, 1.0)]
     timeline = tiny_recognizer.timeline(clip, spans=spans, head=head)
     weights = np.array([s.duration_s for s in timeline.segments])
