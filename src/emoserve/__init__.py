@@ -27,6 +27,8 @@ _EXPORTS = {
     "Span": "audio.segments",
     "VadSettings": "audio.vad",
     "Head": "model.head",
+    "load_calibration": "inference.confidence",
+    "OptionError": "errors",
 }
 __all__ = [  # noqa: RUF022 - grouped by module
     "__version__",
@@ -45,13 +47,16 @@ __all__ = [  # noqa: RUF022 - grouped by module
     "Span",
     "VadSettings",
     "Head",
+    "load_calibration",
+    "OptionError",
 ]
 
 if TYPE_CHECKING:
     from emoserve.audio.decode import Audio, load_audio
     from emoserve.audio.segments import Span
     from emoserve.audio.vad import VadSettings
-    from emoserve.errors import AudioError, ModelOutputError, WeightsError
+    from emoserve.errors import AudioError, ModelOutputError, OptionError, WeightsError
+    from emoserve.inference.confidence import load_calibration
     from emoserve.inference.recognizer import Recognizer, load_model
     from emoserve.inference.results import FrameResult, Result, Timeline, TimelineSegment
     from emoserve.model.head import Head

@@ -64,6 +64,13 @@ DEFAULT_MODEL = "emotion2vec_plus_large"
 # so that the command line offers the choices without importing numpy
 Classifier = Literal["logistic", "mlp"]
 CLASSIFIERS: tuple[Classifier, ...] = ("logistic", "mlp")
+# A regression head's learner (`train-head --targets ... --regressor`): ridge with its strength chosen
+# inside each training fold earned the default on synthetic data (docs/benchmarks.md, regression heads)
+Regressor = Literal["ridge", "mlp"]
+REGRESSORS: tuple[Regressor, ...] = ("ridge", "mlp")
+HeadTask = Literal["classification", "regression"]  # what a head's result holds (`head.kind`)
+# `evaluate` suggests the min_confidence (abstain threshold) that reaches this accuracy on your data
+DEFAULT_TARGET_ACCURACY = 0.9
 
 
 def segment_batch_seconds(device_type: str) -> float | None:

@@ -171,6 +171,13 @@ class HeadError(EmoserveError, ValueError):
     code = "invalid_head"
 
 
+class OptionError(EmoserveError, ValueError):
+    """A request option with a bad value (a label subset naming an unknown label, a min_confidence out of
+    range), in the library as in every surface; the message names the option and the valid values."""
+
+    code = "invalid_parameter"
+
+
 class ApiError(EmoserveError):
     """An error of the HTTP layer itself (bad parameters, a body too large, no key): its status is its
     code's."""

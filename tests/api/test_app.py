@@ -87,7 +87,11 @@ def test_openapi_docs(live: Live) -> None:
     spec = live.client.get("/openapi.json").json()
     recognize = spec["paths"]["/v1/recognize"]["post"]
     assert "multipart/form-data" in recognize["requestBody"]["content"]
-    assert {p["name"] for p in recognize["parameters"]} == {"granularity", "embedding", "head"}
+    assert {p["name"] for p in recognize["parameters"]} == {
+        "granularity", "embedding", "head", "labels", "min_confidence"
+    }  # fmt: skip
+    form = recognize["requestBody"]["content"]["multipart/form-data"]["schema"]["properties"]
+    assert {"labels", "min_confidence"} <= set(form)  # the same options as form fields
 
 
 def refuses_connections(server: Live) -> bool:

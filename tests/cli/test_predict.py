@@ -338,3 +338,38 @@ def test_segments_csv_table_and_options(
         capsys, "predict", str(recording), "--segments", "--model", MODEL, "--vad-threshold", "7"
     )
     assert code == 2 and "threshold" in err
+
+
+def test_predict_reads_out_with_labels_a_threshold_and_a_calibration(
+    tmp_path: Path, tiny_recognizer: Any
+) -> None:
+    """--labels, --min-confidence and --calibration: the rows say what the library says with the same."""
+    from emoserve.inference.confidence import Calibration, save_calibration
+    from emoserve.model.head import model_identity
+    from tests.support.paths import CLIP
+
+    labels = tuple(label.en for label in tiny_recognizer.labels)
+    meta = {"model": model_identity(tiny_recognizer.info)}
+    save_calibration(tmp_path / "cal", Calibration("temperature", labels, 3.0, meta=meta), {})
+    model = ["-m", str(FIXTURE / "model"), "--backend", "torch"]
+    rows = tmp_path / "rows.jsonl"
+    argv = ["predict", str(CLIP), "--labels", "iemocap4", "--min-confidence", "1", "-o", str(rows), *model]
+    assert main(argv) == 0
+    row = json.loads(rows.read_text())
+    expected_scores = tiny_recognizer.predict(CLIP, labels="iemocap4").scores
+    assert row["emotion"] == "uncertain" and list(row["scores"]) == list(expected_scores)
+    assert np.allclose(list(row["scores"].values()), list(expected_scores.values()), atol=SCORE_TOL)
+    table = tmp_path / "rows.csv"
+    assert (
+        main(["predict", str(CLIP), "--labels", "angry,sad", "--format", "csv", "-o", str(table), *model])
+        == 0
+    )
+    header = table.read_text().splitlines()[0].split(",")
+    assert [c for c in header if c.startswith("score_")] == ["score_angry", "score_sad"]
+    assert main(["predict", str(CLIP), "--calibration", str(tmp_path / "cal"), "-o", str(rows), *model]) == 0
+    calibrated = json.loads(rows.read_text())
+    raw = np.array(list(tiny_recognizer.predict(CLIP).scores.values()))
+    z = np.log(raw) / 3.0
+    assert calibrated["calibrated"] is True
+    assert np.allclose(list(calibrated["scores"].values()), np.exp(z) / np.exp(z).sum(), atol=SCORE_TOL)
+    assert main(["predict", str(CLIP), "--labels", "joy,anger", *model]) == 2  # a clear error, exit 2

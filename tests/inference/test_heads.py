@@ -2,10 +2,11 @@
 (safetensors + head.json), its numpy inference against scikit-learn's, evaluate's figures against
 scikit-learn's, the CLI, and a head served over HTTP.
 
-The labelled set is generated: three classes of synthetic sounds that differ acoustically (a low voice-like
-harmonic tone, a high one, noise), four "speakers" each (pitch and loudness vary by speaker). Random-weight
-embeddings still separate them, so a head must be far above chance on speakers it never saw: an honest test
-that the pipeline learns, not that the weights know emotions.
+The labelled set is generated (tests/support/labelled.py): three classes of synthetic sounds that differ
+acoustically (a low voice-like harmonic tone, a high one, noise), four "speakers" each (pitch and loudness
+vary by speaker). Random-weight embeddings still separate them, so a head must be far above chance on
+speakers it never saw: an honest test that the pipeline learns, not that the weights know emotions.
+Regression heads: tests/inference/test_training.py.
 """
 
 from __future__ import annotations
@@ -46,39 +47,8 @@ from emoserve.inference.training import (
 )
 from emoserve.model.head import META_FILE, WEIGHTS_FILE, Head
 from emoserve.serving.settings import load_settings
+from tests.support.labelled import CLASSES, PER_CLASS, SPEAKERS, SR, synthetic_clip, write_labelled_set
 from tests.support.paths import FIXTURE
-
-SR = 16_000
-CLASSES = ("low", "high", "noise")
-SPEAKERS = 4
-PER_CLASS = 5  # clips per class and speaker
-
-
-def synthetic_clip(kind: str, speaker: int, take: int, rng: np.random.Generator) -> np.ndarray:
-    t = np.arange(SR) / SR  # 1 s
-    if kind == "noise":
-        x = rng.normal(0.0, 0.2, len(t))
-    else:
-        f0 = (120.0 if kind == "low" else 420.0) * (1 + 0.06 * speaker) * (1 + 0.01 * take)
-        x = sum(np.sin(2 * np.pi * f0 * h * t) / h for h in range(1, 6)) * 0.3
-        x = x * (1 + 0.3 * np.sin(2 * np.pi * (3 + speaker) * t)) + rng.normal(0.0, 0.01, len(t))  # rhythm
-    return (x * (0.6 + 0.15 * speaker)).astype(np.float32)
-
-
-def write_labelled_set(folder: Path, speakers: int = SPEAKERS, per_class: int = PER_CLASS) -> Path:
-    """Wav files and manifest.csv (path, label, group, and a column that must be ignored)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    rows = ["path,label,group,notes"]
-    for speaker in range(speakers):
-        for kind in CLASSES:
-            for take in range(per_class):
-                name = f"spk{speaker}_{kind}_{take}.wav"
-                sf.write(folder / name, synthetic_clip(kind, speaker, take, rng), SR, subtype="PCM_16")
-                rows.append(f"{name},{kind},spk{speaker},ignored")
-    manifest = folder / "manifest.csv"
-    manifest.write_text("\n".join(rows) + "\n")
-    return manifest
 
 
 @pytest.fixture(scope="module")
@@ -551,3 +521,74 @@ def test_the_web_ui_offers_the_served_heads(trained: Any, manifest: Path, tiny_r
     assert 'id="result-head"' in result_card(result) and "tones: <b>noise</b>" in result_card(result)
     segment = scored(Segment(0, SR, np.zeros(SR, np.float32)), result)
     assert list(segment_table([segment])["tones (yours)"]) == [f"noise {result.head.confidence:.2f}"]
+
+
+# ------------------------------------------------------------------------ calibration and abstaining
+
+
+def test_a_head_calibrated_on_its_cross_validated_predictions(
+    trained: Any, tmp_path: Path, tiny_recognizer: Any, manifest: Path
+) -> None:
+    from emoserve.inference.confidence import calibration_from_dict
+
+    _, labelled = trained
+    result = train_head(tiny_recognizer, labelled, tmp_path / "calibrated", TrainOptions(calibrate=True))
+    calibration = result.report["calibration"]
+    assert calibration["method"] == "temperature"  # 60 rows: isotonic is not tried
+    assert set(calibration["before"]) == {"ece", "log_loss", "accuracy"}
+    assert calibration["after"]["accuracy"] == calibration["before"]["accuracy"]
+    assert (result.path / "reliability.png").read_bytes()[:4] == b"\x89PNG"
+    head = Head.load(result.path)
+    fitted = calibration_from_dict(head.meta["calibration"], "head.json")
+    clip = str(manifest.parent / "spk2_low_1.wav")
+    served = tiny_recognizer.predict(clip, head=head).head
+    emb = tiny_recognizer.predict(clip, embedding=True).embedding[None].astype(np.float64)
+    expected = fitted.apply(result.pipeline.predict_proba(emb))[0]
+    assert served.calibrated and np.allclose(list(served.scores.values()), expected, atol=1e-6)
+
+
+def test_evaluate_reports_coverage_and_suggests_a_threshold(
+    trained: Any, manifest: Path, tmp_path: Path, tiny_recognizer: Any
+) -> None:
+    from emoserve.inference.evaluation import coverage
+
+    result, labelled = trained
+    out = tmp_path / "eval"
+    argv = ["evaluate", str(manifest), "--head", str(result.path), "--min-confidence", "0.8",
+            "--target-accuracy", "0.95", "--out", str(out), "-m", str(FIXTURE / "model"),
+            "--backend", "torch", "--no-cache"]  # fmt: skip
+    assert main(argv) == 0
+    abstain = json.loads((out / "report.json").read_text())["abstain"]
+    p = result.pipeline.predict_proba(labelled.x)
+    correct = result.pipeline.classes_[p.argmax(axis=1)] == np.array(labelled.y)
+    assert abstain["at_threshold"] == coverage(correct, p.max(axis=1), 0.8)
+    assert abstain["suggested"]["target_accuracy"] == 0.95
+    if abstain["suggested"]["threshold"] is not None:
+        assert abstain["suggested"]["accuracy"] >= 0.95
+    # a head's own threshold (train-head --min-confidence): its label is `uncertain` under it
+    strict = train_head(tiny_recognizer, labelled, tmp_path / "strict", TrainOptions(min_confidence=1.0))
+    said = tiny_recognizer.predict(str(manifest.parent / "spk0_low_0.wav"), head=Head.load(strict.path)).head
+    assert said.label == "uncertain" and said.scores  # its scores stay
+    relaxed = tiny_recognizer.predict(
+        str(manifest.parent / "spk0_low_0.wav"), head=Head.load(strict.path), min_confidence=0.0
+    ).head
+    assert relaxed.label != "uncertain"  # the request's threshold wins
+
+
+def test_evaluate_the_nine_emotions_restricted_to_a_label_subset(
+    manifest: Path, tmp_path: Path, tiny_recognizer: Any
+) -> None:
+    out = tmp_path / "eval"
+    argv = ["evaluate", str(manifest), "-m", str(FIXTURE / "model"), "--backend", "torch", "--no-cache",
+            "--map", "low=sad,high=happy,noise=neutral", "--labels", "happy,neutral,sad",
+            "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    report = json.loads((out / "report.json").read_text())
+    rows = read_dataset(manifest).items
+    y_true = [{"low": "sad", "high": "happy", "noise": "neutral"}[r.label] for r in rows]
+    y_pred = [
+        r.emotion for r in tiny_recognizer.predict_many([r.path for r in rows], labels="happy,neutral,sad")
+    ]
+    assert set(y_pred) <= {"happy", "neutral", "sad"}  # the subset's labels only
+    assert report["accuracy"] == pytest.approx(metrics.accuracy_score(y_true, y_pred), abs=1e-6)
+    assert set(report["confusion_matrix"]["labels"]) <= {"happy", "neutral", "sad"}

@@ -250,3 +250,26 @@ def windows(n: int, seconds: float = 2.0) -> list[np.ndarray]:
     speech = wave("en_31s_16k.wav")
     size = int(seconds * 16_000)
     return [speech[i * size : (i + 1) * size] for i in range(n)]
+
+
+def streamed(
+    live: Live, audio: Path, query: str, size: int = 3200, pause_s: float = 0.005
+) -> list[dict[str, Any]]:
+    """Every message of a /v1/stream session that sends `audio`'s 16-bit PCM in messages of `size` bytes
+    (`pause_s` apart, so that interim readings come), then `end`; read on a thread of its own."""
+    import json
+
+    from websockets.sync.client import connect
+
+    url = str(live.client.base_url).replace("http://", "ws://") + f"/v1/stream?{query}"
+    pcm = sf.read(audio, dtype="int16")[0].tobytes()
+    with connect(url) as ws:
+        messages = [json.loads(ws.recv())]
+        reader = threading.Thread(target=lambda: messages.extend(json.loads(raw) for raw in ws))
+        reader.start()
+        for at in range(0, len(pcm), size):
+            ws.send(pcm[at : at + size])
+            time.sleep(pause_s)
+        ws.send(json.dumps({"type": "end"}))
+        reader.join(60)
+    return messages

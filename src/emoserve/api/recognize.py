@@ -18,7 +18,14 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from emoserve.api.errors import MappedErrorsRoute, ServiceDep
-from emoserve.api.schemas import RecognitionOut, audio_request_body, error_responses
+from emoserve.api.schemas import (
+    READOUT_FIELDS,
+    LabelsQuery,
+    MinConfidenceQuery,
+    RecognitionOut,
+    audio_request_body,
+    error_responses,
+)
 from emoserve.api.uploads import UploadLimit, form_bool, read_upload, until_disconnected
 from emoserve.constants import GRANULARITIES, Granularity
 from emoserve.errors import ApiError
@@ -34,6 +41,7 @@ RECOGNIZE_BODY = audio_request_body(
         "granularity": {"type": "string", "enum": list(GRANULARITIES)},
         "embedding": {"type": "boolean"},
         "head": {"type": "string", "description": "a served head's name (GET /v1/model lists them)"},
+        **READOUT_FIELDS,
     }
 )
 
@@ -60,17 +68,21 @@ async def recognize(
         str | None,
         Query(description="also a head of your own labels, by name (GET /v1/model lists them)"),
     ] = None,
+    labels: LabelsQuery = None,
+    min_confidence: MinConfidenceQuery = None,
 ) -> JSONResponse:
     started = time.perf_counter()
     upload = await read_upload(request, UploadLimit(service.settings.max_upload_bytes, UPLOAD_SETTING))
     options = recognition_options(granularity, embedding, upload.fields, head)
     await service.wait_ready(service.settings.ready_wait_s)
+    readout = service.readout(
+        pick(labels, upload.fields, "labels"), pick(min_confidence, upload.fields, "min_confidence")
+    )
     decode_started = time.perf_counter()
     audio = await run_in_threadpool(service.decode, upload.data, upload.name)
     decode_s = time.perf_counter() - decode_started
-    result, timing = await until_disconnected(
-        request, service.recognize(audio, options.granularity, options.embedding, options.head)
-    )
+    scored = service.recognize(audio, options.granularity, options.embedding, options.head, readout=readout)
+    result, timing = await until_disconnected(request, scored)
     total_s = time.perf_counter() - started
     service.metrics.observe_request(
         RECOGNIZE, decode_s=decode_s, queue_s=timing.queue_s, inference_s=timing.inference_s, total_s=total_s
@@ -83,6 +95,11 @@ class Options:
     granularity: Granularity
     embedding: bool
     head: str | None = None
+
+
+def pick(query: Any, fields: dict[str, str], name: str) -> Any:
+    """A query parameter, else the multipart form field of the same name (None: neither)."""
+    return query if query is not None else fields.get(name) or None
 
 
 def recognition_options(

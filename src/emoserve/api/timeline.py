@@ -22,7 +22,14 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
 
 from emoserve.api.errors import NDJSON, MappedErrorsRoute, ServiceDep, error_line, ndjson_line
-from emoserve.api.schemas import TimelineOut, audio_request_body, error_responses
+from emoserve.api.schemas import (
+    READOUT_FIELDS,
+    LabelsQuery,
+    MinConfidenceQuery,
+    TimelineOut,
+    audio_request_body,
+    error_responses,
+)
 from emoserve.api.uploads import SpooledUpload, UploadLimit, spool_upload, until_disconnected
 from emoserve.constants import CHANNEL_MODES, MAX_SPANS_BYTES, Channels
 from emoserve.errors import ApiError, EmoserveError
@@ -33,6 +40,7 @@ from emoserve.serving.service import Service
 if TYPE_CHECKING:
     from emoserve.audio.segments import Recording, Span
     from emoserve.audio.vad import VadSettings
+    from emoserve.inference.confidence import Readout
     from emoserve.inference.results import Timeline, TimelineSegment
 
 TIMELINE = "/v1/timeline"
@@ -47,6 +55,7 @@ TIMELINE_BODY = audio_request_body(
             "{start_s, end_s[, speaker]}, or RTTM (text or a file)",
         },
         "head": {"type": "string", "description": "a served head's name (GET /v1/model lists them)"},
+        **READOUT_FIELDS,
     }
 )
 
@@ -81,6 +90,8 @@ async def timeline(
         str | None,
         Query(description="also a head of your own labels on each segment, by name; 422 if unknown"),
     ] = None,
+    labels: LabelsQuery = None,
+    min_confidence: MinConfidenceQuery = None,
 ) -> Response:
     query = {
         "channels": channels,
@@ -90,6 +101,8 @@ async def timeline(
         "min_silence_ms": min_silence_ms,
         "pad_ms": pad_ms,
         "head": head,
+        "labels": labels,
+        "min_confidence": min_confidence,
     }
     limit = UploadLimit(service.settings.max_timeline_upload_bytes, UPLOAD_SETTING)
     upload = await spool_upload(request, limit, text_files=("segments",), max_text_bytes=MAX_SPANS_BYTES)
@@ -97,11 +110,12 @@ async def timeline(
         options = timeline_options(query, upload.fields)
         await service.wait_ready(service.settings.ready_wait_s)
         pick_head(service.heads, options.head)  # an unknown head: 422 before any work
+        readout = service.readout(options.labels, options.min_confidence)  # unknown labels: 422 as well
         job = await asyncio.to_thread(open_job, service, upload, options)
     except BaseException:
         upload.remove()
         raise
-    run = TimelineRun(service, job, upload, options.head)
+    run = TimelineRun(service, job, upload, options.head, readout)
     if NDJSON in request.headers.get("accept", ""):
         return StreamingResponse(run.ndjson(), media_type=NDJSON, background=BackgroundTask(run.close))
     try:
@@ -117,6 +131,8 @@ class TimelineOptions:
     vad: VadSettings
     spans: list[Span] | None
     head: str | None = None
+    labels: str | None = None
+    min_confidence: str | float | None = None
 
 
 def timeline_options(query: dict[str, Any], fields: dict[str, str]) -> TimelineOptions:
@@ -144,7 +160,14 @@ def timeline_options(query: dict[str, Any], fields: dict[str, str]) -> TimelineO
     except ValueError as error:
         raise ApiError("invalid_parameter", str(error)) from None
     spans = read_spans(fields["segments"], "segments") if fields.get("segments") else None
-    return TimelineOptions(cast(Channels, channels), vad, spans, pick("head") or None)
+    return TimelineOptions(
+        cast(Channels, channels),
+        vad,
+        spans,
+        pick("head") or None,
+        pick("labels") or None,
+        pick("min_confidence"),
+    )
 
 
 def open_job(service: Service, upload: SpooledUpload, options: TimelineOptions) -> Recording:
@@ -157,14 +180,20 @@ class TimelineRun:
     """One request's timeline: scoring, and the temporary file's removal however it ends."""
 
     def __init__(
-        self, service: Service, job: Recording, upload: SpooledUpload, head: str | None = None
+        self,
+        service: Service,
+        job: Recording,
+        upload: SpooledUpload,
+        head: str | None = None,
+        readout: Readout | None = None,
     ) -> None:
         self.service, self.job, self.upload, self.head = service, job, upload, head
+        self.readout = readout
         self._closed = False
         self._iterator: AsyncIterator[TimelineSegment] | None = None
 
     def _scored(self) -> AsyncIterator[TimelineSegment]:
-        self._iterator = self.service.timeline(self.job, self.head)
+        self._iterator = self.service.timeline(self.job, self.head, readout=self.readout)
         return self._iterator
 
     def timeline(self, segments: list[TimelineSegment]) -> Timeline:

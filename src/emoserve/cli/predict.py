@@ -41,6 +41,7 @@ def add_commands(sub: Commands) -> None:
         metavar="DIR",
         help="also your own labels: a head from `emoserve train-head` (each row gets a `head` object)",
     )
+    add_readout_flags(p)
     p.add_argument("--output", "-o", type=Path, metavar="FILE", help="write results here (default: stdout)")
     p.add_argument(
         "--format",
@@ -71,6 +72,28 @@ def add_commands(sub: Commands) -> None:
         help="with --ray: GPUs per model actor, fractional to share one (0.5); default 0, the CPU",
     )
     p.set_defaults(run=cmd_predict)
+
+
+def add_readout_flags(p: argparse.ArgumentParser) -> None:
+    """How a result reads (inference/confidence.py): a label subset, a threshold, a calibration."""
+    p.add_argument(
+        "--labels",
+        metavar="LABEL,...",
+        help="the scores restricted to these labels and renormalised, e.g. angry,happy,neutral,sad, or a "
+        "named set (iemocap4, emodb, ravdess)",
+    )
+    p.add_argument(
+        "--min-confidence",
+        type=float,
+        metavar="X",
+        help="0-1: a result whose top score is under X says `uncertain` (its scores unchanged)",
+    )
+    p.add_argument(
+        "--calibration",
+        type=Path,
+        metavar="DIR",
+        help="calibrated scores: a directory from `emoserve calibrate` (rows then say `calibrated`)",
+    )
 
 
 def add_timeline_flags(p: argparse.ArgumentParser) -> None:
@@ -113,6 +136,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
     head = load_checked_head(args.head, recognizer) if args.head else None
     if head is not None and args.ray:
         raise ValueError("--head runs on this machine; leave out --ray")
+    if (args.labels or args.min_confidence is not None or args.calibration) and args.ray:
+        raise ValueError("--labels, --min-confidence and --calibration run on this machine; leave out --ray")
+    if args.calibration:
+        from emoserve.inference.confidence import load_calibration
+
+        recognizer.use_calibration(load_calibration(args.calibration))
+    recognizer = recognizer.scoring(head, recognizer.readout(args.labels, args.min_confidence))
     if (args.segments or args.segments_from) and args.ray:
         raise ValueError("--segments runs on this machine; leave out --ray (Ray Data scores whole clips)")
     fmt: Format = args.format or ("table" if args.output is None and sys.stdout.isatty() else "jsonl")
@@ -133,15 +163,12 @@ def predict_clips(args: argparse.Namespace, recognizer: Any, files: list[str], f
         "embeddings_dir": args.embeddings,
         "batch_size": args.batch_size,
     }
-    if head is not None:
-        options["head"] = head
     failed = 0
     with (
         tqdm(total=len(files), unit="file", disable=None, file=sys.stderr) as bar,
         output(args.output) as out,
     ):
-        labels = [label.en for label in recognizer.labels]
-        writer = OutcomeWriter(out, fmt, labels, args.granularity, head.label_names if head else None)
+        writer = OutcomeWriter(out, fmt, score_labels(recognizer, args), args.granularity, head)
         outcomes = (
             ray_outcomes(args, files, options) if args.ray else score_files(recognizer, files, **options)
         )
@@ -172,15 +199,20 @@ def predict_timelines(
         tqdm(unit="s", unit_scale=False, disable=None, file=sys.stderr, bar_format=AUDIO_BAR) as bar,
         output(args.output) as out,
     ):
-        labels = [label.en for label in recognizer.labels]
-        writer = TimelineWriter(out, fmt, labels, head.label_names if head else None)
+        writer = TimelineWriter(out, fmt, score_labels(recognizer, args), head)
         failed = write_timelines(
-            recognizer.with_head(head) if head is not None else recognizer, files, writer,
+            recognizer, files, writer,
             batch_size=args.batch_size, progress=audio_progress(bar, len(files)),
             on_error=lambda file, error: bar.write(f"error: {error}", file=sys.stderr),
             channels=args.channels, vad=vad, spans=spans,
         )  # fmt: skip
     return failures(failed, len(files))
+
+
+def score_labels(recognizer: Any, args: argparse.Namespace) -> list[str]:
+    """The labels a row has scores of: the model's, or the --labels subset's."""
+    subset = recognizer.readout(args.labels).labels
+    return list(subset) if subset is not None else [label.en for label in recognizer.labels]
 
 
 def audio_progress(bar: Any, files: int) -> Callable[[int, str], Callable[[float, float | None], None]]:

@@ -95,6 +95,12 @@ def add_commands(sub: Commands) -> None:
         help=f"an interim reading covers the utterance's last this many seconds (default "
         f"{STREAM_WINDOW_S:g})",
     )
+    p.add_argument(
+        "--labels", metavar="LABEL,...", help="the scores restricted to these labels and renormalised"
+    )
+    p.add_argument(
+        "--min-confidence", type=float, metavar="X", help="0-1: under it a reading says `uncertain`"
+    )
     add_vad_flags(p.add_argument_group("speech detection", "as `predict --segments` (silero-vad)"))
     add_model_flags(p)
     p.set_defaults(run=cmd_stream, max_seconds=DEFAULT_MAX_SECONDS)
@@ -131,6 +137,8 @@ def stream_options(args: argparse.Namespace) -> StreamOptions:
         hop_s=args.hop_s,
         window_s=args.window_s,
         vad=VadSettings(threshold=args.vad_threshold, max_segment_s=args.max_segment_s),
+        labels=args.labels,
+        min_confidence=args.min_confidence,
     )
 
 
@@ -234,7 +242,8 @@ def stream_here(
     recognizer = load_with(model_options(args))
     session = recognizer.stream(
         sample_rate=options.sample_rate, encoding=options.encoding, channels=options.channels,
-        hop_s=options.hop_s, window_s=options.window_s, vad=options.vad,
+        hop_s=options.hop_s, window_s=options.window_s, vad=options.vad, labels=options.labels,
+        min_confidence=options.min_confidence,
     )  # fmt: skip
     show(session.first)
     with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C ends the source: the rest still comes

@@ -15,6 +15,7 @@ from emoserve.inference.results import HeadResult, Result, Timeline, TimelineSeg
 
 if TYPE_CHECKING:
     from emoserve.inference.protocol import Reading, StreamMessage
+    from emoserve.model.head import Head
 
 
 class Outcome(Protocol):
@@ -56,18 +57,25 @@ def score_column(label: str) -> str:
     return f"score_{label}"
 
 
-def head_columns(head_labels: Sequence[str] | None) -> list[str]:
-    """The CSV columns of a head's result: its name, label, confidence and a score per label."""
-    if head_labels is None:
+def head_columns(head: Head | None) -> list[str]:
+    """The CSV columns of a head's result: its name, label, confidence and a score per label; a
+    regression head's name and a value per target."""
+    if head is None:
         return []
-    return ["head", "head_label", "head_confidence", *(f"head_score_{label}" for label in head_labels)]
+    if head.task == "regression":
+        return ["head", *(f"head_value_{target}" for target in head.label_names)]
+    return ["head", "head_label", "head_confidence", *(f"head_score_{label}" for label in head.label_names)]
 
 
 def head_values(head: HeadResult | None) -> dict[str, object]:
     if head is None:
         return {}
-    row: dict[str, object] = {"head": head.name, "head_label": head.label}
-    row["head_confidence"] = round(head.confidence, 6)
+    row: dict[str, object] = {"head": head.name}
+    if head.values is not None:
+        row.update({f"head_value_{target}": round(v, 6) for target, v in head.values.items()})
+        return row
+    row["head_label"] = head.label
+    row["head_confidence"] = round(head.confidence or 0.0, 6)
     row.update({f"head_score_{label}": round(p, 6) for label, p in head.scores.items()})
     return row
 
@@ -75,8 +83,10 @@ def head_values(head: HeadResult | None) -> dict[str, object]:
 def head_text(head: HeadResult | None) -> str:
     if head is None:
         return ""
+    if head.values is not None:
+        return f"  {head.name}: " + " ".join(f"{t} {v:.3f}" for t, v in head.values.items())
     emoji = f"{head.emoji} " if head.emoji else ""
-    return f"  {head.name}: {emoji}{head.label} {head.confidence:.3f}"
+    return f"  {head.name}: {emoji}{head.label} {head.confidence or 0.0:.3f}"
 
 
 RANDOM_WARNING = "WARNING: this model has RANDOM weights (a test model): its predictions are meaningless."
@@ -92,13 +102,13 @@ class OutcomeWriter:
         fmt: Format,
         labels: Sequence[str],
         granularity: Granularity,
-        head_labels: Sequence[str] | None = None,
+        head: Head | None = None,
     ) -> None:
         self.out, self.fmt = out, fmt
         self.score_fields = [score_column(label) for label in labels]
         if fmt == "csv":
             extra = ["frames"] if granularity == "frame" else []
-            fields = CLIP_CSV_FIELDS + self.score_fields + head_columns(head_labels) + extra
+            fields = CLIP_CSV_FIELDS + self.score_fields + head_columns(head) + extra
             self.csv = csv.DictWriter(out, fieldnames=fields)
             self.csv.writeheader()
 
@@ -203,12 +213,10 @@ class TimelineWriter:
     """`predict --segments` output: jsonl (a `segment` line per segment with its file, then a `summary`
     line per file; an `error` line for a file that failed), csv (a row per segment) or a table."""
 
-    def __init__(
-        self, out: IO[str], fmt: str, labels: Sequence[str], head_labels: Sequence[str] | None = None
-    ) -> None:
+    def __init__(self, out: IO[str], fmt: str, labels: Sequence[str], head: Head | None = None) -> None:
         self.out, self.fmt = out, fmt
         if fmt == "csv":
-            fields = [*segment_csv_fields(labels), *head_columns(head_labels), "random_weights", "error"]
+            fields = [*segment_csv_fields(labels), *head_columns(head), "random_weights", "error"]
             self.csv = csv.DictWriter(out, fieldnames=fields)
             self.csv.writeheader()
 

@@ -1,4 +1,5 @@
-"""Heads at inference: a head's result on a clip's utterance embedding, beside the nine emotions. Numpy only
+"""Heads at inference: a head's result on a clip's utterance embedding, beside the nine emotions (a
+classifier's label and scores, or a regression's values). Numpy only
 (the head's arrays, `model/head.py`): no scikit-learn, on every backend."""
 
 from __future__ import annotations
@@ -16,8 +17,12 @@ if TYPE_CHECKING:
 
 
 def head_result(head: Head, pooled: np.ndarray) -> HeadResult:
-    """`head` on one utterance embedding (dim,)."""
-    p = head.probabilities(pooled)
+    """`head` on one utterance embedding (dim,): a classifier's label and scores, a regression's values."""
+    if head.task == "regression":
+        values = head.values(pooled)
+        named = {name: float(v) for name, v in zip(head.label_names, values, strict=True)}
+        return HeadResult(head.name, None, None, {}, kind="regression", values=named)
+    p = head_probabilities(head, pooled)
     best = int(p.argmax())
     label = head.labels[best]
     return HeadResult(
@@ -27,7 +32,19 @@ def head_result(head: Head, pooled: np.ndarray) -> HeadResult:
         scores={lab.name: float(x) for lab, x in zip(head.labels, p, strict=True)},
         label_zh=label.zh,
         emoji=label.emoji,
+        calibrated="calibration" in head.meta,
     )
+
+
+def head_probabilities(head: Head, embeddings: np.ndarray) -> np.ndarray:
+    """A classifier head's probabilities, through its calibration when it has one (`train-head
+    --calibrate`, fitted on its cross-validated predictions)."""
+    p = head.probabilities(embeddings)
+    if "calibration" not in head.meta:
+        return p
+    from emoserve.inference.confidence import calibration_from_dict
+
+    return calibration_from_dict(head.meta["calibration"], f"{head.path or head.name} (calibration)").apply(p)
 
 
 def pooled_embedding(result: Result) -> np.ndarray:

@@ -57,6 +57,8 @@ class StreamOptions:
     granularity: Granularity = "utterance"
     embedding: bool = False
     head: str | None = None
+    labels: str | None = None  # a label subset (comma-separated or a named set): checked by the scorer
+    min_confidence: float | None = None  # under it a reading's top label is `uncertain`
 
     def __post_init__(self) -> None:
         self.check()
@@ -87,6 +89,8 @@ class StreamOptions:
             granularity=granularity,  # checked above
             embedding=_boolean(query, "embedding"),
             head=query.get("head"),
+            labels=query.get("labels") or None,
+            min_confidence=_number(query, "min_confidence", None, float),
         )
 
     def to_query(self) -> dict[str, str]:
@@ -110,6 +114,8 @@ class StreamOptions:
             raise ValueError(
                 f"window_s is {self.window_s:g}; it must be hop_s ({self.hop_s:g}) to {STREAM_MAX_WINDOW_S:g}"
             )
+        if self.min_confidence is not None and not 0.0 <= self.min_confidence <= 1.0:
+            raise ValueError(f"min_confidence is {self.min_confidence:g}; it must be 0-1")
 
     def cutter(self) -> LiveCutter:
         from emoserve.audio.live import LiveCutter
@@ -139,6 +145,8 @@ class StreamOptions:
             "granularity": self.granularity,
             "embedding": self.embedding,
             "head": self.head,
+            "labels": self.labels,
+            "min_confidence": self.min_confidence,
         }
 
 
@@ -233,7 +241,8 @@ class SegmentMessage(TypedDict):
     confidence: float
     scores: dict[str, float]
     split: bool  # true: long speech cut here
-    head: dict[str, Any] | None  # null without ?head=
+    head: dict[str, Any] | None  # null without ?head=; a regression head's `values`
+    calibrated: bool  # the scores are a served calibration's
     skipped: int
     frames: NotRequired[list[dict[str, Any]]]  # with granularity=frame
     embedding: NotRequired[list[float]]  # with embedding=true

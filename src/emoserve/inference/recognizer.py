@@ -30,6 +30,7 @@ from emoserve.constants import (
 )
 from emoserve.errors import ModelOutputError
 from emoserve.inference.backend import Backend, open_backend
+from emoserve.inference.confidence import Readout, first_set, read_out, readout
 from emoserve.inference.heads import head_result
 from emoserve.inference.options import ModelOptions
 from emoserve.inference.precision import choose_precision
@@ -41,6 +42,7 @@ from emoserve.model.labels import Label
 from emoserve.system import physical_cores, return_freed_memory, trim
 
 if TYPE_CHECKING:
+    from emoserve.inference.confidence import Calibration
     from emoserve.inference.live import LiveSession
     from emoserve.inference.results import Timeline, TimelineSegment
     from emoserve.model.head import Head
@@ -72,6 +74,9 @@ class Recognizer:
         self.labels: tuple[Label, ...] = tuple(label for label in info.labels if not label.masked)
         # labels named `unuse_*` get -inf logits: the same as a softmax over the others alone
         self._kept = np.array([i for i, label in enumerate(info.labels) if not label.masked])
+        self._by_key = {label.en: label for label in self.labels}
+        # `use_calibration` (`emoserve calibrate`): the utterance scores it maps to calibrated ones
+        self.calibration: Calibration | None = None
         # each model call allocates its activations and frees them: give them back (system.py)
         return_freed_memory()
 
@@ -102,6 +107,17 @@ class Recognizer:
         """What scores this recognizer's results, as each result names it."""
         return ModelTag(self.info.name, self.random_weights, self.backend.name, self.backend.dtype)
 
+    def use_calibration(self, calibration: Calibration | None) -> None:
+        """Serve `calibration`'s scores from now on (None: the raw ones); HeadError for a calibration
+        fitted on another model's scores."""
+        if calibration is not None:
+            calibration.check_model(self.info, [label.en for label in self.labels])
+        self.calibration = calibration
+
+    def readout(self, labels: Any = None, min_confidence: Any = None) -> Readout:
+        """A request's label subset and abstain threshold, checked against this model's labels."""
+        return readout(labels, min_confidence, [label.en for label in self.labels])
+
     def load(self, audio: AudioInput | Audio, sample_rate: int | None = None) -> Audio:
         if isinstance(audio, Audio):
             return audio
@@ -115,11 +131,18 @@ class Recognizer:
         *,
         sample_rate: int | None = None,
         head: Head | None = None,
+        labels: str | Sequence[str] | None = None,
+        min_confidence: float | None = None,
     ) -> Result:
-        """`head` (`Head.load(DIR)`, from `emoserve train-head`): its labels on the clip as `result.head`."""
+        """`head` (`Head.load(DIR)`, from `emoserve train-head`): its labels on the clip as `result.head`.
+        `labels` ("angry,happy,neutral,sad", a list, or a named set such as "iemocap4"): the scores
+        restricted to those labels and renormalised. `min_confidence`: under it the top label is
+        `uncertain` (inference/confidence.py)."""
         if head is not None:
             head.check_model(self.info)  # before any decoding
-        return self.predict_batch([self.load(audio, sample_rate)], granularity, embedding, head=head)[0]
+        chosen = self.readout(labels, min_confidence)
+        clip = self.load(audio, sample_rate)
+        return self.predict_batch([clip], granularity, embedding, head=head, readout=chosen)[0]
 
     def predict_many(
         self,
@@ -131,57 +154,81 @@ class Recognizer:
         max_batch_samples: int = MAX_BATCH_SAMPLES,
         max_padding: float | None = MAX_PADDING,
         head: Head | None = None,
+        labels: str | Sequence[str] | None = None,
+        min_confidence: float | None = None,
     ) -> list[Result]:
-        """Results in input order; clips are batched by similar length to limit padding."""
+        """Results in input order; clips are batched by similar length to limit padding. `head`,
+        `labels`, `min_confidence`: as `predict`'s."""
         if head is not None:
             head.check_model(self.info)
+        chosen = self.readout(labels, min_confidence)
         clips = [self.load(a) for a in audios]
         results: list[Result | None] = [None] * len(clips)
         lengths = [len(c.samples) for c in clips]
         for batch in length_batches(lengths, batch_size, max_batch_samples, max_padding):
             for i, result in zip(
                 batch,
-                self.predict_batch([clips[i] for i in batch], granularity, embedding, head=head),
+                self.predict_batch(
+                    [clips[i] for i in batch], granularity, embedding, head=head, readout=chosen
+                ),
                 strict=True,
             ):
                 results[i] = result
         return [r for r in results if r is not None]
 
-    def timeline(self, source: Any, *, head: Head | None = None, **options: Any) -> Timeline:
+    def timeline(
+        self,
+        source: Any,
+        *,
+        head: Head | None = None,
+        labels: str | Sequence[str] | None = None,
+        min_confidence: float | None = None,
+        **options: Any,
+    ) -> Timeline:
         """The emotion timeline of a recording of any length: its speech segments (silero-vad, or the
         caller's `spans`), each scored as `predict()` scores that slice, and a time-weighted summary.
         Options are `Recording`'s: channels ("mix" | "separate"), vad (VadSettings), spans,
         max_seconds (None: no limit), name, progress (called with audio seconds done, total). A `head`
-        scores each segment with your labels too."""
+        scores each segment with your labels too; `labels` and `min_confidence` are `predict`'s."""
         from emoserve.audio.segments import Recording
         from emoserve.inference.timeline import build_timeline, score_segments
 
+        scorer = self.scoring(head, self.readout(labels, min_confidence))
         job = Recording(source, **options)
-        scorer = self.with_head(head) if head else self
         return build_timeline(job, score_segments(scorer, job), self.tag)
 
     def iter_timeline(
-        self, source: Any, *, head: Head | None = None, **options: Any
+        self,
+        source: Any,
+        *,
+        head: Head | None = None,
+        labels: str | Sequence[str] | None = None,
+        min_confidence: float | None = None,
+        **options: Any,
     ) -> Iterator[TimelineSegment]:
         """`timeline()`'s segments, each yielded as soon as it is scored."""
         from emoserve.audio.segments import Recording
         from emoserve.inference.timeline import score_segments
 
-        yield from score_segments(self.with_head(head) if head else self, Recording(source, **options))
+        scorer = self.scoring(head, self.readout(labels, min_confidence))
+        yield from score_segments(scorer, Recording(source, **options))
 
     def stream(self, *, head: Head | None = None, **options: Any) -> LiveSession:
         """A live stream scored here: `feed(pcm)` and `end()` return the messages of the stream protocol
         (docs/streaming.md; `first` is its `ready`): speech_start, interim readings, each utterance's
         segment (what `timeline()` gives for the same audio) and the summary. Options are StreamOptions'
-        (sample_rate, encoding, channels, hop_s, window_s, vad, granularity, embedding)."""
+        (sample_rate, encoding, channels, hop_s, window_s, vad, granularity, embedding, labels,
+        min_confidence)."""
         from emoserve.inference.live import LiveSession
         from emoserve.inference.protocol import StreamOptions
 
         chosen = StreamOptions(**options)
+        asked = self.readout(chosen.labels, chosen.min_confidence)
+        scorer = self.scoring(head, asked)
 
         def score(audio: Audio, interim: bool) -> Result:
             granularity = "utterance" if interim else chosen.granularity
-            return self.predict(audio, granularity, chosen.embedding and not interim, head=head)
+            return scorer.predict_batch([audio], granularity, chosen.embedding and not interim)[0]
 
         return LiveSession(
             score,
@@ -193,8 +240,16 @@ class Recognizer:
     def with_head(self, head: Head) -> Recognizer:
         """This recognizer, its results carrying `head`'s (for the code that scores through predict_many:
         timelines)."""
-        head.check_model(self.info)
-        return WithHead(self, head)
+        return self.scoring(head, None)
+
+    def scoring(self, head: Head | None, chosen: Readout | None) -> Recognizer:
+        """This recognizer, its results carrying `head`'s and read out as `chosen` asks (itself when
+        neither is given)."""
+        if head is None and (chosen is None or chosen.empty):
+            return self
+        if head is not None:
+            head.check_model(self.info)
+        return WithHead(self, head, chosen)
 
     def interrupt(self) -> bool:
         """Stop the model call in progress from another thread (it raises), where the backend can: the
@@ -203,10 +258,17 @@ class Recognizer:
         return bool(interrupt()) if interrupt is not None else False
 
     def predict_batch(
-        self, clips: Sequence[Audio], granularity: Granularity, embedding: bool, *, head: Head | None = None
+        self,
+        clips: Sequence[Audio],
+        granularity: Granularity,
+        embedding: bool,
+        *,
+        head: Head | None = None,
+        readout: Readout | None = None,
     ) -> list[Result]:
         """One padded forward pass over `clips`; each result equals the clip's one-at-a-time result. A
-        `head` runs on each clip's utterance embedding (`result.head`)."""
+        `head` runs on each clip's utterance embedding (`result.head`); a calibration in use maps the
+        utterance scores; `readout` (a label subset, a threshold) is applied last."""
         if granularity not in GRANULARITIES:
             raise ValueError(f"granularity is {granularity!r}; choose 'utterance' or 'frame'")
         if head is not None:
@@ -222,6 +284,8 @@ class Recognizer:
         if bad := [clip.source for i, clip in enumerate(clips) if not finite(out, i)]:
             raise ModelOutputError(bad)
         scores = softmax(out.logits[:, self._kept])
+        if self.calibration is not None:
+            scores = self.calibration.apply(scores)
         frame_scores = softmax(out.frame_logits[..., self._kept]) if out.frame_logits is not None else None
         results = []
         for i, clip in enumerate(clips):
@@ -238,7 +302,10 @@ class Recognizer:
             )
             if head is not None:
                 result = dataclasses.replace(result, head=head_result(head, out.pooled[i]))
-            results.append(result)
+            head_threshold = first_set(
+                readout.min_confidence if readout else None, head.min_confidence if head else None
+            )
+            results.append(read_out(result, readout, self._by_key, head_threshold))
         return results
 
     def _result(
@@ -265,6 +332,7 @@ class Recognizer:
             dtype=self.tag.dtype,
             frames=self._frames(frame_scores) if frame_scores is not None else None,
             embedding=np.ascontiguousarray(emb) if emb is not None else None,
+            calibrated=self.calibration is not None,
         )
 
     def _named(self, scores: np.ndarray) -> dict[str, float]:
@@ -288,16 +356,29 @@ class Recognizer:
 
 
 class WithHead(Recognizer):
-    """A recognizer whose every result carries one head's (`Recognizer.with_head`)."""
+    """A recognizer whose every result carries one head's and is read out as one request asks
+    (`Recognizer.scoring`)."""
 
-    def __init__(self, recognizer: Recognizer, head: Head) -> None:
+    def __init__(self, recognizer: Recognizer, head: Head | None, chosen: Readout | None) -> None:
         self.__dict__.update(recognizer.__dict__)
-        self.head = head
+        self.head, self.chosen = head, chosen
 
     def predict_batch(
-        self, clips: Sequence[Audio], granularity: Granularity, embedding: bool, *, head: Head | None = None
+        self,
+        clips: Sequence[Audio],
+        granularity: Granularity,
+        embedding: bool,
+        *,
+        head: Head | None = None,
+        readout: Readout | None = None,
     ) -> list[Result]:
-        return super().predict_batch(clips, granularity, embedding, head=head or self.head)
+        return super().predict_batch(
+            clips,
+            granularity,
+            embedding,
+            head=head or self.head,
+            readout=readout if readout is not None and not readout.empty else self.chosen,
+        )
 
 
 def length_batches(

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from emoserve.constants import Channels, Granularity
+from emoserve.constants import Channels, Granularity, HeadTask
 
 if TYPE_CHECKING:  # numpy is imported where the summary is computed: not on the server's start path
     import numpy as np
@@ -27,14 +27,19 @@ class FrameResult:
 
 @dataclass(frozen=True)
 class HeadResult:
-    """A head of your own labels (`emoserve train-head`) on the utterance embedding, beside the nine."""
+    """A head of your own (`emoserve train-head`) on the utterance embedding, beside the nine: a classifier
+    of your labels (label, confidence, scores) or a regression of your targets (`values`; label and
+    confidence None, scores empty)."""
 
     name: str  # the head's name (its directory's, or the NAME of --head NAME=DIR)
-    label: str
-    confidence: float
-    scores: dict[str, float]  # the head's label -> probability, in its label order
+    label: str | None  # None for a regression head
+    confidence: float | None  # None for a regression head
+    scores: dict[str, float]  # the head's label -> probability, in its label order; {} for regression
     label_zh: str | None = None
     emoji: str | None = None
+    kind: HeadTask = "classification"
+    values: dict[str, float] | None = None  # regression: target -> value, in the training data's units
+    calibrated: bool = False  # a classifier head's scores are its calibration's (train-head --calibrate)
 
 
 @dataclass(frozen=True)
@@ -72,6 +77,7 @@ class Result:
     # utterance (dim,) or frame (frames, dim): upstream's `feats`
     embedding: np.ndarray | None = field(default=None, repr=False, compare=False)
     head: HeadResult | None = None  # asked for with a head: its labels on this clip
+    calibrated: bool = False  # the scores are a calibration's (`--calibration`), not the model's softmax
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready fields (the embedding is left out: it is written as .npy by callers)."""
@@ -104,8 +110,8 @@ def _summary(segments: Sequence[TimelineSegment]) -> dict[str, Any]:
     scores = np.array([[s.scores[label] for label in labels] for s in segments])
     distribution = weights @ scores / speech
     seconds = {label: 0.0 for label in labels}
-    for s in segments:
-        seconds[s.emotion] += s.duration_s
+    for s in segments:  # an `uncertain` segment (under min_confidence) counts as such
+        seconds[s.emotion] = seconds.get(s.emotion, 0.0) + s.duration_s
     out: dict[str, Any] = {
         "speech_s": round(speech, 6),
         "segments": len(segments),
@@ -119,15 +125,25 @@ def _summary(segments: Sequence[TimelineSegment]) -> dict[str, Any]:
 
 
 def _head_summary(segments: Sequence[TimelineSegment], weights: np.ndarray, speech: float) -> dict[str, Any]:
-    """The same figures for the head's labels: time-weighted distribution, seconds on top, dominant."""
+    """The same figures for the head's labels: time-weighted distribution, seconds on top, dominant; for
+    a regression head the time-weighted mean of each target."""
     heads = [s.head for s in segments if s.head is not None]
+    if heads[0].values is not None:
+        targets = list(heads[0].values)
+        means = weights @ [[(h.values or {})[t] for t in targets] for h in heads] / speech
+        return {
+            "name": heads[0].name,
+            "kind": "regression",
+            "values": {t: round(float(v), 6) for t, v in zip(targets, means, strict=True)},
+        }
     labels = list(heads[0].scores)
     distribution = weights @ [[h.scores[label] for label in labels] for h in heads] / speech
     seconds = {label: 0.0 for label in labels}
     for s, h in zip(segments, heads, strict=True):
-        seconds[h.label] += s.duration_s
+        seconds[str(h.label)] = seconds.get(str(h.label), 0.0) + s.duration_s
     return {
         "name": heads[0].name,
+        "kind": "classification",
         "distribution": {label: round(float(p), 6) for label, p in zip(labels, distribution, strict=True)},
         "seconds": {label: round(v, 6) for label, v in seconds.items()},
         "dominant": max(seconds, key=lambda label: seconds[label]),
@@ -146,6 +162,7 @@ def scored(segment: Segment, result: Result) -> TimelineSegment:
         scores=result.scores,
         split=segment.split,
         head=result.head,
+        calibrated=result.calibrated,
     )
 
 
@@ -161,6 +178,7 @@ class TimelineSegment:
     scores: dict[str, float]
     split: bool  # a piece of speech longer than max_segment_s
     head: HeadResult | None = None  # asked for with a head: its labels on this segment
+    calibrated: bool = False  # the scores are a calibration's (`--calibration`)
 
     @property
     def duration_s(self) -> float:

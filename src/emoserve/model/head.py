@@ -1,15 +1,19 @@
-"""A head: a small classifier of your own labels on the model's utterance embedding (`emoserve train-head`),
-stored as a directory that is safe to share and to load, and run in numpy.
+"""A head: a small classifier of your own labels, or a regression of your own numeric targets (arousal,
+valence, ...), on the model's utterance embedding (`emoserve train-head`), stored as a directory that is
+safe to share and to load, and run in numpy.
 
     DIR/head.safetensors   the arrays: `mean` and `scale` (the standardisation), then `layer.N.weight`
                            (out, in) and `layer.N.bias` (out,) of each layer, the last one giving logits
-    DIR/head.json          labels (name, optional zh and emoji), the model it was trained on, the kind,
-                           the training report, library versions and the weights' sha256
+                           (a classifier) or the targets' values (a regression)
+    DIR/head.json          task (classification | regression), labels (a classifier's labels: name,
+                           optional zh and emoji; a regression's targets: name), the model it was trained
+                           on, the kind, the training report, library versions and the weights' sha256
 
 No pickle anywhere: a head is arrays and JSON, so loading one runs no code from it. Inference is
-`softmax(layers(standardise(x)))` in float64, ReLU between layers: the same numbers as scikit-learn's
-`predict_proba` of the pipeline it came from (to ~1e-12), with no scikit-learn here. A two-class classifier
-(one logit z) is stored as the logits (0, z): softmax of those is exactly (1 - sigmoid(z), sigmoid(z)).
+`layers(standardise(x))` in float64, ReLU between layers, then softmax for a classifier: the same numbers
+as scikit-learn's `predict_proba` (a classifier) or `predict` (a regression) of the pipeline it came from
+(to ~1e-12), with no scikit-learn here. A two-class classifier (one logit z) is stored as the logits
+(0, z): softmax of those is exactly (1 - sigmoid(z), sigmoid(z)).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from emoserve.constants import HeadTask
 from emoserve.errors import HeadError
 from emoserve.files import atomic_dir, atomic_write, sha256_file
 from emoserve.model.entry import ModelInfo
@@ -80,11 +85,24 @@ class Head:
         return str(self.meta.get("kind", "logistic"))
 
     @property
+    def task(self) -> HeadTask:
+        return "regression" if self.meta.get("task") == "regression" else "classification"
+
+    @property
+    def min_confidence(self) -> float | None:
+        """The head's own abstain threshold (`train-head --min-confidence`): under it its label is
+        `uncertain`, unless a request sets another."""
+        value = self.meta.get("min_confidence")
+        return float(value) if value is not None else None
+
+    @property
     def label_names(self) -> list[str]:
+        """A classifier's labels, or a regression's targets, in output order."""
         return [label.name for label in self.labels]
 
-    def probabilities(self, embeddings: np.ndarray) -> np.ndarray:
-        """(n, dim) or (dim,) utterance embeddings -> (n, labels) or (labels,) probabilities, float64."""
+    def outputs(self, embeddings: np.ndarray) -> np.ndarray:
+        """(n, dim) or (dim,) utterance embeddings -> (n, outputs) or (outputs,): a classifier's logits, a
+        regression's values; float64."""
         x = np.asarray(embeddings, dtype=np.float64)
         single = x.ndim == 1
         x = np.atleast_2d(x)
@@ -95,10 +113,23 @@ class Head:
             h = h @ weight.T + bias
             if i < len(self.layers) - 1:
                 h = np.maximum(h, 0.0)
+        return h[0] if single else h
+
+    def probabilities(self, embeddings: np.ndarray) -> np.ndarray:
+        """A classifier's (n, labels) or (labels,) probabilities, float64."""
+        if self.task == "regression":
+            raise HeadError(f"head {self.name!r} is a regression of {', '.join(self.label_names)}: no labels")
+        h = np.atleast_2d(self.outputs(embeddings))
         h = h - h.max(axis=1, keepdims=True)
         p = np.exp(h)
         p /= p.sum(axis=1, keepdims=True)
-        return p[0] if single else p
+        return p[0] if np.asarray(embeddings).ndim == 1 else p
+
+    def values(self, embeddings: np.ndarray) -> np.ndarray:
+        """A regression's (n, targets) or (targets,) values, in the units of its training data."""
+        if self.task != "regression":
+            raise HeadError(f"head {self.name!r} is a classifier of labels: it has no values")
+        return self.outputs(embeddings)
 
     def check_model(self, info: ModelInfo) -> None:
         """Refuse, in one sentence, a model whose embeddings this head was not trained on."""
@@ -106,15 +137,18 @@ class Head:
 
     def summary(self) -> dict[str, Any]:
         """What /v1/model lists of a served head."""
-        return {
+        report = self.meta.get("report", {})
+        out = {
             "name": self.name,
+            "task": self.task,
             "labels": [{"name": label.name, "zh": label.zh, "emoji": label.emoji} for label in self.labels],
             "kind": self.kind,
             "model": self.model,
-            "cv": {
-                k: self.meta.get("report", {}).get(k) for k in ("accuracy", "balanced_accuracy", "f1_macro")
-            },
         }
+        if self.task == "regression":  # the training values' range: the scale a client draws values on
+            ranges = self.meta.get("training", {}).get("targets", {})
+            return {**out, "cv": {"targets": report.get("targets", {})}, "ranges": ranges}
+        return {**out, "cv": {k: report.get(k) for k in ("accuracy", "balanced_accuracy", "f1_macro")}}
 
 
 def check_identity(head: Head, model: dict[str, Any]) -> None:
@@ -188,7 +222,7 @@ def load_head(path: str | Path, name: str | None = None) -> Head:
             f"{weights} is damaged: its sha256 differs from the one in {META_FILE}; copy it again"
         )
     arrays = _read_arrays(weights)
-    labels = _labels(meta, path)
+    labels = _labels(meta, path, 1 if meta.get("task") == "regression" else 2)
     return _assemble(name or path.name, path, labels, arrays, meta)
 
 
@@ -221,14 +255,17 @@ def _read_arrays(weights: Path) -> dict[str, np.ndarray]:
         raise HeadError(f"{weights} is damaged: {error}") from None
 
 
-def _labels(meta: dict[str, Any], path: Path) -> tuple[HeadLabel, ...]:
+def _labels(meta: dict[str, Any], path: Path, least: int) -> tuple[HeadLabel, ...]:
     raw = meta.get("labels")
     if (
         not isinstance(raw, list)
-        or len(raw) < 2
+        or len(raw) < least
         or not all(isinstance(x, dict) and x.get("name") for x in raw)
     ):
-        raise HeadError(f"{path / META_FILE}: `labels` must list at least two labels with a `name` each")
+        raise HeadError(
+            f"{path / META_FILE}: `labels` must list at least {least} "
+            f"{'target' if least == 1 else 'labels'} with a `name` each"
+        )
     return tuple(HeadLabel(str(x["name"]), x.get("zh"), x.get("emoji")) for x in raw)
 
 

@@ -83,8 +83,16 @@ class Metrics:
         )
         self.head_results_total = Counter(
             "emoserve_head_results",
-            "Results of a served head of your own labels (clips and timeline segments), by head and label",
+            "Results of a served head of your own (clips and timeline segments), by head and label "
+            "(a regression head's: label `values`)",
             ["head", "label"],
+            registry=r,
+        )
+        self.uncertain_results_total = Counter(
+            "emoserve_uncertain_results",
+            "Results whose top score was under their min_confidence (answered `uncertain`): output "
+            "`emotion` for the nine emotions, else the head's name",
+            ["output"],
             registry=r,
         )
         # Long recordings (/v1/timeline and the UI's tab)

@@ -41,9 +41,11 @@ if TYPE_CHECKING:
     from emoserve.audio.decode import Audio
     from emoserve.audio.segments import Recording
     from emoserve.constants import Granularity
+    from emoserve.inference.confidence import Readout
     from emoserve.inference.protocol import StreamOptions
     from emoserve.inference.results import Result, TimelineSegment
     from emoserve.model.head import Head
+    from emoserve.model.labels import Label
     from emoserve.serving.engine import Engine, Priority, RequestTiming
     from emoserve.serving.live import LiveStream
 
@@ -102,6 +104,7 @@ class Service:
         self.model_summary: dict[str, Any] | None = None
         self.random_weights: bool | None = None  # the predictions are meaningless: warn; None until loaded
         self.heads: dict[str, Head] = {}  # --head NAME=DIR, loaded with the model (serving/heads.py)
+        self.labels: dict[str, Label] = {}  # the model's, by English key: what a label subset may name
         # the longest clip and recording accepted: the settings, or the defaults for the device
         self.max_audio_s = settings.effective_max_audio_s("cpu")  # until the device is known
         self.max_timeline_s = settings.effective_max_timeline_s("cpu")
@@ -215,6 +218,7 @@ class Service:
         self.random_weights = loaded.recognizer.random_weights
         self._model_path = loaded.recognizer.info.path
         self.model_summary, self.heads = loaded.summary, loaded.heads
+        self.labels = {label.en: label for label in loaded.recognizer.labels}
         engine = start_engine(self.settings, loaded.recognizer, self.metrics)
         self.model_summary["batching"] = engine.batching.to_dict()
         try:
@@ -399,13 +403,26 @@ class Service:
         embedding: bool = False,
         head: str | None = None,
         priority: Priority | None = None,
+        *,
+        readout: Readout | None = None,
     ) -> tuple[Result, RequestTiming]:
         """`head`: a served head's name (422 if unknown); its result comes as `result.head`. `priority`:
-        the engine's (a person's clip by default)."""
+        the engine's (a person's clip by default). `readout`: the request's label subset and threshold
+        (`Service.readout`; the min_confidence setting when it sets none)."""
         from emoserve.serving.engine import Priority
 
         priority = Priority.CLIP if priority is None else priority
-        return await self._recognize_on(self._engine(), audio, granularity, embedding, head, priority)
+        return await self._recognize_on(
+            self._engine(), audio, granularity, embedding, head, priority, readout
+        )
+
+    def readout(self, labels: str | None = None, min_confidence: float | str | None = None) -> Readout:
+        """A request's `labels` and `min_confidence`, checked against the model's labels (OptionError,
+        a 422, naming the valid ones)."""
+        from emoserve.inference.confidence import readout
+
+        self.require_ready()
+        return readout(labels, min_confidence, list(self.labels))
 
     async def _recognize_on(
         self,
@@ -415,13 +432,20 @@ class Service:
         embedding: bool,
         head: str | None,
         priority: Priority,
+        readout: Readout | None = None,
     ) -> tuple[Result, RequestTiming]:
         from emoserve.serving.heads import apply_head, pick_head
 
         if (chosen := pick_head(self.heads, head)) is None:
-            return await engine.submit_timed(audio, granularity, embedding, priority=priority)
+            result, timing = await engine.submit_timed(audio, granularity, embedding, priority=priority)
+            return self._read_out(result, readout, None), timing
         result, timing = await engine.submit_timed(audio, granularity, True, priority=priority)
-        return apply_head(result, chosen, embedding, self.metrics), timing
+        return self._read_out(apply_head(result, chosen, embedding, self.metrics), readout, chosen), timing
+
+    def _read_out(self, result: Result, chosen: Readout | None, head: Head | None) -> Result:
+        from emoserve.serving.heads import read_out_counted
+
+        return read_out_counted(result, chosen, self.labels, head, self.settings.min_confidence, self.metrics)
 
     @contextlib.asynccontextmanager
     async def live_stream(self, options: StreamOptions, counted: bool = True) -> AsyncIterator[LiveStream]:
@@ -445,6 +469,7 @@ class Service:
                 STREAM_RETRY_AFTER_S,
             )
         pick_head(self.heads, options.head)  # an unknown head: 422 before the stream opens
+        asked = self.readout(options.labels, options.min_confidence)  # unknown labels: 422 as well
         # the engine of the stream's start: a stream open when draining begins still gets its segments
         engine = self._engine()
 
@@ -452,7 +477,7 @@ class Service:
             self._last_used = time.monotonic()
             if interim:  # best effort: a full queue skips the reading
                 interim_on = self._recognize_on(
-                    engine, audio, UTTERANCE, False, options.head, Priority.STREAM_INTERIM
+                    engine, audio, UTTERANCE, False, options.head, Priority.STREAM_INTERIM, asked
                 )
                 return (await interim_on)[0]
             return await submit_waiting(
@@ -463,6 +488,7 @@ class Service:
                     options.embedding,
                     options.head,
                     Priority.STREAM_SEGMENT,
+                    asked,
                 )
             )
 
@@ -489,17 +515,20 @@ class Service:
         """Open a recording for `timeline` (blocking: run it in a thread), within max_timeline_s."""
         return open_recording(source, self.max_timeline_s, name=name, **options)
 
-    async def timeline(self, job: Recording, head: str | None = None) -> AsyncIterator[TimelineSegment]:
+    async def timeline(
+        self, job: Recording, head: str | None = None, *, readout: Readout | None = None
+    ) -> AsyncIterator[TimelineSegment]:
         """The job's scored segments in the order they were found (see the class docstring); with a served
-        `head`'s result each."""
+        `head`'s result each, read out as `readout` asks."""
         from emoserve.serving.heads import apply_head, pick_head
 
         engine, chosen = self._engine(), pick_head(self.heads, head)
 
         async def score(audio: Audio) -> Result:
             if chosen is None:
-                return await submit_segment(engine, audio)
-            return apply_head(await submit_segment(engine, audio, True), chosen, False, self.metrics)
+                return self._read_out(await submit_segment(engine, audio), readout, None)
+            headed = apply_head(await submit_segment(engine, audio, True), chosen, False, self.metrics)
+            return self._read_out(headed, readout, chosen)
 
         started, scored_n = time.perf_counter(), 0
         self.metrics.timelines_in_progress.inc()

@@ -122,6 +122,14 @@ def _head_specs(raw: str) -> tuple[tuple[str, str], ...]:
     return tuple(specs.items())
 
 
+def _calibration_dir(raw: str) -> str:
+    if not (Path(raw.strip()) / "calibration.json").is_file():
+        raise ValueError(
+            f"{raw.strip()} is not a calibration directory (no calibration.json; see `emoserve calibrate`)"
+        )
+    return raw.strip()
+
+
 def _choice(*choices: str) -> Callable[[str], str]:
     def parse_choice(raw: str) -> str:
         if raw.strip().lower() not in choices:
@@ -139,6 +147,10 @@ def _at_least(low: float) -> Callable[[Any], str | None]:
         return f"{value} is out of range; it must be at least {low:g}" if value < low else None
 
     return check
+
+
+def _share(value: float) -> str | None:
+    return f"{value} is out of range; it must be 0..1" if not 0 <= value <= 1 else None
 
 
 def _positive(value: Any) -> str | None:
@@ -193,6 +205,19 @@ class Settings:
         "repeatable; the variable takes NAME=DIR,NAME=DIR. Asked for with ?head=NAME",
         metavar="NAME=DIR",
         flag="--head",
+    )
+    min_confidence: float | None = _setting(
+        None,
+        _optional(_number, "none"),
+        "abstain threshold: a result whose top score is under it says `uncertain` as its emotion (its "
+        "scores unchanged); a request's `min_confidence` wins, a head's own threshold applies to its labels",
+        check=_share,
+    )
+    calibration: str | None = _setting(
+        None,
+        _optional(_calibration_dir),
+        "serve calibrated scores: a directory from `emoserve calibrate` (results then say `calibrated`)",
+        metavar="DIR",
     )
     # Listening
     host: str = _setting("127.0.0.1", _text, "interface to listen on; 0.0.0.0 for all (only when asked)")

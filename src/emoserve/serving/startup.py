@@ -62,6 +62,12 @@ def load(settings: Settings, metrics: Metrics) -> Loaded:
     summary = model_summary(recognizer, max_audio_s)
     heads = served_heads(settings, recognizer)
     summary["heads"] = [head.summary() for head in heads.values()]
+    if settings.calibration:
+        from emoserve.inference.confidence import load_calibration
+
+        recognizer.use_calibration(load_calibration(settings.calibration))
+    summary["calibration"] = recognizer.calibration.summary() if recognizer.calibration else None
+    summary["min_confidence"] = settings.min_confidence
     log.info(
         "model loaded in %.2f s: %s on the %s backend, %s (%s)%s; %s",
         seconds,

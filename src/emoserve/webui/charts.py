@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from emoserve.inference.results import Result, TimelineSegment
+from emoserve.inference.results import HeadResult, Result, TimelineSegment
 from emoserve.model.labels import EMOJI, EMOTION_COLOURS, OTHER_COLOUR
 
 MAX_TIMELINE_POINTS = 400  # per label: a 10-min clip has 30,000 frames, too many for a browser plot
@@ -94,9 +94,16 @@ def segment_table(segments: Sequence[TimelineSegment]) -> pd.DataFrame:
     )
     named = [s.head for s in segments if s.head is not None]
     if named and len(named) == len(segments):
-        cells = [f"{h.emoji or ''} {h.label} {h.confidence:.2f}".strip() for h in named]
+        cells = [head_cell(h) for h in named]
         table[f"{named[0].name} (yours)"] = cells
     return table
+
+
+def head_cell(head: HeadResult) -> str:
+    """A head's result in a table cell: its label and confidence, or a regression's values."""
+    if head.values is not None:
+        return " ".join(f"{t} {v:.2f}" for t, v in head.values.items())
+    return f"{head.emoji or ''} {head.label} {head.confidence or 0.0:.2f}".strip()
 
 
 def distribution_frame(summary: dict[str, Any]) -> pd.DataFrame:

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import html
+import json
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -15,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import gradio as gr
 
 from emoserve.constants import EXAMPLES_DIR, GRANULARITIES, SAMPLE_RATE, Granularity
+from emoserve.inference.formats import head_text
 from emoserve.model.labels import EMOTION_COLOURS
 from emoserve.serving.metrics import ROUTE_UI
 from emoserve.webui.charts import scores_frame, timeline_frame
@@ -61,6 +64,7 @@ def clip_tab(service: UIService, outputs: UIOutputs, concurrency_limit: int | No
             views = _result_views()
     with gr.Row():
         views += _details()
+    ranges = regression_ranges(service.settings.heads)
 
     # Its parameters' names are those of the Gradio API's /recognize (gradio_client's view_api)
     async def recognise(audio: str | None, granularity: str, embedding: bool) -> tuple[Any, ...]:
@@ -71,7 +75,7 @@ def clip_tab(service: UIService, outputs: UIOutputs, concurrency_limit: int | No
         audio: str | None, granularity: str, embedding: bool, head: str
     ) -> tuple[Any, ...]:
         chosen = chosen_head(head)
-        return render(await recognize(service, outputs, audio, granularity, embedding, chosen))
+        return render(await recognize(service, outputs, audio, granularity, embedding, chosen), ranges)
 
     handler: Any = recognise_with_head if inputs.head is not None else recognise
     inputs.start.click(
@@ -245,12 +249,13 @@ def _size(path: str) -> int:
 # ------------------------------------------------------------------------------------------- rendering
 
 
-def render(clip: ClipResult) -> tuple[Any, ...]:
-    """Values for (result card, score chart, timeline, log, downloads)."""
+def render(clip: ClipResult, ranges: Ranges | None = None) -> tuple[Any, ...]:
+    """Values for (result card, score chart, timeline, log, downloads). `ranges`: the served regression
+    heads' training ranges (`regression_ranges`), the scale their values are drawn on."""
     result = clip.result
     frames = timeline_frame(result)
     return (
-        result_card(result),
+        result_card(result, ranges),
         scores_frame(result),
         gr.LinePlot(value=frames, visible=frames is not None),
         processing_log(clip),
@@ -258,7 +263,7 @@ def render(clip: ClipResult) -> tuple[Any, ...]:
     )
 
 
-def result_card(result: Result) -> str:
+def result_card(result: Result, ranges: Ranges | None = None) -> str:
     warning = (
         '<div style="margin-top:8px;color:#b91c1c;font-weight:600">'
         "⚠️ Random weights: this result is meaningless (test model).</div>"
@@ -271,19 +276,89 @@ def result_card(result: Result) -> str:
         f'<div id="result-emotion" style="font-size:28px;font-weight:700">{html.escape(result.emotion)}'
         f" · {html.escape(result.label_zh)}</div>"
         f'<div id="result-confidence" style="font-size:18px">confidence {result.confidence:.1%}</div>'
-        f"{head_card(result)}{warning}</div>"
+        f"{head_card(result, ranges)}{warning}</div>"
     )
 
 
-def head_card(result: Result) -> str:
-    """The head's result under the nine emotions' (when one was chosen)."""
+def head_card(result: Result, ranges: Ranges | None = None) -> str:
+    """The head's result under the nine emotions' (when one was chosen): a regression head's values, each
+    a bar on its training range, and arousal against valence as a point when it has both."""
     head = result.head
     if head is None:
         return ""
+    if head.values is not None:  # a regression head: each target's value
+        values = " · ".join(f"{html.escape(t)} <b>{v:.3f}</b>" for t, v in head.values.items())
+        style = "margin-top:10px;font-size:20px"
+        scale = (ranges or {}).get(head.name, {})
+        drawn = value_bars(head.values, scale) + arousal_valence_point(head.values, scale)
+        return f'<div id="result-head" style="{style}">{html.escape(head.name)}: {values}{drawn}</div>'
     names = " · ".join(html.escape(x) for x in (head.emoji, head.label, head.label_zh) if x)
     return (
         '<div id="result-head" style="margin-top:10px;font-size:20px">'
-        f"{html.escape(head.name)}: <b>{names}</b> {head.confidence:.1%}</div>"
+        f"{html.escape(head.name)}: <b>{names}</b> {head.confidence or 0.0:.1%}</div>"
+    )
+
+
+Ranges = dict[str, dict[str, dict[str, float]]]  # head -> target -> {min, max, mean, std}
+BAR_PX, PLANE_PX = 160, 120
+
+
+def regression_ranges(heads: Sequence[tuple[str, str]]) -> Ranges:
+    """Each served regression head's training range per target, from its head.json (what `train-head`
+    recorded: the values' units)."""
+    found: Ranges = {}
+    for name, folder in heads:
+        try:
+            meta = json.loads((Path(folder) / "head.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue  # the service refused it at start-up with its reason
+        if isinstance(meta, dict) and meta.get("task") == "regression":
+            found[name] = meta.get("training", {}).get("targets", {})
+    return found
+
+
+def _share(value: float, scale: dict[str, float]) -> float | None:
+    """Where `value` sits on its target's training range, 0..1 (None: no range known)."""
+    low, high = scale.get("min"), scale.get("max")
+    if low is None or high is None or high <= low:
+        return None
+    return min(1.0, max(0.0, (value - low) / (high - low)))
+
+
+def value_bars(values: dict[str, float], scale: dict[str, dict[str, float]]) -> str:
+    """A bar per target, filled to where its value sits between its training minimum and maximum."""
+    rows = []
+    for target, value in values.items():
+        share = _share(value, scale.get(target, {}))
+        if share is None:
+            continue
+        low, high = scale[target]["min"], scale[target]["max"]
+        rows.append(
+            f'<div class="head-bar" style="font-size:13px;margin-top:4px">{html.escape(target)} '
+            f'<span style="display:inline-block;width:{BAR_PX}px;height:10px;background:#e5e7eb;'
+            f'vertical-align:middle"><span style="display:block;width:{share * BAR_PX:.0f}px;height:10px;'
+            f'background:#2563eb"></span></span> {low:g}..{high:g}</div>'
+        )
+    return "".join(rows)
+
+
+def arousal_valence_point(values: dict[str, float], scale: dict[str, dict[str, float]]) -> str:
+    """Valence (x) against arousal (y) as a point on the plane of their training ranges."""
+    if "valence" not in values or "arousal" not in values:
+        return ""
+    x = _share(values["valence"], scale.get("valence", {}))
+    y = _share(values["arousal"], scale.get("arousal", {}))
+    if x is None or y is None:
+        return ""
+    size = PLANE_PX
+    return (
+        f'<svg class="av-plane" width="{size}" height="{size}" '
+        'style="margin-top:6px;border:1px solid #9ca3af">'
+        f'<line x1="{size / 2}" y1="0" x2="{size / 2}" y2="{size}" stroke="#d1d5db"/>'
+        f'<line x1="0" y1="{size / 2}" x2="{size}" y2="{size / 2}" stroke="#d1d5db"/>'
+        f'<text x="4" y="12" font-size="10">arousal</text>'
+        f'<text x="{size - 44}" y="{size - 4}" font-size="10">valence</text>'
+        f'<circle cx="{x * size:.1f}" cy="{(1 - y) * size:.1f}" r="5" fill="#dc2626"/></svg>'
     )
 
 
@@ -305,7 +380,7 @@ def processing_log(clip: ClipResult) -> str:
         f"total {clip.total_s:.3f} s",
         f"result: {result.emotion} ({result.label_zh}) {result.confidence:.3f}, {result.granularity}"
         + (f", {len(result.frames)} frames" if result.frames else ""),
-        *([f"head {h.name}: {h.label} {h.confidence:.3f}"] if (h := result.head) else []),
+        *([f"head {head_text(h).strip()}"] if (h := result.head) else []),
         f"model: {result.model}"
         + (" (RANDOM WEIGHTS: meaningless predictions)" if result.random_weights else ""),
         saved_line(clip.saved.folder if clip.saved else None, clip.persistent),
