@@ -145,7 +145,8 @@ def test_bad_parameters_say_what_to_change() -> None:
 # ------------------------------------------------------------------------------------- the library session
 
 READING_FIELDS = {"emotion", "label_zh", "emoji", "confidence", "scores"}
-SEGMENT_FIELDS = {"start_s", "end_s", "speaker", "split", "head", *READING_FIELDS}  # a timeline segment's
+# a timeline segment's fields
+SEGMENT_FIELDS = {"start_s", "end_s", "speaker", "split", "head", "calibrated", *READING_FIELDS}
 
 
 def test_recognizer_stream_gives_the_timeline_and_every_message(tiny_recognizer: Any, speech: Path) -> None:
