@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from emoserve.audio.segments import Cut
-from emoserve.errors import ApiError
+from emoserve.errors import ApiError, EmoserveError
 from emoserve.serving.jobs.store import JobStore, LeaseLost, NewJob
 from tests.support.jobs import new_database
 from tests.support.server import wait_for
@@ -223,7 +223,7 @@ def test_the_end_and_its_webhook_event_commit_together(store: JobStore) -> None:
     job, _ = store.add(new_job(0, callback="https://example.com/hook"), 100)
     claim = store.claim("w", 60, TTL_S)
     assert claim is not None
-    store.finish(claim, "failed", TTL_S, error=("malformed_audio", "damaged"))
+    store.finish(claim, "failed", TTL_S, error=EmoserveError("damaged", code="malformed_audio"))
     [due] = store.due_webhooks(hold_s=30)
     assert due.job_id == job.id and due.secret == "s3cret" and due.attempts == 1
     assert store.due_webhooks(hold_s=30) == []  # held while it is being sent

@@ -14,7 +14,9 @@ from contextlib import contextmanager
 from typing import Any
 
 from emoserve.errors import EmoserveError
-from emoserve.serving.jobs.store import Done, JobStore, Run
+from emoserve.serving.jobs.store import SCHEMA, Done, JobStore, Run
+
+SCHEMA_LOCK = 0x656D6F  # any number the replicas agree on: "emo"
 
 
 class PostgresJobStore(JobStore):
@@ -30,8 +32,15 @@ class PostgresJobStore(JobStore):
                 code="invalid_setting",
             ) from None
         self._lock = threading.Lock()
-        self._db = psycopg.connect(url, row_factory=dict_row)
+        self._db = psycopg.connect(url, autocommit=True, row_factory=dict_row)
         self.create_schema()
+
+    def create_schema(self) -> None:
+        """Under a lock of the database's: replicas starting at once would race on CREATE TABLE."""
+        with self._transaction() as run:
+            run("SELECT pg_advisory_xact_lock(?)", (SCHEMA_LOCK,))
+            for statement in SCHEMA:
+                run(statement)
 
     @contextmanager
     def _transaction(self) -> Iterator[Run]:

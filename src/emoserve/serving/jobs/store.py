@@ -376,11 +376,12 @@ class JobStore(ABC):
                 if job.cancel_requested:
                     self._end(run, job, "cancelled", None, None, now, ttl_s)
                 else:
-                    message = (
+                    lost = EmoserveError(
                         f"its worker stopped {job.attempts} times (crashed or killed); it is not tried "
-                        "again (jobs_max_attempts)"
+                        "again (jobs_max_attempts)",
+                        code="worker_lost",
                     )
-                    self._end(run, job, "failed", None, ("worker_lost", message), now, ttl_s)
+                    self._end(run, job, "failed", None, lost, now, ttl_s)
             rows = run(
                 "SELECT id FROM jobs WHERE status = 'queued' "
                 "OR (status = 'running' AND lease_expires_at < ?) "
@@ -482,7 +483,7 @@ class JobStore(ABC):
         ttl_s: float,
         *,
         result: dict[str, Any] | None = None,
-        error: tuple[str, str] | None = None,
+        error: EmoserveError | None = None,
     ) -> None:
         """The job's end, its webhook event in the same transaction (a crash between the two cannot
         lose the event). LeaseLost if another worker holds the job now."""
@@ -503,11 +504,11 @@ class JobStore(ABC):
         job: Job,
         status: Status,
         result: dict[str, Any] | None,
-        error: tuple[str, str] | None,
+        error: EmoserveError | None,
         now: float,
         ttl_s: float,
     ) -> None:
-        code, message = error or (None, None)
+        code, message = (None, None) if error is None else (error.code, str(error))
         run(
             "UPDATE jobs SET status = ?, stage = 'done', result = ?, error_code = ?, error_message = ?, "
             "finished_at = ?, expires_at = ?, lease_owner = NULL, lease_expires_at = NULL WHERE id = ?",

@@ -303,11 +303,11 @@ class Jobs:
             if error.status == 503 and error.code in ("draining", "not_ready", "queue_full"):
                 await asyncio.to_thread(self.store.release, claim)  # the server cannot score now
                 return
-            await self._end(claim, "failed", error=(error.code, str(error)))
+            await self._end(claim, "failed", error=error)
         except Exception as error:
             log.exception("job %s failed", claim.job.id)
             message = f"internal error ({type(error).__name__}); the server log has the details"
-            await self._end(claim, "failed", error=("internal_error", message))
+            await self._end(claim, "failed", error=ApiError("internal_error", message))
         finally:
             stop.set()
             if not scoring.done():
@@ -319,7 +319,7 @@ class Jobs:
         claim: Claim,
         status: Status,
         result: dict[str, Any] | None = None,
-        error: tuple[str, str] | None = None,
+        error: EmoserveError | None = None,
     ) -> None:
         try:
             await asyncio.to_thread(self.store.finish, claim, status, self.ttl_s, result=result, error=error)
