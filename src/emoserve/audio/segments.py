@@ -438,9 +438,9 @@ class Recording:
                 self.samples += len(block)
                 while todo and todo[0].end <= self.samples:
                     yield self._cut(windows, todo.popleft())
-                for i, window in enumerate(windows):
+                for i, window in enumerate(windows):  # never past what arrived: the window is contiguous
                     starts = (c.start for c in todo if self._channel(c) == i)
-                    window.drop_before(min(starts, default=self.samples))
+                    window.drop_before(min([self.samples, *starts]))
             while todo:  # a plan that reaches past the audio: never one made from this file
                 yield self._cut(windows, todo.popleft())
 
