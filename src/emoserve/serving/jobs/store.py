@@ -20,10 +20,12 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from contextlib import AbstractContextManager, suppress
 from dataclasses import dataclass, fields
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
-from emoserve.audio.segments import Cut
 from emoserve.errors import ApiError, EmoserveError
+
+if TYPE_CHECKING:
+    from emoserve.audio.segments import Cut
 
 Status = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 STATUSES: tuple[Status, ...] = ("queued", "running", "succeeded", "failed", "cancelled")
@@ -326,6 +328,8 @@ class JobStore(ABC):
         return [Job.from_row(row) for row in rows]
 
     def plan(self, job_id: str) -> list[Cut] | None:
+        from emoserve.audio.segments import Cut  # numpy and the decoders: not on the server's start path
+
         with self._transaction() as run:
             rows = run(
                 "SELECT start_sample, end_sample, split, speaker FROM job_plan WHERE job_id = ? ORDER BY idx",
