@@ -8,7 +8,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import hmac
-import http.server
 import json
 import threading
 import time
@@ -21,7 +20,7 @@ import httpx
 import pytest
 
 from emoserve.serving.jobs.worker import Jobs
-from tests.support.jobs import long_recording, wait_job
+from tests.support.jobs import Receiver, long_recording, wait_job
 from tests.support.server import LIVE, Live, assert_error, assert_same_segments, gated_model, live_server
 
 JOBS_LIVE = dataclasses.replace(
@@ -202,34 +201,6 @@ def test_jobs_are_listed_with_filters_and_pages(live: Live, recording: Path) -> 
     assert first["jobs"][0]["metadata"] == {"batch": "b1"}
     assert all(job["status"] == "succeeded" for job in rest.json()["jobs"])
     assert_error(live.client.get("/v1/jobs", params={"status": "lost"}), 422, "invalid_parameter")
-
-
-class Receiver:
-    """A webhook receiver on loopback: records each delivery, answers the statuses it is given in turn."""
-
-    def __init__(self, statuses: list[int]) -> None:
-        self.statuses, self.got = statuses, []
-        outer = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                outer.got.append((dict(self.headers), body))
-                status = outer.statuses.pop(0) if len(outer.statuses) > 1 else outer.statuses[0]
-                self.send_response(status)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
 
 def verify(secret: str, header: str, body: bytes) -> bool:

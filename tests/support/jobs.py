@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import http.server
 import os
 import pwd
 import shutil
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -108,3 +110,33 @@ def wait_job(
         if time.monotonic() > deadline:
             raise AssertionError(f"job {job_id} is still {job.get('status')} after {timeout_s} s: {job}")
         time.sleep(0.05)
+
+
+class Receiver:
+    """A webhook receiver on loopback: records each delivery (its headers, case-insensitive, and body) and
+    answers the statuses it is given in turn, the last one from then on."""
+
+    def __init__(self, statuses: list[int], port: int = 0) -> None:
+        self.statuses = list(statuses)
+        self.got: list[tuple[Any, bytes]] = []
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                outer.got.append((self.headers, body))
+                status = outer.statuses.pop(0) if len(outer.statuses) > 1 else outer.statuses[0]
+                self.send_response(status)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

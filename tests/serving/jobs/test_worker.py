@@ -8,11 +8,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import hmac
-import http.server
 import json
 import signal
 import sqlite3
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -27,7 +25,7 @@ from emoserve.serving.jobs.store import NewJob
 from emoserve.serving.jobs.worker import Jobs
 from emoserve.serving.service import Service
 from emoserve.serving.settings import Settings
-from tests.support.jobs import long_recording, new_database, wait_job
+from tests.support.jobs import Receiver, long_recording, new_database, wait_job
 from tests.support.paths import MODEL
 from tests.support.server import assert_same_segments, first_answer_with, free_port, serve_process
 
@@ -91,28 +89,6 @@ def test_a_job_killed_part_way_resumes_at_its_next_segment(tmp_path: Path) -> No
     assert result["summary"]["dominant"] == want["summary"]["dominant"]
 
 
-class Receiver:
-    def __init__(self, port: int) -> None:
-        self.got: list[tuple[dict[str, str], bytes]] = []
-        outer = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                outer.got.append((dict(self.headers), self.rfile.read(int(self.headers["Content-Length"]))))
-                self.send_response(204)
-                self.end_headers()
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
 @pytest.mark.slow
 def test_a_server_killed_between_done_and_notify_still_notifies(tmp_path: Path) -> None:
     """The receiver is down when the job ends (the event stays in the outbox), the server is killed;
@@ -131,7 +107,7 @@ def test_a_server_killed_between_done_and_notify_still_notifies(tmp_path: Path) 
     with contextlib.closing(sqlite3.connect(db)) as conn:
         [(event_id, delivered)] = conn.execute("SELECT event_id, delivered_at FROM webhooks").fetchall()
     assert delivered is None
-    receiver = Receiver(port)
+    receiver = Receiver([204], port)
     try:
         with server(tmp_path, "--allow-private-callbacks"):
             deadline = time.monotonic() + 60
