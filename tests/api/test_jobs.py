@@ -238,6 +238,9 @@ def test_a_signed_webhook_is_retried_after_a_5xx_and_stops_at_a_4xx(live: Live, 
             time.sleep(0.05)
         [row] = jobs_of(live).store.webhooks(job["id"])
         assert row["outcome"] == "rejected_410" and len(gone.got) == 1
+        counted = live.service.metrics.registry.get_sample_value
+        for result in ("retry", "delivered", "rejected"):
+            assert counted("emoserve_webhook_deliveries_total", {"result": result}), result
         assert "Emoserve-Signature" not in gone.got[0][0]  # no secret, no signature
     finally:
         flaky.close()

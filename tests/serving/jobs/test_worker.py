@@ -75,6 +75,7 @@ def test_a_job_killed_part_way_resumes_at_its_next_segment(tmp_path: Path) -> No
         done = wait_job(client, job["id"], timeout_s=600)
         assert done["status"] == "succeeded" and done["attempts"] == 2, done
         result = client.get(f"/v1/jobs/{job['id']}/result").json()
+        metrics = client.get("/metrics").text
         timeline = client.post("/v1/timeline", content=recording.read_bytes())
         assert timeline.status_code == 200, timeline.text
     attempts = scored_attempts(tmp_path / "home" / "jobs" / "jobs.sqlite3", job["id"])
@@ -82,6 +83,8 @@ def test_a_job_killed_part_way_resumes_at_its_next_segment(tmp_path: Path) -> No
     assert attempts.count(1) >= committed > 0  # what was committed before the kill was kept
     assert attempts.count(2) < len(attempts)  # and the rest only was scored after the restart
     assert attempts == sorted(attempts)  # the second attempt went on where the first stopped
+    assert "emoserve_jobs_resumed_total 1.0" in metrics
+    assert f"emoserve_job_segments_kept_total {attempts.count(1)}.0" in metrics
     want = timeline.json()
     for key in ("file", "duration_s", "speech_s", "model", "channels", "vad"):
         assert result[key] == want[key], key

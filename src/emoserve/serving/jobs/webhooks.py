@@ -28,6 +28,7 @@ import httpx
 
 from emoserve.errors import ApiError
 from emoserve.serving.jobs.store import JobStore, Webhook
+from emoserve.serving.metrics import Metrics
 from emoserve.serving.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -75,7 +76,7 @@ def backoff_s(attempt: int) -> float:
     return float(min(MAX_BACKOFF_S, 2.0**attempt) * random.uniform(0.5, 1.5))
 
 
-async def deliver_due(store: JobStore, settings: Settings) -> int:
+async def deliver_due(store: JobStore, settings: Settings, metrics: Metrics) -> int:
     """One pass over the events due; the number tried."""
     due = await asyncio.to_thread(store.due_webhooks, HOLD_S)
     if not due:
@@ -83,12 +84,14 @@ async def deliver_due(store: JobStore, settings: Settings) -> int:
     async with httpx.AsyncClient(timeout=TIMEOUT_S, trust_env=False, follow_redirects=False) as client:
         for hook in due:
             outcome, retry = await _send(client, hook, settings)
-            retry_at = None
+            retry_at, result = None, outcome.split("_")[0]  # delivered, rejected, refused
             if retry:
+                result = "retry"
                 if time.time() - hook.created_at > settings.jobs_webhook_max_age_s:
-                    outcome = "gave_up"
+                    outcome = result = "gave_up"
                 else:
                     retry_at = time.time() + backoff_s(hook.attempts)
+            metrics.webhook_deliveries_total.labels(result).inc()
             log.info("webhook %s of job %s: %s (try %d)", hook.event_id, hook.job_id, outcome, hook.attempts)
             await asyncio.to_thread(store.webhook_tried, hook.event_id, outcome, retry_at)
     return len(due)

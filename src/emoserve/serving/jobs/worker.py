@@ -170,7 +170,9 @@ class Jobs:
         except BaseException:
             os.replace(path, spooled)  # the caller removes it
             raise
-        if not created:
+        if created:
+            self.service.metrics.jobs_submitted_total.inc()
+        else:
             path.unlink(missing_ok=True)
         return job, created
 
@@ -326,6 +328,7 @@ class Jobs:
         except LeaseLost:
             log.warning("job %s: taken by another worker before it ended here", claim.job.id)
             return
+        self.service.metrics.jobs_finished_total.labels(status).inc()
         self._drop_audio(claim.job)
 
     def _drop_audio(self, job: Job) -> None:
@@ -347,6 +350,9 @@ class Jobs:
             log.warning("job %s: the model is now %s; %d segments scored again", job.id, model, dropped)
         done = {idx for idx, _ in await asyncio.to_thread(self.store.scored, job.id)}
         todo = [idx for idx in range(len(plan)) if idx not in done]
+        if claim.attempt > 1:
+            self.service.metrics.jobs_resumed_total.inc()
+            self.service.metrics.job_segments_kept_total.inc(len(done))
         recording = await asyncio.to_thread(
             self._recording, job.audio_path, job.file, options, [plan[idx] for idx in todo]
         )
@@ -400,7 +406,7 @@ class Jobs:
     async def _send_webhooks(self) -> None:
         while True:
             try:
-                await deliver_due(self.store, self.settings)
+                await deliver_due(self.store, self.settings, self.service.metrics)
             except Exception:
                 log.exception("delivering webhooks failed; trying again")
             await asyncio.sleep(WEBHOOK_EVERY_S)
