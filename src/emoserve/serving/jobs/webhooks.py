@@ -51,14 +51,19 @@ def sign(secret: str, body: bytes, timestamp: int) -> str:
 
 def check_callback(url: str, allow_private: bool) -> None:
     """An http(s) URL whose host resolves to public addresses only (unless `allow_private`)."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ApiError("invalid_parameter", "callback_url must be an http:// or https:// URL with a host")
+    bad = ApiError("invalid_parameter", "callback_url must be an http:// or https:// URL with a host")
+    try:
+        parts = urlsplit(url)
+        host, port = parts.hostname, parts.port
+    except ValueError:  # a malformed address or port
+        raise bad from None
+    if parts.scheme not in ("http", "https") or not host:
+        raise bad
     if allow_private:
         return
     try:
-        infos = socket.getaddrinfo(parts.hostname, parts.port or 443, proto=socket.IPPROTO_TCP)
-    except OSError:
+        infos = socket.getaddrinfo(host, port or 443, proto=socket.IPPROTO_TCP)
+    except (OSError, UnicodeError):
         raise ApiError("invalid_parameter", "callback_url's host does not resolve") from None
     for info in infos:
         address = ipaddress.ip_address(str(info[4][0]).split("%")[0])
