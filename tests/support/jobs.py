@@ -53,7 +53,9 @@ def postgres_server() -> Iterator[str]:
     port = free_port()
 
     def run(*args: str) -> None:
-        subprocess.run([*as_user, *args], check=True, capture_output=True, timeout=120)
+        done = subprocess.run([*as_user, *args], capture_output=True, text=True, timeout=120, cwd=root)
+        if done.returncode != 0:
+            raise RuntimeError(f"{args[0]} failed: {done.stdout[-2000:]}{done.stderr[-2000:]}")
 
     try:
         run(
@@ -76,6 +78,7 @@ def postgres_server() -> Iterator[str]:
                 [*as_user, str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
                 capture_output=True,
                 timeout=60,
+                cwd=root,
             )
         shutil.rmtree(root, ignore_errors=True)
 
