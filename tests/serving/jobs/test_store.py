@@ -195,7 +195,7 @@ def test_the_plan_is_stored_once_and_the_scored_segments_resume(store: JobStore)
     store.commit_segment(claim, 0, SEGMENT, 2.0, 60)
     progress = store.get(job.id).progress()  # type: ignore[union-attr]
     assert progress["segments_done"] == 1 and progress["segments_total"] == 2 and progress["percent"] == 50.0
-    assert progress["speech_s_total"] == 3.0 and progress["eta_s"] == 1.0  # 1.5 s of speech left at 2 s/s
+    assert progress["speech_s_total"] == 3.0 and progress["eta_s"] == 0.8  # 1.5 s left at 2 s/s: 0.75
     assert store.start_scoring(claim, "tiny") == 0  # the same model: kept
     assert store.scored(job.id) == [(0, SEGMENT)]
     assert store.start_scoring(claim, "another") == 1  # never two models in one timeline
