@@ -27,7 +27,13 @@ from emoserve.serving.service import Service
 from emoserve.serving.settings import Settings
 from tests.support.jobs import Receiver, long_recording, new_database, wait_job
 from tests.support.paths import MODEL
-from tests.support.server import assert_same_segments, first_answer_with, free_port, serve_process
+from tests.support.server import (
+    assert_same_segments,
+    first_answer,
+    first_answer_with,
+    free_port,
+    serve_process,
+)
 
 SERVE_ARGS = (
     "--model", str(MODEL),
@@ -44,6 +50,7 @@ SEGMENT_KEYS = ("start_s", "end_s", "emotion", "speaker", "split")
 @contextlib.contextmanager
 def server(tmp_path: Path, *args: str) -> Iterator[tuple[Any, httpx.Client]]:
     with serve_process(tmp_path, *SERVE_ARGS, *args) as (process, url):
+        first_answer(f"{url}/healthz", time.monotonic(), 60)
         first_answer_with(f"{url}/readyz", 200, 120)
         with httpx.Client(base_url=url, timeout=120) as client:
             yield process, client
