@@ -133,7 +133,7 @@ def main() -> None:
     header("Jobs against /v1/timeline", args, runs)
     work = Path(tempfile.gettempdir()) / "emoserve-bench-timeline"
     work.mkdir(exist_ok=True)
-    model = bench_model(args.preset)
+    model = bench_model(args.preset).entry
     body = recording(work / f"{minutes:g}min.wav", minutes).read_bytes()
     audio_s = minutes * 60
     for old in JOBS_DIR.glob("jobs.sqlite3*"):
