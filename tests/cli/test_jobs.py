@@ -37,9 +37,8 @@ def test_submit_a_folder_and_wait_then_every_action(
     folder.mkdir()
     for n in range(2):
         long_recording(folder / f"call{n}.wav", 8.0, seed=n)
-    code, lines, _ = run(
-        capsys, "jobs", "submit", str(folder), "--wait", "--url", url, "--idempotency-key", "k"
-    )
+    submit = ("jobs", "submit", str(folder), "--url", url, "--idempotency-key", "k")
+    code, lines, _ = run(capsys, *submit, "--wait")
     assert code == 0
     jobs, results = lines[:2], lines[2:]
     assert [job["file"] for job in jobs] == ["call0.wav", "call1.wav"]
