@@ -25,7 +25,7 @@ from emoserve.serving.jobs.store import NewJob
 from emoserve.serving.jobs.worker import Jobs
 from emoserve.serving.service import Service
 from emoserve.serving.settings import Settings
-from tests.support.jobs import Receiver, long_recording, new_database, wait_job
+from tests.support.jobs import TERMINAL, Receiver, long_recording, new_database, wait_job
 from tests.support.paths import MODEL
 from tests.support.server import (
     assert_same_segments,
@@ -97,6 +97,49 @@ def test_a_job_killed_part_way_resumes_at_its_next_segment(tmp_path: Path) -> No
         assert result[key] == want[key], key
     assert_same_segments(result["segments"], want["segments"], SEGMENT_KEYS)
     assert result["summary"]["dominant"] == want["summary"]["dominant"]
+
+
+def backlog(client: httpx.Client, ids: list[str]) -> tuple[int, bool]:
+    """(the segments the jobs have committed, whether they have all ended)."""
+    jobs = [client.get(f"/v1/jobs/{job_id}").json() for job_id in ids]
+    return sum(j["progress"]["segments_done"] for j in jobs), all(j["status"] in TERMINAL for j in jobs)
+
+
+@pytest.mark.slow
+def test_a_kill_loop_over_a_backlog_leaves_every_accepted_job_ended(tmp_path: Path) -> None:
+    """Five jobs accepted, the server killed (SIGKILL) three times at moments of its work and started
+    again: every job ends (succeeded, or failed with worker_lost once its attempts are used), each
+    succeeded job holds every segment of its plan once, and the database's integrity check passes."""
+    clips = [long_recording(tmp_path / f"c{n}.wav", 30.0, seed=n) for n in range(5)]
+    ids: list[str] = []
+    for round_ in range(4):
+        with server(tmp_path, "--jobs-max-attempts", "3") as (process, client):
+            if not ids:
+                ids = [client.post("/v1/jobs", content=c.read_bytes()).json()["id"] for c in clips]
+            if round_ == 3:
+                done = [wait_job(client, job_id, timeout_s=300) for job_id in ids]
+                break
+            deadline = time.monotonic() + 60
+            scored, ended = backlog(client, ids)
+            while time.monotonic() < deadline and not ended:  # kill once this round committed some
+                now, ended = backlog(client, ids)
+                if now >= scored + 3 + round_:
+                    break
+                time.sleep(0.01)
+            process.send_signal(signal.SIGKILL)
+            process.wait(30)
+    assert {job["status"] for job in done} <= {"succeeded", "failed"}
+    assert all(job["error"]["code"] == "worker_lost" for job in done if job["status"] == "failed")
+    db = tmp_path / "home" / "jobs" / "jobs.sqlite3"
+    store = SqliteJobStore(db)
+    try:
+        assert store.check() == []
+        for job in done:
+            if job["status"] == "succeeded":
+                plan = store.plan(job["id"])
+                assert plan is not None and [i for i, _ in store.scored(job["id"])] == list(range(len(plan)))
+    finally:
+        store.close()
 
 
 @pytest.mark.slow
