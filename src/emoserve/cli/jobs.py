@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from emoserve.cli.shared import add_vad_flags, api_key, with_variable
@@ -48,7 +49,7 @@ def add_commands(sub: Commands) -> None:
     listed = actions.add_parser("list", help="the server's jobs, newest first")
     listed.add_argument("--status", choices=("queued", "running", "succeeded", "failed", "cancelled"))
     listed.add_argument("--limit", type=int, default=50, help="jobs (default 50)")
-    listed.set_defaults(run=lambda args: _print(_client(args).page(args.status, args.limit)))
+    listed.set_defaults(run=lambda args: _call(args, lambda c, a: c.page(a.status, a.limit)))
 
     for name, help, run in (
         ("status", "a job's state and progress", lambda c, a: c.status(a.id)),
@@ -60,7 +61,7 @@ def add_commands(sub: Commands) -> None:
         action.add_argument("id", help="the job's id")
         if name == "result":
             action.add_argument("--partial", action="store_true", help="the segments so far")
-        action.set_defaults(run=lambda args, run=run: _print(run(_client(args), args)))
+        action.set_defaults(run=lambda args, run=run: _call(args, run))
 
     for action in (submit, listed, *(actions.choices[n] for n in ("status", "result", "cancel", "delete"))):
         action.add_argument("--url", default=DEFAULT_URL, help=f"the server (default {DEFAULT_URL})")
@@ -73,6 +74,12 @@ def _client(args: argparse.Namespace) -> JobsClient:
     from emoserve.inference.jobs_client import JobsClient
 
     return JobsClient(args.url, api_key(args))
+
+
+def _call(args: argparse.Namespace, action: Callable[[JobsClient, argparse.Namespace], Any]) -> int:
+    with _client(args) as client:
+        _print(action(client, args))
+    return 0
 
 
 def _print(value: Any) -> None:
