@@ -9,6 +9,8 @@
    against the seconds the first half took.
 3. The store's size per hour of audio: jobs.sqlite3 (and its write-ahead log) after the jobs, per
    hour of recordings they scored (their audio is deleted when they end).
+4. `/v1/recognize` p95 of a 5 s clip beside a draining backlog of jobs, against its idle p95 measured
+   first on the same server. Target: <= 1.5x (issue 26).
 """
 
 from __future__ import annotations
@@ -24,10 +26,12 @@ from common import (
     BENCH_HOME,
     Client,
     bench_model,
+    clip_wav,
     free_port,
     header,
     median,
     parser,
+    percentile,
     running_server,
     serve_argv,
     table,
@@ -121,14 +125,49 @@ def resume_cost(model: Path, body: bytes) -> tuple[int, int, int, float, float]:
     return total, committed, by_attempt.get(2, 0), after_s, first_half_s
 
 
+def latency_beside_jobs(model: Path, body: bytes, calls: int) -> tuple[float, float, int]:
+    """(idle p95 s, p95 s while jobs drain, jobs' segments committed meanwhile)."""
+    port = free_port()
+    clip = clip_wav(5.0)
+    with running_server("jobs-latency", server_argv(model, port), port) as server:
+        server.wait_for("/readyz")
+        client = Client(port, timeout_s=600)
+        for _ in range(2):
+            client.recognize(clip)  # warm
+        idle = [client.recognize(clip).seconds for _ in range(calls)]
+        headers = {"Content-Type": "audio/wav"}
+        ids = [client.request("POST", "/v1/jobs", body=body, headers=headers).json()["id"] for _ in range(3)]
+
+        def committed() -> int:
+            return sum(client.get(f"/v1/jobs/{i}").json()["progress"]["segments_done"] for i in ids)
+
+        while committed() < 2:  # the backlog is draining: segments are being scored
+            server.check_alive()
+            time.sleep(POLL_S)
+        before = committed()
+        busy = []
+        for _ in range(calls):
+            reply = client.recognize(clip)
+            assert reply.status == 200, reply.body
+            busy.append(reply.seconds)
+        during = committed() - before
+        client.close()
+    return percentile(idle, 95), percentile(busy, 95), during
+
+
 def store_bytes() -> int:
     return sum(p.stat().st_size for p in JOBS_DIR.glob("jobs.sqlite3*"))
+
+
+SECTIONS = ("throughput", "resume", "latency")
 
 
 def main() -> None:
     p = parser(__doc__, default_runs=3)
     p.add_argument("--minutes", type=float, default=10.0, help="length of the recording (default 10)")
+    p.add_argument("--sections", default=",".join(SECTIONS), help=f"a subset of {','.join(SECTIONS)}")
     args = p.parse_args()
+    sections = set(args.sections.split(","))
     runs = 1 if args.quick else args.runs
     minutes = 1.0 if args.quick else args.minutes
     header("Jobs against /v1/timeline", args, runs)
@@ -140,32 +179,44 @@ def main() -> None:
     for old in JOBS_DIR.glob("jobs.sqlite3*"):
         old.unlink()
 
-    timeline_s, job_s, _ = throughput(model, body, audio_s, runs)
-    ratio = job_s / timeline_s
-    table(
-        ["path", f"seconds for {minutes:g} min (median of {runs})", "audio s per s"],
-        [
-            ["/v1/timeline", f"{timeline_s:.2f}", f"{audio_s / timeline_s:.1f}"],
-            ["/v1/jobs (POST to succeeded)", f"{job_s:.2f}", f"{audio_s / job_s:.1f}"],
-        ],
-    )
-    print(f"job / timeline: {ratio:.3f} ({verdict(ratio, 1.05)})\n")
-    jobs_scored = runs
-    size = store_bytes()
-    print(f"store: {size / 1e6:.2f} MB after {jobs_scored} jobs of {minutes:g} min: "
-          f"{size / 1e6 / (jobs_scored * minutes / 60):.2f} MB per hour of audio\n")  # fmt: skip
-
-    total, committed, after, after_s, first_half_s = resume_cost(model, body)
-    table(
-        ["segments", "committed before SIGKILL (kept)", "scored after the restart",
-         "restart's ready -> done s", "the first half took s"],
-        [[total, committed, after, f"{after_s:.2f}", f"{first_half_s:.2f}"]],
-    )  # fmt: skip
-    print(
-        json.dumps(
-            {"job_over_timeline": round(ratio, 4), "resume_overhead_s": round(after_s - first_half_s, 2)}
+    figures: dict[str, float] = {}
+    if "throughput" in sections:
+        timeline_s, job_s, _ = throughput(model, body, audio_s, runs)
+        ratio = job_s / timeline_s
+        table(
+            ["path", f"seconds for {minutes:g} min (median of {runs})", "audio s per s"],
+            [
+                ["/v1/timeline", f"{timeline_s:.2f}", f"{audio_s / timeline_s:.1f}"],
+                ["/v1/jobs (POST to succeeded)", f"{job_s:.2f}", f"{audio_s / job_s:.1f}"],
+            ],
         )
-    )
+        print(f"job / timeline: {ratio:.3f} ({verdict(ratio, 1.05)})\n")
+        jobs_scored = runs
+        size = store_bytes()
+        print(f"store: {size / 1e6:.2f} MB after {jobs_scored} jobs of {minutes:g} min: "
+              f"{size / 1e6 / (jobs_scored * minutes / 60):.2f} MB per hour of audio\n")  # fmt: skip
+
+        figures["job_over_timeline"] = round(ratio, 4)
+
+    if "resume" in sections:
+        total, committed, after, after_s, first_half_s = resume_cost(model, body)
+        table(
+            ["segments", "committed before SIGKILL (kept)", "scored after the restart",
+             "restart's ready -> done s", "the first half took s"],
+            [[total, committed, after, f"{after_s:.2f}", f"{first_half_s:.2f}"]],
+        )  # fmt: skip
+        figures["resume_overhead_s"] = round(after_s - first_half_s, 2)
+
+    if "latency" in sections:
+        idle, busy, during = latency_beside_jobs(model, body, 5 if args.quick else 20)
+        table(
+            ["/v1/recognize 5 s clip", "p95 s"],
+            [["idle", f"{idle:.3f}"], [f"3 jobs draining ({during} segments meanwhile)", f"{busy:.3f}"]],
+        )
+        print(f"beside jobs / idle: {busy / idle:.2f} ({verdict(busy / idle, 1.5)})\n")
+        figures["recognize_p95_beside_jobs_over_idle"] = round(busy / idle, 3)
+
+    print(json.dumps(figures))
 
 
 if __name__ == "__main__":
