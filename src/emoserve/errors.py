@@ -60,6 +60,7 @@ CODES: dict[str, Code] = {
     "idempotency_key_reused": Code(422, "an Idempotency-Key already used for another file or other options"),
     "too_many_jobs": Code(429, "jobs_max_queued jobs are waiting; retry after Retry-After"),
     "jobs_disk_full": Code(507, "the jobs' audio would pass jobs_max_disk_mb; retry after Retry-After"),
+    "jobs_store_unavailable": Code(503, "the jobs' database cannot be reached now; retry after Retry-After"),
     "job_lease_lost": Code(409, "a worker's write to a job it no longer holds (another worker took it)"),
     "worker_lost": Code(500, "a job whose worker died jobs_max_attempts times: it is not tried again"),
     # the model

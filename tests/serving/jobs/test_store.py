@@ -254,3 +254,29 @@ def test_expired_jobs_are_found_for_the_purge(store: JobStore) -> None:
     assert store.cancel(job.id, ttl_s=0.0) is not None
     assert store.expired(time.time() + 1) == [job.id]
     assert store.expired(time.time() - 10) == []
+
+
+def test_a_postgres_store_connects_again_after_losing_its_connection(postgres_admin: str) -> None:
+    """The server ends the store's session (a restart, a failover): the call that meets the loss fails,
+    the next one connects again, and nothing committed is lost."""
+    import psycopg
+
+    from emoserve.serving.jobs.postgres import PostgresJobStore
+
+    url = new_database(postgres_admin, f"jobs_{uuid.uuid4().hex[:12]}")
+    store = PostgresJobStore(url)
+    try:
+        job, _ = store.add(new_job(0), 100)
+        with psycopg.connect(url, autocommit=True) as admin:
+            admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
+        with pytest.raises(EmoserveError) as lost:
+            store.get(job.id)
+        assert lost.value.code == "jobs_store_unavailable" and lost.value.status == 503
+        assert lost.value.retry_after_s
+        again = store.get(job.id)
+        assert again is not None and again.id == job.id
+    finally:
+        store.close()

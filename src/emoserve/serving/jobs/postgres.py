@@ -17,6 +17,7 @@ from emoserve.errors import EmoserveError
 from emoserve.serving.jobs.store import SCHEMA, Done, JobStore, Run
 
 SCHEMA_LOCK = 0x656D6F  # any number the replicas agree on: "emo"
+STORE_RETRY_AFTER_S = 5.0
 
 
 class PostgresJobStore(JobStore):
@@ -32,7 +33,9 @@ class PostgresJobStore(JobStore):
                 code="invalid_setting",
             ) from None
         self._lock = threading.Lock()
-        self._db = psycopg.connect(url, autocommit=True, row_factory=dict_row)
+        self._connect = lambda: psycopg.connect(url, autocommit=True, row_factory=dict_row)
+        self._lost = psycopg.OperationalError
+        self._db = self._connect()
         self.create_schema()
 
     def create_schema(self) -> None:
@@ -44,14 +47,29 @@ class PostgresJobStore(JobStore):
 
     @contextmanager
     def _transaction(self) -> Iterator[Run]:
-        with self._lock, self._db.transaction():
-            db = self._db
+        """A transaction; a connection lost (the server restarted, a failover) fails the call that meets
+        it with jobs_store_unavailable (503), and the next call connects again."""
+        with self._lock:
+            try:
+                if self._db.closed:
+                    self._db = self._connect()
+                with self._transaction_on(self._db) as run:
+                    yield run
+            except self._lost as error:
+                raise EmoserveError(
+                    f"the jobs' database cannot be reached ({type(error).__name__}); retry shortly",
+                    code="jobs_store_unavailable",
+                    retry_after_s=STORE_RETRY_AFTER_S,
+                ) from None
 
-            def run(sql: str, params: Sequence[Any] = ()) -> Done:
-                cursor = db.execute(sql.replace("?", "%s"), tuple(params))
-                rows = [dict(row) for row in cursor.fetchall()] if cursor.description else []
-                return Done(rows, cursor.rowcount)
+    @contextmanager
+    def _transaction_on(self, db: Any) -> Iterator[Run]:
+        def run(sql: str, params: Sequence[Any] = ()) -> Done:
+            cursor = db.execute(sql.replace("?", "%s"), tuple(params))
+            rows = [dict(row) for row in cursor.fetchall()] if cursor.description else []
+            return Done(rows, cursor.rowcount)
 
+        with db.transaction():
             yield run
 
     def check(self) -> list[str]:

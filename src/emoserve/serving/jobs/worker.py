@@ -272,7 +272,12 @@ class Jobs:
             if claim is None:
                 await asyncio.sleep(poll_s)
                 continue
-            await self._run(claim)
+            try:
+                await self._run(claim)
+            except Exception:  # the store was lost as the job ended: its lease runs out, it is taken again
+                log.exception(
+                    "job %s: its worker could not record its end; it will be taken again", claim.job.id
+                )
 
     async def _run(self, claim: Claim) -> None:
         """The job scored under its lease, renewed every third of it (planning a long file takes a while)
@@ -302,8 +307,8 @@ class Jobs:
         except _Cancelled:
             await self._end(claim, "cancelled")
         except EmoserveError as error:
-            if error.status == 503 and error.code in ("draining", "not_ready", "queue_full"):
-                await asyncio.to_thread(self.store.release, claim)  # the server cannot score now
+            if error.status == 503:  # the server cannot score now, or the store is out of reach
+                await asyncio.to_thread(self.store.release, claim)
                 return
             await self._end(claim, "failed", error=error)
         except Exception as error:
