@@ -10,6 +10,7 @@ import hashlib
 import hmac
 import json
 import signal
+import socket
 import sqlite3
 import time
 import uuid
@@ -33,6 +34,7 @@ from tests.support.server import (
     first_answer_with,
     free_port,
     serve_process,
+    wait_for,
 )
 
 SERVE_ARGS = (
@@ -97,6 +99,34 @@ def test_a_job_killed_part_way_resumes_at_its_next_segment(tmp_path: Path) -> No
         assert result[key] == want[key], key
     assert_same_segments(result["segments"], want["segments"], SEGMENT_KEYS)
     assert result["summary"]["dominant"] == want["summary"]["dominant"]
+
+
+@pytest.mark.slow
+def test_a_server_killed_while_accepting_made_no_job_and_the_retry_makes_one(tmp_path: Path) -> None:
+    """SIGKILL while the upload arrives (before the job's commit): after the restart there is no job;
+    the client's retry with the same Idempotency-Key makes one, and a second retry gets its id."""
+    clip = long_recording(tmp_path / "clip.wav", 20.0).read_bytes()
+    key = {"Idempotency-Key": "call-7"}
+    with server(tmp_path) as (process, client):
+        url = httpx.URL(str(client.base_url))
+        with socket.create_connection((url.host, url.port)) as raw:
+            head = (
+                f"POST /v1/jobs HTTP/1.1\r\nHost: x\r\nIdempotency-Key: call-7\r\n"
+                f"Content-Type: audio/wav\r\nContent-Length: {len(clip)}\r\n\r\n"
+            ).encode()
+            raw.sendall(head + clip[: len(clip) // 2])
+            audio = tmp_path / "home" / "jobs" / "audio"
+            wait_for(lambda: any(audio.iterdir()), 10, "the upload to be spooled")
+            process.send_signal(signal.SIGKILL)
+            process.wait(30)
+    with server(tmp_path) as (_, client):
+        assert client.get("/v1/jobs").json()["jobs"] == []  # accepted means committed: nothing was
+        first = client.post("/v1/jobs", content=clip, headers=key)
+        again = client.post("/v1/jobs", content=clip, headers=key)
+        assert first.status_code == again.status_code == 202
+        assert first.json()["id"] == again.json()["id"] and again.headers["idempotent-replayed"] == "true"
+        assert [job["id"] for job in client.get("/v1/jobs").json()["jobs"]] == [first.json()["id"]]
+        assert wait_job(client, first.json()["id"])["status"] == "succeeded"
 
 
 def backlog(client: httpx.Client, ids: list[str]) -> tuple[int, bool]:
