@@ -21,7 +21,15 @@ import pytest
 
 from emoserve.serving.jobs.worker import Jobs
 from tests.support.jobs import Receiver, long_recording, wait_job
-from tests.support.server import LIVE, Live, assert_error, assert_same_segments, gated_model, live_server
+from tests.support.server import (
+    LIVE,
+    Live,
+    assert_error,
+    assert_same_segments,
+    gated_model,
+    live_server,
+    wait_for,
+)
 
 JOBS_LIVE = dataclasses.replace(
     LIVE,
@@ -98,6 +106,8 @@ def test_a_job_gives_the_very_timeline_of_v1_timeline(live: Live, recording: Pat
     assert result.status_code == 200
     assert_same_timeline(result.json(), timeline.json())
     assert audio_files(live) == []  # the audio is deleted once the job ends
+    counted = live.service.metrics.registry.get_sample_value
+    wait_for(lambda: (counted("emoserve_jobs", {"status": "succeeded"}) or 0) >= 1, 10, "the gauge")
 
 
 def test_the_result_is_409_until_done_partial_on_request_and_ndjson_follows(

@@ -104,6 +104,12 @@ class Metrics:
             "emoserve_timelines_in_progress", "Timeline requests being processed now", registry=r
         )
         # Jobs (/v1/jobs); their segments count as timelines' too
+        self.jobs = Gauge(
+            "emoserve_jobs",
+            "Jobs in the store by status (all replicas' when they share one)",
+            ["status"],
+            registry=r,
+        )
         self.jobs_submitted_total = Counter(
             "emoserve_jobs_submitted", "Jobs accepted (an Idempotency-Key's repeats not counted)", registry=r
         )

@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 DURATION_SETTING = "this server's jobs_max_duration_s: --jobs-max-duration-s / EMOSERVE_JOBS_MAX_DURATION_S"
 DISK_RETRY_AFTER_S = 60.0  # the disk frees as running jobs end (their audio is deleted)
 PURGE_EVERY_S = 60.0
+COUNT_EVERY_S = 5.0  # the jobs-by-status gauge
 ORPHAN_AGE_S = 3600.0  # audio with no job row (a server killed between the rename and the commit)
 WEBHOOK_EVERY_S = 0.5
 
@@ -104,7 +105,7 @@ class Jobs:
     def start(self) -> None:
         """The workers, the webhooks' sender and the purge, as tasks of the running loop."""
         loops = [self._work() for _ in range(self.settings.jobs_workers)]
-        loops += [self._send_webhooks(), self._purge()]
+        loops += [self._send_webhooks(), self._purge(), self._count()]
         self._tasks = [asyncio.ensure_future(loop) for loop in loops]
 
     async def stop(self) -> None:
@@ -415,6 +416,15 @@ class Jobs:
             except Exception:
                 log.exception("delivering webhooks failed; trying again")
             await asyncio.sleep(WEBHOOK_EVERY_S)
+
+    async def _count(self) -> None:
+        while True:
+            try:
+                for status, n in (await asyncio.to_thread(self.store.count_by_status)).items():
+                    self.service.metrics.jobs.labels(status).set(n)
+            except Exception:
+                log.exception("counting the jobs failed; trying again")
+            await asyncio.sleep(COUNT_EVERY_S)
 
     async def _purge(self) -> None:
         while True:
