@@ -16,7 +16,7 @@ cd "$(dirname "$0")/.."
 
 python="${EMOSERVE_DOCS_PYTHON:-}"
 if [[ -z "$python" ]]; then
-    # keep the extras the venv was made with (./test.sh: test,ray,train,docs), so that the stamp matches
+    # keep the extras the venv was made with (./test.sh: test,ray,train,docs,postgres), so that the stamp matches
     extras="$(sed -n 's/.* extras=//p' .venv/.emoserve-stamp 2>/dev/null || true)"
     [[ ",$extras," == *",docs,"* ]] || extras="${extras:+$extras,}docs"
     scripts/setup-venv.sh "$extras"

@@ -27,6 +27,7 @@ from emoserve.errors import (
     WarmupError,
     WeightsError,
 )
+from emoserve.serving.jobs.store import LeaseLost
 from tests.support.paths import SRC
 
 ERRORS: list[EmoserveError] = [
@@ -41,6 +42,7 @@ ERRORS: list[EmoserveError] = [
     ServiceUnavailable("not_ready", "loading", 5.0),
     ModelOutputError(["a.wav"]),
     ExportError("exporter failed"),
+    LeaseLost("job 1: attempt 1 no longer holds it"),
 ]
 
 

@@ -53,6 +53,16 @@ CODES: dict[str, Code] = {
     "invalid_message": Code(400, "a live stream's text message that is not JSON, or of an unknown type"),
     "replica_lost": Code(503, "the model replica that held the request died (Ray Serve)"),
     "preempted": Code(503, "a live stream's interim reading stopped part-way for more urgent work (skipped)"),
+    # jobs (/v1/jobs)
+    "job_not_found": Code(404, "no job with this id (never made, deleted, or expired)"),
+    "job_not_done": Code(409, "the job has no result: not done yet, failed or cancelled (the message says)"),
+    "job_finished": Code(409, "the job has already ended; there is nothing to cancel"),
+    "idempotency_key_reused": Code(422, "an Idempotency-Key already used for another file or other options"),
+    "too_many_jobs": Code(429, "jobs_max_queued jobs are waiting; retry after Retry-After"),
+    "jobs_disk_full": Code(507, "the jobs' audio would pass jobs_max_disk_mb; retry after Retry-After"),
+    "jobs_store_unavailable": Code(503, "the jobs' database cannot be reached now; retry after Retry-After"),
+    "job_lease_lost": Code(409, "a worker's write to a job it no longer holds (another worker took it)"),
+    "worker_lost": Code(500, "a job whose worker died jobs_max_attempts times: it is not tried again"),
     # the model
     "model_unavailable": Code(500, "a model that cannot be found, downloaded, converted or loaded"),
     "invalid_model_config": Code(500, "a config.yaml that describes no model this code can run"),

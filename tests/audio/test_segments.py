@@ -15,7 +15,7 @@ import pytest
 import soundfile as sf
 
 from emoserve.audio.decode import load_audio
-from emoserve.audio.segments import Recording, Segmenter, Span, quietest, read_spans
+from emoserve.audio.segments import Cut, Recording, Segmenter, Span, quietest, read_spans
 from emoserve.audio.stream import AudioStream
 from emoserve.audio.vad import FRAME, SileroVad, VadSettings
 from emoserve.errors import AudioError
@@ -230,6 +230,27 @@ def test_caller_segments_skip_the_vad(speech_file: tuple[Path, Any]) -> None:
     for s in segments:
         np.testing.assert_array_equal(s.samples, x[s.start : s.end])
     assert all(s.split for s in segments[2:]) and all(s.end_s - s.start_s <= 5.0 for s in segments)
+
+
+@pytest.mark.parametrize("channels", ["mix", "separate"])
+def test_a_stored_plan_cuts_the_very_segments_again(tmp_path: Path, channels: str) -> None:
+    """A resumed job's segments: the cuts of a first pass, cut again from the audio without the VAD, from
+    any point of the plan on, equal the first pass's sample for sample (each channel its own; the
+    channels' segments interleave in the plan)."""
+    x, _ = joined(SPEECH)
+    path = tmp_path / "stereo.wav"
+    sf.write(path, np.stack([x, x[::-1]], axis=1), RATE, subtype="FLOAT")
+    first = Recording(path, channels=channels)
+    segments = list(first.segments())
+    plan = [Cut.of(segment) for segment in segments]
+    assert len(plan) >= 3 and (channels == "mix" or {c.speaker for c in plan} == {"ch0", "ch1"})
+    for skip in range(len(plan) + 1):
+        again = Recording(path, channels=channels, plan=plan[skip:])
+        replayed = list(again.segments())
+        assert [Cut.of(s) for s in replayed] == plan[skip:]
+        for want, got in zip(segments[skip:], replayed, strict=True):
+            np.testing.assert_array_equal(got.samples, want.samples)
+        assert again.duration_s == first.duration_s
 
 
 def test_read_spans_json_and_rttm() -> None:

@@ -27,6 +27,7 @@ BENCHMARKS = ROOT / "benchmarks"
         ("soak.py", "RSS growth, first to last minute"),
         ("allocator.py", "RSS growth per 100 lengths"),
         ("timeline.py", "pipeline / one-at-a-time"),
+        ("jobs.py", "beside jobs / idle"),
         ("stream.py", "streams behind real time"),
         ("start_path.py --against HEAD", "modules loaded by that import"),
         ("regression_heads.py", "mean CCC / ridge(alpha=1)"),

@@ -70,6 +70,8 @@ def test_flags_win_over_environment_variables() -> None:
         ({"EMOSERVE_UI": "maybe"}, "EMOSERVE_UI: 'maybe' is not a boolean"),
         ({"EMOSERVE_DTYPE": "float64"}, "EMOSERVE_DTYPE: 'float64' is not one of auto, float32"),
         ({"EMOSERVE_WARMUP_BATCH_SIZES": "1,0"}, "EMOSERVE_WARMUP_BATCH_SIZES: (1, 0) holds a size below 1"),
+        ({"EMOSERVE_JOBS_DB": "mysql://db/jobs"}, "EMOSERVE_JOBS_DB: is not a postgresql:// URL"),
+        ({"EMOSERVE_JOBS_LEASE_S": "0"}, "EMOSERVE_JOBS_LEASE_S: 0.0 is out of range; it must be positive"),
     ],
 )
 def test_a_bad_variable_fails_naming_it(environ: dict[str, str], message: str) -> None:
@@ -185,3 +187,12 @@ def test_the_server_passes_on_every_model_option() -> None:
     environ = {f"EMOSERVE_{f.name.upper()}": other_value(f, o) for f, o in option_fields()}
     options = load_settings(environ=environ).model_options()
     assert options == ModelOptions(**{f.name: other_value(f, o) for f, o in option_fields()} | {"threads": 7})
+
+
+def test_the_jobs_settings_take_their_flags_and_variables(tmp_path: Path) -> None:
+    url = "postgresql://emoserve@db/jobs"
+    s = from_flags(
+        "--jobs-dir", str(tmp_path), "--allow-private-callbacks", environ={"EMOSERVE_JOBS_DB": url}
+    )
+    assert (s.jobs_dir, s.jobs_db, s.allow_private_callbacks) == (tmp_path, url, True)
+    assert load_settings(environ={}).jobs_db is None and not load_settings(environ={}).allow_private_callbacks

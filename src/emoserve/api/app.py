@@ -2,6 +2,7 @@
 
     POST /v1/recognize  one clip's emotion (recognize.py)
     POST /v1/timeline   a long recording's emotion timeline, JSON or streamed NDJSON (timeline.py)
+    /v1/jobs            long recordings as jobs: accepted durably, scored in the background (jobs.py)
     GET  /v1/model      name, random_weights, labels, config, device, dtype, parameters (model.py)
     GET  /v1/stream     a live stream over a WebSocket (stream.py)
     GET  /healthz       200 as soon as the process serves HTTP (liveness), whatever the state
@@ -31,6 +32,8 @@ from fastapi.responses import JSONResponse, Response
 
 from emoserve import __version__
 from emoserve.api.errors import MappedErrorsRoute, ServiceDep, add_error_handlers
+from emoserve.api.jobs import JOBS
+from emoserve.api.jobs import router as jobs_router
 from emoserve.api.middleware import ApiKeyMiddleware, HeaderLimitMiddleware, MetricsMiddleware
 from emoserve.api.model import MODEL
 from emoserve.api.model import router as model_router
@@ -40,6 +43,7 @@ from emoserve.api.stream import router as stream_router
 from emoserve.api.timeline import TIMELINE
 from emoserve.api.timeline import router as timeline_router
 from emoserve.api.warmup import is_warmup_request, loopback_url, warm_routes
+from emoserve.serving.jobs.worker import Jobs
 from emoserve.serving.service import Hooks, Service
 from emoserve.serving.settings import Settings
 from emoserve.webui.mount import mount_while_loading
@@ -47,7 +51,7 @@ from emoserve.webui.mount import mount_while_loading
 log = logging.getLogger(__name__)
 
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})  # never behind the API key
-ROUTES = frozenset({RECOGNIZE, TIMELINE, MODEL, *OPEN_PATHS, "/docs", "/openapi.json"})  # metric labels
+ROUTES = frozenset({RECOGNIZE, TIMELINE, JOBS, MODEL, *OPEN_PATHS, "/docs", "/openapi.json"})  # metric labels
 H11_BUFFER_BYTES = 1 << 20  # uvicorn (h11) answers a bare 400 to a larger request head; below it, our 431
 
 router = APIRouter(route_class=MappedErrorsRoute)
@@ -74,7 +78,9 @@ async def metrics_text(service: ServiceDep) -> Response:
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    """Start-up: the model's thread, and the UI's beside it (ready waits for both). Shutdown: drain."""
+    """Start-up: the model's thread, and the UI's beside it (ready waits for both); the jobs' store and
+    workers (they take jobs once the service accepts requests). Shutdown: the workers give their jobs
+    back, then drain."""
     svc: Service = app.state.service
     async with AsyncExitStack() as ui_lifespan:
         prepare_ui = None
@@ -82,7 +88,11 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             loop = asyncio.get_running_loop()
             prepare_ui = functools.partial(mount_while_loading, app, svc, loop, ui_lifespan)
         svc.start(prepare_ui)
+        jobs = app.state.jobs = await asyncio.to_thread(Jobs, svc)
+        jobs.start()
         yield
+        app.state.jobs = None
+        await jobs.stop()
         await asyncio.to_thread(svc.shutdown, svc.settings.drain_timeout_s)
 
 
@@ -96,7 +106,8 @@ def create_app(settings: Settings, svc: Service | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.service = svc
-    for routes in (recognize_router, timeline_router, stream_router, model_router, router):
+    app.state.jobs = None  # the lifespan opens them
+    for routes in (recognize_router, timeline_router, jobs_router, stream_router, model_router, router):
         app.include_router(routes)
     add_error_handlers(app)
     if settings.api_key:

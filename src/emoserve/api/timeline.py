@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any, cast
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
 
@@ -62,19 +62,7 @@ TIMELINE_BODY = audio_request_body(
 router = APIRouter(route_class=MappedErrorsRoute)
 
 
-@router.post(
-    TIMELINE,
-    summary="The emotion timeline of a long recording",
-    description="Speech segments (silero-vad, or your `segments`) each scored as /v1/recognize would score "
-    "it, and a time-weighted summary. `Accept: application/x-ndjson` streams the lines of `emoserve predict "
-    "--segments --format jsonl`: a `segment` line per segment as it is scored, then a `summary` line (or "
-    "an `error` line). Limits: max_timeline_s, max_timeline_upload_mb.",
-    responses={200: {"model": TimelineOut}, **error_responses(400, 401, 413, 415, 422, 503)},
-    openapi_extra=TIMELINE_BODY,
-)
-async def timeline(
-    request: Request,
-    service: ServiceDep,
+def timeline_query(
     channels: Annotated[
         Channels | None,
         Query(description="mix (default) or separate: a timeline per channel"),
@@ -92,8 +80,10 @@ async def timeline(
     ] = None,
     labels: LabelsQuery = None,
     min_confidence: MinConfidenceQuery = None,
-) -> Response:
-    query = {
+) -> dict[str, Any]:
+    """The timeline's query parameters (form fields may give them too: `timeline_options`); /v1/jobs
+    takes the same."""
+    return {
         "channels": channels,
         "max_segment_s": max_segment_s,
         "vad_threshold": vad_threshold,
@@ -104,6 +94,21 @@ async def timeline(
         "labels": labels,
         "min_confidence": min_confidence,
     }
+
+
+@router.post(
+    TIMELINE,
+    summary="The emotion timeline of a long recording",
+    description="Speech segments (silero-vad, or your `segments`) each scored as /v1/recognize would score "
+    "it, and a time-weighted summary. `Accept: application/x-ndjson` streams the lines of `emoserve predict "
+    "--segments --format jsonl`: a `segment` line per segment as it is scored, then a `summary` line (or "
+    "an `error` line). Limits: max_timeline_s, max_timeline_upload_mb.",
+    responses={200: {"model": TimelineOut}, **error_responses(400, 401, 413, 415, 422, 503)},
+    openapi_extra=TIMELINE_BODY,
+)
+async def timeline(
+    request: Request, service: ServiceDep, query: Annotated[dict[str, Any], Depends(timeline_query)]
+) -> Response:
     limit = UploadLimit(service.settings.max_timeline_upload_bytes, UPLOAD_SETTING)
     upload = await spool_upload(request, limit, text_files=("segments",), max_text_bytes=MAX_SPANS_BYTES)
     try:

@@ -77,11 +77,13 @@ async def spool_upload(
     *,
     text_files: Collection[str] = (),
     max_text_bytes: int = MAX_TEXT_BYTES,
+    dir: str | os.PathLike[str] | None = None,
 ) -> SpooledUpload:
     """The audio (at most `limit.bytes`) written to a temporary file as it arrives, never held in memory;
     the other form fields as text, and so are the files named in `text_files` (at most `max_text_bytes`
-    each), e.g. a segments file sent beside the recording."""
-    fd, path = tempfile.mkstemp(prefix="emoserve-upload-", suffix=".audio")
+    each), e.g. a segments file sent beside the recording. `dir`: where (default: the system's temporary
+    directory)."""
+    fd, path = tempfile.mkstemp(prefix="emoserve-upload-", suffix=".audio", dir=dir)
     try:
         with os.fdopen(fd, "wb") as out:
 

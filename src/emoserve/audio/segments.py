@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections import deque
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -379,14 +380,17 @@ class Recording:
         progress: Progress | None = None,
         limit_setting: str = LIBRARY_LIMIT_SETTING,
         sample_rate: int | None = None,
+        plan: Sequence[Cut] | None = None,
     ) -> None:
+        """`plan`: the cuts an earlier pass found (`Cut.of` each segment), cut again from the audio
+        without the VAD: a resumed job's segments, equal to the first run's."""
         if spans is not None and channels != "mix":
             raise AudioError(
                 "caller-supplied segments apply to the mixed-down audio; use channels=mix with them",
                 source="<args>",
                 reason="bad_argument",
             )
-        self.vad, self.spans, self.channels = vad, spans, channels
+        self.vad, self.spans, self.channels, self.plan = vad, spans, channels, plan
         self._vad_factory, self._progress = vad_factory, progress
         self.stream = AudioStream(
             source, channels=channels, max_seconds=max_seconds, name=name, limit_setting=limit_setting,
@@ -400,6 +404,9 @@ class Recording:
         return self.samples / SAMPLE_RATE
 
     def segments(self) -> Generator[Segment, None, None]:
+        if self.plan is not None:
+            yield from self._planned(self.plan)
+            return
         with self.stream:
             k = self.stream.out_channels
             if self.spans is not None:
@@ -419,6 +426,31 @@ class Recording:
             for i, cutter in enumerate(cutters):
                 yield from cutter.finish(vads[i].flush() if vads else _NO_PROBS)
 
+    def _planned(self, plan: Sequence[Cut]) -> Generator[Segment, None, None]:
+        """The plan's cuts in its order, each cut out of its channel once the audio reaches its end; a
+        channel's audio is held from its next cut's start on, so memory stays one segment and a block."""
+        todo = deque(plan)
+        with self.stream:
+            windows = [AudioWindow() for _ in range(self.stream.out_channels)]
+            for block in self.stream.blocks():
+                for i, window in enumerate(windows):
+                    window.append(block[:, i])
+                self.samples += len(block)
+                while todo and todo[0].end <= self.samples:
+                    yield self._cut(windows, todo.popleft())
+                for i, window in enumerate(windows):  # never past what arrived: the window is contiguous
+                    starts = (c.start for c in todo if self._channel(c) == i)
+                    window.drop_before(min([self.samples, *starts]))
+            while todo:  # a plan that reaches past the audio: never one made from this file
+                yield self._cut(windows, todo.popleft())
+
+    def _channel(self, cut: Cut) -> int:
+        return int(cut.speaker[2:]) if self.channels == "separate" and cut.speaker else 0
+
+    def _cut(self, windows: list[AudioWindow], cut: Cut) -> Segment:
+        samples = windows[self._channel(cut)].slice(cut.start, cut.end).copy()
+        return Segment(cut.start, cut.end, samples, cut.split, cut.speaker)
+
     def clip(self, segment: Segment) -> Audio:
         """A segment as the model's input: what `predict()` gets for that slice of the audio."""
         return clip_audio(segment.samples, f"{self.file}@{segment.start_s:.2f}s")
@@ -435,6 +467,21 @@ def clip_audio(samples: np.ndarray, source: str) -> Audio:
         container=None,
         resampled=False,
     )
+
+
+@dataclass(frozen=True)
+class Cut:
+    """Where a segment lies, without its samples: what a job's plan stores, so that a resumed job scores
+    the very segments its first run found (`Recording(plan=...)`)."""
+
+    start: int  # samples at 16 kHz from the start of the recording
+    end: int
+    split: bool = False
+    speaker: str | None = None
+
+    @classmethod
+    def of(cls, segment: Segment) -> Cut:
+        return cls(segment.start, segment.end, segment.split, segment.speaker)
 
 
 @dataclass(frozen=True)

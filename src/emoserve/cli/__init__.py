@@ -5,6 +5,7 @@
     models.py    download, convert, info, verify, make-test-model (the model's files)
     serve.py     serve (the HTTP API, web UI and metrics; --ray: Ray Serve)
     stream.py    stream (live emotion, here or to a server's /v1/stream)
+    jobs.py      jobs submit|list|status|result|cancel|delete (long recordings as jobs on a server)
     shared.py    the flags several families take (the model's, declared once in inference/options.py)
 
 Torch is imported only by the commands that need it, so `emoserve --help` answers at once."""
@@ -17,7 +18,7 @@ import sys
 from collections.abc import Sequence
 
 from emoserve import __version__
-from emoserve.cli import labels, models, predict, serve, stream
+from emoserve.cli import jobs, labels, models, predict, serve, stream
 from emoserve.errors import EmoserveError
 
 
@@ -45,6 +46,6 @@ def parser() -> argparse.ArgumentParser:
     top.add_argument("-v", "--verbose", action="store_true", help="log progress (loading, conversion)")
     top.set_defaults(run=lambda _: top.print_help())
     sub = top.add_subparsers(title="commands")
-    for family in (predict, labels, models, serve, stream):
+    for family in (predict, labels, models, serve, stream, jobs):
         family.add_commands(sub)
     return top

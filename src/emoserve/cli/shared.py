@@ -67,6 +67,14 @@ def add_vad_flags(g: Group) -> None:
     )
 
 
+def api_key(args: argparse.Namespace) -> str | None:
+    """--api-key, else EMOSERVE_API_KEY (the server's own key, read as the server reads it)."""
+    from emoserve.serving.settings import read_settings
+
+    key: str | None = read_settings(["api_key"], {"api_key": args.api_key}).get("api_key")
+    return key
+
+
 def add_ray_address(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--address",

@@ -10,7 +10,7 @@ from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from emoserve.cli.shared import add_model_flags, add_vad_flags, with_variable
+from emoserve.cli.shared import add_model_flags, add_vad_flags, api_key, with_variable
 from emoserve.constants import (
     DEFAULT_MAX_SECONDS,
     SAMPLE_RATE,
@@ -140,14 +140,6 @@ def stream_options(args: argparse.Namespace) -> StreamOptions:
         labels=args.labels,
         min_confidence=args.min_confidence,
     )
-
-
-def api_key(args: argparse.Namespace) -> str | None:
-    """--api-key, else EMOSERVE_API_KEY (the server's own key, read as the server reads it)."""
-    from emoserve.serving.settings import read_settings
-
-    key: str | None = read_settings(["api_key"], {"api_key": args.api_key}).get("api_key")
-    return key
 
 
 class Printer:

@@ -187,6 +187,12 @@ class TimelineSegment:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TimelineSegment:
+        """Back from `to_dict` (a stored segment of a job)."""
+        head = data.get("head")
+        return cls(**{**data, "head": None if head is None else HeadResult(**head)})
+
 
 @dataclass(frozen=True)
 class Timeline:
@@ -204,3 +210,8 @@ class Timeline:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Timeline:
+        """Back from `to_dict` (a job's stored result)."""
+        return cls(**{**data, "segments": [TimelineSegment.from_dict(s) for s in data["segments"]]})

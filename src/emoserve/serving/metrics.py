@@ -111,6 +111,38 @@ class Metrics:
         self.timelines_in_progress = Gauge(
             "emoserve_timelines_in_progress", "Timeline requests being processed now", registry=r
         )
+        # Jobs (/v1/jobs); their segments count as timelines' too
+        self.jobs = Gauge(
+            "emoserve_jobs",
+            "Jobs in the store by status (all replicas' when they share one)",
+            ["status"],
+            registry=r,
+        )
+        self.jobs_submitted_total = Counter(
+            "emoserve_jobs_submitted", "Jobs accepted (an Idempotency-Key's repeats not counted)", registry=r
+        )
+        self.jobs_finished_total = Counter(
+            "emoserve_jobs_finished",
+            "Jobs ended by this process, by status (succeeded, failed, cancelled)",
+            ["status"],
+            registry=r,
+        )
+        self.jobs_resumed_total = Counter(
+            "emoserve_jobs_resumed",
+            "Jobs taken again after their worker stopped (a crash, a kill, a shutdown)",
+            registry=r,
+        )
+        self.job_segments_kept_total = Counter(
+            "emoserve_job_segments_kept",
+            "Segments a resumed job did not score again (committed by an earlier attempt)",
+            registry=r,
+        )
+        self.webhook_deliveries_total = Counter(
+            "emoserve_webhook_deliveries",
+            "Webhook delivery attempts, by result (delivered, retry, gave_up, rejected, refused)",
+            ["result"],
+            registry=r,
+        )
         # Live streams (GET /v1/stream)
         self.streams_active = Gauge("emoserve_streams_active", "Live streams open now", registry=r)
         self.streams_total = Counter(

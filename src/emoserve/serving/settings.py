@@ -130,6 +130,12 @@ def _calibration_dir(raw: str) -> str:
     return raw.strip()
 
 
+def _database_url(raw: str) -> str:
+    if not raw.strip().startswith(("postgresql://", "postgres://")):
+        raise ValueError("is not a postgresql:// URL (without it, jobs use SQLite in jobs_dir)")
+    return raw.strip()
+
+
 def _choice(*choices: str) -> Callable[[str], str]:
     def parse_choice(raw: str) -> str:
         if raw.strip().lower() not in choices:
@@ -312,6 +318,71 @@ class Settings:
         _boolean,
         "if the model cannot be loaded, keep serving /healthz (and /readyz 503) instead of exiting",
     )
+    # Jobs (/v1/jobs: serving/jobs/)
+    jobs_dir: Path | None = _setting(  # noqa: RUF009 - _setting returns a dataclasses.field
+        None,
+        _optional(Path),
+        "where jobs keep their audio and, by default, their SQLite database (default: $EMOSERVE_HOME/jobs)",
+        metavar="DIR",
+    )
+    jobs_db: str | None = _setting(
+        None,
+        _optional(_database_url),
+        "the jobs' database: a postgresql:// URL, shared by several replicas (their jobs_dir then on a "
+        "shared path); default: SQLite in jobs_dir",
+        metavar="URL",
+    )
+    jobs_max_queued: int = _setting(
+        100, _integer, "jobs waiting at once; beyond it a new job is refused (429)", check=_at_least(1)
+    )
+    jobs_max_duration_s: float = _setting(
+        4 * 3600.0, _number, "longest recording a job accepts, in seconds", check=_positive
+    )
+    jobs_max_upload_mb: float = _setting(
+        1000.0, _number, "largest job upload in MB (written to jobs_dir as it arrives)", check=_positive
+    )
+    jobs_max_disk_mb: float = _setting(
+        10_000.0,
+        _number,
+        "most MB of audio the unfinished jobs keep in jobs_dir; beyond it a new job is refused (507)",
+        check=_positive,
+    )
+    jobs_lease_s: float = _setting(
+        60.0,
+        _number,
+        "a worker's hold on its job, renewed with each scored segment; a job whose worker is silent this "
+        "long is taken by another (after a crash: by the restarted server)",
+        check=_positive,
+    )
+    jobs_max_attempts: int = _setting(
+        3, _integer, "a job whose worker died this many times fails (worker_lost)", check=_at_least(1)
+    )
+    jobs_poll_s: float = _setting(
+        0.5, _number, "how often an idle worker looks for a queued job", check=_positive
+    )
+    jobs_ttl_h: float = _setting(
+        168.0, _number, "hours a finished job and its result are kept, then purged", check=_positive
+    )
+    jobs_keep_audio: bool = _setting(
+        False, _boolean, "keep a job's audio after it ends (default: deleted when the job ends)"
+    )
+    jobs_workers: int = _setting(
+        1,
+        _integer,
+        "jobs this server scores at once (0: none; it still accepts and answers them)",
+        check=_at_least(0),
+    )
+    allow_private_callbacks: bool = _setting(
+        False,
+        _boolean,
+        "allow job callbacks (webhooks) to loopback, private and link-local addresses",
+    )
+    jobs_webhook_max_age_s: float = _setting(
+        86_400.0,
+        _number,
+        "how long a webhook is retried (5xx, timeouts) before it is given up",
+        check=_positive,
+    )
     # What the web UI saves (read by webui/saved.py)
     save_outputs: bool = _setting(True, _boolean, "save each UI recognition under outputs_dir")
     outputs_dir: Path = _setting(  # noqa: RUF009 - _setting returns a dataclasses.field
@@ -323,6 +394,10 @@ class Settings:
     outputs_max_age_h: float = _setting(
         168.0, _number, "delete saved UI outputs older than this many hours (0: never)", check=_at_least(0)
     )
+
+    @property
+    def jobs_max_upload_bytes(self) -> int:
+        return int(self.jobs_max_upload_mb * MB)
 
     @property
     def max_upload_bytes(self) -> int:
