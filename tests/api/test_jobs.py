@@ -89,8 +89,15 @@ def audio_files(live: Live) -> list[Path]:
 
 
 def test_a_job_gives_the_very_timeline_of_v1_timeline(live: Live, recording: Path) -> None:
-    params = {"min_silence_ms": 250, "max_segment_s": 4}
+    # every option /v1/timeline takes, the readout's too (a job that dropped them would differ)
+    params = {
+        "min_silence_ms": 250,
+        "max_segment_s": 4,
+        "labels": "angry,happy,neutral,sad",
+        "min_confidence": 0.3,
+    }
     timeline = live.client.post("/v1/timeline", files=upload(recording), params=params)
+    assert set(timeline.json()["segments"][0]["scores"]) == {"angry", "happy", "neutral", "sad"}
     assert timeline.status_code == 200, timeline.text
     response = submit(live.client, recording, params=params)
     assert response.status_code == 202, response.text
