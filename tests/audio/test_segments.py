@@ -368,8 +368,9 @@ def test_timeline_json_round_trips(tiny_recognizer: Any, speech_file: tuple[Path
         "scores",
         "split",
         "head",  # None: no head of your own labels was asked for
+        "calibrated",  # False: no calibration is served
     }
-    assert body["segments"][0]["head"] is None
+    assert body["segments"][0]["head"] is None and body["segments"][0]["calibrated"] is False
 
 
 # ------------------------------------------------------------------------------------------------ memory
