@@ -28,6 +28,7 @@ BENCHMARKS = ROOT / "benchmarks"
         ("allocator.py", "RSS growth per 100 lengths"),
         ("timeline.py", "pipeline / one-at-a-time"),
         ("stream.py", "streams behind real time"),
+        ("agents.py", "stopped -> reading"),
         ("start_path.py --against HEAD", "modules loaded by that import"),
         # gpu.py: through scripts/gpu-run.sh on a simulated device, test_gpu_run.py
     ],

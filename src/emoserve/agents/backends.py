@@ -80,7 +80,7 @@ class LocalBackend:
     ) -> None:
         self.model = model
         self.head = head
-        self._recognizer: Recognizer | None = None if isinstance(model, str | os.PathLike | None) else model
+        self._recognizer = None if model is None or isinstance(model, str | os.PathLike) else model
 
     async def recognizer(self) -> Recognizer:
         if self._recognizer is None:

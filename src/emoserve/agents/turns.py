@@ -308,14 +308,14 @@ class TurnReader:
         to its turn. A session that ends (the server went away, a fatal error) fails its turns' waits."""
         try:
             async for message in session.messages():
-                if message["type"] == "interim" or (
-                    message["type"] == "segment" and "turn_id" not in message
-                ):
-                    self._interim(message)  # a segment without turn_id: a piece of a turn past max_segment_s
-                elif message["type"] == "segment" or (message["type"] == "error" and "turn_id" in message):
-                    turn = self._answers.popleft() if self._answers else None
-                    if turn is not None:
-                        turn._answer(message if message["type"] == "segment" else None)
+                if message["type"] == "interim":
+                    self._interim(message)
+                elif message["type"] == "segment" and "turn_id" not in message:
+                    self._interim(message)  # a piece of a turn past max_segment_s: the turn's newest reading
+                elif message["type"] == "segment":
+                    self._answered(message)
+                elif message["type"] == "error" and "turn_id" in message:
+                    self._answered(None)  # the flush had nothing to score
                 elif message["type"] == "error":
                     log.warning("emotion reading: %s (%s)", message["message"], message["code"])
         except Exception as error:
@@ -327,6 +327,11 @@ class TurnReader:
             self._answers.clear()
             if self._session is session:
                 self._session = None
+
+    def _answered(self, message: Reading | None) -> None:
+        turn = self._answers.popleft() if self._answers else None
+        if turn is not None:
+            turn._answer(message)
 
     def _interim(self, message: Reading) -> None:
         if self._answers:
