@@ -162,7 +162,11 @@ class RemoteBackend:
             options = dataclasses.replace(options, head=self.head)
         client = await StreamClient.connect(self.url, options, api_key=self.api_key)
         messages = aiter(client)
-        first = await anext(messages, None)
+        try:
+            first = await anext(messages, None)
+        except BaseException:  # cancelled while the server answers: the connection is not left open
+            await client.close()
+            raise
         if first is None or first["type"] != "ready":
             await client.close()
             said = first["message"] if first is not None and first["type"] == "error" else "nothing"

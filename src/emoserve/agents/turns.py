@@ -202,11 +202,10 @@ class TurnReader:
 
     async def close(self) -> None:
         self.closed = True
-        for task in (self._sender, self._receiver):
-            if task is not None:
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
-        await self._drop_session()
+        if self._sender is not None:
+            self._sender.cancel()
+            await asyncio.gather(self._sender, return_exceptions=True)
+        await self._drop_session()  # the session, and its receiver (whose end would forget the session)
 
     # ------------------------------------------------------------------------------------ the sending
 
