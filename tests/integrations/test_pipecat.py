@@ -89,7 +89,8 @@ def test_the_transcription_comes_after_the_reading_and_carries_it(tiny_recognize
     assert transcription.text == f"{reading.for_llm()} I want a refund"
     assert transcription.metadata["emoserve"] == reading.to_dict()
     assert_scored_as(reading.to_dict(), tiny_recognizer.predict(pcm_samples(pcm), sample_rate=RATE))
-    assert not reading.interim and reading.random_weights and "random-test-weights" in transcription.text
+    assert not reading.interim and reading.random_weights is tiny_recognizer.random_weights
+    assert ("random-test-weights" in transcription.text) is reading.random_weights
     assert reading.end_s - reading.start_s == pytest.approx(len(pcm) / 2 / RATE, abs=1e-6)
     assert told == [reading]
 
