@@ -84,10 +84,12 @@ class LocalBackend:
 
     async def recognizer(self) -> Recognizer:
         if self._recognizer is None:
+            assert self.model is None or isinstance(self.model, str | os.PathLike)
             self._recognizer = await asyncio.to_thread(_load_once, self.model)
+        recognizer = self._recognizer
         if self.head is not None:
-            self.head.check_model(self._recognizer.info)
-        return self._recognizer
+            self.head.check_model(recognizer.info)
+        return recognizer
 
     async def open(self, options: StreamOptions) -> Session:
         recognizer = await self.recognizer()

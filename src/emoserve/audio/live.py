@@ -197,7 +197,8 @@ class LiveCutter:
             raise RuntimeError("this stream has ended; open a new one")
         held = self._cut(self._to16k.release()[:, 0])
         self._start_at = None
-        return [e for e in held if not isinstance(e, InterimWindow)] + list(self._segmenter.flush())
+        events: list[LiveEvent] = [e for e in held if not isinstance(e, InterimWindow)]
+        return events + list(self._segmenter.flush())
 
     def _decode(self, data: bytes | bytearray | memoryview | np.ndarray) -> np.ndarray:
         if isinstance(data, np.ndarray):

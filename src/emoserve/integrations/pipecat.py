@@ -149,7 +149,7 @@ class EmotionProcessor(FrameProcessor):
             frame.text = f"{line} {frame.text}"
         else:
             message = {"role": "system", "content": f"The user's voice in the turn that follows: {line}"}
-            await self.push_frame(LLMMessagesAppendFrame(messages=[message], run_llm=False))  # type: ignore[list-item]
+            await self.push_frame(LLMMessagesAppendFrame(messages=[message], run_llm=False))
 
     async def cleanup(self) -> None:
         await super().cleanup()
