@@ -18,6 +18,8 @@ from pipecat.frames.frames import (
     LLMMessagesAppendFrame,
     TranscriptionFrame,
     UserAudioRawFrame,
+    UserStartedSpeakingFrame,
+    UserStoppedSpeakingFrame,
     VADUserStartedSpeakingFrame,
     VADUserStoppedSpeakingFrame,
 )
@@ -179,6 +181,22 @@ def test_the_remote_backend_on_emoserve_serve_gives_the_in_process_scores(
     assert remote[0].reading.emotion == local[0].reading.emotion and not remote[0].reading.interim
     for label, score in local[0].reading.scores.items():
         assert remote[0].reading.scores[label] == pytest.approx(score, abs=SCORE_TOL)
+
+
+def test_without_a_vad_the_user_turn_frames_decide_the_turn(tiny_recognizer: Any) -> None:
+    pcm = clip_pcm("zh_3s_16k.wav")
+    frames_to_send = [
+        UserStartedSpeakingFrame(),
+        *audio(pcm),
+        SleepFrame(sleep=0.6),
+        UserStoppedSpeakingFrame(),
+        TranscriptionFrame(text="I want a refund", user_id="caller", timestamp="now", finalized=True),
+    ]
+    out = run(EmotionProcessor(model=tiny_recognizer, timeout=PATIENT), frames_to_send)
+    (emotion,) = of(EmotionFrame, out)
+    (transcription,) = of(TranscriptionFrame, out)
+    assert transcription.text == f"{emotion.reading.for_llm()} I want a refund"
+    assert_scored_as(emotion.reading.to_dict(), tiny_recognizer.predict(pcm_samples(pcm), sample_rate=RATE))
 
 
 def test_a_bad_inject_option_is_refused(tiny_recognizer: Any) -> None:

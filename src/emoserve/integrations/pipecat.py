@@ -4,16 +4,18 @@ reading per user turn, where the LLM sees it.
     pipeline = Pipeline([transport.input(), stt, EmotionProcessor(model="emotion2vec_plus_base"),
                          user_aggregator, llm, tts, transport.output(), assistant_aggregator])
 
-Between the STT and the user context aggregator, with a VAD in the transport (its VAD frames decide the
-turns). Every frame passes on. The user's audio (`InputAudioRawFrame`, `UserAudioRawFrame`: the options
-`user_id` and `audio_source` keep only one track) goes into a `TurnReader`; at `VADUserStoppedSpeakingFrame`
-the turn is read, and the first `TranscriptionFrame` after it is held until its reading or `timeout`
-after "stopped", then sent on with the reading where the LLM sees it: prefixed to the text
-(`inject="prefix"`) or as a system message just before it (`inject="context"`, an `LLMMessagesAppendFrame`
-that does not run the LLM); `frame.metadata["emoserve"]` has the structured reading either way. An
-`EmotionFrame` (a system frame) carries the reading downstream for observers and UIs, and the event
-`on_emotion(processor, reading)` fires, once per read turn. An `InterruptionFrame` starts the turn being
-spoken again (Pipecat drops the held transcription with the other data frames it cancels).
+Between the STT and the user context aggregator. The VAD's frames decide the turns, whichever way they
+come (from the transport downstream, or upstream from a user aggregator that runs the VAD); without a VAD,
+the user-turn frames (`UserStartedSpeakingFrame`, `UserStoppedSpeakingFrame`) do. Every frame passes on.
+The user's audio (`InputAudioRawFrame`, `UserAudioRawFrame`: the options `user_id` and `audio_source` keep
+only one track) goes into a `TurnReader`; when the turn stops it is read, and the first
+`TranscriptionFrame` after that is held until its reading or `timeout` after "stopped", then sent on with
+the reading where the LLM sees it: prefixed to the text (`inject="prefix"`) or as a system message just
+before it (`inject="context"`, an `LLMMessagesAppendFrame` that does not run the LLM);
+`frame.metadata["emoserve"]` has the structured reading either way. An `EmotionFrame` (a system frame)
+carries the reading downstream for observers and UIs, and the event `on_emotion(processor, reading)`
+fires, once per read turn. An `InterruptionFrame` starts the turn being spoken again (Pipecat drops the
+held transcription with the other data frames it cancels).
 
 Pipecat 1.14, the version the package index serves, has no perception field on `TranscriptionFrame`;
 the reading goes into the text or the context as above.
@@ -37,6 +39,8 @@ from pipecat.frames.frames import (
     SystemFrame,
     TranscriptionFrame,
     UserAudioRawFrame,
+    UserStartedSpeakingFrame,
+    UserStoppedSpeakingFrame,
     VADUserStartedSpeakingFrame,
     VADUserStoppedSpeakingFrame,
 )
@@ -94,6 +98,7 @@ class EmotionProcessor(FrameProcessor):
         self.reader: TurnReader | None = None
         self._turn: Turn | None = None  # the last turn read, until a transcription carries its reading
         self._announced: dict[int, asyncio.Task[EmotionReading | None]] = {}
+        self._vad_seen = False  # VAD frames decide the turns; without them, the user-turn frames do
         self._register_event_handler("on_emotion")
 
     async def process_frame(self, frame: Frame, direction: FrameDirection) -> None:
@@ -109,8 +114,13 @@ class EmotionProcessor(FrameProcessor):
             if self._is_users(frame):
                 reader.feed(frame.audio, frame.sample_rate, frame.num_channels)
         elif isinstance(frame, VADUserStartedSpeakingFrame):
+            self._vad_seen = True
             reader.speech_started(ago_s=frame.start_secs)
-        elif isinstance(frame, VADUserStoppedSpeakingFrame):
+        elif isinstance(frame, UserStartedSpeakingFrame) and not self._vad_seen:
+            reader.speech_started()
+        elif isinstance(frame, VADUserStoppedSpeakingFrame) or (
+            isinstance(frame, UserStoppedSpeakingFrame) and not self._vad_seen
+        ):
             if (turn := reader.speech_stopped()) is not None:
                 self._turn = turn
                 self._announced[turn.number] = self.create_task(
