@@ -22,7 +22,6 @@ import dataclasses
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -120,13 +119,11 @@ class TurnReader:
         min_speech_s: float = DEFAULT_MIN_SPEECH_S,
         hop_s: float = DEFAULT_HOP_S,
         window_s: float = DEFAULT_WINDOW_S,
-        on_interim: Callable[[EmotionReading], None] | None = None,
     ) -> None:
         if not timeout >= 0 or not min_speech_s >= 0:
             raise ValueError(f"timeout ({timeout}) and min_speech_s ({min_speech_s}) must be 0 or more")
         self.backend = backend
         self.timeout, self.min_speech_s = timeout, min_speech_s
-        self.on_interim = on_interim
         self._base = StreamOptions(hop_s=hop_s, window_s=window_s, use_vad=False)
         self._options: StreamOptions | None = None  # the format of the audio being fed
         self.clock_s = 0.0  # seconds of audio fed
@@ -339,8 +336,6 @@ class TurnReader:
                 head.interim = message
             return
         self._open_interim = message
-        if self.on_interim is not None and (reading := self.latest()) is not None:
-            self.on_interim(reading)
 
 
 def _interim_reading(message: Reading, start_s: float, end_s: float, ready: ReadyMessage) -> EmotionReading:
