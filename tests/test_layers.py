@@ -16,11 +16,11 @@ from tests.support.paths import FIXTURE, ROOT
 def test_the_import_contracts_hold() -> None:
     """import-linter's contracts in pyproject.toml: the layers, no circles among a package's modules,
     no HTTP/Gradio/Ray below the surfaces, torch only where the network runs, scikit-learn only where heads
-    are trained."""
+    are trained, Pipecat and LiveKit only in their integrations."""
     lint = Path(sys.executable).with_name("lint-imports")
     done = subprocess.run([str(lint), "--no-cache"], cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
-    assert "Contracts: 5 kept, 0 broken." in done.stdout, done.stdout[-2000:]
+    assert "Contracts: 6 kept, 0 broken." in done.stdout, done.stdout[-2000:]
 
 
 def lint_a_copy(tmp_path: Path, path: str, added: str) -> subprocess.CompletedProcess[str]:
@@ -50,6 +50,18 @@ def test_a_new_module_that_imports_torch_is_caught_the_day_it_is_added(tmp_path:
     done = lint_a_copy(tmp_path, path, "import torch\n")
     module = "emoserve." + path.removesuffix(".py").replace("/", ".")
     assert done.returncode != 0 and f"{module} -> torch" in done.stdout, done.stdout[-2000:]
+
+
+@pytest.mark.parametrize(
+    ("path", "framework"), [("agents/turns.py", "pipecat"), ("serving/live.py", "livekit")]
+)
+def test_a_voice_agent_framework_imported_outside_its_integration_is_caught(
+    tmp_path: Path, path: str, framework: str
+) -> None:
+    """Nothing of Pipecat or LiveKit is imported without its extra: only integrations/ may import them."""
+    done = lint_a_copy(tmp_path, path, f"import {framework}\n")
+    module = "emoserve." + path.removesuffix(".py").replace("/", ".")
+    assert done.returncode != 0 and f"{module} -> {framework}" in done.stdout, done.stdout[-2000:]
 
 
 TORCH_FREE = """

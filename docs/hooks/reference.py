@@ -317,16 +317,16 @@ def response_model(answer: dict[str, Any]) -> str:
 def stream_messages_page() -> str:
     import typing
 
-    from emoserve.inference.protocol import MESSAGES, End
+    from emoserve.inference.protocol import CONTROL_MESSAGES, MESSAGES
 
     sections = []
-    for kind, message in [*MESSAGES.items(), ("end", End)]:
+    for kind, message in [*MESSAGES.items(), *CONTROL_MESSAGES.items()]:
         hints = typing.get_type_hints(message, include_extras=True)
         rows = [
             (code(name), code(type_text(hint)), "when asked" if optional(hint) else "yes")
             for name, hint in hints.items()
         ]
-        who = "client -> server" if message is End else "server -> client"
+        who = "client -> server" if kind in CONTROL_MESSAGES else "server -> client"
         doc = " ".join((message.__doc__ or "").split())
         sections.append(f"## `{kind}`\n\n{who}: {doc}\n\n" + table(("field", "type", "always"), rows))
     return (

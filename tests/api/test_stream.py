@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import io
 import json
 import signal
 import threading
@@ -18,7 +19,7 @@ import soundfile as sf
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 
-from tests.support.audio import RATE, SPEECH
+from tests.support.audio import RATE, SPEECH, clip
 from tests.support.paths import MODEL
 from tests.support.server import (
     LIVE,
@@ -30,6 +31,7 @@ from tests.support.server import (
     live_server,
     serve_process,
     wait_for,
+    wav_bytes,
 )
 
 SCORE_TOL = 1e-5  # the issue's: a stream's scores are the timeline's
@@ -308,3 +310,103 @@ def test_sigterm_ends_open_streams_with_their_summary_then_1001(tmp_path: Path, 
     assert [m["type"] for m in messages[-2:]] == ["summary", "error"]
     assert messages[-1]["code"] == "draining" and messages[-1]["fatal"] is True
     assert any(m["type"] == "segment" for m in messages)
+
+
+# ----------------------------------------------------------------------------- client-driven turns
+
+
+def turn_audio(*names: str) -> list[bytes]:
+    """Each clip as the 16-bit WAV a client would post to /v1/recognize."""
+    return [wav_bytes(clip(name)) for name in names]
+
+
+def wav_pcm(wav: bytes) -> bytes:
+    return bytes(sf.read(io.BytesIO(wav), dtype="int16")[0].tobytes())
+
+
+def test_vad_off_and_flush_give_recognize_scores_for_each_turn(server: Live) -> None:
+    """The client decides the turns: each `flush` answers with the turn's segment, its audio exactly
+    (no padding, no VAD), scored as /v1/recognize scores the same audio; the turn_id is echoed."""
+    wavs = turn_audio("zh_3s_16k.wav", "en_1s_16k.wav", "en_3s_8k.wav")
+    with connect(ws_url(server, "vad=off&hop_s=0.5")) as ws:
+        ready = json.loads(ws.recv())
+        assert ready["parameters"]["vad"] == "off"
+        received: list[dict[str, Any]] = []
+        reader = threading.Thread(target=lambda: received.extend(json.loads(raw) for raw in ws))
+        reader.start()
+        for turn_id, wav in zip(["first", 2, "3"], wavs, strict=True):
+            data = wav_pcm(wav)
+            for at in range(0, len(data), 3200):
+                ws.send(data[at : at + 3200])
+            ws.send(json.dumps({"type": "flush", "turn_id": turn_id}))
+        ws.send(json.dumps({"type": "end"}))
+        reader.join(60)
+        assert ws.close_code == 1000
+    segments = [m for m in received if m["type"] == "segment"]
+    assert [s["turn_id"] for s in segments] == ["first", 2, "3"]
+    assert [m["type"] for m in received].count("speech_start") == 3  # each turn opens with its audio
+    at = 0.0
+    for segment, wav in zip(segments, wavs, strict=True):
+        seconds = len(wav_pcm(wav)) / 2 / RATE
+        assert segment["start_s"] == pytest.approx(at, abs=1e-6)
+        assert segment["end_s"] == pytest.approx(at + seconds, abs=1e-6)
+        at += seconds
+        recognized = server.client.post("/v1/recognize", content=wav).json()
+        assert segment["emotion"] == recognized["emotion"]
+        for label, score in recognized["scores"].items():
+            assert segment["scores"][label] == pytest.approx(score, abs=SCORE_TOL)
+    summary = received[-1]
+    assert summary["type"] == "summary" and summary["summary"]["segments"] == 3 and summary["vad"] is None
+
+
+def test_flush_with_the_vad_on_closes_the_open_utterance_early(server: Live, speech: Path) -> None:
+    data = pcm(speech)
+    timeline = server.client.post("/v1/timeline", files={"file": speech.read_bytes()}).json()
+    first = timeline["segments"][0]
+    cut_s = round(first["start_s"] + 1.0, 2)  # a second into the first utterance
+    cut = int(cut_s * RATE) * 2
+    with connect(ws_url(server)) as ws:
+        json.loads(ws.recv())
+        ws.send(data[:cut])
+        ws.send(json.dumps({"type": "flush", "turn_id": 41}))
+        messages = run_stream(ws, data[cut:], 32_000)
+        assert ws.close_code == 1000
+    segments = [m for m in messages if m["type"] == "segment"]
+    flushed = segments[0]
+    assert flushed["turn_id"] == 41 and flushed["start_s"] == pytest.approx(first["start_s"], abs=1e-6)
+    assert flushed["end_s"] == pytest.approx(cut_s, abs=1e-6)
+    assert all("turn_id" not in s for s in segments[1:])
+    # the speech that went on is a new utterance from the flush on; the rest of the stream is the timeline's
+    assert segments[1]["start_s"] >= cut_s and segments[1]["end_s"] == pytest.approx(first["end_s"], abs=1e-6)
+    assert_same_segments(segments[2:], timeline["segments"][1:], ("start_s", "end_s", "emotion", "split"))
+
+
+def test_bad_or_misplaced_flushes_get_errors_and_the_stream_goes_on(server: Live) -> None:
+    (wav,) = turn_audio("zh_3s_16k.wav")
+    with connect(ws_url(server, "vad=off")) as ws:
+        json.loads(ws.recv())
+        ws.send(json.dumps({"type": "flush", "turn_id": "nothing-yet"}))  # no audio: nothing to score
+        ws.send(wav_pcm(wav))
+        ws.send(json.dumps({"type": "flush", "turn_id": True}))
+        ws.send(json.dumps({"type": "flush", "turn_id": "x" * 200}))
+        ws.send(json.dumps({"type": "flush", "turn_id": ["a"]}))
+        ws.send(json.dumps({"type": "fluhs"}))
+        ws.send(json.dumps({"type": "flush"}))  # no turn_id: the segment carries none
+        ws.send(json.dumps({"type": "flush", "turn_id": 9}))  # right after a flush: nothing to score
+        messages = run_stream(ws, b"", 3200)
+        assert ws.close_code == 1000
+    errors = [m for m in messages if m["type"] == "error"]
+    assert [(e["code"], e["fatal"], e.get("turn_id")) for e in errors] == [
+        ("invalid_message", False, "nothing-yet"),
+        ("invalid_message", False, None),
+        ("invalid_message", False, None),
+        ("invalid_message", False, None),
+        ("invalid_message", False, None),
+        ("invalid_message", False, 9),
+    ]
+    assert "no audio since the last flush" in errors[0]["message"]
+    assert all("turn_id" in e["message"] for e in errors[1:4])
+    assert "'fluhs'" in errors[4]["message"] and '"flush"' in errors[4]["message"]
+    (segment,) = [m for m in messages if m["type"] == "segment"]
+    assert "turn_id" not in segment and segment["end_s"] == pytest.approx(len(wav_pcm(wav)) / 2 / RATE)
+    assert messages[-1]["type"] == "summary"

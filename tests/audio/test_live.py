@@ -181,3 +181,41 @@ def test_recognizer_stream_gives_the_timeline_and_every_message(tiny_recognizer:
     summary = messages[-1]
     assert summary["summary"] == timeline.summary and summary["duration_s"] == timeline.duration_s
     assert summary["speech_s"] == timeline.speech_s
+
+
+def test_client_turns_are_the_audio_between_flushes() -> None:
+    """vad=off: every sample sent (the resampler's held-back ones too) is in its turn, unpadded; a turn
+    past max_segment_s is cut there, and a flush with nothing since the last one gives nothing."""
+    rng = np.random.default_rng(0)
+    noise = rng.normal(0, 0.1, 6 * RATE).astype(np.float32)
+    cutter = LiveCutter(client_turns=True, vad=VadSettings(max_segment_s=2.0))
+    first = cutter.feed(noise[:RATE])  # 1 s: silero would hear no speech in it
+    assert isinstance(first[0], SpeechStart) and first[0].start == 0
+    (turn,) = segments(cutter.flush())
+    assert (turn.start, turn.end, turn.split) == (0, RATE, False)
+    np.testing.assert_array_equal(turn.samples, noise[:RATE])
+    assert cutter.flush() == []
+    events = [e for at in range(RATE, 6 * RATE, 333) for e in cutter.feed(noise[at : at + 333])]
+    events += cutter.flush()  # 5 s in odd messages: cut at 2 s and 4 s
+    assert [type(e).__name__ for e in events if not isinstance(e, InterimWindow)] == [
+        "SpeechStart", "Segment", "Segment", "Segment",
+    ]  # fmt: skip
+    assert [(s.start, s.end, s.split) for s in segments(events)] == [
+        (RATE, 3 * RATE, True), (3 * RATE, 5 * RATE, True), (5 * RATE, 6 * RATE, True),
+    ]  # fmt: skip
+    np.testing.assert_array_equal(np.concatenate([s.samples for s in segments(events)]), noise[RATE:])
+
+
+def test_a_flush_with_the_vad_on_closes_the_open_utterance_at_the_audio_received(speech: Path) -> None:
+    pcm = sf.read(speech, dtype="int16")[0].tobytes()
+    whole = segments(streamed(speech, 3200))
+    cut = (whole[0].start + RATE) // 160 * 160  # a second into the first utterance, on a 10 ms message
+    cutter = LiveCutter()
+    events = cutter.feed(pcm[: 2 * cut])
+    (flushed,) = segments(cutter.flush())
+    assert (flushed.start, flushed.end) == (whole[0].start, cut)
+    assert cutter.flush() == []  # nothing open now
+    events = cutter.feed(pcm[2 * cut :]) + cutter.end()
+    rest = segments(events)
+    assert rest[0].start >= cut and rest[0].end == whole[0].end
+    assert_same_segments(rest[1:], whole[1:])

@@ -29,6 +29,7 @@ BENCHMARKS = ROOT / "benchmarks"
         ("timeline.py", "pipeline / one-at-a-time"),
         ("jobs.py", "beside jobs / idle"),
         ("stream.py", "streams behind real time"),
+        ("agents.py", "stopped -> reading"),
         ("start_path.py --against HEAD", "modules loaded by that import"),
         ("regression_heads.py", "mean CCC / ridge(alpha=1)"),
         # gpu.py: through scripts/gpu-run.sh on a simulated device, test_gpu_run.py

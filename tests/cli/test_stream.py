@@ -279,7 +279,7 @@ def test_stream_urls() -> None:
     options = StreamOptions(sample_rate=8000, hop_s=0.5, embedding=True)
     url = stream_url("http://h:1", options)
     assert url.startswith("ws://h:1/v1/stream?sample_rate=8000&encoding=pcm_s16le&channels=1&hop_s=0.5&")
-    assert url.endswith("&granularity=utterance&embedding=true")  # head: not set, not sent
+    assert url.endswith("&granularity=utterance&embedding=true&vad=on")  # head: not set, not sent
     assert stream_url("wss://h/emo/v1/stream/") == "wss://h/emo/v1/stream"
     with pytest.raises(ValueError, match="give ws://HOST:PORT"):
         stream_url("h:1")

@@ -7,11 +7,18 @@ import re
 import sys
 import typing
 
+import numpy as np
 import pytest
 
 from emoserve.audio.vad import VAD_PARAMETERS, VadSettings
 from emoserve.constants import STREAM_HOP_S
-from emoserve.inference.protocol import MESSAGE_TYPES, MESSAGES, StreamOptions
+from emoserve.inference.protocol import (
+    CONTROL_MESSAGES,
+    MESSAGE_TYPES,
+    MESSAGES,
+    StreamOptions,
+    parse_control,
+)
 from tests.support.paths import ROOT
 
 STREAMING_DOC = ROOT / "docs" / "streaming.md"
@@ -22,12 +29,13 @@ def test_from_query_reads_every_parameter():
         "sample_rate": "8000", "encoding": "pcm_f32le", "channels": "2", "hop_s": "0.5", "window_s": "4",
         "vad_threshold": "0.6", "min_speech_ms": "100", "min_silence_ms": "200", "pad_ms": "50",
         "max_segment_s": "9", "granularity": "frame", "embedding": "yes", "head": "tones", "api_key": "k",
+        "vad": "off",
     }  # fmt: skip
     options = StreamOptions.from_query(query)
     assert options == StreamOptions(
         sample_rate=8000, encoding="pcm_f32le", channels=2, hop_s=0.5, window_s=4.0,
         vad=VadSettings(threshold=0.6, min_speech_ms=100, min_silence_ms=200, pad_ms=50, max_segment_s=9),
-        granularity="frame", embedding=True, head="tones",
+        granularity="frame", embedding=True, head="tones", use_vad=False,
     )  # fmt: skip
     # what a client sends is what the server reads back (api_key travels apart)
     assert StreamOptions.from_query(options.to_query()) == options
@@ -47,6 +55,8 @@ def test_from_query_reads_every_parameter():
         ({"granularity": "word"}, "granularity is 'word'"),
         ({"embedding": "maybe"}, "embedding is 'maybe'; use true or false"),
         ({"hopp_s": "1"}, "unknown parameter 'hopp_s'"),
+        ({"vad": "sometimes"}, "vad is 'sometimes'; use on or off"),
+        ({"use_vad": "off"}, "unknown parameter 'use_vad'"),
     ],
 )
 def test_from_query_names_the_bad_parameter(query, named):
@@ -103,3 +113,45 @@ def test_the_table_check_sees_a_missing_field(monkeypatch, tmp_path):
     monkeypatch.setattr(sys.modules[__name__], "STREAMING_DOC", doc)
     with pytest.raises(AssertionError, match="summary"):
         test_the_documented_table_names_every_field_of_every_type()
+
+
+def test_the_vad_parameter_reads_on_and_off_and_turns_the_cut_to_the_clients():
+    assert StreamOptions.from_query({"vad": "on"}).use_vad and StreamOptions().use_vad
+    off = StreamOptions.from_query({"vad": "off"})
+    assert not off.use_vad and off.to_dict()["vad"] == "off" and off.to_query()["vad"] == "off"
+    cutter = off.cutter()
+    events = cutter.feed(np.zeros(16_000, np.float32))  # silence: with the VAD it would open nothing
+    assert [type(e).__name__ for e in events] == ["SpeechStart"]
+    (segment,) = cutter.flush()
+    assert (segment.start, segment.end) == (0, 16_000)
+
+
+@pytest.mark.parametrize(
+    ("raw", "parsed"),
+    [
+        ('{"type": "end"}', {"type": "end"}),
+        ('{"type": "flush"}', {"type": "flush"}),
+        ('{"type": "flush", "turn_id": "t-1"}', {"type": "flush", "turn_id": "t-1"}),
+        ('{"type": "flush", "turn_id": 7}', {"type": "flush", "turn_id": 7}),
+    ],
+)
+def test_parse_control_reads_the_client_messages(raw, parsed):
+    assert parse_control(raw) == parsed
+    assert set(parsed) <= set(typing.get_type_hints(CONTROL_MESSAGES[parsed["type"]]))
+
+
+@pytest.mark.parametrize(
+    ("raw", "says"),
+    [
+        ("not json", "not JSON"),
+        ('["flush"]', "unknown message type None"),
+        ('{"type": "pause"}', "unknown message type 'pause'"),
+        ('{"type": "flush", "turn_id": true}', "turn_id is 'True'"),
+        ('{"type": "flush", "turn_id": 1.5}', "turn_id is '1.5'"),
+        ('{"type": "flush", "turn_id": {"a": 1}}', "must be a string or an integer"),
+        ('{"type": "flush", "turn_id": "%s"}' % ("x" * 129), "at most 128 characters"),
+    ],
+)
+def test_parse_control_names_what_is_wrong(raw, says):
+    with pytest.raises(ValueError, match=re.escape(says)):
+        parse_control(raw)

@@ -4,7 +4,9 @@
     or ?api_key= for browsers), the service accepting and under max_streams (else the handshake gets the
     503 JSON with Retry-After)
     -> `ready` -> binary messages of PCM -> Service.live_stream (serving/live.py): speech_start, interim,
-       segment; {"type": "end"} -> the last segment and the summary, close 1000
+       segment; {"type": "flush", "turn_id": ...} -> the open utterance's segment now (with vad=off: the
+       turn's, the audio since the last flush); {"type": "end"} -> the last segment and the summary, close
+       1000
 
 The receive loop reads the next message only once the stream has room (back-pressure: a fast sender is
 slowed, never dropped). Fatal: a message over 1 MiB, audio past max_stream_s, nothing for stream_idle_s,
@@ -15,7 +17,6 @@ stream's segments and summary, then the close.
 from __future__ import annotations
 
 import asyncio
-import json
 from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, WebSocket
@@ -159,7 +160,7 @@ async def receive_audio(websocket: WebSocket, service: Service, live: LiveStream
                 raise WebSocketDisconnect(message.get("code", 1000))
             if (data := message.get("bytes")) is not None:
                 await feed(live, service, data)
-            elif await text(live, message.get("text") or ""):
+            elif await control(live, message.get("text") or ""):
                 await live.end()
                 return
     finally:
@@ -187,23 +188,17 @@ async def feed(live: LiveStream, service: Service, data: bytes) -> None:
         )
 
 
-async def text(live: LiveStream, raw: str) -> bool:
-    """A text message: True for `end`; anything else is an `error` that does not end the stream."""
-    from emoserve.inference.protocol import END
+async def control(live: LiveStream, raw: str) -> bool:
+    """A text message: True for `end`; a `flush` closes the open utterance (its segment follows); anything
+    else is an `error` that does not end the stream."""
+    from emoserve.inference.protocol import parse_control
 
     try:
-        message = json.loads(raw)
-    except ValueError:
-        live.error(
-            code="invalid_message", message=f"a text message that is not JSON: {raw[:80]!r}", fatal=False
-        )
+        message = parse_control(raw)
+    except ValueError as error:
+        live.error(code="invalid_message", message=str(error), fatal=False)
         return False
-    kind = message.get("type") if isinstance(message, dict) else None
-    if kind == END:
+    if message["type"] == "end":
         return True
-    live.error(
-        code="invalid_message",
-        message=f'unknown message type {kind!r}: the only one is {{"type": "{END}"}}',
-        fatal=False,
-    )
+    await live.flush(message.get("turn_id"))
     return False

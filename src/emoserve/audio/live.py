@@ -5,9 +5,15 @@
     -> events: SpeechStart (silero opened an utterance), InterimWindow (the open utterance's last
        window_s, every hop_s of its speech), Segment (an utterance, or a piece of long speech, finished)
 
-`end()` flushes the resampler, the VAD's last frame and the open utterance. The cut is the timeline's own
-(`Recording.segments`), so a file streamed in messages of any size gives the segments /v1/timeline gives
-for it. Memory holds the open utterance (at most max_segment_s) and less than a VAD frame of audio.
+`end()` flushes the resampler, the VAD's last frame and the open utterance; `flush()` closes the open
+utterance now and the stream goes on. The cut is the timeline's own (`Recording.segments`), so a file
+streamed in messages of any size gives the segments /v1/timeline gives for it. Memory holds the open
+utterance (at most max_segment_s) and less than a VAD frame of audio.
+
+With `client_turns` (the stream's `vad=off`) no VAD runs: the client decides the turns (a voice agent's
+framework has its own VAD). Every sample belongs to the open turn, which opens with the first sample after
+the start or a `flush()` and is cut, unpadded, at the next `flush()`: a turn's segment is exactly the audio
+sent for it (what /v1/recognize scores for that audio).
 """
 
 from __future__ import annotations
@@ -19,10 +25,10 @@ from typing import Any
 import numpy as np
 
 from emoserve.audio.decode import check_finite
-from emoserve.audio.segments import Segmenter
+from emoserve.audio.segments import AudioWindow, Segmenter
 from emoserve.audio.stream import To16k
 from emoserve.audio.vad import DEFAULT_VAD, FRAME, Segment, SileroVad, Vad, VadSettings
-from emoserve.constants import SAMPLE_RATE, STREAM_ENCODINGS, STREAM_HOP_S, STREAM_WINDOW_S
+from emoserve.constants import MIN_SAMPLES, SAMPLE_RATE, STREAM_ENCODINGS, STREAM_HOP_S, STREAM_WINDOW_S
 from emoserve.errors import AudioError
 
 PCM_DTYPES = (np.dtype("<i2"), np.dtype("<f4"))  # numpy's, of STREAM_ENCODINGS in order
@@ -46,6 +52,71 @@ class InterimWindow:
 LiveEvent = SpeechStart | InterimWindow | Segment
 
 
+class NoVad:
+    """No voice activity detection (`client_turns`): no frame probabilities, ever."""
+
+    def probabilities(self, samples: np.ndarray) -> np.ndarray:
+        return NO_PROBS
+
+    def flush(self) -> np.ndarray:
+        return NO_PROBS
+
+
+class ClientTurns:
+    """The cut when the client decides the turns: the open turn is every sample since the start or the
+    last `flush()`; one longer than max_segment_s is cut there (the pieces `split`), as the VAD's cut
+    bounds what a stream holds. The segmenter's interface (`Segmenter`), without probabilities."""
+
+    def __init__(self, settings: VadSettings, on_start: Callable[[int], None]) -> None:
+        self.on_start = on_start
+        self._max = int(settings.max_segment_s * SAMPLE_RATE)
+        self._audio = AudioWindow()
+        self._start: int | None = None
+        self._split = False  # the open turn's earlier part was cut at max_segment_s
+
+    @property
+    def samples_seen(self) -> int:
+        return self._audio.end
+
+    @property
+    def open_start(self) -> int | None:
+        return self._start
+
+    def audio(self, start: int, end: int) -> np.ndarray:
+        return self._audio.slice(start, end).copy()
+
+    def push(self, samples: np.ndarray, probs: np.ndarray) -> list[Segment]:
+        out: list[Segment] = []
+        while len(samples):
+            if self._start is None:
+                self._start = self._audio.end
+                self.on_start(self._start)
+            room = self._start + self._max - self._audio.end
+            self._audio.append(samples[:room])
+            samples = samples[room:]
+            if self._audio.end - self._start >= self._max:  # a turn past max_segment_s: cut, and go on
+                out += self._close(split=True)
+                self._start, self._split = self._audio.end, True
+        return out
+
+    def finish(self, last_probs: np.ndarray) -> list[Segment]:
+        return self.flush()
+
+    def flush(self) -> list[Segment]:
+        out = self._close(split=self._split)
+        self._start, self._split = None, False
+        return out
+
+    def _close(self, split: bool) -> list[Segment]:
+        start, end = self._start, self._audio.end
+        samples = self.audio(start, end) if start is not None else NO_PROBS
+        self._audio.drop_before(end)
+        if len(samples) < MIN_SAMPLES:
+            return []  # nothing sent since the last flush, or less than the model's shortest input
+        assert start is not None
+        return [Segment(start, end, samples, split)]
+
+
 class LiveCutter:
     """One live stream's cut. `feed(data)` and `end()` return the events in the order they happened."""
 
@@ -59,8 +130,10 @@ class LiveCutter:
         hop_s: float = STREAM_HOP_S,
         window_s: float = STREAM_WINDOW_S,
         vad_factory: Callable[[], Vad] = SileroVad,
+        client_turns: bool = False,
         name: str = "<stream>",
     ) -> None:
+        """`client_turns`: no VAD; the turns are what the caller sends between `flush()`es."""
         if encoding not in ENCODINGS:
             raise ValueError(f"encoding is {encoding!r}; choose from {', '.join(ENCODINGS)}")
         if sample_rate < 1 or channels < 1:
@@ -70,8 +143,10 @@ class LiveCutter:
         self.name, self.encoding, self.channels = name, encoding, channels
         self._dtype = ENCODINGS[encoding]
         self._to16k = To16k(sample_rate, channels, mix=True)
-        self._vad = vad_factory()
-        self._segmenter = Segmenter(vad, on_start=self._started)
+        self._vad: Vad = NoVad() if client_turns else vad_factory()
+        self._segmenter: Segmenter | ClientTurns = (
+            ClientTurns(vad, self._started) if client_turns else Segmenter(vad, on_start=self._started)
+        )
         self._hop, self._window = round(hop_s * SAMPLE_RATE), round(window_s * SAMPLE_RATE)
         self._partial = b""  # the bytes of an interleaved frame not complete yet
         self._frame_fill = 0  # samples of the VAD frame in progress already given to the segmenter
@@ -112,6 +187,18 @@ class LiveCutter:
         if self._start_at is not None:  # the last frame opened an utterance: it is in what finish gave
             events.insert(len(events) - 1, SpeechStart(self._start_at))
         return events
+
+    def flush(self) -> list[LiveEvent]:
+        """Close the open utterance (or turn) now, with the audio received so far: its segment, if there is
+        one to score (none when no utterance is open, or with client turns when less than the model's
+        shortest input was sent since the last flush). The stream goes on; every sample received counts
+        (the resampler's held-back ones are given out first), but none after it."""
+        if self.ended:
+            raise RuntimeError("this stream has ended; open a new one")
+        held = self._cut(self._to16k.release()[:, 0])
+        self._start_at = None
+        events: list[LiveEvent] = [e for e in held if not isinstance(e, InterimWindow)]
+        return events + list(self._segmenter.flush())
 
     def _decode(self, data: bytes | bytearray | memoryview | np.ndarray) -> np.ndarray:
         if isinstance(data, np.ndarray):

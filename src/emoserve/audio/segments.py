@@ -91,6 +91,7 @@ class Segmenter:
         self._open: _Region | None = None  # silero is in speech
         self._closed: _Region | None = None  # silero ended it; its padded end waits for what follows
         self._temp_end = 0
+        self._floor = 0  # no segment starts before this sample (the last flush)
 
     @property
     def samples_seen(self) -> int:
@@ -117,12 +118,20 @@ class Segmenter:
         """The recording ended: the last (zero-padded) frame's probabilities, then what is still open."""
         self._probs = np.concatenate([self._probs, np.asarray(last_probs, np.float32)])
         out = [segment for p in last_probs for segment in self._frame(float(p))]
+        return out + self.flush()
+
+    def flush(self) -> list[Segment]:
+        """Close what is open now (a live stream's `flush`, or the recording's end): the open region up to
+        the audio received (unless shorter than min_speech_ms), or the closed one waiting for its padded
+        end. Speech that goes on opens a new region, which starts no earlier than here."""
         total = self.samples_seen
+        out: list[Segment] = []
         if self._open is not None and total - self._open.raw_start > self._min_speech:
-            out += self._segment(self._open, total)
+            out = self._segment(self._open, total)
         elif self._closed is not None:
-            out += self._segment(self._closed, min(total, self._closed.raw_end + self._pad))
+            out = self._segment(self._closed, min(total, self._closed.raw_end + self._pad))
         self._open = self._closed = None
+        self._temp_end, self._floor = 0, total
         return out
 
     def _frame(self, p: float) -> list[Segment]:
@@ -156,12 +165,12 @@ class Segmenter:
     def _start(self, raw_start: int) -> list[Segment]:
         """A start is padded by `pad`, or, when the gap to the speech before is under two pads, both
         sides take half of it."""
-        start, out = max(0, raw_start - self._pad), []
+        start, out = max(self._floor, raw_start - self._pad), []
         closed, self._closed = self._closed, None
         if closed is not None:
             gap = raw_start - closed.raw_end
             if gap < 2 * self._pad:
-                start = max(0, raw_start - gap // 2)
+                start = max(self._floor, raw_start - gap // 2)
                 out = self._segment(closed, closed.raw_end + gap // 2)
             else:
                 out = self._segment(closed, closed.raw_end + self._pad)

@@ -154,6 +154,13 @@ class To16k:
         self.samples_out += len(out)
         return out
 
+    def release(self) -> np.ndarray:
+        """The samples held back, given out now (a live stream's flush: the turn ends with its last
+        sample); the cut to librosa's length at `finish` then has fewer to cut."""
+        out, self._held = self._held, np.zeros((0, self.channels), np.float32)
+        self.samples_out += len(out)
+        return out
+
     def finish(self) -> np.ndarray:
         held = self._held
         if self._resampler is not None:

@@ -31,6 +31,7 @@ from emoserve.inference.protocol import (
     StreamMessage,
     StreamOptions,
     SummaryMessage,
+    TurnId,
 )
 from emoserve.inference.results import ModelTag, Result, Timeline, TimelineSegment, scored, summarise
 
@@ -91,7 +92,7 @@ class StreamMessages:
             message["head"] = asdict(result.head)
         return message
 
-    def segment(self, segment: Segment, result: Result) -> SegmentMessage:
+    def segment(self, segment: Segment, result: Result, turn_id: TurnId | None = None) -> SegmentMessage:
         timed = scored(segment, result)
         self.segments.append(timed)
         message: SegmentMessage = {"type": "segment", "seq": self._seq_next(), **timed.to_dict()}  # type: ignore[typeddict-item]
@@ -100,6 +101,8 @@ class StreamMessages:
             message["frames"] = [asdict(frame) for frame in result.frames]
         if self.options.embedding and result.embedding is not None:
             message["embedding"] = result.embedding.tolist()
+        if turn_id is not None:
+            message["turn_id"] = turn_id
         return message
 
     def summary(self, duration_s: float) -> SummaryMessage:
@@ -113,15 +116,28 @@ class StreamMessages:
             backend=self.tag.backend,
             dtype=self.tag.dtype,
             channels="mix",
-            vad=self.options.vad.to_dict(),
+            vad=self.options.vad.to_dict() if self.options.use_vad else None,
             segments=segments,
             summary=summarise(segments),
         )
         record = summary_record(timeline)
         return {**record, "type": "summary", "seq": self._seq_next()}  # type: ignore[typeddict-item]
 
-    def error(self, code: str, message: str, fatal: bool) -> ErrorMessage:
-        return ErrorMessage(type="error", seq=self._seq_next(), code=code, message=message, fatal=fatal)
+    def error(self, code: str, message: str, fatal: bool, turn_id: TurnId | None = None) -> ErrorMessage:
+        error = ErrorMessage(type="error", seq=self._seq_next(), code=code, message=message, fatal=fatal)
+        if turn_id is not None:
+            error["turn_id"] = turn_id
+        return error
+
+    def nothing_to_flush(self, turn_id: TurnId | None) -> ErrorMessage:
+        """The answer to a `flush` that closed no segment."""
+        what = "no utterance is open" if self.options.use_vad else "no audio since the last flush"
+        return self.error(
+            "invalid_message",
+            f"flush: nothing to score ({what}, or less than the model's shortest input); send audio first",
+            fatal=False,
+            turn_id=turn_id,
+        )
 
 
 class LiveSession:
@@ -150,7 +166,15 @@ class LiveSession:
         out = self._scored(self.cutter.end())
         return [*out, self.messages.summary(self.cutter.duration_s)]
 
-    def _scored(self, events: list[LiveEvent]) -> list[StreamMessage]:
+    def flush(self, turn_id: TurnId | None = None) -> list[StreamMessage]:
+        """Close the open utterance (the turn, with vad=off) now: its segment, carrying `turn_id`; an
+        `invalid_message` error with it when there was nothing to score. The stream goes on."""
+        events = self.cutter.flush()
+        if not any(isinstance(event, Segment) for event in events):
+            return [*self._scored(events), self.messages.nothing_to_flush(turn_id)]
+        return self._scored(events, turn_id)
+
+    def _scored(self, events: list[LiveEvent], turn_id: TurnId | None = None) -> list[StreamMessage]:
         out: list[StreamMessage] = []
         for event in events:
             if isinstance(event, SpeechStart):
@@ -158,7 +182,9 @@ class LiveSession:
             elif isinstance(event, InterimWindow):
                 out.append(self.messages.interim(event, self._score(window_audio(event), True)))
             else:
-                out.append(self.messages.segment(event, self._score(segment_audio(event), False)))
+                last = event is events[-1]  # a flush's segment is its last event
+                result = self._score(segment_audio(event), False)
+                out.append(self.messages.segment(event, result, turn_id if last else None))
         return out
 
 

@@ -1,7 +1,7 @@
 """The live stream's protocol (docs/streaming.md) as types: what a client chooses (`StreamOptions`, with its
 own checks: `StreamOptions.from_query`), and one typed message per `type` each way.
 
-    client -> server: binary PCM, and the text message `End`
+    client -> server: binary PCM, and the text messages `End` and `Flush` (`parse_control`)
     server -> client: `ReadyMessage`, `SpeechStartMessage`, `InterimMessage`, `SegmentMessage`,
                       `SummaryMessage`, `ErrorMessage`; each with `type` and `seq` (0, 1, 2, ... per stream)
 
@@ -14,6 +14,7 @@ with VadSettings).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any, Literal, NotRequired, TypedDict, get_args
@@ -41,6 +42,8 @@ if TYPE_CHECKING:
 
 BYTES_PER_SAMPLE = {"pcm_s16le": 2, "pcm_f32le": 4}  # of STREAM_ENCODINGS
 AUTH_PARAMETER = "api_key"  # read by the API key middleware, for clients that cannot set headers
+VAD_PARAMETER = "vad"  # on (the server's VAD cuts utterances) or off (the client's `flush` cuts turns)
+MAX_TURN_ID_CHARS = 128
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,7 @@ class StreamOptions:
     head: str | None = None
     labels: str | None = None  # a label subset (comma-separated or a named set): checked by the scorer
     min_confidence: float | None = None  # under it a reading's top label is `uncertain`
+    use_vad: bool = True  # the query's vad=on|off; off: the client's `flush` messages cut the turns
 
     def __post_init__(self) -> None:
         self.check()
@@ -66,7 +70,12 @@ class StreamOptions:
     @classmethod
     def from_query(cls, query: Mapping[str, str]) -> StreamOptions:
         """The query parameters of GET /v1/stream (strings), each checked: ValueError naming it."""
-        known = {*(f.name for f in fields(cls) if f.name != "vad"), *VAD_PARAMETERS, AUTH_PARAMETER}
+        known = {
+            *(f.name for f in fields(cls) if f.name not in ("vad", "use_vad")),
+            *VAD_PARAMETERS,
+            VAD_PARAMETER,
+            AUTH_PARAMETER,
+        }
         if unknown := sorted(set(query) - known):
             raise ValueError(
                 f"unknown parameter {unknown[0]!r}; the parameters are {', '.join(sorted(known))}"
@@ -91,6 +100,7 @@ class StreamOptions:
             head=query.get("head"),
             labels=query.get("labels") or None,
             min_confidence=_number(query, "min_confidence", None, float),
+            use_vad=_boolean(query, VAD_PARAMETER, default=True, words="on or off"),
         )
 
     def to_query(self) -> dict[str, str]:
@@ -127,6 +137,7 @@ class StreamOptions:
             vad=self.vad,
             hop_s=self.hop_s,
             window_s=self.window_s,
+            client_turns=not self.use_vad,
         )
 
     def seconds(self, n_bytes: int) -> float:
@@ -147,6 +158,7 @@ class StreamOptions:
             "head": self.head,
             "labels": self.labels,
             "min_confidence": self.min_confidence,
+            VAD_PARAMETER: "on" if self.use_vad else "off",
         }
 
 
@@ -159,10 +171,14 @@ def _number(query: Mapping[str, str], name: str, default: Any, kind: type) -> An
         raise ValueError(f"{name} is {query[name]!r}; it must be a number") from None
 
 
-def _boolean(query: Mapping[str, str], name: str) -> bool:
-    word = query.get(name, "false").strip().lower()
+def _boolean(
+    query: Mapping[str, str], name: str, default: bool = False, words: str = "true or false"
+) -> bool:
+    if name not in query:
+        return default
+    word = query[name].strip().lower()
     if word not in TRUE_WORDS | FALSE_WORDS:
-        raise ValueError(f"{name} is {query[name]!r}; use true or false")
+        raise ValueError(f"{name} is {query[name]!r}; use {words}")
     return word in TRUE_WORDS
 
 
@@ -180,13 +196,56 @@ def _word(value: Any) -> str:
 
 MessageType = Literal["ready", "speech_start", "interim", "segment", "summary", "error"]
 MESSAGE_TYPES: tuple[MessageType, ...] = get_args(MessageType)
-END: Literal["end"] = "end"  # the one text message a client sends
+END: Literal["end"] = "end"
+FLUSH: Literal["flush"] = "flush"
+TurnId = str | int  # a client's name for a turn, echoed in the answer to its `flush`
 
 
 class End(TypedDict):
     """client -> server: no more audio; the open utterance's segment and the summary follow."""
 
     type: Literal["end"]
+
+
+class Flush(TypedDict):
+    """client -> server: close the open utterance (with vad=off: the turn) now; its `segment` follows,
+    with this `turn_id` (or, when there is nothing to score, an `error` with it). The stream goes on."""
+
+    type: Literal["flush"]
+    turn_id: NotRequired[TurnId]  # a string or an integer, at most 128 characters: echoed
+
+
+ControlMessage = End | Flush
+CONTROL_MESSAGES: dict[str, type] = {END: End, FLUSH: Flush}  # client -> server text messages
+
+
+def parse_control(raw: str) -> ControlMessage:
+    """A client's text message, checked: ValueError saying what is wrong and what the messages are."""
+    try:
+        message = json.loads(raw)
+    except ValueError:
+        raise ValueError(f"a text message that is not JSON: {raw[:80]!r}") from None
+    kind = message.get("type") if isinstance(message, dict) else None
+    if kind == END:
+        return End(type=END)
+    if kind != FLUSH:
+        raise ValueError(
+            f'unknown message type {kind!r}: the messages are {{"type": "{END}"}} and '
+            f'{{"type": "{FLUSH}", "turn_id": ...}}'
+        )
+    if "turn_id" not in message:
+        return Flush(type=FLUSH)
+    turn_id = message["turn_id"]
+    if (
+        isinstance(turn_id, bool)
+        or not isinstance(turn_id, str | int)
+        or len(str(turn_id)) > MAX_TURN_ID_CHARS
+    ):
+        raise ValueError(
+            f"flush's turn_id is {str(turn_id)[:80]!r}: it must be a string or an integer of at most "
+            f"{MAX_TURN_ID_CHARS} characters; the flush was left out"
+        )
+    return Flush(type=FLUSH, turn_id=turn_id)
 
 
 class ReadyMessage(TypedDict):
@@ -228,7 +287,8 @@ class InterimMessage(TypedDict):
 
 
 class SegmentMessage(TypedDict):
-    """An utterance ended (a pause, a cut at max_segment_s, or `end`): a /v1/timeline segment's fields."""
+    """An utterance ended (a pause, a cut at max_segment_s, `flush` or `end`): a /v1/timeline segment's
+    fields."""
 
     type: Literal["segment"]
     seq: int
@@ -246,6 +306,7 @@ class SegmentMessage(TypedDict):
     skipped: int
     frames: NotRequired[list[dict[str, Any]]]  # with granularity=frame
     embedding: NotRequired[list[float]]  # with embedding=true
+    turn_id: NotRequired[TurnId]  # the answer to a `flush` that named its turn
 
 
 class SummaryMessage(TypedDict):
@@ -273,6 +334,7 @@ class ErrorMessage(TypedDict):
     code: str  # from errors.CODES
     message: str  # what happened and what to do
     fatal: bool  # true: the server closes next
+    turn_id: NotRequired[TurnId]  # the answer to a `flush` that named its turn and had nothing to score
 
 
 StreamMessage = (

@@ -6,6 +6,7 @@ agent, a call) can be another.
     async with await StreamClient.connect("ws://HOST:7860", options, api_key=KEY) as client:
         ...                                 # one task sends:
         await client.send(pcm)              #   PCM as the options describe it, any size up to 1 MiB
+        await client.flush(turn_id=7)       #   the open utterance's segment now, answered with turn_id 7
         await client.end()                  #   the source has ended: the last segment and the summary follow
         async for message in client: ...    # another receives: ready, speech_start, interim, segment,
                                             # summary, error (inference/protocol.py's types), until the
@@ -27,7 +28,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus, InvalidURI
 
 from emoserve.constants import STREAM_PATH
-from emoserve.inference.protocol import END, End, StreamMessage, StreamOptions
+from emoserve.inference.protocol import END, FLUSH, End, Flush, StreamMessage, StreamOptions, TurnId
 
 # A server still starting answers the upgrade once it is ready or has given up waiting (its ready_wait_s)
 OPEN_TIMEOUT_S = 30.0
@@ -94,6 +95,11 @@ class StreamClient:
     async def send(self, pcm: bytes) -> None:
         """Audio as the options describe it (whole frames: every channel of the last sample)."""
         await self._send(pcm)
+
+    async def flush(self, turn_id: TurnId | None = None) -> None:
+        """Close the open utterance (with vad=off: the turn) now: its `segment` comes back with `turn_id`."""
+        message = Flush(type=FLUSH) if turn_id is None else Flush(type=FLUSH, turn_id=turn_id)
+        await self._send(json.dumps(message))
 
     async def end(self) -> None:
         """The source has ended: the server scores what is left, sends the summary and closes."""

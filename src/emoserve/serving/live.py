@@ -5,8 +5,9 @@ in order, and back-pressure instead of drops.
                                        -> interim window: scored at Priority.STREAM_INTERIM, at most one
                                           in flight (a reading due meanwhile is skipped, and counted)
                                        -> segment: scored at Priority.STREAM_SEGMENT, never skipped
-    messages() yields them in the order they happened, each scored one when its score is in; end() flushes
-    and the summary comes last.
+    messages() yields them in the order they happened, each scored one when its score is in; flush(turn_id)
+    closes the open utterance now (its segment carries the turn_id); end() flushes and the summary comes
+    last.
 
 Back-pressure: `feed` returns only once fewer than MAX_PENDING_SEGMENTS segments wait for their scores,
 so a client that sends faster than the model keeps up stops being read (TCP holds its audio) instead of
@@ -26,7 +27,7 @@ from typing import TYPE_CHECKING, Literal
 from emoserve.audio.live import InterimWindow, LiveEvent, SpeechStart
 from emoserve.audio.vad import Segment
 from emoserve.inference.live import StreamMessages, segment_audio, window_audio
-from emoserve.inference.protocol import ErrorMessage, ReadyMessage, StreamMessage, StreamOptions
+from emoserve.inference.protocol import ErrorMessage, ReadyMessage, StreamMessage, StreamOptions, TurnId
 from emoserve.serving.metrics import Metrics
 
 if TYPE_CHECKING:
@@ -44,6 +45,7 @@ class _Item:
     score: asyncio.Task[Result] | None = None
     arrived: float = 0.0  # when the audio that produced the event arrived (segment latency)
     fatal: bool = False  # an error that ends the stream: told after the summary
+    turn_id: TurnId | None = None  # a segment that answers a flush
 
 
 class LiveStream:
@@ -84,6 +86,19 @@ class LiveStream:
         events = await asyncio.to_thread(self.cutter.feed, data)
         self._metrics.stream_audio_seconds_total.inc(self.options.seconds(len(data)))
         self._dispatch(events, arrived)
+        await self._room.wait()
+
+    async def flush(self, turn_id: TurnId | None = None) -> None:
+        """Close the open utterance now (with vad=off: the turn): its segment, scored as a segment, carries
+        `turn_id`; with nothing to score, an `invalid_message` error carries it."""
+        events = await asyncio.to_thread(self.cutter.flush)
+        if any(isinstance(event, Segment) for event in events):
+            self._dispatch(events, time.monotonic(), turn_id)
+        else:
+            self._dispatch(events, time.monotonic())
+            self._metrics.count_error("invalid_message")
+            build = functools.partial(self.messages.nothing_to_flush, turn_id)
+            self._out.put_nowait(_Item("now", build=build))
         await self._room.wait()
 
     async def end(self) -> None:
@@ -128,7 +143,7 @@ class LiveStream:
                 self._pending -= 1
                 if self._pending < MAX_PENDING_SEGMENTS:
                     self._room.set()
-            message = self.messages.segment(item.event, result)
+            message = self.messages.segment(item.event, result, item.turn_id)
             self._metrics.stream_segment_latency_seconds.observe(time.monotonic() - item.arrived)
             yield message
 
@@ -145,7 +160,8 @@ class LiveStream:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._room.set()
 
-    def _dispatch(self, events: list[LiveEvent], arrived: float) -> None:
+    def _dispatch(self, events: list[LiveEvent], arrived: float, turn_id: TurnId | None = None) -> None:
+        """`turn_id`: the last event is the segment that answers a flush."""
         for event in events:
             if isinstance(event, SpeechStart):
                 self._out.put_nowait(_Item("now", build=functools.partial(self.messages.speech_start, event)))
@@ -162,7 +178,8 @@ class LiveStream:
                 if self._pending >= MAX_PENDING_SEGMENTS:
                     self._room.clear()
                 score = self._task(self._score(segment_audio(event), False))
-                self._out.put_nowait(_Item("segment", event, score=score, arrived=arrived))
+                answer = turn_id if event is events[-1] else None
+                self._out.put_nowait(_Item("segment", event, score=score, arrived=arrived, turn_id=answer))
 
     def _task(self, score: Awaitable[Result]) -> asyncio.Task[Result]:
         task = asyncio.ensure_future(score)
