@@ -3,7 +3,7 @@
 # Extra arguments go to pytest, e.g. ./test.sh -k weights
 set -euo pipefail
 cd "$(dirname "$0")"
-scripts/setup-venv.sh test,ray,train,docs,postgres,livekit
+scripts/setup-venv.sh test,ray,train,docs,postgres,livekit,pipecat
 scripts/setup-system.sh
 .venv/bin/ruff check src tests benchmarks docs/hooks
 .venv/bin/ruff format --check src tests benchmarks docs/hooks
