@@ -51,6 +51,8 @@ from emoserve.agents.reading import LLM_FLOOR, LLM_TOP_K
 from emoserve.agents.turns import DEFAULT_MIN_SPEECH_S, DEFAULT_TIMEOUT_S
 
 if TYPE_CHECKING:
+    from openai.types.chat import ChatCompletionSystemMessageParam  # pipecat's LLM messages are these
+
     from emoserve.inference.recognizer import Recognizer
     from emoserve.model.head import Head
 
@@ -158,7 +160,8 @@ class EmotionProcessor(FrameProcessor):
         if self.inject == "prefix":
             frame.text = f"{line} {frame.text}"
         else:
-            message = {"role": "system", "content": f"The user's voice in the turn that follows: {line}"}
+            content = f"The user's voice in the turn that follows: {line}"
+            message: ChatCompletionSystemMessageParam = {"role": "system", "content": content}
             await self.push_frame(LLMMessagesAppendFrame(messages=[message], run_llm=False))
 
     async def cleanup(self) -> None:
