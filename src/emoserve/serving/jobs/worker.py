@@ -233,14 +233,15 @@ class Jobs:
         options = JobOptions(**job.options)
         segments = [TimelineSegment.from_dict(s) for _, s in self.store.scored(job.id)]
         segments.sort(key=lambda s: (s.start_s, s.speaker or ""))
+        tag = self._tag()
         timeline = Timeline(
             file=job.file,
             duration_s=round(job.duration_s or 0.0, 6),
             speech_s=round(sum(s.duration_s for s in segments), 6),
-            model=self._tag().model,
-            random_weights=self._tag().random_weights,
-            backend=self._tag().backend,
-            dtype=self._tag().dtype,
+            model=tag.model,
+            random_weights=tag.random_weights,
+            backend=tag.backend,
+            dtype=tag.dtype,
             channels="separate" if options.channels == "separate" else "mix",
             vad=None if options.spans is not None else _vad_dict(options),
             segments=segments,
