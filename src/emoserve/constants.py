@@ -40,6 +40,10 @@ STREAM_SAMPLE_RATES = (8_000, 192_000)  # Hz: what a stream may send (anything b
 STREAM_HOP_S_RANGE = (0.25, 10.0)  # seconds of speech between interim readings
 STREAM_MAX_WINDOW_S = 30.0  # an interim reading's window, at most (an utterance is at most max_segment_s)
 STREAM_MAX_CHANNELS = 32  # interleaved channels a stream may send, mixed to mono
+# vad=off with chunk_s: a turn is scored in pieces of chunk_s as it arrives (its reading pools their frames),
+# each piece's window reaching this far back into the turn, so its first frames see what came before
+STREAM_CHUNK_S_RANGE = (1.0, 30.0)
+STREAM_CHUNK_CONTEXT_S = 1.0
 BATCHING_CHOICES = ("auto", "on", "off")  # the engine's `batching` (serving/engine.py: choose_batching)
 MAX_BATCH_SIZE = 8  # clips per model call (also predict_many's and `emoserve predict`'s default)
 MAX_WAIT_MS = 10.0  # how long the first request of a batch waits for company

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from emoserve.agents import EmotionReading, LocalBackend, RemoteBackend, Turn, TurnReader, backend_for
-from tests.support.agents import SlowBackend, clip_pcm, frames, pcm_samples, silence
+from tests.support.agents import SlowBackend, clip_pcm, frames, pcm_samples, silence, turn_reading
 from tests.support.audio import RATE
 from tests.support.server import LIVE, Live, live_server
 
@@ -58,7 +58,7 @@ def test_a_turn_read_in_process_is_scored_as_the_library_scores_its_audio(tiny_r
     pcm = clip_pcm("zh_3s_16k.wav")
 
     async def run() -> tuple[EmotionReading | None, EmotionReading | None]:
-        reader = TurnReader(LocalBackend(tiny_recognizer), timeout=PATIENT, hop_s=0.5)
+        reader = TurnReader(LocalBackend(tiny_recognizer), timeout=PATIENT, chunk_s=0, hop_s=0.5)
         turn = await speak(reader, pcm)
         assert turn is not None
         first = await turn.reading()
@@ -70,7 +70,7 @@ def test_a_turn_read_in_process_is_scored_as_the_library_scores_its_audio(tiny_r
 
     first, second = asyncio.run(run())
     assert first is not None and second is not None
-    expected = tiny_recognizer.predict(pcm_samples(pcm), sample_rate=RATE)
+    expected = tiny_recognizer.predict(pcm_samples(pcm), sample_rate=RATE)  # chunk_s=0: the turn whole
     assert_scored_as(first, expected)
     assert_scored_as(second, expected)
     seconds = len(pcm) / 2 / RATE
@@ -150,12 +150,10 @@ async def wait_until(condition: Any, timeout_s: float = 60.0) -> None:
 
 
 def test_with_no_reading_at_all_the_timeout_gives_none(tiny_recognizer: Any) -> None:
-    """A turn whose own reading is late and that had no interim yet (hop_s longer than the turn)."""
+    """A turn whose own reading is late and that had no interim yet (chunk_s longer than the turn)."""
 
     async def run() -> Any:
-        reader = TurnReader(
-            SlowBackend(LocalBackend(tiny_recognizer), 2.0), timeout=0.2, hop_s=10.0, window_s=10.0
-        )
+        reader = TurnReader(SlowBackend(LocalBackend(tiny_recognizer), 2.0), timeout=0.2, chunk_s=10.0)
         turn = await speak(reader, clip_pcm("zh_3s_16k.wav"))
         reading = await turn.reading() if turn is not None else "no turn"
         await reader.close()
@@ -184,7 +182,7 @@ def test_a_reset_forgets_the_audio_so_far(tiny_recognizer: Any) -> None:
 
     reading = asyncio.run(run())
     assert reading is not None and reading.start_s == pytest.approx(len(first) / 2 / RATE, abs=1e-6)
-    assert_scored_as(reading, tiny_recognizer.predict(pcm_samples(second), sample_rate=RATE))
+    assert_scored_as(reading, turn_reading(tiny_recognizer, second))
 
 
 def test_started_late_takes_the_audio_before_it(tiny_recognizer: Any) -> None:
@@ -206,7 +204,7 @@ def test_started_late_takes_the_audio_before_it(tiny_recognizer: Any) -> None:
 
     reading = asyncio.run(run())
     assert reading is not None and reading.start_s == pytest.approx(0.5, abs=1e-6)
-    assert_scored_as(reading, tiny_recognizer.predict(pcm_samples(pcm), sample_rate=RATE))
+    assert_scored_as(reading, turn_reading(tiny_recognizer, pcm))
 
 
 def test_a_server_that_cannot_be_reached_gives_no_reading_and_no_error(tmp_path: Path) -> None:

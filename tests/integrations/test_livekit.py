@@ -18,7 +18,7 @@ from livekit.agents import Agent, llm
 from livekit.agents.voice.events import UserStateChangedEvent
 
 from emoserve.integrations.livekit import AgentEmotion, EmotionAgentMixin
-from tests.support.agents import clip_pcm, frames, pcm_samples
+from tests.support.agents import clip_pcm, frames, turn_reading
 from tests.support.audio import RATE
 
 SCORE_TOL = 1e-5
@@ -68,7 +68,7 @@ def test_prefix_mode_puts_the_reading_before_the_users_words(tiny_recognizer: An
     turn_ctx, message, seen = asyncio.run(run())
     assert seen == len(frames(pcm))  # the STT sees every frame
     reading = message.extra["emoserve"]
-    assert_scored_as(reading, tiny_recognizer.predict(pcm_samples(pcm), sample_rate=RATE))
+    assert_scored_as(reading, turn_reading(tiny_recognizer, pcm))
     assert message.text_content is not None and message.text_content.startswith("[emotion ")
     assert message.text_content.endswith(" I want a refund")
     assert ("random-test-weights" in message.text_content) is tiny_recognizer.random_weights
@@ -142,5 +142,5 @@ def test_the_mixin_tees_stt_node_and_reads_the_turn_at_its_completion(tiny_recog
 
     agent, message = asyncio.run(run())
     assert agent.frames_heard == len(frames(pcm))
-    assert_scored_as(message.extra["emoserve"], tiny_recognizer.predict(pcm_samples(pcm), sample_rate=RATE))
+    assert_scored_as(message.extra["emoserve"], turn_reading(tiny_recognizer, pcm))
     assert agent.emotion.last is not None and agent.emotion.last.to_dict() == message.extra["emoserve"]

@@ -27,7 +27,7 @@ from pipecat.tests.utils import SleepFrame, run_test
 
 from emoserve.agents import LocalBackend
 from emoserve.integrations.pipecat import EmotionFrame, EmotionProcessor
-from tests.support.agents import SlowBackend, clip_pcm, frames, pcm_samples
+from tests.support.agents import SlowBackend, clip_pcm, frames, turn_reading
 from tests.support.audio import RATE
 from tests.support.paths import MODEL
 from tests.support.server import first_answer, first_answer_with, serve_process
@@ -90,7 +90,7 @@ def test_the_transcription_comes_after_the_reading_and_carries_it(tiny_recognize
     reading = emotion.reading
     assert transcription.text == f"{reading.for_llm()} I want a refund"
     assert transcription.metadata["emoserve"] == reading.to_dict()
-    assert_scored_as(reading.to_dict(), tiny_recognizer.predict(pcm_samples(pcm), sample_rate=RATE))
+    assert_scored_as(reading.to_dict(), turn_reading(tiny_recognizer, pcm))
     assert not reading.interim and reading.random_weights is tiny_recognizer.random_weights
     assert ("random-test-weights" in transcription.text) is reading.random_weights
     assert reading.end_s - reading.start_s == pytest.approx(len(pcm) / 2 / RATE, abs=1e-6)
@@ -147,7 +147,7 @@ def test_an_interruption_starts_the_turn_again(tiny_recognizer: Any) -> None:
     )
     (emotion,) = of(EmotionFrame, out)
     assert emotion.reading.start_s == pytest.approx(len(before) / 2 / RATE, abs=1e-6)
-    assert_scored_as(emotion.reading.to_dict(), tiny_recognizer.predict(pcm_samples(after), sample_rate=RATE))
+    assert_scored_as(emotion.reading.to_dict(), turn_reading(tiny_recognizer, after))
     assert of(InterruptionFrame, out)  # passed on
 
 
@@ -160,9 +160,7 @@ def test_audio_of_other_tracks_is_left_out(tiny_recognizer: Any) -> None:
     processor = EmotionProcessor(model=tiny_recognizer, timeout=PATIENT, user_id="caller")
     out = run(processor, [VADUserStartedSpeakingFrame(), *mixed, *turn(b"")[1:]])
     (emotion,) = of(EmotionFrame, out)
-    assert_scored_as(
-        emotion.reading.to_dict(), tiny_recognizer.predict(pcm_samples(caller), sample_rate=RATE)
-    )
+    assert_scored_as(emotion.reading.to_dict(), turn_reading(tiny_recognizer, caller))
     assert len(of(UserAudioRawFrame, out)) == len(mixed)  # all passed on, the other's too
 
 
@@ -196,7 +194,7 @@ def test_without_a_vad_the_user_turn_frames_decide_the_turn(tiny_recognizer: Any
     (emotion,) = of(EmotionFrame, out)
     (transcription,) = of(TranscriptionFrame, out)
     assert transcription.text == f"{emotion.reading.for_llm()} I want a refund"
-    assert_scored_as(emotion.reading.to_dict(), tiny_recognizer.predict(pcm_samples(pcm), sample_rate=RATE))
+    assert_scored_as(emotion.reading.to_dict(), turn_reading(tiny_recognizer, pcm))
 
 
 def test_a_bad_inject_option_is_refused(tiny_recognizer: Any) -> None:

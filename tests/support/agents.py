@@ -1,17 +1,23 @@
-"""Voice-agent tests' audio and backends: a clip as the 16-bit PCM frames a framework delivers, the score
-the library gives the same samples, and a real backend made slow."""
+"""Voice-agent tests' audio and backends: a clip as the 16-bit PCM frames a framework delivers, the reading
+the library gives the same turn, and a real backend made slow."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from types import SimpleNamespace
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from emoserve.agents.backends import Backend, Session
+from emoserve.agents.turns import DEFAULT_CHUNK_S
 from emoserve.inference.protocol import ReadyMessage, StreamMessage, StreamOptions, TurnId
 
 from .audio import RATE, clip
+
+if TYPE_CHECKING:
+    from emoserve.inference.recognizer import Recognizer
 
 FRAME_S = 0.02  # what Pipecat's and LiveKit's inputs deliver: 20 ms frames
 
@@ -28,6 +34,15 @@ def clip_pcm(name: str, rate: int = RATE, channels: int = 1) -> bytes:
 def pcm_samples(pcm: bytes) -> np.ndarray:
     """16-bit mono PCM as the float32 samples a file of it decodes to (libsndfile's scale)."""
     return np.frombuffer(pcm, "<i2").astype(np.float32) / np.float32(32768)
+
+
+def turn_reading(recognizer: Recognizer, pcm: bytes, chunk_s: float = DEFAULT_CHUNK_S) -> SimpleNamespace:
+    """What a turn reader's backend gives a turn of `pcm` (16-bit mono at 16 kHz): the library's own stream
+    with the reader's turns (vad=off, read in pieces of chunk_s), the turn's segment (`emotion`, `scores`)."""
+    session = recognizer.stream(use_vad=False, chunk_s=chunk_s)
+    segment = (session.feed(pcm) + session.flush())[-1]
+    assert segment["type"] == "segment", segment
+    return SimpleNamespace(emotion=segment["emotion"], scores=segment["scores"])
 
 
 def frames(pcm: bytes, rate: int = RATE, channels: int = 1) -> list[bytes]:

@@ -13,6 +13,7 @@ cannot tell them apart.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import threading
 from collections.abc import AsyncIterator
@@ -22,7 +23,7 @@ from emoserve.errors import EmoserveError
 from emoserve.inference.protocol import ReadyMessage, StreamMessage, StreamOptions, TurnId
 from emoserve.inference.stream_client import StreamClient
 from emoserve.serving.engine import Engine, Priority
-from emoserve.serving.live import LiveStream
+from emoserve.serving.live import LiveStream, engine_pieces
 from emoserve.serving.metrics import Metrics
 from emoserve.serving.settings import Settings
 from emoserve.serving.startup import start_engine
@@ -99,14 +100,19 @@ class LocalBackend:
         chosen = recognizer.readout(options.labels, options.min_confidence)
         labels = {label.en: label for label in recognizer.labels}
 
-        async def score(audio: Audio, interim: bool) -> Result:
+        def read_out(result: Result) -> Result:  # a result with its embedding, read out as the server does
             from emoserve.inference.heads import with_head
             from emoserve.serving.heads import read_out_counted
 
+            if head is not None:
+                result = with_head(result, head, keep_embedding=False)
+            elif result.embedding is not None:  # a turn read in pieces: its pooled embedding
+                result = dataclasses.replace(result, embedding=None)
+            return read_out_counted(result, chosen, labels, head, None, None)
+
+        async def score(audio: Audio, interim: bool) -> Result:
             priority = Priority.STREAM_INTERIM if interim else Priority.STREAM_SEGMENT
-            result = await engine.submit(audio, "utterance", head is not None, priority=priority)
-            result = result if head is None else with_head(result, head, keep_embedding=False)
-            return read_out_counted(result, chosen, labels, head, None, None)  # as the server orders them
+            return read_out(await engine.submit(audio, "utterance", head is not None, priority=priority))
 
         live = LiveStream(
             options,
@@ -114,6 +120,7 @@ class LocalBackend:
             tag=recognizer.tag,
             labels=[label.to_dict() for label in recognizer.labels],
             metrics=metrics,
+            pieces=engine_pieces(engine, read_out),
         )
         return LocalSession(live)
 
@@ -163,8 +170,6 @@ class RemoteBackend:
 
     async def open(self, options: StreamOptions) -> Session:
         if self.head is not None:
-            import dataclasses
-
             options = dataclasses.replace(options, head=self.head)
         client = await StreamClient.connect(self.url, options, api_key=self.api_key)
         messages = aiter(client)

@@ -9,9 +9,14 @@ time budget. The framework's VAD decides the turns, not ours.
 
 Under the hood a turn is a live stream's client-driven turn (docs/streaming.md: `vad=off`, `flush`): the
 turn's audio goes to the backend while the user speaks (after its first min_speech_s, so a short turn
-costs nothing), interim readings come every `hop_s`, and at "stopped" a `flush` asks for the turn's own
-reading, scored as /v1/recognize scores the same audio. Sending and receiving run on tasks of their own,
-so `feed` and the VAD calls return at once and never hold up the framework's pipeline.
+costs nothing) and is read in pieces of `chunk_s` as it comes (`chunk_s`: each piece's frames, each with
+a second of the turn before it as context; an interim reading pooling the pieces so far after each), so
+that at "stopped" a `flush` leaves only the last piece to score: the turn's reading pools the frames of
+all its pieces, one short model call after "stopped" whatever the turn's length. A turn no longer than
+chunk_s is scored whole, as /v1/recognize scores the same audio; `chunk_s=0` scores every turn whole
+(exact, one model call on the whole turn after "stopped") with interim readings over the last `window_s`
+every `hop_s`. Sending and receiving run on tasks of their own, so `feed` and the VAD calls return at
+once and never hold up the framework's pipeline.
 """
 
 from __future__ import annotations
@@ -33,8 +38,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT_S = 0.3  # after "stopped": the 250-500 ms to the final transcript (issue 25)
 DEFAULT_MIN_SPEECH_S = 0.8  # shorter turns get no reading (Pipecat's Voice Reader's minimum)
-DEFAULT_HOP_S = 0.5  # an interim reading every this much of a turn: the fallback is at most this old
-DEFAULT_WINDOW_S = 8.0  # an interim reading covers the turn's last this many seconds
+DEFAULT_CHUNK_S = 2.0  # a turn read in pieces of this many seconds: at "stopped" at most this much is left
+DEFAULT_HOP_S = 0.5  # chunk_s=0: an interim reading every this much of a turn (the fallback's age)
+DEFAULT_WINDOW_S = 8.0  # chunk_s=0: an interim reading covers the turn's last this many seconds
 MAX_PREROLL_S = 1.0  # audio kept from before "started", for a VAD that tells the start late
 MAX_MESSAGE_BYTES = 1 << 19  # audio sent at once: under the stream's 1 MiB
 RETRY_S = 1.0  # after a backend that could not be reached, the next try waits this long
@@ -117,6 +123,7 @@ class TurnReader:
         *,
         timeout: float = DEFAULT_TIMEOUT_S,
         min_speech_s: float = DEFAULT_MIN_SPEECH_S,
+        chunk_s: float = DEFAULT_CHUNK_S,
         hop_s: float = DEFAULT_HOP_S,
         window_s: float = DEFAULT_WINDOW_S,
     ) -> None:
@@ -124,7 +131,7 @@ class TurnReader:
             raise ValueError(f"timeout ({timeout}) and min_speech_s ({min_speech_s}) must be 0 or more")
         self.backend = backend
         self.timeout, self.min_speech_s = timeout, min_speech_s
-        self._base = StreamOptions(hop_s=hop_s, window_s=window_s, use_vad=False)
+        self._base = StreamOptions(hop_s=hop_s, window_s=window_s, use_vad=False, chunk_s=chunk_s)
         self._options: StreamOptions | None = None  # the format of the audio being fed
         self.clock_s = 0.0  # seconds of audio fed
         self._preroll: deque[bytes] = deque()

@@ -13,7 +13,10 @@ utterance (at most max_segment_s) and less than a VAD frame of audio.
 With `client_turns` (the stream's `vad=off`) no VAD runs: the client decides the turns (a voice agent's
 framework has its own VAD). Every sample belongs to the open turn, which opens with the first sample after
 the start or a `flush()` and is cut, unpadded, at the next `flush()`: a turn's segment is exactly the audio
-sent for it (what /v1/recognize scores for that audio).
+sent for it (what /v1/recognize scores for that audio). With `chunk_s` as well, the open turn is read in
+pieces while it is spoken: every chunk_s of it a `TurnPiece` (its new audio, and a window that reaches
+STREAM_CHUNK_CONTEXT_S further back into the turn), and at the turn's end the last piece before its
+`Segment`. A turn no longer than chunk_s has no pieces: it is scored whole.
 """
 
 from __future__ import annotations
@@ -28,7 +31,14 @@ from emoserve.audio.decode import check_finite
 from emoserve.audio.segments import AudioWindow, Segmenter
 from emoserve.audio.stream import To16k
 from emoserve.audio.vad import DEFAULT_VAD, FRAME, Segment, SileroVad, Vad, VadSettings
-from emoserve.constants import MIN_SAMPLES, SAMPLE_RATE, STREAM_ENCODINGS, STREAM_HOP_S, STREAM_WINDOW_S
+from emoserve.constants import (
+    MIN_SAMPLES,
+    SAMPLE_RATE,
+    STREAM_CHUNK_CONTEXT_S,
+    STREAM_ENCODINGS,
+    STREAM_HOP_S,
+    STREAM_WINDOW_S,
+)
 from emoserve.errors import AudioError
 
 PCM_DTYPES = (np.dtype("<i2"), np.dtype("<f4"))  # numpy's, of STREAM_ENCODINGS in order
@@ -49,7 +59,24 @@ class InterimWindow:
     samples: np.ndarray
 
 
-LiveEvent = SpeechStart | InterimWindow | Segment
+@dataclass(frozen=True)
+class TurnPiece:
+    """A piece of the open turn (`chunk_s`): the new audio is [start, end); `samples` are the window
+    [window_start, end) scored for it, whose frames from `start` on are the piece's."""
+
+    turn_start: int
+    window_start: int
+    start: int
+    end: int
+    samples: np.ndarray
+
+    @property
+    def context(self) -> int:
+        """Samples of the window before the piece's own audio."""
+        return self.start - self.window_start
+
+
+LiveEvent = SpeechStart | InterimWindow | TurnPiece | Segment
 
 
 class NoVad:
@@ -67,11 +94,14 @@ class ClientTurns:
     last `flush()`; one longer than max_segment_s is cut there (the pieces `split`), as the VAD's cut
     bounds what a stream holds. The segmenter's interface (`Segmenter`), without probabilities."""
 
-    def __init__(self, settings: VadSettings, on_start: Callable[[int], None]) -> None:
+    def __init__(self, settings: VadSettings, on_start: Callable[[int], None], chunk_s: float = 0.0) -> None:
         self.on_start = on_start
         self._max = int(settings.max_segment_s * SAMPLE_RATE)
+        self._chunk = round(chunk_s * SAMPLE_RATE)  # 0: no pieces
+        self._context = round(STREAM_CHUNK_CONTEXT_S * SAMPLE_RATE)
         self._audio = AudioWindow()
         self._start: int | None = None
+        self._pieced: int | None = None  # the open turn's audio read in pieces ends here
         self._split = False  # the open turn's earlier part was cut at max_segment_s
 
     @property
@@ -85,36 +115,53 @@ class ClientTurns:
     def audio(self, start: int, end: int) -> np.ndarray:
         return self._audio.slice(start, end).copy()
 
-    def push(self, samples: np.ndarray, probs: np.ndarray) -> list[Segment]:
-        out: list[Segment] = []
+    def push(self, samples: np.ndarray, probs: np.ndarray) -> list[Segment | TurnPiece]:
+        out: list[Segment | TurnPiece] = []
         while len(samples):
             if self._start is None:
-                self._start = self._audio.end
+                self._start = self._pieced = self._audio.end
                 self.on_start(self._start)
             room = self._start + self._max - self._audio.end
+            if self._chunk:  # stop at the next piece's end
+                assert self._pieced is not None
+                room = min(room, self._pieced + self._chunk - self._audio.end)
             self._audio.append(samples[:room])
             samples = samples[room:]
             if self._audio.end - self._start >= self._max:  # a turn past max_segment_s: cut, and go on
                 out += self._close(split=True)
-                self._start, self._split = self._audio.end, True
+                self._start = self._pieced = self._audio.end
+                self._split = True
+            elif self._chunk and self._audio.end - (self._pieced or 0) >= self._chunk:
+                out.append(self._piece())
         return out
 
-    def finish(self, last_probs: np.ndarray) -> list[Segment]:
+    def finish(self, last_probs: np.ndarray) -> list[Segment | TurnPiece]:
         return self.flush()
 
-    def flush(self) -> list[Segment]:
+    def flush(self) -> list[Segment | TurnPiece]:
         out = self._close(split=self._split)
         self._start, self._split = None, False
         return out
 
-    def _close(self, split: bool) -> list[Segment]:
+    def _piece(self) -> TurnPiece:
+        assert self._start is not None and self._pieced is not None
+        start, end = self._pieced, self._audio.end
+        window_start = max(self._start, min(start, end - MIN_SAMPLES) - self._context)
+        self._pieced = end
+        return TurnPiece(self._start, window_start, start, end, self.audio(window_start, end))
+
+    def _close(self, split: bool) -> list[Segment | TurnPiece]:
         start, end = self._start, self._audio.end
         samples = self.audio(start, end) if start is not None else NO_PROBS
+        pieces: list[Segment | TurnPiece] = []
+        if start is not None and self._pieced is not None and start < self._pieced < end:
+            pieces = [self._piece()]  # read in pieces: the rest is the last one
         self._audio.drop_before(end)
+        self._pieced = None
         if len(samples) < MIN_SAMPLES:
             return []  # nothing sent since the last flush, or less than the model's shortest input
         assert start is not None
-        return [Segment(start, end, samples, split)]
+        return [*pieces, Segment(start, end, samples, split)]
 
 
 class LiveCutter:
@@ -131,9 +178,13 @@ class LiveCutter:
         window_s: float = STREAM_WINDOW_S,
         vad_factory: Callable[[], Vad] = SileroVad,
         client_turns: bool = False,
+        chunk_s: float = 0.0,
         name: str = "<stream>",
     ) -> None:
-        """`client_turns`: no VAD; the turns are what the caller sends between `flush()`es."""
+        """`client_turns`: no VAD; the turns are what the caller sends between `flush()`es. `chunk_s`
+        (with client_turns): the turn in pieces (`TurnPiece`) instead of interim windows."""
+        if chunk_s and not client_turns:
+            raise ValueError("chunk_s reads the client's turns in pieces: it needs client_turns")
         if encoding not in ENCODINGS:
             raise ValueError(f"encoding is {encoding!r}; choose from {', '.join(ENCODINGS)}")
         if sample_rate < 1 or channels < 1:
@@ -145,13 +196,16 @@ class LiveCutter:
         self._to16k = To16k(sample_rate, channels, mix=True)
         self._vad: Vad = NoVad() if client_turns else vad_factory()
         self._segmenter: Segmenter | ClientTurns = (
-            ClientTurns(vad, self._started) if client_turns else Segmenter(vad, on_start=self._started)
+            ClientTurns(vad, self._started, chunk_s)
+            if client_turns
+            else Segmenter(vad, on_start=self._started)
         )
         self._hop, self._window = round(hop_s * SAMPLE_RATE), round(window_s * SAMPLE_RATE)
         self._partial = b""  # the bytes of an interleaved frame not complete yet
         self._frame_fill = 0  # samples of the VAD frame in progress already given to the segmenter
         self._start_at: int | None = None
         self._next_interim = 0
+        self._pieces = bool(chunk_s)  # the turn's pieces are its readings: no interim windows
         self.ended = False
 
     @property
@@ -236,8 +290,9 @@ class LiveCutter:
     def _push(self, samples: np.ndarray, probs: np.ndarray) -> list[LiveEvent]:
         self._start_at = None
         events: list[LiveEvent] = list(self._segmenter.push(samples, probs))
-        if self._start_at is not None:
-            events.append(SpeechStart(self._start_at))
+        if self._start_at is not None:  # before what it opened (a turn's pieces), after what it closed
+            at = next((i for i, e in enumerate(events) if getattr(e, "start", -1) >= self._start_at), None)
+            events.insert(len(events) if at is None else at, SpeechStart(self._start_at))
             self._next_interim = self._start_at + self._hop
         return events
 
@@ -246,7 +301,7 @@ class LiveCutter:
 
     def _interim(self) -> list[LiveEvent]:
         start, now = self._segmenter.open_start, self.samples
-        if start is None or now < self._next_interim:
+        if start is None or now < self._next_interim or self._pieces:
             return []
         # the next reading a hop_s of speech after this one, however many hops a large message spanned
         self._next_interim += ((now - self._next_interim) // self._hop + 1) * self._hop

@@ -12,15 +12,18 @@ timeline's summary line (`formats.summary_record`).
 
 from __future__ import annotations
 
+import math
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from emoserve.audio.live import InterimWindow, LiveEvent, SpeechStart
+import numpy as np
+
+from emoserve.audio.live import NO_PROBS, InterimWindow, LiveEvent, SpeechStart, TurnPiece
 from emoserve.audio.segments import clip_audio
 from emoserve.audio.vad import Segment
-from emoserve.constants import SAMPLE_RATE
+from emoserve.constants import MIN_SAMPLES, SAMPLE_RATE
 from emoserve.inference.formats import summary_record
 from emoserve.inference.protocol import (
     ErrorMessage,
@@ -92,7 +95,10 @@ class StreamMessages:
             message["head"] = asdict(result.head)
         return message
 
-    def segment(self, segment: Segment, result: Result, turn_id: TurnId | None = None) -> SegmentMessage:
+    def segment(
+        self, segment: Segment, result: Result, turn_id: TurnId | None = None, pieces: int = 0
+    ) -> SegmentMessage:
+        """`pieces`: the turn was read in that many pieces (chunk_s), its reading pools them."""
         timed = scored(segment, result)
         self.segments.append(timed)
         message: SegmentMessage = {"type": "segment", "seq": self._seq_next(), **timed.to_dict()}  # type: ignore[typeddict-item]
@@ -103,6 +109,8 @@ class StreamMessages:
             message["embedding"] = result.embedding.tolist()
         if turn_id is not None:
             message["turn_id"] = turn_id
+        if pieces:
+            message["pieces"] = pieces
         return message
 
     def summary(self, duration_s: float) -> SummaryMessage:
@@ -152,11 +160,16 @@ class LiveSession:
         *,
         tag: ModelTag,
         labels: Sequence[dict[str, str]],
+        pieces: tuple[Callable[[Audio], Result], Callable[[np.ndarray, float], Result], int] | None = None,
     ) -> None:
+        """`pieces` (for chunk_s): a piece's frame features, a pooled embedding's reading, the model's
+        samples per frame."""
         self.options = options
         self.cutter = options.cutter()
         self.messages = StreamMessages(options, tag)
         self._score = score
+        self._pieces = pieces
+        self._turn: TurnPool | None = None
         self.first = self.messages.ready(labels)
 
     def feed(self, data: Any) -> list[StreamMessage]:
@@ -176,16 +189,33 @@ class LiveSession:
 
     def _scored(self, events: list[LiveEvent], turn_id: TurnId | None = None) -> list[StreamMessage]:
         out: list[StreamMessage] = []
-        for event in events:
+        for at, event in enumerate(events):
             if isinstance(event, SpeechStart):
                 out.append(self.messages.speech_start(event))
             elif isinstance(event, InterimWindow):
                 out.append(self.messages.interim(event, self._score(window_audio(event), True)))
+            elif isinstance(event, TurnPiece):
+                assert self._pieces is not None, "chunk_s needs a scorer of pieces"
+                frames, _, hop = self._pieces
+                self._turn = self._turn or TurnPool(hop)
+                embedding = frames(piece_audio(event)).embedding
+                assert embedding is not None
+                self._turn.add(event, embedding)
+                if not (at + 1 < len(events) and isinstance(events[at + 1], Segment)):
+                    reading = InterimWindow(event.turn_start, event.end, NO_PROBS)
+                    out.append(self.messages.interim(reading, self._pooled()))
             else:
                 last = event is events[-1]  # a flush's segment is its last event
-                result = self._score(segment_audio(event), False)
-                out.append(self.messages.segment(event, result, turn_id if last else None))
+                turn, pieces = self._turn, self._turn.pieces if self._turn else 0
+                result = self._pooled() if turn else self._score(segment_audio(event), False)
+                self._turn = None
+                out.append(self.messages.segment(event, result, turn_id if last else None, pieces))
         return out
+
+    def _pooled(self) -> Result:
+        assert self._turn is not None and self._pieces is not None
+        duration_s = (self._turn.end - self._turn.start) / SAMPLE_RATE
+        return self._pieces[1](self._turn.pooled(), duration_s)
 
 
 def segment_audio(segment: Segment) -> Audio:
@@ -195,3 +225,37 @@ def segment_audio(segment: Segment) -> Audio:
 
 def window_audio(window: InterimWindow) -> Audio:
     return clip_audio(window.samples, f"{STREAM_NAME}@{window.start / SAMPLE_RATE:.2f}s (interim)")
+
+
+def piece_audio(piece: TurnPiece) -> Audio:
+    return clip_audio(piece.samples, f"{STREAM_NAME}@{piece.start / SAMPLE_RATE:.2f}s (piece)")
+
+
+class TurnPool:
+    """A turn read in pieces (`chunk_s`): the sum of its pieces' own frame features (each piece's frames
+    from where its new audio starts, its window's context left out), and their count. Their mean is the
+    turn's pooled embedding, scored as a clip's (`Recognizer.pooled_result`): the frames one pass over
+    the whole turn would average, each computed with at least STREAM_CHUNK_CONTEXT_S of the turn before
+    it instead of all of it. `frame_hop`: samples per frame (the model config's)."""
+
+    def __init__(self, frame_hop: int) -> None:
+        self.frame_hop = frame_hop
+        self.total: np.ndarray | None = None
+        self.frames = 0
+        self.pieces = 0
+        self.start = self.end = 0  # 16 kHz samples of the stream: the turn, as far as it is pooled
+
+    def add(self, piece: TurnPiece, frames: np.ndarray) -> None:
+        """`frames`: the piece window's frame features (T, D). A frame is the piece's when its centre is
+        in the piece's own audio (frame k spans samples [k*hop, k*hop + MIN_SAMPLES)); at least one is."""
+        first = min(max(0, math.ceil((piece.context - MIN_SAMPLES // 2) / self.frame_hop)), len(frames) - 1)
+        own = frames[first:].sum(axis=0, dtype=np.float64)
+        self.total = own if self.total is None else self.total + own
+        self.frames += len(frames) - first
+        self.pieces += 1
+        self.start = piece.turn_start if self.pieces == 1 else self.start
+        self.end = piece.end
+
+    def pooled(self) -> np.ndarray:
+        assert self.total is not None, "no piece pooled yet"
+        return (self.total / self.frames).astype(np.float32)

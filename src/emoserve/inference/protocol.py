@@ -24,6 +24,7 @@ from emoserve.constants import (
     FALSE_WORDS,
     GRANULARITIES,
     SAMPLE_RATE,
+    STREAM_CHUNK_S_RANGE,
     STREAM_ENCODINGS,
     STREAM_HOP_S,
     STREAM_HOP_S_RANGE,
@@ -63,6 +64,7 @@ class StreamOptions:
     labels: str | None = None  # a label subset (comma-separated or a named set): checked by the scorer
     min_confidence: float | None = None  # under it a reading's top label is `uncertain`
     use_vad: bool = True  # the query's vad=on|off; off: the client's `flush` messages cut the turns
+    chunk_s: float = 0.0  # vad=off: a turn scored in pieces of this many seconds as it arrives (0: whole)
 
     def __post_init__(self) -> None:
         self.check()
@@ -101,6 +103,7 @@ class StreamOptions:
             labels=query.get("labels") or None,
             min_confidence=_number(query, "min_confidence", None, float),
             use_vad=_boolean(query, VAD_PARAMETER, default=True, words="on or off"),
+            chunk_s=_number(query, "chunk_s", 0.0, float),
         )
 
     def to_query(self) -> dict[str, str]:
@@ -126,6 +129,17 @@ class StreamOptions:
             )
         if self.min_confidence is not None and not 0.0 <= self.min_confidence <= 1.0:
             raise ValueError(f"min_confidence is {self.min_confidence:g}; it must be 0-1")
+        if self.chunk_s:
+            shortest, longest = STREAM_CHUNK_S_RANGE
+            if not shortest <= self.chunk_s <= longest:
+                raise ValueError(
+                    f"chunk_s is {self.chunk_s:g}; it must be 0 (a turn scored whole) or "
+                    f"{shortest:g}-{longest:g}"
+                )
+            if self.use_vad:
+                raise ValueError("chunk_s reads the client's turns in pieces: it needs vad=off")
+            if self.granularity != "utterance":
+                raise ValueError("chunk_s gives a turn's utterance reading: it needs granularity=utterance")
 
     def cutter(self) -> LiveCutter:
         from emoserve.audio.live import LiveCutter
@@ -138,6 +152,7 @@ class StreamOptions:
             hop_s=self.hop_s,
             window_s=self.window_s,
             client_turns=not self.use_vad,
+            chunk_s=self.chunk_s,
         )
 
     def seconds(self, n_bytes: int) -> float:
@@ -159,6 +174,7 @@ class StreamOptions:
             "labels": self.labels,
             "min_confidence": self.min_confidence,
             VAD_PARAMETER: "on" if self.use_vad else "off",
+            "chunk_s": self.chunk_s,
         }
 
 
@@ -307,6 +323,7 @@ class SegmentMessage(TypedDict):
     frames: NotRequired[list[dict[str, Any]]]  # with granularity=frame
     embedding: NotRequired[list[float]]  # with embedding=true
     turn_id: NotRequired[TurnId]  # the answer to a `flush` that named its turn
+    pieces: NotRequired[int]  # with chunk_s: the turn was read in this many pieces, its reading pools them
 
 
 class SummaryMessage(TypedDict):

@@ -36,7 +36,7 @@ from emoserve.inference.options import ModelOptions
 from emoserve.inference.precision import choose_precision
 from emoserve.inference.results import FrameResult, ModelTag, Result
 from emoserve.model.cache import ensure_intact, resolve
-from emoserve.model.entry import ModelInfo, read_entry
+from emoserve.model.entry import WEIGHTS_FILE, ModelInfo, read_entry
 from emoserve.model.interface import finite, pad, softmax
 from emoserve.model.labels import Label
 from emoserve.system import physical_cores, return_freed_memory, trim
@@ -77,6 +77,7 @@ class Recognizer:
         self._by_key = {label.en: label for label in self.labels}
         # `use_calibration` (`emoserve calibrate`): the utterance scores it maps to calibrated ones
         self.calibration: Calibration | None = None
+        self._proj: tuple[np.ndarray, np.ndarray] | None = None  # the classifier, for `pooled_result`
         # each model call allocates its activations and frees them: give them back (system.py)
         return_freed_memory()
 
@@ -218,7 +219,7 @@ class Recognizer:
         (docs/streaming.md; `first` is its `ready`): speech_start, interim readings, each utterance's
         segment (what `timeline()` gives for the same audio) and the summary. Options are StreamOptions'
         (sample_rate, encoding, channels, hop_s, window_s, vad, granularity, embedding, labels,
-        min_confidence)."""
+        min_confidence, use_vad, chunk_s)."""
         from emoserve.inference.live import LiveSession
         from emoserve.inference.protocol import StreamOptions
 
@@ -230,11 +231,18 @@ class Recognizer:
             granularity = "utterance" if interim else chosen.granularity
             return scorer.predict_batch([audio], granularity, chosen.embedding and not interim)[0]
 
+        def frames(audio: Audio) -> Result:  # a piece of a turn (chunk_s): its frame features
+            return self.predict_batch([audio], "frame", True)[0]
+
+        def pooled(embedding: np.ndarray, duration_s: float) -> Result:
+            return scorer.pooled_result(embedding, duration_s, chosen.embedding)
+
         return LiveSession(
             score,
             chosen,
             tag=self.tag,
             labels=[label.to_dict() for label in self.labels],
+            pieces=(frames, pooled, self.info.config.frame_hop),
         )
 
     def with_head(self, head: Head) -> Recognizer:
@@ -294,23 +302,62 @@ class Recognizer:
             if embedding:
                 emb = out.frames[i, :n] if out.frames is not None else out.pooled[i]
             result = self._result(
-                clip,
+                clip.duration_s,
                 granularity,
                 scores[i],
                 frame_scores[i, :n] if frame_scores is not None else None,
                 emb,
             )
-            if head is not None:
-                result = dataclasses.replace(result, head=head_result(head, out.pooled[i]))
-            head_threshold = first_set(
-                readout.min_confidence if readout else None, head.min_confidence if head else None
-            )
-            results.append(read_out(result, readout, self._by_key, head_threshold))
+            results.append(self._read_out(result, out.pooled[i], head, readout))
         return results
+
+    def _read_out(
+        self, result: Result, pooled: np.ndarray, head: Head | None, readout: Readout | None
+    ) -> Result:
+        """`result` with `head`'s result on `pooled`, read out as `readout` asks."""
+        if head is not None:
+            result = dataclasses.replace(result, head=head_result(head, pooled))
+        head_threshold = first_set(
+            readout.min_confidence if readout else None, head.min_confidence if head else None
+        )
+        return read_out(result, readout, self._by_key, head_threshold)
+
+    def pooled_result(
+        self,
+        pooled: np.ndarray,
+        duration_s: float,
+        embedding: bool = False,
+        *,
+        head: Head | None = None,
+        readout: Readout | None = None,
+    ) -> Result:
+        """The utterance result of a pooled embedding (dim,): the classifier (`proj`, read from the entry's
+        weights in float32) and the label mask, softmax and calibration every result gets. A turn read in
+        pieces (a live stream's `chunk_s`) pools its pieces' frames and is scored here; for one clip's own
+        pooled embedding this is the clip's result (tests: within float32 rounding of the network's own
+        classifier)."""
+        weight, bias = self._classifier()
+        logits = pooled.astype(np.float32) @ weight.T + bias
+        scores = softmax(logits[None, self._kept])
+        if self.calibration is not None:
+            scores = self.calibration.apply(scores)
+        result = self._result(duration_s, "utterance", scores[0], None, pooled if embedding else None)
+        return self._read_out(result, pooled, head, readout)
+
+    def _classifier(self) -> tuple[np.ndarray, np.ndarray]:
+        if self._proj is None:
+            from safetensors import safe_open
+
+            with safe_open(self.info.path / WEIGHTS_FILE, framework="np") as weights:
+                self._proj = (
+                    weights.get_tensor("proj.weight").astype(np.float32),
+                    weights.get_tensor("proj.bias").astype(np.float32),
+                )
+        return self._proj
 
     def _result(
         self,
-        clip: Audio,
+        duration_s: float,
         granularity: Granularity,
         scores: np.ndarray,
         frame_scores: np.ndarray | None,
@@ -324,7 +371,7 @@ class Recognizer:
             emoji=label.emoji,
             confidence=float(scores[best]),
             scores=self._named(scores),
-            duration_s=round(clip.duration_s, 6),
+            duration_s=round(duration_s, 6),
             granularity=granularity,
             model=self.tag.model,
             random_weights=self.tag.random_weights,
@@ -375,6 +422,23 @@ class WithHead(Recognizer):
         return super().predict_batch(
             clips,
             granularity,
+            embedding,
+            head=head or self.head,
+            readout=readout if readout is not None and not readout.empty else self.chosen,
+        )
+
+    def pooled_result(
+        self,
+        pooled: np.ndarray,
+        duration_s: float,
+        embedding: bool = False,
+        *,
+        head: Head | None = None,
+        readout: Readout | None = None,
+    ) -> Result:
+        return super().pooled_result(
+            pooled,
+            duration_s,
             embedding,
             head=head or self.head,
             readout=readout if readout is not None and not readout.empty else self.chosen,

@@ -9,6 +9,11 @@ in order, and back-pressure instead of drops.
     closes the open utterance now (its segment carries the turn_id); end() flushes and the summary comes
     last.
 
+With vad=off and chunk_s, a turn is read in pieces as it arrives (`Pieces`): each piece's frame features
+at Priority.STREAM_INTERIM (never skipped), an interim reading pooling the pieces so far (no model call of
+its own), and at the turn's end only its last piece is left to score, at Priority.STREAM_SEGMENT: the
+reading is ready a short model call after `flush`, whatever the turn's length.
+
 Back-pressure: `feed` returns only once fewer than MAX_PENDING_SEGMENTS segments wait for their scores,
 so a client that sends faster than the model keeps up stops being read (TCP holds its audio) instead of
 the server queueing it: a stream holds at most that many segments (max_segment_s of audio each) and
@@ -24,17 +29,51 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
-from emoserve.audio.live import InterimWindow, LiveEvent, SpeechStart
+import numpy as np
+
+from emoserve.audio.live import NO_PROBS, InterimWindow, LiveEvent, SpeechStart, TurnPiece
 from emoserve.audio.vad import Segment
-from emoserve.inference.live import StreamMessages, segment_audio, window_audio
+from emoserve.constants import SAMPLE_RATE
+from emoserve.inference.live import StreamMessages, TurnPool, piece_audio, segment_audio, window_audio
 from emoserve.inference.protocol import ErrorMessage, ReadyMessage, StreamMessage, StreamOptions, TurnId
 from emoserve.serving.metrics import Metrics
 
 if TYPE_CHECKING:
     from emoserve.audio.decode import Audio
     from emoserve.inference.results import ModelTag, Result
+    from emoserve.serving.engine import Engine
 
 MAX_PENDING_SEGMENTS = 2  # segments cut and waiting for their scores; beyond, the stream is not read
+MAX_PENDING_PIECES = 4  # pieces of turns (chunk_s) waiting for their frames; beyond, likewise
+
+
+@dataclass(frozen=True)
+class Pieces:
+    """How a turn read in pieces (StreamOptions.chunk_s) is scored: `frames(audio, last)` a piece's frame
+    features (a result whose `embedding` is (T, D); `last`: the turn's last piece, someone waits for it),
+    `pooled(embedding, duration_s)` the turn's reading from its pooled embedding, read out as the stream's
+    other results are; `frame_hop` the model's samples per frame."""
+
+    frames: Callable[[Audio, bool], Awaitable[Result]]
+    pooled: Callable[[np.ndarray, float], Result]
+    frame_hop: int
+
+
+def engine_pieces(engine: Engine, read_out: Callable[[Result], Result]) -> Pieces:
+    """Pieces scored on `engine` (a full queue waited out, as a recording's segments), the turn's reading
+    made by its recognizer's classifier and given to `read_out` (a head, the request's label subset and
+    threshold) with its pooled embedding."""
+    from emoserve.serving.engine import Priority
+    from emoserve.serving.timeline import submit_waiting
+
+    async def frames(audio: Audio, last: bool) -> Result:
+        priority = Priority.STREAM_SEGMENT if last else Priority.STREAM_INTERIM
+        return await submit_waiting(lambda: engine.submit(audio, "frame", True, priority=priority))
+
+    def pooled(embedding: np.ndarray, duration_s: float) -> Result:
+        return read_out(engine.recognizer.pooled_result(embedding, duration_s, embedding=True))
+
+    return Pieces(frames, pooled, engine.recognizer.info.config.frame_hop)
 
 
 @dataclass
@@ -46,6 +85,7 @@ class _Item:
     arrived: float = 0.0  # when the audio that produced the event arrived (segment latency)
     fatal: bool = False  # an error that ends the stream: told after the summary
     turn_id: TurnId | None = None  # a segment that answers a flush
+    pieces: int = 0  # a segment whose reading pools this many pieces (chunk_s)
 
 
 class LiveStream:
@@ -60,7 +100,11 @@ class LiveStream:
         tag: ModelTag,
         labels: list[dict[str, str]],
         metrics: Metrics,
+        pieces: Pieces | None = None,
     ) -> None:
+        """`pieces`: how turns are read in pieces; needed for a stream with chunk_s (ValueError)."""
+        if options.chunk_s and pieces is None:
+            raise ValueError("chunk_s: this server does not read turns in pieces; use chunk_s=0")
         self.options = options
         self.cutter = options.cutter()
         self.messages = StreamMessages(options, tag)
@@ -73,6 +117,8 @@ class LiveStream:
         self._room.set()
         self._interim: asyncio.Task[Result] | None = None
         self._tasks: set[asyncio.Task[Result]] = set()
+        self._pieces = pieces
+        self._turn: list[tuple[TurnPiece, asyncio.Task[Result]]] = []  # the open turn's pieces so far
         self.ended = False
 
     @property
@@ -87,6 +133,8 @@ class LiveStream:
         self._metrics.stream_audio_seconds_total.inc(self.options.seconds(len(data)))
         self._dispatch(events, arrived)
         await self._room.wait()
+        while len(waiting := [task for _, task in self._turn if not task.done()]) >= MAX_PENDING_PIECES:
+            await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
 
     async def flush(self, turn_id: TurnId | None = None) -> None:
         """Close the open utterance now (with vad=off: the turn): its segment, scored as a segment, carries
@@ -143,7 +191,7 @@ class LiveStream:
                 self._pending -= 1
                 if self._pending < MAX_PENDING_SEGMENTS:
                     self._room.set()
-            message = self.messages.segment(item.event, result, item.turn_id)
+            message = self.messages.segment(item.event, result, item.turn_id, item.pieces)
             self._metrics.stream_segment_latency_seconds.observe(time.monotonic() - item.arrived)
             yield message
 
@@ -162,7 +210,7 @@ class LiveStream:
 
     def _dispatch(self, events: list[LiveEvent], arrived: float, turn_id: TurnId | None = None) -> None:
         """`turn_id`: the last event is the segment that answers a flush."""
-        for event in events:
+        for at, event in enumerate(events):
             if isinstance(event, SpeechStart):
                 self._out.put_nowait(_Item("now", build=functools.partial(self.messages.speech_start, event)))
             elif isinstance(event, InterimWindow):
@@ -171,15 +219,38 @@ class LiveStream:
                     continue
                 self._interim = self._task(self._score(window_audio(event), True))
                 self._out.put_nowait(_Item("interim", event, score=self._interim))
+            elif isinstance(event, TurnPiece):
+                assert self._pieces is not None
+                last = at + 1 < len(events) and isinstance(events[at + 1], Segment)
+                self._turn.append((event, self._task(self._pieces.frames(piece_audio(event), last))))
+                if not last:  # a reading of the turn so far; the last piece's is the segment
+                    reading = InterimWindow(event.turn_start, event.end, NO_PROBS)
+                    self._out.put_nowait(
+                        _Item("interim", reading, score=self._task(self._pool(list(self._turn))))
+                    )
             else:
                 if self._interim is not None and not self._interim.done():
                     self._interim.cancel()  # its utterance is over: the segment says more, sooner
                 self._pending += 1
                 if self._pending >= MAX_PENDING_SEGMENTS:
                     self._room.clear()
-                score = self._task(self._score(segment_audio(event), False))
+                turn, self._turn = self._turn, []
+                score = self._task(self._pool(turn) if turn else self._score(segment_audio(event), False))
                 answer = turn_id if event is events[-1] else None
-                self._out.put_nowait(_Item("segment", event, score=score, arrived=arrived, turn_id=answer))
+                self._out.put_nowait(
+                    _Item("segment", event, score=score, arrived=arrived, turn_id=answer, pieces=len(turn))
+                )
+
+    async def _pool(self, turn: list[tuple[TurnPiece, asyncio.Task[Result]]]) -> Result:
+        """The reading of a turn's pieces (those given: a copy is taken), once their frames are in."""
+        assert self._pieces is not None
+        pool = TurnPool(self._pieces.frame_hop)
+        for piece, task in list(turn):
+            frames = (await task).embedding
+            assert frames is not None and frames.ndim == 2, "a piece is scored with its frame features"
+            pool.add(piece, frames)
+        duration_s = (pool.end - pool.start) / SAMPLE_RATE
+        return self._pieces.pooled(pool.pooled(), duration_s)
 
     def _task(self, score: Awaitable[Result]) -> asyncio.Task[Result]:
         task = asyncio.ensure_future(score)

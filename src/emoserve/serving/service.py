@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import threading
@@ -453,8 +454,8 @@ class Service:
         that fits when requests are not accepted, or with too_many_streams beyond max_streams.
         `counted=False` (the routes' warm-up): the stream's figures go to a registry of their own."""
         from emoserve.serving.engine import Priority
-        from emoserve.serving.heads import pick_head
-        from emoserve.serving.live import LiveStream
+        from emoserve.serving.heads import apply_head, pick_head
+        from emoserve.serving.live import LiveStream, engine_pieces
 
         if not self.accepting:
             error = self.unavailable()
@@ -492,6 +493,12 @@ class Service:
                 )
             )
 
+        def read_out(result: Result) -> Result:  # a turn read in pieces, as `_recognize_on` reads out
+            if (chosen := pick_head(self.heads, options.head)) is None:
+                kept = result if options.embedding else dataclasses.replace(result, embedding=None)
+                return self._read_out(kept, asked, None)
+            return self._read_out(apply_head(result, chosen, options.embedding, self.metrics), asked, chosen)
+
         assert self.model_summary is not None  # accepting: loaded
         metrics = self.metrics if counted else Metrics(self.settings.max_queue)
         stream = LiveStream(
@@ -500,6 +507,7 @@ class Service:
             tag=ModelTag.from_summary(self.model_summary),
             labels=list(self.model_summary["labels"]),
             metrics=metrics,
+            pieces=engine_pieces(engine, read_out),
         )
         self._streams += 1
         metrics.streams_total.labels("opened").inc()
