@@ -17,8 +17,13 @@ divided by the sessions.
 
 Backends: in process (`LocalBackend`: one model, the sessions share its engine) at the default precision
 (dtype auto) and at float32; remote (`RemoteBackend`) on an `emoserve serve --no-ui` process at float32.
-Baseline measured in the same run: the model time of each turn length at idle (`Recognizer.predict` in
-this process, median of 3), against which the latencies are printed as ratios.
+Each with the reader's default, turns read in pieces (`chunk_s` 2 s: at "stopped" only the last piece is
+left), and at the default precision also with every turn scored whole (`chunk_s` 0: exact, one call on
+the whole turn after "stopped"). Baseline measured in the same run: the model time of each turn length at
+idle (`Recognizer.predict` in this process, median of 3), against which the latencies are printed as
+ratios. What reading in pieces changes in the reading itself: each turn's pooled reading against the same
+audio scored whole (the library's stream with chunk_s against `predict`), the largest score difference
+and whether the top emotion is the same.
 
 Targets (issue 25, this 2-core CPU): in process, one session, large model: p95 <= 0.3 s for turns up to
 8 s; 4 sessions: p95 <= 0.5 s with no reading lost.
@@ -57,6 +62,7 @@ TURN_PAUSE_S = 1.0  # silence between turns (the agent's reply, in a real call)
 FRAME_S = 0.02
 STAGGER_S = 0.53
 TIMEOUT_S = 0.3  # the TurnReader's default
+CHUNK_S = 2.0  # the TurnReader's default (agents/turns.py DEFAULT_CHUNK_S)
 WAIT_S = 60.0  # the benchmark's reader waits this long: the true latency of a late reading
 SESSIONS = (1, 4)
 TARGETS = {"p95_one": 0.3, "p95_four": 0.5}
@@ -108,10 +114,12 @@ class Level:
         return sum(1 for t in self.turns if not t.met and t.lost)
 
 
-async def session(backend: Any, turns: list[bytes], start_at: float, out: list[TurnResult]) -> None:
+async def session(
+    backend: Any, turns: list[bytes], start_at: float, out: list[TurnResult], chunk_s: float
+) -> None:
     from emoserve.agents import TurnReader
 
-    reader = TurnReader(backend, timeout=WAIT_S)
+    reader = TurnReader(backend, timeout=WAIT_S, chunk_s=chunk_s)
     loop = asyncio.get_running_loop()
     await asyncio.sleep(max(0.0, start_at - loop.time()))
     size = int(FRAME_S * 16_000) * 2
@@ -148,7 +156,9 @@ async def session(backend: Any, turns: list[bytes], start_at: float, out: list[T
     await reader.close()
 
 
-def run_level(name: str, make_backend: Any, sessions: int, turns: list[bytes], cpu: Any) -> Level:
+def run_level(
+    name: str, make_backend: Any, sessions: int, turns: list[bytes], cpu: Any, chunk_s: float = CHUNK_S
+) -> Level:
     level = Level(name, sessions)
 
     async def main() -> None:
@@ -157,7 +167,7 @@ def run_level(name: str, make_backend: Any, sessions: int, turns: list[bytes], c
         outs: list[list[TurnResult]] = [[] for _ in range(sessions)]
         start = loop.time() + 0.2
         await asyncio.gather(
-            *(session(backend, turns, start + i * STAGGER_S, outs[i]) for i in range(sessions))
+            *(session(backend, turns, start + i * STAGGER_S, outs[i], chunk_s) for i in range(sessions))
         )
         level.turns = [t for o in outs for t in o]
 
@@ -192,6 +202,26 @@ def model_times(recognizer: Any, turns: list[bytes], runs: int) -> dict[float, f
     return out
 
 
+def pieces_against_whole(recognizer: Any, turns: list[bytes]) -> None:
+    """Each turn's reading in pieces (the library's stream, vad=off, chunk_s) against it scored whole."""
+    rows = []
+    for pcm in turns:
+        samples = np.frombuffer(pcm, "<i2").astype(np.float32) / 32768.0
+        whole = recognizer.predict(samples, sample_rate=16_000)
+        stream = recognizer.stream(use_vad=False, chunk_s=CHUNK_S)
+        pooled = (stream.feed(pcm) + stream.flush())[-1]
+        assert pooled["type"] == "segment"
+        diff = max(abs(whole.scores[k] - pooled["scores"][k]) for k in whole.scores)
+        top = "same" if whole.emotion == pooled["emotion"] else f"{whole.emotion} -> {pooled['emotion']}"
+        rows.append([f"{len(pcm) / 32_000:g}", pooled.get("pieces", 0), f"{diff:.4f}", top,
+                     f"{whole.confidence:.3f}", f"{pooled['confidence']:.3f}"])  # fmt: skip
+    where = f"{recognizer.backend.name} {recognizer.dtype}"
+    print(f"read in pieces of {CHUNK_S:g} s against scored whole ({where}):")
+    table(["turn (s)", "pieces", "largest score difference", "top emotion", "whole: top score",
+           "pieces: top score"], rows)  # fmt: skip
+    print()
+
+
 def report(levels: list[Level], baseline: dict[float, float]) -> None:
     rows = []
     short_model = max(v for k, v in baseline.items() if k <= SHORT_TURN_S)
@@ -213,7 +243,7 @@ def report(levels: list[Level], baseline: dict[float, float]) -> None:
     print("model time at idle (baseline): " + ", ".join(f"{k:g} s: {v:.3f} s" for k, v in baseline.items()))
     print()
     for level in levels:
-        if level.name.startswith("in process") and level.sessions in (1, 4):
+        if level.name.startswith("in process") and level.sessions in (1, 4):  # each kind against the target
             limit = TARGETS["p95_one"] if level.sessions == 1 else TARGETS["p95_four"]
             p95 = percentile(level.latencies(SHORT_TURN_S), 95)
             print(f"- {level.name}, {level.sessions} session(s): p95 {p95:.3f} s {verdict(p95, limit)}"
@@ -235,18 +265,20 @@ def main() -> None:
         print(f"in process, dtype {dtype}: {recognizer.backend.name} {recognizer.dtype}")
         if dtype == "float32":
             baseline = model_times(recognizer, turns, runs)
-        for n in SESSIONS:
-            levels.append(
-                run_level(f"in process, {dtype}", lambda r=recognizer: LocalBackend(r), n, turns, own_cpu)
-            )
+        pieces_against_whole(recognizer, turns)
+        for chunk_s in (CHUNK_S, 0.0) if dtype == "auto" else (CHUNK_S,):
+            how = f"pieces {chunk_s:g} s" if chunk_s else "whole"
+            for n in SESSIONS:
+                make = lambda r=recognizer: LocalBackend(r)  # noqa: E731
+                levels.append(run_level(f"in process, {dtype}, {how}", make, n, turns, own_cpu, chunk_s))
     port = free_port()
     argv = serve_argv(model.entry, port, "--no-ui", "--dtype", "float32")
     url = f"ws://127.0.0.1:{port}"
     with running_server("agents", argv, port) as server:
         server.wait_for("/readyz")
         for n in SESSIONS:
-            levels.append(run_level("remote, float32", lambda: RemoteBackend(url), n, turns,
-                                    lambda: process_cpu(server.pid)))  # fmt: skip
+            levels.append(run_level(f"remote, float32, pieces {CHUNK_S:g} s", lambda: RemoteBackend(url), n,
+                                    turns, lambda: process_cpu(server.pid)))  # fmt: skip
     print()
     report(levels, baseline)
     print(json.dumps({"levels": [[lv.name, lv.sessions, lv.latencies()] for lv in levels]}))

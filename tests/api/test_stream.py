@@ -157,6 +157,7 @@ def test_every_message_and_its_fields(server: Live, speech: Path) -> None:
         ("vad_threshold=2", "threshold is 2"),
         ("granularity=word", "granularity is 'word'"),
         ("head=nope", "head is 'nope'"),
+        ("chunk_s=2", "chunk_s reads the client's turns in pieces: it needs vad=off"),
     ],
 )
 def test_a_bad_parameter_is_an_error_then_close_1008(server: Live, query: str, says: str) -> None:
@@ -357,6 +358,39 @@ def test_vad_off_and_flush_give_recognize_scores_for_each_turn(server: Live) -> 
             assert segment["scores"][label] == pytest.approx(score, abs=SCORE_TOL)
     summary = received[-1]
     assert summary["type"] == "summary" and summary["summary"]["segments"] == 3 and summary["vad"] is None
+
+
+def test_a_turn_read_in_pieces_gives_the_librarys_pooled_reading(server: Live, tiny_recognizer: Any) -> None:
+    """vad=off&chunk_s: interim readings of the turn so far after each piece, and the flush's segment
+    pooling every piece (`pieces`), as the library's stream reads the same audio (tests/inference/
+    test_live.py checks that against the definition); a short turn is scored whole, as /v1/recognize."""
+    long, short = (wav_pcm(w) for w in turn_audio("zh_3s_16k.wav", "en_3s_8k.wav"))
+    long = long + short  # 6 s: 3 pieces of 2 s
+    with connect(ws_url(server, "vad=off&chunk_s=2")) as ws:
+        ready = json.loads(ws.recv())
+        assert ready["parameters"]["chunk_s"] == 2.0
+        for turn_id, data in (("long", long), ("short", short[: int(1.5 * RATE) * 2])):
+            for at in range(0, len(data), 3200):
+                ws.send(data[at : at + 3200])
+            ws.send(json.dumps({"type": "flush", "turn_id": turn_id}))
+        ws.send(json.dumps({"type": "end"}))
+        received = received_until_closed(ws)
+    library = tiny_recognizer.stream(use_vad=False, chunk_s=2.0)
+    expected = [m for m in library.feed(long) + library.flush("long") if m["type"] in ("interim", "segment")]
+    got = [m for m in received if m["type"] in ("interim", "segment")]
+    assert [(m["type"], m["start_s"], m["end_s"]) for m in got[: len(expected)]] == [
+        (m["type"], m["start_s"], m["end_s"]) for m in expected
+    ]
+    assert [m["type"] for m in expected] == ["interim", "interim", "segment"] and got[2]["pieces"] == 3
+    for mine, theirs in zip(got, expected, strict=False):
+        for label, score in theirs["scores"].items():
+            assert mine["scores"][label] == pytest.approx(score, abs=SCORE_TOL)
+    last = got[-1]
+    assert last["turn_id"] == "short" and "pieces" not in last
+    short_wav = wav_bytes(clip("en_3s_8k.wav")[: int(1.5 * RATE)])
+    recognized = server.client.post("/v1/recognize", content=short_wav).json()
+    for label, score in recognized["scores"].items():
+        assert last["scores"][label] == pytest.approx(score, abs=SCORE_TOL)
 
 
 def test_flush_with_the_vad_on_closes_the_open_utterance_early(server: Live, speech: Path) -> None:

@@ -10,7 +10,7 @@ import pytest
 import soundfile as sf
 import soxr
 
-from emoserve.audio.live import InterimWindow, LiveCutter, LiveEvent, SpeechStart
+from emoserve.audio.live import InterimWindow, LiveCutter, LiveEvent, SpeechStart, TurnPiece
 from emoserve.audio.segments import Recording
 from emoserve.audio.vad import Segment, VadSettings
 from emoserve.errors import AudioError
@@ -204,6 +204,47 @@ def test_client_turns_are_the_audio_between_flushes() -> None:
         (RATE, 3 * RATE, True), (3 * RATE, 5 * RATE, True), (5 * RATE, 6 * RATE, True),
     ]  # fmt: skip
     np.testing.assert_array_equal(np.concatenate([s.samples for s in segments(events)]), noise[RATE:])
+
+
+def test_a_turn_read_in_pieces_gives_every_sample_to_one_piece_with_a_second_before_as_context() -> None:
+    """chunk_s: a piece every chunk_s of the turn (whatever the message sizes), the rest at its end as the
+    last piece before the turn's segment; each piece's window reaches 1 s back into its turn (not before
+    it), and no interim windows are cut."""
+    rng = np.random.default_rng(1)
+    noise = rng.normal(0, 0.1, 9 * RATE).astype(np.float32)
+    cutter = LiveCutter(client_turns=True, chunk_s=2.0, vad=VadSettings(max_segment_s=6.0))
+    events = [
+        e
+        for at in range(0, 5 * RATE + 3000, 777)
+        for e in cutter.feed(noise[at : min(at + 777, 5 * RATE + 3000)])
+    ]
+    events += cutter.flush()
+    assert [type(e).__name__ for e in events] == [
+        "SpeechStart", "TurnPiece", "TurnPiece", "TurnPiece", "Segment",
+    ]  # fmt: skip
+    pieces = [e for e in events if isinstance(e, TurnPiece)]
+    end = 5 * RATE + 3000
+    assert [(p.start, p.end) for p in pieces] == [(0, 2 * RATE), (2 * RATE, 4 * RATE), (4 * RATE, end)]
+    assert [p.window_start for p in pieces] == [0, RATE, 3 * RATE]
+    assert [p.context for p in pieces] == [0, RATE, RATE]
+    for p in pieces:
+        np.testing.assert_array_equal(p.samples, noise[p.window_start : p.end])
+    (turn,) = segments(events)
+    assert (turn.start, turn.end) == (0, end)  # the turn's segment is still the whole turn
+    # a turn no longer than chunk_s: no pieces, its segment alone (scored whole)
+    short = cutter.feed(noise[end : end + RATE]) + cutter.flush()
+    assert [type(e).__name__ for e in short] == ["SpeechStart", "Segment"]
+    # past max_segment_s: the part cut there ends its pieces, and the next part's start afresh
+    rest = cutter.feed(noise[: 7 * RATE]) + cutter.flush()
+    kinds = [type(e).__name__ for e in rest]
+    assert kinds == ["SpeechStart", "TurnPiece", "TurnPiece", "TurnPiece", "Segment", "Segment"], kinds
+    second = [e for e in rest if isinstance(e, Segment)][1]
+    assert second.split and second.end - second.start == RATE
+
+
+def test_pieces_need_client_turns() -> None:
+    with pytest.raises(ValueError, match="client_turns"):
+        LiveCutter(chunk_s=2.0)
 
 
 def test_a_flush_with_the_vad_on_closes_the_open_utterance_at_the_audio_received(speech: Path) -> None:

@@ -39,6 +39,8 @@ def test_from_query_reads_every_parameter():
     )  # fmt: skip
     # what a client sends is what the server reads back (api_key travels apart)
     assert StreamOptions.from_query(options.to_query()) == options
+    pieces = StreamOptions.from_query({"vad": "off", "chunk_s": "2.5"})
+    assert pieces.chunk_s == 2.5 and StreamOptions.from_query(pieces.to_query()) == pieces
     assert StreamOptions.from_query({}) == StreamOptions()
 
 
@@ -57,6 +59,10 @@ def test_from_query_reads_every_parameter():
         ({"hopp_s": "1"}, "unknown parameter 'hopp_s'"),
         ({"vad": "sometimes"}, "vad is 'sometimes'; use on or off"),
         ({"use_vad": "off"}, "unknown parameter 'use_vad'"),
+        ({"vad": "off", "chunk_s": "0.5"}, "chunk_s is 0.5; it must be 0 (a turn scored whole) or 1-30"),
+        ({"vad": "off", "chunk_s": "soon"}, "chunk_s is 'soon'; it must be a number"),
+        ({"chunk_s": "2"}, "chunk_s reads the client's turns in pieces: it needs vad=off"),
+        ({"vad": "off", "chunk_s": "2", "granularity": "frame"}, "chunk_s gives a turn's utterance reading"),
     ],
 )
 def test_from_query_names_the_bad_parameter(query, named):

@@ -110,6 +110,23 @@ def test_frame_scores_are_the_head_on_each_frame(tiny_recognizer: Recognizer) ->
     np.testing.assert_allclose(got, direct, atol=1e-6)
 
 
+@pytest.mark.parametrize("clip", CLIPS)
+def test_a_pooled_embedding_is_scored_as_its_clip(backend: Recognizer, clip: str) -> None:
+    """`pooled_result` (a turn read in pieces) runs the classifier on an embedding: on a clip's own pooled
+    embedding it gives the clip's scores, the reference's, read out as the scorer asks."""
+    result = backend.predict((wave(clip), 16000), embedding=True)
+    assert result.embedding is not None
+    pooled = backend.pooled_result(result.embedding, result.duration_s)
+    assert (pooled.emotion, pooled.duration_s, pooled.embedding) == (result.emotion, result.duration_s, None)
+    np.testing.assert_allclose(
+        list(pooled.scores.values()), expected(clip, "utterance")["scores"], atol=SCORE_TOL
+    )
+    subset = backend.scoring(None, backend.readout("angry,happy,neutral,sad", None))
+    restricted = subset.pooled_result(result.embedding, result.duration_s)
+    asked = backend.predict((wave(clip), 16000), labels="angry,happy,neutral,sad")
+    assert restricted.scores == pytest.approx(asked.scores, abs=1e-6) and restricted.emotion == asked.emotion
+
+
 def test_bad_granularity_is_refused(tiny_recognizer: Recognizer) -> None:
     with pytest.raises(ValueError, match="granularity is 'word'"):
         tiny_recognizer.predict((wave("en_1s_16k.wav"), 16000), "word")  # type: ignore[arg-type]

@@ -143,15 +143,17 @@ class EngineObserver(Protocol):
 
 
 class Priority(enum.IntEnum):
-    """Who waits on a request, highest first: a person's clip, a live stream's segment, a live stream's
-    interim reading, a long recording's segment. The worker takes the oldest request of the highest
+    """Who waits on a request, highest first: a person's clip, a live stream's segment, a piece of a turn
+    read in pieces (chunk_s: its turn's reading needs it, so it is never skipped nor stopped), a live
+    stream's interim reading, a long recording's segment. The worker takes the oldest request of the highest
     priority queued; requests batch only with their own priority (a lower one riding along would make the
     higher one wait for it)."""
 
     CLIP = 0
     STREAM_SEGMENT = 1
-    STREAM_INTERIM = 2
-    TIMELINE = 3
+    STREAM_PIECE = 2
+    STREAM_INTERIM = 3
+    TIMELINE = 4
 
 
 # Work whose model call is stopped part-way (where the backend can) when more urgent work arrives: a live

@@ -10,7 +10,7 @@ in order, and back-pressure instead of drops.
     last.
 
 With vad=off and chunk_s, a turn is read in pieces as it arrives (`Pieces`): each piece's frame features
-at Priority.STREAM_INTERIM (never skipped), an interim reading pooling the pieces so far (no model call of
+at Priority.STREAM_PIECE (never skipped nor stopped), an interim reading pooling the pieces so far (no model call of
 its own), and at the turn's end only its last piece is left to score, at Priority.STREAM_SEGMENT: the
 reading is ready a short model call after `flush`, whatever the turn's length.
 
@@ -67,7 +67,7 @@ def engine_pieces(engine: Engine, read_out: Callable[[Result], Result]) -> Piece
     from emoserve.serving.timeline import submit_waiting
 
     async def frames(audio: Audio, last: bool) -> Result:
-        priority = Priority.STREAM_SEGMENT if last else Priority.STREAM_INTERIM
+        priority = Priority.STREAM_SEGMENT if last else Priority.STREAM_PIECE
         return await submit_waiting(lambda: engine.submit(audio, "frame", True, priority=priority))
 
     def pooled(embedding: np.ndarray, duration_s: float) -> Result:
