@@ -301,3 +301,43 @@ def test_every_limit_is_refused_with_its_code_and_leaves_nothing(strict: Live, t
     assert_error(full_queue, 429, "too_many_jobs")
     assert int(full_queue.headers["retry-after"]) >= 1
     assert len(list(jobs_of(strict).audio_dir.iterdir())) == 1  # the accepted job's audio only
+
+
+def scraped(live: Live) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """/metrics as the server answers it: (sample name, its labels) -> value."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = live.client.get("/metrics").text
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def test_metrics_show_the_oldest_queued_age_the_queue_wait_and_the_run_time(
+    live: Live, recording: Path
+) -> None:
+    """A job held behind a running one: the oldest-queued gauge grows while it waits and is 0 once none
+    waits; each job's wait and run time land in the histograms (the held one waited at least as long)."""
+    wait, run = "emoserve_job_queue_wait_seconds", "emoserve_job_run_seconds"
+    succeeded = (("status", "succeeded"),)
+    before = scraped(live)
+    with gated_model(live.service) as gate:
+        running = submit(live.client, recording).json()
+        wait_job(live.client, running["id"], until=("running",))
+        held = submit(live.client, recording).json()
+        held_at = time.monotonic()
+        wait_for(lambda: scraped(live)[("emoserve_jobs_oldest_queued_age_seconds", ())] > 1.0, 20, "the age")
+        age = scraped(live)[("emoserve_jobs_oldest_queued_age_seconds", ())]
+        assert age <= time.monotonic() - held_at + 1.0  # the held job's age, not another's
+        gate.set()
+        wait_job(live.client, running["id"])
+        wait_job(live.client, held["id"])
+        held_s = time.monotonic() - held_at
+    wait_for(lambda: scraped(live)[("emoserve_jobs_oldest_queued_age_seconds", ())] == 0.0, 20, "no age")
+    after = scraped(live)
+    assert after[(f"{wait}_count", ())] - before[(f"{wait}_count", ())] == 2
+    assert after[(f"{wait}_sum", ())] - before[(f"{wait}_sum", ())] >= age
+    assert after[(f"{run}_count", succeeded)] - before.get((f"{run}_count", succeeded), 0.0) == 2
+    assert 0 < after[(f"{run}_sum", succeeded)] - before.get((f"{run}_sum", succeeded), 0.0) < 2 * held_s

@@ -362,6 +362,12 @@ class JobStore(ABC):
             rows = run("SELECT status, COUNT(*) AS n FROM jobs GROUP BY status").rows
         return {status: 0 for status in STATUSES} | {row["status"]: int(row["n"]) for row in rows}
 
+    def oldest_queued_at(self) -> float | None:
+        """When the oldest queued job was accepted (None: none is queued)."""
+        with self._transaction() as run:
+            rows = run("SELECT MIN(created_at) AS t FROM jobs WHERE status = 'queued'").rows
+        return None if rows[0]["t"] is None else float(rows[0]["t"])
+
     # ------------------------------------------------------------------------------------- a worker
 
     def claim(self, owner: str, lease_s: float, ttl_s: float) -> Claim | None:

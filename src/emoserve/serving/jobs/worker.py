@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 DURATION_SETTING = "this server's jobs_max_duration_s: --jobs-max-duration-s / EMOSERVE_JOBS_MAX_DURATION_S"
 DISK_RETRY_AFTER_S = 60.0  # the disk frees as running jobs end (their audio is deleted)
 PURGE_EVERY_S = 60.0
-COUNT_EVERY_S = 5.0  # the jobs-by-status gauge
+COUNT_EVERY_S = 5.0  # the jobs-by-status and oldest-queued gauges
 ORPHAN_AGE_S = 3600.0  # audio with no job row (a server killed between the rename and the commit)
 WEBHOOK_EVERY_S = 0.5
 
@@ -280,6 +280,9 @@ class Jobs:
             if claim is None:
                 await asyncio.sleep(poll_s)
                 continue
+            job = claim.job
+            if claim.attempt == 1 and job.started_at is not None:
+                self.service.metrics.job_queue_wait_seconds.observe(job.started_at - job.created_at)
             try:
                 await self._run(claim)
             except Exception:  # the store was lost as the job ended: its lease runs out, it is taken again
@@ -341,7 +344,10 @@ class Jobs:
         except LeaseLost:
             log.warning("job %s: taken by another worker before it ended here", claim.job.id)
             return
-        self.service.metrics.jobs_finished_total.labels(status).inc()
+        metrics = self.service.metrics
+        metrics.jobs_finished_total.labels(status).inc()
+        if claim.job.started_at is not None:  # claimed: its first claim's time
+            metrics.job_run_seconds.labels(status).observe(time.time() - claim.job.started_at)
         self._drop_audio(claim.job)
 
     def _drop_audio(self, job: Job) -> None:
@@ -440,8 +446,10 @@ class Jobs:
     async def _count(self) -> None:
         while True:
             try:
+                metrics = self.service.metrics
                 for status, n in (await asyncio.to_thread(self.store.count_by_status)).items():
-                    self.service.metrics.jobs.labels(status).set(n)
+                    metrics.jobs.labels(status).set(n)
+                metrics.oldest_queued(await asyncio.to_thread(self.store.oldest_queued_at))
             except Exception:
                 log.exception("counting the jobs failed; trying again")
             await asyncio.sleep(COUNT_EVERY_S)
