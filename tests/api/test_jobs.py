@@ -266,6 +266,40 @@ def test_a_signed_webhook_is_retried_after_a_5xx_and_stops_at_a_4xx(live: Live, 
         gone.close()
 
 
+def test_progress_webhooks_come_when_asked_signed_each_tenth(live: Live, recording: Path) -> None:
+    """callback_progress=true: job.progress events through the same outbox, one each tenth of the job's
+    segments, signed like the end's, before job.succeeded; without a callback_url it is refused."""
+    receiver = Receiver([204])
+    try:
+        form = {"callback_url": receiver.url, "callback_secret": "s3cret", "callback_progress": "true"}
+        job = submit(live.client, recording, data=form).json()
+        assert job["callback_progress"] is True
+        done = wait_job(live.client, job["id"])
+        wait_for(lambda: any(b"job.succeeded" in body for _, body in receiver.got), 30, "job.succeeded")
+    finally:
+        receiver.close()
+    events = [json.loads(body) for _, body in receiver.got]
+    assert all(verify("s3cret", headers["Emoserve-Signature"], body) for headers, body in receiver.got)
+    total = done["progress"]["segments_total"]
+    # the first segment at or past each tenth, before the last (whose event is job.succeeded)
+    tenths = sorted({n * 10 // total for n in range(1, total)} - {0})
+    assert total >= 8 and len(tenths) >= 7
+    assert [e["event"] for e in events] == ["job.progress"] * len(tenths) + ["job.succeeded"]
+    progress = [e["progress"] for e in events[:-1]]
+    assert [p["segments_done"] * 10 // total for p in progress] == tenths  # never two in one tenth
+    assert all(
+        p["segments_total"] == total and e["status"] == "running"
+        for p, e in zip(progress, events[:-1], strict=True)
+    )
+    assert [p["percent"] for p in progress] == [round(100 * p["segments_done"] / total, 1) for p in progress]
+    assert len({e["event_id"] for e in events}) == len(events)
+    assert {e["job_id"] for e in events} == {job["id"]}
+    refused = submit(live.client, recording, params={"callback_progress": "true"})
+    assert "callback_url" in assert_error(refused, 422, "invalid_parameter")["error"]["message"]
+    bad = submit(live.client, recording, data={"callback_url": receiver.url, "callback_progress": "often"})
+    assert assert_error(bad, 422, "invalid_parameter")
+
+
 @pytest.fixture(scope="module")
 def strict(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
     """A server with small limits and no worker (its jobs stay queued)."""

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from emoserve.errors import EmoserveError
-from emoserve.serving.jobs.store import SCHEMA, Done, JobStore, Run
+from emoserve.serving.jobs.store import Done, JobStore, Run
 
 SCHEMA_LOCK = 0x656D6F  # any number the replicas agree on: "emo"
 STORE_RETRY_AFTER_S = 5.0
@@ -42,8 +42,15 @@ class PostgresJobStore(JobStore):
         """Under a lock of the database's: replicas starting at once would race on CREATE TABLE."""
         with self._transaction() as run:
             run("SELECT pg_advisory_xact_lock(?)", (SCHEMA_LOCK,))
-            for statement in SCHEMA:
-                run(statement)
+            self._create_schema(run)
+
+    def _columns(self, run: Run, table: str) -> set[str]:
+        rows = run(
+            "SELECT column_name FROM information_schema.columns WHERE table_schema = current_schema() "
+            "AND table_name = ?",
+            (table,),
+        ).rows
+        return {row["column_name"] for row in rows}
 
     @contextmanager
     def _transaction(self) -> Iterator[Run]:

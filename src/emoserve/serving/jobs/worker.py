@@ -135,6 +135,7 @@ class Jobs:
         idempotency_key: str | None = None,
         callback_url: str | None = None,
         callback_secret: str | None = None,
+        callback_progress: bool = False,
         metadata: dict[str, str] | None = None,
     ) -> tuple[Job, bool]:
         """Blocking. The upload checked (audio, its length), fsync'd, renamed to the job's name and the
@@ -164,9 +165,10 @@ class Jobs:
             options=options.to_dict(),
             metadata=metadata or {},
             idempotency_key=idempotency_key,
-            fingerprint=_fingerprint(path, options, callback_url),
+            fingerprint=_fingerprint(path, options, callback_url, callback_progress),
             callback_url=callback_url,
             callback_secret=callback_secret,
+            callback_progress=callback_progress,
             max_attempts=self.settings.jobs_max_attempts,
             created_at=time.time(),
         )
@@ -488,9 +490,9 @@ def _vad_dict(options: JobOptions) -> dict[str, Any]:
     return VadSettings(**(options.vad or {})).to_dict()
 
 
-def _fingerprint(path: Path, options: JobOptions, callback_url: str | None) -> str:
+def _fingerprint(path: Path, options: JobOptions, callback_url: str | None, callback_progress: bool) -> str:
     """The request's identity for its Idempotency-Key: the audio's bytes, the options, the callback."""
-    what = json.dumps([sha256_file(path), options.to_dict(), callback_url], sort_keys=True)
+    what = json.dumps([sha256_file(path), options.to_dict(), callback_url, callback_progress], sort_keys=True)
     return hashlib.sha256(what.encode()).hexdigest()
 
 
