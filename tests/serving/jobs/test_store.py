@@ -324,3 +324,42 @@ def test_a_postgres_store_connects_again_after_losing_its_connection(postgres_ad
         assert again is not None and again.id == job.id
     finally:
         store.close()
+
+
+def test_a_postgres_session_frozen_inside_a_transaction_lets_go_of_its_row(postgres_admin: str) -> None:
+    """A worker frozen while it holds a job's row lock (SIGSTOP inside a transaction): the server ends
+    its session after the idle-in-transaction timeout, so another store's write to the row goes through
+    rather than wait for the frozen one; the frozen one, when it wakes, meets a lost connection (503)."""
+    from emoserve.serving.jobs.postgres import PostgresJobStore
+
+    url = new_database(postgres_admin, f"jobs_{uuid.uuid4().hex[:12]}")
+    frozen, other = PostgresJobStore(url, idle_in_transaction_s=1.0), PostgresJobStore(url)
+    try:
+        job, _ = frozen.add(new_job(0), 100)
+        locked = threading.Event()
+        woke: list[BaseException] = []
+
+        def freeze() -> None:
+            try:
+                with frozen._transaction() as run:
+                    run("SELECT id FROM jobs WHERE id = ? FOR UPDATE", (job.id,))
+                    locked.set()
+                    time.sleep(4.0)  # frozen, the row locked
+            except BaseException as error:
+                woke.append(error)
+
+        thread = threading.Thread(target=freeze)
+        thread.start()
+        assert locked.wait(10)
+        started = time.monotonic()
+        cancelled = other.cancel(job.id, TTL_S)  # waits for the row's lock
+        waited = time.monotonic() - started
+        thread.join(10)
+        assert cancelled is not None and cancelled.status == "cancelled"
+        assert 0.5 < waited < 3.0  # let go at the 1 s timeout, not after the 4 s freeze
+        [error] = woke
+        assert isinstance(error, EmoserveError) and error.code == "jobs_store_unavailable"
+        assert frozen.get(job.id).status == "cancelled"  # type: ignore[union-attr]  # connected again
+    finally:
+        frozen.close()
+        other.close()

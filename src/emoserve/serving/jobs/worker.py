@@ -321,6 +321,7 @@ class Jobs:
             await self._end(claim, "cancelled")
         except EmoserveError as error:
             if error.status == 503:  # the server cannot score now, or the store is out of reach
+                log.warning("job %s: %s; given back to the queue", claim.job.id, error)
                 await asyncio.to_thread(self.store.release, claim)
                 return
             await self._end(claim, "failed", error=error)
