@@ -279,6 +279,62 @@ def test_a_replica_is_routed_to_only_after_its_warm_up(deployed: Deployed) -> No
 
 
 @pytest.mark.ray
+def test_replicas_without_a_jobs_database_are_told_they_keep_jobs_per_node() -> None:
+    from emoserve.ray_serve import jobs_warning, split_args
+
+    for args in ({"replicas": "2"}, {"max_replicas": "3"}):
+        warning = jobs_warning(*split_args(args))
+        assert warning is not None and "EMOSERVE_JOBS_DB" in warning and "jobs_dir" in warning
+    assert jobs_warning(*split_args({"replicas": "1"})) is None
+    assert jobs_warning(*split_args({"replicas": "2", "jobs_db": "postgresql://db/jobs"})) is None
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_replicas_on_one_postgres_store_take_each_job_once(deployed: Deployed, tmp_path: Path) -> None:
+    """Two replicas of an application whose jobs_db names a real PostgreSQL database (and a jobs_dir
+    both see): jobs submitted through Serve's proxy, whichever replica takes each upload, are each
+    claimed once by one replica and scored once; every replica finds every job."""
+    import psycopg
+    from ray import serve
+
+    from emoserve.ray_serve import build_app
+    from tests.support.jobs import long_recording, new_database, postgres_server, wait_job
+
+    clips = [long_recording(tmp_path / f"c{n}.wav", 8.0, seed=n) for n in range(6)]
+    with postgres_server() as admin:
+        url = new_database(admin, "ray_jobs")
+        args = {
+            **APP_ARGS,
+            "num_cpus": "0.5",  # beside the module's two replicas of 1 CPU on the 3 CPUs of the cluster
+            "jobs_db": url,
+            "jobs_dir": str(tmp_path / "shared-jobs"),
+            "jobs_poll_s": "0.05",
+        }
+        serve.run(build_app(args), name="jobs", route_prefix="/jobs")
+        try:
+            with httpx.Client(base_url=f"{deployed.url}/jobs", timeout=60) as client:
+                with ThreadPoolExecutor(6) as pool:
+                    accepted = list(
+                        pool.map(lambda c: client.post("/v1/jobs", content=c.read_bytes()), clips)
+                    )
+                assert [r.status_code for r in accepted] == [202] * len(clips), accepted[0].text
+                ids = [r.json()["id"] for r in accepted]
+                done = [wait_job(client, job_id, timeout_s=300) for job_id in ids]
+                assert [(j["status"], j["attempts"]) for j in done] == [("succeeded", 1)] * len(ids)
+                claims = metric_of_each_replica(client, "emoserve_job_queue_wait_seconds_count")
+                assert len(claims) == 2 and sum(claims.values()) == len(ids)  # each job claimed once
+                with ThreadPoolExecutor(8) as pool:  # both replicas answer for every job
+                    seen = list(pool.map(lambda i: client.get(f"/v1/jobs/{i}").status_code, ids * 8))
+                assert seen == [200] * len(seen)
+            with psycopg.connect(url) as db:
+                row = db.execute("SELECT COUNT(*), COUNT(DISTINCT attempt) FROM job_scored").fetchone()
+            assert row == (sum(j["progress"]["segments_total"] for j in done), 1)  # each segment once
+        finally:
+            serve.delete("jobs")
+
+
+@pytest.mark.ray
 def test_a_replica_that_cannot_load_its_model_fails_the_deployment(ray_cluster: RayCluster) -> None:
     from ray import serve
 

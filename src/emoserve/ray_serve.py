@@ -12,6 +12,12 @@ Two applications, because Serve gives each one route prefix and the API owns the
                            its RemoteService decodes clips and cuts long recordings into speech segments,
                            and each clip or segment is recognised through a handle to Recognition
 
+Jobs (/v1/jobs): each replica runs the app's lifespan as `emoserve serve` does, so it opens the job
+store its settings name and runs its workers. Replicas sharing jobs need one store: jobs_db (PostgreSQL,
+`EMOSERVE_JOBS_DB` where the app is built) and a jobs_dir every node sees; without jobs_db each node keeps
+its own SQLite file, and a job is found only by the replicas of the node that accepted it
+(`jobs_warning`). Claims take each job once, whichever replica the proxy sent it to.
+
 A replica's constructor loads and warms up its Service, so Serve routes to it only once it is warm;
 `check_health` fails when the service has failed (e.g. its model files were damaged), and Serve replaces
 it. Torch threads per replica are the CPUs Ray assigned to it (`num_cpus`), not all the machine's cores.
@@ -185,6 +191,17 @@ def deployment_options(settings: Settings, options: RayOptions) -> dict[str, Any
         "graceful_shutdown_timeout_s": settings.drain_timeout_s,
         "health_check_period_s": HEALTH_CHECK_PERIOD_S,
     }
+
+
+def jobs_warning(settings: Settings, options: RayOptions) -> str | None:
+    """What to tell an operator whose replicas would not share their jobs (module docstring)."""
+    if settings.jobs_db or (options.replicas == 1 and not options.max_replicas):
+        return None
+    return (
+        "jobs: without jobs_db each node keeps its own SQLite store, and a job is found only on the node "
+        "that accepted it; for replicas on several nodes set jobs_db (EMOSERVE_JOBS_DB=postgresql://...) "
+        "and a jobs_dir every node sees"
+    )
 
 
 def replica_settings(settings: Settings) -> Settings:
@@ -496,6 +513,8 @@ class Replay:
 def build_app(args: dict[str, str]) -> serve.Application:
     """`serve run emoserve.ray_serve:build_app key=value ...`: the API application (see split_args)."""
     settings, options = split_args(args)
+    if warning := jobs_warning(settings, options):
+        log.warning("%s", warning)
     return RECOGNITION.options(**deployment_options(settings, options)).bind(settings, options.ui)
 
 
@@ -516,6 +535,8 @@ def run(settings: Settings, options: RayOptions, address: str | None = None) -> 
     serve.start(http_options={"host": settings.host, "port": settings.port})
     started = time.monotonic()
     ui = options.ui and settings.ui
+    if warning := jobs_warning(settings, options):
+        log.warning("%s", warning)
     api = RECOGNITION.options(**deployment_options(settings, options)).bind(settings, ui)
     serve.run(api, name=API_APP, route_prefix="/")
     log.warning(

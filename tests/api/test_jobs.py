@@ -266,6 +266,40 @@ def test_a_signed_webhook_is_retried_after_a_5xx_and_stops_at_a_4xx(live: Live, 
         gone.close()
 
 
+def test_progress_webhooks_come_when_asked_signed_each_tenth(live: Live, recording: Path) -> None:
+    """callback_progress=true: job.progress events through the same outbox, one each tenth of the job's
+    segments, signed like the end's, before job.succeeded; without a callback_url it is refused."""
+    receiver = Receiver([204])
+    try:
+        form = {"callback_url": receiver.url, "callback_secret": "s3cret", "callback_progress": "true"}
+        job = submit(live.client, recording, data=form).json()
+        assert job["callback_progress"] is True
+        done = wait_job(live.client, job["id"])
+        wait_for(lambda: any(b"job.succeeded" in body for _, body in receiver.got), 30, "job.succeeded")
+    finally:
+        receiver.close()
+    events = [json.loads(body) for _, body in receiver.got]
+    assert all(verify("s3cret", headers["Emoserve-Signature"], body) for headers, body in receiver.got)
+    total = done["progress"]["segments_total"]
+    # the first segment at or past each tenth, before the last (whose event is job.succeeded)
+    tenths = sorted({n * 10 // total for n in range(1, total)} - {0})
+    assert total >= 8 and len(tenths) >= 7
+    assert [e["event"] for e in events] == ["job.progress"] * len(tenths) + ["job.succeeded"]
+    progress = [e["progress"] for e in events[:-1]]
+    assert [p["segments_done"] * 10 // total for p in progress] == tenths  # never two in one tenth
+    assert all(
+        p["segments_total"] == total and e["status"] == "running"
+        for p, e in zip(progress, events[:-1], strict=True)
+    )
+    assert [p["percent"] for p in progress] == [round(100 * p["segments_done"] / total, 1) for p in progress]
+    assert len({e["event_id"] for e in events}) == len(events)
+    assert {e["job_id"] for e in events} == {job["id"]}
+    refused = submit(live.client, recording, params={"callback_progress": "true"})
+    assert "callback_url" in assert_error(refused, 422, "invalid_parameter")["error"]["message"]
+    bad = submit(live.client, recording, data={"callback_url": receiver.url, "callback_progress": "often"})
+    assert assert_error(bad, 422, "invalid_parameter")
+
+
 @pytest.fixture(scope="module")
 def strict(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
     """A server with small limits and no worker (its jobs stay queued)."""
@@ -301,3 +335,43 @@ def test_every_limit_is_refused_with_its_code_and_leaves_nothing(strict: Live, t
     assert_error(full_queue, 429, "too_many_jobs")
     assert int(full_queue.headers["retry-after"]) >= 1
     assert len(list(jobs_of(strict).audio_dir.iterdir())) == 1  # the accepted job's audio only
+
+
+def scraped(live: Live) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """/metrics as the server answers it: (sample name, its labels) -> value."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = live.client.get("/metrics").text
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def test_metrics_show_the_oldest_queued_age_the_queue_wait_and_the_run_time(
+    live: Live, recording: Path
+) -> None:
+    """A job held behind a running one: the oldest-queued gauge grows while it waits and is 0 once none
+    waits; each job's wait and run time land in the histograms (the held one waited at least as long)."""
+    wait, run = "emoserve_job_queue_wait_seconds", "emoserve_job_run_seconds"
+    succeeded = (("status", "succeeded"),)
+    before = scraped(live)
+    with gated_model(live.service) as gate:
+        running = submit(live.client, recording).json()
+        wait_job(live.client, running["id"], until=("running",))
+        held = submit(live.client, recording).json()
+        held_at = time.monotonic()
+        wait_for(lambda: scraped(live)[("emoserve_jobs_oldest_queued_age_seconds", ())] > 1.0, 20, "the age")
+        age = scraped(live)[("emoserve_jobs_oldest_queued_age_seconds", ())]
+        assert age <= time.monotonic() - held_at + 1.0  # the held job's age, not another's
+        gate.set()
+        wait_job(live.client, running["id"])
+        wait_job(live.client, held["id"])
+        held_s = time.monotonic() - held_at
+    wait_for(lambda: scraped(live)[("emoserve_jobs_oldest_queued_age_seconds", ())] == 0.0, 20, "no age")
+    after = scraped(live)
+    assert after[(f"{wait}_count", ())] - before[(f"{wait}_count", ())] == 2
+    assert after[(f"{wait}_sum", ())] - before[(f"{wait}_sum", ())] >= age
+    assert after[(f"{run}_count", succeeded)] - before.get((f"{run}_count", succeeded), 0.0) == 2
+    assert 0 < after[(f"{run}_sum", succeeded)] - before.get((f"{run}_sum", succeeded), 0.0) < 2 * held_s

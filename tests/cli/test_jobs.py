@@ -18,7 +18,7 @@ from tests.support.server import LIVE, Live, live_server
 
 @pytest.fixture(scope="module")
 def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
-    settings = dataclasses.replace(LIVE, jobs_poll_s=0.05)
+    settings = dataclasses.replace(LIVE, jobs_poll_s=0.05, allow_private_callbacks=True)
     with live_server(settings, tmp_path_factory.mktemp("jobs-cli-home")) as server:
         yield server
 
@@ -48,6 +48,10 @@ def test_submit_a_folder_and_wait_then_every_action(
 
     code, again, _ = run(capsys, *submit)
     assert code == 0 and [j["id"] for j in again] == [j["id"] for j in jobs]  # the keys made no new jobs
+
+    hook = ("--callback", "http://127.0.0.1:9/hook", "--callback-progress")
+    code, [asked], _ = run(capsys, "jobs", "submit", str(folder / "call0.wav"), "--url", url, *hook)
+    assert code == 0 and asked["callback"] is True and asked["callback_progress"] is True
 
     code, [page], _ = run(capsys, "jobs", "list", "--status", "succeeded", "--url", url)
     assert {j["id"] for j in jobs} <= {j["id"] for j in page["jobs"]}

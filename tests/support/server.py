@@ -196,9 +196,17 @@ def app_client(**changes: Any) -> TestClient:
     return TestClient(create_app(settings), raise_server_exceptions=False)
 
 
-def serve_command(*args: str) -> list[str]:
+def serve_command(*args: str, prelude: str | None = None) -> list[str]:
+    """`emoserve serve ARGS`; `prelude`: Python the server's process runs first (a test's fault, such as
+    a pause at a chosen point), then the CLI."""
     script = Path(sys.executable).with_name("emoserve")
     base = [str(script)] if script.exists() else [sys.executable, "-m", "emoserve.cli"]
+    if prelude is not None:
+        base = [
+            sys.executable,
+            "-c",
+            f"{prelude}\nimport sys\nfrom emoserve.cli import main\nsys.exit(main())",
+        ]
     return [*base, "serve", *args, "--no-ui", "--no-access-log", "--device", "cpu", "--threads", "1"]
 
 
@@ -209,11 +217,13 @@ def free_port() -> int:
 
 
 @contextmanager
-def serve_process(tmp_path: Path, *args: str) -> Iterator[tuple[subprocess.Popen[str], str]]:
+def serve_process(
+    tmp_path: Path, *args: str, prelude: str | None = None
+) -> Iterator[tuple[subprocess.Popen[str], str]]:
     port = free_port()
     env = {**os.environ, "EMOSERVE_HOME": str(tmp_path / "home")}
     process = subprocess.Popen(
-        serve_command("--port", str(port), *args),
+        serve_command("--port", str(port), *args, prelude=prelude),
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

@@ -1,9 +1,9 @@
 """/v1/jobs: a long recording accepted at once and scored in the background (serving/jobs/).
 
 POST   /v1/jobs                  the upload (multipart `file` or the raw body) with /v1/timeline's
-                                 options, `callback_url`, `callback_secret`, `metadata`, and the
-                                 `Idempotency-Key` header -> 202 + Location, once the audio is fsync'd
-                                 and the job committed
+                                 options, `callback_url`, `callback_secret`, `callback_progress`,
+                                 `metadata`, and the `Idempotency-Key` header -> 202 + Location, once
+                                 the audio is fsync'd and the job committed
 GET    /v1/jobs                  the jobs, newest first (`status`, `limit`, `after`: paging)
 GET    /v1/jobs/{id}             status, stage, progress (percent, segments, speech seconds, ETA),
                                  attempts, error, expiry, model
@@ -29,7 +29,7 @@ from emoserve.api.errors import NDJSON, MappedErrorsRoute, ServiceDep, error_lin
 from emoserve.api.schemas import audio_request_body, error_responses
 from emoserve.api.timeline import TIMELINE_BODY, timeline_options, timeline_query
 from emoserve.api.uploads import SpooledUpload, UploadLimit, spool_upload
-from emoserve.constants import MAX_SPANS_BYTES
+from emoserve.constants import FALSE_WORDS, MAX_SPANS_BYTES, TRUE_WORDS
 from emoserve.errors import ApiError, EmoserveError, ServiceUnavailable
 from emoserve.inference.formats import segment_record, summary_record
 from emoserve.serving.heads import pick_head
@@ -48,6 +48,7 @@ JOB_BODY = audio_request_body(
         **TIMELINE_BODY["requestBody"]["content"]["multipart/form-data"]["schema"]["properties"],
         "callback_url": {"type": "string", "description": "POSTed job.succeeded/failed/cancelled"},
         "callback_secret": {"type": "string", "description": "signs the webhooks (Emoserve-Signature)"},
+        "callback_progress": {"type": "boolean", "description": "also POST job.progress, each tenth"},
         "metadata": {"type": "string", "description": 'a JSON object of strings, e.g. {"call": "42"}'},
     }
 )
@@ -83,6 +84,9 @@ async def submit(
     query: Annotated[dict[str, Any], Depends(timeline_query)],
     callback_url: Annotated[str | None, Query(description="webhook URL (or a form field)")] = None,
     callback_secret: Annotated[str | None, Query(description="webhook signing secret")] = None,
+    callback_progress: Annotated[
+        bool | None, Query(description="also POST job.progress events, one each tenth of the job at most")
+    ] = None,
     metadata: Annotated[str | None, Query(description="a JSON object of strings")] = None,
     idempotency_key: Annotated[str | None, Header(description="one job per key and request")] = None,
 ) -> Response:
@@ -93,8 +97,8 @@ async def submit(
         request, limit, text_files=("segments",), max_text_bytes=MAX_SPANS_BYTES, dir=jobs.spool_dir()
     )
     try:
-        job, created = await _accept(service, jobs, upload, query, callback_url, callback_secret, metadata,
-                                     idempotency_key)  # fmt: skip
+        job, created = await _accept(service, jobs, upload, query, callback_url, callback_secret,
+                                     callback_progress, metadata, idempotency_key)  # fmt: skip
     except BaseException:
         upload.remove()
         raise
@@ -111,6 +115,7 @@ async def _accept(
     query: dict[str, Any],
     callback_url: str | None,
     callback_secret: str | None,
+    callback_progress: bool | None,
     metadata: str | None,
     idempotency_key: str | None,
 ) -> tuple[Job, bool]:
@@ -122,6 +127,9 @@ async def _accept(
     url = callback_url or fields.get("callback_url") or None
     if url is not None:
         await asyncio.to_thread(check_callback, url, service.settings.allow_private_callbacks)
+    progress = _flag("callback_progress", callback_progress, fields.get("callback_progress"))
+    if progress and url is None:
+        raise ApiError("invalid_parameter", "callback_progress needs a callback_url to send the events to")
     job_options = JobOptions(
         channels=options.channels,
         vad=options.vad.to_dict(),
@@ -138,8 +146,21 @@ async def _accept(
         idempotency_key=idempotency_key,
         callback_url=url,
         callback_secret=callback_secret or fields.get("callback_secret") or None,
+        callback_progress=progress,
         metadata=_metadata(metadata or fields.get("metadata")),
     )
+
+
+def _flag(name: str, query: bool | None, field: str | None) -> bool:
+    """A boolean given as a query parameter or a form field."""
+    if query is not None:
+        return query
+    if field is None or not field.strip():
+        return False
+    word = field.strip().lower()
+    if word not in TRUE_WORDS | FALSE_WORDS:
+        raise ApiError("invalid_parameter", f"{name} must be true or false, not {field!r}")
+    return word in TRUE_WORDS
 
 
 def _metadata(raw: str | None) -> dict[str, str]:

@@ -38,6 +38,11 @@ def add_commands(sub: Commands) -> None:
     submit.add_argument("--callback", metavar="URL", help="a webhook for the jobs' ends")
     submit.add_argument("--callback-secret", metavar="SECRET", help="signs the webhooks")
     submit.add_argument(
+        "--callback-progress",
+        action="store_true",
+        help="also POST job.progress to the callback, one each tenth of a job at most",
+    )
+    submit.add_argument(
         "--idempotency-key",
         metavar="KEY",
         help="one job per key: a retry of this command makes no second one",
@@ -104,7 +109,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
             )
             job = client.submit(
                 file, options=options, callback_url=args.callback, callback_secret=args.callback_secret,
-                idempotency_key=key,
+                callback_progress=args.callback_progress, idempotency_key=key,
             )  # fmt: skip
             jobs.append(job)
             _print(job)

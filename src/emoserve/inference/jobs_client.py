@@ -44,6 +44,7 @@ class JobsClient:
         options: dict[str, Any] | None = None,
         callback_url: str | None = None,
         callback_secret: str | None = None,
+        callback_progress: bool = False,
         idempotency_key: str | None = None,
     ) -> dict[str, Any]:
         """The file uploaded as a job: the job (202)."""
@@ -52,6 +53,8 @@ class JobsClient:
             fields["callback_url"] = callback_url
         if callback_secret:
             fields["callback_secret"] = callback_secret
+        if callback_progress:
+            fields["callback_progress"] = "true"
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
         with open(path, "rb") as audio:
             files = {"file": (Path(path).name, audio, "application/octet-stream")}

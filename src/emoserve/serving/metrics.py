@@ -7,6 +7,7 @@ imported only by the GPU memory collector, which exists only once a model runs o
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Iterator
 
 from prometheus_client import (
@@ -30,6 +31,9 @@ from emoserve.system import resident_memory_bytes
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
 # A timeline request runs from a second (a short file, a GPU) to most of an hour (3 h of audio on a CPU).
 TIMELINE_BUCKETS_S = (1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 1800.0, 3600.0, 7200.0)
+# A job waits from a moment (an idle server) to hours (a backlog), and runs as long as a timeline or longer
+# (a resumed job's run time counts from its first claim).
+JOB_WAIT_BUCKETS_S = (0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0, 21600.0)
 BATCH_SIZE_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
 STAGES = ("decode", "queue", "inference", "total")
 ROUTE_UI = "ui"  # the route label of the web UI's recognitions (the API's are their paths)
@@ -137,6 +141,26 @@ class Metrics:
             "Segments a resumed job did not score again (committed by an earlier attempt)",
             registry=r,
         )
+        self.jobs_oldest_queued_age_seconds = Gauge(
+            "emoserve_jobs_oldest_queued_age_seconds",
+            "Seconds the oldest queued job has waited (0: none queued); the store is read every few seconds",
+            registry=r,
+        )
+        self._oldest_queued_at: float | None = None
+        self.jobs_oldest_queued_age_seconds.set_function(self._oldest_queued_age)
+        self.job_queue_wait_seconds = Histogram(
+            "emoserve_job_queue_wait_seconds",
+            "Seconds from a job's acceptance to its first claim by a worker of this process",
+            buckets=JOB_WAIT_BUCKETS_S,
+            registry=r,
+        )
+        self.job_run_seconds = Histogram(
+            "emoserve_job_run_seconds",
+            "Seconds from a job's first claim to its end, for the jobs this process ended, by status",
+            ["status"],
+            buckets=TIMELINE_BUCKETS_S,
+            registry=r,
+        )
         self.webhook_deliveries_total = Counter(
             "emoserve_webhook_deliveries",
             "Webhook delivery attempts, by result (delivered, retry, gave_up, rejected, refused)",
@@ -217,6 +241,15 @@ class Metrics:
         self.timeline_duration_seconds.observe(seconds)
         self.timeline_audio_seconds_total.inc(audio_s)
         self.timeline_segments_total.inc(segments)
+
+    def oldest_queued(self, created_at: float | None) -> None:
+        """The oldest queued job's acceptance time (Unix seconds; None: none queued): its age is read at
+        each scrape."""
+        self._oldest_queued_at = created_at
+
+    def _oldest_queued_age(self) -> float:
+        created_at = self._oldest_queued_at
+        return 0.0 if created_at is None else max(0.0, time.time() - created_at)
 
     def count_response(self, route: str, status: int) -> None:
         self.requests_total.labels(route, str(status)).inc()

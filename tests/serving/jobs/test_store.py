@@ -4,6 +4,7 @@ refused, attempts that run out), the plan and the scored segments, cancel, delet
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 import uuid
@@ -58,7 +59,12 @@ def store(make_store: Callable[[], JobStore]) -> JobStore:
 
 
 def new_job(
-    n: int = 0, key: str | None = None, fingerprint: str = "f", callback: str | None = None, attempts: int = 3
+    n: int = 0,
+    key: str | None = None,
+    fingerprint: str = "f",
+    callback: str | None = None,
+    attempts: int = 3,
+    progress: bool = False,
 ) -> NewJob:
     return NewJob(
         id=uuid.uuid4().hex,
@@ -73,6 +79,7 @@ def new_job(
         callback_secret="s3cret" if callback else None,
         max_attempts=attempts,
         created_at=time.time() + n * 1e-3,
+        callback_progress=progress,
     )
 
 
@@ -235,6 +242,43 @@ def test_the_end_and_its_webhook_event_commit_together(store: JobStore) -> None:
     assert store.due_webhooks(hold_s=0) == []
 
 
+def test_progress_events_come_each_tenth_in_the_commits_transaction_when_asked(store: JobStore) -> None:
+    """25 segments: job.progress as the 3rd, 5th, 8th, ... segment passes 10%, 20%, 30%, ... (9 events;
+    100% is job.succeeded's), each with the progress its commit wrote; a job that did not ask gets none."""
+    asked, _ = store.add(new_job(0, callback="https://example.com/hook", progress=True), 100)
+    quiet, _ = store.add(new_job(1, callback="https://example.com/hook"), 100)
+    for job in (asked, quiet):
+        claim = store.claim("w", 60, TTL_S)
+        assert claim is not None and claim.job.id == job.id and claim.job.callback_progress is (job is asked)
+        store.save_plan(claim, [Cut(i * 16000, (i + 1) * 16000) for i in range(25)], 25.0, 60)
+        store.start_scoring(claim, "tiny")
+        for idx in range(25):
+            store.commit_segment(claim, idx, SEGMENT, None, 60)
+        store.finish(claim, "succeeded", TTL_S, result={})
+    events = [json.loads(row["body"]) for row in store.webhooks(asked.id)]
+    assert [e["event"] for e in events] == ["job.progress"] * 9 + ["job.succeeded"]
+    done = [e["progress"]["segments_done"] for e in events[:-1]]
+    assert done == [3, 5, 8, 10, 13, 15, 18, 20, 23]  # the first segment at or past each tenth
+    assert [e["progress"]["percent"] for e in events[:-1]] == [100.0 * n / 25 for n in done]
+    assert all(e["status"] == "running" and e["job_id"] == asked.id for e in events[:-1])
+    assert len({e["event_id"] for e in events}) == 10
+    assert [json.loads(row["body"])["event"] for row in store.webhooks(quiet.id)] == ["job.succeeded"]
+
+
+def test_a_store_made_before_a_column_was_added_gets_it_when_opened(
+    make_store: Callable[[], JobStore],
+) -> None:
+    """callback_progress came after the first schema: a database made without it is given it."""
+    store = make_store()
+    with store._transaction() as run:  # as the first schema made it
+        run("ALTER TABLE jobs DROP COLUMN callback_progress")
+        assert "callback_progress" not in store._columns(run, "jobs")
+    store.close()
+    again = make_store()
+    job, _ = again.add(new_job(0, callback="https://example.com/hook", progress=True), 100)
+    assert again.get(job.id).callback_progress is True  # type: ignore[union-attr]
+
+
 def test_delete_leaves_no_row_and_refuses_the_worker(store: JobStore) -> None:
     job, _ = store.add(new_job(0, callback="https://example.com/hook"), 100)
     claim = store.claim("w", 60, TTL_S)
@@ -280,3 +324,42 @@ def test_a_postgres_store_connects_again_after_losing_its_connection(postgres_ad
         assert again is not None and again.id == job.id
     finally:
         store.close()
+
+
+def test_a_postgres_session_frozen_inside_a_transaction_lets_go_of_its_row(postgres_admin: str) -> None:
+    """A worker frozen while it holds a job's row lock (SIGSTOP inside a transaction): the server ends
+    its session after the idle-in-transaction timeout, so another store's write to the row goes through
+    rather than wait for the frozen one; the frozen one, when it wakes, meets a lost connection (503)."""
+    from emoserve.serving.jobs.postgres import PostgresJobStore
+
+    url = new_database(postgres_admin, f"jobs_{uuid.uuid4().hex[:12]}")
+    frozen, other = PostgresJobStore(url, idle_in_transaction_s=1.0), PostgresJobStore(url)
+    try:
+        job, _ = frozen.add(new_job(0), 100)
+        locked = threading.Event()
+        woke: list[BaseException] = []
+
+        def freeze() -> None:
+            try:
+                with frozen._transaction() as run:
+                    run("SELECT id FROM jobs WHERE id = ? FOR UPDATE", (job.id,))
+                    locked.set()
+                    time.sleep(4.0)  # frozen, the row locked
+            except BaseException as error:
+                woke.append(error)
+
+        thread = threading.Thread(target=freeze)
+        thread.start()
+        assert locked.wait(10)
+        started = time.monotonic()
+        cancelled = other.cancel(job.id, TTL_S)  # waits for the row's lock
+        waited = time.monotonic() - started
+        thread.join(10)
+        assert cancelled is not None and cancelled.status == "cancelled"
+        assert 0.5 < waited < 3.0  # let go at the 1 s timeout, not after the 4 s freeze
+        [error] = woke
+        assert isinstance(error, EmoserveError) and error.code == "jobs_store_unavailable"
+        assert frozen.get(job.id).status == "cancelled"  # type: ignore[union-attr]  # connected again
+    finally:
+        frozen.close()
+        other.close()

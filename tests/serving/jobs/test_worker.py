@@ -9,9 +9,11 @@ import contextlib
 import hashlib
 import hmac
 import json
+import os
 import signal
 import socket
 import sqlite3
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -50,8 +52,8 @@ SEGMENT_KEYS = ("start_s", "end_s", "emotion", "speaker", "split")
 
 
 @contextlib.contextmanager
-def server(tmp_path: Path, *args: str) -> Iterator[tuple[Any, httpx.Client]]:
-    with serve_process(tmp_path, *SERVE_ARGS, *args) as (process, url):
+def server(tmp_path: Path, *args: str, prelude: str | None = None) -> Iterator[tuple[Any, httpx.Client]]:
+    with serve_process(tmp_path, *SERVE_ARGS, *args, prelude=prelude) as (process, url):
         first_answer(f"{url}/healthz", time.monotonic(), 60)
         first_answer_with(f"{url}/readyz", 200, 120)
         with httpx.Client(base_url=url, timeout=120) as client:
@@ -127,6 +129,57 @@ def test_a_server_killed_while_accepting_made_no_job_and_the_retry_makes_one(tmp
         assert first.json()["id"] == again.json()["id"] and again.headers["idempotent-replayed"] == "true"
         assert [job["id"] for job in client.get("/v1/jobs").json()["jobs"]] == [first.json()["id"]]
         assert wait_job(client, first.json()["id"])["status"] == "succeeded"
+
+
+# The server's process, once a job is committed, writes its id to MARKER and holds the answer: the 202
+# never leaves before the kill.
+HOLD_AFTER_COMMIT = """
+import pathlib, time
+from emoserve.serving.jobs.store import JobStore
+_add = JobStore.add
+def _held(self, job, max_queued):
+    made = _add(self, job, max_queued)
+    pathlib.Path({marker!r}).write_text(made[0].id)
+    time.sleep(600)
+    return made
+JobStore.add = _held
+"""
+
+
+@pytest.mark.slow
+def test_a_server_killed_after_the_commit_before_the_202_has_the_job_and_the_retry_gets_its_id(
+    tmp_path: Path,
+) -> None:
+    """SIGKILL once the job is committed but before its 202 is sent (the server holds the answer there):
+    the client gets no answer; after the restart its retry with the same Idempotency-Key gets the job
+    that was committed (202, Idempotent-Replayed), no second one, and the job succeeds."""
+    clip = long_recording(tmp_path / "clip.wav", 20.0).read_bytes()
+    key = {"Idempotency-Key": "call-8"}
+    marker = tmp_path / "committed"
+    answers: list[httpx.Response | Exception] = []
+    with server(tmp_path, prelude=HOLD_AFTER_COMMIT.format(marker=str(marker))) as (process, client):
+
+        def post() -> None:
+            try:
+                answers.append(client.post("/v1/jobs", content=clip, headers=key))
+            except httpx.TransportError as error:
+                answers.append(error)
+
+        sender = threading.Thread(target=post)
+        sender.start()
+        wait_for(marker.exists, 30, "the job to be committed")
+        process.send_signal(signal.SIGKILL)
+        process.wait(30)
+        sender.join(30)
+    [lost] = answers
+    assert isinstance(lost, httpx.TransportError), lost  # the 202 never reached the client
+    committed = marker.read_text()
+    with server(tmp_path) as (_, client):
+        retry = client.post("/v1/jobs", content=clip, headers=key)
+        assert retry.status_code == 202, retry.text
+        assert retry.json()["id"] == committed and retry.headers["idempotent-replayed"] == "true"
+        assert [job["id"] for job in client.get("/v1/jobs").json()["jobs"]] == [committed]
+        assert wait_job(client, committed)["status"] == "succeeded"
 
 
 def backlog(client: httpx.Client, ids: list[str]) -> tuple[int, bool]:
@@ -251,3 +304,74 @@ def test_the_purge_deletes_expired_jobs_and_orphaned_audio(tmp_path: Path) -> No
     assert jobs.purge(now=time.time() + 7200) == 1
     assert jobs.store.get(job.id) is None and not audio.exists() and not orphan.exists()
     jobs.store.close()
+
+
+def stderr_so_far(process: Any) -> str:
+    """What a running server has written to stderr until now (without waiting for more)."""
+    fd = process.stderr.fileno()
+    os.set_blocking(fd, False)
+    chunks = []
+    with contextlib.suppress(BlockingIOError):
+        while chunk := os.read(fd, 65536):
+            chunks.append(chunk)
+    return b"".join(chunks).decode(errors="replace")
+
+
+@pytest.mark.slow
+def test_a_paused_worker_is_taken_over_and_its_late_writes_are_refused(
+    tmp_path: Path, postgres_admin: str
+) -> None:
+    """Two servers on one PostgreSQL database. The one scoring a job is paused (SIGSTOP) part-way; once
+    its lease has run out (or, if it froze inside a transaction, once PostgreSQL ended its session) the
+    other takes the job and goes on from the next segment. The paused one, woken (SIGCONT), writes
+    nothing more: its next write is refused (it says so and stops). Each segment of the plan is stored
+    once, and the result equals /v1/timeline's."""
+    import psycopg
+
+    url = new_database(postgres_admin, f"jobs_{uuid.uuid4().hex[:12]}")
+    shared = tmp_path / "shared-jobs"
+    recording = long_recording(tmp_path / "call.wav", 120.0)
+    args = ("--jobs-db", url, "--jobs-dir", str(shared))
+
+    def attempts_stored(job_id: str) -> list[int]:
+        with psycopg.connect(url) as db:
+            rows = db.execute("SELECT attempt FROM job_scored WHERE job_id = %s ORDER BY idx", (job_id,))
+            return [row[0] for row in rows]
+
+    with server(tmp_path / "a", *args) as (a, first), server(tmp_path / "b", *args) as (b, second):
+        job = first.post("/v1/jobs", content=recording.read_bytes()).json()
+        wait_for(lambda: len(attempts_stored(job["id"])) >= 3, 120, "a few segments")
+        with psycopg.connect(url) as db:
+            row = db.execute("SELECT lease_owner FROM jobs WHERE id = %s", (job["id"],)).fetchone()
+        assert row is not None and row[0] is not None
+        paused, watcher = (a, second) if f":{a.pid}:" in row[0] else (b, first)
+        assert f":{paused.pid}:" in row[0]
+        paused.send_signal(signal.SIGSTOP)
+        try:
+            time.sleep(0.5)  # a commit that was on its way has landed (or it froze inside it)
+            before = attempts_stored(job["id"])
+            wait_for(lambda: attempts_stored(job["id"]).count(2) >= 3, 120, "the other server to go on")
+        finally:
+            paused.send_signal(signal.SIGCONT)
+        done = wait_job(watcher, job["id"], timeout_s=300)
+        assert done["status"] == "succeeded" and done["attempts"] == 2, done
+        said: list[str] = []
+
+        def stopped() -> bool:  # a late write refused (LeaseLost), or its frozen session ended
+            said.append(stderr_so_far(paused))
+            return any(words in "".join(said) for words in ("another worker holds it now", "given back"))
+
+        wait_for(stopped, 30, "the woken server to give the job up")
+        result = watcher.get(f"/v1/jobs/{job['id']}/result").json()
+        metrics = watcher.get("/metrics").text
+        timeline = watcher.post("/v1/timeline", content=recording.read_bytes())
+        assert timeline.status_code == 200, timeline.text
+        assert first.get("/healthz").status_code == 200  # the woken server serves on
+    stored = attempts_stored(job["id"])
+    assert len(stored) == done["progress"]["segments_total"] == len(result["segments"])
+    assert stored.count(1) == before.count(1) > 0  # nothing the paused worker scored after its pause
+    assert stored == sorted(stored)  # the second attempt went on where the first stopped
+    assert "emoserve_jobs_resumed_total 1.0" in metrics
+    want = timeline.json()
+    assert_same_segments(result["segments"], want["segments"], SEGMENT_KEYS)
+    assert result["summary"]["dominant"] == want["summary"]["dominant"]

@@ -50,6 +50,9 @@ class SqliteJobStore(JobStore):
                 raise
             db.execute("COMMIT")
 
+    def _columns(self, run: Run, table: str) -> set[str]:
+        return {row["name"] for row in run(f"PRAGMA table_info({table})").rows}
+
     def check(self) -> list[str]:
         with self._lock:
             rows = self._db.execute("PRAGMA integrity_check").fetchall()

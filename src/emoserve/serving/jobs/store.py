@@ -4,7 +4,8 @@
     job_plan    the segments its first run found (`Cut`s), written once: a resumed job scores the same ones
     job_scored  each scored segment, committed as it is scored (primary key: job and index, so a segment
                 is never stored twice)
-    webhooks    the outbox: an event written in the transaction that ends the job, delivered at least once
+    webhooks    the outbox: an event written in the transaction that ends the job (or, when the job asked
+                for them, that commits a segment taking it past another tenth), delivered at least once
 
 A worker's writes carry its `Claim` (job, owner, attempt) and are refused (`LeaseLost`) once another
 worker has taken the job: a worker that was paused past its lease cannot write over its successor.
@@ -31,6 +32,8 @@ Status = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 STATUSES: tuple[Status, ...] = ("queued", "running", "succeeded", "failed", "cancelled")
 TERMINAL: tuple[Status, ...] = ("succeeded", "failed", "cancelled")
 EVENTS = {"succeeded": "job.succeeded", "failed": "job.failed", "cancelled": "job.cancelled"}
+PROGRESS_EVENT = "job.progress"
+PROGRESS_STEPS = 10  # a job that asked for progress events gets one each tenth of its segments, at most
 
 SCHEMA = (
     """CREATE TABLE IF NOT EXISTS jobs (
@@ -46,6 +49,7 @@ SCHEMA = (
         fingerprint TEXT NOT NULL,
         callback_url TEXT,
         callback_secret TEXT,
+        callback_progress INTEGER NOT NULL DEFAULT 0,
         model TEXT,
         created_at DOUBLE PRECISION NOT NULL,
         started_at DOUBLE PRECISION,
@@ -97,6 +101,9 @@ SCHEMA = (
     )""",
     "CREATE INDEX IF NOT EXISTS webhooks_due ON webhooks (delivered_at, next_attempt_at)",
 )
+# Columns added since the first schema: a store made before them gets them when it is opened
+# (table, column, its type and default, as in SCHEMA).
+ADDED_COLUMNS = (("jobs", "callback_progress", "INTEGER NOT NULL DEFAULT 0"),)
 
 
 @dataclass(frozen=True)
@@ -115,6 +122,7 @@ class NewJob:
     callback_secret: str | None
     max_attempts: int
     created_at: float
+    callback_progress: bool = False  # job.progress events too, not only the end's
 
 
 @dataclass(frozen=True)
@@ -133,6 +141,7 @@ class Job:
     fingerprint: str
     callback_url: str | None
     callback_secret: str | None
+    callback_progress: bool
     model: str | None  # the model that scored it: a job never mixes two
     created_at: float
     started_at: float | None
@@ -159,6 +168,7 @@ class Job:
         for name in ("options", "metadata", "result"):
             values[name] = None if row[name] is None else json.loads(row[name])
         values["cancel_requested"] = bool(row["cancel_requested"])
+        values["callback_progress"] = bool(row["callback_progress"])
         return cls(**values)
 
     @property
@@ -198,6 +208,7 @@ class Job:
             "options": self.options,
             "metadata": self.metadata,
             "callback": self.callback_url is not None,
+            "callback_progress": self.callback_progress,
             "created_at": self.created_at,
             "started_at": self.started_at,
             "finished_at": self.finished_at,
@@ -253,10 +264,21 @@ class JobStore(ABC):
     def check(self) -> list[str]:
         """The database's own integrity check: its problems (none: [])."""
 
+    @abstractmethod
+    def _columns(self, run: Run, table: str) -> set[str]:
+        """The names of a table's columns."""
+
     def create_schema(self) -> None:
         with self._transaction() as run:
-            for statement in SCHEMA:
-                run(statement)
+            self._create_schema(run)
+
+    def _create_schema(self, run: Run) -> None:
+        """The tables, and the columns added since a store was made (ADDED_COLUMNS)."""
+        for statement in SCHEMA:
+            run(statement)
+        for table, column, kind in ADDED_COLUMNS:
+            if column not in self._columns(run, table):
+                run(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
 
     # ------------------------------------------------------------------------------------ accepting
 
@@ -278,13 +300,13 @@ class JobStore(ABC):
                 )
             inserted = run(
                 "INSERT INTO jobs (id, status, stage, file, audio_path, audio_bytes, options, metadata, "
-                "idempotency_key, fingerprint, callback_url, callback_secret, created_at, max_attempts) "
-                "VALUES (?, 'queued', 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                "idempotency_key, fingerprint, callback_url, callback_secret, callback_progress, created_at, "
+                "max_attempts) VALUES (?, 'queued', 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
                 "ON CONFLICT (idempotency_key) DO NOTHING",
                 (
                     job.id, job.file, job.audio_path, job.audio_bytes, json.dumps(job.options),
                     json.dumps(job.metadata), job.idempotency_key, job.fingerprint, job.callback_url,
-                    job.callback_secret, job.created_at, job.max_attempts,
+                    job.callback_secret, int(job.callback_progress), job.created_at, job.max_attempts,
                 ),
             ).count  # fmt: skip
             if not inserted:  # another request with the key committed since we looked
@@ -362,6 +384,12 @@ class JobStore(ABC):
             rows = run("SELECT status, COUNT(*) AS n FROM jobs GROUP BY status").rows
         return {status: 0 for status in STATUSES} | {row["status"]: int(row["n"]) for row in rows}
 
+    def oldest_queued_at(self) -> float | None:
+        """When the oldest queued job was accepted (None: none is queued)."""
+        with self._transaction() as run:
+            rows = run("SELECT MIN(created_at) AS t FROM jobs WHERE status = 'queued'").rows
+        return None if rows[0]["t"] is None else float(rows[0]["t"])
+
     # ------------------------------------------------------------------------------------- a worker
 
     def claim(self, owner: str, lease_s: float, ttl_s: float) -> Claim | None:
@@ -404,16 +432,16 @@ class JobStore(ABC):
         assert claimed is not None
         return Claim(claimed, owner, claimed.attempts)
 
-    def _fenced(self, run: Run, claim: Claim, sets: str, params: Sequence[Any]) -> bool:
-        """Update the claimed job's row if the claim still holds, else LeaseLost; its cancel_requested."""
+    def _fenced(self, run: Run, claim: Claim, sets: str, params: Sequence[Any]) -> Job:
+        """Update the claimed job's row if the claim still holds, else LeaseLost; the row updated."""
         rows = run(
             f"UPDATE jobs SET {sets} WHERE id = ? AND lease_owner = ? AND attempts = ? "
-            "AND status = 'running' RETURNING cancel_requested",
+            "AND status = 'running' RETURNING *",
             (*params, claim.job.id, claim.owner, claim.attempt),
         ).rows
         if not rows:
             raise LeaseLost(f"job {claim.job.id}: attempt {claim.attempt} no longer holds it")
-        return bool(rows[0]["cancel_requested"])
+        return Job.from_row(rows[0])
 
     def renew(self, claim: Claim, lease_s: float, stage: str | None = None) -> bool:
         """The lease extended (and the stage); whether a cancel was asked. LeaseLost if taken."""
@@ -423,7 +451,7 @@ class JobStore(ABC):
                 claim,
                 "lease_expires_at = ?, stage = COALESCE(?, stage)",
                 (time.time() + lease_s, stage),
-            )
+            ).cancel_requested
 
     def save_plan(self, claim: Claim, cuts: Sequence[Cut], duration_s: float, lease_s: float) -> None:
         """The plan, once: the segments a resumed job scores again are these."""
@@ -463,22 +491,26 @@ class JobStore(ABC):
     def commit_segment(
         self, claim: Claim, idx: int, segment: dict[str, Any], rate: float | None, lease_s: float
     ) -> bool:
-        """One scored segment committed with the job's progress and a renewed lease; whether a cancel was
-        asked. LeaseLost (nothing written) if another worker holds the job now."""
+        """One scored segment committed with the job's progress and a renewed lease (and, if the job
+        asked for them and this segment takes it past another tenth, a job.progress event); whether a
+        cancel was asked. LeaseLost (nothing written) if another worker holds the job now."""
         speech_s = segment["end_s"] - segment["start_s"]
+        now = time.time()
         with self._transaction() as run:
-            cancel = self._fenced(
+            job = self._fenced(
                 run,
                 claim,
                 "segments_done = segments_done + 1, speech_s_done = speech_s_done + ?, rate = ?, "
                 "lease_expires_at = ?",
-                (speech_s, rate, time.time() + lease_s),
+                (speech_s, rate, now + lease_s),
             )
             run(
                 "INSERT INTO job_scored (job_id, idx, attempt, segment) VALUES (?, ?, ?, ?)",
                 (claim.job.id, idx, claim.attempt, json.dumps(segment)),
             )
-        return cancel
+            if job.callback_progress and _next_step(job.segments_done, job.segments_total):
+                self._event(run, job, PROGRESS_EVENT, now, progress=job.progress())
+        return job.cancel_requested
 
     def finish(
         self,
@@ -518,17 +550,33 @@ class JobStore(ABC):
             "finished_at = ?, expires_at = ?, lease_owner = NULL, lease_expires_at = NULL WHERE id = ?",
             (status, None if result is None else json.dumps(result), code, message, now, now + ttl_s, job.id),
         )
+        self._event(run, job, EVENTS[status], now, status=status, error=error)
+
+    def _event(
+        self,
+        run: Run,
+        job: Job,
+        event: str,
+        now: float,
+        *,
+        status: Status | None = None,
+        error: EmoserveError | None = None,
+        progress: dict[str, Any] | None = None,
+    ) -> None:
+        """A webhook event into the outbox, in the open transaction (none if the job has no callback)."""
         if job.callback_url is None:
             return
         event_id = new_id()
-        body = {
+        body: dict[str, Any] = {
             "event_id": event_id,
-            "event": EVENTS[status],
+            "event": event,
             "job_id": job.id,
-            "status": status,
+            "status": status or job.status,
             "created_at": now,
-            "error": None if error is None else {"code": code, "message": message},
+            "error": None if error is None else {"code": error.code, "message": str(error)},
         }
+        if progress is not None:
+            body["progress"] = progress
         run(
             "INSERT INTO webhooks (event_id, job_id, url, secret, body, created_at, next_attempt_at) "
             "VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -606,6 +654,14 @@ class JobStore(ABC):
     def webhooks(self, job_id: str) -> list[dict[str, Any]]:
         with self._transaction() as run:
             return run("SELECT * FROM webhooks WHERE job_id = ? ORDER BY created_at", (job_id,)).rows
+
+
+def _next_step(done: int, total: int | None) -> bool:
+    """Whether the `done`-th segment of `total` takes a job past another of its PROGRESS_STEPS (its end
+    is not one: job.succeeded says it)."""
+    if not total or done >= total:
+        return False
+    return done * PROGRESS_STEPS // total > (done - 1) * PROGRESS_STEPS // total
 
 
 def _same_request(existing: Job, job: NewJob) -> Job:

@@ -1,7 +1,9 @@
 """Webhooks: a job's end (`job.succeeded`, `job.failed`, `job.cancelled`) POSTed to its callback URL,
-at least once, from the outbox the store writes in the transaction that ends the job.
+at least once, from the outbox the store writes in the transaction that ends the job; with
+`callback_progress`, also `job.progress` (with the job's `progress`) from the transaction of the segment
+that takes the job past another tenth: at most nine a job, never more than one a tenth.
 
-    POST <callback_url>   {"event_id", "event", "job_id", "status", "created_at", "error"}
+    POST <callback_url>   {"event_id", "event", "job_id", "status", "created_at", "error"[, "progress"]}
     Emoserve-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256 of "<t>.<body>" with the job's secret>
     Emoserve-Event-Id: <event_id>   (the same on every retry: receivers de-duplicate on it)
 

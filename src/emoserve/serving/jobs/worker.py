@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 DURATION_SETTING = "this server's jobs_max_duration_s: --jobs-max-duration-s / EMOSERVE_JOBS_MAX_DURATION_S"
 DISK_RETRY_AFTER_S = 60.0  # the disk frees as running jobs end (their audio is deleted)
 PURGE_EVERY_S = 60.0
-COUNT_EVERY_S = 5.0  # the jobs-by-status gauge
+COUNT_EVERY_S = 5.0  # the jobs-by-status and oldest-queued gauges
 ORPHAN_AGE_S = 3600.0  # audio with no job row (a server killed between the rename and the commit)
 WEBHOOK_EVERY_S = 0.5
 
@@ -135,6 +135,7 @@ class Jobs:
         idempotency_key: str | None = None,
         callback_url: str | None = None,
         callback_secret: str | None = None,
+        callback_progress: bool = False,
         metadata: dict[str, str] | None = None,
     ) -> tuple[Job, bool]:
         """Blocking. The upload checked (audio, its length), fsync'd, renamed to the job's name and the
@@ -164,9 +165,10 @@ class Jobs:
             options=options.to_dict(),
             metadata=metadata or {},
             idempotency_key=idempotency_key,
-            fingerprint=_fingerprint(path, options, callback_url),
+            fingerprint=_fingerprint(path, options, callback_url, callback_progress),
             callback_url=callback_url,
             callback_secret=callback_secret,
+            callback_progress=callback_progress,
             max_attempts=self.settings.jobs_max_attempts,
             created_at=time.time(),
         )
@@ -280,6 +282,9 @@ class Jobs:
             if claim is None:
                 await asyncio.sleep(poll_s)
                 continue
+            job = claim.job
+            if claim.attempt == 1 and job.started_at is not None:
+                self.service.metrics.job_queue_wait_seconds.observe(job.started_at - job.created_at)
             try:
                 await self._run(claim)
             except Exception:  # the store was lost as the job ended: its lease runs out, it is taken again
@@ -316,6 +321,7 @@ class Jobs:
             await self._end(claim, "cancelled")
         except EmoserveError as error:
             if error.status == 503:  # the server cannot score now, or the store is out of reach
+                log.warning("job %s: %s; given back to the queue", claim.job.id, error)
                 await asyncio.to_thread(self.store.release, claim)
                 return
             await self._end(claim, "failed", error=error)
@@ -341,7 +347,10 @@ class Jobs:
         except LeaseLost:
             log.warning("job %s: taken by another worker before it ended here", claim.job.id)
             return
-        self.service.metrics.jobs_finished_total.labels(status).inc()
+        metrics = self.service.metrics
+        metrics.jobs_finished_total.labels(status).inc()
+        if claim.job.started_at is not None:  # claimed: its first claim's time
+            metrics.job_run_seconds.labels(status).observe(time.time() - claim.job.started_at)
         self._drop_audio(claim.job)
 
     def _drop_audio(self, job: Job) -> None:
@@ -440,8 +449,10 @@ class Jobs:
     async def _count(self) -> None:
         while True:
             try:
+                metrics = self.service.metrics
                 for status, n in (await asyncio.to_thread(self.store.count_by_status)).items():
-                    self.service.metrics.jobs.labels(status).set(n)
+                    metrics.jobs.labels(status).set(n)
+                metrics.oldest_queued(await asyncio.to_thread(self.store.oldest_queued_at))
             except Exception:
                 log.exception("counting the jobs failed; trying again")
             await asyncio.sleep(COUNT_EVERY_S)
@@ -480,9 +491,9 @@ def _vad_dict(options: JobOptions) -> dict[str, Any]:
     return VadSettings(**(options.vad or {})).to_dict()
 
 
-def _fingerprint(path: Path, options: JobOptions, callback_url: str | None) -> str:
+def _fingerprint(path: Path, options: JobOptions, callback_url: str | None, callback_progress: bool) -> str:
     """The request's identity for its Idempotency-Key: the audio's bytes, the options, the callback."""
-    what = json.dumps([sha256_file(path), options.to_dict(), callback_url], sort_keys=True)
+    what = json.dumps([sha256_file(path), options.to_dict(), callback_url, callback_progress], sort_keys=True)
     return hashlib.sha256(what.encode()).hexdigest()
 
 
