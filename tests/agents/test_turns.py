@@ -225,3 +225,37 @@ def test_backend_for_picks_in_process_or_remote(tiny_recognizer: Any) -> None:
         backend_for(tiny_recognizer, url="ws://127.0.0.1:7860")
     with pytest.raises(ValueError, match="timeout"):
         TurnReader(LocalBackend(tiny_recognizer), timeout=-1)
+
+
+def test_a_served_head_is_read_on_the_turn_in_process(tiny_recognizer: Any, tmp_path: Path) -> None:
+    """A head of your own labels (`LocalBackend(head=...)`): each reading carries its result on the turn,
+    as the library's stream gives it for the same audio (a turn read in pieces: on the pooled embedding)."""
+    from emoserve.inference.datasets import read_dataset
+    from emoserve.inference.embeddings import EmbeddingCache
+    from emoserve.inference.training import TrainOptions, embed_dataset, train_head
+    from emoserve.model.head import Head
+    from tests.support.labelled import write_labelled_set
+
+    dataset = read_dataset(write_labelled_set(tmp_path / "labelled"))
+    labelled = embed_dataset(
+        tiny_recognizer, dataset, cache=EmbeddingCache(tmp_path / "cache", tiny_recognizer)
+    )
+    head = Head.load(train_head(tiny_recognizer, labelled, tmp_path / "tones", TrainOptions()).path)
+    pcm = clip_pcm("zh_3s_16k.wav") + clip_pcm("en_3s_8k.wav")
+
+    async def run() -> EmotionReading | None:
+        reader = TurnReader(LocalBackend(tiny_recognizer, head=head), timeout=PATIENT)
+        turn = await speak(reader, pcm)
+        assert turn is not None
+        reading = await turn.reading()
+        await reader.close()
+        return reading
+
+    reading = asyncio.run(run())
+    assert reading is not None and reading.head is not None and not reading.interim
+    stream = tiny_recognizer.stream(head=head, use_vad=False, chunk_s=2.0)
+    expected = (stream.feed(pcm) + stream.flush())[-1]
+    assert expected["pieces"] == 3 and expected["head"]["name"] == reading.head["name"] == head.name
+    assert reading.head["label"] == expected["head"]["label"]
+    assert reading.head["scores"] == pytest.approx(expected["head"]["scores"], abs=SCORE_TOL)
+    assert f"{head.name}={reading.head['label']}:" in reading.for_llm()

@@ -27,7 +27,7 @@ from livekit.agents.voice.events import UserStateChangedEvent
 
 from emoserve.agents import Backend, EmotionReading, Turn, TurnReader, backend_for
 from emoserve.agents.reading import LLM_FLOOR, LLM_TOP_K
-from emoserve.agents.turns import DEFAULT_MIN_SPEECH_S, DEFAULT_TIMEOUT_S
+from emoserve.agents.turns import DEFAULT_CHUNK_S, DEFAULT_MIN_SPEECH_S, DEFAULT_TIMEOUT_S
 
 if TYPE_CHECKING:
     from livekit.agents import AgentSession
@@ -53,6 +53,7 @@ class AgentEmotion:
         head: Head | str | None = None,
         timeout: float = DEFAULT_TIMEOUT_S,
         min_speech_s: float = DEFAULT_MIN_SPEECH_S,
+        chunk_s: float = DEFAULT_CHUNK_S,
         inject: Inject = "prefix",
         top_k: int = LLM_TOP_K,
         floor: float = LLM_FLOOR,
@@ -61,7 +62,7 @@ class AgentEmotion:
         if inject not in ("prefix", "system"):
             raise ValueError(f"inject is {inject!r}; choose prefix or system")
         self.backend = backend or backend_for(model, url=url, api_key=api_key, head=head)
-        self.timeout, self.min_speech_s = timeout, min_speech_s
+        self.timeout, self.min_speech_s, self.chunk_s = timeout, min_speech_s, chunk_s
         self.inject, self.top_k, self.floor = inject, top_k, floor
         self.last: EmotionReading | None = None  # the newest reading (also on its message)
         self._reader: TurnReader | None = None
@@ -72,7 +73,9 @@ class AgentEmotion:
     def reader(self) -> TurnReader:
         """Made on first use, in the agent's event loop."""
         if self._reader is None:
-            self._reader = TurnReader(self.backend, timeout=self.timeout, min_speech_s=self.min_speech_s)
+            self._reader = TurnReader(
+                self.backend, timeout=self.timeout, min_speech_s=self.min_speech_s, chunk_s=self.chunk_s
+            )
         return self._reader
 
     def attach(self, session: AgentSession[Any]) -> None:

@@ -48,7 +48,7 @@ from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 
 from emoserve.agents import Backend, EmotionReading, Turn, TurnReader, backend_for
 from emoserve.agents.reading import LLM_FLOOR, LLM_TOP_K
-from emoserve.agents.turns import DEFAULT_MIN_SPEECH_S, DEFAULT_TIMEOUT_S
+from emoserve.agents.turns import DEFAULT_CHUNK_S, DEFAULT_MIN_SPEECH_S, DEFAULT_TIMEOUT_S
 
 if TYPE_CHECKING:
     from openai.types.chat import ChatCompletionSystemMessageParam  # pipecat's LLM messages are these
@@ -82,6 +82,7 @@ class EmotionProcessor(FrameProcessor):
         head: Head | str | None = None,
         timeout: float = DEFAULT_TIMEOUT_S,
         min_speech_s: float = DEFAULT_MIN_SPEECH_S,
+        chunk_s: float = DEFAULT_CHUNK_S,
         inject: Inject = "prefix",
         top_k: int = LLM_TOP_K,
         floor: float = LLM_FLOOR,
@@ -94,7 +95,7 @@ class EmotionProcessor(FrameProcessor):
         if inject not in ("prefix", "context"):
             raise ValueError(f"inject is {inject!r}; choose prefix or context")
         self.backend = backend or backend_for(model, url=url, api_key=api_key, head=head)
-        self.timeout, self.min_speech_s = timeout, min_speech_s
+        self.timeout, self.min_speech_s, self.chunk_s = timeout, min_speech_s, chunk_s
         self.inject, self.top_k, self.floor = inject, top_k, floor
         self.user_id, self.audio_source = user_id, audio_source
         self.reader: TurnReader | None = None
@@ -106,7 +107,9 @@ class EmotionProcessor(FrameProcessor):
     async def process_frame(self, frame: Frame, direction: FrameDirection) -> None:
         await super().process_frame(frame, direction)
         if isinstance(frame, StartFrame):
-            self.reader = TurnReader(self.backend, timeout=self.timeout, min_speech_s=self.min_speech_s)
+            self.reader = TurnReader(
+                self.backend, timeout=self.timeout, min_speech_s=self.min_speech_s, chunk_s=self.chunk_s
+            )
         elif self.reader is not None:
             await self._observe(frame, self.reader)
         await self.push_frame(frame, direction)
