@@ -108,8 +108,12 @@ class StreamOptions:
 
     def to_query(self) -> dict[str, str]:
         """The options as GET /v1/stream's query parameters (what a client sends): the inverse of
-        `from_query`, with every parameter named."""
-        return {name: _word(value) for name, value in self.to_dict().items() if value is not None}
+        `from_query`, with every parameter named (but chunk_s at 0, so that a server from before it
+        takes the stream)."""
+        named = self.to_dict()
+        if not self.chunk_s:
+            del named["chunk_s"]
+        return {name: _word(value) for name, value in named.items() if value is not None}
 
     def check(self) -> None:
         """ValueError naming the option that is out of range."""
