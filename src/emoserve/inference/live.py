@@ -36,7 +36,7 @@ from emoserve.inference.protocol import (
     SummaryMessage,
     TurnId,
 )
-from emoserve.inference.results import ModelTag, Result, Timeline, TimelineSegment, scored, summarise
+from emoserve.inference.results import ModelTag, Result, TimelineSegment, scored
 
 if TYPE_CHECKING:
     from emoserve.audio.decode import Audio
@@ -114,20 +114,10 @@ class StreamMessages:
         return message
 
     def summary(self, duration_s: float) -> SummaryMessage:
-        segments = sorted(self.segments, key=lambda s: s.start_s)
-        timeline = Timeline(
-            file=STREAM_NAME,
-            duration_s=round(duration_s, 6),
-            speech_s=round(sum(s.duration_s for s in segments), 6),
-            model=self.tag.model,
-            random_weights=self.tag.random_weights,
-            backend=self.tag.backend,
-            dtype=self.tag.dtype,
-            channels="mix",
-            vad=self.options.vad.to_dict() if self.options.use_vad else None,
-            segments=segments,
-            summary=summarise(segments),
-        )
+        from emoserve.inference.timeline import timeline_of
+
+        vad = self.options.vad.to_dict() if self.options.use_vad else None
+        timeline = timeline_of(STREAM_NAME, duration_s, "mix", vad, self.segments, self.tag)
         record = summary_record(timeline)
         return {**record, "type": "summary", "seq": self._seq_next()}  # type: ignore[typeddict-item]
 

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 from emoserve.audio.decode import Audio
 from emoserve.audio.segments import Progress, Recording
 from emoserve.audio.vad import Segment
-from emoserve.constants import MAX_BATCH_SAMPLES, SAMPLE_RATE, segment_batch_seconds
+from emoserve.constants import MAX_BATCH_SAMPLES, SAMPLE_RATE, Channels, segment_batch_seconds
 from emoserve.errors import EmoserveError
 from emoserve.inference.formats import TimelineWriter
 from emoserve.inference.results import ModelTag, Result, Timeline, TimelineSegment, scored, summarise
@@ -71,18 +71,34 @@ def _score(recognizer: Scorer, job: Recording, segments: list[Segment]) -> Itera
 
 
 def build_timeline(recording: Recording, scored: Iterable[TimelineSegment], tag: ModelTag) -> Timeline:
-    """The recording's timeline once all its segments are scored (in any order): sorted, summarised."""
+    """The recording's timeline once all its segments are scored (in any order): sorted, summarised.
+    `scored` may be the generator that reads the recording: its duration is known once it is done."""
+    segments = list(scored)
+    vad = None if recording.spans is not None else recording.vad.to_dict()
+    return timeline_of(recording.file, recording.duration_s, recording.channels, vad, segments, tag)
+
+
+def timeline_of(
+    file: str,
+    duration_s: float,
+    channels: Channels,
+    vad: dict[str, Any] | None,
+    scored: Iterable[TimelineSegment],
+    tag: ModelTag,
+) -> Timeline:
+    """A timeline of `scored` segments (in any order: sorted, summarised), for whatever cut them: a
+    recording, a job's stored plan, a live stream. `vad`: the VAD's parameters, None where none cut."""
     segments = sorted(scored, key=lambda s: (s.start_s, s.speaker or ""))
     return Timeline(
-        file=recording.file,
-        duration_s=round(recording.duration_s, 6),
+        file=file,
+        duration_s=round(duration_s, 6),
         speech_s=round(sum(s.duration_s for s in segments), 6),
         model=tag.model,
         random_weights=tag.random_weights,
         backend=tag.backend,
         dtype=tag.dtype,
-        channels=recording.channels,
-        vad=None if recording.spans is not None else recording.vad.to_dict(),
+        channels=channels,
+        vad=vad,
         segments=segments,
         summary=summarise(segments),
     )

@@ -10,9 +10,10 @@ in order, and back-pressure instead of drops.
     last.
 
 With vad=off and chunk_s, a turn is read in pieces as it arrives (`Pieces`): each piece's frame features
-at Priority.STREAM_PIECE (never skipped nor stopped), an interim reading pooling the pieces so far (no model call of
-its own), and at the turn's end only its last piece is left to score, at Priority.STREAM_SEGMENT: the
-reading is ready a short model call after `flush`, whatever the turn's length.
+at Priority.STREAM_PIECE (never skipped nor stopped), an interim reading pooling the pieces so far (no
+model call of its own), and at the turn's end only its last piece is left to score, at
+Priority.STREAM_SEGMENT: the reading is ready a short model call after `flush`, whatever the turn's
+length.
 
 Back-pressure: `feed` returns only once fewer than MAX_PENDING_SEGMENTS segments wait for their scores,
 so a client that sends faster than the model keeps up stops being read (TCP holds its audio) instead of

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
+from emoserve.constants import Channels
 from emoserve.errors import ApiError, EmoserveError
 from emoserve.files import sha256_file
 from emoserve.serving.jobs.store import Claim, Job, JobStore, LeaseLost, NewJob, Status, new_id
@@ -230,25 +231,14 @@ class Jobs:
 
     def partial(self, job: Job) -> dict[str, Any]:
         """The timeline of the segments scored so far (a prefix of the final one), `complete: false`."""
-        from emoserve.inference.results import Timeline, TimelineSegment, summarise
+        from emoserve.inference.results import TimelineSegment
+        from emoserve.inference.timeline import timeline_of
 
         options = JobOptions(**job.options)
         segments = [TimelineSegment.from_dict(s) for _, s in self.store.scored(job.id)]
-        segments.sort(key=lambda s: (s.start_s, s.speaker or ""))
-        tag = self._tag()
-        timeline = Timeline(
-            file=job.file,
-            duration_s=round(job.duration_s or 0.0, 6),
-            speech_s=round(sum(s.duration_s for s in segments), 6),
-            model=tag.model,
-            random_weights=tag.random_weights,
-            backend=tag.backend,
-            dtype=tag.dtype,
-            channels="separate" if options.channels == "separate" else "mix",
-            vad=None if options.spans is not None else _vad_dict(options),
-            segments=segments,
-            summary=summarise(segments),
-        )
+        channels: Channels = "separate" if options.channels == "separate" else "mix"
+        vad = None if options.spans is not None else _vad_dict(options)
+        timeline = timeline_of(job.file, job.duration_s or 0.0, channels, vad, segments, self._tag())
         return {**timeline.to_dict(), "complete": False}
 
     async def follow(self, job_id: str, after: int) -> AsyncIterator[tuple[int, dict[str, Any]] | Job]:
