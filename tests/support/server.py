@@ -196,10 +196,11 @@ def app_client(**changes: Any) -> TestClient:
     return TestClient(create_app(settings), raise_server_exceptions=False)
 
 
-def serve_command(*args: str) -> list[str]:
+def serve_command(*args: str, ui: bool = False) -> list[str]:
     script = Path(sys.executable).with_name("emoserve")
     base = [str(script)] if script.exists() else [sys.executable, "-m", "emoserve.cli"]
-    return [*base, "serve", *args, "--no-ui", "--no-access-log", "--device", "cpu", "--threads", "1"]
+    return [*base, "serve", *args, *([] if ui else ["--no-ui"]), "--no-access-log", "--device", "cpu",
+            "--threads", "1"]  # fmt: skip
 
 
 def free_port() -> int:
@@ -209,11 +210,15 @@ def free_port() -> int:
 
 
 @contextmanager
-def serve_process(tmp_path: Path, *args: str) -> Iterator[tuple[subprocess.Popen[str], str]]:
+def serve_process(
+    tmp_path: Path, *args: str, ui: bool = False
+) -> Iterator[tuple[subprocess.Popen[str], str]]:
+    """`emoserve serve` on a free port with its home in tmp_path (the same home: the same jobs), without
+    the web UI unless `ui`; killed on leaving. Yields the process and its URL."""
     port = free_port()
     env = {**os.environ, "EMOSERVE_HOME": str(tmp_path / "home")}
     process = subprocess.Popen(
-        serve_command("--port", str(port), *args),
+        serve_command("--port", str(port), *args, ui=ui),
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
