@@ -323,8 +323,8 @@ def test_a_run_is_a_job_named_in_the_url_and_a_reload_shows_it(
 
 @GRADIO_LEFTOVERS
 def test_the_gradio_api_submits_a_job_under_the_same_name(jobs_ui: tuple[Live, str], tmp_path: Path) -> None:
-    """gradio_client's /timeline takes the same parameters as without jobs, makes a job, and answers its
-    result's views and, last, the job's id."""
+    """gradio_client's /timeline takes the same parameters as without jobs, makes a job with them (the
+    channels, the VAD's, a segments file), and answers its result's views and, last, the job's id."""
     from gradio_client import Client, handle_file
 
     live, url = jobs_ui
@@ -347,6 +347,29 @@ def test_the_gradio_api_submits_a_job_under_the_same_name(jobs_ui: tuple[Live, s
     result = live.client.get(f"/v1/jobs/{job_id}/result").json()
     assert f"{len(result['segments'])} segments" in progress and "call.wav" in summary
     assert ("RANDOM WEIGHTS" in summary) == result["random_weights"]
+
+    spans = tmp_path / "diarization.rttm"  # the caller's own segments instead of the VAD
+    spans.write_text(
+        "SPEAKER call 1 2.0 3.0 <NA> <NA> alice <NA> <NA>\nSPEAKER call 1 7.0 2.5 <NA> <NA> bob <NA> <NA>\n",
+        encoding="utf-8",
+    )
+    *_, job_id = client.predict(
+        audio=handle_file(str(recording)),
+        channels="mix",
+        max_segment_s=15,
+        threshold=0.5,
+        segments=handle_file(str(spans)),
+        api_name="/timeline",
+    )
+    assert live.client.get(f"/v1/jobs/{job_id}").json()["options"]["spans"] == [
+        [2.0, 5.0, "alice"],
+        [7.0, 9.5, "bob"],
+    ]
+    result = live.client.get(f"/v1/jobs/{job_id}/result").json()
+    assert [(s["start_s"], s["end_s"], s["speaker"]) for s in result["segments"]] == [
+        (2.0, 5.0, "alice"),
+        (7.0, 9.5, "bob"),
+    ]
     client.close()
 
 
