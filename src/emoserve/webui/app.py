@@ -55,11 +55,11 @@ def build_ui(
     ) as demo:
         banner = gr.HTML(banner_html(service), elem_id="status-banner")
         gr.Markdown("# Speech emotion recognition")
-        with gr.Tabs() as tabs:
+        with gr.Tabs():
             with gr.Tab("Clip", id="clip", elem_id="tab-clip"):
                 clip_tab(service, outputs, concurrency_limit)
             with gr.Tab("Long recording", id=LONG_RECORDING_TAB, elem_id="tab-long"):
-                long_recording_tab(service, outputs, jobs, demo, tabs)
+                long_recording_tab(service, outputs, jobs, demo)
             with gr.Tab("Live", id="live", elem_id="tab-live"):
                 live = live_tab(service, service.settings.max_streams)
         demo.unload(live.unload)

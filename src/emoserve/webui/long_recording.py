@@ -86,17 +86,25 @@ SET_JOB_IN_URL = f"""(job) => {{
     else {{ url.searchParams.delete("{JOB_PARAMETER}"); }}
     window.history.replaceState(window.history.state, "", url);
 }}"""
+# Runs in the browser as the page loads, before the server is asked for the URL's job: its tab selected
+# at once, by the button Gradio gives each tab (data-tab-id: the tab's id). Selected by the load's own
+# first update instead (gr.Tabs(selected=...)), the page sometimes kept that update's views and dropped
+# the later ones the server sent (2 runs in 6 on a loaded machine, Gradio 6.31).
+SELECT_TAB_FOR_JOB = f"""() => {{
+    if (new URLSearchParams(window.location.search).has("{JOB_PARAMETER}")) {{
+        document.querySelector('[role="tab"][data-tab-id="{TAB_ID}"]')?.click();
+    }}
+    return [];
+}}"""
 Item = TypeVar("Item")
 
 
 # ------------------------------------------------------------------------------------------- building
 
 
-def long_recording_tab(
-    service: UIService, outputs: UIOutputs, jobs: UIJobs | None, page: gr.Blocks, tabs: gr.Tabs
-) -> None:
-    """The tab; with `jobs`, its runs are jobs, and `page`'s load shows the job its URL names (selecting
-    this tab of `tabs`)."""
+def long_recording_tab(service: UIService, outputs: UIOutputs, jobs: UIJobs | None, page: gr.Blocks) -> None:
+    """The tab (its id in the page's Tabs: TAB_ID); with `jobs`, its runs are jobs, and `page`'s load
+    selects it and shows the job the page's URL names."""
     gr.Markdown(
         "Upload or record a long recording (a call, a meeting, a podcast). Its speech is cut into "
         "segments (silero-vad, or your own segments file) and each segment gets an emotion."
@@ -116,7 +124,7 @@ def long_recording_tab(
     if jobs is None:
         _runs_in_the_request(service, outputs, inputs, views)
     else:
-        _runs_as_jobs(service, outputs, jobs, inputs, views, page, tabs)
+        _runs_as_jobs(service, outputs, jobs, inputs, views, page)
 
 
 def _runs_in_the_request(
@@ -139,7 +147,6 @@ def _runs_as_jobs(
     inputs: _Inputs,
     views: list[gr.components.Component],
     page: gr.Blocks,
-    tabs: gr.Tabs,
 ) -> None:
     """Build: a job accepted, then followed; its id into the job box, and from there (in the browser)
     into the URL. Page load: the URL's job followed. Cancel: the shown job's cancel asked."""
@@ -153,7 +160,8 @@ def _runs_as_jobs(
 
     opened = page.load(
         reopen,
-        outputs=[tabs, *views, inputs.job],
+        outputs=[*views, inputs.job],
+        js=SELECT_TAB_FOR_JOB,
         api_visibility="private",
         show_progress="minimal",
         **following,
@@ -457,21 +465,19 @@ def submit_job(settings: Settings, jobs: UIJobs, request: TimelineRequest) -> Jo
 async def reopened_job(
     service: UIService, outputs: UIOutputs, jobs: UIJobs, request: gr.Request
 ) -> AsyncIterator[tuple[Any, ...]]:
-    """On page load: the job the page's URL names (?job=<id>), followed if it still runs, this tab
-    selected; nothing without one. Yields values for (tabs, progress, ..., downloads, job)."""
+    """On page load: the job the page's URL names (?job=<id>), followed if it still runs; nothing without
+    one. Yields values for (progress, ..., downloads, job)."""
     job_id = (dict(request.query_params).get(JOB_PARAMETER) or "").strip()
     if not job_id:
-        yield (gr.skip(),) * (2 + VIEWS)  # tabs, the views, the job
+        yield (gr.skip(),) * (VIEWS + 1)
         return
-    opening = _message_views("opening", f"Opening job {job_id}…", f"Opening job {job_id}…")
-    yield (gr.Tabs(selected=TAB_ID), *opening, gr.skip())
     try:
         job = await asyncio.to_thread(jobs.get, job_id)
     except EmoserveError as error:
-        yield (gr.skip(), *missing_views(service, error), gr.skip())
+        yield (*missing_views(service, error), gr.skip())
         return
     async for values in job_updates(service, outputs, jobs, job):
-        yield (gr.skip(), *values)
+        yield values
 
 
 async def job_updates(
@@ -482,8 +488,8 @@ async def job_updates(
     was cancelled. Yields values for (progress, ..., downloads, job): the job's id in each (the Gradio
     API's answer ends with it)."""
     segments: list[TimelineSegment] = []
-    first = (gr.skip(),) * VIEWS if job.done else job_views(job, segments, with_results=True)
-    yield (*first, job.id)  # the id into the URL at once
+    if not job.done:  # (an ended job: its views and id in one update, below)
+        yield (*job_views(job, segments, with_results=True), job.id)  # the id into the URL at once
     sent_at, sent_count = time.monotonic(), len(segments)
     try:
         async with contextlib.aclosing(_paced(jobs.follow(job.id, -1), TICK_S)) as paced:
