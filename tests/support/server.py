@@ -196,9 +196,9 @@ def app_client(**changes: Any) -> TestClient:
     return TestClient(create_app(settings), raise_server_exceptions=False)
 
 
-def serve_command(*args: str, prelude: str | None = None) -> list[str]:
-    """`emoserve serve ARGS`; `prelude`: Python the server's process runs first (a test's fault, such as
-    a pause at a chosen point), then the CLI."""
+def serve_command(*args: str, prelude: str | None = None, ui: bool = False) -> list[str]:
+    """`emoserve serve ARGS`, without the web UI unless `ui`; `prelude`: Python the server's process runs
+    first (a test's fault, such as a pause at a chosen point), then the CLI."""
     script = Path(sys.executable).with_name("emoserve")
     base = [str(script)] if script.exists() else [sys.executable, "-m", "emoserve.cli"]
     if prelude is not None:
@@ -207,7 +207,8 @@ def serve_command(*args: str, prelude: str | None = None) -> list[str]:
             "-c",
             f"{prelude}\nimport sys\nfrom emoserve.cli import main\nsys.exit(main())",
         ]
-    return [*base, "serve", *args, "--no-ui", "--no-access-log", "--device", "cpu", "--threads", "1"]
+    return [*base, "serve", *args, *([] if ui else ["--no-ui"]), "--no-access-log", "--device", "cpu",
+            "--threads", "1"]  # fmt: skip
 
 
 def free_port() -> int:
@@ -218,12 +219,15 @@ def free_port() -> int:
 
 @contextmanager
 def serve_process(
-    tmp_path: Path, *args: str, prelude: str | None = None
+    tmp_path: Path, *args: str, prelude: str | None = None, ui: bool = False
 ) -> Iterator[tuple[subprocess.Popen[str], str]]:
+    """`emoserve serve` on a free port with its home in tmp_path (the same home: the same jobs), without
+    the web UI unless `ui`; `prelude` as serve_command's; killed on leaving. Yields the process and its
+    URL."""
     port = free_port()
     env = {**os.environ, "EMOSERVE_HOME": str(tmp_path / "home")}
     process = subprocess.Popen(
-        serve_command("--port", str(port), *args, prelude=prelude),
+        serve_command("--port", str(port), *args, prelude=prelude, ui=ui),
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

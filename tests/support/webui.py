@@ -36,6 +36,16 @@ from .reference import wave
 
 EXAMPLE = EXAMPLES_DIR / "en_3s_44k.mp3"
 OTHER_EXAMPLE = EXAMPLES_DIR / "zh_3s_16k.wav"
+CHROMIUM = Path("/usr/bin/chromium")
+PAGE_TIMEOUT_MS = 30_000
+BROWSER_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 
 
 @dataclass
@@ -235,3 +245,12 @@ def build_timeline(
 
 def table_rows(table: Any) -> list[list[Any]]:
     return [list(row) for row in table.itertuples(index=False)]
+
+
+def open_page(browser: Any, url: str) -> Any:
+    """A new page of a Playwright browser at `url`, once the banner says the service is ready."""
+    page = browser.new_page()
+    page.set_default_timeout(PAGE_TIMEOUT_MS)
+    page.goto(url)
+    page.locator('#status-state[data-state="ready"]').wait_for()
+    return page

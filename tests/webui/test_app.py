@@ -18,19 +18,20 @@ from emoserve.model.labels import PUBLISHED_LABELS, parse_label
 from emoserve.serving.engine import Engine
 from emoserve.webui.app import mount_ui
 from emoserve.webui.saved import OutputStore
-from tests.support.environment import gradio_loops_closed, skip_or_fail
+from tests.support.environment import gradio_loops_closed
 from tests.support.server import free_port
 from tests.support.webui import (
+    BROWSER_ARGS,
+    CHROMIUM,
     EXAMPLE,
     OTHER_EXAMPLE,
+    PAGE_TIMEOUT_MS,
     RECORDING_CLIPS,
     FakeService,
     joined_recording,
+    open_page,
     ui_settings,
 )
-
-CHROMIUM = Path("/usr/bin/chromium")
-PAGE_TIMEOUT_MS = 30_000
 
 # Gradio's queue statistics (gradio/queueing.py) use pandas options and keywords that pandas 3
 # deprecated; the warnings come from Gradio's server thread and are not ours to fix.
@@ -57,42 +58,6 @@ def live_ui(engine: Engine, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     yield f"http://127.0.0.1:{port}/", service
     server.should_exit = True
     thread.join(10)
-
-
-BROWSER_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
-
-
-@pytest.fixture(scope="module")
-def playwright() -> Iterator[Any]:
-    """One Playwright per module: its sync API runs one at a time in a thread."""
-    if not CHROMIUM.exists():
-        skip_or_fail(f"{CHROMIUM} is missing: install Debian's chromium to drive the UI in a real browser")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        yield playwright
-
-
-@pytest.fixture(scope="module")
-def browser(playwright: Any) -> Iterator[Any]:
-    browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=BROWSER_ARGS)
-    yield browser
-    browser.close()
-
-
-def open_page(browser: Any, url: str) -> Any:
-    page = browser.new_page()
-    page.set_default_timeout(PAGE_TIMEOUT_MS)
-    page.goto(url)
-    page.locator('#status-state[data-state="ready"]').wait_for()
-    return page
 
 
 def upload(page: Any, clip: Path) -> None:

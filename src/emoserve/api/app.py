@@ -78,17 +78,17 @@ async def metrics_text(service: ServiceDep) -> Response:
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    """Start-up: the model's thread, and the UI's beside it (ready waits for both); the jobs' store and
-    workers (they take jobs once the service accepts requests). Shutdown: the workers give their jobs
-    back, then drain."""
+    """Start-up: the jobs' store; the model's thread, and the UI's beside it (ready waits for both; the
+    UI's long recordings are jobs); the jobs' workers (they take jobs once the service accepts
+    requests). Shutdown: the workers give their jobs back, then drain."""
     svc: Service = app.state.service
     async with AsyncExitStack() as ui_lifespan:
+        jobs = app.state.jobs = await asyncio.to_thread(Jobs, svc)
         prepare_ui = None
         if svc.settings.ui:
             loop = asyncio.get_running_loop()
-            prepare_ui = functools.partial(mount_while_loading, app, svc, loop, ui_lifespan)
+            prepare_ui = functools.partial(mount_while_loading, app, svc, jobs, loop, ui_lifespan)
         svc.start(prepare_ui)
-        jobs = app.state.jobs = await asyncio.to_thread(Jobs, svc)
         jobs.start()
         yield
         app.state.jobs = None

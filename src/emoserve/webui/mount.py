@@ -19,6 +19,7 @@ from starlette.routing import Mount
 if TYPE_CHECKING:
     from fastapi import FastAPI
 
+    from emoserve.serving.jobs.worker import Jobs
     from emoserve.serving.service import Service
 
 log = logging.getLogger(__name__)
@@ -27,21 +28,21 @@ UI_START_TIMEOUT_S = 60.0
 
 
 def mount_while_loading(
-    app: FastAPI, svc: Service, loop: asyncio.AbstractEventLoop, ui_lifespan: AsyncExitStack
+    app: FastAPI, svc: Service, jobs: Jobs, loop: asyncio.AbstractEventLoop, ui_lifespan: AsyncExitStack
 ) -> None:
-    """On a thread of its own while the model loads and warms up: import Gradio, build the UI and mount it
-    at "/" on the running app (served by `loop`; the UI's lifespan is entered on `ui_lifespan`, which
-    the app's lifespan closes). "Ready" waits for it, so that it means the whole product is up, and costs
-    the slower of the two rather than their sum (docs/benchmarks.md section 11 has both orders measured).
-    Until then "/" answers a page that says the UI is starting. A UI that fails to mount leaves the HTTP
-    API serving."""
+    """On a thread of its own while the model loads and warms up: import Gradio, build the UI (its
+    Long-recording tab submitting `jobs`) and mount it at "/" on the running app (served by `loop`; the
+    UI's lifespan is entered on `ui_lifespan`, which the app's lifespan closes). "Ready" waits for it,
+    so that it means the whole product is up, and costs the slower of the two rather than their sum
+    (docs/benchmarks.md section 11 has both orders measured). Until then "/" answers a page that says
+    the UI is starting. A UI that fails to mount leaves the HTTP API serving."""
     if svc.phase == "draining":
         return
     started = time.monotonic()
     try:
         from emoserve.webui.app import mount_ui
 
-        mount_ui(app, svc, path="/")
+        mount_ui(app, svc, path="/", jobs=jobs)
         mount = app.router.routes[-1]
         assert isinstance(mount, Mount), "mount_gradio_app appends its Mount"
         asyncio.run_coroutine_threadsafe(start_gradio(mount.app, ui_lifespan), loop).result(

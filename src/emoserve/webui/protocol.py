@@ -1,4 +1,4 @@
-"""What the web UI needs of a service: `UIService` and `UIMetrics`.
+"""What the web UI needs of a service: `UIService` and `UIMetrics`; of the server's jobs: `UIJobs`.
 
 The UI reads the service through these protocols only, so that it runs on any object with those members:
 the server's Service, the Ray UI replica's RemoteService, or a small fake in the tests. Nothing in the UI
@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
@@ -20,6 +21,8 @@ if TYPE_CHECKING:
     from emoserve.inference.protocol import StreamOptions
     from emoserve.inference.results import ModelTag, Result, TimelineSegment
     from emoserve.serving.engine import RequestTiming
+    from emoserve.serving.jobs.store import Job
+    from emoserve.serving.jobs.worker import JobOptions
     from emoserve.serving.live import LiveStream
     from emoserve.serving.phase import Phase
     from emoserve.serving.settings import Settings
@@ -96,3 +99,24 @@ class UIService(Protocol):
     def live_stream(self, options: StreamOptions) -> AbstractAsyncContextManager[LiveStream]: ...
     @property
     def metrics(self) -> UIMetrics | None: ...
+
+
+class UIJobs(Protocol):
+    """What the Long-recording tab needs of the server's jobs (serving.jobs.worker.Jobs has these
+    members; blocking ones run in a thread). A UI without them runs a long recording in the request.
+
+    spool_dir: where an upload is copied before `accept` renames it (the jobs' file system).
+    accept: the copied upload checked, fsync'd and committed as a job; the job and whether it is new.
+    get: the job's row; EmoserveError job_not_found when there is none.
+    follow: its scored segments after index `after` as they are committed (index, segment dict), then
+        the job once it has ended.
+    cancel: a queued job ends at once, a running one at its next segment; job_finished if it ended.
+    """
+
+    def spool_dir(self) -> Path: ...
+    def accept(
+        self, spooled: str, name: str, options: JobOptions, *, metadata: dict[str, str] | None = ...
+    ) -> tuple[Job, bool]: ...
+    def get(self, job_id: str) -> Job: ...
+    def follow(self, job_id: str, after: int) -> AsyncIterator[tuple[int, dict[str, Any]] | Job]: ...
+    def cancel(self, job_id: str) -> Job: ...

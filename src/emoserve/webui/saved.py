@@ -4,8 +4,8 @@
     outputs_YYYYMMDD_HHMMSS_<id>/ -> prune (oldest beyond `keep`, older than `max_age_s`)
     save_timeline: the same for a long recording's timeline (timeline.json, timeline.csv; no audio copy)
     UIOutputs: the UI's choice of store (the settings' output store, or temporary downloads when saving
-        is off), made once per UI; its `save` warns on the page when a disk fails, and `saved_line`
-        is the "saved to" sentence
+        is off), made once per UI; its `save` warns on the page when a disk fails (`save_once`: a job's
+        timeline once, however often a page shows it), and `saved_line` is the "saved to" sentence
 
 A folder appears whole or not at all: it is written under a hidden temporary name inside `root` (the same
 file system, so the rename is atomic) and renamed only once every file is complete. Pruning renames a
@@ -61,6 +61,7 @@ DELETING_PREFIX = ".deleting_"
 STALE_TMP_S = 3600.0
 FOLDER_PATTERN = re.compile(rf"^{PREFIX}\d{{8}}_\d{{6}}_[0-9a-f]{{{ID_HEX_DIGITS}}}$")
 DOWNLOADS_KEEP = 64  # with saving off, downloads still need files; this many stay in a temp folder
+SAVED_KEYS = 1024  # jobs whose saved folder the UI remembers (a folder pruned meanwhile is saved again)
 Saved = TypeVar("Saved")
 
 
@@ -195,6 +196,7 @@ class UIOutputs:
     def __init__(self, kept: OutputStore | None) -> None:
         self.kept = kept
         self._temporary: OutputStore | None = None
+        self._saved: dict[str, SavedTimeline] = {}  # by key, for save_once
 
     @classmethod
     def from_settings(cls, settings: Settings) -> UIOutputs:
@@ -227,6 +229,21 @@ class UIOutputs:
             log.warning("could not save the %s under %s: %s", what, store.root, error)
             gr.Warning(html.escape(f"The {what} could not be saved ({error}); there are no downloads."))
             return None
+
+    async def save_once(
+        self, key: str, what: str, write: Callable[[OutputStore], SavedTimeline]
+    ) -> SavedTimeline | None:
+        """As `save`, once per `key` (a job's id) for this UI: a page that shows the same job again (a
+        reload, another window) gets the same folder while it is there."""
+        saved = self._saved.get(key)
+        if saved is not None and saved.timeline_json.exists():
+            return saved
+        saved = await self.save(what, write)
+        if saved is not None:
+            self._saved[key] = saved
+            while len(self._saved) > SAVED_KEYS:
+                self._saved.pop(next(iter(self._saved)))  # the oldest: a dict keeps insertion order
+        return saved
 
     def close(self) -> None:
         """Delete the temporary downloads (the kept outputs stay)."""
