@@ -35,10 +35,9 @@ from emoserve.inference.formats import segment_record, summary_record
 from emoserve.serving.heads import pick_head
 from emoserve.serving.jobs.store import STATUSES, Job, Status
 from emoserve.serving.jobs.webhooks import check_callback
-from emoserve.serving.jobs.worker import JobOptions, Jobs
+from emoserve.serving.jobs.worker import UPLOAD_SETTING, JobOptions, Jobs
 
 JOBS = "/v1/jobs"
-UPLOAD_SETTING = "this server's jobs_max_upload_mb: --jobs-max-upload-mb / EMOSERVE_JOBS_MAX_UPLOAD_MB"
 MAX_KEY_CHARS = 255
 MAX_METADATA_KEYS = 16
 MAX_METADATA_CHARS = 512
@@ -130,13 +129,8 @@ async def _accept(
     progress = _flag("callback_progress", callback_progress, fields.get("callback_progress"))
     if progress and url is None:
         raise ApiError("invalid_parameter", "callback_progress needs a callback_url to send the events to")
-    job_options = JobOptions(
-        channels=options.channels,
-        vad=options.vad.to_dict(),
-        spans=None if options.spans is None else [(s.start_s, s.end_s, s.speaker) for s in options.spans],
-        head=options.head,
-        labels=options.labels,
-        min_confidence=options.min_confidence,
+    job_options = JobOptions.of(
+        options.channels, options.vad, options.spans, options.head, options.labels, options.min_confidence
     )
     return await asyncio.to_thread(
         jobs.accept,

@@ -36,7 +36,7 @@ from emoserve.errors import ApiError, EmoserveError
 from emoserve.inference.results import Timeline, TimelineSegment, summarise
 from emoserve.inference.timeline import build_timeline
 from emoserve.serving.jobs.store import Job
-from emoserve.serving.jobs.worker import JobOptions
+from emoserve.serving.jobs.worker import UPLOAD_SETTING, JobOptions
 from emoserve.webui.charts import (
     TABLE_COLUMNS,
     display_colours,
@@ -444,14 +444,9 @@ def submit_job(settings: Settings, jobs: UIJobs, request: TimelineRequest) -> Jo
         raise ApiError(
             "upload_too_large",
             f"{request.name} is {size / 1e6:.1f} MB; the limit is {settings.jobs_max_upload_mb:g} MB "
-            "(this server's jobs_max_upload_mb: --jobs-max-upload-mb / EMOSERVE_JOBS_MAX_UPLOAD_MB)",
+            f"({UPLOAD_SETTING})",
         )
-    options = JobOptions(
-        channels=request.channels,
-        vad=request.vad.to_dict(),
-        spans=None if request.spans is None else [(s.start_s, s.end_s, s.speaker) for s in request.spans],
-        head=request.head,
-    )
+    options = JobOptions.of(request.channels, request.vad, request.spans, request.head)
     fd, spooled = tempfile.mkstemp(prefix="emoserve-upload-", suffix=".audio", dir=jobs.spool_dir())
     try:
         with os.fdopen(fd, "wb") as out, open(request.path, "rb") as upload:

@@ -25,7 +25,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -38,7 +38,8 @@ from emoserve.serving.jobs.webhooks import deliver_due
 from emoserve.serving.settings import MB, Settings
 
 if TYPE_CHECKING:
-    from emoserve.audio.segments import Cut, Recording
+    from emoserve.audio.segments import Cut, Recording, Span
+    from emoserve.audio.vad import VadSettings
     from emoserve.inference.results import ModelTag, TimelineSegment
     from emoserve.serving.service import Service
 
@@ -63,8 +64,25 @@ class JobOptions:
     labels: str | None = None  # a label subset, as /v1/timeline's `labels`
     min_confidence: float | str | None = None  # the abstain threshold, as /v1/timeline's
 
+    @classmethod
+    def of(
+        cls,
+        channels: str,
+        vad: VadSettings,
+        spans: Sequence[Span] | None,
+        head: str | None,
+        labels: str | None = None,
+        min_confidence: float | str | None = None,
+    ) -> JobOptions:
+        """From a timeline request's options (the API's form, the web UI's inputs)."""
+        kept = None if spans is None else [(s.start_s, s.end_s, s.speaker) for s in spans]
+        return cls(channels, vad.to_dict(), kept, head, labels, min_confidence)
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+UPLOAD_SETTING = "this server's jobs_max_upload_mb: --jobs-max-upload-mb / EMOSERVE_JOBS_MAX_UPLOAD_MB"
 
 
 def jobs_dir(settings: Settings) -> Path:
