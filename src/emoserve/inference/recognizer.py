@@ -410,39 +410,13 @@ class WithHead(Recognizer):
         self.__dict__.update(recognizer.__dict__)
         self.head, self.chosen = head, chosen
 
-    def predict_batch(
-        self,
-        clips: Sequence[Audio],
-        granularity: Granularity,
-        embedding: bool,
-        *,
-        head: Head | None = None,
-        readout: Readout | None = None,
-    ) -> list[Result]:
-        return super().predict_batch(
-            clips,
-            granularity,
-            embedding,
-            head=head or self.head,
-            readout=readout if readout is not None and not readout.empty else self.chosen,
-        )
-
-    def pooled_result(
-        self,
-        pooled: np.ndarray,
-        duration_s: float,
-        embedding: bool = False,
-        *,
-        head: Head | None = None,
-        readout: Readout | None = None,
+    def _read_out(
+        self, result: Result, pooled: np.ndarray, head: Head | None, readout: Readout | None
     ) -> Result:
-        return super().pooled_result(
-            pooled,
-            duration_s,
-            embedding,
-            head=head or self.head,
-            readout=readout if readout is not None and not readout.empty else self.chosen,
-        )
+        """Every result of this recognizer (a batch's, a pooled embedding's) with its head and readout, where
+        the call names none of its own."""
+        chosen = readout if readout is not None and not readout.empty else self.chosen
+        return super()._read_out(result, pooled, head or self.head, chosen)
 
 
 def length_batches(
