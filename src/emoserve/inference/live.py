@@ -191,7 +191,7 @@ class LiveSession:
                 embedding = frames(piece_audio(event)).embedding
                 assert embedding is not None
                 self._turn.add(event, embedding)
-                if not (at + 1 < len(events) and isinstance(events[at + 1], Segment)):
+                if not ends_its_turn(events, at):
                     reading = InterimWindow(event.turn_start, event.end, NO_PROBS)
                     out.append(self.messages.interim(reading, self._pooled()))
             else:
@@ -204,8 +204,7 @@ class LiveSession:
 
     def _pooled(self) -> Result:
         assert self._turn is not None and self._pieces is not None
-        duration_s = (self._turn.end - self._turn.start) / SAMPLE_RATE
-        return self._pieces[1](self._turn.pooled(), duration_s)
+        return self._pieces[1](self._turn.pooled(), self._turn.duration_s)
 
 
 def segment_audio(segment: Segment) -> Audio:
@@ -215,6 +214,12 @@ def segment_audio(segment: Segment) -> Audio:
 
 def window_audio(window: InterimWindow) -> Audio:
     return clip_audio(window.samples, f"{STREAM_NAME}@{window.start / SAMPLE_RATE:.2f}s (interim)")
+
+
+def ends_its_turn(events: Sequence[LiveEvent], at: int) -> bool:
+    """Whether the piece `events[at]` is its turn's last one (its segment comes next): the segment gives
+    that reading, so no interim reading is due for it, and someone waits for it."""
+    return at + 1 < len(events) and isinstance(events[at + 1], Segment)
 
 
 def piece_audio(piece: TurnPiece) -> Audio:
@@ -243,8 +248,12 @@ class TurnPool:
         self.total = own if self.total is None else self.total + own
         self.frames += len(frames) - first
         self.pieces += 1
-        self.start = piece.turn_start if self.pieces == 1 else self.start
-        self.end = piece.end
+        self.start, self.end = piece.turn_start, piece.end
+
+    @property
+    def duration_s(self) -> float:
+        """Of the turn as far as it is pooled."""
+        return (self.end - self.start) / SAMPLE_RATE
 
     def pooled(self) -> np.ndarray:
         assert self.total is not None, "no piece pooled yet"

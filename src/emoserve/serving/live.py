@@ -34,8 +34,14 @@ import numpy as np
 
 from emoserve.audio.live import NO_PROBS, InterimWindow, LiveEvent, SpeechStart, TurnPiece
 from emoserve.audio.vad import Segment
-from emoserve.constants import SAMPLE_RATE
-from emoserve.inference.live import StreamMessages, TurnPool, piece_audio, segment_audio, window_audio
+from emoserve.inference.live import (
+    StreamMessages,
+    TurnPool,
+    ends_its_turn,
+    piece_audio,
+    segment_audio,
+    window_audio,
+)
 from emoserve.inference.protocol import ErrorMessage, ReadyMessage, StreamMessage, StreamOptions, TurnId
 from emoserve.serving.metrics import Metrics
 
@@ -222,7 +228,7 @@ class LiveStream:
                 self._out.put_nowait(_Item("interim", event, score=self._interim))
             elif isinstance(event, TurnPiece):
                 assert self._pieces is not None
-                last = at + 1 < len(events) and isinstance(events[at + 1], Segment)
+                last = ends_its_turn(events, at)
                 self._turn.append((event, self._task(self._pieces.frames(piece_audio(event), last))))
                 if not last:  # a reading of the turn so far; the last piece's is the segment
                     reading = InterimWindow(event.turn_start, event.end, NO_PROBS)
@@ -250,8 +256,7 @@ class LiveStream:
             frames = (await task).embedding
             assert frames is not None and frames.ndim == 2, "a piece is scored with its frame features"
             pool.add(piece, frames)
-        duration_s = (pool.end - pool.start) / SAMPLE_RATE
-        return self._pieces.pooled(pool.pooled(), duration_s)
+        return self._pieces.pooled(pool.pooled(), pool.duration_s)
 
     def _task(self, score: Awaitable[Result]) -> asyncio.Task[Result]:
         task = asyncio.ensure_future(score)
